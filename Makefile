@@ -1,0 +1,37 @@
+# The two commands a newcomer runs: `make run` and `make test`.
+PYTHON ?= python3
+VENV   ?= .venv
+BIN    := $(VENV)/bin
+HOST   ?= 127.0.0.1
+PORT   ?= 8080
+REPOSITORY ?= examples/models
+
+.PHONY: run test venv lint bench examples clean
+
+# Re-install only when the dependency list changes.
+$(VENV)/.installed: pyproject.toml
+	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install --quiet --upgrade pip
+	$(BIN)/python -m pip install --quiet -e '.[dev]'
+	touch $@
+
+venv: $(VENV)/.installed
+
+run: venv
+	$(BIN)/shardserve serve --repository $(REPOSITORY) --host $(HOST) --port $(PORT)
+
+test: venv
+	$(BIN)/python -m pytest -q
+
+lint: venv
+	$(BIN)/ruff check runtime plugins handlers tests benchmarks examples
+
+bench: venv
+	$(BIN)/python benchmarks/overhead.py
+
+# Rebuild the example models (deterministic: seeded, same bytes every time).
+examples: venv
+	$(BIN)/python examples/build_models.py
+
+clean:
+	rm -rf $(VENV) build *.egg-info .pytest_cache
