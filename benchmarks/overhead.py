@@ -1,0 +1,97 @@
+"""Runtime.infer (and the Flask path) against a raw InferenceSession.run.
+
+For each example model, the raw session and shardserve's runtime run the same
+inputs, interleaved call by call so machine noise hits both alike. Prints the
+median time of each, the ratio and the absolute microseconds added.
+
+    python benchmarks/overhead.py [--rounds 2000] [--batch 1]
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import time
+from pathlib import Path
+
+import numpy as np
+import onnxruntime as ort
+
+from handlers.flask_app import create_app
+from runtime import Runtime
+from runtime.codec import InferInput, InferRequest, encode_request, to_datatype
+
+ROOT = Path(__file__).resolve().parents[1]
+REPOSITORY = ROOT / "examples" / "models"
+MODELS = ("digits_mlp", "cnn_skip", "transformer_block")
+
+
+def inputs_for(session: ort.InferenceSession, batch: int) -> dict[str, np.ndarray]:
+    rng = np.random.default_rng(0)
+    return {
+        arg.name: rng.standard_normal(
+            [batch if not isinstance(d, int) else d for d in arg.shape]
+        ).astype(np.float32)
+        for arg in session.get_inputs()
+    }
+
+
+def raw_session(name: str) -> ort.InferenceSession:
+    opts = ort.SessionOptions()
+    opts.intra_op_num_threads = 1  # as in the examples' model.toml
+    opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+    return ort.InferenceSession(str(REPOSITORY / name / "1" / "model.onnx"), opts,
+                                providers=["CPUExecutionProvider"])
+
+
+def interleaved(calls: dict, rounds: int) -> dict[str, float]:
+    """Median seconds per call of each callable, run alternately."""
+    times: dict[str, list[float]] = {k: [] for k in calls}
+    for fn in calls.values():  # warm up
+        for _ in range(20):
+            fn()
+    clock = time.perf_counter
+    for _ in range(rounds):
+        for key, fn in calls.items():
+            start = clock()
+            fn()
+            times[key].append(clock() - start)
+    return {k: statistics.median(v) for k, v in times.items()}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--rounds", type=int, default=2000)
+    parser.add_argument("--batch", type=int, default=1)
+    args = parser.parse_args()
+
+    rt = Runtime.from_config({"repository": {"path": str(REPOSITORY)}}).start()
+    client = create_app(rt).test_client()
+    print(f"{'model':<18} {'raw µs':>9} {'runtime µs':>11} {'ratio':>6} {'added µs':>9} "
+          f"{'flask µs':>9} {'flask ratio':>11}")
+    for name in MODELS:
+        session = raw_session(name)
+        feed = inputs_for(session, args.batch)
+        out_names = [o.name for o in session.get_outputs()]
+        request = InferRequest(inputs=[
+            InferInput(k, to_datatype(v.dtype), v.shape, v) for k, v in feed.items()
+        ])
+        body, headers = encode_request(feed, binary=True, binary_outputs=True)
+        url = f"/v2/models/{name}/infer"
+
+        def flask_call(body=body, headers=headers, url=url):
+            resp = client.post(url, data=body, headers=headers)
+            assert resp.status_code == 200
+
+        med = interleaved({
+            "raw": lambda s=session, f=feed, o=out_names: s.run(o, f),
+            "runtime": lambda n=name, r=request: rt.infer(n, r),
+            "flask": flask_call,
+        }, args.rounds if name == "digits_mlp" else max(args.rounds // 4, 50))
+        raw, ours, flask = (med[k] * 1e6 for k in ("raw", "runtime", "flask"))
+        print(f"{name:<18} {raw:>9.1f} {ours:>11.1f} {ours / raw:>6.3f} {ours - raw:>9.1f} "
+              f"{flask:>9.1f} {flask / raw:>11.2f}")
+
+
+if __name__ == "__main__":
+    main()

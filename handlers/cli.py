@@ -1,0 +1,226 @@
+"""The ``shardserve`` command line.
+
+Built-in commands live here; plugins add more through the
+``shardserve_register_commands`` hook.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import sys
+import tempfile
+from pathlib import Path
+from typing import Any
+
+from runtime.errors import ShardserveError
+
+log = logging.getLogger("shardserve.cli")
+
+
+def _overrides(args: argparse.Namespace) -> dict:
+    out: dict[str, dict] = {}
+    if getattr(args, "repository", None):
+        out.setdefault("repository", {})["path"] = str(Path(args.repository).resolve())
+    if getattr(args, "host", None):
+        out.setdefault("server", {})["host"] = args.host
+    if getattr(args, "port", None) is not None:
+        out.setdefault("server", {})["port"] = args.port
+    return out
+
+
+def _runtime(args: argparse.Namespace, load: str | list | None = None):
+    from runtime import Runtime
+
+    overrides = _overrides(args)
+    if load is not None:
+        overrides.setdefault("repository", {})["load"] = load
+    return Runtime.from_config(args.config, overrides=overrides)
+
+
+# serve ----------------------------------------------------------------------
+
+
+def _sample_request(rt, base: str) -> str:
+    """A curl line for the smallest sample request found in ``<repository>/../requests/``
+    (``<model>.json``), else a metadata request."""
+    names = [m["name"] for m in rt.models() if m["state"] == "READY"]
+    samples = [rt.config.repository.parent / "requests" / f"{name}.json" for name in names]
+    samples = sorted((p.stat().st_size, p.stem, p) for p in samples if p.is_file())
+    if samples:
+        _, name, sample = samples[0]
+        return (f"curl -s -X POST {base}/v2/models/{name}/infer "
+                f"-H 'Content-Type: application/json' -d @{os.path.relpath(sample)}")
+    if names:
+        return f"curl -s {base}/v2/models/{names[0]}"
+    return f"curl -s {base}/v2/health/ready"
+
+
+def cmd_serve(args: argparse.Namespace) -> int:
+    from werkzeug.serving import make_server
+
+    from .flask_app import create_app
+
+    rt = _runtime(args)
+    app = create_app(rt)
+    cfg = rt.config
+    server = make_server(cfg.host, cfg.port, app, threaded=True)
+    base = f"http://{cfg.host}:{server.server_port}"
+    ready = [m["name"] for m in rt.models() if m["state"] == "READY"]
+    print(f"shardserve ready on {base} serving {len(ready)} model(s): {', '.join(ready) or '-'}",
+          flush=True)
+    print(f"sample request: {_sample_request(rt, base)}", flush=True)
+    try:
+        server.serve_forever()
+    except KeyboardInterrupt:
+        pass
+    finally:
+        server.server_close()
+        rt.close()
+    return 0
+
+
+# models ---------------------------------------------------------------------
+
+
+def cmd_models(args: argparse.Namespace) -> int:
+    rt = _runtime(args, load="none")
+    rows = []
+    for name in rt.repository.names():
+        try:
+            cfg = rt.repository.config(name)
+            rows.append({"name": name, "versions": rt.repository.versions(name),
+                         "backend": cfg.backend, "description": cfg.description})
+        except ShardserveError as exc:
+            rows.append({"name": name, "versions": [], "backend": "?", "error": exc.message})
+    if args.json:
+        print(json.dumps(rows, indent=2))
+        return 0
+    print(f"{'MODEL':<24} {'VERSIONS':<10} {'BACKEND':<12} DESCRIPTION")
+    for row in rows:
+        versions = ",".join(map(str, row["versions"])) or "-"
+        print(f"{row['name']:<24} {versions:<10} {row['backend']:<12} "
+              f"{row.get('error') or row['description']}")
+    return 0
+
+
+# infer ----------------------------------------------------------------------
+
+
+def _parse_input(text: str) -> tuple[str, Path]:
+    name, sep, path = text.partition("=")
+    if not sep or not name or not path:
+        raise SystemExit(f"--input expects NAME=FILE.npy, got {text!r}")
+    return name, Path(path)
+
+
+def save_npy_atomically(path: Path, array: Any) -> None:
+    import numpy as np
+
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, suffix=".tmp")
+    try:
+        with os.fdopen(fd, "wb") as fh:
+            np.save(fh, array, allow_pickle=False)
+        os.replace(tmp, path)
+    except BaseException:
+        os.unlink(tmp)
+        raise
+
+
+def cmd_infer(args: argparse.Namespace) -> int:
+    import numpy as np
+
+    from runtime.codec import InferInput, InferRequest, to_datatype
+
+    inputs = []
+    for text in args.input:
+        name, path = _parse_input(text)
+        try:
+            array = np.load(path, allow_pickle=False)
+        except (OSError, ValueError) as exc:
+            raise SystemExit(f"cannot read {path}: {exc}") from None
+        inputs.append(InferInput(name, to_datatype(array.dtype), tuple(array.shape), array))
+    rt = _runtime(args, load=[args.model])
+    rt.start()
+    if not rt.ready(args.model):
+        status = {m["name"]: m for m in rt.models()}.get(args.model, {})
+        raise SystemExit(f"model {args.model!r} is not ready: {status.get('reason', 'unknown')}")
+    response = rt.infer(args.model, InferRequest(inputs=inputs), version=args.model_version)
+    for name, array in response.outputs.items():
+        line = f"{name}: {array.dtype} {list(array.shape)}"
+        if array.size <= 20:
+            line += f" {array.tolist()}"
+        if args.output_dir:
+            target = Path(args.output_dir) / f"{name}.npy"
+            save_npy_atomically(target, array)
+            line += f" -> {target}"
+        print(line)
+    return 0
+
+
+# plugins --------------------------------------------------------------------
+
+
+def cmd_plugins(args: argparse.Namespace) -> int:
+    from runtime.plugins import PluginManager, describe_plugins
+
+    print(json.dumps(describe_plugins(PluginManager()), indent=2))
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="shardserve", description=__doc__.splitlines()[0])
+    parser.add_argument("--config", help="shardserve.toml (default: $SHARDSERVE_CONFIG)")
+    parser.add_argument("--log-level", default=os.environ.get("SHARDSERVE_LOG_LEVEL", "INFO"))
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+
+    def repository(p: argparse.ArgumentParser) -> None:
+        p.add_argument("--repository", "-r", help="model repository directory")
+
+    p = sub.add_parser("serve", help="serve a model repository over HTTP")
+    repository(p)
+    p.add_argument("--host", help="bind address (default 127.0.0.1)")
+    p.add_argument("--port", type=int, help="port (default 8080, 0 = any free port)")
+    p.set_defaults(func=cmd_serve)
+
+    p = sub.add_parser("models", help="list the models in a repository")
+    repository(p)
+    p.add_argument("--json", action="store_true", help="print JSON")
+    p.set_defaults(func=cmd_models)
+
+    p = sub.add_parser("infer", help="run one inference in process")
+    repository(p)
+    p.add_argument("model")
+    p.add_argument("--model-version", help="version (default: newest)")
+    p.add_argument("--input", "-i", action="append", required=True, metavar="NAME=FILE.npy")
+    p.add_argument("--output-dir", "-o", help="save each output as NAME.npy here")
+    p.set_defaults(func=cmd_infer)
+
+    p = sub.add_parser("plugins", help="list loaded plugins and their hooks (JSON)")
+    p.set_defaults(func=cmd_plugins)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    from runtime.plugins import PluginManager
+
+    parser = build_parser()
+    subparsers = next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction))
+    PluginManager().load_plugins().hook.shardserve_register_commands(subparsers=subparsers)
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=args.log_level.upper(), format="%(levelname)s %(name)s: %(message)s")
+    if not getattr(args, "func", None):
+        parser.print_help()
+        return 2
+    try:
+        return int(args.func(args) or 0)
+    except ShardserveError as exc:
+        print(f"error: {exc.message}", file=sys.stderr)
+        return 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

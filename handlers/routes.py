@@ -1,0 +1,191 @@
+"""One route table and one error mapping for every HTTP adapter.
+
+Flask and the Lambda handlers turn their request into an :class:`HttpRequest`,
+call :func:`dispatch`, and turn the :class:`HttpResponse` back. No route,
+status code or rule lives anywhere else.
+"""
+
+from __future__ import annotations
+
+import logging
+import re
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+from runtime import Runtime
+from runtime.codec import (
+    decode_request,
+    encode_response,
+    json_dumps,
+    json_loads,
+    parse_header_length,
+)
+from runtime.errors import (
+    BadRequest,
+    MethodNotAllowed,
+    NotFound,
+    PayloadTooLarge,
+    ShardserveError,
+)
+
+log = logging.getLogger("shardserve.http")
+
+JSON = {"Content-Type": "application/json"}
+
+
+@dataclass(slots=True)
+class HttpRequest:
+    method: str
+    path: str
+    headers: dict[str, str] = field(default_factory=dict)  # lower-case names
+    body: bytes = b""
+    query: dict[str, str] = field(default_factory=dict)
+    request_id: str | None = None
+    principal: Any = None
+
+
+@dataclass(slots=True)
+class HttpResponse:
+    status: int
+    body: bytes = b""
+    headers: dict[str, str] = field(default_factory=dict)
+
+
+def json_response(obj: Any, status: int = 200) -> HttpResponse:
+    return HttpResponse(status, json_dumps(obj), dict(JSON))
+
+
+def error_response(exc: BaseException) -> HttpResponse:
+    """The one mapping from an exception to a client-safe response."""
+    if isinstance(exc, ShardserveError) and exc.status != 500:
+        response = json_response({"error": exc.message}, exc.status)
+        response.headers.update(exc.headers)
+        return response
+    # Anything else is a bug: say so without detail; the log gets the type only.
+    log.error("internal error: %s", type(exc).__name__)
+    return json_response({"error": "internal server error"}, 500)
+
+
+# views ----------------------------------------------------------------------
+
+
+def _json_body(req: HttpRequest) -> Any:
+    if not req.body:
+        return {}
+    try:
+        return json_loads(req.body)
+    except Exception:
+        raise BadRequest("request body is not valid JSON") from None
+
+
+def health_live(rt: Runtime, req: HttpRequest) -> HttpResponse:
+    return json_response({"live": True})
+
+
+def health_ready(rt: Runtime, req: HttpRequest) -> HttpResponse:
+    ready = rt.ready()
+    return json_response({"ready": ready}, 200 if ready else 503)
+
+
+def server_metadata(rt: Runtime, req: HttpRequest) -> HttpResponse:
+    return json_response(rt.server_metadata())
+
+
+def model_metadata(rt: Runtime, req: HttpRequest, model: str, version: str | None = None):
+    return json_response(rt.metadata(model, version))
+
+
+def model_ready(rt: Runtime, req: HttpRequest, model: str, version: str | None = None):
+    ready = rt.ready(model, version)
+    return json_response({"name": model, "ready": ready}, 200 if ready else 503)
+
+
+def model_config(rt: Runtime, req: HttpRequest, model: str, version: str | None = None):
+    return json_response(rt.model_config(model, version))
+
+
+def infer(rt: Runtime, req: HttpRequest, model: str, version: str | None = None):
+    request = decode_request(
+        req.body,
+        parse_header_length(req.headers.get("inference-header-content-length")),
+        max_elements=rt.config.max_tensor_elements or None,
+    )
+    response = rt.infer(model, request, version=version, principal=req.principal)
+    body, headers = encode_response(response, request)
+    return HttpResponse(200, body, headers)
+
+
+def repository_index(rt: Runtime, req: HttpRequest) -> HttpResponse:
+    body = _json_body(req)
+    if not isinstance(body, dict):
+        raise BadRequest("repository index request must be a JSON object")
+    ready_only = body.get("ready", False)
+    if not isinstance(ready_only, bool):
+        raise BadRequest("'ready' must be a boolean")
+    index = rt.models()
+    if ready_only:
+        index = [m for m in index if m["state"] == "READY"]
+    return json_response(index)
+
+
+def repository_load(rt: Runtime, req: HttpRequest, model: str) -> HttpResponse:
+    body = _json_body(req)
+    if not isinstance(body, dict):
+        raise BadRequest("load request must be a JSON object")
+    rt.load(model)
+    return json_response({})
+
+
+def repository_unload(rt: Runtime, req: HttpRequest, model: str) -> HttpResponse:
+    _json_body(req)
+    rt.unload(model)
+    return json_response({})
+
+
+SEGMENT = r"(?P<model>[^/]+)"
+VERSION = r"(?:/versions/(?P<version>[^/]+))?"
+
+# (method, path pattern, view): the whole HTTP API.
+ROUTES: list[tuple[str, str, Callable[..., HttpResponse]]] = [
+    ("GET", r"/v2/health/live", health_live),
+    ("GET", r"/v2/health/ready", health_ready),
+    ("GET", r"/v2", server_metadata),
+    ("GET", rf"/v2/models/{SEGMENT}{VERSION}", model_metadata),
+    ("GET", rf"/v2/models/{SEGMENT}{VERSION}/ready", model_ready),
+    ("GET", rf"/v2/models/{SEGMENT}{VERSION}/config", model_config),
+    ("POST", rf"/v2/models/{SEGMENT}{VERSION}/infer", infer),
+    ("POST", r"/v2/repository/index", repository_index),
+    ("POST", rf"/v2/repository/models/{SEGMENT}/load", repository_load),
+    ("POST", rf"/v2/repository/models/{SEGMENT}/unload", repository_unload),
+]
+_COMPILED = [(method, re.compile(pattern + "/?"), view) for method, pattern, view in ROUTES]
+
+
+def match(method: str, path: str) -> tuple[Callable[..., HttpResponse], dict]:
+    """The view and its path parameters; 404 or 405 if none fits."""
+    allowed = False
+    for route_method, pattern, view in _COMPILED:
+        found = pattern.fullmatch(path)
+        if found is None:
+            continue
+        if route_method == method or (method == "HEAD" and route_method == "GET"):
+            return view, {k: v for k, v in found.groupdict().items() if v is not None}
+        allowed = True
+    if allowed:
+        raise MethodNotAllowed(f"method {method} is not allowed on this route")
+    raise NotFound("no such route")
+
+
+def dispatch(rt: Runtime, req: HttpRequest) -> HttpResponse:
+    """Route one request and map every failure to a response; never raises."""
+    try:
+        if len(req.body) > rt.config.max_body_bytes:
+            raise PayloadTooLarge(
+                f"request body is {len(req.body)} bytes, over the limit of "
+                f"{rt.config.max_body_bytes} bytes"
+            )
+        view, params = match(req.method, req.path)
+        return view(rt, req, **params)
+    except Exception as exc:  # the one place errors become responses
+        return error_response(exc)

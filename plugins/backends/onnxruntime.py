@@ -1,0 +1,143 @@
+"""The ``onnxruntime`` backend: one InferenceSession per model version.
+
+Options come from the model's ``[onnxruntime]`` section in model.toml:
+
+```toml
+[onnxruntime]
+intra_op_threads = 1              # 0 = onnxruntime's default
+inter_op_threads = 1
+execution_mode = "sequential"     # or "parallel"
+graph_optimization_level = "all"  # "disable", "basic", "extended", "all"
+execution_providers = ["CPUExecutionProvider"]
+```
+"""
+
+from __future__ import annotations
+
+import logging
+
+from runtime import BackendSettings, TensorSpec, hookimpl
+from runtime.errors import BadRequest, ModelLoadError
+
+log = logging.getLogger("shardserve.backends.onnxruntime")
+
+# onnxruntime's type strings -> V2 datatypes
+ORT_TYPES = {
+    "tensor(bool)": "BOOL", "tensor(uint8)": "UINT8", "tensor(uint16)": "UINT16",
+    "tensor(uint32)": "UINT32", "tensor(uint64)": "UINT64", "tensor(int8)": "INT8",
+    "tensor(int16)": "INT16", "tensor(int32)": "INT32", "tensor(int64)": "INT64",
+    "tensor(float16)": "FP16", "tensor(float)": "FP32", "tensor(double)": "FP64",
+    "tensor(string)": "BYTES",
+}
+OPTIMIZATION_LEVELS = ("disable", "basic", "extended", "all")
+KNOWN_OPTIONS = {"intra_op_threads", "inter_op_threads", "execution_mode",
+                 "graph_optimization_level", "execution_providers"}
+
+
+def _spec(arg) -> TensorSpec:
+    datatype = ORT_TYPES.get(arg.type)
+    if datatype is None:
+        raise ModelLoadError(f"tensor {arg.name!r} has unsupported type {arg.type}")
+    shape = [d if isinstance(d, int) and d >= 0 else -1 for d in arg.shape]
+    return TensorSpec(arg.name, datatype, shape)
+
+
+def session_options(model: str, options: dict):
+    """onnxruntime SessionOptions from a model's ``[onnxruntime]`` section."""
+    import onnxruntime as ort
+
+    unknown = set(options) - KNOWN_OPTIONS
+    if unknown:
+        raise ModelLoadError(f"model {model!r}: unknown [onnxruntime] keys {sorted(unknown)}")
+    opts = ort.SessionOptions()
+    for key, attr in (("intra_op_threads", "intra_op_num_threads"),
+                      ("inter_op_threads", "inter_op_num_threads")):
+        value = options.get(key, 0)
+        if not isinstance(value, int) or isinstance(value, bool) or value < 0:
+            raise ModelLoadError(f"model {model!r}: {key} must be an integer >= 0")
+        setattr(opts, attr, value)
+    level = options.get("graph_optimization_level", "all")
+    if level not in OPTIMIZATION_LEVELS:
+        raise ModelLoadError(f"model {model!r}: graph_optimization_level must be one of "
+                             f"{', '.join(OPTIMIZATION_LEVELS)}")
+    opts.graph_optimization_level = {
+        "disable": ort.GraphOptimizationLevel.ORT_DISABLE_ALL,
+        "basic": ort.GraphOptimizationLevel.ORT_ENABLE_BASIC,
+        "extended": ort.GraphOptimizationLevel.ORT_ENABLE_EXTENDED,
+        "all": ort.GraphOptimizationLevel.ORT_ENABLE_ALL,
+    }[level]
+    mode = options.get("execution_mode", "sequential")
+    if mode not in ("sequential", "parallel"):
+        raise ModelLoadError(f"model {model!r}: execution_mode must be sequential or parallel")
+    opts.execution_mode = (ort.ExecutionMode.ORT_SEQUENTIAL if mode == "sequential"
+                           else ort.ExecutionMode.ORT_PARALLEL)
+    opts.log_severity_level = 3  # errors only: no paths or shapes chatter in logs
+    return opts
+
+
+def execution_providers(model: str, options: dict) -> list[str]:
+    import onnxruntime as ort
+
+    wanted = options.get("execution_providers", ["CPUExecutionProvider"])
+    if not (isinstance(wanted, list) and wanted and all(isinstance(p, str) for p in wanted)):
+        raise ModelLoadError(f"model {model!r}: execution_providers must be a list of names")
+    available = ort.get_available_providers()
+    usable = [p for p in wanted if p in available]
+    if not usable:
+        raise ModelLoadError(f"model {model!r}: none of the execution providers {wanted} is "
+                             f"available here (available: {', '.join(available)})")
+    if len(usable) < len(wanted):
+        log.warning("model %s: providers %s not available, using %s", model,
+                    sorted(set(wanted) - set(usable)), usable)
+    return usable
+
+
+class OnnxRuntimeBackend:
+    """Runs a model.onnx with a session created once at load and reused."""
+
+    platform = "onnxruntime_onnx"
+
+    def __init__(self, settings: BackendSettings):
+        self.settings = settings
+        self.session = None
+        self.inputs: list[TensorSpec] = []
+        self.outputs: list[TensorSpec] = []
+
+    def load(self) -> None:
+        import onnxruntime as ort
+
+        s = self.settings
+        opts = session_options(s.model, s.options)
+        # Model bytes go through the transform hooks (verify, decrypt); external
+        # data files are looked up next to the model, never elsewhere.
+        opts.add_session_config_entry(
+            "session.model_external_initializers_file_folder_path", str(s.path)
+        )
+        providers = execution_providers(s.model, s.options)
+        data = s.read_bytes(s.config.filename)
+        try:
+            self.session = ort.InferenceSession(data, sess_options=opts, providers=providers)
+        except Exception as exc:  # onnxruntime raises its own types, messages may hold paths
+            kind = type(exc).__name__
+            raise ModelLoadError(f"model {s.model!r} version {s.version}: onnxruntime could not "
+                                 f"load {s.config.filename} ({kind})") from exc
+        self.inputs = [_spec(a) for a in self.session.get_inputs()]
+        self.outputs = [_spec(a) for a in self.session.get_outputs()]
+
+    def run(self, inputs: dict, outputs: list[str]) -> dict:
+        try:
+            results = self.session.run(outputs, inputs)
+        except Exception as exc:
+            message = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+            if "INVALID_ARGUMENT" in message or "Invalid" in message:
+                raise BadRequest(f"model rejected the input: {message[-300:]}") from exc
+            raise
+        return dict(zip(outputs, results))
+
+    def close(self) -> None:
+        self.session = None
+
+
+@hookimpl
+def shardserve_register_backends(register):
+    register("onnxruntime", OnnxRuntimeBackend)

@@ -1,0 +1,177 @@
+"""Server configuration: a TOML file (``shardserve.toml``), then ``SHARDSERVE_*``
+environment variables, then explicit overrides (CLI flags, tests).
+
+```toml
+[server]
+host = "127.0.0.1"
+port = 8080
+max_body_bytes = 67108864     # 64 MiB; larger bodies get 413
+max_tensor_elements = 0       # 0 = only the body limit applies
+
+[repository]
+path = "models"               # relative to this file
+load = "all"                  # "all" at startup, "lazy" on first request,
+                              # "none" (repository API only) or a list of names
+
+[plugins]
+disable = []                  # plugin names to switch off
+```
+
+Other top-level sections (``[security]`` ...) belong to plugins and are kept
+as given in ``Config.sections``.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from .errors import ConfigError
+
+if sys.version_info >= (3, 11):
+    import tomllib
+else:  # pragma: no cover
+    import tomli as tomllib
+
+DEFAULT_MAX_BODY_BYTES = 64 * 1024 * 1024
+LOAD_MODES = ("all", "lazy", "none")
+
+# environment variable -> (section, key, type)
+ENVIRONMENT = {
+    "SHARDSERVE_REPOSITORY": ("repository", "path", str),
+    "SHARDSERVE_LOAD": ("repository", "load", str),
+    "SHARDSERVE_HOST": ("server", "host", str),
+    "SHARDSERVE_PORT": ("server", "port", int),
+    "SHARDSERVE_MAX_BODY_BYTES": ("server", "max_body_bytes", int),
+    "SHARDSERVE_MAX_TENSOR_ELEMENTS": ("server", "max_tensor_elements", int),
+}
+
+
+@dataclass
+class Config:
+    repository: Path = Path("models")
+    load: str | list[str] = "all"
+    host: str = "127.0.0.1"
+    port: int = 8080
+    max_body_bytes: int = DEFAULT_MAX_BODY_BYTES
+    max_tensor_elements: int = 0
+    disable_plugins: list[str] = field(default_factory=list)
+    sections: dict[str, Any] = field(default_factory=dict)
+
+    def section(self, name: str) -> dict:
+        """A plugin's own section (``[security]`` ...), empty if absent."""
+        value = self.sections.get(name, {})
+        return value if isinstance(value, dict) else {}
+
+
+def _merge(base: dict, extra: Mapping) -> dict:
+    out = dict(base)
+    for key, value in extra.items():
+        if isinstance(value, Mapping) and isinstance(out.get(key), dict):
+            out[key] = _merge(out[key], value)
+        else:
+            out[key] = value
+    return out
+
+
+def _read_toml(path: Path) -> dict:
+    try:
+        with open(path, "rb") as fh:
+            return tomllib.load(fh)
+    except FileNotFoundError:
+        raise ConfigError(f"config file not found: {path.name}") from None
+    except tomllib.TOMLDecodeError as exc:
+        raise ConfigError(f"config file {path.name} is not valid TOML: {exc}") from None
+
+
+def _from_environment(environ: Mapping[str, str]) -> dict:
+    out: dict[str, dict] = {}
+    for var, (section, key, kind) in ENVIRONMENT.items():
+        if var not in environ:
+            continue
+        raw = environ[var]
+        try:
+            value: Any = kind(raw)
+        except ValueError:
+            raise ConfigError(f"{var} must be {kind.__name__}, got {raw!r}") from None
+        if var == "SHARDSERVE_LOAD" and raw not in LOAD_MODES:
+            value = [name.strip() for name in raw.split(",") if name.strip()]
+        out.setdefault(section, {})[key] = value
+    return out
+
+
+def load_config(
+    source: str | os.PathLike | Mapping | Config | None = None,
+    overrides: Mapping | None = None,
+    environ: Mapping[str, str] | None = None,
+) -> Config:
+    """Build a :class:`Config` from a TOML path or a dict shaped like the file.
+
+    ``SHARDSERVE_CONFIG`` names the file when ``source`` is None.
+    """
+    if isinstance(source, Config):
+        return source
+    environ = os.environ if environ is None else environ
+    base_dir = Path.cwd()
+    if source is None and environ.get("SHARDSERVE_CONFIG"):
+        source = environ["SHARDSERVE_CONFIG"]
+    if source is None:
+        raw: dict = {}
+    elif isinstance(source, Mapping):
+        raw = dict(source)
+    else:
+        path = Path(source)
+        raw = _read_toml(path)
+        base_dir = path.resolve().parent
+    raw = _merge(raw, _from_environment(environ))
+    if overrides:
+        raw = _merge(raw, overrides)
+    return _build(raw, base_dir)
+
+
+def _expect(value: Any, kind: type | tuple, what: str) -> Any:
+    if isinstance(value, bool) and kind is not bool or not isinstance(value, kind):
+        raise ConfigError(f"config: {what} has the wrong type ({type(value).__name__})")
+    return value
+
+
+def _build(raw: dict, base_dir: Path) -> Config:
+    server = _expect(raw.get("server", {}), dict, "[server]")
+    repo = _expect(raw.get("repository", {}), dict, "[repository]")
+    plugins = _expect(raw.get("plugins", {}), dict, "[plugins]")
+    known_server = {"host", "port", "max_body_bytes", "max_tensor_elements"}
+    unknown = set(server) - known_server
+    if unknown:
+        raise ConfigError(f"config: unknown [server] keys: {', '.join(sorted(unknown))}")
+    cfg = Config()
+    cfg.host = _expect(server.get("host", cfg.host), str, "server.host")
+    cfg.port = _expect(server.get("port", cfg.port), int, "server.port")
+    if not 0 <= cfg.port <= 65535:
+        raise ConfigError("config: server.port must be 0..65535")
+    cfg.max_body_bytes = _expect(
+        server.get("max_body_bytes", cfg.max_body_bytes), int, "server.max_body_bytes"
+    )
+    cfg.max_tensor_elements = _expect(
+        server.get("max_tensor_elements", 0), int, "server.max_tensor_elements"
+    )
+    if cfg.max_body_bytes <= 0 or cfg.max_tensor_elements < 0:
+        raise ConfigError("config: server limits must be positive")
+    path = Path(_expect(repo.get("path", "models"), (str, os.PathLike), "repository.path"))
+    cfg.repository = path if path.is_absolute() else base_dir / path
+    load = repo.get("load", "all")
+    if isinstance(load, str):
+        if load not in LOAD_MODES:
+            raise ConfigError(f"config: repository.load must be one of {LOAD_MODES} or a list")
+    elif not (isinstance(load, list) and all(isinstance(n, str) for n in load)):
+        raise ConfigError("config: repository.load must be a mode or a list of model names")
+    cfg.load = load
+    disable = plugins.get("disable", [])
+    if not (isinstance(disable, list) and all(isinstance(n, str) for n in disable)):
+        raise ConfigError("config: plugins.disable must be a list of plugin names")
+    cfg.disable_plugins = list(disable)
+    cfg.sections = {k: v for k, v in raw.items() if k not in ("server", "repository", "plugins")}
+    return cfg

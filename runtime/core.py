@@ -1,0 +1,385 @@
+"""The ``Runtime`` facade: the one object every handler calls.
+
+It owns the config, the plugin manager, the model repository and the loaded
+models. It knows nothing of HTTP: failures are :mod:`runtime.errors`.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+from importlib import metadata as importlib_metadata
+from pathlib import Path
+from typing import Any
+
+from .codec import InferRequest, InferResponse
+from .config import Config, load_config
+from .errors import (
+    BadRequest,
+    ModelLoadError,
+    NotFound,
+    ServiceUnavailable,
+    ShardserveError,
+)
+from .plugins import PluginManager, Registry
+from .repository import ModelConfig, ModelRepository, validate_model_name, validate_version
+
+log = logging.getLogger("shardserve.runtime")
+
+SERVER_NAME = "shardserve"
+UNLOADED = "unloaded"
+EXTENSIONS = ("binary_tensor_data", "model_repository", "model_configuration")
+
+
+@dataclass(slots=True)
+class TensorSpec:
+    """A model input or output: V2 datatype and shape, ``-1`` for dynamic dims."""
+
+    name: str
+    datatype: str
+    shape: list[int]
+
+    def to_dict(self) -> dict:
+        return {"name": self.name, "datatype": self.datatype, "shape": list(self.shape)}
+
+
+@dataclass
+class BackendSettings:
+    """Everything a backend gets to load one model version."""
+
+    model: str
+    version: int
+    path: Path
+    config: ModelConfig
+    options: dict
+    read_bytes: Callable[[str], bytes]
+    server: Config
+
+
+@dataclass
+class LoadedModel:
+    name: str
+    version: int
+    backend: Any
+    config: ModelConfig
+    inputs: list[TensorSpec]
+    outputs: list[TensorSpec]
+    input_specs: dict[str, TensorSpec] = field(default_factory=dict)
+    output_names: list[str] = field(default_factory=list)
+
+    def __post_init__(self) -> None:
+        self.input_specs = {spec.name: spec for spec in self.inputs}
+        self.output_names = [spec.name for spec in self.outputs]
+
+
+@dataclass
+class ModelStatus:
+    state: str = "UNAVAILABLE"  # READY, UNAVAILABLE, LOADING
+    reason: str = ""
+    versions: dict[int, LoadedModel] = field(default_factory=dict)
+
+
+def _check_inputs(model: LoadedModel, request: InferRequest) -> dict:
+    """Inputs as a feed dict, after checking names, datatypes and shapes."""
+    specs = model.input_specs
+    feed = {}
+    for item in request.inputs:
+        spec = specs.get(item.name)
+        if spec is None:
+            raise BadRequest(f"unexpected input {item.name!r} for model {model.name!r}")
+        if item.datatype != spec.datatype:
+            raise BadRequest(
+                f"input {item.name!r}: datatype {item.datatype}, model expects {spec.datatype}"
+            )
+        shape = item.shape
+        if len(shape) != len(spec.shape) or any(
+            want != -1 and want != got for want, got in zip(spec.shape, shape)
+        ):
+            raise BadRequest(
+                f"input {item.name!r}: shape {list(shape)}, model expects {spec.shape}"
+            )
+        feed[item.name] = item.data
+    if len(feed) != len(specs):
+        missing = sorted(set(specs) - set(feed))
+        raise BadRequest(f"missing inputs for model {model.name!r}: {', '.join(missing)}")
+    limit = model.config.max_batch_size
+    if limit and request.inputs and request.inputs[0].shape and request.inputs[0].shape[0] > limit:
+        raise BadRequest(f"batch size {request.inputs[0].shape[0]} is over max_batch_size {limit}")
+    return feed
+
+
+class Runtime:
+    """Serve the models of one repository through the registered plugins."""
+
+    def __init__(self, config: Config, plugin_manager: PluginManager | None = None):
+        self.config = config
+        self._pm = plugin_manager
+        self._backends: Registry | None = None
+        self.repository = ModelRepository(config.repository)
+        self._models: dict[str, ModelStatus] = {}
+        self._lock = threading.RLock()
+        self._started = False
+
+    @classmethod
+    def from_config(
+        cls,
+        source: str | Path | Mapping | Config | None = None,
+        *,
+        overrides: Mapping | None = None,
+        plugins: tuple = (),
+    ) -> Runtime:
+        """Build a runtime from a TOML path, a dict or a :class:`Config`."""
+        config = load_config(source, overrides)
+        return cls(config, PluginManager(disable=config.disable_plugins, plugins=plugins))
+
+    # plugins ----------------------------------------------------------------
+
+    @property
+    def pm(self) -> PluginManager:
+        if self._pm is None:
+            self._pm = PluginManager(disable=self.config.disable_plugins)
+        return self._pm.load_plugins()
+
+    @property
+    def backends(self) -> Registry:
+        if self._backends is None:
+            self._backends = Registry("backend", check=callable).collect(
+                self.pm, "shardserve_register_backends"
+            )
+        return self._backends
+
+    def start(self) -> Runtime:
+        """Call the startup hook and load models as ``repository.load`` says."""
+        if self._started:
+            return self
+        self._started = True
+        self.pm.hook.shardserve_startup(runtime=self)
+        load = self.config.load
+        names = self.repository.names() if load == "all" else load if isinstance(load, list) else []
+        for name in names:
+            try:
+                self.load(name)
+            except ShardserveError as exc:
+                log.error("model %s failed to load: %s", name, exc.message)
+        return self
+
+    # repository -------------------------------------------------------------
+
+    def models(self) -> list[dict]:
+        """The repository index: every model with its state (Triton's format)."""
+        out = []
+        with self._lock:
+            for name in self.repository.names():
+                status = self._models.get(name)
+                if status and status.versions:
+                    for version in sorted(status.versions):
+                        out.append({"name": name, "version": str(version), "state": status.state,
+                                    "reason": status.reason})
+                else:
+                    entry = {"name": name, "state": status.state if status else "UNAVAILABLE",
+                             "reason": status.reason if status else ""}
+                    out.append(entry)
+        return out
+
+    def load(self, name: str) -> None:
+        """(Re)load every version the model's policy selects."""
+        validate_model_name(name)
+        if not self.repository.exists(name):
+            raise NotFound(f"unknown model {name!r}")
+        with self._lock:
+            status = self._models.setdefault(name, ModelStatus())
+            old = dict(status.versions)
+            status.state, status.reason = "LOADING", ""
+            try:
+                cfg = self.repository.config(name)
+                chosen = self.repository.select_versions(cfg)
+                loaded = {v: self._load_version(cfg, v) for v in chosen}
+            except ShardserveError as exc:
+                status.state, status.reason = "UNAVAILABLE", exc.message
+                if old:  # keep serving what was there
+                    status.state, status.reason = "READY", f"reload failed: {exc.message}"
+                raise
+            except Exception as exc:  # a backend bug must not leave LOADING behind
+                status.state, status.reason = "UNAVAILABLE", "load failed"
+                log.error("model %s failed to load: %s", name, type(exc).__name__)
+                raise ModelLoadError(f"model {name!r} failed to load") from exc
+            status.versions, status.state = loaded, "READY"
+        for model in old.values():
+            if model not in loaded.values():
+                _close(model.backend)
+        log.info("model %s loaded (versions %s)", name, sorted(loaded))
+
+    def _load_version(self, cfg: ModelConfig, version: int) -> LoadedModel:
+        if cfg.backend not in self.backends:
+            raise ModelLoadError(
+                f"model {cfg.name!r}: unknown backend {cfg.backend!r} "
+                f"(available: {', '.join(self.backends.names())})"
+            )
+
+        def read_bytes(filename: str) -> bytes:
+            data = self.repository.read_file(cfg.name, version, filename)
+            for result in self.pm.hook.shardserve_transform_model_bytes.get_hookimpls()[::-1]:
+                new = result.function(model=cfg.name, version=str(version), filename=filename,
+                                      data=data, config=self.config)
+                if new is not None:
+                    data = new
+            return data
+
+        settings = BackendSettings(
+            model=cfg.name, version=version, path=self.repository.version_dir(cfg.name, version),
+            config=cfg, options=cfg.backend_options(), read_bytes=read_bytes, server=self.config,
+        )
+        backend = self.backends[cfg.backend](settings)
+        backend.load()
+        return LoadedModel(cfg.name, version, backend, cfg, list(backend.inputs),
+                           list(backend.outputs))
+
+    def unload(self, name: str) -> None:
+        validate_model_name(name)
+        with self._lock:
+            status = self._models.get(name)
+            if status is None or not status.versions:
+                if not self.repository.exists(name):
+                    raise NotFound(f"unknown model {name!r}")
+                return
+            versions, status.versions = status.versions, {}
+            status.state, status.reason = "UNAVAILABLE", UNLOADED
+        for model in versions.values():
+            _close(model.backend)
+        log.info("model %s unloaded", name)
+
+    # serving ----------------------------------------------------------------
+
+    def get_model(self, name: str, version: str | int | None = None) -> LoadedModel:
+        """The loaded model version (the newest when ``version`` is None)."""
+        status = self._models.get(name)
+        if status is None or not status.versions:
+            status = self._lazy_load(name)
+        wanted = validate_version(version)
+        versions = status.versions
+        if wanted is None:
+            try:
+                return versions[max(versions)]
+            except ValueError:  # unloaded meanwhile
+                raise ServiceUnavailable(f"model {name!r} is not loaded") from None
+        model = versions.get(wanted)
+        if model is None:
+            raise NotFound(f"version {wanted} of model {name!r} is not available")
+        return model
+
+    def _lazy_load(self, name: str) -> ModelStatus:
+        validate_model_name(name)
+        if not self.repository.exists(name):
+            raise NotFound(f"unknown model {name!r}")
+        if self.config.load != "lazy":
+            status = self._models.get(name)
+            reason = status.reason if status else "not loaded"
+            raise ServiceUnavailable(f"model {name!r} is not ready: {reason or 'not loaded'}")
+        with self._lock:
+            status = self._models.get(name)
+            if status is None or not status.versions:
+                self.load(name)
+            return self._models[name]
+
+    def ready(self, name: str | None = None, version: str | int | None = None) -> bool:
+        """Server readiness, or one model's.
+
+        The server is ready once started and every model it tried to load is
+        READY; a model unloaded on request does not count against it.
+        """
+        if name is None:
+            return self._started and all(
+                s.state == "READY" or s.reason == UNLOADED for s in list(self._models.values())
+            )
+        validate_model_name(name)
+        status = self._models.get(name)
+        if status is None or status.state != "READY":
+            if not self.repository.exists(name):
+                raise NotFound(f"unknown model {name!r}")
+            return False
+        wanted_version = validate_version(version)
+        return wanted_version is None or wanted_version in status.versions
+
+    def metadata(self, name: str, version: str | int | None = None) -> dict:
+        model = self.get_model(name, version)
+        status = self._models[name]
+        return {
+            "name": name,
+            "versions": [str(v) for v in sorted(status.versions)],
+            "platform": getattr(model.backend, "platform", model.config.backend),
+            "inputs": [spec.to_dict() for spec in model.inputs],
+            "outputs": [spec.to_dict() for spec in model.outputs],
+        }
+
+    def model_config(self, name: str, version: str | int | None = None) -> dict:
+        """The model's configuration in Triton's JSON shape, plus model.toml."""
+        model = self.get_model(name, version)
+        cfg = model.config
+
+        def tensors(specs: list[TensorSpec]) -> list[dict]:
+            dims = slice(1, None) if cfg.max_batch_size else slice(None)
+            return [{"name": s.name, "data_type": "TYPE_" + s.datatype.replace("BYTES", "STRING"),
+                     "dims": s.shape[dims]} for s in specs]
+
+        policy: dict[str, Any] = {"latest": {"num_versions": cfg.num_versions}}
+        if cfg.version_policy == "all":
+            policy = {"all": {}}
+        elif cfg.version_policy == "specific":
+            policy = {"specific": {"versions": cfg.versions}}
+        return {
+            "name": name,
+            "platform": getattr(model.backend, "platform", cfg.backend),
+            "backend": cfg.backend,
+            "version_policy": policy,
+            "max_batch_size": cfg.max_batch_size,
+            "input": tensors(model.inputs),
+            "output": tensors(model.outputs),
+            "default_model_filename": cfg.filename,
+            "parameters": {k: v for k, v in cfg.raw.items() if not isinstance(v, dict)},
+            "backend_options": cfg.backend_options(),
+        }
+
+    def server_metadata(self) -> dict:
+        try:
+            version = importlib_metadata.version(SERVER_NAME)
+        except importlib_metadata.PackageNotFoundError:
+            version = "0"
+        return {"name": SERVER_NAME, "version": version, "extensions": list(EXTENSIONS)}
+
+    def infer(
+        self,
+        name: str,
+        request: InferRequest,
+        version: str | int | None = None,
+        principal: Any = None,
+    ) -> InferResponse:
+        """Run one inference request; raises typed errors for bad requests."""
+        model = self.get_model(name, version)
+        feed = _check_inputs(model, request)
+        if request.outputs is None:
+            wanted = model.output_names
+        else:
+            wanted = [o.name for o in request.outputs]
+            for out_name in wanted:
+                if out_name not in model.output_names:
+                    raise BadRequest(f"unknown output {out_name!r} for model {name!r}")
+            if len(set(wanted)) != len(wanted):
+                raise BadRequest("an output is requested twice")
+        outputs = model.backend.run(feed, wanted)
+        return InferResponse(model_name=name, model_version=str(model.version), outputs=outputs,
+                             id=request.id)
+
+    def close(self) -> None:
+        for name in list(self._models):
+            self.unload(name)
+
+
+def _close(backend: Any) -> None:
+    close = getattr(backend, "close", None)
+    if close is not None:
+        try:
+            close()
+        except Exception as exc:  # closing must never fail an unload
+            log.warning("backend close failed: %s", type(exc).__name__)

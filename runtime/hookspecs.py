@@ -1,0 +1,70 @@
+"""Every hook a shardserve plugin can implement.
+
+A plugin is a module (or object) with functions named after these specs and
+decorated with ``@hookimpl``; it is registered from the ``DEFAULT_PLUGINS``
+tuple or from an entry point in the ``shardserve`` group. Each docstring here
+is the plugin author's whole contract; docs/plugins.md repeats the signatures.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+import pluggy
+
+PROJECT_NAME = "shardserve"
+
+hookspec = pluggy.HookspecMarker(PROJECT_NAME)
+hookimpl = pluggy.HookimplMarker(PROJECT_NAME)
+
+
+@hookspec
+def shardserve_register_backends(register: Callable[[str, type], None]) -> None:
+    """Register model backends by calling ``register(name, backend_class)``.
+
+    ``backend_class(settings)`` receives one :class:`runtime.BackendSettings`
+    and must implement ``load() -> None`` (read the model, build sessions;
+    after it returns, ``inputs`` and ``outputs`` hold lists of
+    :class:`runtime.TensorSpec`) and ``run(inputs: dict[str, ndarray],
+    outputs: list[str]) -> dict[str, ndarray]``. ``close()`` is optional.
+    A model selects its backend with ``backend = "name"`` in model.toml.
+    Registering a name twice raises at startup.
+    """
+
+
+@hookspec
+def shardserve_register_commands(subparsers: Any) -> None:
+    """Add CLI subcommands to ``shardserve``.
+
+    ``subparsers`` is the ``argparse`` sub-parser collection of the
+    ``shardserve`` command. Add a parser and give it a ``func`` default:
+    ``p = subparsers.add_parser("hello"); p.set_defaults(func=run)``;
+    ``run(args) -> int | None`` is called with the parsed arguments and its
+    return value becomes the exit status. Import heavy modules inside ``run``,
+    not at module level, so other commands stay fast.
+    """
+
+
+@hookspec
+def shardserve_transform_model_bytes(
+    model: str, version: str, filename: str, data: bytes, config: dict
+) -> bytes | None:
+    """Transform a model file's bytes after they are read and before any
+    backend sees them: verify a signature, decrypt, reject.
+
+    Called for every model file the repository hands to a backend. Return the
+    new bytes, or ``None`` to leave them as they are. Implementations run in
+    plugin order (``tryfirst`` ones first), each seeing the previous one's
+    output. Raise a :class:`runtime.errors.ShardserveError` (usually
+    ``ModelLoadError``) to refuse the model; its message names the file but
+    never a path outside the repository. ``config`` is the server config.
+    """
+
+
+@hookspec
+def shardserve_startup(runtime: Any) -> None:
+    """Called once when a :class:`runtime.Runtime` is built, after its
+    plugins are loaded and before any model loads. Use it to validate this
+    plugin's section of the config (raise ``ConfigError``) or to warm caches.
+    """

@@ -1,0 +1,161 @@
+"""The plugin manager: built-ins and entry points, loaded lazily.
+
+Built-in plugins are listed in ``DEFAULT_PLUGINS`` by module path and
+registered exactly like third-party ones (entry points in the ``shardserve``
+group). Nothing is imported until the first accessor calls
+:func:`load_plugins`, so importing ``runtime`` stays cheap.
+
+``SHARDSERVE_LOAD_PLUGINS`` (comma separated names) is an allow-list: only
+those plugins load. ``[plugins] disable = [...]`` in the config, or
+``SHARDSERVE_DISABLE_PLUGINS``, switches plugins off by name.
+``SHARDSERVE_TRACE_PLUGINS=1`` logs every hook call.
+"""
+
+from __future__ import annotations
+
+import importlib
+import logging
+import os
+from collections.abc import Callable, Iterable
+from importlib import metadata
+from typing import Any
+
+import pluggy
+
+from . import hookspecs
+from .errors import ConfigError
+
+log = logging.getLogger("shardserve.plugins")
+
+ENTRY_POINT_GROUP = hookspecs.PROJECT_NAME
+
+DEFAULT_PLUGINS: tuple[str, ...] = (
+    "plugins.backends.onnxruntime",
+)
+
+
+def _names(value: str | None) -> set[str]:
+    return {n.strip() for n in (value or "").split(",") if n.strip()}
+
+
+class PluginManager(pluggy.PluginManager):
+    """pluggy's manager with shardserve's lazy loading and filters.
+
+    ``disable`` and ``allow`` decide which plugins :meth:`load_plugins` will
+    register; ``plugins`` are extra objects registered at once (tests,
+    embedding applications).
+    """
+
+    def __init__(
+        self,
+        disable: Iterable[str] = (),
+        allow: Iterable[str] | None = None,
+        plugins: Iterable[Any] = (),
+    ):
+        super().__init__(hookspecs.PROJECT_NAME)
+        self.add_hookspecs(hookspecs)
+        env_allow = _names(os.environ.get("SHARDSERVE_LOAD_PLUGINS"))
+        self.allow = set(allow) if allow is not None else (env_allow or None)
+        self.disable = set(disable) | _names(os.environ.get("SHARDSERVE_DISABLE_PLUGINS"))
+        self.distributions: dict[str, tuple[str, str]] = {}
+        self._loaded = False
+        for plugin in plugins:
+            self.register(plugin)
+        if os.environ.get("SHARDSERVE_TRACE_PLUGINS"):
+            self.trace.root.setwriter(lambda msg: log.info("hook %s", msg.rstrip()))
+            self.enable_tracing()
+
+    def wanted(self, name: str) -> bool:
+        if name in self.disable:
+            log.warning("plugin %s disabled by configuration", name)
+            return False
+        return self.allow is None or name in self.allow
+
+    def load_plugins(self) -> PluginManager:
+        """Register the built-ins and every ``shardserve`` entry point, once."""
+        if self._loaded:
+            return self
+        self._loaded = True
+        for module_name in DEFAULT_PLUGINS:
+            if self.wanted(module_name) and self.get_plugin(module_name) is None:
+                self.register(importlib.import_module(module_name), module_name)
+        for ep in metadata.entry_points(group=ENTRY_POINT_GROUP):
+            if not self.wanted(ep.name) or self.get_plugin(ep.name) is not None:
+                continue
+            try:
+                plugin = ep.load()
+            except Exception as exc:  # name the plugin, not the traceback
+                raise ConfigError(
+                    f"plugin {ep.name!r} failed to import: {type(exc).__name__}"
+                ) from exc
+            self.register(plugin, ep.name)
+            if ep.dist is not None:
+                self.distributions[ep.name] = (ep.dist.metadata["Name"], ep.dist.version)
+        self.check_pending()
+        return self
+
+
+def describe_plugins(pm: PluginManager) -> list[dict]:
+    """Name, version and implemented hooks of every registered plugin."""
+    pm.load_plugins()
+    dists = pm.distributions
+    try:
+        own_version = metadata.version(hookspecs.PROJECT_NAME)
+    except metadata.PackageNotFoundError:
+        own_version = None
+    out = []
+    for name, plugin in sorted(pm.list_name_plugin(), key=lambda item: str(item[0])):
+        hooks = sorted(caller.name for caller in pm.get_hookcallers(plugin) or ())
+        builtin = name in DEFAULT_PLUGINS
+        dist_name, version = dists.get(name) or (
+            (hookspecs.PROJECT_NAME, own_version) if builtin else (None, None)
+        )
+        out.append({"name": name, "version": version, "distribution": dist_name, "hooks": hooks})
+    return out
+
+
+class Registry:
+    """Named things collected through a ``shardserve_register_*`` hook.
+
+    One duplicate policy (raise), one type check, and it remembers which
+    plugin registered each name.
+    """
+
+    def __init__(self, kind: str, check: Callable[[Any], bool] | None = None):
+        self.kind = kind
+        self._check = check
+        self._items: dict[str, Any] = {}
+        self.sources: dict[str, str] = {}
+
+    def collect(self, pm: pluggy.PluginManager, hook_name: str) -> Registry:
+        hook = getattr(pm.hook, hook_name)
+        for impl in hook.get_hookimpls():
+            impl.function(register=self._registrar(impl.plugin_name))
+        return self
+
+    def _registrar(self, plugin_name: str) -> Callable[[str, Any], None]:
+        def register(name: str, item: Any) -> None:
+            if not isinstance(name, str) or not name:
+                raise ConfigError(f"plugin {plugin_name!r} registered a {self.kind} without a name")
+            if name in self._items:
+                raise ConfigError(
+                    f"{self.kind} {name!r} registered twice "
+                    f"(by {self.sources[name]!r} and {plugin_name!r})"
+                )
+            if self._check is not None and not self._check(item):
+                raise ConfigError(
+                    f"plugin {plugin_name!r} registered an invalid {self.kind} {name!r}"
+                )
+            self._items[name] = item
+            self.sources[name] = plugin_name
+
+        return register
+
+    def __getitem__(self, name: str) -> Any:
+        return self._items[name]
+
+    def __contains__(self, name: object) -> bool:
+        return name in self._items
+
+    def names(self) -> list[str]:
+        return sorted(self._items)

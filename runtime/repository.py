@@ -1,0 +1,197 @@
+"""The model repository: Triton's layout with TOML configuration.
+
+```
+<root>/<model>/model.toml          optional; defaults below
+<root>/<model>/<version>/model.onnx
+```
+
+Versions are positive integers (directory names). Model names match
+``[A-Za-z0-9_.-]{1,128}`` and may not be ``.`` or ``..``; files are only ever
+read from inside the repository root.
+"""
+
+from __future__ import annotations
+
+import re
+import sys
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from .errors import BadRequest, ModelLoadError, NotFound
+
+if sys.version_info >= (3, 11):
+    import tomllib
+else:  # pragma: no cover
+    import tomli as tomllib
+
+MODEL_NAME = re.compile(r"[A-Za-z0-9_.\-]{1,128}")
+VERSION = re.compile(r"[1-9][0-9]{0,17}")
+CONFIG_FILE = "model.toml"
+
+
+def validate_model_name(name: str) -> str:
+    """Return ``name`` if it is a safe model name, else raise 400."""
+    if not isinstance(name, str) or not MODEL_NAME.fullmatch(name) or name in (".", ".."):
+        raise BadRequest("invalid model name: use 1-128 characters from A-Z a-z 0-9 _ . -")
+    return name
+
+
+def validate_version(version: str | int | None) -> int | None:
+    if version is None or version == "":
+        return None
+    text = str(version)
+    if not VERSION.fullmatch(text):
+        raise BadRequest("invalid model version: a positive integer is expected")
+    return int(text)
+
+
+@dataclass
+class ModelConfig:
+    """A model's model.toml, with defaults filled in."""
+
+    name: str
+    backend: str = "onnxruntime"
+    filename: str = "model.onnx"
+    max_batch_size: int = 0
+    description: str = ""
+    version_policy: str = "latest"  # "latest", "all" or "specific"
+    num_versions: int = 1
+    versions: list[int] = field(default_factory=list)
+    raw: dict[str, Any] = field(default_factory=dict)
+
+    def backend_options(self) -> dict:
+        """The model's ``[<backend>]`` section."""
+        value = self.raw.get(self.backend, {})
+        return value if isinstance(value, dict) else {}
+
+
+def _type_error(name: str, key: str, expected: str) -> ModelLoadError:
+    return ModelLoadError(f"model {name!r}: model.toml key {key!r} must be {expected}")
+
+
+def parse_model_config(name: str, raw: dict) -> ModelConfig:
+    cfg = ModelConfig(name=name, raw=raw)
+    for key, kind, expected in (
+        ("backend", str, "a string"),
+        ("filename", str, "a string"),
+        ("description", str, "a string"),
+        ("max_batch_size", int, "an integer >= 0"),
+    ):
+        if key in raw:
+            value = raw[key]
+            if not isinstance(value, kind) or isinstance(value, bool):
+                raise _type_error(name, key, expected)
+            setattr(cfg, key, value)
+    if cfg.max_batch_size < 0:
+        raise _type_error(name, "max_batch_size", "an integer >= 0")
+    if "/" in cfg.filename or "\\" in cfg.filename or cfg.filename in ("", ".", ".."):
+        raise _type_error(name, "filename", "a plain file name")
+    policy = raw.get("version_policy", "latest")
+    if policy not in ("latest", "all", "specific"):
+        raise _type_error(name, "version_policy", '"latest", "all" or "specific"')
+    cfg.version_policy = policy
+    num = raw.get("num_versions", 1)
+    if not isinstance(num, int) or isinstance(num, bool) or num < 1:
+        raise _type_error(name, "num_versions", "an integer >= 1")
+    cfg.num_versions = num
+    versions = raw.get("versions", [])
+    if not (isinstance(versions, list) and all(type(v) is int and v > 0 for v in versions)):
+        raise _type_error(name, "versions", "a list of positive integers")
+    cfg.versions = versions
+    if policy == "specific" and not versions:
+        raise _type_error(name, "versions", "non-empty with version_policy = 'specific'")
+    return cfg
+
+
+class ModelRepository:
+    """Read-only view of a model repository directory."""
+
+    def __init__(self, root: str | Path):
+        self.root = Path(root).resolve()
+
+    def names(self) -> list[str]:
+        """Every model directory: a valid name holding model.toml or a version."""
+        if not self.root.is_dir():
+            return []
+        out = []
+        for entry in sorted(self.root.iterdir()):
+            if not entry.is_dir() or not MODEL_NAME.fullmatch(entry.name):
+                continue
+            if (entry / CONFIG_FILE).is_file() or self._version_dirs(entry):
+                out.append(entry.name)
+        return out
+
+    def model_dir(self, name: str) -> Path:
+        validate_model_name(name)
+        path = self.root / name
+        if not path.is_dir() or path.resolve().parent != self.root:
+            raise NotFound(f"unknown model {name!r}")
+        return path
+
+    def exists(self, name: str) -> bool:
+        try:
+            self.model_dir(name)
+        except NotFound:
+            return False
+        return True
+
+    @staticmethod
+    def _version_dirs(model_dir: Path) -> list[int]:
+        return sorted(
+            int(p.name) for p in model_dir.iterdir() if p.is_dir() and VERSION.fullmatch(p.name)
+        )
+
+    def versions(self, name: str) -> list[int]:
+        return self._version_dirs(self.model_dir(name))
+
+    def config(self, name: str) -> ModelConfig:
+        path = self.model_dir(name) / CONFIG_FILE
+        if not path.is_file():
+            return parse_model_config(name, {})
+        try:
+            raw = tomllib.loads(path.read_text(encoding="utf-8"))
+        except (tomllib.TOMLDecodeError, UnicodeDecodeError) as exc:
+            raise ModelLoadError(f"model {name!r}: model.toml is not valid TOML ({exc})") from None
+        return parse_model_config(name, raw)
+
+    def select_versions(self, cfg: ModelConfig) -> list[int]:
+        """The versions the policy serves, oldest first."""
+        available = self.versions(cfg.name)
+        if cfg.version_policy == "all":
+            chosen = available
+        elif cfg.version_policy == "specific":
+            missing = [v for v in cfg.versions if v not in available]
+            if missing:
+                raise ModelLoadError(
+                    f"model {cfg.name!r}: versions {missing} not in the repository"
+                )
+            chosen = sorted(cfg.versions)
+        else:
+            chosen = available[-cfg.num_versions:]
+        if not chosen:
+            raise ModelLoadError(f"model {cfg.name!r} has no version directories")
+        return chosen
+
+    def version_dir(self, name: str, version: int) -> Path:
+        path = self.model_dir(name) / str(version)
+        if not path.is_dir():
+            raise NotFound(f"unknown version {version} of model {name!r}")
+        return path
+
+    def read_file(self, name: str, version: int, filename: str) -> bytes:
+        """Bytes of a file inside a version directory; never outside the root."""
+        base = self.version_dir(name, version).resolve()
+        path = (base / filename).resolve()
+        if base not in path.parents:
+            raise ModelLoadError(f"model {name!r}: file {filename!r} is outside its version")
+        try:
+            return path.read_bytes()
+        except FileNotFoundError:
+            raise ModelLoadError(
+                f"model {name!r} version {version}: {filename} is missing"
+            ) from None
+        except OSError as exc:
+            raise ModelLoadError(
+                f"model {name!r} version {version}: cannot read {filename} ({exc.strerror})"
+            ) from None
