@@ -146,31 +146,43 @@ def repository_unload(rt: Runtime, req: HttpRequest, model: str) -> HttpResponse
 SEGMENT = r"(?P<model>[^/]+)"
 VERSION = r"(?:/versions/(?P<version>[^/]+))?"
 
-# (method, path pattern, view): the whole HTTP API.
-ROUTES: list[tuple[str, str, Callable[..., HttpResponse]]] = [
-    ("GET", r"/v2/health/live", health_live),
-    ("GET", r"/v2/health/ready", health_ready),
-    ("GET", r"/v2", server_metadata),
-    ("GET", rf"/v2/models/{SEGMENT}{VERSION}", model_metadata),
-    ("GET", rf"/v2/models/{SEGMENT}{VERSION}/ready", model_ready),
-    ("GET", rf"/v2/models/{SEGMENT}{VERSION}/config", model_config),
-    ("POST", rf"/v2/models/{SEGMENT}{VERSION}/infer", infer),
-    ("POST", r"/v2/repository/index", repository_index),
-    ("POST", rf"/v2/repository/models/{SEGMENT}/load", repository_load),
-    ("POST", rf"/v2/repository/models/{SEGMENT}/unload", repository_unload),
+
+@dataclass(frozen=True, slots=True)
+class Route:
+    method: str
+    pattern: re.Pattern
+    view: Callable[..., HttpResponse]
+    action: str  # what authorization, metrics and audit call this request
+
+
+def _route(method: str, pattern: str, view: Callable[..., HttpResponse], action: str) -> Route:
+    return Route(method, re.compile(pattern + "/?"), view, action)
+
+
+# The whole HTTP API. Actions: "health" routes stay open whatever security says.
+ROUTES: list[Route] = [
+    _route("GET", r"/v2/health/live", health_live, "health"),
+    _route("GET", r"/v2/health/ready", health_ready, "health"),
+    _route("GET", r"/v2", server_metadata, "server_metadata"),
+    _route("GET", rf"/v2/models/{SEGMENT}{VERSION}", model_metadata, "metadata"),
+    _route("GET", rf"/v2/models/{SEGMENT}{VERSION}/ready", model_ready, "metadata"),
+    _route("GET", rf"/v2/models/{SEGMENT}{VERSION}/config", model_config, "metadata"),
+    _route("POST", rf"/v2/models/{SEGMENT}{VERSION}/infer", infer, "infer"),
+    _route("POST", r"/v2/repository/index", repository_index, "repository_index"),
+    _route("POST", rf"/v2/repository/models/{SEGMENT}/load", repository_load, "load"),
+    _route("POST", rf"/v2/repository/models/{SEGMENT}/unload", repository_unload, "unload"),
 ]
-_COMPILED = [(method, re.compile(pattern + "/?"), view) for method, pattern, view in ROUTES]
 
 
-def match(method: str, path: str) -> tuple[Callable[..., HttpResponse], dict]:
-    """The view and its path parameters; 404 or 405 if none fits."""
+def match(method: str, path: str) -> tuple[Route, dict]:
+    """The route and its path parameters; 404 or 405 if none fits."""
     allowed = False
-    for route_method, pattern, view in _COMPILED:
-        found = pattern.fullmatch(path)
+    for route in ROUTES:
+        found = route.pattern.fullmatch(path)
         if found is None:
             continue
-        if route_method == method or (method == "HEAD" and route_method == "GET"):
-            return view, {k: v for k, v in found.groupdict().items() if v is not None}
+        if route.method == method or (method == "HEAD" and route.method == "GET"):
+            return route, {k: v for k, v in found.groupdict().items() if v is not None}
         allowed = True
     if allowed:
         raise MethodNotAllowed(f"method {method} is not allowed on this route")
@@ -185,7 +197,7 @@ def dispatch(rt: Runtime, req: HttpRequest) -> HttpResponse:
                 f"request body is {len(req.body)} bytes, over the limit of "
                 f"{rt.config.max_body_bytes} bytes"
             )
-        view, params = match(req.method, req.path)
-        return view(rt, req, **params)
+        route, params = match(req.method, req.path)
+        return route.view(rt, req, **params)
     except Exception as exc:  # the one place errors become responses
         return error_response(exc)
