@@ -618,7 +618,7 @@ def _binary_tensor(
 ) -> np.ndarray:
     itemsize = 4 if datatype == "BYTES" else DATATYPES[datatype].itemsize  # 4: BYTES minimum
     if count * itemsize > section.body_length:
-        raise PayloadTooLarge(f"{label}: shape needs more bytes than the request body holds")
+        raise BadRequest(f"{label}: shape needs more bytes than the request body holds")
     if datatype == "BYTES":
         return _bytes_elements(section.take(size, label), count, label)
     if size != count * itemsize:
