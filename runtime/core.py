@@ -23,6 +23,7 @@ from .errors import (
     ServiceUnavailable,
     ShardserveError,
 )
+from .plan import PLAN_FILE
 from .plugins import PluginManager, Registry
 from .repository import ModelConfig, ModelRepository, validate_model_name, validate_version
 
@@ -56,6 +57,7 @@ class BackendSettings:
     options: dict
     read_bytes: Callable[[str], bytes]
     server: Config
+    backends: Any = None  # the runtime's backend Registry, for backends that compose others
 
 
 @dataclass
@@ -212,9 +214,12 @@ class Runtime:
         log.info("model %s loaded (versions %s)", name, sorted(loaded))
 
     def _load_version(self, cfg: ModelConfig, version: int) -> LoadedModel:
-        if cfg.backend not in self.backends:
+        backend_name = cfg.backend
+        if (self.repository.version_dir(cfg.name, version) / PLAN_FILE).is_file():
+            backend_name = "plan"  # a partitioned version, whatever model.toml says
+        if backend_name not in self.backends:
             raise ModelLoadError(
-                f"model {cfg.name!r}: unknown backend {cfg.backend!r} "
+                f"model {cfg.name!r}: unknown backend {backend_name!r} "
                 f"(available: {', '.join(self.backends.names())})"
             )
 
@@ -230,8 +235,9 @@ class Runtime:
         settings = BackendSettings(
             model=cfg.name, version=version, path=self.repository.version_dir(cfg.name, version),
             config=cfg, options=cfg.backend_options(), read_bytes=read_bytes, server=self.config,
+            backends=self.backends,
         )
-        backend = self.backends[cfg.backend](settings)
+        backend = self.backends[backend_name](settings)
         backend.load()
         return LoadedModel(cfg.name, version, backend, cfg, list(backend.inputs),
                            list(backend.outputs))

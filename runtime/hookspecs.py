@@ -63,6 +63,19 @@ def shardserve_transform_model_bytes(
 
 
 @hookspec
+def shardserve_register_partitioners(register: Callable[[str, Any], None]) -> None:
+    """Register partitioning strategies by calling ``register(name, partitioner)``.
+
+    A partitioner has a ``description`` string and
+    ``partition(graph, costs, options) -> Partition``: given the model's unit graph
+    (``plugins.partitioners.graph.ModelGraph``), the per-unit costs and a dict of
+    options, it returns which units go in which shard, where each shard is placed
+    and the predicted costs (docs/partitioning.md). It raises ``BadRequest`` for
+    options no plan can satisfy. Registering a name twice raises at startup.
+    """
+
+
+@hookspec
 def shardserve_startup(runtime: Any) -> None:
     """Called once when a :class:`runtime.Runtime` is built, after its
     plugins are loaded and before any model loads. Use it to validate this

@@ -31,6 +31,8 @@ ENTRY_POINT_GROUP = hookspecs.PROJECT_NAME
 
 DEFAULT_PLUGINS: tuple[str, ...] = (
     "plugins.backends.onnxruntime",
+    "plugins.backends.plan",
+    "plugins.partitioners",
 )
 
 

@@ -1,0 +1,143 @@
+"""The ``plan`` backend: serve a partitioned model version (plan.toml + shards).
+
+The core picks this backend for any version directory holding ``plan.toml``.
+Each shard gets its own sub-backend from the runtime's backend registry (the
+shard's ``backend``, ``onnxruntime`` by default), reading its file through the
+same ``read_bytes`` (so signature checks and decryption apply to every shard).
+Shards run in process, in topological order; a tensor is computed once and
+forwarded to every later shard that consumes it. ``run_shard`` is the one seam
+where a shard runs: executors (remote placements) replace it.
+"""
+
+from __future__ import annotations
+
+import copy
+import dataclasses
+import logging
+
+from runtime import BackendSettings, TensorSpec, hookimpl
+from runtime.errors import ModelLoadError
+from runtime.plan import PLAN_FILE, Shard, ShardPlan, parse_plan
+
+log = logging.getLogger("shardserve.backends.plan")
+
+
+class PlanBackend:
+    """Runs a :class:`runtime.plan.ShardPlan` with one sub-backend per shard."""
+
+    def __init__(self, settings: BackendSettings):
+        self.settings = settings
+        self.plan: ShardPlan | None = None
+        self.shard_backends: list = []
+        self.inputs: list[TensorSpec] = []
+        self.outputs: list[TensorSpec] = []
+        self.platform = "shardserve_plan"
+        self._schedules: dict[tuple, list[tuple[int, list[str]]]] = {}
+
+    # loading ------------------------------------------------------------------
+
+    def load(self) -> None:
+        s = self.settings
+        self.plan = plan = parse_plan(s.model, s.read_bytes(PLAN_FILE))
+        if s.backends is None:
+            raise ModelLoadError(f"model {s.model!r}: the plan backend needs a backend registry")
+        self.inputs = [TensorSpec(t["name"], t["datatype"], t["shape"]) for t in plan.inputs]
+        self.outputs = [TensorSpec(t["name"], t["datatype"], t["shape"]) for t in plan.outputs]
+        built = []
+        try:
+            for shard in plan.shards:
+                built.append(self._load_shard(shard))
+        except BaseException:
+            for backend in built:
+                _close(backend)
+            raise
+        self.shard_backends = built
+        platforms = {getattr(b, "platform", None) for b in built}
+        if len(platforms) == 1 and None not in platforms:
+            self.platform = platforms.pop()  # same metadata as the unpartitioned model
+        self._schedules.clear()
+
+    def _load_shard(self, shard: Shard):
+        s = self.settings
+        if shard.backend == "plan" or shard.backend not in s.backends:
+            raise ModelLoadError(f"model {s.model!r}: shard {shard.name!r} names unknown "
+                                 f"backend {shard.backend!r}")
+        section = s.config.raw.get(shard.backend, {})
+        options = {**(section if isinstance(section, dict) else {}), **shard.options}
+        config = copy.copy(s.config)
+        config.backend, config.filename = shard.backend, shard.file
+        backend = s.backends[shard.backend](dataclasses.replace(s, config=config, options=options))
+        backend.load()
+        have_in = {t.name for t in backend.inputs}
+        have_out = {t.name for t in backend.outputs}
+        if not set(shard.inputs) <= have_in or not set(shard.outputs) <= have_out:
+            _close(backend)
+            raise ModelLoadError(f"model {s.model!r}: shard {shard.name!r} file does not have "
+                                 "the inputs and outputs plan.toml lists")
+        return backend
+
+    # running ------------------------------------------------------------------
+
+    def run_shard(self, index: int, inputs: dict, outputs: list[str]) -> dict:
+        """Run one shard on its inputs: the seam where executors place shards."""
+        return self.shard_backends[index].run(inputs, outputs)
+
+    def _schedule(self, wanted: tuple[str, ...]) -> list[tuple[int, list[str]]]:
+        """Shards to run, in order, with the outputs each must produce."""
+        schedule = self._schedules.get(wanted)
+        if schedule is None:
+            plan = self.plan
+            needed = set(wanted)
+            steps = []
+            for index in reversed(plan.order):
+                shard = plan.shards[index]
+                outs = [n for n in shard.outputs if n in needed]
+                if outs:
+                    steps.append((index, outs))
+                    needed.update(shard.inputs)
+            schedule = self._schedules[wanted] = steps[::-1]
+        return schedule
+
+    def run(self, inputs: dict, outputs: list[str]) -> dict:
+        if self.plan.mode == "batch":
+            return self._run_batch(inputs, outputs)
+        values = dict(inputs)
+        for index, outs in self._schedule(tuple(outputs)):
+            shard = self.plan.shards[index]
+            values.update(self.run_shard(index, {n: values[n] for n in shard.inputs}, outs))
+        return {name: values[name] for name in outputs}
+
+    def _run_batch(self, inputs: dict, outputs: list[str]) -> dict:
+        """Data-parallel replicas: replica i takes the i-th slice of the batch dim."""
+        import numpy as np
+
+        batch = len(next(iter(inputs.values())))
+        replicas = min(len(self.plan.shards), max(batch, 1))
+        bounds = np.linspace(0, batch, replicas + 1).round().astype(int)
+        parts = [
+            self.run_shard(i, {k: v[lo:hi] for k, v in inputs.items()}, outputs)
+            for i, (lo, hi) in enumerate(zip(bounds[:-1], bounds[1:]))
+            if hi > lo or batch == 0
+        ]
+        if len(parts) == 1:
+            return parts[0]
+        return {name: np.concatenate([p[name] for p in parts], axis=0) for name in outputs}
+
+    def close(self) -> None:
+        for backend in self.shard_backends:
+            _close(backend)
+        self.shard_backends = []
+
+
+def _close(backend) -> None:
+    close = getattr(backend, "close", None)
+    if close is not None:
+        try:
+            close()
+        except Exception as exc:  # closing must never fail an unload
+            log.warning("shard backend close failed: %s", type(exc).__name__)
+
+
+@hookimpl
+def shardserve_register_backends(register):
+    register("plan", PlanBackend)

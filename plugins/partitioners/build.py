@@ -1,0 +1,285 @@
+"""From a model version to a partitioned version: analyse, plan, extract, verify, write.
+
+Everything is built in a hidden temporary directory inside the model's
+directory and renamed to ``<model>/<new version>/`` only after every shard
+passed ``onnx.checker`` (full check) and the plan, run by the real ``plan``
+backend, reproduced the original's outputs on seeded inputs. On any failure
+the temporary directory is removed: nothing half-written is ever visible.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import shutil
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+
+from runtime.errors import BadRequest, NotFound, ShardserveError
+from runtime.plan import PLAN_FILE, PLAN_FORMAT, parse_plan
+from runtime.repository import ModelRepository
+
+from .costs import CostTable, file_sha256, measured_costs, sample_inputs, static_costs
+from .graph import ModelGraph, build_graph, load_model
+from .partition import Partition
+
+VERIFY_TOLERANCE = 1e-5
+
+
+@dataclass
+class Analysis:
+    """A source model version ready to partition."""
+
+    name: str
+    version: int
+    path: Path
+    model: object
+    graph: ModelGraph
+    costs: CostTable
+
+
+def partitioners():
+    """The registry of every partitioner the plugins register."""
+    from runtime.plugins import PluginManager, Registry
+
+    check = lambda p: callable(getattr(p, "partition", None))  # noqa: E731
+    return Registry("partitioner", check=check).collect(
+        PluginManager().load_plugins(), "shardserve_register_partitioners")
+
+
+def source_version(repo: ModelRepository, name: str, version: int | None) -> int:
+    """The requested version, or the newest one that is not itself a plan."""
+    versions = repo.versions(name)
+    if version is not None:
+        if version not in versions:
+            raise NotFound(f"unknown version {version} of model {name!r}")
+    else:
+        plain = [v for v in versions if not (repo.version_dir(name, v) / PLAN_FILE).exists()]
+        if not plain:
+            raise NotFound(f"model {name!r} has no unpartitioned version")
+        version = plain[-1]
+    if (repo.version_dir(name, version) / PLAN_FILE).exists():
+        raise BadRequest(f"version {version} of model {name!r} is already partitioned")
+    return version
+
+
+def analyse(repository: Path, name: str, version: int | None = None, batch: int = 1,
+            cost: str = "static", runs: int = 20, progress: bool = False) -> Analysis:
+    repo = ModelRepository(repository)
+    version = source_version(repo, name, version)
+    cfg = repo.config(name)
+    path = repo.version_dir(name, version) / cfg.filename
+    if not path.is_file():
+        raise NotFound(f"model {name!r} version {version} has no {cfg.filename}")
+    model = load_model(path)
+    import onnx
+
+    try:
+        onnx.checker.check_model(model)
+    except Exception as exc:
+        raise BadRequest(f"{cfg.filename} is not a valid ONNX model "
+                         f"({str(exc).splitlines()[0][:160] if str(exc) else type(exc).__name__})"
+                         ) from None
+    graph = build_graph(model, batch)
+    if cost == "static":
+        costs = static_costs(graph, batch)
+    elif cost == "measured":
+        costs = measured_costs(model, graph, path, batch, runs, progress=progress)
+        for tensor, size in costs.sizes.items():
+            if not graph.tensor_bytes.get(tensor) and tensor in graph.tensor_bytes:
+                graph.tensor_bytes[tensor] = size
+    else:
+        raise BadRequest("cost must be 'static' or 'measured'")
+    return Analysis(name, version, path, model, graph, costs)
+
+
+def plan_partition(analysis: Analysis, strategy: str, options: dict) -> Partition:
+    registry = partitioners()
+    if strategy not in registry:
+        raise BadRequest(f"unknown strategy {strategy!r} (available: "
+                         f"{', '.join(registry.names())})")
+    part = registry[strategy].partition(analysis.graph, analysis.costs, dict(options))
+    n = len(analysis.graph)
+    flat = [u for group in part.groups for u in group]
+    if not part.groups or any(not g for g in part.groups) or any(
+            not isinstance(u, int) or not 0 <= u < n for u in flat):
+        raise BadRequest(f"strategy {strategy!r} returned an empty shard or an unknown node")
+    if part.replicas == 0 and sorted(flat) != list(range(n)):
+        raise BadRequest(f"strategy {strategy!r} must put every node in exactly one shard")
+    return part
+
+
+def shard_io(graph: ModelGraph, groups: list[list[int]]) -> list[tuple[list[str], list[str]]]:
+    """Inputs and outputs of each shard: what crosses its border, graph I/O included."""
+    owner = {u: i for i, group in enumerate(groups) for u in group}
+    wanted = set(graph.outputs)
+    out = []
+    for i, group in enumerate(groups):
+        inputs, outputs = [], []
+        for u in sorted(group):
+            unit = graph.units[u]
+            for name in unit.inputs:
+                if owner.get(graph.producer.get(name, -1)) != i and name not in inputs:
+                    inputs.append(name)
+            for name in unit.outputs:
+                users = graph.consumers.get(name, [])
+                if name in wanted or any(owner[c] != i for c in users):
+                    outputs.append(name)
+        if i == len(groups) - 1:
+            outputs += [o for o in graph.static_outputs if o not in outputs]
+        out.append((inputs, outputs))
+    return out
+
+
+def toml_value(value) -> str:
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, int):
+        return str(value)
+    if isinstance(value, float):
+        return repr(value) if value == value and abs(value) != float("inf") else (
+            "nan" if value != value else ("inf" if value > 0 else "-inf"))
+    if isinstance(value, str):
+        return json.dumps(value)
+    if isinstance(value, (list, tuple)):
+        return "[" + ", ".join(toml_value(v) for v in value) + "]"
+    if isinstance(value, dict):
+        return "{" + ", ".join(f"{toml_key(k)} = {toml_value(v)}" for k, v in value.items()) + "}"
+    return json.dumps(str(value))
+
+
+def toml_key(key: str) -> str:
+    return key if re.fullmatch(r"[A-Za-z0-9_-]+", key) else json.dumps(key)
+
+
+def dump_plan(plan: dict) -> str:
+    lines = []
+    tables = {k: v for k, v in plan.items() if isinstance(v, dict)}
+    for key, value in plan.items():
+        if key != "shards" and key not in tables:
+            lines.append(f"{toml_key(key)} = {toml_value(value)}")
+    for key, table in tables.items():
+        lines += ["", f"[{toml_key(key)}]"]
+        lines += [f"{toml_key(k)} = {toml_value(v)}" for k, v in table.items()]
+    for shard in plan["shards"]:
+        lines += ["", "[[shards]]"]
+        lines += [f"{toml_key(k)} = {toml_value(v)}" for k, v in shard.items()]
+    return "\n".join(lines) + "\n"
+
+
+def io_specs(path: Path) -> tuple[list[dict], list[dict]]:
+    """The original's metadata exactly as the onnxruntime backend reports it."""
+    import onnxruntime as ort
+
+    from plugins.backends.onnxruntime import _spec
+
+    sess = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    return ([_spec(a).to_dict() for a in sess.get_inputs()],
+            [_spec(a).to_dict() for a in sess.get_outputs()])
+
+
+def write_partition(analysis: Analysis, strategy: str, options: dict, part: Partition,
+                    repository: Path, backend: str = "onnxruntime",
+                    target_version: int | None = None, verify: bool = True) -> Path:
+    """Extract, check, verify and atomically publish the plan as a new version."""
+    from .extract import extract_shard, make_extractor, save_shard
+
+    graph = analysis.graph
+    model_dir = analysis.path.parent.parent
+    repo = ModelRepository(repository)
+    version = target_version or max(repo.versions(analysis.name)) + 1
+    target = model_dir / str(version)
+    if target.exists():
+        raise BadRequest(f"version {version} of model {analysis.name!r} already exists")
+    inputs, outputs = io_specs(analysis.path)
+    tmp = Path(tempfile.mkdtemp(prefix=".partition-", dir=model_dir))
+    try:
+        extractor = make_extractor(analysis.model, graph.elem_types)
+        shards = []
+        if part.replicas:
+            names = [t["name"] for t in inputs], [t["name"] for t in outputs]
+            size = save_shard(extract_shard(extractor, *names), tmp, "shard_0.onnx",
+                              analysis.path.parent)
+            for r in range(part.replicas):
+                shards.append({"name": f"replica_{r}", "file": "shard_0.onnx", "inputs": names[0],
+                               "outputs": names[1], "file_bytes": size})
+        else:
+            for i, (ins, outs) in enumerate(shard_io(graph, part.groups)):
+                if not outs:
+                    continue  # only dead nodes: nothing to compute
+                filename = f"shard_{len(shards)}.onnx"
+                size = save_shard(extract_shard(extractor, ins, outs), tmp, filename,
+                                  analysis.path.parent)
+                shards.append({"name": f"shard_{len(shards)}", "file": filename, "inputs": ins,
+                               "outputs": outs, "nodes": len(part.groups[i]), "file_bytes": size,
+                               "weight_bytes": graph.weights_of(part.groups[i]), "index": i})
+        for shard in shards:
+            i = shard.pop("index", shards.index(shard))
+            costs = part.shard_costs[i] if i < len(part.shard_costs) else {}
+            shard.update({"backend": backend, "placement": part.placements[i]},
+                         **{k: v for k, v in costs.items() if k not in shard})
+        plan = {
+            "format": PLAN_FORMAT, "strategy": strategy,
+            "mode": "batch" if part.replicas else "dag",
+            "source_version": analysis.version, "source_file": analysis.path.name,
+            "source_sha256": file_sha256(analysis.path), "cost_model": analysis.costs.kind,
+            "cost_batch": analysis.costs.batch, "inputs": inputs, "outputs": outputs,
+            "options": {k: v for k, v in options.items() if v is not None},
+            "predicted": dict(part.predicted), "shards": shards,
+        }
+        text = dump_plan(plan)
+        try:
+            parse_plan(analysis.name, text.encode())
+        except ShardserveError as exc:
+            raise BadRequest(f"strategy {strategy!r} produced an invalid plan: {exc.message}"
+                             ) from None
+        (tmp / PLAN_FILE).write_text(text)
+        if verify:
+            verify_plan(analysis, tmp, part.replicas)
+        tmp.chmod(0o755)  # mkdtemp makes it private; a version directory is not
+        tmp.rename(target)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return target
+
+
+def load_plan_backend(name: str, directory: Path):
+    """The real ``plan`` backend over a version directory (for verification and tests)."""
+    from runtime.core import BackendSettings
+    from runtime.plugins import PluginManager, Registry
+    from runtime.repository import ModelConfig
+
+    backends = Registry("backend", check=callable).collect(
+        PluginManager().load_plugins(), "shardserve_register_backends")
+    settings = BackendSettings(
+        model=name, version=0, path=directory, config=ModelConfig(name=name), options={},
+        read_bytes=lambda filename: (directory / filename).read_bytes(), server=None,
+        backends=backends)
+    backend = backends["plan"](settings)
+    backend.load()
+    return backend
+
+
+def verify_plan(analysis: Analysis, directory: Path, replicas: int) -> None:
+    """Run the plan and the original on seeded inputs; any difference over 1e-5 aborts."""
+    import numpy as np
+    import onnxruntime as ort
+
+    batch = max(analysis.costs.batch, 2 * replicas - 1, 1)
+    feeds = sample_inputs(analysis.model, batch, seed=1)
+    sess = ort.InferenceSession(str(analysis.path), providers=["CPUExecutionProvider"])
+    names = [o.name for o in sess.get_outputs()]
+    expected = dict(zip(names, sess.run(names, feeds)))
+    backend = load_plan_backend(analysis.name, directory)
+    try:
+        got = backend.run(feeds, names)
+    finally:
+        backend.close()
+    for name in names:
+        a, b = np.asarray(expected[name]), np.asarray(got[name])
+        if a.shape != b.shape or not np.allclose(a, b, rtol=VERIFY_TOLERANCE,
+                                                 atol=VERIFY_TOLERANCE, equal_nan=True):
+            raise BadRequest(f"the plan's output {name!r} differs from the original model's; "
+                             "nothing was written")

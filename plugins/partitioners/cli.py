@@ -1,0 +1,170 @@
+"""``shardserve partition`` and ``shardserve plan``.
+
+Parsing happens here; the work (onnx, onnxruntime, matplotlib) is imported
+only when a command runs.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+from runtime.errors import BadRequest
+
+STRATEGY_FLAGS = (
+    # (flag, option key, help)
+    ("--shards", "shards", "pipeline: number of shards K"),
+    ("--device-factor", "device_factor", "pipeline: device speed factor (x slower)"),
+    ("--bandwidth", "bandwidth", "link bandwidth, e.g. 10Mbps"),
+    ("--rtt", "rtt", "link round-trip time, e.g. 20ms"),
+    ("--edge-factor", "edge_factor", "edge-cloud: edge device factor (default 4)"),
+    ("--cloud-factor", "cloud_factor", "edge-cloud: cloud device factor (default 1)"),
+    ("--objective", "objective", "edge-cloud: latency (default) or gb-seconds"),
+    ("--slo", "slo", "edge-cloud: latency SLO for gb-seconds, e.g. 150ms"),
+    ("--memory-gb", "memory_gb", "edge-cloud: cloud function memory in GB (default 1)"),
+    ("--edge-placement", "edge_placement", "edge-cloud: placement of the edge shard"),
+    ("--cloud-placement", "cloud_placement", "edge-cloud: placement of the cloud shard"),
+    ("--memory-budget", "memory_budget", "memory: per-shard memory budget, e.g. 512MB"),
+    ("--max-shard-bytes", "max_shard_bytes", "memory: per-shard weight (package) limit"),
+    ("--replicas", "replicas", "batch: number of data-parallel replicas"),
+    ("--placement", "placement", "batch: placement of every replica"),
+)
+
+
+def _common(p: argparse.ArgumentParser) -> None:
+    p.add_argument("model", help="model name in the repository")
+    p.add_argument("--repository", "-r", help="model repository directory")
+    p.add_argument("--strategy", "-s", required=True,
+                   help="pipeline, edge-cloud, memory, batch or a plugin's")
+    p.add_argument("--model-version", type=int,
+                   help="version to cut (default: newest unpartitioned)")
+    p.add_argument("--cost", choices=("static", "measured"), default="static",
+                   help="cost model (default static)")
+    p.add_argument("--runs", type=int, default=20, help="profiling runs for --cost measured")
+    p.add_argument("--batch-size", type=int, default=1, help="input batch the costs assume")
+    for flag, key, text in STRATEGY_FLAGS:
+        p.add_argument(flag, dest=f"opt_{key}", help=text)
+    p.add_argument("--option", "-o", action="append", default=[], metavar="KEY=VALUE",
+                   help="a strategy option (repeatable), for plugin strategies")
+
+
+def add_commands(subparsers) -> None:
+    p = subparsers.add_parser("partition", help="cut a model into shards: writes a new version")
+    _common(p)
+    p.add_argument("--backend", default="onnxruntime", help="backend of every shard")
+    p.add_argument("--target-version", type=int, help="version number to write (default: next)")
+    p.add_argument("--no-verify", action="store_true",
+                   help="skip running the plan against the original before publishing")
+    p.set_defaults(func=cmd_partition)
+
+    p = subparsers.add_parser("plan", help="print a strategy's candidate cuts and chosen shards")
+    _common(p)
+    p.add_argument("--plot", metavar="FILE.png", help="draw latency and bytes per cut")
+    p.add_argument("--json", action="store_true", help="print JSON")
+    p.set_defaults(func=cmd_plan)
+
+
+def _options(args: argparse.Namespace) -> dict:
+    options = {key: getattr(args, f"opt_{key}") for _, key, _ in STRATEGY_FLAGS
+               if getattr(args, f"opt_{key}", None) is not None}
+    for text in args.option:
+        key, sep, value = text.partition("=")
+        if not sep or not key:
+            raise BadRequest(f"--option expects KEY=VALUE, got {text!r}")
+        options[key.replace("-", "_")] = value
+    return options
+
+
+def _repository(args: argparse.Namespace) -> Path:
+    if args.repository:
+        return Path(args.repository).resolve()
+    from runtime.config import load_config
+
+    return Path(load_config(args.config).repository)
+
+
+def _analyse(args: argparse.Namespace):
+    from .build import analyse
+
+    return analyse(_repository(args), args.model, args.model_version, args.batch_size, args.cost,
+                   args.runs, progress=sys.stderr.isatty() or args.cost == "measured")
+
+
+def cmd_partition(args: argparse.Namespace) -> int:
+    from .build import plan_partition, write_partition
+
+    options = _options(args)
+    analysis = _analyse(args)
+    part = plan_partition(analysis, args.strategy, options)
+    target = write_partition(analysis, args.strategy, options, part, _repository(args),
+                             backend=args.backend, target_version=args.target_version,
+                             verify=not args.no_verify)
+    print(f"wrote {args.model} version {target.name} ({len(part.groups)} shard(s), "
+          f"strategy {args.strategy}, predicted latency "
+          f"{part.predicted.get('latency_s', 0) * 1e3:.3f} ms)")
+    _print_shards(analysis, part, args.backend)
+    return 0
+
+
+def cmd_plan(args: argparse.Namespace) -> int:
+    from .build import plan_partition
+
+    options = _options(args)
+    analysis = _analyse(args)
+    part = plan_partition(analysis, args.strategy, options)
+    if args.json:
+        print(json.dumps({"predicted": part.predicted, "groups": part.groups,
+                          "placements": part.placements, "shard_costs": part.shard_costs,
+                          "candidates": part.candidates}, indent=2, default=str))
+    else:
+        print(f"{args.model} version {analysis.version}: {len(analysis.graph)} nodes, "
+              f"{analysis.costs.kind} costs at batch {analysis.costs.batch}, "
+              f"strategy {args.strategy}")
+        print(f"\n{'CUT':>4}  {'AFTER NODE':<32} {'BYTES AT CUT':>13} {'LATENCY ms':>11}")
+        for row in part.candidates:
+            print(f"{row['cut']:>4}  {str(row['after'])[:32]:<32} {row['bytes']:>13,} "
+                  f"{row['latency_s'] * 1e3:>11.4f}")
+        print("\npredicted: " + ", ".join(f"{k}={_fmt(v)}" for k, v in part.predicted.items()))
+        _print_shards(analysis, part, "onnxruntime")
+    if args.plot:
+        plot_candidates(part.candidates, Path(args.plot), f"{args.model}: {args.strategy}")
+        print(f"plot written to {args.plot}")
+    return 0
+
+
+def _fmt(value) -> str:
+    return f"{value:.6g}" if isinstance(value, float) else str(value)
+
+
+def _print_shards(analysis, part, backend: str) -> None:
+    graph = analysis.graph
+    print(f"\n{'SHARD':<8} {'NODES':>5} {'PREDICTED ms':>13} {'WEIGHTS':>11} {'SENDS':>11} "
+          f"{'BACKEND':<12} PLACEMENT")
+    for i, group in enumerate(part.groups):
+        cost = part.shard_costs[i] if i < len(part.shard_costs) else {}
+        print(f"{i:<8} {len(group):>5} {cost.get('predicted_s', 0) * 1e3:>13.4f} "
+              f"{graph.weights_of(group):>11,} {cost.get('send_bytes', 0):>11,} {backend:<12} "
+              f"{part.placements[i]}")
+
+
+def plot_candidates(rows: list[dict], path: Path, title: str) -> None:
+    """Latency versus cut position, and bytes per cut, in one PNG (Agg backend)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    cuts = [r["cut"] for r in rows]
+    fig, (top, bottom) = plt.subplots(2, 1, figsize=(8, 6), sharex=True)
+    top.plot(cuts, [r["latency_s"] * 1e3 for r in rows], marker="o")
+    top.set_ylabel("predicted latency (ms)")
+    top.set_title(title)
+    bottom.bar(cuts, [r["bytes"] / 1024 for r in rows])
+    bottom.set_ylabel("bytes at cut (KiB)")
+    bottom.set_xlabel("cut position in topological order")
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path)
+    plt.close(fig)

@@ -1,0 +1,216 @@
+"""Per-unit costs: a static estimate or an onnxruntime profile, cached per model.
+
+* ``static``: FLOPs from shapes inferred at the given batch, divided by an
+  assumed machine throughput, plus bytes moved over an assumed memory
+  bandwidth. Free and deterministic, good for relative comparisons.
+* ``measured``: the real model runs ``runs`` times on seeded random inputs in
+  onnxruntime with profiling on (graph optimizations off, so every profiled
+  kernel is one original node; one thread). Each unit's cost is the median of
+  its kernel times. The profile also supplies tensor sizes shape inference missed.
+
+Measured tables are cached as JSON keyed by the model file's sha256, under
+``$SHARDSERVE_CACHE_DIR`` (default ``~/.cache/shardserve``), written atomically.
+Devices scale these seconds by a speed factor; links add bytes/bandwidth and RTT.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import re
+import statistics
+import sys
+import tempfile
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from runtime.errors import BadRequest
+
+STATIC_FLOPS_PER_SECOND = 2e10
+STATIC_BYTES_PER_SECOND = 1e10
+CACHE_FORMAT = 1
+ITEMSIZE = {"float": 4, "double": 8, "float16": 2, "int64": 8, "int32": 4, "int16": 2,
+            "int8": 1, "uint8": 1, "bool": 1}
+
+
+@dataclass
+class Device:
+    """A place shards run: ``factor`` times slower than the measuring machine."""
+
+    name: str = "local"
+    factor: float = 1.0
+
+
+@dataclass
+class Link:
+    """A network hop between two devices."""
+
+    bandwidth_bps: float = 1e9
+    rtt_s: float = 0.0
+
+    def transfer_s(self, nbytes: float) -> float:
+        return nbytes * 8.0 / self.bandwidth_bps
+
+
+@dataclass
+class CostTable:
+    """Seconds per unit on the measuring machine, and how they were obtained."""
+
+    seconds: list[float]
+    kind: str
+    batch: int
+    sizes: dict[str, int] = field(default_factory=dict)
+
+    def total(self, units=None) -> float:
+        return sum(self.seconds) if units is None else sum(self.seconds[u] for u in units)
+
+
+def static_costs(graph, batch: int) -> CostTable:
+    seconds = []
+    for unit in graph.units:
+        moved = sum(graph.tensor_bytes.get(n, 0) for n in unit.inputs + unit.outputs)
+        moved += sum(graph.weight_bytes[w] for w in unit.weights)
+        seconds.append(unit.flops / STATIC_FLOPS_PER_SECOND + moved / STATIC_BYTES_PER_SECOND)
+    return CostTable(seconds, "static", batch)
+
+
+def sample_inputs(model, batch: int, seed: int = 0) -> dict:
+    """Seeded random inputs for every graph input, dynamic dims set to batch (dim 0) or 1."""
+    import numpy as np
+    from onnx import helper
+
+    rng = np.random.default_rng(seed)
+    init = {t.name for t in model.graph.initializer}
+    feeds = {}
+    for vi in model.graph.input:
+        if vi.name in init:
+            continue
+        tt = vi.type.tensor_type
+        shape = [d.dim_value if d.HasField("dim_value") else (batch if i == 0 else 1)
+                 for i, d in enumerate(tt.shape.dim)]
+        dtype = np.dtype(helper.tensor_dtype_to_np_dtype(tt.elem_type))
+        if dtype.kind == "f":
+            feeds[vi.name] = rng.standard_normal(shape).astype(dtype)
+        elif dtype.kind == "b":
+            feeds[vi.name] = rng.integers(0, 2, size=shape).astype(bool)
+        else:
+            feeds[vi.name] = np.zeros(shape, dtype=dtype)
+    return feeds
+
+
+def file_sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as fh:
+        for block in iter(lambda: fh.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def cache_dir() -> Path:
+    return Path(os.environ.get("SHARDSERVE_CACHE_DIR") or Path.home() / ".cache" / "shardserve")
+
+
+def _write_json_atomically(path: Path, data: dict) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, suffix=".tmp")
+    try:
+        with os.fdopen(fd, "w") as fh:
+            json.dump(data, fh)
+        os.replace(tmp, path)
+    except BaseException:
+        os.unlink(tmp)
+        raise
+
+
+def measured_costs(model, graph, model_path: Path, batch: int, runs: int = 20,
+                   progress: bool = False, use_cache: bool = True) -> CostTable:
+    """Median profiled kernel time of every unit, from the cache when it has them."""
+    sha = file_sha256(model_path)
+    cache = cache_dir() / "costs" / f"{sha}.json"
+    key = f"measured:batch={batch}:runs={runs}"
+    if use_cache and cache.is_file():
+        try:
+            entry = json.loads(cache.read_text()).get(key)
+            if entry and len(entry["seconds"]) == len(graph.units):
+                return CostTable(entry["seconds"], "measured", batch, entry.get("sizes", {}))
+        except (OSError, ValueError, KeyError):
+            pass
+    seconds, sizes = _profile(model, graph, model_path.parent, batch, runs, progress)
+    if use_cache:
+        try:
+            old = json.loads(cache.read_text()) if cache.is_file() else {}
+        except (OSError, ValueError):
+            old = {}
+        old.update({"format": CACHE_FORMAT, key: {"seconds": seconds, "sizes": sizes}})
+        _write_json_atomically(cache, old)
+    return CostTable(seconds, "measured", batch, sizes)
+
+
+def _profile(model, graph, model_dir: Path, batch: int, runs: int, progress: bool):
+    import numpy as np
+    import onnx
+    import onnxruntime as ort
+
+    named = onnx.ModelProto()
+    named.CopyFrom(model)
+    unit_of_node = {u.node: u.index for u in graph.units}
+    for index, node in enumerate(named.graph.node):
+        node.name = f"shardserve_node_{index}"
+    feeds = sample_inputs(model, batch)
+    with tempfile.TemporaryDirectory() as tmp:
+        opts = ort.SessionOptions()
+        opts.enable_profiling = True
+        opts.profile_file_prefix = str(Path(tmp) / "profile")
+        opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
+        opts.intra_op_num_threads = 1
+        opts.log_severity_level = 3
+        opts.add_session_config_entry("session.model_external_initializers_file_folder_path",
+                                      str(model_dir))
+        try:
+            sess = ort.InferenceSession(named.SerializeToString(), opts,
+                                        providers=["CPUExecutionProvider"])
+        except Exception as exc:
+            raise BadRequest(f"onnxruntime cannot load the model ({type(exc).__name__})") from None
+        steps = range(runs + 2)
+        if progress:
+            from tqdm import tqdm
+
+            steps = tqdm(steps, desc="profiling", unit="run", file=sys.stderr, leave=False)
+        for _ in steps:
+            sess.run(None, feeds)
+        events = json.loads(Path(sess.end_profiling()).read_text())
+    times: dict[int, list[float]] = {}
+    sizes: dict[str, int] = {}
+    pattern = re.compile(r"shardserve_node_(\d+)_kernel_time$")
+    for event in events:
+        found = pattern.match(str(event.get("name", ""))) if event.get("cat") == "Node" else None
+        if not found or int(found.group(1)) not in unit_of_node:
+            continue
+        unit = unit_of_node[int(found.group(1))]
+        times.setdefault(unit, []).append(event.get("dur", 0) * 1e-6)
+        shapes = event.get("args", {}).get("output_type_shape", [])
+        for name, item in zip(graph.units[unit].outputs, shapes):
+            for dtype, shape in item.items():
+                sizes[name] = int(np.prod(shape)) * ITEMSIZE.get(dtype, 4)
+    seconds = [statistics.median(times.get(u.index, [0.0])) for u in graph.units]
+    return seconds, sizes
+
+
+def parse_quantity(text: str | float | int, unit: str) -> float:
+    """``10Mbps`` -> bits/s, ``20ms`` -> s, ``512MB``/``1GiB`` -> bytes; plain numbers pass."""
+    if isinstance(text, (int, float)):
+        return float(text)
+    found = re.fullmatch(r"\s*([0-9]*\.?[0-9]+(?:e[+-]?[0-9]+)?)\s*([A-Za-z]*)\s*", str(text))
+    if not found:
+        raise BadRequest(f"cannot read {text!r} as a quantity")
+    value, suffix = float(found.group(1)), found.group(2).lower()
+    scales = {
+        "bps": {"": 1, "bps": 1, "kbps": 1e3, "mbps": 1e6, "gbps": 1e9},
+        "s": {"": 1, "s": 1, "ms": 1e-3, "us": 1e-6},
+        "bytes": {"": 1, "b": 1, "kb": 1e3, "mb": 1e6, "gb": 1e9, "kib": 1 << 10,
+                  "mib": 1 << 20, "gib": 1 << 30},
+    }[unit]
+    if suffix not in scales:
+        raise BadRequest(f"unknown unit in {text!r} (use {', '.join(k for k in scales if k)})")
+    return value * scales[suffix]

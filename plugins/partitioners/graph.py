@@ -1,0 +1,260 @@
+"""An ONNX model as a DAG of units, the thing every strategy partitions.
+
+A *unit* is one top-level node that computes on data. Control-flow nodes
+(If, Loop, Scan) are one unit each, their subgraphs' outer-scope references
+counted as inputs, so no cut ever falls inside them. *Static* tensors
+(initializers, Constant outputs and anything computed only from them) are not
+units: every shard that needs them carries its own copy, so they never cross
+a cut. Tensor sizes come from shape inference at a concrete input shape, with
+an onnxruntime run filling whatever inference could not.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from runtime.errors import BadRequest
+
+NONDETERMINISTIC = {"RandomNormal", "RandomUniform", "RandomNormalLike", "RandomUniformLike",
+                    "Multinomial", "Bernoulli"}
+
+
+@dataclass
+class Unit:
+    """One partitionable node; ``index`` is its position in topological order."""
+
+    index: int
+    node: int
+    name: str
+    op_type: str
+    inputs: list[str]
+    outputs: list[str]
+    weights: set[str] = field(default_factory=set)
+    flops: float = 0.0
+
+
+@dataclass
+class ModelGraph:
+    """Units in topological order plus the sizes of the tensors between them."""
+
+    units: list[Unit]
+    inputs: list[str]
+    outputs: list[str]
+    tensor_bytes: dict[str, int]
+    weight_bytes: dict[str, int]
+    producer: dict[str, int]
+    consumers: dict[str, list[int]]
+    static_outputs: list[str] = field(default_factory=list)
+    batch: int = 1
+    elem_types: dict[str, int] = field(default_factory=dict)
+    batch_dynamic: bool = False
+
+    def __len__(self) -> int:
+        return len(self.units)
+
+    def weights_of(self, units) -> int:
+        names: set[str] = set()
+        for u in units:
+            names |= self.units[u].weights
+        return sum(self.weight_bytes[n] for n in names)
+
+    def sent_from(self, members: set[int]) -> list[str]:
+        """Tensors produced in ``members`` (graph inputs when -1 is a member)
+        that some unit outside ``members`` consumes."""
+        out = []
+        for name, users in self.consumers.items():
+            source = self.producer.get(name, -1)
+            if source in members and any(u not in members for u in users):
+                out.append(name)
+        return out
+
+    def live_bytes(self) -> list[int]:
+        """Bytes crossing a cut before each position 0..n of the unit order
+        (produced before, consumed at or after; graph inputs count as produced at -1,
+        so position 0 holds the inputs' bytes)."""
+        n = len(self.units)
+        delta = [0] * (n + 2)
+        for name, users in self.consumers.items():
+            start = self.producer.get(name, -1) + 1
+            end = max(users)
+            if end >= start:
+                size = self.tensor_bytes.get(name, 0)
+                delta[start] += size
+                delta[end + 1] -= size
+        out, running = [], 0
+        for pos in range(n + 1):
+            running += delta[pos]
+            out.append(running)
+        return out
+
+    def cut_tensors(self, pos: int) -> list[str]:
+        return [name for name, users in self.consumers.items()
+                if self.producer.get(name, -1) < pos <= max(users)]
+
+
+def implicit_inputs(node) -> set[str]:
+    """Outer-scope tensor names that a node's subgraphs read."""
+    from onnx import AttributeProto
+
+    refs: set[str] = set()
+    for attr in node.attribute:
+        graphs = [attr.g] if attr.type == AttributeProto.GRAPH else (
+            list(attr.graphs) if attr.type == AttributeProto.GRAPHS else [])
+        for graph in graphs:
+            defined = {i.name for i in graph.input} | {t.name for t in graph.initializer}
+            used: set[str] = set()
+            for inner in graph.node:
+                defined.update(o for o in inner.output if o)
+                used.update(i for i in inner.input if i)
+                used |= implicit_inputs(inner)
+            used.update(o.name for o in graph.output)
+            refs |= used - defined
+    return refs
+
+
+def node_inputs(node) -> list[str]:
+    names = [i for i in node.input if i]
+    names += sorted(implicit_inputs(node) - set(names))
+    return names
+
+
+def load_model(path: Path, with_data: bool = False):
+    """Load an ONNX file; a clear BadRequest when it is not one."""
+    import onnx
+
+    try:
+        return onnx.load(str(path), load_external_data=with_data)
+    except Exception as exc:  # protobuf's DecodeError and friends
+        raise BadRequest(f"{path.name} is not a valid ONNX model ({type(exc).__name__})") from None
+
+
+def concrete_shapes(model, batch: int) -> tuple[dict[str, list[int]], dict[str, int]]:
+    """Shapes and element types of every tensor at input batch ``batch``."""
+    import onnx
+
+    fixed = onnx.ModelProto()
+    fixed.CopyFrom(model)
+    init = {t.name for t in fixed.graph.initializer}
+    for vi in fixed.graph.input:
+        if vi.name in init:
+            continue
+        for i, dim in enumerate(vi.type.tensor_type.shape.dim):
+            if not dim.HasField("dim_value"):
+                dim.dim_value = batch if i == 0 else 1
+    try:
+        inferred = onnx.shape_inference.infer_shapes(fixed, data_prop=True)
+    except Exception:
+        inferred = fixed
+    shapes, types = {}, {}
+    graph = inferred.graph
+    values = list(graph.value_info) + list(graph.input) + list(graph.output)
+    for vi in values:
+        tt = vi.type.tensor_type
+        if tt.elem_type:
+            types[vi.name] = tt.elem_type
+        if tt.HasField("shape") and all(d.HasField("dim_value") for d in tt.shape.dim):
+            shapes[vi.name] = [d.dim_value for d in tt.shape.dim]
+    for t in inferred.graph.initializer:
+        shapes[t.name], types[t.name] = list(t.dims), t.data_type
+    return shapes, types
+
+
+def _itemsize(elem_type: int) -> int:
+    from onnx import helper
+
+    try:
+        import numpy as np
+
+        return np.dtype(helper.tensor_dtype_to_np_dtype(elem_type)).itemsize
+    except Exception:
+        return 4
+
+
+def _flops(node, shapes: dict[str, list[int]]) -> float:
+    """A static FLOP estimate: the big ops exactly, the rest one per output element."""
+    def numel(name: str) -> int:
+        return math.prod(shapes.get(name, [0])) if name else 0
+
+    out = numel(node.output[0]) if node.output else 0
+    op = node.op_type
+    if op in ("MatMul", "Gemm") and len(node.input) >= 2 and node.input[0] in shapes:
+        a = shapes[node.input[0]]
+        k = a[-1] if op == "MatMul" or not _attr(node, "transA") else a[0]
+        return 2.0 * out * k
+    if op in ("Conv", "ConvTranspose") and node.input[1] in shapes:
+        w = shapes[node.input[1]]
+        per_out = math.prod(w[1:]) if op == "Conv" else w[0] * math.prod(w[2:])
+        return 2.0 * out * per_out
+    if op in ("Softmax", "LayerNormalization", "Erf", "Exp", "Tanh", "Sigmoid"):
+        return 5.0 * out
+    return float(max(out, numel(node.input[0]) if node.input else 0))
+
+
+def _attr(node, name: str):
+    for a in node.attribute:
+        if a.name == name:
+            return a.i
+    return 0
+
+
+def build_graph(model, batch: int = 1, sample_types: dict | None = None) -> ModelGraph:
+    """The unit DAG of ``model`` with tensor sizes at input batch ``batch``."""
+    g = model.graph
+    initializers = {t.name: t for t in g.initializer}
+    shapes, types = concrete_shapes(model, batch)
+    static = set(initializers)
+    roots: dict[str, set[str]] = {name: {name} for name in initializers}
+    weight_bytes = {name: _tensor_nbytes(t) for name, t in initializers.items()}
+    inputs = [vi.name for vi in g.input if vi.name not in initializers]
+    units: list[Unit] = []
+    for index, node in enumerate(g.node):
+        names = node_inputs(node)
+        outs = [o for o in node.output if o]
+        is_static = node.op_type == "Constant" or (
+            names and all(n in static for n in names) and node.op_type not in NONDETERMINISTIC)
+        if is_static:
+            static.update(outs)
+            deps = set().union(*(roots.get(n, set()) for n in names)) if names else set()
+            for o in outs:
+                if node.op_type == "Constant":
+                    deps = {o}
+                    weight_bytes[o] = _numel_bytes(shapes.get(o), types.get(o))
+                roots[o] = deps
+            continue
+        weights: set[str] = set()
+        for n in names:
+            weights |= roots.get(n, set())
+        units.append(Unit(len(units), index, node.name or f"{node.op_type}_{index}", node.op_type,
+                          [n for n in names if n not in static], outs, weights,
+                          _flops(node, shapes)))
+    if not units:
+        raise BadRequest("the model has no computing node to partition")
+    producer = {o: u.index for u in units for o in u.outputs}
+    consumers: dict[str, list[int]] = {}
+    for u in units:
+        for n in u.inputs:
+            consumers.setdefault(n, []).append(u.index)
+    outputs = [o.name for o in g.output]
+    for name in outputs:
+        if name in inputs:
+            raise BadRequest(f"output {name!r} is also a model input: nothing to partition")
+    tensor_bytes = {name: _numel_bytes(shapes.get(name), types.get(name))
+                    for name in list(consumers) + outputs}
+    io = [vi for vi in list(g.input) + list(g.output) if vi.name not in initializers]
+    batch_dynamic = all(
+        len(vi.type.tensor_type.shape.dim) > 0
+        and not vi.type.tensor_type.shape.dim[0].HasField("dim_value") for vi in io)
+    return ModelGraph(units, inputs, outputs, tensor_bytes, weight_bytes, producer, consumers,
+                      [o for o in outputs if o in static], batch, types, batch_dynamic)
+
+
+def _numel_bytes(shape: list[int] | None, elem_type: int | None) -> int:
+    if shape is None:
+        return 0
+    return math.prod(shape) * (_itemsize(elem_type) if elem_type else 4)
+
+
+def _tensor_nbytes(tensor) -> int:
+    return math.prod(tensor.dims) * _itemsize(tensor.data_type)
