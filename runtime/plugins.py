@@ -33,6 +33,7 @@ DEFAULT_PLUGINS: tuple[str, ...] = (
     "plugins.backends.onnxruntime",
     "plugins.backends.plan",
     "plugins.partitioners",
+    "plugins.optimizers",
 )
 
 

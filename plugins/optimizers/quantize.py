@@ -1,0 +1,186 @@
+"""int8 quantisation through ``onnxruntime.quantization``: dynamic (weights
+int8, activations quantised on the fly) and static QDQ (activation ranges
+calibrated on representative inputs)."""
+
+from __future__ import annotations
+
+import logging
+import os
+import tempfile
+from typing import Any
+
+from runtime.errors import BadRequest
+
+from .base import Calibration, Optimizer, Option, Tolerance
+from .progress import progress
+
+log = logging.getLogger("shardserve.optimizers.quantize")
+
+INT_TYPES = ("int8", "uint8")
+CALIBRATION_METHODS = ("minmax", "entropy", "percentile")
+
+
+def _quant_type(name: str) -> Any:
+    from onnxruntime.quantization import QuantType
+
+    return QuantType.QInt8 if name == "int8" else QuantType.QUInt8
+
+
+def _preprocessed(source: str, work: str, enabled: bool) -> str:
+    """Run ``quant_pre_process`` (symbolic shape inference, optimisation) where it helps.
+
+    It fails on some graphs; quantising the unprocessed model is still correct,
+    only sometimes less complete, so the failure is noted and skipped.
+    """
+    if not enabled:
+        return source
+    from onnxruntime.quantization.shape_inference import quant_pre_process
+
+    target = os.path.join(work, "preprocessed.onnx")
+    try:
+        quant_pre_process(source, target, skip_symbolic_shape=False)
+    except Exception as exc:  # onnxruntime's helpers raise assorted untyped errors
+        log.warning("quant_pre_process skipped: %s", type(exc).__name__)
+        return source
+    return target
+
+
+def _quiet_quantization_logs() -> None:
+    # onnxruntime.quantization logs advice through the root logger on every call.
+    logging.getLogger().setLevel(max(logging.getLogger().level, logging.ERROR))
+
+
+class _Work:
+    """A temp directory holding the source model as a file (the quantizers take paths)."""
+
+    def __init__(self, model: Any):
+        self.model = model
+
+    def __enter__(self) -> tuple[str, str]:
+        import onnx
+
+        self._tmp = tempfile.TemporaryDirectory(prefix="shardserve-quant-")
+        source = os.path.join(self._tmp.name, "source.onnx")
+        onnx.save(self.model, source)
+        return self._tmp.name, source
+
+    def __exit__(self, *exc: Any) -> None:
+        self._tmp.cleanup()
+
+
+def _quant_ops(model: Any) -> int:
+    return sum(
+        1 for n in model.graph.node
+        if n.op_type in ("DynamicQuantizeLinear", "QuantizeLinear", "MatMulInteger",
+                         "ConvInteger", "QLinearMatMul", "QLinearConv", "DynamicQuantizeMatMul")
+    )
+
+
+class DynamicQuantizer(Optimizer):
+    name = "quantize_dynamic"
+    summary = "int8 weights, activations quantised at run time (onnxruntime quantize_dynamic)"
+    options = (
+        Option("weight_type", str, "int8", "weight integer type", choices=INT_TYPES),
+        Option("per_channel", bool, False, "one scale per output channel"),
+        Option("reduce_range", bool, False, "7-bit weights (older x86 without VNNI)"),
+        Option("preprocess", bool, True, "run quant_pre_process first"),
+    )
+    default_tolerance = Tolerance(min_cosine=0.99, min_top1=0.9)
+
+    def apply(self, model: Any, options: dict, calibration: Calibration) -> Any:
+        import onnx
+        from onnxruntime.quantization import quantize_dynamic
+
+        _quiet_quantization_logs()
+        with _Work(model) as (work, source):
+            source = _preprocessed(source, work, options["preprocess"])
+            target = os.path.join(work, "quantized.onnx")
+            try:
+                quantize_dynamic(
+                    source, target,
+                    weight_type=_quant_type(options["weight_type"]),
+                    per_channel=options["per_channel"],
+                    reduce_range=options["reduce_range"],
+                )
+            except Exception as exc:
+                raise BadRequest(f"dynamic quantisation failed: {type(exc).__name__}") from None
+            result = onnx.load(target)
+        calibration.notes.append(f"quantize_dynamic: {_quant_ops(result)} quantised ops")
+        return result
+
+
+class _Reader:
+    """A ``CalibrationDataReader`` over the calibration batches, with a progress bar."""
+
+    def __init__(self, calibration: Calibration):
+        self._batches = calibration.batches
+        self._index = 0
+        self._bar = progress(total=len(self._batches), desc="calibrating", unit="batch")
+
+    def get_next(self) -> dict | None:
+        if self._index >= len(self._batches):
+            self._bar.close()
+            return None
+        batch = self._batches[self._index]
+        self._index += 1
+        self._bar.update(1)
+        return batch
+
+    def rewind(self) -> None:
+        self._index = 0
+
+
+class StaticQuantizer(Optimizer):
+    name = "quantize_static"
+    summary = "int8 QDQ with activation ranges calibrated on inputs (onnxruntime quantize_static)"
+    needs_calibration = True
+    options = (
+        Option("activation_type", str, "uint8", "activation integer type", choices=INT_TYPES),
+        Option("weight_type", str, "int8", "weight integer type", choices=INT_TYPES),
+        Option("per_channel", bool, True, "one weight scale per output channel"),
+        Option("method", str, "minmax", "calibration method", choices=CALIBRATION_METHODS),
+        Option("preprocess", bool, True, "run quant_pre_process first"),
+    )
+    default_tolerance = Tolerance(min_cosine=0.98, min_top1=0.8)
+
+    def apply(self, model: Any, options: dict, calibration: Calibration) -> Any:
+        import onnx
+        from onnxruntime.quantization import (
+            CalibrationDataReader,
+            CalibrationMethod,
+            QuantFormat,
+            quantize_static,
+        )
+
+        if not calibration.batches:
+            raise BadRequest("quantize_static needs calibration inputs")
+        reader_type = type("ShardserveReader", (_Reader, CalibrationDataReader), {})
+        method = {
+            "minmax": CalibrationMethod.MinMax,
+            "entropy": CalibrationMethod.Entropy,
+            "percentile": CalibrationMethod.Percentile,
+        }[options["method"]]
+        _quiet_quantization_logs()
+        with _Work(model) as (work, source):
+            source = _preprocessed(source, work, options["preprocess"])
+            target = os.path.join(work, "quantized.onnx")
+            try:
+                quantize_static(
+                    source, target, reader_type(calibration),
+                    quant_format=QuantFormat.QDQ,
+                    activation_type=_quant_type(options["activation_type"]),
+                    weight_type=_quant_type(options["weight_type"]),
+                    per_channel=options["per_channel"],
+                    calibrate_method=method,
+                    extra_options={"CalibTensorRangeSymmetric": False},
+                )
+            except BadRequest:
+                raise
+            except Exception as exc:
+                raise BadRequest(f"static quantisation failed: {type(exc).__name__}") from None
+            result = onnx.load(target)
+        calibration.notes.append(
+            f"quantize_static: {_quant_ops(result)} QuantizeLinear nodes, "
+            f"calibrated on {calibration.samples} samples ({calibration.source})"
+        )
+        return result
