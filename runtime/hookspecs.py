@@ -47,6 +47,19 @@ def shardserve_register_commands(subparsers: Any) -> None:
 
 
 @hookspec
+def shardserve_register_optimizers(register: Callable[[str, Any], None]) -> None:
+    """Register model optimizers by calling ``register(name, optimizer)``.
+
+    ``optimizer`` follows :class:`plugins.optimizers.base.Optimizer`: a
+    ``name``, declared ``options`` (validated, with ranges), a declared
+    accuracy ``tolerance(options)`` and ``apply(model, options, calibration)``
+    returning a new ``onnx.ModelProto`` (never modifying the one it gets).
+    ``shardserve optimize`` runs chains of them and publishes the result as a
+    new model version. Registering a name twice raises at startup.
+    """
+
+
+@hookspec
 def shardserve_transform_model_bytes(
     model: str, version: str, filename: str, data: bytes, config: dict
 ) -> bytes | None:
