@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import logging
 import re
+import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
@@ -191,6 +192,7 @@ def match(method: str, path: str) -> tuple[Route, dict]:
 
 def dispatch(rt: Runtime, req: HttpRequest) -> HttpResponse:
     """Route one request and map every failure to a response; never raises."""
+    started, action, params = time.perf_counter(), "unknown", {}
     try:
         if len(req.body) > rt.config.max_body_bytes:
             raise PayloadTooLarge(
@@ -198,6 +200,16 @@ def dispatch(rt: Runtime, req: HttpRequest) -> HttpResponse:
                 f"{rt.config.max_body_bytes} bytes"
             )
         route, params = match(req.method, req.path)
-        return route.view(rt, req, **params)
+        action = route.action
+        # security guard: 401/403/429 before any view runs (plugins/security)
+        req.principal = rt.authenticate(req) if action != "health" else None
+        rt.authorize(req.principal, action, params.get("model"))
+        response = route.view(rt, req, **params)
     except Exception as exc:  # the one place errors become responses
-        return error_response(exc)
+        response = error_response(exc)
+    rt.audit({"principal": getattr(req.principal, "name", None), "action": action,
+              "model": params.get("model"), "version": params.get("version"),
+              "outcome": response.status, "bytes_in": len(req.body),
+              "bytes_out": len(response.body), "request_id": req.request_id,
+              "latency_ms": round((time.perf_counter() - started) * 1000, 3)})
+    return response

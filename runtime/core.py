@@ -18,6 +18,7 @@ from .codec import InferRequest, InferResponse
 from .config import Config, load_config
 from .errors import (
     BadRequest,
+    Forbidden,
     ModelLoadError,
     NotFound,
     ServiceUnavailable,
@@ -134,15 +135,34 @@ class Runtime:
     ) -> Runtime:
         """Build a runtime from a TOML path, a dict or a :class:`Config`."""
         config = load_config(source, overrides)
-        return cls(config, PluginManager(disable=config.disable_plugins, plugins=plugins))
+        return cls(config, PluginManager(disable=config.disable_plugins, plugins=plugins,
+                                         **_security_options(config)))
 
     # plugins ----------------------------------------------------------------
 
     @property
     def pm(self) -> PluginManager:
         if self._pm is None:
-            self._pm = PluginManager(disable=self.config.disable_plugins)
+            self._pm = PluginManager(disable=self.config.disable_plugins,
+                                     **_security_options(self.config))
         return self._pm.load_plugins()
+
+    # security ---------------------------------------------------------------
+
+    def authenticate(self, request: Any) -> Any:
+        """The principal behind a request (``None``: no credentials given)."""
+        return self.pm.hook.shardserve_authenticate(request=request)
+
+    def authorize(self, principal: Any, action: str, model: str | None) -> None:
+        """Raise unless every plugin allows ``action``; any denial wins."""
+        answers = self.pm.hook.shardserve_authorize(principal=principal, action=action,
+                                                    model=model)
+        if any(answer is False for answer in answers):
+            raise Forbidden(f"not allowed to {action}" + (f" model {model!r}" if model else ""))
+
+    def audit(self, event: dict) -> None:
+        """Hand a finished request's summary to the audit plugins."""
+        self.pm.hook.shardserve_audit(event=event)
 
     @property
     def backends(self) -> Registry:
@@ -373,13 +393,27 @@ class Runtime:
                     raise BadRequest(f"unknown output {out_name!r} for model {name!r}")
             if len(set(wanted)) != len(wanted):
                 raise BadRequest("an output is requested twice")
+        limits = getattr(principal, "limits", None)  # set by security: batch size, deadline
+        if limits is not None:
+            limits.check_request(request)
         outputs = model.backend.run(feed, wanted)
+        if limits is not None:
+            limits.check_deadline()
         return InferResponse(model_name=name, model_version=str(model.version), outputs=outputs,
                              id=request.id)
 
     def close(self) -> None:
         for name in list(self._models):
             self.unload(name)
+
+
+def _security_options(config: Config) -> dict:
+    """Security plugins load whatever the allow-list says once security is on,
+    and are disabled only when ``[security] allow_disable`` names them."""
+    section = config.section("security")
+    names = section.get("allow_disable", [])
+    return {"allow_disable": names if isinstance(names, list) else [],
+            "security_on": section.get("enabled") is True}
 
 
 def _close(backend: Any) -> None:

@@ -94,3 +94,52 @@ def shardserve_startup(runtime: Any) -> None:
     plugins are loaded and before any model loads. Use it to validate this
     plugin's section of the config (raise ``ConfigError``) or to warm caches.
     """
+
+
+@hookspec(firstresult=True)
+def shardserve_authenticate(request: Any) -> Any | None:
+    """Say who sent a request: return a principal, or ``None`` if the request
+    carries none of this plugin's credentials.
+
+    ``request`` has ``method``, ``path``, ``headers`` (lower-case names),
+    ``query`` and ``body`` (bytes); it is not tied to Flask or Lambda. Raise
+    :class:`runtime.errors.Unauthorized` when this plugin's credentials are
+    present but wrong, expired or replayed. The principal is handed to
+    ``shardserve_authorize`` and to ``Runtime.infer``. Stops at first non-None result.
+    """
+
+
+@hookspec
+def shardserve_authorize(principal: Any, action: str, model: str | None) -> bool | None:
+    """Decide whether ``principal`` (``None`` when nobody authenticated) may
+    perform ``action`` on ``model``.
+
+    ``action`` is the route's name ("health", "server_metadata", "metadata",
+    "infer", "repository_index", "load", "unload"); ``model`` is ``None`` for
+    routes without one. Return ``False`` (or raise ``Forbidden``,
+    ``Unauthorized`` or ``TooManyRequests``) to deny, ``True`` or ``None`` to
+    allow. Every implementation is called and any denial wins.
+    """
+
+
+@hookspec
+def shardserve_audit(event: dict) -> None:
+    """Record one finished request: ``event`` holds ``principal``, ``action``,
+    ``model``, ``version``, ``outcome`` (HTTP status), ``latency_ms``,
+    ``bytes_in`` and ``bytes_out``. It never holds payloads, keys or tokens,
+    and an implementation must not add them. Must not raise.
+    """
+
+
+@hookspec
+def shardserve_register_tensor_transforms(register: Callable[[str, Any], None]) -> None:
+    """Register transforms for tensors crossing the network between shards by
+    calling ``register(name, factory)``.
+
+    ``factory(config)`` returns an object with ``encode(data: bytes, context:
+    dict) -> bytes`` and ``decode(data: bytes, context: dict) -> bytes``;
+    ``context`` holds at least ``request_id`` and ``shard``, which an
+    encrypting transform binds as associated data so a tensor cannot be
+    replayed into another request or shard. ``decode`` raises a
+    ``ShardserveError`` on tampered data. Executors apply the chain on every hop.
+    """

@@ -29,11 +29,21 @@ log = logging.getLogger("shardserve.plugins")
 
 ENTRY_POINT_GROUP = hookspecs.PROJECT_NAME
 
+# Security modules: tryfirst; transform_model_bytes runs in reverse order of
+# this list (signature check, then decryption, then untrusted-model checks).
+SECURITY_PLUGINS: tuple[str, ...] = tuple(
+    f"plugins.security.{name}"
+    for name in ("settings", "untrusted_models", "model_encryption", "model_signing",
+                 "apikeys", "hmac_signing", "jwt_bearer", "authorization", "limits", "audit",
+                 "tensor_encryption")
+)
+
 DEFAULT_PLUGINS: tuple[str, ...] = (
     "plugins.backends.onnxruntime",
     "plugins.backends.plan",
     "plugins.partitioners",
     "plugins.optimizers",
+    *SECURITY_PLUGINS,
 )
 
 
@@ -54,12 +64,15 @@ class PluginManager(pluggy.PluginManager):
         disable: Iterable[str] = (),
         allow: Iterable[str] | None = None,
         plugins: Iterable[Any] = (),
+        allow_disable: Iterable[str] = (),
+        security_on: bool = False,
     ):
         super().__init__(hookspecs.PROJECT_NAME)
         self.add_hookspecs(hookspecs)
         env_allow = _names(os.environ.get("SHARDSERVE_LOAD_PLUGINS"))
         self.allow = set(allow) if allow is not None else (env_allow or None)
         self.disable = set(disable) | _names(os.environ.get("SHARDSERVE_DISABLE_PLUGINS"))
+        self.allow_disable, self.security_on = set(allow_disable), security_on
         self.distributions: dict[str, tuple[str, str]] = {}
         self._loaded = False
         for plugin in plugins:
@@ -69,6 +82,14 @@ class PluginManager(pluggy.PluginManager):
             self.enable_tracing()
 
     def wanted(self, name: str) -> bool:
+        if name in self.disable and name in SECURITY_PLUGINS:
+            if name not in self.allow_disable:  # essential: never off by accident
+                raise ConfigError(f"security plugin {name!r} can only be disabled with "
+                                  "[security] allow_disable naming it")
+            log.warning("SECURITY plugin %s disabled by configuration", name)
+            return False
+        if name in SECURITY_PLUGINS and self.security_on:
+            return True  # with security on, no allow-list drops a security plugin
         if name in self.disable:
             log.warning("plugin %s disabled by configuration", name)
             return False
