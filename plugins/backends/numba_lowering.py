@@ -1,0 +1,337 @@
+"""Lower an ONNX graph to a straight sequence of numba kernel calls.
+
+Weights come from the graph's initializers (and Constant nodes); sub-graphs
+whose inputs are all constants are folded at load. Three patterns are fused
+before lowering because they dominate transformer and MLP time:
+
+- GELU written with Erf: ``0.5 * x * (1 + Erf(x / sqrt(2)))`` -> ``Gelu``;
+- a dense layer: ``MatMul(x, W) + b`` (or ``Gemm`` with constant weights),
+  followed by ``Relu`` or GELU -> ``Linear(activation=...)``;
+- scaled dot-product attention: ``MatMul(q, kᵀ)``, an optional scalar
+  ``Mul``/``Div``, ``Softmax`` over the last axis, ``MatMul(·, v)`` ->
+  ``Attention``.
+
+Every remaining node needs a kernel registered under its ``op_type``; when
+some have none, loading fails naming every such operator.
+"""
+
+from __future__ import annotations
+
+import functools
+from collections import Counter
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+
+from runtime import TensorSpec
+from runtime.errors import ModelLoadError
+
+ONNX_DATATYPES = {1: "FP32", 2: "UINT8", 3: "INT8", 4: "UINT16", 5: "INT16", 6: "INT32",
+                  7: "INT64", 9: "BOOL", 10: "FP16", 11: "FP64", 12: "UINT32", 13: "UINT64"}
+
+
+@dataclass
+class Node:
+    op: str
+    name: str
+    inputs: list[str]
+    outputs: list[str]
+    attrs: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass
+class Step:
+    """One kernel call: ``call(*inputs) -> outputs`` (``None`` for absent inputs)."""
+
+    op: str
+    node: str
+    call: Callable
+    inputs: list[str]
+    outputs: list[str]
+
+
+@dataclass
+class LoweredGraph:
+    inputs: list[TensorSpec]
+    outputs: list[TensorSpec]
+    constants: dict[str, np.ndarray]
+    steps: list[Step]
+    fused: Counter = field(default_factory=Counter)
+
+    def run(self, feed: Mapping[str, np.ndarray], wanted: list[str]) -> dict[str, np.ndarray]:
+        values = {**self.constants, **feed}
+        for step in self.steps:
+            results = step.call(*[values[n] if n else None for n in step.inputs])
+            for name, value in zip(step.outputs, results):
+                if name:
+                    values[name] = value
+        return {name: values[name] for name in wanted}
+
+    def ops(self) -> list[str]:
+        return sorted({step.op for step in self.steps})
+
+
+def _attr_value(attr) -> Any:
+    from onnx import helper, numpy_helper
+
+    value = helper.get_attribute_value(attr)
+    if isinstance(value, bytes):
+        return value.decode()
+    if isinstance(value, list):
+        return tuple(v.decode() if isinstance(v, bytes) else v for v in value)
+    if hasattr(value, "data_type"):  # a TensorProto
+        return numpy_helper.to_array(value)
+    return value
+
+
+def _spec(value_info) -> TensorSpec:
+    tensor = value_info.type.tensor_type
+    datatype = ONNX_DATATYPES.get(tensor.elem_type)
+    if datatype is None:
+        raise ModelLoadError(f"tensor {value_info.name!r} has an unsupported element type")
+    shape = [d.dim_value if d.HasField("dim_value") else -1 for d in tensor.shape.dim]
+    return TensorSpec(value_info.name, datatype, shape)
+
+
+def _constant_value(node: Node) -> np.ndarray:
+    attrs = node.attrs
+    if "value" in attrs:
+        return np.asarray(attrs["value"])
+    for key, dtype in (("value_float", np.float32), ("value_floats", np.float32),
+                       ("value_int", np.int64), ("value_ints", np.int64)):
+        if key in attrs:
+            return np.asarray(attrs[key], dtype)
+    raise ValueError("Constant without a numeric value")
+
+
+class _Graph:
+    """Nodes plus who consumes what, for pattern matching."""
+
+    def __init__(self, nodes: list[Node], constants: dict, outputs: set[str]):
+        self.nodes = nodes
+        self.constants = constants
+        self.graph_outputs = outputs
+
+    def producer(self, name: str) -> Node | None:
+        for node in self.nodes:
+            if name in node.outputs:
+                return node
+        return None
+
+    def consumers(self, name: str) -> list[Node]:
+        return [n for n in self.nodes if name in n.inputs]
+
+    def only_consumer(self, name: str, op: str | tuple) -> Node | None:
+        """The single node consuming ``name``, if it is of kind ``op`` and nothing else needs it."""
+        ops = (op,) if isinstance(op, str) else op
+        users = self.consumers(name)
+        if len(users) == 1 and users[0].op in ops and name not in self.graph_outputs:
+            return users[0]
+        return None
+
+    def scalar(self, name: str) -> float | None:
+        value = self.constants.get(name)
+        if value is None or value.size != 1:
+            return None
+        return float(value.reshape(-1)[0])
+
+    def other(self, node: Node, name: str) -> str:
+        a, b = node.inputs[:2]
+        return b if a == name else a
+
+    def replace(self, old: list[Node], new: Node) -> None:
+        position = max(self.nodes.index(n) for n in old)
+        self.nodes[position] = new
+        for node in old:
+            if node in self.nodes and node is not new:
+                self.nodes.remove(node)
+
+
+def _fuse_gelu(g: _Graph) -> int:
+    fused = 0
+    for erf in [n for n in g.nodes if n.op == "Erf"]:
+        pre = g.producer(erf.inputs[0])
+        if pre is None or pre.op not in ("Mul", "Div") or len(g.consumers(pre.outputs[0])) != 1:
+            continue
+        x = next((i for i in pre.inputs if i not in g.constants), None)
+        c = g.scalar(g.other(pre, x)) if x else None
+        if c is None or abs((c if pre.op == "Div" else 1 / c) - 2 ** 0.5) > 1e-3:
+            continue
+        plus = g.only_consumer(erf.outputs[0], "Add")
+        if plus is None or g.scalar(g.other(plus, erf.outputs[0])) != 1.0:
+            continue
+        times = g.only_consumer(plus.outputs[0], "Mul")
+        if times is None:
+            continue
+        y = g.other(times, plus.outputs[0])
+        half = g.producer(y)
+        if y == x:  # (x * (1 + erf)) * 0.5
+            last = g.only_consumer(times.outputs[0], "Mul")
+            if last is None or g.scalar(g.other(last, times.outputs[0])) != 0.5:
+                continue
+            old = [pre, erf, plus, times, last]
+        elif (half is not None and half.op == "Mul" and x in half.inputs
+              and g.scalar(g.other(half, x)) == 0.5 and len(g.consumers(y)) == 1):
+            last, old = times, [pre, erf, plus, half, times]
+        else:
+            continue
+        if any(o in g.graph_outputs for n in old[:-1] for o in n.outputs):
+            continue
+        g.replace(old, Node("Gelu", last.name, [x], [last.outputs[0]]))
+        fused += 1
+    return fused
+
+
+def _fuse_linear(g: _Graph) -> int:
+    fused = 0
+    for node in list(g.nodes):
+        if node not in g.nodes:
+            continue
+        if node.op == "Gemm":
+            a = node.attrs
+            w = g.constants.get(node.inputs[1])
+            bias = g.constants.get(node.inputs[2]) if len(node.inputs) > 2 else None
+            if (w is None or w.ndim != 2 or bias is None or bias.size != w.shape[0 if
+                    a.get("transB", 0) else 1] or a.get("transA", 0) or a.get("alpha", 1.0) != 1.0
+                    or a.get("beta", 1.0) != 1.0):
+                continue
+            weight = np.ascontiguousarray(w.T if a.get("transB", 0) else w)
+            old, out = [node], node.outputs[0]
+        elif node.op == "MatMul":
+            w = g.constants.get(node.inputs[1])
+            add = g.only_consumer(node.outputs[0], "Add")
+            if w is None or w.ndim != 2 or node.inputs[0] in g.constants or add is None:
+                continue
+            bias = g.constants.get(g.other(add, node.outputs[0]))
+            if bias is None or bias.size != w.shape[1] or bias.ndim > 1:
+                continue
+            weight, old, out = np.ascontiguousarray(w), [node, add], add.outputs[0]
+        else:
+            continue
+        activation = "none"
+        act = g.only_consumer(out, ("Relu", "Gelu"))
+        if act is not None and act.attrs.get("approximate", "none") == "none":
+            activation, old, out = act.op.lower(), old + [act], act.outputs[0]
+        weight_name, bias_name = f"{node.name or out}::weight", f"{node.name or out}::bias"
+        g.constants[weight_name] = weight
+        g.constants[bias_name] = np.ascontiguousarray(bias.reshape(-1), dtype=weight.dtype)
+        g.replace(old, Node("Linear", node.name, [node.inputs[0], weight_name, bias_name], [out],
+                            {"activation": activation}))
+        fused += 1
+    return fused
+
+
+def _fuse_attention(g: _Graph) -> int:
+    fused = 0
+    for soft in [n for n in g.nodes if n.op == "Softmax"]:
+        if soft.attrs.get("axis", -1) != -1:
+            continue
+        pre = g.producer(soft.inputs[0])
+        scale, old = 1.0, [soft]
+        if pre is not None and pre.op in ("Mul", "Div") and len(g.consumers(pre.outputs[0])) == 1:
+            operand = next((i for i in pre.inputs if i not in g.constants), None)
+            factor = g.scalar(g.other(pre, operand)) if operand else None
+            if factor is None or (pre.op == "Div" and factor == 0):
+                continue
+            scale = factor if pre.op == "Mul" else 1.0 / factor
+            old, pre = [pre, soft], g.producer(operand)
+        scores = pre
+        if (scores is None or scores.op != "MatMul" or len(g.consumers(scores.outputs[0])) != 1
+                or any(i in g.constants for i in scores.inputs)):
+            continue
+        context = g.only_consumer(soft.outputs[0], "MatMul")
+        if context is None or context.inputs[0] != soft.outputs[0]:
+            continue
+        if any(o in g.graph_outputs for n in [scores, *old] for o in n.outputs):
+            continue
+        g.replace([scores, *old, context],
+                  Node("Attention", context.name, [*scores.inputs, context.inputs[1]],
+                       [context.outputs[0]], {"scale": scale}))
+        fused += 1
+    return fused
+
+
+def _bind(node: Node, kernel, opset: int) -> Callable:
+    if node.op == "Softmax" and opset < 13:
+        raise ValueError("Softmax before opset 13 (2-D coercion) is not supported")
+    n_inputs = len(kernel.inputs)
+    if len(node.inputs) > n_inputs or len(node.inputs) < kernel.required_inputs:
+        raise ValueError(f"{len(node.inputs)} inputs, the kernel takes {n_inputs}")
+    if len([o for o in node.outputs if o]) > len(kernel.outputs) or (
+            len(node.outputs) > len(kernel.outputs)):
+        raise ValueError(f"{len(node.outputs)} outputs, the kernel gives {len(kernel.outputs)}")
+    params = kernel.bind(node.attrs)
+    return functools.partial(kernel.resolve(), **params) if params else kernel.resolve()
+
+
+def lower(model: str, data: bytes, kernels: Any) -> LoweredGraph:
+    """Parse ONNX bytes and build the kernel sequence; ``ModelLoadError`` names what fails."""
+    import onnx
+    from onnx import numpy_helper
+
+    try:
+        proto = onnx.load_from_string(data)
+    except Exception as exc:  # the protobuf error may quote bytes
+        raise ModelLoadError(f"model {model!r}: not a valid ONNX model "
+                             f"({type(exc).__name__})") from None
+    graph = proto.graph
+    opset = next((o.version for o in proto.opset_import if o.domain in ("", "ai.onnx")), 0)
+    constants = {init.name: numpy_helper.to_array(init) for init in graph.initializer}
+    inputs = [_spec(v) for v in graph.input if v.name not in constants]
+    outputs = [_spec(v) for v in graph.output]
+    nodes = []
+    for proto_node in graph.node:
+        node = Node(proto_node.op_type, proto_node.name or proto_node.op_type,
+                    list(proto_node.input), list(proto_node.output),
+                    {a.name: _attr_value(a) for a in proto_node.attribute})
+        if node.op == "Constant":
+            try:
+                constants[node.outputs[0]] = _constant_value(node)
+            except ValueError as exc:
+                raise ModelLoadError(f"model {model!r}: node {node.name!r}: {exc}") from None
+            continue
+        if proto_node.domain not in ("", "ai.onnx"):
+            node.op = f"{proto_node.domain}.{node.op}"
+        nodes.append(node)
+    g = _Graph(nodes, constants, {o.name for o in outputs})
+    fused = Counter({"Gelu": _fuse_gelu(g)})
+    fused["Linear"] = _fuse_linear(g)
+    fused["Attention"] = _fuse_attention(g)
+
+    missing = [f"{n.op} (node {n.name!r})" for n in g.nodes if n.op not in kernels]
+    if missing:
+        raise ModelLoadError(f"model {model!r}: no numba kernel for ONNX operator(s) "
+                             f"{', '.join(missing)}; use backend 'onnxruntime' for this model "
+                             "or shard, or register kernels with shardserve_register_kernels")
+    steps = []
+    for node in _live(g.nodes, {o.name for o in outputs}):
+        try:
+            call = _bind(node, kernels[node.op], opset)
+        except ValueError as exc:
+            raise ModelLoadError(f"model {model!r}: ONNX operator {node.op} (node "
+                                 f"{node.name!r}): {exc}") from None
+        step = Step(node.op, node.name, call, node.inputs, node.outputs)
+        if all(not n or n in constants for n in node.inputs):  # fold at load
+            for name, value in zip(node.outputs, call(*[constants.get(n) for n in node.inputs])):
+                constants[name] = value
+        else:
+            steps.append(step)
+    known = set(constants) | {i.name for i in inputs} | {o for s in steps for o in s.outputs}
+    absent = [o.name for o in outputs if o.name not in known]
+    if absent:
+        raise ModelLoadError(f"model {model!r}: outputs {absent} are computed by no node")
+    used = {n for s in steps for n in s.inputs} | {o.name for o in outputs}
+    constants = {k: v for k, v in constants.items() if k in used}
+    return LoweredGraph(inputs, outputs, constants, steps, +fused)
+
+
+def _live(nodes: list[Node], wanted: set[str]) -> list[Node]:
+    """The nodes the wanted outputs depend on, in order."""
+    needed, keep = set(wanted), []
+    for node in reversed(nodes):
+        if any(o in needed for o in node.outputs):
+            keep.append(node)
+            needed.update(i for i in node.inputs if i)
+    return keep[::-1]

@@ -1,0 +1,209 @@
+"""Built-in numba kernels, registered through ``shardserve_register_kernels``.
+
+This module is the plugin: it only declares contracts. The jitted functions
+live in :mod:`.dense`, :mod:`.conv`, :mod:`.recurrent` and :mod:`.postprocess`,
+which import numba and are imported the first time a model uses one of their
+kernels. Names in CamelCase are ONNX operators (the ``numba`` backend lowers
+nodes to them); lower-case names are model.toml pipeline stages.
+"""
+
+from __future__ import annotations
+
+from runtime import hookimpl
+
+from .contract import REQUIRED, Kernel, Shape, parse_stage, same_shape
+
+__all__ = ["BUILTIN_KERNELS", "REQUIRED", "Kernel", "parse_stage", "same_shape"]
+
+P = "plugins.kernels."
+NUMERIC = ("FP32", "FP64", "INT32", "INT64")
+
+
+def _allowed(name: str, values: tuple) -> callable:
+    def check(params: dict) -> None:
+        if params[name] not in values:
+            raise ValueError(f"{name}={params[name]!r} is not supported (use {values})")
+
+    return check
+
+
+def _all(*checks):
+    def check(params: dict) -> None:
+        for one in checks:
+            one(params)
+
+    return check
+
+
+def _broadcast(shapes: list[Shape], params: dict) -> list[Shape]:
+    a, b = shapes[0], shapes[1]
+    rank = max(len(a), len(b))
+    a, b = [1] * (rank - len(a)) + a, [1] * (rank - len(b)) + b
+    return [[x if y == 1 else y if x == 1 else max(x, y) for x, y in zip(a, b)]]
+
+
+def _topk_shape(shapes: list[Shape], params: dict) -> list[Shape]:
+    shape = list(shapes[0])
+    axis = params.get("axis", -1) % len(shape)
+    k = params["k"] if shape[axis] < 0 else min(params["k"], shape[axis])
+    shape[axis] = k
+    return [shape, list(shape)]
+
+
+def _reduce_axis(shapes: list[Shape], params: dict) -> list[Shape]:
+    shape = list(shapes[0])
+    axis = params["axis"] % len(shape)
+    if params["keepdims"]:
+        shape[axis] = 1
+    else:
+        del shape[axis]
+    return [shape]
+
+
+def _ctc_shape(shapes: list[Shape], params: dict) -> list[Shape]:
+    return [shapes[0][:2], shapes[0][:1]]
+
+
+def _to_nchw(shapes: list[Shape], params: dict) -> list[Shape]:
+    n, h, w, c = shapes[0]
+    return [[n, c, h, w]]
+
+
+def _to_nhwc(shapes: list[Shape], params: dict) -> list[Shape]:
+    n, c, h, w = shapes[0]
+    return [[n, h, w, c]]
+
+
+def _matmul_shape(shapes: list[Shape], params: dict) -> list[Shape]:
+    return [shapes[0][:-1] + shapes[1][-1:]]
+
+
+def _unary(function: str, doc: str, dtypes=("FP32",)) -> Kernel:
+    return Kernel(P + function, dtypes=dtypes, doc=doc)
+
+
+def _binary(function: str, doc: str) -> Kernel:
+    return Kernel(P + function, inputs=("a", "b"), outputs=("c",), dtypes=NUMERIC,
+                  shape=_broadcast, doc=doc)
+
+
+# None: "not given", ONNX's per-rank default applies
+CONV_PARAMS = {"auto_pad": "NOTSET", "dilations": None, "group": 1, "kernel_shape": None,
+               "pads": None, "strides": None}
+POOL_PARAMS = {"auto_pad": "NOTSET", "ceil_mode": 0, "dilations": None, "kernel_shape": REQUIRED,
+               "pads": None, "strides": None}
+AUTO_PAD = _allowed("auto_pad", ("NOTSET", "VALID", "SAME_UPPER", "SAME_LOWER"))
+NO_CEIL = _allowed("ceil_mode", (0,))
+
+BUILTIN_KERNELS: dict[str, Kernel] = {
+    # ONNX operators ---------------------------------------------------------
+    "Add": _binary("dense:add", "a + b with numpy broadcasting"),
+    "Sub": _binary("dense:sub", "a - b with numpy broadcasting"),
+    "Mul": _binary("dense:mul", "a * b with numpy broadcasting"),
+    "Div": _binary("dense:div", "a / b with numpy broadcasting (integer: truncated)"),
+    "Relu": _unary("dense:relu", "max(x, 0)", NUMERIC),
+    "Sigmoid": _unary("dense:sigmoid", "1 / (1 + exp(-x))"),
+    "Tanh": _unary("dense:tanh", "tanh(x)"),
+    "Erf": _unary("dense:erf", "the error function"),
+    "Sqrt": _unary("dense:sqrt", "square root", ("FP32", "FP64")),
+    "Gelu": Kernel(P + "dense:gelu", params={"approximate": "none"},
+                   validate=_allowed("approximate", ("none", "tanh")),
+                   doc="GELU, exact (erf) or tanh approximation; also the fused erf pattern"),
+    "MatMul": Kernel(P + "dense:matmul", inputs=("a", "b"), outputs=("c",), shape=_matmul_shape,
+                     doc="numpy matmul semantics; BLAS products"),
+    "Gemm": Kernel(P + "dense:gemm", inputs=("a", "b", "c?"),
+                   params={"alpha": 1.0, "beta": 1.0, "transA": 0, "transB": 0},
+                   doc="alpha * A' @ B' + beta * C"),
+    "Linear": Kernel(P + "dense:linear", inputs=("x", "weight", "bias"),
+                     params={"activation": "none"},
+                     validate=_allowed("activation", ("none", "relu", "gelu")),
+                     shape=_matmul_shape,
+                     doc="fused MatMul + Add (+ Relu/GELU) with constant weights"),
+    "Attention": Kernel(P + "dense:attention", inputs=("query", "key_t", "value"),
+                        params={"scale": 1.0},
+                        doc="fused softmax(q @ kT * scale) @ v: multi-head self-attention"),
+    "Softmax": Kernel(P + "dense:softmax", params={"axis": -1},
+                      doc="softmax along axis (opset 13 semantics)"),
+    "LayerNormalization": Kernel(P + "dense:layer_normalization",
+                                 inputs=("x", "scale", "bias?"),
+                                 params={"axis": -1, "epsilon": 1e-5, "stash_type": 1},
+                                 validate=_allowed("stash_type", (1,)),
+                                 doc="normalise over the trailing axes from axis"),
+    "ArgMax": Kernel(P + "dense:argmax", dtypes=NUMERIC, output_dtypes=("INT64",),
+                     params={"axis": 0, "keepdims": 1, "select_last_index": 0},
+                     shape=_reduce_axis, doc="index of the maximum along axis"),
+    "Conv": Kernel(P + "conv:conv", inputs=("x", "w", "b?"), params=CONV_PARAMS,
+                   validate=AUTO_PAD, doc="1-D/2-D convolution, groups, dilations, pads"),
+    "MaxPool": Kernel(P + "conv:max_pool", params={**POOL_PARAMS, "storage_order": 0},
+                      validate=_all(AUTO_PAD, NO_CEIL), doc="1-D/2-D max pooling"),
+    "AveragePool": Kernel(P + "conv:average_pool",
+                          params={**POOL_PARAMS, "count_include_pad": 0},
+                          validate=_all(AUTO_PAD, NO_CEIL), doc="1-D/2-D average pooling"),
+    "GlobalAveragePool": Kernel(P + "conv:global_average_pool", doc="mean over spatial axes"),
+    "Reshape": Kernel(P + "layout:reshape", inputs=("data", "shape"), dtypes=NUMERIC,
+                      params={"allowzero": 0}, doc="ONNX reshape (numpy, no numba)"),
+    "Flatten": Kernel(P + "layout:flatten", dtypes=NUMERIC, params={"axis": 1},
+                      doc="to 2-D at axis (numpy, no numba)"),
+    "Transpose": Kernel(P + "layout:transpose", dtypes=NUMERIC, params={"perm": None},
+                        doc="permute axes (numpy, no numba)"),
+    "Identity": Kernel(P + "layout:identity", dtypes=NUMERIC, doc="pass through"),
+    "LSTM": Kernel(P + "recurrent:lstm",
+                   inputs=("x", "w", "r", "b?", "sequence_lens?", "initial_h?", "initial_c?",
+                           "p?"),
+                   outputs=("y", "y_h", "y_c"),
+                   params={"direction": "forward", "hidden_size": 0, "layout": 0,
+                           "input_forget": 0},
+                   validate=_all(_allowed("layout", (0,)), _allowed("input_forget", (0,)),
+                                 _allowed("direction", ("forward", "reverse", "bidirectional"))),
+                   doc="LSTM, default activations, no peepholes, full-length sequences"),
+    "TopK": Kernel(P + "postprocess:onnx_topk", inputs=("x", "k"), outputs=("values", "indices"),
+                   output_dtypes=(None, "INT64"),
+                   params={"axis": -1, "largest": 1, "sorted": 1},
+                   validate=_allowed("sorted", (1,)), doc="ONNX TopK (sorted)"),
+    "NonMaxSuppression": Kernel(
+        P + "postprocess:non_max_suppression",
+        inputs=("boxes", "scores", "max_output_boxes_per_class?", "iou_threshold?",
+                "score_threshold?"),
+        outputs=("selected_indices",), output_dtypes=("INT64",),
+        params={"center_point_box": 0}, shape=lambda shapes, params: [[-1, 3]],
+        doc="ONNX NonMaxSuppression"),
+    # pipeline stages ------------------------------------------------------------
+    "softmax": Kernel(P + "dense:softmax", params={"axis": -1, "parallel": True},
+                      doc="softmax along axis (rows in parallel)"),
+    "topk": Kernel(P + "postprocess:topk", outputs=("values", "indices"),
+                   output_dtypes=(None, "INT64"), dtypes=NUMERIC,
+                   params={"k": REQUIRED, "axis": -1, "largest": 1}, shape=_topk_shape,
+                   doc="k largest (or smallest) along axis, sorted; k clamped to the axis"),
+    "softmax_topk": Kernel(P + "postprocess:softmax_topk", outputs=("values", "indices"),
+                           output_dtypes=(None, "INT64"), params={"k": REQUIRED},
+                           shape=_topk_shape,
+                           doc="softmax then top-k over the last axis in two passes"),
+    "argmax": Kernel(P + "dense:argmax", dtypes=NUMERIC, output_dtypes=("INT64",),
+                     params={"axis": -1, "keepdims": 0, "select_last_index": 0},
+                     shape=_reduce_axis, doc="index of the maximum along axis"),
+    "ctc_greedy": Kernel(P + "postprocess:ctc_greedy", outputs=("labels", "lengths"),
+                         output_dtypes=("INT64", "INT64"), params={"blank": 0},
+                         shape=_ctc_shape,
+                         doc="greedy CTC over [B, T, classes]: labels padded with -1, lengths"),
+    "nms": Kernel(P + "postprocess:nms", inputs=("boxes", "scores"), outputs=("indices",),
+                  output_dtypes=("INT64",),
+                  params={"iou_threshold": 0.5, "score_threshold": float("-inf"),
+                          "max_output": 0},
+                  shape=lambda shapes, params: [[-1]],
+                  doc="greedy NMS over [N, 4] corner boxes and [N] scores"),
+    "normalize": Kernel(P + "postprocess:normalize", dtypes=("FP32",),
+                        params={"mean": (0.0,), "std": (1.0,), "scale": 1.0, "axis": 1},
+                        doc="(x * scale - mean[c]) / std[c] along the channel axis"),
+    "nhwc_to_nchw": Kernel(P + "postprocess:nhwc_to_nchw", dtypes=NUMERIC, shape=_to_nchw,
+                           input_shape=lambda shape, params: _to_nhwc([shape], params)[0],
+                           doc="NHWC -> NCHW layout"),
+    "nchw_to_nhwc": Kernel(P + "postprocess:nchw_to_nhwc", dtypes=NUMERIC, shape=_to_nhwc,
+                           input_shape=lambda shape, params: _to_nchw([shape], params)[0],
+                           doc="NCHW -> NHWC layout"),
+}
+
+
+@hookimpl
+def shardserve_register_kernels(register):
+    for name, kernel in BUILTIN_KERNELS.items():
+        register(name, kernel)

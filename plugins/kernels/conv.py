@@ -1,0 +1,190 @@
+"""Convolution and pooling kernels over NCHW (imports numba: load lazily).
+
+Conv is im2col plus one BLAS product per image and group; 1-D inputs are
+treated as images of height 1. Pads follow ONNX: ``[top, left, bottom, right]``.
+"""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+
+from .numba_env import jit
+
+
+@jit
+def _im2col(x, kh, kw, sh, sw, pt, pl, dh, dw, oh, ow):
+    channels, height, width = x.shape
+    cols = np.zeros((channels * kh * kw, oh * ow), x.dtype)
+    for c in range(channels):
+        for i in range(kh):
+            for j in range(kw):
+                row = (c * kh + i) * kw + j
+                for y in range(oh):
+                    iy = y * sh - pt + i * dh
+                    if iy < 0 or iy >= height:
+                        continue
+                    for z in range(ow):
+                        ix = z * sw - pl + j * dw
+                        if 0 <= ix < width:
+                            cols[row, y * ow + z] = x[c, iy, ix]
+    return cols
+
+
+@jit
+def _conv2d(x, w2d, bias, group, kh, kw, sh, sw, pt, pl, dh, dw, oh, ow):
+    batch, channels = x.shape[0], x.shape[1]
+    out_channels = w2d.shape[0]
+    cg, mg = channels // group, out_channels // group
+    out = np.empty((batch, out_channels, oh * ow), x.dtype)
+    for n in range(batch):
+        for g in range(group):
+            image = np.ascontiguousarray(x[n, g * cg:(g + 1) * cg])
+            cols = _im2col(image, kh, kw, sh, sw, pt, pl, dh, dw, oh, ow)
+            weights = np.ascontiguousarray(w2d[g * mg:(g + 1) * mg])
+            out[n, g * mg:(g + 1) * mg] = np.dot(weights, cols)
+        for m in range(out_channels):
+            for p in range(oh * ow):
+                out[n, m, p] += bias[m]
+    return out
+
+
+def _same_pads(size, kernel, stride, dilation, upper):
+    total = max((math.ceil(size / stride) - 1) * stride + (kernel - 1) * dilation + 1 - size, 0)
+    small = total // 2
+    return (small, total - small) if upper else (total - small, small)
+
+
+def _geometry(spatial, kernel, strides, pads, dilations, auto_pad):
+    """Per spatial axis: (begin pad, output size), ONNX's rules."""
+    out = []
+    for axis, size in enumerate(spatial):
+        k, s, d = kernel[axis], strides[axis], dilations[axis]
+        if auto_pad in ("SAME_UPPER", "SAME_LOWER"):
+            begin, end = _same_pads(size, k, s, d, auto_pad == "SAME_UPPER")
+        elif auto_pad == "VALID":
+            begin, end = 0, 0
+        else:
+            begin, end = pads[axis], pads[axis + len(spatial)]
+        out.append((begin, (size + begin + end - d * (k - 1) - 1) // s + 1))
+    return out
+
+
+def _as_2d(x, values, fill):
+    """Parameters of a 1-D op as those of a 2-D op on images of height 1."""
+    if x.ndim == 3:
+        return x[:, :, None, :], (fill,) + tuple(values)
+    return x, tuple(values)
+
+
+def _pads_2d(x_ndim, pads):
+    if x_ndim == 3 and pads:
+        return (0, pads[0], 0, pads[1])
+    return tuple(pads)
+
+
+def conv(x, w, b=None, auto_pad="NOTSET", dilations=None, group=1, kernel_shape=None,
+         pads=None, strides=None):
+    rank = x.ndim - 2
+    kernel = tuple(kernel_shape or ()) or tuple(w.shape[2:])
+    strides = tuple(strides or ()) or (1,) * rank
+    dilations = tuple(dilations or ()) or (1,) * rank
+    pads = tuple(pads or ()) or (0,) * (2 * rank)
+    one_d = x.ndim == 3
+    pads = _pads_2d(x.ndim, pads)
+    x, kernel = _as_2d(x, kernel, 1)
+    strides = strides if not one_d else (1,) + strides
+    dilations = dilations if not one_d else (1,) + dilations
+    w = w[:, :, None, :] if one_d else w
+    (pt, oh), (pl, ow) = _geometry(x.shape[2:], kernel, strides, pads, dilations, auto_pad)
+    out_channels = w.shape[0]
+    bias = np.zeros(out_channels, x.dtype) if b is None else np.ascontiguousarray(b)
+    w2d = np.ascontiguousarray(w).reshape(out_channels, -1)
+    out = _conv2d(np.ascontiguousarray(x), w2d, bias, group, kernel[0], kernel[1], strides[0],
+                  strides[1], pt, pl, dilations[0], dilations[1], oh, ow)
+    out = out.reshape(x.shape[0], out_channels, oh, ow)
+    return (out[:, :, 0, :] if one_d else out,)
+
+
+@jit
+def _pool2d(x, kh, kw, sh, sw, pt, pl, dh, dw, oh, ow, is_max, include_pad, ph_total, pw_total):
+    batch, channels, height, width = x.shape
+    out = np.empty((batch, channels, oh, ow), x.dtype)
+    for n in range(batch):
+        for c in range(channels):
+            for y in range(oh):
+                for z in range(ow):
+                    best = -np.inf
+                    total = 0.0
+                    count = 0
+                    for i in range(kh):
+                        iy = y * sh - pt + i * dh
+                        if iy < 0 or iy >= height:
+                            continue
+                        for j in range(kw):
+                            ix = z * sw - pl + j * dw
+                            if ix < 0 or ix >= width:
+                                continue
+                            v = x[n, c, iy, ix]
+                            if v > best:
+                                best = v
+                            total += v
+                            count += 1
+                    if is_max:
+                        out[n, c, y, z] = best
+                    elif include_pad:
+                        # the window clipped to the padded image, as ONNX counts it
+                        y0, x0 = y * sh - pt, z * sw - pl
+                        hh = min(y0 + kh, height + ph_total - pt) - y0
+                        ww = min(x0 + kw, width + pw_total - pl) - x0
+                        out[n, c, y, z] = total / max(hh * ww, 1)
+                    else:
+                        out[n, c, y, z] = total / max(count, 1)
+    return out
+
+
+def _pool(x, is_max, kernel_shape, auto_pad, pads, strides, dilations, count_include_pad):
+    rank = x.ndim - 2
+    kernel = tuple(kernel_shape)
+    strides = tuple(strides or ()) or (1,) * rank
+    dilations = tuple(dilations or ()) or (1,) * rank
+    pads = tuple(pads or ()) or (0,) * (2 * rank)
+    one_d = x.ndim == 3
+    pads = _pads_2d(x.ndim, pads)
+    x, kernel = _as_2d(x, kernel, 1)
+    strides = strides if not one_d else (1,) + strides
+    dilations = dilations if not one_d else (1,) + dilations
+    (pt, oh), (pl, ow) = _geometry(x.shape[2:], kernel, strides, pads, dilations, auto_pad)
+    ph_total, pw_total = pads[0] + pads[2], pads[1] + pads[3]
+    out = _pool2d(np.ascontiguousarray(x), kernel[0], kernel[1], strides[0], strides[1], pt, pl,
+                  dilations[0], dilations[1], oh, ow, is_max, bool(count_include_pad),
+                  ph_total, pw_total)
+    return (out[:, :, 0, :] if one_d else out,)
+
+
+def max_pool(x, auto_pad="NOTSET", ceil_mode=0, dilations=None, kernel_shape=(), pads=None,
+             storage_order=0, strides=None):
+    return _pool(x, True, kernel_shape, auto_pad, pads, strides, dilations, 0)
+
+
+def average_pool(x, auto_pad="NOTSET", ceil_mode=0, count_include_pad=0, dilations=None,
+                 kernel_shape=(), pads=None, strides=None):
+    return _pool(x, False, kernel_shape, auto_pad, pads, strides, dilations, count_include_pad)
+
+
+@jit
+def _row_means(x):
+    rows, n = x.shape
+    out = np.empty(rows, x.dtype)
+    for r in range(rows):
+        total = 0.0
+        for j in range(n):
+            total += x[r, j]
+        out[r] = total / n
+    return out
+
+
+def global_average_pool(x):
+    flat = np.ascontiguousarray(x).reshape(x.shape[0] * x.shape[1], -1)
+    return (_row_means(flat).reshape(x.shape[:2] + (1,) * (x.ndim - 2)),)

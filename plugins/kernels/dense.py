@@ -1,0 +1,397 @@
+"""Element-wise, dense and normalisation kernels (imports numba: load lazily).
+
+Each public function follows the kernel calling convention
+``function(*arrays, **params) -> tuple``; it reshapes in Python (free for
+contiguous arrays) and leaves the arithmetic to the jitted cores below, which
+always see C-contiguous arrays so one compiled signature serves every batch.
+"""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+
+from .numba_env import jit, numba_module
+
+prange = numba_module().prange
+FASTMATH = {"reassoc", "contract", "arcp", "nsz"}
+
+
+# unary ---------------------------------------------------------------------
+
+
+@jit
+def _relu(x):
+    out = np.empty_like(x)
+    for i in range(x.size):
+        v = x[i]
+        if v > 0:
+            out[i] = v
+        else:
+            out[i] = 0
+    return out
+
+
+@jit
+def _sigmoid(x):
+    out = np.empty_like(x)
+    for i in range(x.size):
+        out[i] = 1.0 / (1.0 + math.exp(-x[i]))
+    return out
+
+
+@jit
+def _tanh(x):
+    out = np.empty_like(x)
+    for i in range(x.size):
+        out[i] = math.tanh(x[i])
+    return out
+
+
+@jit
+def _erf(x):
+    out = np.empty_like(x)
+    for i in range(x.size):
+        out[i] = math.erf(x[i])
+    return out
+
+
+@jit
+def _sqrt(x):
+    return np.sqrt(x)
+
+
+@jit
+def _gelu(x):
+    out = np.empty_like(x)
+    for i in range(x.size):
+        v = np.float64(x[i])
+        out[i] = 0.5 * v * (1.0 + math.erf(v * 0.7071067811865476))
+    return out
+
+
+@jit
+def _gelu_tanh(x):
+    out = np.empty_like(x)
+    for i in range(x.size):
+        v = np.float64(x[i])
+        out[i] = 0.5 * v * (1.0 + math.tanh(0.7978845608028654 * (v + 0.044715 * v * v * v)))
+    return out
+
+
+def _unary(core):
+    def kernel(x):
+        x = np.ascontiguousarray(x)
+        return (core(x.reshape(-1)).reshape(x.shape),)
+
+    return kernel
+
+
+relu = _unary(_relu)
+sigmoid = _unary(_sigmoid)
+tanh = _unary(_tanh)
+erf = _unary(_erf)
+sqrt = _unary(_sqrt)
+
+
+def gelu(x, approximate="none"):
+    x = np.ascontiguousarray(x)
+    core = _gelu_tanh if approximate == "tanh" else _gelu
+    return (core(x.reshape(-1)).reshape(x.shape),)
+
+
+# binary (numpy broadcasting) ----------------------------------------------
+
+
+@jit
+def _add(a, b):
+    return a + b
+
+
+@jit
+def _sub(a, b):
+    return a - b
+
+
+@jit
+def _mul(a, b):
+    return a * b
+
+
+@jit
+def _div(a, b):
+    return a / b
+
+
+def _binary(core, integer_division=False):
+    def kernel(a, b):
+        shape = np.broadcast_shapes(a.shape, b.shape)
+        a = np.ascontiguousarray(a).reshape(a.shape or (1,))
+        b = np.ascontiguousarray(b).reshape(b.shape or (1,))
+        out = core(a, b)
+        if integer_division and a.dtype.kind in "iu":
+            out = np.trunc(out).astype(a.dtype)
+        return (out.reshape(shape),)
+
+    return kernel
+
+
+add = _binary(_add)
+sub = _binary(_sub)
+mul = _binary(_mul)
+div = _binary(_div, integer_division=True)
+
+
+# matrix products -----------------------------------------------------------
+
+
+@jit
+def _mm(a, b):
+    return np.dot(a, b)
+
+
+@jit
+def _bmm(a, b):
+    out = np.empty((a.shape[0], a.shape[1], b.shape[2]), a.dtype)
+    for i in range(a.shape[0]):
+        out[i] = np.dot(a[i], b[i])
+    return out
+
+
+@jit
+def _linear(x, w, bias, activation):
+    """x @ w + bias, then 0: nothing, 1: relu, 2: exact gelu — one pass over the output."""
+    out = np.dot(x, w)
+    rows, cols = out.shape
+    for i in range(rows):
+        for j in range(cols):
+            v = out[i, j] + bias[j]
+            if activation == 1:
+                v = v if v > 0 else 0
+            elif activation == 2:
+                d = np.float64(v)
+                v = 0.5 * d * (1.0 + math.erf(d * 0.7071067811865476))
+            out[i, j] = v
+    return out
+
+
+@jit
+def _gemm_epilogue(out, c, alpha, beta):
+    rows, cols = out.shape
+    for i in range(rows):
+        for j in range(cols):
+            out[i, j] = alpha * out[i, j] + beta * c[i, j]
+    return out
+
+
+def matmul(a, b):
+    """ONNX MatMul: numpy's matmul semantics, BLAS through numba's np.dot."""
+    squeeze_a, squeeze_b = a.ndim == 1, b.ndim == 1
+    a = a.reshape(1, -1) if squeeze_a else a
+    b = b.reshape(-1, 1) if squeeze_b else b
+    if b.ndim == 2:
+        a2 = np.ascontiguousarray(a).reshape(-1, a.shape[-1])
+        out = _mm(a2, np.ascontiguousarray(b)).reshape(*a.shape[:-1], b.shape[-1])
+    else:
+        batch = np.broadcast_shapes(a.shape[:-2], b.shape[:-2])
+        a3 = np.ascontiguousarray(np.broadcast_to(a, batch + a.shape[-2:])).reshape(
+            -1, *a.shape[-2:])
+        b3 = np.ascontiguousarray(np.broadcast_to(b, batch + b.shape[-2:])).reshape(
+            -1, *b.shape[-2:])
+        out = _bmm(a3, b3).reshape(*batch, a.shape[-2], b.shape[-1])
+    if squeeze_a:
+        out = out.reshape(*out.shape[:-2], out.shape[-1])
+    if squeeze_b:
+        out = out.reshape(out.shape[:-1])
+    return (out,)
+
+
+def gemm(a, b, c=None, alpha=1.0, beta=1.0, transA=0, transB=0):
+    a = np.ascontiguousarray(a).T if transA else np.ascontiguousarray(a)
+    b = np.ascontiguousarray(b).T if transB else np.ascontiguousarray(b)
+    out = _mm(a, b)
+    if c is None and alpha == 1.0:
+        return (out,)
+    if c is None:
+        c, beta = np.zeros((1, 1), out.dtype), 0.0
+    c = np.broadcast_to(c.reshape(c.shape if c.ndim == 2 else (1,) * (2 - c.ndim) + c.shape),
+                        out.shape)
+    kind = out.dtype.type
+    return (_gemm_epilogue(out, np.ascontiguousarray(c), kind(alpha), kind(beta)),)
+
+
+ACTIVATIONS = {"none": 0, "relu": 1, "gelu": 2}
+
+
+def linear(x, weight, bias, activation="none"):
+    """Fused MatMul + Add (+ Relu or GELU) over the last axis: the dense layer."""
+    x2 = np.ascontiguousarray(x).reshape(-1, x.shape[-1])
+    out = _linear(x2, weight, bias, ACTIVATIONS[activation])
+    return (out.reshape(*x.shape[:-1], weight.shape[1]),)
+
+
+# softmax, layer norm, argmax -----------------------------------------------
+
+# float32 exp over a row, vectorisable (Cephes expf: range reduction by ln 2,
+# degree-6 polynomial, exponent built from integer bits); relative error ~1e-7.
+@jit(fastmath=FASTMATH)
+def _exp_shifted(row, shift, out, bits):
+    """out = exp(row - shift) for row - shift <= 0; returns the sum."""
+    n = row.size
+    for i in range(n):
+        t = max(np.float32(row[i] - shift), np.float32(-87.0))
+        k = np.floor(t * np.float32(1.4426950408889634) + np.float32(0.5))
+        r = t - k * np.float32(0.693359375) - k * np.float32(-2.12194440e-4)
+        p = np.float32(1.9875691500e-4)
+        p = p * r + np.float32(1.3981999507e-3)
+        p = p * r + np.float32(8.3334519073e-3)
+        p = p * r + np.float32(4.1665795894e-2)
+        p = p * r + np.float32(1.6666665459e-1)
+        p = p * r + np.float32(5.0000001201e-1)
+        out[i] = p * r * r + r + np.float32(1.0)
+        bits[i] = (np.int32(k) + np.int32(127)) << np.int32(23)
+    scale = bits.view(np.float32)
+    total = np.float32(0.0)
+    for i in range(n):
+        v = out[i] * scale[i]
+        out[i] = v
+        total += v
+    return total
+
+
+@jit
+def _softmax_row(row, out, bits):
+    n = row.size
+    if n == 0:
+        return
+    m = row[0]
+    for i in range(1, n):
+        if row[i] > m:
+            m = row[i]
+    total = _exp_shifted(row, m, out, bits)
+    inv = np.float32(1.0) / total
+    for i in range(n):
+        out[i] *= inv
+
+
+@jit
+def _softmax_rows(x):
+    rows, n = x.shape
+    out = np.empty((rows, n), np.float32)
+    bits = np.empty(n, np.int32)
+    for r in range(rows):
+        _softmax_row(x[r], out[r], bits)
+    return out
+
+
+@jit(parallel=True)
+def _softmax_rows_parallel(x):
+    rows, n = x.shape
+    out = np.empty((rows, n), np.float32)
+    for r in prange(rows):
+        bits = np.empty(n, np.int32)
+        _softmax_row(x[r], out[r], bits)
+    return out
+
+
+def _rows(x, axis):
+    """x with ``axis`` moved last, as a C-contiguous 2-D array, plus how to undo it."""
+    axis = axis % x.ndim
+    moved = np.moveaxis(x, axis, -1) if axis != x.ndim - 1 else x
+    flat = np.ascontiguousarray(moved).reshape(-1, x.shape[axis]) if x.ndim else x.reshape(1, 1)
+    return flat, moved.shape, axis
+
+
+def softmax(x, axis=-1, parallel=False):
+    x32 = x.astype(np.float32, copy=False)
+    flat, moved_shape, axis = _rows(x32, axis)
+    out = (_softmax_rows_parallel if parallel else _softmax_rows)(flat).reshape(moved_shape)
+    if axis != x.ndim - 1:
+        out = np.ascontiguousarray(np.moveaxis(out, -1, axis))
+    return (out.astype(x.dtype, copy=False),)
+
+
+@jit
+def _layer_norm(x, scale, bias, epsilon):
+    rows, n = x.shape
+    out = np.empty_like(x)
+    for r in range(rows):
+        mean = 0.0
+        for j in range(n):
+            mean += x[r, j]
+        mean /= n
+        var = 0.0
+        for j in range(n):
+            d = x[r, j] - mean
+            var += d * d
+        inv = 1.0 / math.sqrt(var / n + epsilon)
+        for j in range(n):
+            out[r, j] = (x[r, j] - mean) * inv * scale[j] + bias[j]
+    return out
+
+
+def layer_normalization(x, scale, bias=None, axis=-1, epsilon=1e-5, stash_type=1):
+    axis = axis % x.ndim
+    n = int(np.prod(x.shape[axis:]))
+    flat = np.ascontiguousarray(x).reshape(-1, n)
+    scale = np.ascontiguousarray(np.broadcast_to(scale, x.shape[axis:])).reshape(n)
+    bias = (np.zeros(n, x.dtype) if bias is None
+            else np.ascontiguousarray(np.broadcast_to(bias, x.shape[axis:])).reshape(n))
+    return (_layer_norm(flat, scale, bias, float(epsilon)).reshape(x.shape),)
+
+
+@jit
+def _argmax_rows(x, last):
+    rows, n = x.shape
+    out = np.zeros(rows, np.int64)
+    for r in range(rows):
+        if n == 0:
+            continue
+        best, where = x[r, 0], 0
+        for j in range(1, n):
+            v = x[r, j]
+            if v > best or (last and v == best):
+                best, where = v, j
+        out[r] = where
+    return out
+
+
+def argmax(x, axis=-1, keepdims=1, select_last_index=0):
+    flat, moved_shape, axis = _rows(x, axis)
+    out = _argmax_rows(flat, bool(select_last_index)).reshape(moved_shape[:-1])
+    if keepdims:
+        out = np.expand_dims(out, axis)
+    return (out,)
+
+
+# attention -----------------------------------------------------------------
+
+
+@jit
+def _attention(q, kt, v, scale):
+    """softmax(q @ kt * scale) @ v for each leading index: the heart of self-attention."""
+    heads, s, t = q.shape[0], q.shape[1], kt.shape[2]
+    out = np.empty((heads, s, v.shape[2]), q.dtype)
+    bits = np.empty(t, np.int32)
+    probs = np.empty((s, t), np.float32)
+    for h in range(heads):
+        scores = np.dot(q[h], kt[h])
+        for i in range(s):
+            for j in range(t):
+                scores[i, j] *= scale
+            _softmax_row(scores[i], probs[i], bits)
+        out[h] = np.dot(probs, v[h])
+    return out
+
+
+def attention(query, key_t, value, scale=1.0):
+    """Fused MatMul(q, kᵀ) → scale → Softmax → MatMul(·, v) over [..., s, d] heads."""
+    lead = query.shape[:-2]
+    q = np.ascontiguousarray(query, np.float32).reshape(-1, *query.shape[-2:])
+    kt = np.ascontiguousarray(np.broadcast_to(key_t, lead + key_t.shape[-2:])).reshape(
+        -1, *key_t.shape[-2:])
+    v = np.ascontiguousarray(np.broadcast_to(value, lead + value.shape[-2:])).reshape(
+        -1, *value.shape[-2:])
+    out = _attention(q, kt, v, np.float32(scale))
+    return (out.reshape(*lead, query.shape[-2], value.shape[-1]),)

@@ -1,0 +1,129 @@
+"""Where numba's cache lives and how it is imported: only here, only when needed.
+
+numba reads ``NUMBA_CACHE_DIR`` once, when it is imported, so the cache
+directory is settled before the first import:
+
+1. ``NUMBA_CACHE_DIR`` if set and writable;
+2. if set but read-only (a cache pre-built by ``shardserve warmup`` and
+   shipped in a read-only image), its files are copied to a writable temp dir
+   that becomes the cache;
+3. if unset and this package's directory is writable: numba's default, the
+   ``__pycache__`` next to the kernel modules;
+4. if unset and the package is read-only (AWS Lambda's /var/task): a temp dir
+   seeded with any cache files shipped in that ``__pycache__``.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import os
+import shutil
+import sys
+import tempfile
+import threading
+from pathlib import Path
+from typing import Any
+
+log = logging.getLogger("shardserve.kernels")
+
+PACKAGE_DIR = Path(__file__).resolve().parent
+TEMP_CACHE_NAME = "shardserve-numba-cache"
+THREADING_LAYERS = ("default", "safe", "threadsafe", "forksafe", "tbb", "omp", "workqueue")
+_lock = threading.Lock()
+
+
+def _writable(path: Path) -> bool:
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+        tempfile.TemporaryFile(dir=path).close()
+    except OSError:
+        return False
+    return True
+
+
+def _numba_subdir(source_dir: Path) -> str:
+    """numba's name for a source directory's cache under NUMBA_CACHE_DIR."""
+    text = str(source_dir)
+    return f"{source_dir.name}_{hashlib.sha1(text.encode()).hexdigest()}"
+
+
+def _seed(target: Path, shipped: Path, in_tree: bool) -> None:
+    """Copy cache files from a read-only place into the writable cache."""
+    if not shipped.is_dir():
+        return
+    copied = 0
+    if in_tree:  # <package>/__pycache__/*.nbi -> <cache>/<numba subdir>/*.nbi
+        dest = target / _numba_subdir(PACKAGE_DIR)
+        dest.mkdir(parents=True, exist_ok=True)
+        for item in shipped.iterdir():
+            if item.suffix in (".nbi", ".nbc") and not (dest / item.name).exists():
+                shutil.copy2(item, dest / item.name)
+                copied += 1
+    else:
+        for item in shipped.rglob("*"):
+            rel = item.relative_to(shipped)
+            if item.is_file() and not (target / rel).exists():
+                (target / rel).parent.mkdir(parents=True, exist_ok=True)
+                shutil.copy2(item, target / rel)
+                copied += 1
+    if copied:
+        log.info("seeded the numba cache with %d pre-built files", copied)
+
+
+def resolve_cache_dir(environ: dict | None = None) -> Path | None:
+    """Settle ``NUMBA_CACHE_DIR`` (see the module doc); ``None`` means in-tree."""
+    env = os.environ if environ is None else environ
+    temp = Path(tempfile.gettempdir()) / TEMP_CACHE_NAME
+    given = env.get("NUMBA_CACHE_DIR")
+    if given:
+        path = Path(given)
+        if _writable(path):
+            return path
+        _writable(temp)
+        _seed(temp, path, in_tree=False)
+    elif _writable(PACKAGE_DIR / "__pycache__"):
+        return None
+    else:
+        _writable(temp)
+        _seed(temp, PACKAGE_DIR / "__pycache__", in_tree=True)
+    env["NUMBA_CACHE_DIR"] = str(temp)
+    return temp
+
+
+def numba_module() -> Any:
+    """Import numba after settling its cache directory (idempotent, thread-safe)."""
+    if "numba" in sys.modules:
+        return sys.modules["numba"]
+    with _lock:
+        if "numba" not in sys.modules:
+            resolve_cache_dir()
+        import numba
+    return numba
+
+
+def cache_dir() -> Path:
+    """The directory numba writes compiled kernels to (after :func:`numba_module`)."""
+    numba = numba_module()
+    configured = numba.config.CACHE_DIR
+    return Path(configured) if configured else PACKAGE_DIR / "__pycache__"
+
+
+def configure_threads(threads: int | None = None, layer: str | None = None) -> None:
+    """Apply a model's ``[numba]`` threading options (thread count is per thread)."""
+    numba = numba_module()
+    if layer is not None:
+        if layer not in THREADING_LAYERS:
+            raise ValueError(f"threading_layer must be one of {', '.join(THREADING_LAYERS)}")
+        numba.config.THREADING_LAYER = layer
+    if threads is not None:
+        if not 1 <= threads <= numba.config.NUMBA_NUM_THREADS:
+            raise ValueError(f"threads must be 1..{numba.config.NUMBA_NUM_THREADS}")
+        numba.set_num_threads(threads)
+
+
+def jit(*args: Any, **kwargs: Any) -> Any:
+    """``numba.njit`` with the on-disk cache on: the decorator every kernel uses."""
+    numba = numba_module()
+    kwargs.setdefault("cache", True)
+    return numba.njit(*args, **kwargs)
