@@ -8,6 +8,7 @@ the report's latency line says so.
 
 from __future__ import annotations
 
+import warnings
 from typing import Any
 
 from runtime.errors import BadRequest
@@ -34,14 +35,20 @@ class Float16Converter(Optimizer):
             ) from None
         block = [op.strip() for op in options["block_ops"].split(",") if op.strip()]
         try:
-            converted = float16.convert_float_to_float16(
-                model,
-                min_positive_val=options["min_positive"],
-                keep_io_types=True,
-                op_block_list=(list(float16.DEFAULT_OP_BLOCK_LIST) + block) if block else None,
-            )
+            with warnings.catch_warnings(record=True) as caught:
+                warnings.simplefilter("always")
+                converted = float16.convert_float_to_float16(
+                    model,
+                    min_positive_val=options["min_positive"],
+                    keep_io_types=True,
+                    op_block_list=(list(float16.DEFAULT_OP_BLOCK_LIST) + block) if block else None,
+                )
         except Exception as exc:  # the converter raises untyped errors
             raise BadRequest(f"fp16 conversion failed: {type(exc).__name__}") from None
         casts = sum(1 for n in converted.graph.node if n.op_type == "Cast")
-        calibration.notes.append(f"fp16: {casts} Cast nodes at fp32/fp16 boundaries")
+        clamped = sum(1 for w in caught if "truncated" in str(w.message))
+        calibration.notes.append(
+            f"fp16: {casts} Cast nodes at fp32/fp16 boundaries, "
+            f"{clamped} weights outside the fp16 range clamped"
+        )
         return converted

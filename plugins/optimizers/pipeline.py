@@ -108,11 +108,16 @@ def chain_from_config(registry: Registry, raw: dict) -> list[Step]:
     return [parse_step(registry, spec) for spec in chain]
 
 
+PLAN_FILE = "plan.toml"
+
+
 def default_source(repository: ModelRepository, name: str, raw: dict) -> int:
-    """The newest version that is not itself an optimizer's output (else the newest)."""
-    versions = repository.versions(name)
+    """The newest unpartitioned version that is not itself an optimizer's output
+    (else the newest unpartitioned one)."""
+    versions = [v for v in repository.versions(name)
+                if not (repository.version_dir(name, v) / PLAN_FILE).exists()]
     if not versions:
-        raise NotFound(f"model {name!r} has no versions")
+        raise NotFound(f"model {name!r} has no unpartitioned version")
     made = raw.get("provenance", {})
     originals = [v for v in versions if str(v) not in (made if isinstance(made, dict) else {})]
     return (originals or versions)[-1]
@@ -173,6 +178,9 @@ def run_chain(
         raise BadRequest(f"no optimizers given for model {name!r}: use --with NAME or "
                          "optimize = [...] in its model.toml")
     source_version = settings.source_version or default_source(repository, name, cfg.raw)
+    if (repository.version_dir(name, source_version) / PLAN_FILE).exists():
+        raise BadRequest(f"version {source_version} of model {name!r} is partitioned: optimise "
+                         "the unpartitioned version, then partition the result")
     data = repository.read_file(name, source_version, cfg.filename)
     source = _load_source(data)
     budget = budget_for(steps, cfg.raw, settings.budget)

@@ -84,7 +84,7 @@ def publish(model_dir: Path, filename: str, data: bytes, record: dict) -> int:
     old_text = config_path.read_text(encoding="utf-8") if config_path.is_file() else ""
     old = tomllib.loads(old_text)
     tmp_dir = Path(tempfile.mkdtemp(prefix=TEMP_PREFIX, dir=model_dir))
-    published: Path | None = None
+    target: Path | None = None
     try:
         os.chmod(tmp_dir, 0o755)
         _write_atomic(tmp_dir / filename, data)
@@ -102,11 +102,11 @@ def publish(model_dir: Path, filename: str, data: bytes, record: dict) -> int:
         if target.exists():
             raise Conflict(f"version {version} appeared while optimizing; run again")
         os.rename(tmp_dir, target)  # atomic: the version appears complete or not at all
-        published = target
         _write_atomic(config_path, new_text.encode("utf-8"))
         return version
     except BaseException:
-        shutil.rmtree(tmp_dir, ignore_errors=True)
-        if published is not None:
-            shutil.rmtree(published, ignore_errors=True)
+        if tmp_dir.exists():
+            shutil.rmtree(tmp_dir, ignore_errors=True)
+        elif target is not None:  # renamed into place, then model.toml failed: take it back
+            shutil.rmtree(target, ignore_errors=True)
         raise
