@@ -23,7 +23,7 @@ log = logging.getLogger("shardserve.security")
 
 DEFAULT_ACTIONS = frozenset({"server_metadata", "metadata", "infer"})
 ALL_ACTIONS = frozenset({"server_metadata", "metadata", "infer", "repository_index", "load",
-                         "unload"})
+                         "unload", "metrics"})
 KNOWN_KEYS = {"enabled", "allow_disable", "keys_file", "require_signed", "trusted_keys",
               "signature_file", "require_encrypted", "master_key_env", "master_key_file",
               "hmac", "jwt", "limits", "models", "audit", "tensors"}
