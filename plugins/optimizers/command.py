@@ -31,7 +31,7 @@ def cmd_optimize(args: argparse.Namespace) -> int:
         source_version=args.source_version, calibration_dir=args.calibration,
         samples=args.samples, batch=args.batch, seed=args.seed, budget=budget,
         latency_runs=args.latency_runs, latency_batch=args.latency_batch,
-        threads=args.threads, dry_run=args.dry_run,
+        threads=args.threads, level=args.measure_level, dry_run=args.dry_run,
     )
     run_chain(rt.repository.root, args.model, steps, settings)
     return 0
@@ -81,6 +81,9 @@ def add_commands(subparsers: Any) -> None:
     p.add_argument("--latency-runs", type=int, default=50, help="timed runs per model (50)")
     p.add_argument("--latency-batch", type=_positive, default=1, help="batch when timing (1)")
     p.add_argument("--threads", type=_positive, default=1, help="onnxruntime threads (1)")
+    p.add_argument("--measure-level", default="all",
+                   choices=("disable", "basic", "extended", "all"),
+                   help="onnxruntime graph optimisation of the measuring sessions (all)")
     p.add_argument("--dry-run", action="store_true", help="report only, publish nothing")
     p.set_defaults(func=cmd_optimize)
 

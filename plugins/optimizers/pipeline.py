@@ -90,6 +90,7 @@ class Settings:
     latency_runs: int = 50
     latency_batch: int = 1
     threads: int = 1
+    level: str = "all"  # onnxruntime graph optimisation of the measuring sessions
     dry_run: bool = False
 
 
@@ -202,10 +203,11 @@ def run_chain(
         raise BadRequest(f"the optimised model is not valid ONNX: {first}") from None
     candidate = model.SerializeToString()
 
-    source_session, candidate_session = (session(data, settings.threads),
-                                         session(candidate, settings.threads))
+    source_session, candidate_session = (session(data, settings.threads, settings.level),
+                                         session(candidate, settings.threads, settings.level))
     report = Report(len(data), len(candidate), notes=calibration.notes,
-                    samples=calibration.samples, latency_batch=settings.latency_batch)
+                    samples=calibration.samples, latency_batch=settings.latency_batch,
+                    latency_level=settings.level)
     figures = compare(source_session, candidate_session, calibration)
     report.max_abs_diff, report.cosine, report.top1 = (
         figures["max_abs_diff"], figures["cosine"], figures["top1"])
