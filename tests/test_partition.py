@@ -4,20 +4,24 @@ the plan format's checks, the CLI, and bad input."""
 from __future__ import annotations
 
 import shutil
+import subprocess
 from pathlib import Path
 
 import numpy as np
 import pytest
-from conftest import EXAMPLE_MODELS, EXAMPLES, example_inputs
+import requests
+from conftest import EXAMPLE_MODELS, EXAMPLES, SHARDSERVE, ServerProcess, example_inputs
 
 from plugins.partitioners.build import (
     analyse,
+    load_plan_backend,
     partitioners,
     plan_partition,
     write_partition,
 )
 from runtime import Runtime
 from runtime.codec import InferInput, InferRequest
+from runtime.errors import BadRequest, ModelLoadError
 from runtime.plan import parse_plan
 from runtime.plugins import PluginManager, Registry
 
@@ -106,3 +110,184 @@ def test_every_strategy_on_every_example(repo, model, strategy):
         assert len(plan.shards) == 3
     if strategy == "batch":
         assert plan.mode == "batch" and len(plan.shards) == 3
+
+
+def test_partitioned_version_serves_over_http_with_the_original_metadata(repo):
+    analysis = analyse(repo, "cnn_skip")
+    write_partition(analysis, "pipeline", {"shards": 4},
+                    plan_partition(analysis, "pipeline", {"shards": 4}), repo)
+    server = ServerProcess(["serve", "--repository", str(repo)])
+    try:
+        base = f"{server.base}/v2/models/cnn_skip"
+        original = requests.get(f"{base}/versions/1", timeout=10).json()
+        planned = requests.get(f"{base}/versions/2", timeout=10).json()
+        assert planned == original
+        assert requests.get(f"{base}/versions/2/ready", timeout=10).status_code == 200
+        x = example_inputs("cnn_skip", batch=2)["image"]
+        body = {"inputs": [{"name": "image", "datatype": "FP32", "shape": list(x.shape),
+                            "data": x.ravel().tolist()}]}
+        outs = {}
+        for version in ("1", "2"):
+            reply = requests.post(f"{base}/versions/{version}/infer", json=body, timeout=10)
+            assert reply.status_code == 200, reply.text
+            outs[version] = np.array(reply.json()["outputs"][0]["data"])
+        np.testing.assert_allclose(outs["2"], outs["1"], rtol=1e-5, atol=1e-5)
+        bad = {"inputs": [{**body["inputs"][0], "shape": [2, 3, 32, 31]}]}
+        reply = requests.post(f"{base}/versions/2/infer", json=bad, timeout=10)
+        assert reply.status_code == 400 and "error" in reply.json()
+    finally:
+        server.stop()
+
+
+def test_each_shard_of_an_example_serves_alone(repo):
+    analysis = analyse(repo, "transformer_block")
+    target = write_partition(analysis, "pipeline", {"shards": 3},
+                             plan_partition(analysis, "pipeline", {"shards": 3}), repo)
+    plan = parse_plan("transformer_block", (target / "plan.toml").read_bytes())
+    x = example_inputs("transformer_block", batch=2)
+    backend = load_plan_backend("transformer_block", target)
+    values = {**x, **backend.run(x, [t for s in plan.shards for t in s.outputs])}
+    backend.close()
+    for shard in plan.shards:  # a shard file is a model of its own
+        (repo / shard.name / "1").mkdir(parents=True)
+        shutil.copy(target / shard.file, repo / shard.name / "1" / "model.onnx")
+    rt = Runtime.from_config({"repository": {"path": str(repo), "load": "lazy"}})
+    for shard in plan.shards:
+        got = infer(rt, shard.name, {n: values[n] for n in shard.inputs})
+        for name in shard.outputs:
+            np.testing.assert_allclose(got[name], values[name], rtol=1e-5, atol=1e-5)
+        assert rt.metadata(shard.name)["inputs"][0]["shape"][0] == -1
+
+
+def test_external_data_models_partition_into_external_data_shards(repo, tmp_path):
+    import onnx
+
+    source = repo / "cnn_skip" / "1" / "model.onnx"
+    model = onnx.load(str(source))
+    source.unlink()
+    onnx.save_model(model, str(source), save_as_external_data=True, location="weights.bin",
+                    size_threshold=0)
+    analysis = analyse(repo, "cnn_skip")
+    target = write_partition(analysis, "pipeline", {"shards": 2},
+                             plan_partition(analysis, "pipeline", {"shards": 2}), repo)
+    assert sorted(p.name for p in target.iterdir()) == [
+        "plan.toml", "shard_0.onnx", "shard_0.onnx.data", "shard_1.onnx", "shard_1.onnx.data"]
+    assert (target / "shard_0.onnx").stat().st_size < 2000  # the weights live in .data
+    rt = Runtime.from_config({"repository": {"path": str(repo), "load": "lazy"}})
+    x = example_inputs("cnn_skip", batch=3)
+    np.testing.assert_allclose(infer(rt, "cnn_skip", x, 2)["logits"],
+                               infer(rt, "cnn_skip", x, 1)["logits"], rtol=1e-5, atol=1e-5)
+
+
+def _versions(repo: Path, model: str) -> list[str]:
+    return sorted(p.name for p in (repo / model).iterdir())
+
+
+@pytest.mark.parametrize("case", ["truncated", "garbage", "invalid-graph"])
+def test_invalid_onnx_is_a_clear_error_and_writes_nothing(repo, case):
+    import onnx
+
+    source = repo / "digits_mlp" / "1" / "model.onnx"
+    data = source.read_bytes()
+    if case == "truncated":
+        source.write_bytes(data[: len(data) // 2])
+    elif case == "garbage":
+        source.write_bytes(b"not a model at all")
+    else:
+        model = onnx.load(str(source))
+        model.graph.node[1].input[0] = "no_such_tensor"
+        onnx.save(model, str(source))
+    before = _versions(repo, "digits_mlp")
+    with pytest.raises(BadRequest, match="not a valid ONNX model"):
+        analyse(repo, "digits_mlp")
+    assert _versions(repo, "digits_mlp") == before
+
+
+def test_impossible_options_are_clear_errors_and_write_nothing(repo):
+    before = _versions(repo, "cnn_skip")
+    analysis = analyse(repo, "cnn_skip")
+    with pytest.raises(BadRequest, match="cannot cut 13 node"):
+        plan_partition(analysis, "pipeline", {"shards": 14})
+    with pytest.raises(BadRequest, match="no partition fits the budget"):
+        plan_partition(analysis, "memory", {"memory_budget": "10KB"})
+    with pytest.raises(BadRequest, match="no cut meets the latency SLO"):
+        plan_partition(analysis, "edge-cloud", {"objective": "gb-seconds", "slo": "1us"})
+    with pytest.raises(BadRequest, match="unknown strategy"):
+        plan_partition(analysis, "nonsense", {})
+    with pytest.raises(BadRequest, match="quantity"):
+        plan_partition(analysis, "edge-cloud", {"bandwidth": "fast"})
+    assert _versions(repo, "cnn_skip") == before
+
+
+def test_a_failed_write_leaves_nothing_behind(repo, monkeypatch):
+    import plugins.partitioners.build as build
+
+    analysis = analyse(repo, "cnn_skip")
+    part = plan_partition(analysis, "pipeline", {"shards": 2})
+    before = _versions(repo, "cnn_skip")
+
+    def broken(*args, **kwargs):
+        raise BadRequest("the plan's output 'logits' differs from the original model's")
+
+    monkeypatch.setattr(build, "verify_plan", broken)
+    with pytest.raises(BadRequest, match="differs"):
+        write_partition(analysis, "pipeline", {}, part, repo)
+    assert _versions(repo, "cnn_skip") == before  # no version, no temporary directory
+
+
+@pytest.mark.parametrize("text, message", [
+    (b"format = 2", "format must be 1"),
+    (b"format = 1\n[[", "not valid TOML"),
+    (b'format = 1\ninputs = [{name = "x", datatype = "FP32", shape = [-1]}]\n'
+     b'outputs = [{name = "y", datatype = "FP32", shape = [-1]}]', "at least one"),
+    (b'format = 1\ninputs = [{name = "x", datatype = "FP32", shape = [-1]}]\n'
+     b'outputs = [{name = "y", datatype = "FP32", shape = [-1]}]\n'
+     b'[[shards]]\nname = "a"\nfile = "../a.onnx"\ninputs = ["x"]\noutputs = ["y"]',
+     "plain file name"),
+    (b'format = 1\ninputs = [{name = "x", datatype = "FP32", shape = [-1]}]\n'
+     b'outputs = [{name = "y", datatype = "FP32", shape = [-1]}]\n'
+     b'[[shards]]\nname = "a"\nfile = "a.onnx"\ninputs = ["x", "z"]\noutputs = ["y"]\n'
+     b'[[shards]]\nname = "b"\nfile = "b.onnx"\ninputs = ["y"]\noutputs = ["z"]',
+     "cycle"),
+    (b'format = 1\ninputs = [{name = "x", datatype = "FP32", shape = [-1]}]\n'
+     b'outputs = [{name = "y", datatype = "FP32", shape = [-1]}]\n'
+     b'[[shards]]\nname = "a"\nfile = "a.onnx"\ninputs = ["q"]\noutputs = ["y"]',
+     "has no producer"),
+])
+def test_bad_plan_files_are_clear_load_errors(text, message):
+    with pytest.raises(ModelLoadError, match=message):
+        parse_plan("m", text)
+
+
+def test_a_broken_plan_version_fails_to_load_with_a_clear_reason(repo):
+    (repo / "digits_mlp" / "2").mkdir()
+    (repo / "digits_mlp" / "2" / "plan.toml").write_text("format = 1\n")
+    rt = Runtime.from_config({"repository": {"path": str(repo), "load": "lazy"}})
+    with pytest.raises(ModelLoadError, match="at least one"):
+        rt.load("digits_mlp")
+    assert rt.models()[1]["state"] == "UNAVAILABLE"  # digits_mlp, with the reason
+    assert "plan.toml" in rt.models()[1]["reason"]
+
+
+def test_cli_plan_table_plot_and_partition(repo, tmp_path):
+    env = {"SHARDSERVE_CACHE_DIR": str(tmp_path / "cache"), "PATH": "/usr/bin:/bin"}
+    plot = tmp_path / "cuts.png"
+    out = subprocess.run(
+        [str(SHARDSERVE), "plan", "cnn_skip", "-r", str(repo), "-s", "edge-cloud",
+         "--cost", "measured", "--runs", "3", "--bandwidth", "1Mbps", "--plot", str(plot)],
+        capture_output=True, text=True, env=env, timeout=120)
+    assert out.returncode == 0, out.stderr
+    assert "BYTES AT CUT" in out.stdout and "downsample_maxpool2x2" in out.stdout
+    assert "onnxruntime" in out.stdout  # each shard's backend
+    assert plot.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert list((tmp_path / "cache" / "costs").glob("*.json"))  # measured costs cached
+    out = subprocess.run(
+        [str(SHARDSERVE), "partition", "cnn_skip", "-r", str(repo), "-s", "pipeline",
+         "--shards", "2"], capture_output=True, text=True, env=env, timeout=120)
+    assert out.returncode == 0, out.stderr
+    assert "wrote cnn_skip version 2" in out.stdout
+    out = subprocess.run(
+        [str(SHARDSERVE), "partition", "cnn_skip", "-r", str(repo), "-s", "pipeline",
+         "--shards", "99"], capture_output=True, text=True, env=env, timeout=120)
+    assert out.returncode == 1 and "error: cannot cut 13 node(s) into 99 shards" in out.stderr
+    assert "Traceback" not in out.stderr

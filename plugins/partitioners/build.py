@@ -9,7 +9,9 @@ the temporary directory is removed: nothing half-written is ever visible.
 
 from __future__ import annotations
 
+import functools
 import json
+import numbers
 import re
 import shutil
 import tempfile
@@ -39,13 +41,21 @@ class Analysis:
     costs: CostTable
 
 
+@functools.lru_cache(maxsize=1)
+def plugin_manager():
+    """The plugins, loaded once per process (built-ins and entry points)."""
+    from runtime.plugins import PluginManager
+
+    return PluginManager().load_plugins()
+
+
 def partitioners():
     """The registry of every partitioner the plugins register."""
-    from runtime.plugins import PluginManager, Registry
+    from runtime.plugins import Registry
 
     check = lambda p: callable(getattr(p, "partition", None))  # noqa: E731
     return Registry("partitioner", check=check).collect(
-        PluginManager().load_plugins(), "shardserve_register_partitioners")
+        plugin_manager(), "shardserve_register_partitioners")
 
 
 def source_version(repo: ModelRepository, name: str, version: int | None) -> int:
@@ -76,7 +86,7 @@ def analyse(repository: Path, name: str, version: int | None = None, batch: int 
     import onnx
 
     try:
-        onnx.checker.check_model(model)
+        onnx.checker.check_model(str(path))  # by path: external data and > 2 GB work
     except Exception as exc:
         raise BadRequest(f"{cfg.filename} is not a valid ONNX model "
                          f"({str(exc).splitlines()[0][:160] if str(exc) else type(exc).__name__})"
@@ -135,9 +145,10 @@ def shard_io(graph: ModelGraph, groups: list[list[int]]) -> list[tuple[list[str]
 def toml_value(value) -> str:
     if isinstance(value, bool):
         return "true" if value else "false"
-    if isinstance(value, int):
-        return str(value)
-    if isinstance(value, float):
+    if isinstance(value, numbers.Integral):
+        return str(int(value))
+    if isinstance(value, numbers.Real):
+        value = float(value)
         return repr(value) if value == value and abs(value) != float("inf") else (
             "nan" if value != value else ("inf" if value > 0 else "-inf"))
     if isinstance(value, str):
@@ -248,11 +259,11 @@ def write_partition(analysis: Analysis, strategy: str, options: dict, part: Part
 def load_plan_backend(name: str, directory: Path):
     """The real ``plan`` backend over a version directory (for verification and tests)."""
     from runtime.core import BackendSettings
-    from runtime.plugins import PluginManager, Registry
+    from runtime.plugins import Registry
     from runtime.repository import ModelConfig
 
     backends = Registry("backend", check=callable).collect(
-        PluginManager().load_plugins(), "shardserve_register_backends")
+        plugin_manager(), "shardserve_register_backends")
     settings = BackendSettings(
         model=name, version=0, path=directory, config=ModelConfig(name=name), options={},
         read_bytes=lambda filename: (directory / filename).read_bytes(), server=None,
