@@ -25,7 +25,7 @@ DEFAULT_ACTIONS = frozenset({"server_metadata", "metadata", "infer"})
 ALL_ACTIONS = frozenset({"server_metadata", "metadata", "infer", "repository_index", "load",
                          "unload", "metrics"})
 KNOWN_KEYS = {"enabled", "allow_disable", "keys_file", "require_signed", "trusted_keys",
-              "signature_file", "require_encrypted", "master_key_env", "master_key_file",
+              "require_encrypted", "master_key_env", "master_key_file",
               "hmac", "jwt", "limits", "models", "audit", "tensors"}
 LIMIT_KEYS = {"rate", "burst", "max_batch_size", "deadline_ms", "max_tensor_elements"}
 MODEL_KEYS = {"allowed_domains", "max_initializer_bytes", "max_total_bytes", "max_initializers"}
