@@ -4,17 +4,17 @@ calibrated on representative inputs)."""
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import tempfile
+from collections.abc import Iterator
 from typing import Any
 
 from runtime.errors import BadRequest
 
 from .base import Calibration, Optimizer, Option, Tolerance
 from .progress import progress
-
-log = logging.getLogger("shardserve.optimizers.quantize")
 
 INT_TYPES = ("int8", "uint8")
 CALIBRATION_METHODS = ("minmax", "entropy", "percentile")
@@ -26,7 +26,7 @@ def _quant_type(name: str) -> Any:
     return QuantType.QInt8 if name == "int8" else QuantType.QUInt8
 
 
-def _preprocessed(source: str, work: str, enabled: bool) -> str:
+def _preprocessed(source: str, work: str, enabled: bool, calibration: Calibration) -> str:
     """Run ``quant_pre_process`` (symbolic shape inference, optimisation) where it helps.
 
     It fails on some graphs; quantising the unprocessed model is still correct,
@@ -40,14 +40,21 @@ def _preprocessed(source: str, work: str, enabled: bool) -> str:
     try:
         quant_pre_process(source, target, skip_symbolic_shape=False)
     except Exception as exc:  # onnxruntime's helpers raise assorted untyped errors
-        log.warning("quant_pre_process skipped: %s", type(exc).__name__)
+        calibration.notes.append(f"quant_pre_process skipped ({type(exc).__name__})")
         return source
     return target
 
 
-def _quiet_quantization_logs() -> None:
-    # onnxruntime.quantization logs advice through the root logger on every call.
-    logging.getLogger().setLevel(max(logging.getLogger().level, logging.ERROR))
+@contextlib.contextmanager
+def _quiet_quantization_logs() -> Iterator[None]:
+    """onnxruntime.quantization logs advice through the root logger on every call."""
+    root = logging.getLogger()
+    level = root.level
+    root.setLevel(max(level, logging.ERROR))
+    try:
+        yield
+    finally:
+        root.setLevel(level)
 
 
 class _Work:
@@ -91,9 +98,8 @@ class DynamicQuantizer(Optimizer):
         import onnx
         from onnxruntime.quantization import quantize_dynamic
 
-        _quiet_quantization_logs()
-        with _Work(model) as (work, source):
-            source = _preprocessed(source, work, options["preprocess"])
+        with _quiet_quantization_logs(), _Work(model) as (work, source):
+            source = _preprocessed(source, work, options["preprocess"], calibration)
             target = os.path.join(work, "quantized.onnx")
             try:
                 quantize_dynamic(
@@ -160,9 +166,8 @@ class StaticQuantizer(Optimizer):
             "entropy": CalibrationMethod.Entropy,
             "percentile": CalibrationMethod.Percentile,
         }[options["method"]]
-        _quiet_quantization_logs()
-        with _Work(model) as (work, source):
-            source = _preprocessed(source, work, options["preprocess"])
+        with _quiet_quantization_logs(), _Work(model) as (work, source):
+            source = _preprocessed(source, work, options["preprocess"], calibration)
             target = os.path.join(work, "quantized.onnx")
             try:
                 quantize_static(
