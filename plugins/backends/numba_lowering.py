@@ -214,7 +214,7 @@ def _fuse_linear(g: _Graph) -> int:
         act = g.only_consumer(out, ("Relu", "Gelu"))
         if act is not None and act.attrs.get("approximate", "none") == "none":
             activation, old, out = act.op.lower(), old + [act], act.outputs[0]
-        weight_name, bias_name = f"{node.name or out}::weight", f"{node.name or out}::bias"
+        weight_name, bias_name = f"{out}::linear_weight", f"{out}::linear_bias"
         g.constants[weight_name] = weight
         g.constants[bias_name] = np.ascontiguousarray(bias.reshape(-1), dtype=weight.dtype)
         g.replace(old, Node("Linear", node.name, [node.inputs[0], weight_name, bias_name], [out],

@@ -11,9 +11,9 @@ from __future__ import annotations
 
 from runtime import hookimpl
 
-from .contract import REQUIRED, Kernel, Shape, parse_stage, same_shape
+from .contract import REQUIRED, Kernel, Required, Shape, parse_stage, same_shape
 
-__all__ = ["BUILTIN_KERNELS", "REQUIRED", "Kernel", "parse_stage", "same_shape"]
+__all__ = ["BUILTIN_KERNELS", "REQUIRED", "Kernel", "Required", "parse_stage", "same_shape"]
 
 P = "plugins.kernels."
 NUMERIC = ("FP32", "FP64", "INT32", "INT64")
@@ -90,8 +90,8 @@ def _binary(function: str, doc: str) -> Kernel:
 # None: "not given", ONNX's per-rank default applies
 CONV_PARAMS = {"auto_pad": "NOTSET", "dilations": None, "group": 1, "kernel_shape": None,
                "pads": None, "strides": None}
-POOL_PARAMS = {"auto_pad": "NOTSET", "ceil_mode": 0, "dilations": None, "kernel_shape": REQUIRED,
-               "pads": None, "strides": None}
+POOL_PARAMS = {"auto_pad": "NOTSET", "ceil_mode": 0, "dilations": None,
+               "kernel_shape": Required((1,)), "pads": None, "strides": None}
 AUTO_PAD = _allowed("auto_pad", ("NOTSET", "VALID", "SAME_UPPER", "SAME_LOWER"))
 NO_CEIL = _allowed("ceil_mode", (0,))
 
@@ -172,10 +172,10 @@ BUILTIN_KERNELS: dict[str, Kernel] = {
                       doc="softmax along axis (rows in parallel)"),
     "topk": Kernel(P + "postprocess:topk", outputs=("values", "indices"),
                    output_dtypes=(None, "INT64"), dtypes=NUMERIC,
-                   params={"k": REQUIRED, "axis": -1, "largest": 1}, shape=_topk_shape,
+                   params={"k": Required(1), "axis": -1, "largest": 1}, shape=_topk_shape,
                    doc="k largest (or smallest) along axis, sorted; k clamped to the axis"),
     "softmax_topk": Kernel(P + "postprocess:softmax_topk", outputs=("values", "indices"),
-                           output_dtypes=(None, "INT64"), params={"k": REQUIRED},
+                           output_dtypes=(None, "INT64"), params={"k": Required(1)},
                            shape=_topk_shape,
                            doc="softmax then top-k over the last axis in two passes"),
     "argmax": Kernel(P + "dense:argmax", dtypes=NUMERIC, output_dtypes=("INT64",),

@@ -14,7 +14,16 @@ from dataclasses import dataclass, field
 from typing import Any
 
 Shape = list[int]
-REQUIRED = object()  # a parameter default meaning "must be given"
+
+
+@dataclass(frozen=True)
+class Required:
+    """A parameter without a default; ``example`` gives its type (``Required(0)``: an int)."""
+
+    example: Any = None
+
+
+REQUIRED = Required()  # must be given, any type
 
 
 def same_shape(shapes: list[Shape], params: dict) -> list[Shape]:
@@ -32,7 +41,7 @@ class Kernel:
     output's datatype (``None``: the first input's); ``shape`` maps input shapes
     (``-1`` for dynamic dims) and bound parameters to output shapes, and
     ``input_shape`` inverts it for pre-processing stages; ``params`` maps each
-    parameter to its default (``REQUIRED`` when it has none); ``validate``
+    parameter to its default (``Required(example)`` when it has none); ``validate``
     raises ``ValueError`` for parameter values the kernel does not support.
     """
 
@@ -66,10 +75,11 @@ class Kernel:
             raise ValueError(f"unsupported parameter(s) {', '.join(unknown)}")
         bound = {}
         for name, default in self.params.items():
-            value = given.get(name, default)
-            if value is REQUIRED:
-                raise ValueError(f"parameter {name!r} is required")
-            bound[name] = _coerce(name, value, default)
+            if isinstance(default, Required):
+                if name not in given:
+                    raise ValueError(f"parameter {name!r} is required")
+                default = default.example
+            bound[name] = _coerce(name, given.get(name, default), default)
         if self.validate is not None:
             self.validate(bound)
         return bound
@@ -81,7 +91,7 @@ class Kernel:
 
 def _coerce(name: str, value: Any, default: Any) -> Any:
     """Make a parameter the type of its default (stage parameters arrive as text)."""
-    if default is REQUIRED or default is None or value is default:
+    if default is None or value is default:
         return value
     try:
         if isinstance(default, bool):

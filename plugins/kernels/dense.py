@@ -299,7 +299,9 @@ def _rows(x, axis):
     """x with ``axis`` moved last, as a C-contiguous 2-D array, plus how to undo it."""
     axis = axis % x.ndim
     moved = np.moveaxis(x, axis, -1) if axis != x.ndim - 1 else x
-    flat = np.ascontiguousarray(moved).reshape(-1, x.shape[axis]) if x.ndim else x.reshape(1, 1)
+    if not x.ndim:
+        return x.reshape(1, 1), (1,), 0
+    flat = np.ascontiguousarray(moved).reshape(int(np.prod(moved.shape[:-1])), x.shape[axis])
     return flat, moved.shape, axis
 
 
