@@ -228,7 +228,7 @@ def test_require_encrypted_and_signed_plus_encrypted(tmp_path, master):
 
 @pytest.mark.parametrize("location,message", [
     ("../outside.bin", "escapes the model directory"),
-    ("/etc/passwd", "is absolute"),
+    ("/etc/passwd", "initializer 'w' has an absolute location"),
     ("sub/../../x.bin", "escapes the model directory"),
     ("link.bin", "is a symlink"),
 ])
@@ -237,8 +237,9 @@ def test_external_data_escaping_the_model_dir_is_refused_even_with_security_off(
     version = repo_with(tmp_path, external_data_model(location))
     (tmp_path / "outside.bin").write_bytes(np.ones(4, np.float32).tobytes())
     (version / "link.bin").symlink_to(tmp_path / "outside.bin")
-    with pytest.raises(ModelLoadError, match=message):
+    with pytest.raises(ModelLoadError, match=message) as err:
         runtime(tmp_path).load("m")
+    assert location not in err.value.message and str(tmp_path) not in err.value.message
 
 
 def test_external_data_inside_the_model_dir_loads(tmp_path):

@@ -165,23 +165,27 @@ class ModelSummary:
 # checks ---------------------------------------------------------------------
 
 
-def check_location(root: Path, location: str) -> Path:
-    """The external data file, if ``location`` stays inside ``root``."""
+def check_location(root: Path, location: str, tensor: str = "?") -> Path:
+    """The external data file, if ``location`` stays inside ``root``.
+
+    Errors name the initializer, never the location (it may be a host path).
+    """
+    where = f"external data of initializer {tensor[:64]!r}"
     if not location or "\0" in location:
-        raise ModelFileError("external data location is empty or malformed")
+        raise ModelFileError(f"{where} has an empty or malformed location")
     pure = PurePosixPath(location.replace("\\", "/"))
     if pure.is_absolute() or PureWindowsPath(location).drive or location.startswith(("/", "\\")):
-        raise ModelFileError(f"external data location {location!r} is absolute")
+        raise ModelFileError(f"{where} has an absolute location")
     if ".." in pure.parts:
-        raise ModelFileError(f"external data location {location!r} escapes the model directory")
+        raise ModelFileError(f"{where} escapes the model directory")
     step = root
     for part in pure.parts:
         step = step / part
         if step.is_symlink():
-            raise ModelFileError(f"external data location {location!r} is a symlink")
+            raise ModelFileError(f"{where} is a symlink")
     base, resolved = root.resolve(), (root / pure).resolve()
     if base not in resolved.parents:
-        raise ModelFileError(f"external data location {location!r} escapes the model directory")
+        raise ModelFileError(f"{where} escapes the model directory")
     return resolved
 
 
@@ -190,7 +194,7 @@ def check_model(data: bytes, root: Path, strict: bool, limits: dict) -> None:
     total = 0
     for name, size, external in summary.initializers:
         if external:
-            target = check_location(root, external.get("location", ""))
+            target = check_location(root, external.get("location", ""), name)
             try:
                 size = int(external.get("length") or (target.stat().st_size - int(
                     external.get("offset") or 0)))
