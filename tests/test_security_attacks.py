@@ -10,6 +10,7 @@ import base64
 import hashlib
 import hmac
 import json
+import logging
 import os
 import time
 
@@ -38,8 +39,13 @@ class Transport:
 
     def __init__(self):
         self.seen: list[str] = []
+        self.credentials: set[str] = set()
 
     def send(self, method: str, path: str, headers: dict | None = None, data: bytes = b""):
+        for name, value in (headers or {}).items():
+            if name.lower() in ("authorization", "x-api-key"):
+                token = value.split(" ", 1)[-1] if name.lower() == "authorization" else value
+                self.credentials.update(part for part in (value, token) if len(part) >= 20)
         status, out_headers, out_body = self._send(method, path, dict(headers or {}), data)
         self.seen.append(f"{status} {json.dumps(out_headers)} {out_body.decode('latin-1')}")
         return status, out_headers, out_body
@@ -285,8 +291,28 @@ def http(secure):
     server.stop()
 
 
+class Collect(logging.Handler):
+    def __init__(self):
+        super().__init__(logging.DEBUG)
+        self.lines: list[str] = []
+
+    def emit(self, record):
+        self.lines.append(logging.Formatter("%(name)s %(message)s").format(record))
+
+
 @pytest.fixture(scope="module")
-def inproc(secure):
+def all_logs():
+    handler, root = Collect(), logging.getLogger()
+    old_level = root.level
+    root.addHandler(handler)
+    root.setLevel(logging.DEBUG)
+    yield handler
+    root.removeHandler(handler)
+    root.setLevel(old_level)
+
+
+@pytest.fixture(scope="module")
+def inproc(secure, all_logs):
     rt = Runtime.from_config(secure.config_path).start()
     yield DispatchTransport(rt)
     rt.close()
@@ -314,14 +340,17 @@ def test_attack(request, secure, transport, case_id, attack, expected):
         assert json.loads(out)["outputs"][0]["data"] == [2.0] * 4
 
 
-def test_nothing_secret_in_logs_or_responses(secure, http, inproc, caplog):
-    """Runs after the table (same module): no secret in any response, server log
-    line (the server is stopped to collect them) or audit line."""
+def test_nothing_secret_in_logs_or_responses(secure, http, inproc, all_logs):
+    """Runs after the table (same module): no secret and no credential that was
+    sent in any response, log line (the server is stopped to collect its own),
+    or audit line."""
     server_logs = http.server.stop()
     audit = secure.audit_path.read_text()
-    corpus = "\n".join(http.seen + inproc.seen + [server_logs, audit, caplog.text])
-    assert len(http.seen) > 60 and audit.count("\n") > 60
-    for secret in secure.secrets():
+    corpus = "\n".join(http.seen + inproc.seen + all_logs.lines + [server_logs, audit])
+    assert len(http.seen) > 60 and audit.count("\n") > 60 and len(all_logs.lines) > 60
+    sent = http.credentials | inproc.credentials
+    assert len(sent) > 20
+    for secret in [*secure.secrets(), *sent]:
         assert secret not in corpus
     for line in audit.splitlines():
         event = json.loads(line)
