@@ -145,7 +145,48 @@ def test_optimise_then_partition(repo):
     got = np.asarray(planned["outputs"][0]["data"]).reshape(want.shape)
     np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5)
 
-    # A partitioned version is not an optimiser's source: a clear error.
-    done = shardserve("optimize", "cnn_skip", "-r", str(repo), "--with", "fold",
-                      "--source-version", "3")
-    assert done.returncode == 1 and "is partitioned" in done.stderr
+
+def test_per_shard_optimisation_of_a_partitioned_version(repo):
+    done = shardserve("partition", "cnn_skip", "-r", str(repo), "--strategy", "pipeline",
+                      "--option", "shards=2")
+    assert done.returncode == 0, done.stderr
+    plan_dir = repo / "cnn_skip" / "2"
+    shard_files = sorted(p.name for p in plan_dir.glob("shard_*.onnx"))
+    assert len(shard_files) == 2
+
+    # Breaking the budget leaves nothing, per shard too.
+    before = sorted(p.name for p in (repo / "cnn_skip").iterdir())
+    done = shardserve("optimize", "cnn_skip", "-r", str(repo), "--source-version", "2",
+                      "--with", "prune_channels:compensate=false", "--min-cosine", "0.999",
+                      "--latency-runs", "2")
+    assert done.returncode == 1 and "accuracy budget broken" in done.stderr
+    assert sorted(p.name for p in (repo / "cnn_skip").iterdir()) == before
+
+    done = shardserve("optimize", "cnn_skip", "-r", str(repo), "--source-version", "2",
+                      "--with", "quantize_static", "--with", "graph:level=basic",
+                      "--latency-runs", "2")
+    assert done.returncode == 0, done.stderr
+    assert "optimize cnn_skip version 2 (per shard): quantize_static(" in done.stdout
+    assert "[shard_0.onnx] quantize_static:" in done.stdout
+    new = repo / "cnn_skip" / "3"
+    assert (new / "plan.toml").read_bytes() == (plan_dir / "plan.toml").read_bytes()
+    record = tomllib.loads((repo / "cnn_skip" / "model.toml").read_text())["provenance"]["3"]
+    assert record["source_version"] == 2
+    assert set(record["shards_sha256"]) == set(shard_files)
+    import hashlib
+
+    for name, digest in record["shards_sha256"].items():
+        assert hashlib.sha256((new / name).read_bytes()).hexdigest() == digest
+        assert digest != record["source_shards_sha256"][name]
+
+    from handlers.flask_app import create_app
+
+    client = create_app({"repository": {"path": str(repo)}}).test_client()
+    inputs = example_inputs("cnn_skip", batch=2, seed=4)
+    body = {"inputs": [{"name": "image", "shape": [2, 3, 32, 32], "datatype": "FP32",
+                        "data": inputs["image"].ravel().tolist()}]}
+    response = client.post("/v2/models/cnn_skip/versions/3/infer", json=body)
+    assert response.status_code == 200, response.get_json()
+    got = np.asarray(response.get_json()["outputs"][0]["data"]).reshape(2, 10)
+    want = reference_outputs("cnn_skip", inputs)["logits"]
+    assert np.array_equal(got.argmax(1), want.argmax(1)) and np.abs(got - want).max() < 0.2

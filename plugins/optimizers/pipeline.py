@@ -17,6 +17,7 @@ from pathlib import Path
 from typing import Any
 
 from runtime.errors import BadRequest, NotFound
+from runtime.plan import PLAN_FILE
 from runtime.plugins import PluginManager, Registry
 from runtime.repository import ModelRepository
 
@@ -109,16 +110,17 @@ def chain_from_config(registry: Registry, raw: dict) -> list[Step]:
     return [parse_step(registry, spec) for spec in chain]
 
 
-PLAN_FILE = "plan.toml"
+
 
 
 def default_source(repository: ModelRepository, name: str, raw: dict) -> int:
-    """The newest unpartitioned version that is not itself an optimizer's output
-    (else the newest unpartitioned one)."""
-    versions = [v for v in repository.versions(name)
-                if not (repository.version_dir(name, v) / PLAN_FILE).exists()]
-    if not versions:
-        raise NotFound(f"model {name!r} has no unpartitioned version")
+    """The newest unpartitioned version that is not itself an optimizer's output (else the
+    newest unpartitioned one; plans only when the model has nothing else)."""
+    every = repository.versions(name)
+    if not every:
+        raise NotFound(f"model {name!r} has no versions")
+    versions = [v for v in every
+                if not (repository.version_dir(name, v) / PLAN_FILE).exists()] or every
     made = raw.get("provenance", {})
     originals = [v for v in versions if str(v) not in (made if isinstance(made, dict) else {})]
     return (originals or versions)[-1]
@@ -163,6 +165,84 @@ def _load_source(data: bytes) -> Any:
     return model
 
 
+@dataclass
+class Candidate:
+    """A source version and its optimised files, ready to measure and publish."""
+
+    files: dict[str, bytes]  # file name -> bytes, as they will be published
+    source: Any  # something with get_outputs() and run(names, feed): a session or PlanRunner
+    candidate: Any
+    size_before: int
+    size_after: int
+    specs: list
+    calibration: Any
+    hashes: dict
+
+
+def _calibration(specs: list, settings: Settings) -> Any:
+    if settings.calibration_dir:
+        return load_directory(settings.calibration_dir, specs, settings.batch)
+    return generate(specs, settings.samples, settings.batch, settings.seed)
+
+
+def _apply(steps: list[Step], model: Any, calibration: Any) -> Any:
+    import onnx
+
+    for step in steps:
+        model = step.optimizer.apply(model, dict(step.options), calibration)
+        if not isinstance(model, onnx.ModelProto):
+            raise BadRequest(f"optimizer {step.optimizer.name!r} did not return an ONNX model")
+    return model
+
+
+def _check(data: bytes, what: str) -> None:
+    import onnx
+
+    try:
+        onnx.checker.check_model(onnx.load_from_string(data), full_check=True)
+    except (onnx.checker.ValidationError, onnx.shape_inference.InferenceError) as exc:
+        first = str(exc).splitlines()[0][:200]
+        raise BadRequest(f"the optimised {what} is not valid ONNX: {first}") from None
+
+
+def _sha(data: bytes) -> str:
+    return hashlib.sha256(data).hexdigest()
+
+
+def _single_file(repository: ModelRepository, name: str, filename: str, version: int,
+                 steps: list[Step], settings: Settings) -> Candidate:
+    data = repository.read_file(name, version, filename)
+    source = _load_source(data)
+    specs = input_specs(source)
+    calibration = _calibration(specs, settings)
+    candidate = _apply(steps, source, calibration).SerializeToString()
+    _check(candidate, "model")
+    return Candidate(
+        {filename: candidate}, session(data, settings.threads, settings.level),
+        session(candidate, settings.threads, settings.level), len(data), len(candidate),
+        specs, calibration, {"source_sha256": _sha(data), "sha256": _sha(candidate)})
+
+
+def _plan(repository: ModelRepository, name: str, version: int, steps: list[Step],
+          settings: Settings) -> Candidate:
+    from .shards import PlanRunner, optimise_shards, read_plan
+
+    source = read_plan(repository, name, version)
+    specs = source.specs()
+    calibration = _calibration(specs, settings)
+    files = optimise_shards(source, steps, calibration)
+    for file, data in files.items():
+        if file != PLAN_FILE:
+            _check(data, f"shard file {file!r}")
+    return Candidate(
+        files, PlanRunner(source.plan, source.files, settings.threads, settings.level),
+        PlanRunner(source.plan, files, settings.threads, settings.level), source.size,
+        sum(len(d) for d in files.values()), specs, calibration,
+        {"source_sha256": _sha(source.plan_bytes), "sha256": _sha(files[PLAN_FILE]),
+         "source_shards_sha256": source.record(),
+         "shards_sha256": {f: _sha(d) for f, d in files.items() if f != PLAN_FILE}})
+
+
 def run_chain(
     repository_root: str | Path,
     name: str,
@@ -170,55 +250,39 @@ def run_chain(
     settings: Settings,
     out: Callable[[str], Any] = print,
 ) -> Outcome:
-    """Apply ``steps`` to a version of model ``name``; publish it unless the budget breaks."""
-    import onnx
+    """Apply ``steps`` to a version of model ``name``; publish it unless the budget breaks.
 
+    A partitioned version (plan.toml) is optimised shard by shard.
+    """
     repository = ModelRepository(repository_root)
     cfg = repository.config(name)
     if not steps:
         raise BadRequest(f"no optimizers given for model {name!r}: use --with NAME or "
                          "optimize = [...] in its model.toml")
     source_version = settings.source_version or default_source(repository, name, cfg.raw)
-    if (repository.version_dir(name, source_version) / PLAN_FILE).exists():
-        raise BadRequest(f"version {source_version} of model {name!r} is partitioned: optimise "
-                         "the unpartitioned version, then partition the result")
-    data = repository.read_file(name, source_version, cfg.filename)
-    source = _load_source(data)
     budget = budget_for(steps, cfg.raw, settings.budget)
-    specs = input_specs(source)
-    if settings.calibration_dir:
-        calibration = load_directory(settings.calibration_dir, specs, settings.batch)
+    if (repository.version_dir(name, source_version) / PLAN_FILE).exists():
+        work = _plan(repository, name, source_version, steps, settings)
     else:
-        calibration = generate(specs, settings.samples, settings.batch, settings.seed)
+        work = _single_file(repository, name, cfg.filename, source_version, steps, settings)
 
-    model = source
-    for step in steps:
-        model = step.optimizer.apply(model, dict(step.options), calibration)
-        if not isinstance(model, onnx.ModelProto):
-            raise BadRequest(f"optimizer {step.optimizer.name!r} did not return an ONNX model")
-    try:
-        onnx.checker.check_model(model, full_check=True)
-    except (onnx.checker.ValidationError, onnx.shape_inference.InferenceError) as exc:
-        first = str(exc).splitlines()[0][:200]
-        raise BadRequest(f"the optimised model is not valid ONNX: {first}") from None
-    candidate = model.SerializeToString()
-
-    source_session, candidate_session = (session(data, settings.threads, settings.level),
-                                         session(candidate, settings.threads, settings.level))
-    report = Report(len(data), len(candidate), notes=calibration.notes,
+    calibration = work.calibration
+    report = Report(work.size_before, work.size_after, notes=calibration.notes,
                     samples=calibration.samples, latency_batch=settings.latency_batch,
                     latency_level=settings.level)
-    figures = compare(source_session, candidate_session, calibration)
+    figures = compare(work.source, work.candidate, calibration)
     report.max_abs_diff, report.cosine, report.top1 = (
         figures["max_abs_diff"], figures["cosine"], figures["top1"])
     if settings.latency_runs > 0:
-        timing = generate(specs, settings.latency_batch, settings.latency_batch, settings.seed + 1)
+        timing = generate(work.specs, settings.latency_batch, settings.latency_batch,
+                          settings.seed + 1)
         report.latency_before, report.latency_after = latency(
-            source_session, candidate_session, timing.batches[0], settings.latency_runs)
+            work.source, work.candidate, timing.batches[0], settings.latency_runs)
     chain_text = " -> ".join(
         s.optimizer.name + "(" + ", ".join(f"{k}={v}" for k, v in s.options.items()) + ")"
         for s in steps)
-    out(f"optimize {name} version {source_version}: {chain_text}")
+    shards = " (per shard)" if PLAN_FILE in work.files else ""
+    out(f"optimize {name} version {source_version}{shards}: {chain_text}")
     out(report.table(budget))
     failures = report.failures(budget)
     if failures:
@@ -230,15 +294,15 @@ def run_chain(
         return Outcome(None, report, budget, source_version)
     record = {
         "source_version": source_version,
-        "source_sha256": hashlib.sha256(data).hexdigest(),
-        "sha256": hashlib.sha256(candidate).hexdigest(),
+        **{k: v for k, v in work.hashes.items() if k in ("source_sha256", "sha256")},
         "created": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ"),
         "optimizers": [s.record() for s in steps],
         "calibration": calibration.source,
         "budget": {k: v for k, v in vars(budget).items() if v is not None},
         "tools": _tool_versions(),
         "report": report.figures(),
+        **{k: v for k, v in work.hashes.items() if k not in ("source_sha256", "sha256")},
     }
-    version = publish(repository.model_dir(name), cfg.filename, candidate, record)
+    version = publish(repository.model_dir(name), work.files, record)
     out(f"published {name} version {version}")
     return Outcome(version, report, budget, source_version)

@@ -78,8 +78,8 @@ def next_version(model_dir: Path) -> int:
     return max(versions, default=0) + 1
 
 
-def publish(model_dir: Path, filename: str, data: bytes, record: dict) -> int:
-    """Write ``data`` as ``<model_dir>/<new version>/<filename>`` and record provenance."""
+def publish(model_dir: Path, files: dict[str, bytes], record: dict) -> int:
+    """Write ``files`` into ``<model_dir>/<new version>/`` and record provenance."""
     config_path = model_dir / CONFIG_FILE
     old_text = config_path.read_text(encoding="utf-8") if config_path.is_file() else ""
     old = tomllib.loads(old_text)
@@ -87,7 +87,8 @@ def publish(model_dir: Path, filename: str, data: bytes, record: dict) -> int:
     target: Path | None = None
     try:
         os.chmod(tmp_dir, 0o755)
-        _write_atomic(tmp_dir / filename, data)
+        for filename, data in files.items():
+            _write_atomic(tmp_dir / filename, data)
         version = next_version(model_dir)
         if isinstance(old.get("provenance"), dict) and str(version) in old["provenance"]:
             raise ShardserveError(f"model.toml already has provenance for version {version}")

@@ -5,6 +5,7 @@ calibrated on representative inputs)."""
 from __future__ import annotations
 
 import contextlib
+import importlib.util
 import logging
 import os
 import tempfile
@@ -37,8 +38,10 @@ def _preprocessed(source: str, work: str, enabled: bool, calibration: Calibratio
     from onnxruntime.quantization.shape_inference import quant_pre_process
 
     target = os.path.join(work, "preprocessed.onnx")
+    # Symbolic shape inference needs sympy; onnx's own shape inference covers standard ops.
+    symbolic = importlib.util.find_spec("sympy") is not None
     try:
-        quant_pre_process(source, target, skip_symbolic_shape=False)
+        quant_pre_process(source, target, skip_symbolic_shape=not symbolic)
     except Exception as exc:  # onnxruntime's helpers raise assorted untyped errors
         calibration.notes.append(f"quant_pre_process skipped ({type(exc).__name__})")
         return source
