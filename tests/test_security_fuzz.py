@@ -155,8 +155,10 @@ LAMBDA = importlib.util.find_spec("handlers.lambda_handler") is not None
     st.sampled_from(["version", "rawPath", "path", "httpMethod", "headers", "body",
                      "isBase64Encoded", "requestContext", "queryStringParameters",
                      "rawQueryString", "routeKey"]), json_values, max_size=8)))
-def test_lambda_event_parser_only_answers_typed_errors(secured, event):  # pragma: no cover
+def test_lambda_event_parser_only_answers_typed_errors(secured, event):
     from handlers import lambda_handler
 
-    parse = getattr(lambda_handler, "parse_event", None) or lambda_handler.event_to_request
-    must_be_typed_4xx(lambda: parse(event))
+    lambda_handler._runtime = secured
+
+    must_be_typed_4xx(lambda: lambda_handler.to_http_request(event))
+    assert lambda_handler.handler(event, None)["statusCode"] < 500
