@@ -158,7 +158,9 @@ LAMBDA = importlib.util.find_spec("handlers.lambda_handler") is not None
 def test_lambda_event_parser_only_answers_typed_errors(secured, event):
     from handlers import lambda_handler
 
-    lambda_handler._runtime = secured
-
     must_be_typed_4xx(lambda: lambda_handler.to_http_request(event))
-    assert lambda_handler.handler(event, None)["statusCode"] < 500
+    saved, lambda_handler._runtime = lambda_handler._runtime, secured
+    try:
+        assert lambda_handler.handler(event, None)["statusCode"] < 500
+    finally:
+        lambda_handler._runtime = saved
