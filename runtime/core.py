@@ -151,6 +151,8 @@ class Runtime:
 
     def authenticate(self, request: Any) -> Any:
         """The principal behind a request (``None``: no credentials given)."""
+        if not self._started:  # security plugins arm at startup: never serve unarmed
+            self.start()
         return self.pm.hook.shardserve_authenticate(request=request)
 
     def authorize(self, principal: Any, action: str, model: str | None) -> None:
@@ -158,7 +160,8 @@ class Runtime:
         answers = self.pm.hook.shardserve_authorize(principal=principal, action=action,
                                                     model=model)
         if any(answer is False for answer in answers):
-            raise Forbidden(f"not allowed to {action}" + (f" model {model!r}" if model else ""))
+            target = f" model {model[:128]!r}" if model else ""
+            raise Forbidden(f"not allowed to {action}{target}")
 
     def audit(self, event: dict) -> None:
         """Hand a finished request's summary to the audit plugins."""

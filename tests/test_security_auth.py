@@ -50,6 +50,12 @@ def test_enabled_denies_everything_but_health(tiny_repo):
     assert call(rt, "/v2/health/ready", method="GET")[0] == 200
 
 
+def test_an_unstarted_runtime_arms_security_before_answering(tiny_repo):
+    rt = Runtime.from_config({"repository": {"path": str(tiny_repo)},
+                              "security": {"enabled": True}})
+    assert call(rt)[0] == 401
+
+
 def test_bad_security_config_fails_at_startup(tiny_repo):
     with pytest.raises(ConfigError, match="unknown \\[security\\] keys: enabeld"):
         make_runtime(tiny_repo, enabeld=True)
