@@ -17,10 +17,15 @@ $(VENV)/.installed: pyproject.toml
 
 venv: $(VENV)/.installed
 
+# serverless@3 and serverless-offline@13, pinned by package-lock.json (tests run them).
+node_modules/.installed: package.json package-lock.json
+	npm ci --no-audit --no-fund --loglevel=error
+	touch $@
+
 run: venv
 	$(BIN)/shardserve serve --repository $(REPOSITORY) --host $(HOST) --port $(PORT)
 
-test: venv
+test: venv node_modules/.installed
 	$(BIN)/python -m pytest -q
 
 lint: venv

@@ -44,6 +44,7 @@ class HttpRequest:
     query: dict[str, str] = field(default_factory=dict)
     request_id: str | None = None
     principal: Any = None
+    deadline: float | None = None  # time.monotonic() by which the answer is useless
 
 
 @dataclass(slots=True)
@@ -107,12 +108,14 @@ def model_config(rt: Runtime, req: HttpRequest, model: str, version: str | None 
 
 
 def infer(rt: Runtime, req: HttpRequest, model: str, version: str | None = None):
+    rt.get_model(model, version)  # an unknown model is 404 whatever the body holds
     request = decode_request(
         req.body,
         parse_header_length(req.headers.get("inference-header-content-length")),
         max_elements=rt.config.max_tensor_elements or None,
     )
-    response = rt.infer(model, request, version=version, principal=req.principal)
+    response = rt.infer(model, request, version=version, principal=req.principal,
+                        deadline=req.deadline)
     body, headers = encode_response(response, request)
     return HttpResponse(200, body, headers)
 

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import logging
 import threading
+import time
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from importlib import metadata as importlib_metadata
@@ -19,6 +20,7 @@ from .config import Config, load_config
 from .errors import (
     BadRequest,
     Forbidden,
+    GatewayTimeout,
     ModelLoadError,
     NotFound,
     ServiceUnavailable,
@@ -322,14 +324,20 @@ class Runtime:
             return self._started and all(
                 s.state == "READY" or s.reason == UNLOADED for s in list(self._models.values())
             )
-        validate_model_name(name)
-        status = self._models.get(name)
-        if status is None or status.state != "READY":
-            if not self.repository.exists(name):
-                raise NotFound(f"unknown model {name!r}")
+        wanted = validate_version(version)
+        try:
+            status = self._models.get(name)
+            if status is None or not status.versions:
+                status = self._lazy_load(name)  # loads in "lazy" mode, else 503
+        except NotFound:
+            raise
+        except ShardserveError:
             return False
-        wanted_version = validate_version(version)
-        return wanted_version is None or wanted_version in status.versions
+        if wanted is None or wanted in status.versions:
+            return True
+        if wanted not in self.repository.versions(name):
+            raise NotFound(f"unknown version {wanted} of model {name!r}")
+        return False
 
     def metadata(self, name: str, version: str | int | None = None) -> dict:
         model = self.get_model(name, version)
@@ -383,8 +391,13 @@ class Runtime:
         request: InferRequest,
         version: str | int | None = None,
         principal: Any = None,
+        deadline: float | None = None,
     ) -> InferResponse:
-        """Run one inference request; raises typed errors for bad requests."""
+        """Run one inference request; raises typed errors for bad requests.
+
+        ``deadline`` is a ``time.monotonic()`` value (a Lambda's remaining time):
+        past it, the model is not run and the caller gets 504.
+        """
         model = self.get_model(name, version)
         feed = _check_inputs(model, request)
         if request.outputs is None:
@@ -399,6 +412,8 @@ class Runtime:
         limits = getattr(principal, "limits", None)  # set by security: batch size, deadline
         if limits is not None:
             limits.check_request(request)
+        if deadline is not None and time.monotonic() > deadline:
+            raise GatewayTimeout(f"deadline passed before model {name!r} ran")
         outputs = model.backend.run(feed, wanted)
         if limits is not None:
             limits.check_deadline()

@@ -1,0 +1,170 @@
+"""AWS Lambda entry points over the same route table as the Flask app.
+
+``handler(event, context)`` accepts three kinds of event:
+
+- API Gateway HTTP API, payload format 2.0 (``"version": "2.0"``);
+- API Gateway REST API proxy, payload format 1.0 (``"httpMethod"``);
+- a direct invoke for shard-to-shard calls: ``{"shardserve": "v2", "method": ...,
+  "path": ..., "headers": {...}, "body": <base64>, "isBase64Encoded": true}``,
+  answered in the same ``statusCode/headers/body`` shape.
+
+The runtime is built once per container, lazily, on the first invocation and
+reused by warm ones; nothing else survives between calls. The handler never
+raises: an exception would kill the worker (serverless-offline) or turn into
+an opaque 502 (API Gateway).
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import logging
+import os
+import time
+from typing import Any
+from urllib.parse import parse_qsl, unquote
+
+from runtime import Runtime
+from runtime.errors import BadRequest, PayloadTooLarge
+
+from .routes import HttpRequest, HttpResponse, dispatch, error_response
+
+log = logging.getLogger("shardserve.lambda")
+
+# A synchronous invocation's request and response payloads are capped at 6 MB.
+LAMBDA_PAYLOAD_LIMIT = 6 * 1024 * 1024
+DIRECT_INVOKE = "v2"
+OFFLINE_REQUEST_ID = "1234567890"  # serverless-offline's constant placeholder
+
+_runtime: Runtime | None = None
+
+
+def get_runtime() -> Runtime:
+    """The container's runtime, built on first use. Models load lazily unless
+    ``SHARDSERVE_LOAD`` says otherwise, so a cold start loads only what it serves."""
+    global _runtime
+    if _runtime is None:
+        overrides = {} if "SHARDSERVE_LOAD" in os.environ else {"repository": {"load": "lazy"}}
+        _runtime = Runtime.from_config(None, overrides=overrides).start()
+    return _runtime
+
+
+def _body(event: dict) -> bytes:
+    body = event.get("body")
+    if body is None:
+        return b""
+    if not isinstance(body, str):
+        raise BadRequest("event body must be a string")
+    if len(body) > LAMBDA_PAYLOAD_LIMIT:
+        raise PayloadTooLarge(
+            f"request is {len(body)} bytes, over AWS Lambda's {LAMBDA_PAYLOAD_LIMIT}-byte "
+            "payload limit: send a smaller batch, or binary tensors "
+            "(application/octet-stream) instead of JSON"
+        )
+    if event.get("isBase64Encoded"):
+        try:
+            return base64.b64decode(body, validate=True)
+        except (binascii.Error, ValueError):
+            raise BadRequest("event body is not valid base64") from None
+    return body.encode("utf-8", "surrogatepass")
+
+
+def _headers(raw: Any) -> dict[str, str]:
+    if not isinstance(raw, dict):
+        return {}
+    return {str(k).lower(): str(v) for k, v in raw.items() if v is not None}
+
+
+def _query(raw: Any) -> dict[str, str]:
+    if isinstance(raw, str):
+        return dict(parse_qsl(raw, keep_blank_values=True))
+    if isinstance(raw, dict):
+        return {str(k): str(v) for k, v in raw.items() if v is not None}
+    return {}
+
+
+def to_http_request(event: Any) -> tuple[HttpRequest, str]:
+    """The event as a request, and its kind ("2.0", "1.0" or "direct")."""
+    if not isinstance(event, dict):
+        raise BadRequest("event must be a JSON object")
+    if event.get("version") == "2.0" and isinstance(event.get("requestContext"), dict):
+        http = event["requestContext"].get("http") or {}
+        kind, method, path = "2.0", http.get("method"), event.get("rawPath")
+        path = unquote(path) if isinstance(path, str) else path  # rawPath keeps %-escapes
+        query = _query(event.get("rawQueryString") or event.get("queryStringParameters"))
+    elif "httpMethod" in event:
+        kind, method, path = "1.0", event.get("httpMethod"), event.get("path")
+        query = _query(event.get("queryStringParameters"))
+    elif event.get("shardserve") == DIRECT_INVOKE:
+        kind, method, path = "direct", event.get("method", "POST"), event.get("path")
+        query = _query(event.get("query"))
+    else:
+        raise BadRequest("unrecognised event: expected an API Gateway or shardserve event")
+    if not isinstance(method, str) or not isinstance(path, str) or not path.startswith("/"):
+        raise BadRequest("event has no valid method and path")
+    request = HttpRequest(method=method.upper(), path=path, headers=_headers(event.get("headers")),
+                          body=_body(event), query=query)
+    return request, kind
+
+
+def _is_text(response: HttpResponse) -> bool:
+    content_type = response.headers.get("Content-Type", "")
+    return content_type.startswith(("application/json", "text/"))
+
+
+def to_lambda_response(response: HttpResponse) -> dict:
+    """API Gateway's response shape; binary bodies travel base64-encoded."""
+    if _is_text(response):
+        body, encoded = response.body.decode("utf-8"), False
+    else:
+        body, encoded = base64.b64encode(response.body).decode("ascii"), True
+    if len(body) > LAMBDA_PAYLOAD_LIMIT:
+        return to_lambda_response(error_response(PayloadTooLarge(
+            f"response would be {len(body)} bytes, over AWS Lambda's {LAMBDA_PAYLOAD_LIMIT}-byte "
+            "payload limit: request binary outputs (binary_data_output) or a smaller batch"
+        )))
+    return {"statusCode": response.status, "headers": dict(response.headers), "body": body,
+            "isBase64Encoded": encoded}
+
+
+def request_id(context: Any) -> str | None:
+    """The invocation's id (serverless-offline keeps the real one in ``awsRequestId``)."""
+    rid = getattr(context, "aws_request_id", None)
+    if rid in (None, OFFLINE_REQUEST_ID):
+        rid = getattr(context, "awsRequestId", None) or rid
+    return rid
+
+
+def deadline(context: Any) -> float | None:
+    remaining = getattr(context, "get_remaining_time_in_millis", None)
+    if remaining is None:
+        return None
+    try:
+        return time.monotonic() + float(remaining()) / 1000.0
+    except (TypeError, ValueError):
+        return None
+
+
+def handler(event: Any, context: Any = None) -> dict:
+    """The Lambda entry point for HTTP API, REST API and direct-invoke events."""
+    started = time.perf_counter()
+    rid = request_id(context)
+    kind = "invalid"
+    try:
+        request, kind = to_http_request(event)
+        request.request_id = request.headers.get("x-request-id") or rid
+        request.deadline = deadline(context)
+        response = dispatch(get_runtime(), request)
+    except Exception as exc:  # never let an exception escape a Lambda handler
+        response = error_response(exc)
+    try:
+        result = to_lambda_response(response)
+    except Exception as exc:  # e.g. a body that cannot be decoded as declared
+        result = to_lambda_response(error_response(exc))
+    log.info("request %s %s -> %s in %.1f ms", rid, kind, result["statusCode"],
+             (time.perf_counter() - started) * 1000)
+    return result
+
+
+# The shard function is the same code: a direct invoke is just another event.
+shard_handler = handler
