@@ -206,7 +206,7 @@ def test_invalid_onnx_is_a_clear_error_and_writes_nothing(repo, case):
 def test_impossible_options_are_clear_errors_and_write_nothing(repo):
     before = _versions(repo, "cnn_skip")
     analysis = analyse(repo, "cnn_skip")
-    with pytest.raises(BadRequest, match="cannot cut 13 node"):
+    with pytest.raises(BadRequest, match=r"into 14 shards: use 1 to 8 shards \(the model has 13"):
         plan_partition(analysis, "pipeline", {"shards": 14})
     with pytest.raises(BadRequest, match="no partition fits the budget"):
         plan_partition(analysis, "memory", {"memory_budget": "10KB"})
@@ -289,5 +289,5 @@ def test_cli_plan_table_plot_and_partition(repo, tmp_path):
     out = subprocess.run(
         [str(SHARDSERVE), "partition", "cnn_skip", "-r", str(repo), "-s", "pipeline",
          "--shards", "99"], capture_output=True, text=True, env=env, timeout=120)
-    assert out.returncode == 1 and "error: cannot cut 13 node(s) into 99 shards" in out.stderr
+    assert out.returncode == 1 and "error: cannot cut 8 unit(s) into 99 shards" in out.stderr
     assert "Traceback" not in out.stderr

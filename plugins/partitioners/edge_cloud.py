@@ -184,16 +184,22 @@ def valid_edge_sets(graph, limit: int):
 class EdgeCloudPartitioner:
     description = "edge/cloud cut minimising latency (exact min-cut) or GB-seconds under an SLO"
 
-    def partition(self, graph, costs, options: dict) -> Partition:
+    def choose(self, graph, costs, options: dict) -> tuple[EdgeCloudModel, set[int]]:
+        """The cost model and the units the objective puts on the edge."""
         model = EdgeCloudModel(graph, costs, options)
         objective = options.get("objective") or "latency"
-        everything = set(range(len(graph)))
         if objective == "latency":
+            everything = set(range(len(graph)))
             edge = min((model.min_cut(), everything), key=lambda e: (model.latency(e), -len(e)))
         elif objective == "gb-seconds":
             edge = self._cheapest_under_slo(model, graph, options)
         else:
             raise BadRequest("objective must be 'latency' or 'gb-seconds'")
+        return model, edge
+
+    def partition(self, graph, costs, options: dict) -> Partition:
+        model, edge = self.choose(graph, costs, options)
+        everything = set(range(len(graph)))
         cloud_only, edge_only = model.latency(set()), model.latency(everything)
         groups = [sorted(edge), sorted(everything - edge)]
         placements = [options.get("edge_placement") or "local",

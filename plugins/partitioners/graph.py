@@ -17,6 +17,12 @@ from pathlib import Path
 
 from runtime.errors import BadRequest
 
+# onnxruntime fuses these into the node before them (Conv+Relu, MatMul+Add, ...): a cut
+# between them would cost a fusion, so such a chain is one unit.
+FUSION_HEADS = {"Conv", "ConvTranspose", "MatMul", "Gemm"}
+FUSION_TAILS = {"Relu", "LeakyRelu", "Sigmoid", "Tanh", "Clip", "HardSigmoid", "Add", "Mul",
+                "Sub", "Div", "BatchNormalization"}
+MAX_FUSED = 3
 NONDETERMINISTIC = {"RandomNormal", "RandomUniform", "RandomNormalLike", "RandomUniformLike",
                     "Multinomial", "Bernoulli"}
 
@@ -26,7 +32,7 @@ class Unit:
     """One partitionable node; ``index`` is its position in topological order."""
 
     index: int
-    node: int
+    nodes: list[int]
     name: str
     op_type: str
     inputs: list[str]
@@ -199,7 +205,49 @@ def _attr(node, name: str):
     return 0
 
 
-def build_graph(model, batch: int = 1, sample_types: dict | None = None) -> ModelGraph:
+def fuse_units(units: list[Unit], graph_outputs: set[str], enabled: bool = True) -> list[Unit]:
+    """Merge each fusable tail into the head chain that alone feeds it.
+
+    The head's outputs must go only to the tail (so the merge cannot create a
+    cycle) and not be model outputs; the merged unit takes the tail's place in
+    the order. Returns units re-indexed in topological order.
+    """
+    users: dict[str, set[int]] = {}
+    for u in units:
+        for n in u.inputs:
+            users.setdefault(n, set()).add(u.nodes[0])
+    producer: dict[str, Unit] = {}
+    out: list[Unit] = []
+    for unit in units:
+        head = None
+        if enabled and unit.op_type in FUSION_TAILS:
+            for name in unit.inputs:
+                cand = producer.get(name)
+                if (cand is not None and cand.op_type.split("+")[0] in FUSION_HEADS
+                        and len(cand.nodes) < MAX_FUSED
+                        and all(users.get(o, set()) == {unit.nodes[0]} and o not in graph_outputs
+                                for o in cand.outputs)):
+                    head = cand
+                    break
+        if head is not None:
+            out.remove(head)
+            internal = set(head.outputs)
+            head.inputs += [n for n in unit.inputs if n not in internal and n not in head.inputs]
+            head.outputs = unit.outputs
+            head.nodes += unit.nodes
+            head.op_type += "+" + unit.op_type
+            head.weights |= unit.weights
+            head.flops += unit.flops
+            unit = head
+        out.append(unit)
+        for name in unit.outputs:
+            producer[name] = unit
+    for index, unit in enumerate(out):
+        unit.index = index
+    return out
+
+
+def build_graph(model, batch: int = 1, fuse: bool = True) -> ModelGraph:
     """The unit DAG of ``model`` with tensor sizes at input batch ``batch``."""
     g = model.graph
     initializers = {t.name: t for t in g.initializer}
@@ -226,11 +274,12 @@ def build_graph(model, batch: int = 1, sample_types: dict | None = None) -> Mode
         weights: set[str] = set()
         for n in names:
             weights |= roots.get(n, set())
-        units.append(Unit(len(units), index, node.name or f"{node.op_type}_{index}", node.op_type,
-                          [n for n in names if n not in static], outs, weights,
+        units.append(Unit(len(units), [index], node.name or f"{node.op_type}_{index}",
+                          node.op_type, [n for n in names if n not in static], outs, weights,
                           _flops(node, shapes)))
     if not units:
         raise BadRequest("the model has no computing node to partition")
+    units = fuse_units(units, {o.name for o in g.output}, fuse)
     producer = {o: u.index for u in units for o in u.outputs}
     consumers: dict[str, list[int]] = {}
     for u in units:

@@ -1,7 +1,8 @@
 """``pipeline``: K shards over the topological order, minimising the slowest stage.
 
 A stage's time is its units' seconds times the device factor plus sending the
-tensors live at its end over the link (bandwidth, RTT). Dynamic programming
+tensors live at its end over the link (bandwidth, RTT; by default an in-process
+hand-off). Dynamic programming
 over contiguous ranges finds the K-way split whose slowest stage is fastest
 (ties: smallest total), which bounds a pipelined plan's throughput
 (PipeEdge, EdgeShard). Exact for the given order: O(K n^2).
@@ -13,6 +14,11 @@ from runtime.errors import BadRequest
 
 from .partition import Partition, contiguous_groups, link_from, option, prefix_rows
 
+# The default hop is in process: one more session call (~10 us) and the tensors
+# at the border re-laid-out by onnxruntime on both sides (~5 GB/s on the CNN example).
+IN_PROCESS_HOP_S = 10e-6
+IN_PROCESS_BPS = 40e9
+
 
 class PipelinePartitioner:
     description = "K shards minimising the slowest stage plus transfer (pipelined throughput)"
@@ -21,10 +27,12 @@ class PipelinePartitioner:
         n = len(graph)
         k = option(options, "shards", 2)
         if k < 1 or k > n:
-            raise BadRequest(f"cannot cut {n} node(s) into {k} shards: "
-                             f"use 1 to {n} shards")
+            nodes = sum(len(u.nodes) for u in graph.units)
+            raise BadRequest(f"cannot cut {n} unit(s) into {k} shards: use 1 to {n} shards "
+                             f"(the model has {nodes} computing node(s); a fused chain or a "
+                             "control-flow node is one unit)")
         factor = option(options, "device_factor", 1.0)
-        link = link_from(options, 1e12, 0.0)
+        link = link_from(options, IN_PROCESS_BPS, IN_PROCESS_HOP_S)
         live = graph.live_bytes()
         prefix = [0.0]
         for s in costs.seconds:
