@@ -135,6 +135,59 @@ def test_refused_before_onnxruntime_sees_a_byte(tmp_path, monkeypatch):
     assert str(tmp_path) not in err.value.message
 
 
+# A signature made by the OpenSSF tool itself (model_signing 1.1.1, `model_signing sign
+# key`, EC P-256), kept here because the tool is not a dependency of the project.
+OPENSSF_PUBLIC_KEY = (
+    "-----BEGIN PUBLIC KEY-----\n"
+    "MFkwEwYHKoZIzj0CAQYIKoZIzj0DAQcDQgAEH4UobOPiANMjT4sMnKpq30R+6zg5\n"
+    "fVbe6mLsoGii5avH8P2sgGIWjgN8/J0EKWiUSONzWH/UJmVryd84ZWyHnQ==\n"
+    "-----END PUBLIC KEY-----\n"
+)
+OPENSSF_FILES = {
+    "model.onnx": b"stand-in model bytes, signed by the OpenSSF model_signing 1.1.1 CLI\n",
+    "vocab.txt": b"hello\n",
+}
+OPENSSF_SIGNATURE = (
+    '{"mediaType":"application/vnd.dev.sigstore.bundle.v0.3+json","verificationMaterial":{"pu'
+    'blicKey":{"hint":"8047ee56e2591dfcf74bb3d32f8de81c2e63de2d09e89f89f9e54bf01d2b73c4"},"tl'
+    'ogEntries":[]},"dsseEnvelope":{"payload":"ewogICJfdHlwZSI6ICJodHRwczovL2luLXRvdG8uaW8vU3'
+    'RhdGVtZW50L3YxIiwKICAic3ViamVjdCI6IFsKICAgIHsKICAgICAgIm5hbWUiOiAiMSIsCiAgICAgICJkaWdlc3'
+    'QiOiB7CiAgICAgICAgInNoYTI1NiI6ICIzZTJiODM0NTJiNjYxNDM4NzQyNjlhYjJhMTljY2IxMWZjM2RiNDY2Zj'
+    'FhYjIyMjc5YjdhOWJkMjU5OTZmZjFmIgogICAgICB9CiAgICB9CiAgXSwKICAicHJlZGljYXRlVHlwZSI6ICJodH'
+    'RwczovL21vZGVsX3NpZ25pbmcvc2lnbmF0dXJlL3YxLjAiLAogICJwcmVkaWNhdGUiOiB7CiAgICAic2VyaWFsaX'
+    'phdGlvbiI6IHsKICAgICAgImhhc2hfdHlwZSI6ICJzaGEyNTYiLAogICAgICAibWV0aG9kIjogImZpbGVzIiwKIC'
+    'AgICAgImlnbm9yZV9wYXRocyI6IFsKICAgICAgICAiLmdpdGF0dHJpYnV0ZXMiLAogICAgICAgICIuZ2l0aWdub3'
+    'JlIiwKICAgICAgICAibW9kZWwuc2lnIiwKICAgICAgICAiLmdpdCIsCiAgICAgICAgIi5naXRodWIiCiAgICAgIF'
+    '0sCiAgICAgICJhbGxvd19zeW1saW5rcyI6IGZhbHNlCiAgICB9LAogICAgInJlc291cmNlcyI6IFsKICAgICAgew'
+    'ogICAgICAgICJhbGdvcml0aG0iOiAic2hhMjU2IiwKICAgICAgICAibmFtZSI6ICJtb2RlbC5vbm54IiwKICAgIC'
+    'AgICAiZGlnZXN0IjogImFmMWFiZWU5YTVjYzNmNWUwYjAzMDk4NTI4NjFkODc4YWY5MjNmYjkwM2RlMGVlOWUwNm'
+    'YyMmYyOGQ4MjMxZjEiCiAgICAgIH0sCiAgICAgIHsKICAgICAgICAiYWxnb3JpdGhtIjogInNoYTI1NiIsCiAgIC'
+    'AgICAgIm5hbWUiOiAidm9jYWIudHh0IiwKICAgICAgICAiZGlnZXN0IjogIjU4OTFiNWI1MjJkNWRmMDg2ZDBmZj'
+    'BiMTEwZmJkOWQyMWJiNGZjNzE2M2FmMzRkMDgyODZhMmU4NDZmNmJlMDMiCiAgICAgIH0KICAgIF0KICB9Cn0=",'
+    '"payloadType":"application/vnd.in-toto+json","signatures":[{"sig":"MEUCICZvsOuHgWMrAOaao'
+    'MKXF5T0N5u35jOWhbquZER+TqbQAiEA/Pn2hfsVG5iAx5A5CD3j9Heyth5I7CDKiYVcx/x3NiQ=","keyid":""}'
+    ']}}'
+)
+
+
+def test_verifies_a_signature_made_by_the_openssf_model_signing_tool(tmp_path):
+    from cryptography.hazmat.primitives import serialization
+
+    version = tmp_path / "1"
+    version.mkdir()
+    for name, data in OPENSSF_FILES.items():
+        (version / name).write_bytes(data)
+    (version / "model.sig").write_text(OPENSSF_SIGNATURE)
+    public = serialization.load_pem_public_key(OPENSSF_PUBLIC_KEY.encode())
+    assert verify_directory(version, [public]) == ["model.onnx", "vocab.txt"]
+    (version / "vocab.txt").write_bytes(b"hellp\n")
+    with pytest.raises(SignatureError, match="vocab.txt does not match its signature"):
+        verify_directory(version, [public])
+    other = ec.generate_private_key(ec.SECP256R1()).public_key()
+    with pytest.raises(SignatureError, match="not signed by a trusted key"):
+        verify_directory(version, [other])
+
+
 # encryption -----------------------------------------------------------------
 
 
