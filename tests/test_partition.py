@@ -10,7 +10,14 @@ from pathlib import Path
 import numpy as np
 import pytest
 import requests
-from conftest import EXAMPLE_MODELS, EXAMPLES, SHARDSERVE, ServerProcess, example_inputs
+from conftest import (
+    EXAMPLE_MODELS,
+    EXAMPLES,
+    SHARDSERVE,
+    ServerProcess,
+    add_model,
+    example_inputs,
+)
 
 from plugins.partitioners.build import (
     analyse,
@@ -291,3 +298,73 @@ def test_cli_plan_table_plot_and_partition(repo, tmp_path):
          "--shards", "99"], capture_output=True, text=True, env=env, timeout=120)
     assert out.returncode == 1 and "error: cannot cut 8 unit(s) into 99 shards" in out.stderr
     assert "Traceback" not in out.stderr
+
+
+def _one_model_repo(tmp_path, model) -> Path:
+    import onnx
+
+    root = tmp_path / "one"
+    (root / "m" / "1").mkdir(parents=True)
+    onnx.save(model, str(root / "m" / "1" / "model.onnx"))
+    return root
+
+
+def test_batch_refuses_models_that_mix_samples_or_have_a_fixed_batch(tmp_path):
+    from onnx import TensorProto, helper
+
+    x = helper.make_tensor_value_info("x", TensorProto.FLOAT, ["batch", 4])
+    y = helper.make_tensor_value_info("y", TensorProto.FLOAT, ["batch", 4])
+    nodes = [helper.make_node("ReduceMean", ["x"], ["mean"], axes=[0], keepdims=1),
+             helper.make_node("Sub", ["x", "mean"], ["y"])]  # centred over the whole batch
+    mixing = helper.make_model(helper.make_graph(nodes, "g", [x], [y]),
+                               opset_imports=[helper.make_opsetid("", 17)])
+    mixing.ir_version = 8
+    repo = _one_model_repo(tmp_path, mixing)
+    analysis = analyse(repo, "m")
+    part = plan_partition(analysis, "batch", {"replicas": 2})
+    with pytest.raises(BadRequest, match="mix samples across the batch"):
+        write_partition(analysis, "batch", {}, part, repo)
+    assert _versions(repo, "m") == ["1"]
+
+    fixed = add_model(dims=(3, 4))
+    repo = _one_model_repo(tmp_path / "fixed", fixed)
+    with pytest.raises(BadRequest, match="dynamic first"):
+        plan_partition(analyse(repo, "m"), "batch", {"replicas": 2})
+
+
+def test_shards_run_on_the_backend_plan_toml_names(repo):
+    from plugins.backends.onnxruntime import OnnxRuntimeBackend
+    from runtime import hookimpl
+
+    calls = []
+
+    class CountingBackend(OnnxRuntimeBackend):  # stands in for numba (issue 6)
+        platform = "onnxruntime_onnx"
+
+        def run(self, inputs, outputs):
+            calls.append(self.settings.config.filename)
+            return super().run(inputs, outputs)
+
+    class Plugin:
+        @hookimpl
+        def shardserve_register_backends(self, register):
+            register("counting", CountingBackend)
+
+    analysis = analyse(repo, "digits_mlp")
+    target = write_partition(analysis, "pipeline", {"shards": 2},
+                             plan_partition(analysis, "pipeline", {"shards": 2}), repo)
+    text = (target / "plan.toml").read_text()
+    (target / "plan.toml").write_text(text.replace('backend = "onnxruntime"',
+                                                   'backend = "counting"', 1))
+    rt = Runtime.from_config({"repository": {"path": str(repo), "load": "lazy"}},
+                             plugins=(Plugin(),))
+    x = example_inputs("digits_mlp", batch=2)
+    want = infer(rt, "digits_mlp", x, 1)
+    got = infer(rt, "digits_mlp", x, 2)
+    np.testing.assert_allclose(got["probabilities"], want["probabilities"], atol=1e-6)
+    assert calls == ["shard_0.onnx"]  # the first shard ran on the named backend
+    (target / "plan.toml").write_text(text.replace('backend = "onnxruntime"',
+                                                   'backend = "nope"', 1))
+    with pytest.raises(ModelLoadError, match="unknown backend 'nope'"):
+        Runtime.from_config({"repository": {"path": str(repo), "load": "lazy"}}).load(
+            "digits_mlp")

@@ -162,6 +162,8 @@ class EdgeCloudModel:
 
 def valid_edge_sets(graph, limit: int):
     """Every predecessor-closed unit set, or None when there are more than ``limit``."""
+    if len(graph) > 500:  # the walk below recurses once per unit
+        return None
     preds = [{graph.producer[x] for x in u.inputs if x in graph.producer} for u in graph.units]
     out: list[set[int]] = []
 

@@ -61,8 +61,8 @@ class MemoryPartitioner:
         best[0] = (0, 0)
         need = {}
         for i in range(n):
-            if best[i] == inf:
-                continue
+            if best[i] == inf or best[i][0] >= best[n][0]:
+                continue  # unreachable, or cannot beat the shard count already found
             for j in range(i + 1, n + 1):
                 weights, peak = shard_memory(graph, i, j)
                 need[(i, j)] = (weights, peak)
