@@ -9,15 +9,10 @@ earlier shards. This module only parses and orders; running is a backend's job
 
 from __future__ import annotations
 
-import sys
 from dataclasses import dataclass, field
 
 from .errors import ModelLoadError
-
-if sys.version_info >= (3, 11):
-    import tomllib
-else:  # pragma: no cover
-    import tomli as tomllib
+from .repository import tomllib
 
 PLAN_FILE = "plan.toml"
 PLAN_FORMAT = 1
@@ -35,7 +30,6 @@ class Shard:
     inputs: list[str] = field(default_factory=list)
     outputs: list[str] = field(default_factory=list)
     options: dict = field(default_factory=dict)
-    raw: dict = field(default_factory=dict)
 
 
 @dataclass
@@ -89,32 +83,24 @@ def _shard(model: str, index: int, raw: object) -> Shard:
     if not isinstance(raw, dict):
         raise _fail(model, f"shards[{index}] must be a table")
     where = f"shards[{index}]"
-    for key in ("name", "file"):
+    raw = {"backend": "onnxruntime", "placement": "local", **raw}
+    for key in ("name", "file", "backend", "placement"):
         if not isinstance(raw.get(key), str) or not raw[key]:
             raise _fail(model, f"{where}.{key} must be a non-empty string")
     file = raw["file"]
     if "/" in file or "\\" in file or file in (".", "..") or file == PLAN_FILE:
         raise _fail(model, f"{where}.file must be a plain file name in the version directory")
-    for key in ("backend", "placement"):
-        if key in raw and (not isinstance(raw[key], str) or not raw[key]):
-            raise _fail(model, f"{where}.{key} must be a non-empty string")
     options = raw.get("options", {})
     if not isinstance(options, dict):
         raise _fail(model, f"{where}.options must be a table")
-    return Shard(
-        name=raw["name"], file=file, backend=raw.get("backend", "onnxruntime"),
-        placement=raw.get("placement", "local"),
-        inputs=_names(model, f"{where}.inputs", raw.get("inputs")),
-        outputs=_names(model, f"{where}.outputs", raw.get("outputs")),
-        options=options, raw=raw,
-    )
+    return Shard(raw["name"], file, raw["backend"], raw["placement"],
+                 _names(model, f"{where}.inputs", raw.get("inputs")),
+                 _names(model, f"{where}.outputs", raw.get("outputs")), options)
 
 
 def topological_order(model: str, plan: ShardPlan) -> list[int]:
-    """Shard indices so that every shard runs after the shards it consumes from.
-
-    Raises if a tensor has two producers, an input has none, or shards form a cycle.
-    """
+    """Shard indices, each after the shards it reads from; raises if a tensor has
+    two producers, an input has none, or the shards form a cycle."""
     producer: dict[str, int] = {}
     for i, shard in enumerate(plan.shards):
         for name in shard.outputs:

@@ -368,3 +368,21 @@ def test_shards_run_on_the_backend_plan_toml_names(repo):
     with pytest.raises(ModelLoadError, match="unknown backend 'nope'"):
         Runtime.from_config({"repository": {"path": str(repo), "load": "lazy"}}).load(
             "digits_mlp")
+
+
+def test_measured_costs_are_profiled_once_per_model_file(repo, monkeypatch):
+    import plugins.partitioners.costs as costs
+
+    first = analyse(repo, "cnn_skip", cost="measured", runs=3)
+    assert first.costs.kind == "measured" and all(s > 0 for s in first.costs.seconds)
+    assert len(first.costs.seconds) == len(first.graph)
+
+    def no_profiling(*args, **kwargs):
+        raise AssertionError("profiled again despite the cache")
+
+    monkeypatch.setattr(costs, "_profile", no_profiling)
+    again = analyse(repo, "cnn_skip", cost="measured", runs=3)
+    assert again.costs.seconds == first.costs.seconds
+    static = analyse(repo, "cnn_skip", cost="static")
+    convs = [i for i, u in enumerate(static.graph.units) if u.op_type.startswith("Conv")]
+    assert static.costs.seconds[convs[0]] > static.costs.seconds[-1]  # conv >> flatten/gemm

@@ -164,6 +164,9 @@ def test_random_dag_plans_match_the_original_and_shards_run_alone(tmp_path_facto
                 np.testing.assert_allclose(array, values[name], rtol=1e-5, atol=1e-5)
     if plan.mode == "dag":
         shard_models = [onnx.load(str(target / s.file)) for s in plan.shards]
+        computed = [o for m in shard_models for n in m.graph.node if n.op_type != "Constant"
+                    for o in n.output if o in analysis.graph.producer]
+        assert len(computed) == len(set(computed))  # forwarded, never recomputed
         assert all(m.ir_version == model.ir_version for m in shard_models)
         assert all(list(m.opset_import) == list(model.opset_import) for m in shard_models)
         used = [t.name for m in shard_models for t in m.graph.initializer]
