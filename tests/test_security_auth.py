@@ -190,3 +190,23 @@ def test_tensor_transform_is_registered_and_binds_its_context(tiny_repo, monkeyp
     for other in ({"request_id": "req-2"}, {"shard": "shard-1"}, {"tensor": "g"}):
         with pytest.raises(Exception, match="does not authenticate"):
             aes.decode(blob, {**context, **other})
+
+
+def test_workers_sharing_a_nonce_db_refuse_a_replay_to_another_worker(tiny_repo, tmp_path,
+                                                                        monkeypatch):
+    from plugins.security.hmac_signing import sign_request
+
+    monkeypatch.setenv("TEST_HMAC", base64.b64encode(b"w" * 32).decode())
+    hmac_config = {"nonce_db": str(tmp_path / "nonces.sqlite"),
+                   "clients": {"job": {"secret_env": "TEST_HMAC", "models": ["double"]}}}
+    worker_a = make_runtime(tiny_repo, enabled=True, hmac=hmac_config)
+    worker_b = make_runtime(tiny_repo, enabled=True, hmac=hmac_config)
+    path = "/v2/models/double/infer"
+    headers = {k.lower(): v for k, v in sign_request(b"w" * 32, "job", "POST", path,
+                                                     BODY).items()}
+    assert call(worker_a, path, headers)[0] == 200
+    status, out, _ = call(worker_b, path, headers)
+    assert status == 401 and "replay" in out["error"]
+    fresh = {k.lower(): v for k, v in sign_request(b"w" * 32, "job", "POST", path,
+                                                   BODY).items()}
+    assert call(worker_b, path, fresh)[0] == 200

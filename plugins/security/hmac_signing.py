@@ -12,6 +12,10 @@ so a captured request cannot be replayed. Secrets come from the environment
     secret_env = "BATCH_JOB_SECRET"
     models = ["digits_mlp"]
     actions = ["infer", "metadata"]
+
+Nonces are remembered per process; with several worker processes on a host
+set ``[security.hmac] nonce_db = "/run/shardserve/nonces.sqlite"`` so all
+workers share them.
 """
 
 from __future__ import annotations
@@ -93,10 +97,49 @@ class NonceCache:
             self._seen[key] = now + 2 * self.window_s
 
 
+class SharedNonceStore:
+    """Nonces in a SQLite file, shared by every worker process on one host
+    (gunicorn), so a request replayed to another worker is refused too."""
+
+    def __init__(self, path: str, window_s: float):
+        import sqlite3
+
+        self.window_s = window_s
+        try:
+            self._db = sqlite3.connect(path, timeout=5, isolation_level=None,
+                                       check_same_thread=False)
+            self._db.execute("PRAGMA journal_mode=WAL")
+            self._db.execute("CREATE TABLE IF NOT EXISTS nonces (client TEXT, nonce TEXT, "
+                             "expires REAL, PRIMARY KEY (client, nonce))")
+        except sqlite3.Error:
+            raise ConfigError("security.hmac.nonce_db cannot be opened") from None
+        self._lock = threading.Lock()
+        self._uses = 0
+
+    def use(self, client: str, nonce: str, now: float) -> None:
+        import sqlite3
+
+        with self._lock:
+            self._uses += 1
+            try:
+                if self._uses % 1000 == 1:
+                    self._db.execute("DELETE FROM nonces WHERE expires < ?", (now,))
+                self._db.execute("INSERT INTO nonces VALUES (?, ?, ?)",
+                                 (client, nonce, now + 2 * self.window_s))
+            except sqlite3.IntegrityError:
+                row = self._db.execute("SELECT expires FROM nonces WHERE client = ? AND "
+                                       "nonce = ?", (client, nonce)).fetchone()
+                if row and row[0] >= now:
+                    raise _deny("signed request was already used (replay)") from None
+                self._db.execute("REPLACE INTO nonces VALUES (?, ?, ?)",
+                                 (client, nonce, now + 2 * self.window_s))
+
+
 class HmacAuthenticator:
-    def __init__(self, sec: SecuritySettings, clients: dict, window_s: float):
+    def __init__(self, sec: SecuritySettings, clients: dict, window_s: float,
+                 nonce_db: str | None = None):
         self.sec, self.clients, self.window_s = sec, clients, window_s
-        self.nonces = NonceCache(window_s)
+        self.nonces = SharedNonceStore(nonce_db, window_s) if nonce_db else NonceCache(window_s)
 
     @hookimpl(tryfirst=True)
     def shardserve_authenticate(self, request: Any):
@@ -151,5 +194,5 @@ def shardserve_startup(runtime: Any) -> None:
         window = section.get("window_s", DEFAULT_WINDOW_S)
         if isinstance(window, bool) or not isinstance(window, (int, float)) or window <= 0:
             raise ConfigError("config: security.hmac.window_s must be a positive number")
-        runtime.pm.register(HmacAuthenticator(sec, load_clients(section), window),
-                            "plugins.security.hmac_signing:active")
+        auth = HmacAuthenticator(sec, load_clients(section), window, section.get("nonce_db"))
+        runtime.pm.register(auth, "plugins.security.hmac_signing:active")
