@@ -14,6 +14,7 @@ import json
 import numbers
 import re
 import shutil
+import sys
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
@@ -192,7 +193,8 @@ def io_specs(path: Path) -> tuple[list[dict], list[dict]]:
 
 def write_partition(analysis: Analysis, strategy: str, options: dict, part: Partition,
                     repository: Path, backend: str = "onnxruntime",
-                    target_version: int | None = None, verify: bool = True) -> Path:
+                    target_version: int | None = None, verify: bool = True,
+                    progress: bool = False) -> Path:
     """Extract, check, verify and atomically publish the plan as a new version."""
     from .extract import extract_shard, make_extractor, save_shard
 
@@ -216,7 +218,13 @@ def write_partition(analysis: Analysis, strategy: str, options: dict, part: Part
                 shards.append({"name": f"replica_{r}", "file": "shard_0.onnx", "inputs": names[0],
                                "outputs": names[1], "file_bytes": size})
         else:
-            for i, (ins, outs) in enumerate(shard_io(graph, part.groups)):
+            steps = list(enumerate(shard_io(graph, part.groups)))
+            if progress:
+                from tqdm import tqdm
+
+                steps = tqdm(steps, desc="extracting shards", unit="shard", file=sys.stderr,
+                             leave=False)
+            for i, (ins, outs) in steps:
                 if not outs:
                     continue  # only dead nodes: nothing to compute
                 filename = f"shard_{len(shards)}.onnx"
@@ -249,6 +257,8 @@ def write_partition(analysis: Analysis, strategy: str, options: dict, part: Part
         if verify:
             verify_plan(analysis, tmp, part.replicas)
         tmp.chmod(0o755)  # mkdtemp makes it private; a version directory is not
+        if target.exists():
+            raise BadRequest(f"version {version} of model {analysis.name!r} appeared meanwhile")
         tmp.rename(target)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)

@@ -89,7 +89,7 @@ def _analyse(args: argparse.Namespace):
     from .build import analyse
 
     return analyse(_repository(args), args.model, args.model_version, args.batch_size, args.cost,
-                   args.runs, progress=sys.stderr.isatty() or args.cost == "measured")
+                   args.runs, progress=sys.stderr.isatty())
 
 
 def cmd_partition(args: argparse.Namespace) -> int:
@@ -100,7 +100,7 @@ def cmd_partition(args: argparse.Namespace) -> int:
     part = plan_partition(analysis, args.strategy, options)
     target = write_partition(analysis, args.strategy, options, part, _repository(args),
                              backend=args.backend, target_version=args.target_version,
-                             verify=not args.no_verify)
+                             verify=not args.no_verify, progress=sys.stderr.isatty())
     print(f"wrote {args.model} version {target.name} ({len(part.groups)} shard(s), "
           f"strategy {args.strategy}, predicted latency "
           f"{part.predicted.get('latency_s', 0) * 1e3:.3f} ms)")
@@ -119,12 +119,14 @@ def cmd_plan(args: argparse.Namespace) -> int:
                           "placements": part.placements, "shard_costs": part.shard_costs,
                           "candidates": part.candidates}, indent=2, default=str))
     else:
-        print(f"{args.model} version {analysis.version}: {len(analysis.graph)} nodes, "
+        nodes = sum(len(u.nodes) for u in analysis.graph.units)
+        print(f"{args.model} version {analysis.version}: {len(analysis.graph)} units "
+              f"({nodes} computing nodes), "
               f"{analysis.costs.kind} costs at batch {analysis.costs.batch}, "
               f"strategy {args.strategy}")
-        print(f"\n{'CUT':>4}  {'AFTER NODE':<32} {'BYTES AT CUT':>13} {'LATENCY ms':>11}")
+        print(f"\n{'CUT':>4}  {'AFTER UNIT':<44} {'BYTES AT CUT':>13} {'LATENCY ms':>11}")
         for row in part.candidates:
-            print(f"{row['cut']:>4}  {str(row['after'])[:32]:<32} {row['bytes']:>13,} "
+            print(f"{row['cut']:>4}  {str(row['after'])[:44]:<44} {row['bytes']:>13,} "
                   f"{row['latency_s'] * 1e3:>11.4f}")
         print("\npredicted: " + ", ".join(f"{k}={_fmt(v)}" for k, v in part.predicted.items()))
         _print_shards(analysis, part, "onnxruntime")
@@ -140,7 +142,7 @@ def _fmt(value) -> str:
 
 def _print_shards(analysis, part, backend: str) -> None:
     graph = analysis.graph
-    print(f"\n{'SHARD':<8} {'NODES':>5} {'PREDICTED ms':>13} {'WEIGHTS':>11} {'SENDS':>11} "
+    print(f"\n{'SHARD':<8} {'UNITS':>5} {'PREDICTED ms':>13} {'WEIGHTS':>11} {'SENDS':>11} "
           f"{'BACKEND':<12} PLACEMENT")
     for i, group in enumerate(part.groups):
         cost = part.shard_costs[i] if i < len(part.shard_costs) else {}

@@ -76,8 +76,10 @@ class MemoryPartitioner:
         if best[n] == inf:
             worst = max(range(n), key=lambda u: sum(shard_memory(graph, u, u + 1)))
             w, p = shard_memory(graph, worst, worst + 1)
-            raise BadRequest(f"no partition fits the budget: node {graph.units[worst].name!r} "
-                             f"alone needs {w + p} bytes ({w} of weights), over {int(budget)}"
+            unit = graph.units[worst]
+            raise BadRequest(f"no partition fits the budget: unit {unit.name!r} "
+                             f"({unit.op_type}) alone needs {w + p} bytes ({w} of weights), "
+                             f"over {int(budget)}"
                              + ("" if package == float("inf") else
                                 f" or a package limit of {int(package)}"))
         cuts, j = [], n
@@ -96,7 +98,8 @@ class MemoryPartitioner:
                                 "send_bytes": live[b] if b < n else 0})
         rows = []
         for pos in range(1, n):
-            rows.append({"cut": pos, "after": graph.units[pos - 1].name, "bytes": live[pos],
+            unit = graph.units[pos - 1]
+            rows.append({"cut": pos, "after": f"{unit.name} ({unit.op_type})", "bytes": live[pos],
                          "latency_s": costs.total(),
                          "memory_bytes": max(sum(shard_memory(graph, 0, pos)),
                                              sum(shard_memory(graph, pos, n)))})

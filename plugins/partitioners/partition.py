@@ -65,7 +65,8 @@ def prefix_rows(graph, costs: CostTable, latency_of) -> list[dict]:
     live = graph.live_bytes()
     rows = []
     for pos in range(len(graph) + 1):
-        after = graph.units[pos - 1].name if pos else "(inputs)"
+        unit = graph.units[pos - 1] if pos else None
+        after = f"{unit.name} ({unit.op_type})" if unit else "(inputs)"
         rows.append({"cut": pos, "after": after, "bytes": live[pos] if pos < len(graph) else 0,
                      "latency_s": latency_of(pos)})
     return rows
