@@ -441,8 +441,8 @@ def test_stage_parameters_are_checked():
     with pytest.raises(ValueError, match="unsupported parameter"):
         parse_stage("topk:5:colour=red", kernel)
     with pytest.raises(ValueError, match="too many parameters"):
-        parse_stage("topk:5:-1:1:9", kernel)
-    assert parse_stage("topk:5", kernel) == {"k": 5, "axis": -1, "largest": 1}
+        parse_stage("topk:5:-1:1:0:9", kernel)
+    assert parse_stage("topk:5", kernel) == {"k": 5, "axis": -1, "largest": 1, "parallel": False}
 
 
 def test_every_builtin_kernel_names_an_existing_function():

@@ -9,7 +9,7 @@ model's ``[numba]`` section (docs/numba.md):
 
 ```toml
 [numba]
-threads = 2                    # numba threads for parallel kernels (default: all cores)
+threads = 2                    # >= 2: row-parallel stage kernels on this many threads
 threading_layer = "workqueue"  # or "omp", "tbb", "default"
 warm = true                    # compile at load (default)
 ```
@@ -122,7 +122,7 @@ class NumbaBackend:
                  self.load_seconds)
 
     def run(self, inputs: dict, outputs: list[str]) -> dict:
-        if self.threads is not None:
+        if self.threads is not None and self.threads > 1:
             _apply_threads(self.settings.model, self.threads, None)
         results = _run_guarded(self.graph.run, inputs, outputs)
         types = {o.name: _DTYPES[o.datatype] for o in self.outputs}
@@ -171,6 +171,8 @@ class StagesBackend:
             kernel = kernels[name]
             try:
                 params = parse_stage(text, kernel)
+                if "parallel" in params and "parallel=" not in text:
+                    params["parallel"] = (self.threads or 0) > 1  # rows across numba threads
                 function = kernel.resolve()
             except ValueError as exc:
                 raise ModelLoadError(f"model {model!r}: {key} stage {text!r}: {exc}") from None
@@ -238,7 +240,7 @@ class StagesBackend:
                                  f"{'/'.join(kernel.dtypes)}, the tensor is {datatype}")
 
     def run(self, inputs: dict, outputs: list[str]) -> dict:
-        if self.threads is not None:
+        if self.threads is not None and self.threads > 1:
             _apply_threads(self.settings.model, self.threads, None)
         return _run_guarded(self._run, inputs, outputs)
 

@@ -110,7 +110,11 @@ def cache_dir() -> Path:
 
 
 def configure_threads(threads: int | None = None, layer: str | None = None) -> None:
-    """Apply a model's ``[numba]`` threading options (thread count is per thread)."""
+    """Apply a model's ``[numba]`` threading options (the thread count is per thread).
+
+    Only ``threads >= 2`` starts numba's thread pool: until then no threading
+    layer is initialised, so a server may still fork workers safely.
+    """
     numba = numba_module()
     if layer is not None:
         if layer not in THREADING_LAYERS:
@@ -119,7 +123,8 @@ def configure_threads(threads: int | None = None, layer: str | None = None) -> N
     if threads is not None:
         if not 1 <= threads <= numba.config.NUMBA_NUM_THREADS:
             raise ValueError(f"threads must be 1..{numba.config.NUMBA_NUM_THREADS}")
-        numba.set_num_threads(threads)
+        if threads > 1:
+            numba.set_num_threads(threads)
 
 
 def jit(*args: Any, **kwargs: Any) -> Any:

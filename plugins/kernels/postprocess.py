@@ -2,7 +2,8 @@
 
 Top-k, fused softmax + top-k, CTC greedy decoding, non-maximum suppression
 (the stage form and ONNX's NonMaxSuppression), image normalisation and
-NHWC <-> NCHW layout conversion. Row-wise kernels run their rows in parallel.
+NHWC <-> NCHW layout conversion. Row-wise kernels run their rows in parallel
+with ``parallel=True`` (set by a model's ``[numba] threads >= 2``).
 """
 
 from __future__ import annotations
@@ -40,8 +41,19 @@ def _topk_row(row, k, largest, values, indices):
         indices[pos] = j
 
 
-@jit(parallel=True)
+@jit
 def _topk_rows(x, k, largest):
+    rows = x.shape[0]
+    values = np.empty((rows, k), x.dtype)
+    indices = np.empty((rows, k), np.int64)
+    for r in range(rows):
+        if k > 0:
+            _topk_row(x[r], k, largest, values[r], indices[r])
+    return values, indices
+
+
+@jit(parallel=True)
+def _topk_rows_parallel(x, k, largest):
     rows = x.shape[0]
     values = np.empty((rows, k), x.dtype)
     indices = np.empty((rows, k), np.int64)
@@ -56,11 +68,11 @@ def _undo_rows(out, moved_shape, axis, ndim):
     return np.ascontiguousarray(np.moveaxis(out, -1, axis)) if axis != ndim - 1 else out
 
 
-def topk(x, k=1, axis=-1, largest=1, sorted=1):
+def topk(x, k=1, axis=-1, largest=1, sorted=1, parallel=False):
     """Top ``k`` along ``axis`` (k is clamped to the axis length: empty in, empty out)."""
     flat, moved_shape, axis = _rows(x, axis)
     k = max(0, min(int(k), flat.shape[1]))
-    values, indices = _topk_rows(flat, k, bool(largest))
+    values, indices = (_topk_rows_parallel if parallel else _topk_rows)(flat, k, bool(largest))
     return (_undo_rows(values, moved_shape, axis, x.ndim),
             _undo_rows(indices, moved_shape, axis, x.ndim))
 
@@ -70,63 +82,99 @@ def onnx_topk(x, k, axis=-1, largest=1, sorted=1):
     return topk(x, int(np.asarray(k).reshape(-1)[0]), axis, largest, sorted)
 
 
-@jit(parallel=True)
+@jit
+def _softmax_topk_row(row, k, values, indices, scratch, bits):
+    _topk_row(row, k, True, values, indices)
+    total = _exp_shifted(row, values[0], scratch, bits)
+    top = values[0]
+    for i in range(k):
+        values[i] = np.exp(values[i] - top) / total
+
+
+@jit
 def _softmax_topk_rows(x, k):
     rows, n = x.shape
     values = np.empty((rows, k), np.float32)
     indices = np.empty((rows, k), np.int64)
-    for r in prange(rows):
-        if k == 0:
-            continue
-        _topk_row(x[r], k, True, values[r], indices[r])
-        scratch = np.empty(n, np.float32)
-        bits = np.empty(n, np.int32)
-        total = _exp_shifted(x[r], values[r, 0], scratch, bits)
-        top = values[r, 0]
-        for i in range(k):
-            values[r, i] = np.exp(values[r, i] - top) / total
+    scratch = np.empty(n, np.float32)
+    bits = np.empty(n, np.int32)
+    for r in range(rows):
+        if k > 0:
+            _softmax_topk_row(x[r], k, values[r], indices[r], scratch, bits)
     return values, indices
 
 
-def softmax_topk(x, k=1):
+@jit(parallel=True)
+def _softmax_topk_rows_parallel(x, k):
+    rows, n = x.shape
+    values = np.empty((rows, k), np.float32)
+    indices = np.empty((rows, k), np.int64)
+    for r in prange(rows):
+        if k > 0:
+            scratch = np.empty(n, np.float32)
+            bits = np.empty(n, np.int32)
+            _softmax_topk_row(x[r], k, values[r], indices[r], scratch, bits)
+    return values, indices
+
+
+def softmax_topk(x, k=1, parallel=False):
     """softmax then top-k over the last axis in two passes: top-k of the logits
     (softmax keeps the order), then one vectorised sum of exponentials."""
     flat, moved_shape, axis = _rows(np.asarray(x, np.float32), -1)
     k = max(0, min(int(k), flat.shape[1]))
-    values, indices = _softmax_topk_rows(flat, k)
+    rows = _softmax_topk_rows_parallel if parallel else _softmax_topk_rows
+    values, indices = rows(flat, k)
     return (values.reshape(*moved_shape[:-1], k), indices.reshape(*moved_shape[:-1], k))
 
 
 # CTC greedy decoding -----------------------------------------------------------
 
 
-@jit(parallel=True)
+@jit
+def _ctc_greedy_row(x, blank, labels):
+    """Decode one [T, classes] sequence into ``labels``; returns its length."""
+    steps, classes = x.shape
+    previous = -1
+    count = 0
+    for t in range(steps):
+        best, where = x[t, 0], 0
+        for c in range(1, classes):
+            if x[t, c] > best:
+                best, where = x[t, c], c
+        if where != blank and where != previous:
+            labels[count] = where
+            count += 1
+        previous = where
+    return count
+
+
+@jit
 def _ctc_greedy(x, blank):
-    batch, steps, classes = x.shape
+    batch, steps = x.shape[0], x.shape[1]
     labels = np.full((batch, steps), -1, np.int64)
     lengths = np.zeros(batch, np.int64)
-    for b in prange(batch):
-        previous = -1
-        count = 0
-        for t in range(steps):
-            best, where = x[b, t, 0], 0
-            for c in range(1, classes):
-                if x[b, t, c] > best:
-                    best, where = x[b, t, c], c
-            if where != blank and where != previous:
-                labels[b, count] = where
-                count += 1
-            previous = where
-        lengths[b] = count
+    for b in range(batch):
+        lengths[b] = _ctc_greedy_row(x[b], blank, labels[b])
     return labels, lengths
 
 
-def ctc_greedy(x, blank=0):
+@jit(parallel=True)
+def _ctc_greedy_parallel(x, blank):
+    batch, steps = x.shape[0], x.shape[1]
+    labels = np.full((batch, steps), -1, np.int64)
+    lengths = np.zeros(batch, np.int64)
+    for b in prange(batch):
+        lengths[b] = _ctc_greedy_row(x[b], blank, labels[b])
+    return labels, lengths
+
+
+def ctc_greedy(x, blank=0, parallel=False):
     """Best class per step, repeats merged, blanks dropped: labels [B, T] padded
     with -1, and each sequence's length [B]. Input: scores [B, T, classes]."""
     if x.shape[-1] == 0:
         return np.full(x.shape[:2], -1, np.int64), np.zeros(x.shape[0], np.int64)
-    return _ctc_greedy(np.ascontiguousarray(x), int(blank))
+    decode = _ctc_greedy_parallel if parallel else _ctc_greedy
+    return decode(np.ascontiguousarray(x), int(blank))
 
 
 # non-maximum suppression -------------------------------------------------------
