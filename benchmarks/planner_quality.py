@@ -117,7 +117,7 @@ def measure_cuts(analysis, runs: int) -> list[dict]:
     graph = analysis.graph
     opts = ort.SessionOptions()
     opts.intra_op_num_threads = 1
-    extractor = make_extractor(analysis.model, graph.elem_types)
+    extractor = make_extractor(analysis.model, graph.elem_types, graph.ranks)
     size = analysis.model.graph.input[0].type.tensor_type.shape.dim[2].dim_value
     feeds = {"image": np.random.default_rng(0).standard_normal([1, 3, size, size]).astype(
         np.float32)}

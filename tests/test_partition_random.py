@@ -214,3 +214,50 @@ def test_planners_equal_brute_force_over_all_valid_cuts(model, seed, edge, mbps)
         if all(sum(shard_memory(graph, a, b)) <= budget
                for a, b in zip((0, *cut), (*cut, n))))
     assert len(mem.groups) == fewest
+
+
+def test_a_loop_reading_outer_tensors_is_never_cut(tmp_path):
+    """Loop's body reads an outer tensor and an outer initializer: both cross as inputs."""
+    f = TensorProto.FLOAT
+    body = helper.make_graph(
+        [helper.make_node("Add", ["v_in", "outer"], ["v_add"]),
+         helper.make_node("MatMul", ["v_add", "w_outer"], ["v_out"]),
+         helper.make_node("Identity", ["cond_in"], ["cond_out"])],
+        "body",
+        [helper.make_tensor_value_info("i", TensorProto.INT64, []),
+         helper.make_tensor_value_info("cond_in", TensorProto.BOOL, []),
+         helper.make_tensor_value_info("v_in", f, ["batch", WIDTH])],
+        [helper.make_tensor_value_info("cond_out", TensorProto.BOOL, []),
+         helper.make_tensor_value_info("v_out", f, ["batch", WIDTH])])
+    rng = np.random.default_rng(0)
+    graph = helper.make_graph(
+        [helper.make_node("Relu", ["x"], ["outer"]),
+         helper.make_node("Tanh", ["x"], ["start"]),
+         helper.make_node("Loop", ["trips", "keep_going", "start"], ["looped"], body=body),
+         helper.make_node("Mul", ["looped", "outer"], ["y"])],
+        "loop", [helper.make_tensor_value_info("x", f, ["batch", WIDTH])],
+        [helper.make_tensor_value_info("y", f, ["batch", WIDTH])],
+        initializer=[helper.make_tensor("trips", TensorProto.INT64, [], [3]),
+                     helper.make_tensor("keep_going", TensorProto.BOOL, [], [True]),
+                     helper.make_tensor("w_outer", f, [WIDTH, WIDTH],
+                                        (rng.standard_normal(WIDTH * WIDTH) * 0.5).tolist())])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    model.ir_version = 8
+    onnx.checker.check_model(model, full_check=True)
+    repo = _repo(tmp_path, model)
+    analysis = analyse(repo, "m")
+    loop = next(u for u in analysis.graph.units if u.op_type == "Loop")
+    assert set(loop.inputs) == {"start", "outer"} and "w_outer" in loop.weights
+    target = write_partition(analysis, "pipeline", {"shards": 4},
+                             plan_partition(analysis, "pipeline", {"shards": 4}), repo)
+    plan = parse_plan("m", (target / "plan.toml").read_bytes())
+    assert len(plan.shards) == 4
+    looping = next(s for s in plan.shards if "looped" in s.outputs)
+    assert sorted(looping.inputs) == ["outer", "start"]
+    shard = onnx.load(str(target / looping.file))
+    assert [t.name for t in shard.graph.initializer] == ["trips", "keep_going", "w_outer"]
+    feeds = _feeds(model)
+    want = ort.InferenceSession(model.SerializeToString()).run(["y"], feeds)[0]
+    backend = load_plan_backend("m", target)
+    np.testing.assert_allclose(backend.run(feeds, ["y"])["y"], want, rtol=1e-5, atol=1e-5)
+    backend.close()

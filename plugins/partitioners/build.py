@@ -92,7 +92,7 @@ def analyse(repository: Path, name: str, version: int | None = None, batch: int 
         raise BadRequest(f"{cfg.filename} is not a valid ONNX model "
                          f"({str(exc).splitlines()[0][:160] if str(exc) else type(exc).__name__})"
                          ) from None
-    graph = build_graph(model, batch)
+    graph = build_graph(model, batch, model_dir=path.parent)
     if cost == "static":
         costs = static_costs(graph, batch)
     elif cost == "measured":
@@ -208,7 +208,7 @@ def write_partition(analysis: Analysis, strategy: str, options: dict, part: Part
     inputs, outputs = io_specs(analysis.path)
     tmp = Path(tempfile.mkdtemp(prefix=".partition-", dir=model_dir))
     try:
-        extractor = make_extractor(analysis.model, graph.elem_types)
+        extractor = make_extractor(analysis.model, graph.elem_types, graph.ranks)
         shards = []
         if part.replicas:
             names = [t["name"] for t in inputs], [t["name"] for t in outputs]

@@ -48,8 +48,13 @@ def _extractor_class():
     return ShardExtractor
 
 
-def make_extractor(model, elem_types: dict[str, int]):
-    """An extractor over ``model`` (symbolic shapes inferred, so dynamic dims stay)."""
+def make_extractor(model, elem_types: dict[str, int], ranks: dict[str, int] | None = None):
+    """An extractor over ``model`` (symbolic shapes inferred, so dynamic dims stay).
+
+    A tensor inference left without a type gets one from ``elem_types``, and
+    one without a shape (a Loop's output, say) gets ``ranks[name]`` unknown dims:
+    a shard's inputs and outputs must have both to pass the checker.
+    """
     import onnx
     from onnx import helper
 
@@ -57,11 +62,22 @@ def make_extractor(model, elem_types: dict[str, int]):
         inferred = onnx.shape_inference.infer_shapes(model)
     except Exception:
         inferred = model
-    known = {v.name for v in list(inferred.graph.value_info) + list(inferred.graph.input)
-             + list(inferred.graph.output)}
+    ranks = ranks or {}
+    g = inferred.graph
+    known = {}
+    for vi in list(g.value_info) + list(g.input) + list(g.output):
+        known[vi.name] = vi
     for name, elem_type in elem_types.items():
         if name not in known:
-            inferred.graph.value_info.append(helper.make_tensor_value_info(name, elem_type, None))
+            vi = helper.make_tensor_value_info(name, elem_type, None)
+            g.value_info.append(vi)
+            known[name] = g.value_info[-1]
+    for name, vi in known.items():
+        tensor = vi.type.tensor_type
+        if tensor.elem_type and not tensor.HasField("shape") and name in ranks:
+            tensor.shape.SetInParent()
+            for _ in range(ranks[name]):
+                tensor.shape.dim.add()
     return _extractor_class()(inferred)
 
 

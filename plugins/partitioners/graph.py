@@ -56,6 +56,7 @@ class ModelGraph:
     batch: int = 1
     elem_types: dict[str, int] = field(default_factory=dict)
     batch_dynamic: bool = False
+    ranks: dict[str, int] = field(default_factory=dict)
 
     def __len__(self) -> int:
         return len(self.units)
@@ -247,7 +248,35 @@ def fuse_units(units: list[Unit], graph_outputs: set[str], enabled: bool = True)
     return out
 
 
-def build_graph(model, batch: int = 1, fuse: bool = True) -> ModelGraph:
+def shapes_by_running(model, names: list[str], types: dict[str, int], batch: int,
+                      model_dir: Path | None) -> dict[str, list[int]]:
+    """Real shapes of tensors inference left unknown: one onnxruntime run exposing them."""
+    import onnx
+    import onnxruntime as ort
+    from onnx import helper
+
+    from .costs import sample_inputs
+
+    probe = onnx.ModelProto()
+    probe.CopyFrom(model)
+    names = [n for n in names if n in types]
+    probe.graph.output.extend(helper.make_tensor_value_info(n, types[n], None) for n in names)
+    opts = ort.SessionOptions()
+    opts.log_severity_level = 3
+    if model_dir is not None:
+        opts.add_session_config_entry("session.model_external_initializers_file_folder_path",
+                                      str(model_dir))
+    try:
+        sess = ort.InferenceSession(probe.SerializeToString(), opts,
+                                    providers=["CPUExecutionProvider"])
+        values = sess.run(names, sample_inputs(model, batch))
+    except Exception:
+        return {}  # sizes stay unknown (0 bytes): costs are estimates anyway
+    return {n: list(v.shape) for n, v in zip(names, values)}
+
+
+def build_graph(model, batch: int = 1, fuse: bool = True,
+                model_dir: Path | None = None) -> ModelGraph:
     """The unit DAG of ``model`` with tensor sizes at input batch ``batch``."""
     g = model.graph
     initializers = {t.name: t for t in g.initializer}
@@ -289,6 +318,9 @@ def build_graph(model, batch: int = 1, fuse: bool = True) -> ModelGraph:
     for name in outputs:
         if name in inputs:
             raise BadRequest(f"output {name!r} is also a model input: nothing to partition")
+    unknown = [n for n in list(consumers) + outputs if n not in shapes and n not in static]
+    if unknown:
+        shapes.update(shapes_by_running(model, unknown, types, batch, model_dir))
     tensor_bytes = {name: _numel_bytes(shapes.get(name), types.get(name))
                     for name in list(consumers) + outputs}
     io = [vi for vi in list(g.input) + list(g.output) if vi.name not in initializers]
@@ -296,7 +328,8 @@ def build_graph(model, batch: int = 1, fuse: bool = True) -> ModelGraph:
         len(vi.type.tensor_type.shape.dim) > 0
         and not vi.type.tensor_type.shape.dim[0].HasField("dim_value") for vi in io)
     return ModelGraph(units, inputs, outputs, tensor_bytes, weight_bytes, producer, consumers,
-                      [o for o in outputs if o in static], batch, types, batch_dynamic)
+                      [o for o in outputs if o in static], batch, types, batch_dynamic,
+                      {name: len(shape) for name, shape in shapes.items()})
 
 
 def _numel_bytes(shape: list[int] | None, elem_type: int | None) -> int:
