@@ -92,13 +92,15 @@ def test_a_third_party_partitioner_registers_through_the_hook(repo):
                                infer(rt, "cnn_skip", x, 1)["logits"], rtol=1e-5, atol=1e-5)
 
 
+@pytest.mark.parametrize("cost", ["static", "measured"])
 @pytest.mark.parametrize("model", EXAMPLE_MODELS)
 @pytest.mark.parametrize("strategy", sorted(STRATEGIES))
-def test_every_strategy_on_every_example(repo, model, strategy):
+def test_every_strategy_on_every_example(repo, model, strategy, cost):
     options = dict(STRATEGIES[strategy])
     if strategy == "memory" and model == "transformer_block":
         options["memory_budget"] = "400KB"
-    analysis = analyse(repo, model)
+    analysis = analyse(repo, model, cost=cost, runs=3)
+    assert analysis.costs.kind == cost and sum(analysis.costs.seconds) > 0
     part = plan_partition(analysis, strategy, options)
     target = write_partition(analysis, strategy, options, part, repo)
     assert target.name == "2"
