@@ -58,7 +58,30 @@ def _sample_request(rt, base: str) -> str:
     return f"curl -s {base}/v2/health/ready"
 
 
+def _print_ready(rt, host: str, port: int) -> None:
+    """The two lines scripts and tests wait for: the bound address, then a sample request."""
+    base = f"http://{host}:{port}"
+    ready = [m["name"] for m in rt.models() if m["state"] == "READY"]
+    print(f"shardserve ready on {base} serving {len(ready)} model(s): {', '.join(ready) or '-'}",
+          flush=True)
+    print(f"sample request: {_sample_request(rt, base)}", flush=True)
+
+
 def cmd_serve(args: argparse.Namespace) -> int:
+    """gunicorn over the raw WSGI app by default; ``--dev`` runs the Flask dev server."""
+    from plugins.serving.logs import configure_json_logging
+
+    configure_json_logging(args.log_level)
+    if not args.dev:
+        try:
+            import gunicorn  # noqa: F401 - not on Windows
+        except ImportError:
+            log.warning("gunicorn is not available here: serving with the development server")
+            args.dev = True
+    return _serve_dev(args) if args.dev else _serve_gunicorn(args)
+
+
+def _serve_dev(args: argparse.Namespace) -> int:
     from werkzeug.serving import make_server
 
     from .flask_app import create_app
@@ -67,11 +90,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
     app = create_app(rt)
     cfg = rt.config
     server = make_server(cfg.host, cfg.port, app, threaded=True)
-    base = f"http://{cfg.host}:{server.server_port}"
-    ready = [m["name"] for m in rt.models() if m["state"] == "READY"]
-    print(f"shardserve ready on {base} serving {len(ready)} model(s): {', '.join(ready) or '-'}",
-          flush=True)
-    print(f"sample request: {_sample_request(rt, base)}", flush=True)
+    _print_ready(rt, cfg.host, server.server_port)
     try:
         server.serve_forever()
     except KeyboardInterrupt:
@@ -79,6 +98,49 @@ def cmd_serve(args: argparse.Namespace) -> int:
     finally:
         server.server_close()
         rt.close()
+    return 0
+
+
+def _serve_gunicorn(args: argparse.Namespace) -> int:
+    """The master loads the models once to fail fast and list them, prints the ready line
+    when the socket is bound, and forks workers that each load their own copy."""
+    import shutil
+
+    from plugins.serving.logs import gunicorn_log_config
+
+    from .wsgi import gunicorn_application, worker_count
+
+    own_metrics_dir = None
+    if not os.environ.get("PROMETHEUS_MULTIPROC_DIR"):  # before prometheus_client is imported
+        own_metrics_dir = tempfile.mkdtemp(prefix="shardserve-metrics-")
+        os.environ["PROMETHEUS_MULTIPROC_DIR"] = own_metrics_dir
+    try:
+        rt = _runtime(args).start()
+        cfg = rt.config
+
+        def on_ready(host: str, port: int) -> None:
+            _print_ready(rt, host, port)
+            rt.close()  # workers load their own sessions after the fork
+
+        options = {
+            "bind": f"[{cfg.host}]:{cfg.port}" if ":" in cfg.host else f"{cfg.host}:{cfg.port}",
+            "workers": worker_count(args.workers),
+            "worker_class": args.worker_class,
+            "threads": args.threads,
+            "keepalive": 5,
+            "timeout": 120,
+            "graceful_timeout": 10,
+            "accesslog": None,
+            "logconfig_dict": gunicorn_log_config(args.log_level),
+            "proc_name": "shardserve",
+        }
+        if args.max_requests:
+            options["max_requests"] = args.max_requests
+            options["max_requests_jitter"] = max(1, args.max_requests // 10)
+        gunicorn_application(args.config, _overrides(args), options, on_ready).run()
+    finally:
+        if own_metrics_dir is not None:
+            shutil.rmtree(own_metrics_dir, ignore_errors=True)
     return 0
 
 
@@ -184,6 +246,18 @@ def build_parser() -> argparse.ArgumentParser:
     repository(p)
     p.add_argument("--host", help="bind address (default 127.0.0.1)")
     p.add_argument("--port", type=int, help="port (default 8080, 0 = any free port)")
+    p.add_argument("--dev", action="store_true",
+                   help="the Flask development server instead of gunicorn")
+    p.add_argument("--workers", default=os.environ.get("SHARDSERVE_WORKERS"),
+                   help="gunicorn worker processes, each with its own model copies "
+                   "(default 1; 'auto' = one per CPU core)")
+    p.add_argument("--worker-class", choices=("gthread", "sync"), default="gthread",
+                   help="gthread: keep-alive and concurrent requests per worker, so adaptive "
+                   "batching can merge them (default); sync: one request at a time")
+    p.add_argument("--threads", type=int, default=8,
+                   help="threads per gthread worker (default 8)")
+    p.add_argument("--max-requests", type=int, default=0,
+                   help="restart a worker after this many requests (0 = never)")
     p.set_defaults(func=cmd_serve)
 
     p = sub.add_parser("models", help="list the models in a repository")

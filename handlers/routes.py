@@ -147,6 +147,22 @@ def repository_unload(rt: Runtime, req: HttpRequest, model: str) -> HttpResponse
     return json_response({})
 
 
+def metrics(rt: Runtime, req: HttpRequest) -> HttpResponse:
+    """Prometheus text exposition, summed over every gunicorn worker when
+    ``PROMETHEUS_MULTIPROC_DIR`` is set (``shardserve serve`` sets it); docs/serving.md."""
+    import os
+
+    from prometheus_client import CONTENT_TYPE_LATEST, REGISTRY, CollectorRegistry, generate_latest
+
+    registry = REGISTRY
+    if os.environ.get("PROMETHEUS_MULTIPROC_DIR"):
+        from prometheus_client.multiprocess import MultiProcessCollector
+
+        registry = CollectorRegistry()
+        MultiProcessCollector(registry)
+    return HttpResponse(200, generate_latest(registry), {"Content-Type": CONTENT_TYPE_LATEST})
+
+
 SEGMENT = r"(?P<model>[^/]+)"
 VERSION = r"(?:/versions/(?P<version>[^/]+))?"
 
@@ -175,6 +191,7 @@ ROUTES: list[Route] = [
     _route("POST", r"/v2/repository/index", repository_index, "repository_index"),
     _route("POST", rf"/v2/repository/models/{SEGMENT}/load", repository_load, "load"),
     _route("POST", rf"/v2/repository/models/{SEGMENT}/unload", repository_unload, "unload"),
+    _route("GET", r"/metrics", metrics, "metrics"),
 ]
 
 

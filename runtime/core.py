@@ -264,6 +264,8 @@ class Runtime:
         )
         backend = self.backends[backend_name](settings)
         backend.load()
+        for impl in self.pm.hook.shardserve_wrap_backend.get_hookimpls()[::-1]:  # batching...
+            backend = impl.function(settings=settings, backend=backend) or backend
         return LoadedModel(cfg.name, version, backend, cfg, list(backend.inputs),
                            list(backend.outputs))
 

@@ -96,6 +96,18 @@ def shardserve_startup(runtime: Any) -> None:
     """
 
 
+@hookspec
+def shardserve_wrap_backend(settings: Any, backend: Any) -> Any | None:
+    """Wrap a model version's backend right after its ``load()``: batching, metrics, caching.
+
+    ``settings`` is the version's :class:`runtime.BackendSettings`; ``backend`` is the loaded
+    backend (or an earlier plugin's wrapper). Return an object with the same interface
+    (``inputs``, ``outputs``, ``run(inputs, outputs)``, optional ``close()``) or ``None`` to
+    leave it. Implementations chain in plugin order, each wrapping the previous result. The
+    core has validated every request before ``run`` is called.
+    """
+
+
 @hookspec(firstresult=True)
 def shardserve_authenticate(request: Any) -> Any | None:
     """Say who sent a request: return a principal, or ``None`` if the request

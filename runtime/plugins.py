@@ -41,6 +41,7 @@ SECURITY_PLUGINS: tuple[str, ...] = tuple(
 DEFAULT_PLUGINS: tuple[str, ...] = (
     "plugins.backends.onnxruntime",
     "plugins.backends.plan",
+    "plugins.serving",
     "plugins.partitioners",
     "plugins.optimizers",
     *SECURITY_PLUGINS,

@@ -6,6 +6,7 @@ import os
 import re
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 
@@ -96,6 +97,11 @@ class ServerProcess:
                 self.host, self.port = found.group(1), int(found.group(2))
                 self.ready_line = line
                 self.sample_line = self.proc.stdout.readline()
+                # Drain stderr (one log line per request) so a full pipe never blocks the server.
+                self._stderr_lines: list[str] = []
+                self._drain = threading.Thread(
+                    target=self._stderr_lines.extend, args=(self.proc.stderr,), daemon=True)
+                self._drain.start()
                 return
             if self.proc.poll() is not None:
                 break
@@ -117,6 +123,9 @@ class ServerProcess:
                 self.proc.wait(10)
             except subprocess.TimeoutExpired:
                 self.proc.kill()
+        if getattr(self, "_drain", None) is not None:
+            self._drain.join(10)
+            return "".join(self._stderr_lines)
         err = self.proc.stderr.read() if self.proc.stderr else ""
         return err
 

@@ -1,0 +1,54 @@
+"""Production serving: adaptive batching, Prometheus metrics, JSON request logs, ``bench``.
+
+The WSGI application and the gunicorn server live in :mod:`handlers.wsgi`; this plugin adds
+what every adapter shares: it wraps each loaded backend (:mod:`.batching`), turns each finished
+request (the ``shardserve_audit`` event dispatch emits) into metrics and one JSON log line, and
+registers ``shardserve bench``. See docs/serving.md.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from runtime import hookimpl
+
+from .batching import ServedBackend, known_versions, served
+from .logs import log_request
+from .metrics import metrics
+
+
+@hookimpl
+def shardserve_wrap_backend(settings: Any, backend: Any) -> Any:
+    return ServedBackend(backend, settings.model, settings.version, settings.config)
+
+
+@hookimpl
+def shardserve_startup(runtime: Any) -> None:
+    metrics()  # the families exist (and are scraped) before the first request
+
+
+@hookimpl
+def shardserve_audit(event: dict) -> None:
+    model = event.get("model") or ""
+    version = event.get("version") or ""
+    ran = getattr(served, "model", None)
+    served.model = None
+    if ran is not None and ran[0] == model:
+        version = ran[1]
+    elif model not in known_versions:
+        model = version = ""  # a made-up name must not become a label
+    elif version not in known_versions[model]:
+        version = ""
+    if event.get("action") == "infer":
+        m = metrics()
+        status = event.get("outcome", 500)
+        us = (event.get("latency_ms") or 0.0) * 1000.0
+        m.child(m.request_duration, model, version, str(status)).observe(us)
+    log_request(event, model, version)
+
+
+@hookimpl
+def shardserve_register_commands(subparsers: Any) -> None:
+    from .bench import add_bench_command
+
+    add_bench_command(subparsers)

@@ -1,0 +1,122 @@
+"""Structured JSON logs: one object per line, one line per request on ``shardserve.access``.
+
+Request lines carry the request id (``X-Request-Id`` when the client sent a sane one, else made
+here), action, model, version, status, latency and byte counts; never payloads, headers or
+credentials. Other records keep their message; stack traces are never written.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import re
+import sys
+import time
+from typing import Any
+
+access_log = logging.getLogger("shardserve.access")
+
+REQUEST_ID = re.compile(r"[A-Za-z0-9._:-]{1,64}")
+QUIET_ACTIONS = frozenset(("health", "metrics"))  # probes and scrapes: DEBUG, not INFO
+
+
+def request_id(supplied: str | None) -> str:
+    """The client's id when it is short and plain (no log injection), else a new one."""
+    if supplied and REQUEST_ID.fullmatch(supplied):
+        return supplied
+    return os.urandom(8).hex()
+
+
+_stamp_cache: list = [None, ""]
+
+
+def timestamp(created: float) -> str:
+    """ISO 8601 UTC with milliseconds; the seconds part is formatted once per second."""
+    seconds = int(created)
+    if _stamp_cache[0] != seconds:
+        _stamp_cache[0], _stamp_cache[1] = seconds, time.strftime(
+            "%Y-%m-%dT%H:%M:%S", time.gmtime(seconds))
+    return f"{_stamp_cache[1]}.{int((created - seconds) * 1000):03d}Z"
+
+
+class JsonFormatter(logging.Formatter):
+    """``{"time", "level", "logger", "message", ...fields}`` per line, via orjson."""
+
+    def format(self, record: logging.LogRecord) -> str:
+        import orjson
+
+        doc: dict[str, Any] = {
+            "time": timestamp(record.created),
+            "level": record.levelname,
+            "logger": record.name,
+            "message": record.getMessage(),
+        }
+        fields = getattr(record, "fields", None)
+        if fields:
+            doc.update(fields)
+        if record.exc_info:  # the type only: tracebacks may hold paths and values
+            doc["error"] = record.exc_info[0].__name__ if record.exc_info[0] else "error"
+        return orjson.dumps(doc, default=str).decode()
+
+
+# Where request lines go once configure_json_logging ran (the serve command): written with one
+# os.write each, the same JSON as JsonFormatter, without building a LogRecord per request.
+_access_fd: int | None = None
+
+
+def configure_json_logging(level: str) -> None:
+    """Route every log record through one JSON handler on stderr at ``level``."""
+    handler = logging.StreamHandler(sys.stderr)
+    handler.setFormatter(JsonFormatter())
+    root = logging.getLogger()
+    for old in list(root.handlers):
+        root.removeHandler(old)
+    root.addHandler(handler)
+    root.setLevel(level.upper())
+    global _access_fd
+    _access_fd = sys.stderr.fileno()
+
+
+def log_request(event: dict, model: str, version: str) -> None:
+    level = logging.DEBUG if event.get("action") in QUIET_ACTIONS else logging.INFO
+    if not access_log.isEnabledFor(level):
+        return
+    fields = {
+        "request_id": event.get("request_id") or request_id(None),
+        "action": event.get("action"),
+        "model": model or None,
+        "version": version or None,
+        "status": event.get("outcome"),
+        "latency_ms": event.get("latency_ms"),
+        "bytes_in": event.get("bytes_in"),
+        "bytes_out": event.get("bytes_out"),
+    }
+    if event.get("principal"):
+        fields["principal"] = event["principal"]
+    if _access_fd is None:
+        access_log.log(level, "request", extra={"fields": fields})
+        return
+    import orjson
+
+    doc = {"time": timestamp(time.time()), "level": logging.getLevelName(level),
+           "logger": access_log.name, "message": "request", **fields}
+    try:
+        os.write(_access_fd, orjson.dumps(doc, default=str) + b"\n")
+    except OSError:  # a closed stderr must not fail requests
+        pass
+
+
+def gunicorn_log_config(level: str) -> dict:
+    """gunicorn's ``logconfig_dict``: its own records in the same JSON lines as ours."""
+    handler = {"class": "logging.StreamHandler", "formatter": "json", "stream": "ext://sys.stderr"}
+    return {
+        "version": 1,
+        "disable_existing_loggers": False,
+        "formatters": {"json": {"()": "plugins.serving.logs.JsonFormatter"}},
+        "handlers": {"json": handler},
+        "root": {"level": level.upper(), "handlers": ["json"]},
+        "loggers": {
+            "gunicorn.error": {"level": level.upper(), "handlers": ["json"], "propagate": False},
+            "gunicorn.access": {"level": "WARNING", "handlers": ["json"], "propagate": False},
+        },
+    }
