@@ -388,3 +388,42 @@ def test_measured_costs_are_profiled_once_per_model_file(repo, monkeypatch):
     static = analyse(repo, "cnn_skip", cost="static")
     convs = [i for i, u in enumerate(static.graph.units) if u.op_type.startswith("Conv")]
     assert static.costs.seconds[convs[0]] > static.costs.seconds[-1]  # conv >> flatten/gemm
+
+
+def test_plan_and_shard_files_go_through_the_transform_hook(repo):
+    from runtime import hookimpl
+
+    seen = []
+
+    class Recorder:  # what a signature or decryption plugin sees
+        @hookimpl
+        def shardserve_transform_model_bytes(self, model, version, filename, data, config):
+            seen.append((version, filename))
+            return None
+
+    analysis = analyse(repo, "cnn_skip")
+    write_partition(analysis, "pipeline", {"shards": 3},
+                    plan_partition(analysis, "pipeline", {"shards": 3}), repo)
+    rt = Runtime.from_config({"repository": {"path": str(repo), "load": "lazy"}},
+                             plugins=(Recorder(),))
+    rt.load("cnn_skip")
+    assert sorted(f for v, f in seen if v == "2") == [
+        "plan.toml", "shard_0.onnx", "shard_1.onnx", "shard_2.onnx"]
+
+
+def test_loading_the_plugins_imports_neither_onnx_nor_matplotlib():
+    code = (
+        "import sys\n"
+        "from runtime.plugins import PluginManager, Registry\n"
+        "pm = PluginManager().load_plugins()\n"
+        "Registry('partitioner').collect(pm, 'shardserve_register_partitioners')\n"
+        "import argparse\n"
+        "pm.hook.shardserve_register_commands(subparsers=argparse.ArgumentParser()"
+        ".add_subparsers())\n"
+        "import plugins.backends.plan, runtime.plan\n"
+        "print(','.join(m for m in ('onnx', 'matplotlib') if m in sys.modules))\n"
+    )
+    out = subprocess.run([str(SHARDSERVE.with_name("python")), "-c", code], capture_output=True,
+                         text=True, cwd=EXAMPLES.parents[1], timeout=60)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.strip() == "", out.stdout  # heavy imports happen inside functions
