@@ -144,6 +144,19 @@ def test_partitioned_version_serves_over_http_with_the_original_metadata(repo):
         bad = {"inputs": [{**body["inputs"][0], "shape": [2, 3, 32, 31]}]}
         reply = requests.post(f"{base}/versions/2/infer", json=bad, timeout=10)
         assert reply.status_code == 400 and "error" in reply.json()
+        config = requests.get(f"{base}/versions/2/config", timeout=10).json()
+        assert config["input"] == requests.get(f"{base}/versions/1/config", timeout=10).json()[
+            "input"]
+        repo_url = f"{server.base}/v2/repository"
+        index = requests.post(f"{repo_url}/index", json={}, timeout=10).json()
+        assert {e["version"] for e in index if e["name"] == "cnn_skip"} == {"1", "2"}
+        for action in ("unload", "load"):
+            reply = requests.post(f"{repo_url}/models/cnn_skip/{action}", json={}, timeout=30)
+            assert reply.status_code == 200, reply.text
+        reply = requests.post(f"{base}/infer", json=body, timeout=10)  # newest: the plan
+        assert reply.json()["model_version"] == "2"
+        np.testing.assert_allclose(reply.json()["outputs"][0]["data"], outs["1"], rtol=1e-5,
+                                   atol=1e-5)
     finally:
         server.stop()
 
