@@ -1,15 +1,17 @@
 """Lower an ONNX graph to a straight sequence of numba kernel calls.
 
 Weights come from the graph's initializers (and Constant nodes); sub-graphs
-whose inputs are all constants are folded at load. Three patterns are fused
-before lowering because they dominate transformer and MLP time:
+whose inputs are all constants are folded at load. These patterns are fused
+before lowering because they dominate transformer, MLP and CNN time:
 
 - GELU written with Erf: ``0.5 * x * (1 + Erf(x / sqrt(2)))`` -> ``Gelu``;
 - a dense layer: ``MatMul(x, W) + b`` (or ``Gemm`` with constant weights),
   followed by ``Relu`` or GELU -> ``Linear(activation=...)``;
 - scaled dot-product attention: ``MatMul(q, kᵀ)``, an optional scalar
   ``Mul``/``Div``, ``Softmax`` over the last axis, ``MatMul(·, v)`` ->
-  ``Attention``.
+  ``Attention``;
+- ``Conv`` followed by ``Relu`` -> one ``Conv`` with the Relu in its epilogue,
+  and a scalar ``Mul`` feeding a dense layer is folded into its weights.
 
 Every remaining node needs a kernel registered under its ``op_type``; when
 some have none, loading fails naming every such operator.
@@ -50,6 +52,7 @@ class Step:
     call: Callable
     inputs: list[str]
     outputs: list[str]
+    release: tuple[str, ...] = ()  # intermediates nothing later reads: freed for reuse
 
 
 @dataclass
@@ -67,6 +70,8 @@ class LoweredGraph:
             for name, value in zip(step.outputs, results):
                 if name:
                     values[name] = value
+            for name in step.release:
+                values.pop(name, None)
         return {name: values[name] for name in wanted}
 
     def ops(self) -> list[str]:
@@ -223,6 +228,34 @@ def _fuse_linear(g: _Graph) -> int:
     return fused
 
 
+def _fuse_conv_relu(g: _Graph) -> int:
+    fused = 0
+    for conv in [n for n in g.nodes if n.op == "Conv"]:
+        relu = g.only_consumer(conv.outputs[0], "Relu")
+        if relu is not None:
+            g.replace([conv, relu], Node("Conv", conv.name, conv.inputs, relu.outputs,
+                                         {**conv.attrs, "activation": "relu"}))
+            fused += 1
+    return fused
+
+
+def _fold_input_scale(g: _Graph) -> int:
+    """``Linear(x * c)`` with a scalar constant c -> ``Linear(x)`` with c folded into W."""
+    fused = 0
+    for mul in [n for n in g.nodes if n.op == "Mul"]:
+        x = next((i for i in mul.inputs if i not in g.constants), None)
+        scale = g.scalar(g.other(mul, x)) if x else None
+        dense = g.only_consumer(mul.outputs[0], "Linear") if scale is not None else None
+        if dense is None or dense.inputs[0] != mul.outputs[0]:
+            continue
+        weight = g.constants[dense.inputs[1]]
+        g.constants[dense.inputs[1]] = (weight * weight.dtype.type(scale)).astype(weight.dtype)
+        dense.inputs = [x, *dense.inputs[1:]]
+        g.nodes.remove(mul)
+        fused += 1
+    return fused
+
+
 def _fuse_attention(g: _Graph) -> int:
     fused = 0
     for soft in [n for n in g.nodes if n.op == "Softmax"]:
@@ -299,6 +332,8 @@ def lower(model: str, data: bytes, kernels: Any) -> LoweredGraph:
     fused = Counter({"Gelu": _fuse_gelu(g)})
     fused["Linear"] = _fuse_linear(g)
     fused["Attention"] = _fuse_attention(g)
+    fused["Conv+Relu"] = _fuse_conv_relu(g)
+    fused["scale into Linear"] = _fold_input_scale(g)
 
     missing = [f"{n.op} (node {n.name!r})" for n in g.nodes if n.op not in kernels]
     if missing:
@@ -324,6 +359,12 @@ def lower(model: str, data: bytes, kernels: Any) -> LoweredGraph:
         raise ModelLoadError(f"model {model!r}: outputs {absent} are computed by no node")
     used = {n for s in steps for n in s.inputs} | {o.name for o in outputs}
     constants = {k: v for k, v in constants.items() if k in used}
+    keep = set(constants) | {o.name for o in outputs} | {i.name for i in inputs}
+    seen: set[str] = set()
+    for step in reversed(steps):  # the last reader of an intermediate releases it
+        names = [n for n in (*step.inputs, *step.outputs) if n and n not in keep]
+        step.release = tuple(dict.fromkeys(n for n in names if n not in seen))
+        seen.update(names)
     return LoweredGraph(inputs, outputs, constants, steps, +fused)
 
 

@@ -21,19 +21,26 @@ def _im2col(x, kh, kw, sh, sw, pt, pl, dh, dw, oh, ow):
         for i in range(kh):
             for j in range(kw):
                 row = (c * kh + i) * kw + j
+                offset = j * dw - pl
                 for y in range(oh):
                     iy = y * sh - pt + i * dh
                     if iy < 0 or iy >= height:
                         continue
+                    base = y * ow
+                    if sw == 1:  # one contiguous run per output row
+                        z0, z1 = max(0, -offset), min(ow, width - offset)
+                        if z1 > z0:
+                            cols[row, base + z0:base + z1] = x[c, iy, z0 + offset:z1 + offset]
+                        continue
                     for z in range(ow):
-                        ix = z * sw - pl + j * dw
+                        ix = z * sw + offset
                         if 0 <= ix < width:
-                            cols[row, y * ow + z] = x[c, iy, ix]
+                            cols[row, base + z] = x[c, iy, ix]
     return cols
 
 
 @jit
-def _conv2d(x, w2d, bias, group, kh, kw, sh, sw, pt, pl, dh, dw, oh, ow):
+def _conv2d(x, w2d, bias, group, kh, kw, sh, sw, pt, pl, dh, dw, oh, ow, relu):
     batch, channels = x.shape[0], x.shape[1]
     out_channels = w2d.shape[0]
     cg, mg = channels // group, out_channels // group
@@ -46,7 +53,10 @@ def _conv2d(x, w2d, bias, group, kh, kw, sh, sw, pt, pl, dh, dw, oh, ow):
             out[n, g * mg:(g + 1) * mg] = np.dot(weights, cols)
         for m in range(out_channels):
             for p in range(oh * ow):
-                out[n, m, p] += bias[m]
+                v = out[n, m, p] + bias[m]
+                if relu and v < 0:
+                    v = 0
+                out[n, m, p] = v
     return out
 
 
@@ -85,7 +95,8 @@ def _pads_2d(x_ndim, pads):
 
 
 def conv(x, w, b=None, auto_pad="NOTSET", dilations=None, group=1, kernel_shape=None,
-         pads=None, strides=None):
+         pads=None, strides=None, activation="none"):
+    """ONNX Conv; ``activation="relu"`` is a following Relu fused by the lowering."""
     rank = x.ndim - 2
     kernel = tuple(kernel_shape or ()) or tuple(w.shape[2:])
     strides = tuple(strides or ()) or (1,) * rank
@@ -102,7 +113,7 @@ def conv(x, w, b=None, auto_pad="NOTSET", dilations=None, group=1, kernel_shape=
     bias = np.zeros(out_channels, x.dtype) if b is None else np.ascontiguousarray(b)
     w2d = np.ascontiguousarray(w).reshape(out_channels, -1)
     out = _conv2d(np.ascontiguousarray(x), w2d, bias, group, kernel[0], kernel[1], strides[0],
-                  strides[1], pt, pl, dilations[0], dilations[1], oh, ow)
+                  strides[1], pt, pl, dilations[0], dilations[1], oh, ow, activation == "relu")
     out = out.reshape(x.shape[0], out_channels, oh, ow)
     return (out[:, :, 0, :] if one_d else out,)
 

@@ -18,6 +18,34 @@ prange = numba_module().prange
 FASTMATH = {"reassoc", "contract", "arcp", "nsz"}
 
 
+# float32 exp over a row, vectorisable (Cephes expf: range reduction by ln 2,
+# degree-6 polynomial, exponent built from integer bits); relative error ~1e-7.
+@jit(fastmath=FASTMATH)
+def _exp_shifted(row, shift, out, bits):
+    """out = exp(row - shift) for row - shift <= 0; returns the sum."""
+    n = row.size
+    for i in range(n):
+        t = max(np.float32(row[i] - shift), np.float32(-87.0))
+        k = np.floor(t * np.float32(1.4426950408889634) + np.float32(0.5))
+        r = t - k * np.float32(0.693359375) - k * np.float32(-2.12194440e-4)
+        p = np.float32(1.9875691500e-4)
+        p = p * r + np.float32(1.3981999507e-3)
+        p = p * r + np.float32(8.3334519073e-3)
+        p = p * r + np.float32(4.1665795894e-2)
+        p = p * r + np.float32(1.6666665459e-1)
+        p = p * r + np.float32(5.0000001201e-1)
+        out[i] = p * r * r + r + np.float32(1.0)
+        bits[i] = (np.int32(k) + np.int32(127)) << np.int32(23)
+    scale = bits.view(np.float32)
+    total = np.float32(0.0)
+    for i in range(n):
+        v = out[i] * scale[i]
+        out[i] = v
+        total += v
+    return total
+
+
+
 # unary ---------------------------------------------------------------------
 
 
@@ -62,12 +90,33 @@ def _sqrt(x):
     return np.sqrt(x)
 
 
+@jit(fastmath=FASTMATH)
+def _gelu_row(row, out, scratch, bits):
+    """Exact-GELU in float32, vectorisable: erf by Abramowitz-Stegun 7.1.26 (abs. error
+    1.5e-7) on top of the vectorised exp; out may be row."""
+    n = row.size
+    for i in range(n):
+        z = np.float32(row[i]) * np.float32(0.7071067811865476)
+        scratch[i] = -z * z
+    _exp_shifted(scratch, np.float32(0.0), scratch, bits)
+    for i in range(n):
+        v = np.float32(row[i])
+        z = abs(v) * np.float32(0.7071067811865476)
+        t = np.float32(1.0) / (np.float32(1.0) + np.float32(0.3275911) * z)
+        poly = t * (np.float32(0.254829592) + t * (np.float32(-0.284496736) + t * (
+            np.float32(1.421413741) + t * (np.float32(-1.453152027) + t * np.float32(
+                1.061405429)))))
+        erf_abs = np.float32(1.0) - poly * scratch[i]
+        erf = erf_abs if v >= 0 else -erf_abs
+        out[i] = np.float32(0.5) * v * (np.float32(1.0) + erf)
+
+
 @jit
 def _gelu(x):
-    out = np.empty_like(x)
-    for i in range(x.size):
-        v = np.float64(x[i])
-        out[i] = 0.5 * v * (1.0 + math.erf(v * 0.7071067811865476))
+    out = np.empty(x.size, np.float32)
+    scratch = np.empty(x.size, np.float32)
+    bits = np.empty(x.size, np.int32)
+    _gelu_row(x, out, scratch, bits)
     return out
 
 
@@ -124,8 +173,27 @@ def _div(a, b):
     return a / b
 
 
-def _binary(core, integer_division=False):
+@jit
+def _add_same(a, b):
+    out = np.empty_like(a)
+    for i in range(a.size):
+        out[i] = a[i] + b[i]
+    return out
+
+
+@jit
+def _mul_same(a, b):
+    out = np.empty_like(a)
+    for i in range(a.size):
+        out[i] = a[i] * b[i]
+    return out
+
+
+def _binary(core, integer_division=False, same=None):
     def kernel(a, b):
+        if same is not None and a.shape == b.shape and a.dtype == b.dtype:
+            flat = same(np.ascontiguousarray(a).reshape(-1), np.ascontiguousarray(b).reshape(-1))
+            return (flat.reshape(a.shape),)
         shape = np.broadcast_shapes(a.shape, b.shape)
         a = np.ascontiguousarray(a).reshape(a.shape or (1,))
         b = np.ascontiguousarray(b).reshape(b.shape or (1,))
@@ -137,9 +205,9 @@ def _binary(core, integer_division=False):
     return kernel
 
 
-add = _binary(_add)
+add = _binary(_add, same=_add_same)
 sub = _binary(_sub)
-mul = _binary(_mul)
+mul = _binary(_mul, same=_mul_same)
 div = _binary(_div, integer_division=True)
 
 
@@ -161,18 +229,20 @@ def _bmm(a, b):
 
 @jit
 def _linear(x, w, bias, activation):
-    """x @ w + bias, then 0: nothing, 1: relu, 2: exact gelu — one pass over the output."""
+    """x @ w + bias, then 0: nothing, 1: relu, 2: exact gelu — row by row over the output."""
     out = np.dot(x, w)
     rows, cols = out.shape
+    scratch = np.empty(cols, np.float32)
+    bits = np.empty(cols, np.int32)
     for i in range(rows):
+        row = out[i]
         for j in range(cols):
-            v = out[i, j] + bias[j]
-            if activation == 1:
-                v = v if v > 0 else 0
-            elif activation == 2:
-                d = np.float64(v)
-                v = 0.5 * d * (1.0 + math.erf(d * 0.7071067811865476))
-            out[i, j] = v
+            v = row[j] + bias[j]
+            if activation == 1 and v < 0:
+                v = 0
+            row[j] = v
+        if activation == 2:
+            _gelu_row(row, row, scratch, bits)
     return out
 
 
@@ -232,33 +302,6 @@ def linear(x, weight, bias, activation="none"):
 
 
 # softmax, layer norm, argmax -----------------------------------------------
-
-# float32 exp over a row, vectorisable (Cephes expf: range reduction by ln 2,
-# degree-6 polynomial, exponent built from integer bits); relative error ~1e-7.
-@jit(fastmath=FASTMATH)
-def _exp_shifted(row, shift, out, bits):
-    """out = exp(row - shift) for row - shift <= 0; returns the sum."""
-    n = row.size
-    for i in range(n):
-        t = max(np.float32(row[i] - shift), np.float32(-87.0))
-        k = np.floor(t * np.float32(1.4426950408889634) + np.float32(0.5))
-        r = t - k * np.float32(0.693359375) - k * np.float32(-2.12194440e-4)
-        p = np.float32(1.9875691500e-4)
-        p = p * r + np.float32(1.3981999507e-3)
-        p = p * r + np.float32(8.3334519073e-3)
-        p = p * r + np.float32(4.1665795894e-2)
-        p = p * r + np.float32(1.6666665459e-1)
-        p = p * r + np.float32(5.0000001201e-1)
-        out[i] = p * r * r + r + np.float32(1.0)
-        bits[i] = (np.int32(k) + np.int32(127)) << np.int32(23)
-    scale = bits.view(np.float32)
-    total = np.float32(0.0)
-    for i in range(n):
-        v = out[i] * scale[i]
-        out[i] = v
-        total += v
-    return total
-
 
 @jit
 def _softmax_row(row, out, bits):

@@ -1,0 +1,140 @@
+"""Lowered numba shards against onnxruntime, and cold versus warm numba caches.
+
+1. The dense (digits_mlp), convolutional (cnn_skip) and attention
+   (transformer_block) examples, lowered to numba kernels, against an
+   onnxruntime session with the examples' settings (one intra-op thread, all
+   graph optimizations), interleaved call by call, at batch 1 and 32. Prints
+   the median of each and numba / onnxruntime (target: within 1.5x).
+2. First request in a fresh process: ``shardserve``'s runtime loads the three
+   lowered examples and answers one request, first with an empty numba cache
+   (cold compile) and then with the cache that run left (warm), plus the
+   same with onnxruntime as the baseline.
+
+    python benchmarks/numba_shards.py [--rounds 300]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import statistics
+import subprocess
+import sys
+import tempfile
+import textwrap
+import time
+from pathlib import Path
+
+import numpy as np
+
+ROOT = Path(__file__).resolve().parents[1]
+EXAMPLES = ROOT / "examples" / "models"
+MODELS = ("digits_mlp", "cnn_skip", "transformer_block")
+SHAPES = {"digits_mlp": ("pixels", (64,)), "cnn_skip": ("image", (3, 32, 32)),
+          "transformer_block": ("tokens", (16, 128))}
+
+
+def make_repo(root: Path, backend: str) -> Path:
+    for name in MODELS:
+        (root / name / "1").mkdir(parents=True)
+        shutil.copy(EXAMPLES / name / "1" / "model.onnx", root / name / "1" / "model.onnx")
+        (root / name / "model.toml").write_text(
+            f'backend = "{backend}"\n[onnxruntime]\nintra_op_threads = 1\n')
+    return root
+
+
+def interleaved(calls: dict, rounds: int) -> dict[str, float]:
+    times: dict[str, list[float]] = {k: [] for k in calls}
+    for fn in calls.values():
+        for _ in range(10):
+            fn()
+    for _ in range(rounds):
+        for key, fn in calls.items():
+            start = time.perf_counter()
+            fn()
+            times[key].append(time.perf_counter() - start)
+    return {k: statistics.median(v) for k, v in times.items()}
+
+
+def shards_against_onnxruntime(rounds: int) -> None:
+    import onnxruntime as ort
+
+    from runtime import Runtime
+
+    repo = make_repo(Path(tempfile.mkdtemp()), "numba")
+    rt = Runtime.from_config({"repository": {"path": str(repo)}}).start()
+    opts = ort.SessionOptions()
+    opts.intra_op_num_threads = 1
+    opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+    print(f"{'model':<18} {'batch':>5} {'onnxruntime':>12} {'numba':>12} {'numba/ort':>10}")
+    for name in MODELS:
+        sess = ort.InferenceSession(str(EXAMPLES / name / "1" / "model.onnx"), opts,
+                                    providers=["CPUExecutionProvider"])
+        outputs = [o.name for o in sess.get_outputs()]
+        backend = rt.get_model(name).backend
+        input_name, shape = SHAPES[name]
+        for batch in (1, 32):
+            x = {input_name: np.random.default_rng(0).standard_normal(
+                (batch, *shape)).astype(np.float32)}
+            med = interleaved({"ort": lambda s=sess, x=x: s.run(outputs, x),
+                               "numba": lambda b=backend, x=x: b.run(x, outputs)}, rounds)
+            print(f"{name:<18} {batch:>5} {med['ort'] * 1e6:>10.1f}us {med['numba'] * 1e6:>10.1f}us"
+                  f" {med['numba'] / med['ort']:>9.2f}x")
+    rt.close()
+
+
+FIRST_REQUEST = textwrap.dedent("""
+    import json, sys, time
+    start = time.perf_counter()
+    import numpy as np
+    from runtime import Runtime
+    from runtime.codec import InferInput, InferRequest
+    rt = Runtime.from_config({"repository": {"path": sys.argv[1]}}).start()
+    loaded = time.perf_counter()
+    x = np.zeros((1, 16, 128), np.float32)
+    t0 = time.perf_counter()
+    rt.infer("transformer_block", InferRequest(inputs=[InferInput("tokens", "FP32", x.shape, x)]))
+    first = time.perf_counter() - t0
+    print(json.dumps({"load_s": loaded - start, "first_request_s": first,
+                      "numba": "numba" in sys.modules}))
+""")
+
+
+def first_request(repo: Path, cache: Path) -> dict:
+    env = {**os.environ, "NUMBA_CACHE_DIR": str(cache)}
+    out = subprocess.run([sys.executable, "-c", FIRST_REQUEST, str(repo)], env=env, cwd=ROOT,
+                         capture_output=True, text=True, check=True, timeout=600).stdout
+    return json.loads(out.strip().splitlines()[-1])
+
+
+def cold_versus_warm() -> None:
+    work = Path(tempfile.mkdtemp())
+    numba_repo = make_repo(work / "numba", "numba")
+    ort_repo = make_repo(work / "ort", "onnxruntime")
+    cache = work / "cache"
+    cold = first_request(numba_repo, cache)
+    warm = first_request(numba_repo, cache)
+    base = first_request(ort_repo, work / "unused")
+    print("\nfresh process, three example models loaded, then one transformer request:")
+    for label, r in (("numba, cold cache", cold), ("numba, warm cache", warm),
+                     ("onnxruntime", base)):
+        print(f"  {label:<18} load {r['load_s']:7.2f} s   first request "
+              f"{r['first_request_s'] * 1e3:8.2f} ms   numba imported: {r['numba']}")
+    print(f"  warm cache loads {cold['load_s'] / warm['load_s']:.1f}x faster than a cold compile")
+    shutil.rmtree(work, ignore_errors=True)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--rounds", type=int, default=300)
+    parser.add_argument("--skip-cold", action="store_true", help="skip the fresh-process runs")
+    args = parser.parse_args()
+    shards_against_onnxruntime(args.rounds)
+    if not args.skip_cold:
+        cold_versus_warm()
+
+
+if __name__ == "__main__":
+    main()
