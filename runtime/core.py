@@ -326,6 +326,7 @@ class Runtime:
             return self._started and all(
                 s.state == "READY" or s.reason == UNLOADED for s in list(self._models.values())
             )
+        validate_model_name(name)
         wanted = validate_version(version)
         try:
             status = self._models.get(name)
