@@ -208,12 +208,14 @@ def test_planners_equal_brute_force_over_all_valid_cuts(model, seed, edge, mbps)
     # memory: fewest shards over every set of contiguous cuts
     budget = max(sum(shard_memory(graph, u, u + 1)) for u in range(n)) * 2
     mem = MemoryPartitioner().partition(graph, costs, {"memory_budget": budget})
-    fewest = next(
-        parts for parts in range(1, n + 1)
-        for cut in itertools.combinations(range(1, n), parts - 1)
-        if all(sum(shard_memory(graph, a, b)) <= budget
-               for a, b in zip((0, *cut), (*cut, n))))
+    fits = lambda cut: all(sum(shard_memory(graph, a, b)) <= budget  # noqa: E731
+                           for a, b in zip((0, *cut), (*cut, n)))
+    fewest = next(parts for parts in range(1, n + 1)
+                  for cut in itertools.combinations(range(1, n), parts - 1) if fits(cut))
     assert len(mem.groups) == fewest
+    least_bytes = min(sum(live[c] for c in cut)
+                      for cut in itertools.combinations(range(1, n), fewest - 1) if fits(cut))
+    assert mem.predicted["cut_bytes"] == least_bytes
 
 
 def test_a_loop_reading_outer_tensors_is_never_cut(tmp_path):
