@@ -1,12 +1,13 @@
 """Lowered numba shards against onnxruntime, and cold versus warm numba caches.
 
-1. The dense (digits_mlp), convolutional (cnn_skip) and attention
-   (transformer_block) examples, lowered to numba kernels, against an
+1. Dense shards (the digits_mlp example and a BERT-base-sized 768-3072-768
+   feed-forward block), the convolutional cnn_skip and the attention
+   transformer_block example, lowered to numba kernels, against an
    onnxruntime session with the examples' settings (one intra-op thread, all
    graph optimizations), interleaved call by call, at batch 1 and 32. Prints
    the median of each and numba / onnxruntime (target: within 1.5x).
-2. First request in a fresh process: ``shardserve``'s runtime loads the three
-   lowered examples and answers one request, first with an empty numba cache
+2. First request in a fresh process: ``shardserve``'s runtime loads the
+   lowered models and answers one request, first with an empty numba cache
    (cold compile) and then with the cache that run left (warm), plus the
    same with onnxruntime as the baseline.
 
@@ -31,15 +32,47 @@ import numpy as np
 
 ROOT = Path(__file__).resolve().parents[1]
 EXAMPLES = ROOT / "examples" / "models"
-MODELS = ("digits_mlp", "cnn_skip", "transformer_block")
-SHAPES = {"digits_mlp": ("pixels", (64,)), "cnn_skip": ("image", (3, 32, 32)),
-          "transformer_block": ("tokens", (16, 128))}
+MODELS = ("digits_mlp", "dense_768", "cnn_skip", "transformer_block")
+SHAPES = {"digits_mlp": ("pixels", (64,)), "dense_768": ("x", (768,)),
+          "cnn_skip": ("image", (3, 32, 32)), "transformer_block": ("tokens", (16, 128))}
+
+
+def dense_768(path: Path) -> None:
+    """A BERT-base-sized feed-forward shard: 768 -> 3072 (Relu) -> 768."""
+    import onnx
+    from onnx import TensorProto, helper, numpy_helper
+
+    rng = np.random.default_rng(1)
+    weights = {"w1": rng.standard_normal((768, 3072)) * 0.03, "b1": np.zeros(3072),
+               "w2": rng.standard_normal((3072, 768)) * 0.03, "b2": np.zeros(768)}
+    nodes = [helper.make_node("MatMul", ["x", "w1"], ["m1"]),
+             helper.make_node("Add", ["m1", "b1"], ["a1"]),
+             helper.make_node("Relu", ["a1"], ["r1"]),
+             helper.make_node("MatMul", ["r1", "w2"], ["m2"]),
+             helper.make_node("Add", ["m2", "b2"], ["y"])]
+    graph = helper.make_graph(
+        nodes, "dense", [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["b", 768])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["b", 768])],
+        [numpy_helper.from_array(v.astype(np.float32), k) for k, v in weights.items()])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    model.ir_version = 8
+    path.parent.mkdir(parents=True, exist_ok=True)
+    onnx.save(model, str(path))
+
+
+def model_file(name: str) -> Path:
+    path = EXAMPLES / name / "1" / "model.onnx"
+    if name == "dense_768":
+        path = Path(tempfile.gettempdir()) / "shardserve-bench" / "dense_768.onnx"
+        if not path.exists():
+            dense_768(path)
+    return path
 
 
 def make_repo(root: Path, backend: str) -> Path:
     for name in MODELS:
         (root / name / "1").mkdir(parents=True)
-        shutil.copy(EXAMPLES / name / "1" / "model.onnx", root / name / "1" / "model.onnx")
+        shutil.copy(model_file(name), root / name / "1" / "model.onnx")
         (root / name / "model.toml").write_text(
             f'backend = "{backend}"\n[onnxruntime]\nintra_op_threads = 1\n')
     return root
@@ -70,7 +103,7 @@ def shards_against_onnxruntime(rounds: int) -> None:
     opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
     print(f"{'model':<18} {'batch':>5} {'onnxruntime':>12} {'numba':>12} {'numba/ort':>10}")
     for name in MODELS:
-        sess = ort.InferenceSession(str(EXAMPLES / name / "1" / "model.onnx"), opts,
+        sess = ort.InferenceSession(str(model_file(name)), opts,
                                     providers=["CPUExecutionProvider"])
         outputs = [o.name for o in sess.get_outputs()]
         backend = rt.get_model(name).backend
@@ -78,8 +111,8 @@ def shards_against_onnxruntime(rounds: int) -> None:
         for batch in (1, 32):
             x = {input_name: np.random.default_rng(0).standard_normal(
                 (batch, *shape)).astype(np.float32)}
-            med = interleaved({"ort": lambda s=sess, x=x: s.run(outputs, x),
-                               "numba": lambda b=backend, x=x: b.run(x, outputs)}, rounds)
+            med = interleaved({"ort": lambda s=sess, x=x, o=outputs: s.run(o, x),
+                               "numba": lambda b=backend, x=x, o=outputs: b.run(x, o)}, rounds)
             print(f"{name:<18} {batch:>5} {med['ort'] * 1e6:>10.1f}us {med['numba'] * 1e6:>10.1f}us"
                   f" {med['numba'] / med['ort']:>9.2f}x")
     rt.close()
@@ -117,7 +150,7 @@ def cold_versus_warm() -> None:
     cold = first_request(numba_repo, cache)
     warm = first_request(numba_repo, cache)
     base = first_request(ort_repo, work / "unused")
-    print("\nfresh process, three example models loaded, then one transformer request:")
+    print("\nfresh process, the models above loaded, then one transformer request:")
     for label, r in (("numba, cold cache", cold), ("numba, warm cache", warm),
                      ("onnxruntime", base)):
         print(f"  {label:<18} load {r['load_s']:7.2f} s   first request "

@@ -130,17 +130,27 @@ def softmax_topk(x, k=1, parallel=False):
 # CTC greedy decoding -----------------------------------------------------------
 
 
+@jit(fastmath={"nnan", "ninf", "nsz"})
+def _row_argmax(row):
+    """First index of the maximum, written with selects so the loop vectorises."""
+    best = row[0]
+    where = 0
+    for c in range(1, row.size):
+        v = row[c]
+        better = v > best
+        best = v if better else best
+        where = c if better else where
+    return where
+
+
 @jit
 def _ctc_greedy_row(x, blank, labels):
     """Decode one [T, classes] sequence into ``labels``; returns its length."""
-    steps, classes = x.shape
+    steps = x.shape[0]
     previous = -1
     count = 0
     for t in range(steps):
-        best, where = x[t, 0], 0
-        for c in range(1, classes):
-            if x[t, c] > best:
-                best, where = x[t, c], c
+        where = _row_argmax(x[t])
         if where != blank and where != previous:
             labels[count] = where
             count += 1
@@ -182,7 +192,13 @@ def ctc_greedy(x, blank=0, parallel=False):
 
 @jit
 def _nms(boxes, scores, iou_threshold, score_threshold, max_output):
-    """Greedy NMS over [N, 4] corner boxes; indices kept, best score first."""
+    """Greedy NMS over [N, 4] corner boxes; indices kept, best score first.
+
+    Exactly the textbook algorithm (a box is kept unless a kept, better-scored
+    box overlaps it by more than the threshold), but each candidate is only
+    compared with the kept boxes in the neighbouring cells of a grid whose
+    cells are as large as the largest box: boxes further apart cannot overlap.
+    """
     n = boxes.shape[0]
     order = np.argsort(-scores, kind="mergesort")
     x1 = np.empty(n, np.float32)
@@ -190,34 +206,52 @@ def _nms(boxes, scores, iou_threshold, score_threshold, max_output):
     x2 = np.empty(n, np.float32)
     y2 = np.empty(n, np.float32)
     area = np.empty(n, np.float32)
+    size = np.float32(0.0)
     for i in range(n):
         x1[i] = min(boxes[i, 0], boxes[i, 2])
         x2[i] = max(boxes[i, 0], boxes[i, 2])
         y1[i] = min(boxes[i, 1], boxes[i, 3])
         y2[i] = max(boxes[i, 1], boxes[i, 3])
         area[i] = (x2[i] - x1[i]) * (y2[i] - y1[i])
-    remaining = 0
-    for i in range(n):
-        if scores[order[i]] > score_threshold:
-            order[remaining] = order[i]
-            remaining += 1
-    keep = np.empty(remaining, np.int64)
+        size = max(size, x2[i] - x1[i], y2[i] - y1[i])
+    keep = np.empty(n, np.int64)
     kept = 0
-    while remaining > 0 and (max_output <= 0 or kept < max_output):
-        best = order[0]
-        keep[kept] = best
+    if n == 0:
+        return keep[:0]
+    low_x, low_y = x1.min(), y1.min()
+    span = max(x1.max() - low_x, y1.max() - low_y)
+    cell = max(size, span / max(np.sqrt(n), 1.0), np.float32(1e-6))
+    cells_x = int((x1.max() - low_x) / cell) + 1
+    cells_y = int((y1.max() - low_y) / cell) + 1
+    head = np.full(cells_x * cells_y, -1, np.int64)  # kept boxes per cell, as linked lists
+    following = np.full(n, -1, np.int64)
+    for position in range(n):
+        if max_output > 0 and kept >= max_output:
+            break
+        j = order[position]
+        if not scores[j] > score_threshold:
+            continue
+        cx, cy = int((x1[j] - low_x) / cell), int((y1[j] - low_y) / cell)
+        suppressed = iou_threshold < 0 and kept > 0
+        for gx in range(max(cx - 1, 0), min(cx + 2, cells_x)):
+            for gy in range(max(cy - 1, 0), min(cy + 2, cells_y)):
+                i = head[gx * cells_y + gy]
+                while i >= 0 and not suppressed:
+                    w = min(x2[i], x2[j]) - max(x1[i], x1[j])
+                    h = min(y2[i], y2[j]) - max(y1[i], y1[j])
+                    if w > 0 and h > 0:
+                        inter = w * h
+                        union = area[i] + area[j] - inter
+                        if union > 0 and inter / union > iou_threshold:
+                            suppressed = True
+                    i = following[i]
+        if suppressed:
+            continue
+        keep[kept] = j
         kept += 1
-        survivors = 0
-        for j in range(1, remaining):
-            other = order[j]
-            w = min(x2[best], x2[other]) - max(x1[best], x1[other])
-            h = min(y2[best], y2[other]) - max(y1[best], y1[other])
-            inter = max(w, 0.0) * max(h, 0.0)
-            union = area[best] + area[other] - inter
-            if not (union > 0 and inter / union > iou_threshold):
-                order[survivors] = other
-                survivors += 1
-        remaining = survivors
+        slot = cx * cells_y + cy
+        following[j] = head[slot]
+        head[slot] = j
     return keep[:kept]
 
 
