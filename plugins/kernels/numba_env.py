@@ -91,13 +91,33 @@ def resolve_cache_dir(environ: dict | None = None) -> Path | None:
     return temp
 
 
+def _limit_blas_threads() -> None:
+    """numba's ``np.dot`` calls scipy's OpenBLAS, which reads its thread count
+    once, when loaded. One thread per request (as onnxruntime's
+    ``intra_op_threads = 1``) by default: a multi-threaded BLAS on a busy
+    machine turns a 40 µs product into milliseconds of spinning.
+    ``SHARDSERVE_NUMBA_BLAS_THREADS`` (0 = OpenBLAS's default) or
+    ``OPENBLAS_NUM_THREADS`` change it. numpy's own BLAS is left alone."""
+    wanted = os.environ.get("SHARDSERVE_NUMBA_BLAS_THREADS", "1")
+    if "scipy.linalg" in sys.modules or "OPENBLAS_NUM_THREADS" in os.environ or wanted == "0":
+        return
+    os.environ["OPENBLAS_NUM_THREADS"] = wanted
+    try:
+        import scipy.linalg.cython_blas  # noqa: F401  loads scipy's OpenBLAS now
+    except ImportError:  # numba then has no np.dot, and says so at load
+        pass
+    finally:
+        del os.environ["OPENBLAS_NUM_THREADS"]
+
+
 def numba_module() -> Any:
-    """Import numba after settling its cache directory (idempotent, thread-safe)."""
+    """Import numba after settling its cache directory and BLAS threads (idempotent)."""
     if "numba" in sys.modules:
         return sys.modules["numba"]
     with _lock:
         if "numba" not in sys.modules:
             resolve_cache_dir()
+            _limit_blas_threads()
         import numba
     return numba
 
