@@ -61,6 +61,7 @@ class BackendSettings:
     read_bytes: Callable[[str], bytes]
     server: Config
     backends: Any = None  # the runtime's backend Registry, for backends that compose others
+    plugins: Any = None  # the runtime's PluginManager, for backends that collect kernels
 
 
 @dataclass
@@ -260,10 +261,16 @@ class Runtime:
         settings = BackendSettings(
             model=cfg.name, version=version, path=self.repository.version_dir(cfg.name, version),
             config=cfg, options=cfg.backend_options(), read_bytes=read_bytes, server=self.config,
-            backends=self.backends,
+            backends=self.backends, plugins=self.pm,
         )
         backend = self.backends[backend_name](settings)
         backend.load()
+        if "preprocess" in cfg.raw or "postprocess" in cfg.raw:  # pipeline stages, docs/numba.md
+            if "stages" not in self.backends:
+                raise ModelLoadError(f"model {cfg.name!r}: preprocess/postprocess need the "
+                                     "stages backend (shardserve[numba])")
+            backend = self.backends["stages"](settings, backend)
+            backend.load()
         for impl in self.pm.hook.shardserve_wrap_backend.get_hookimpls()[::-1]:  # batching...
             backend = impl.function(settings=settings, backend=backend) or backend
         return LoadedModel(cfg.name, version, backend, cfg, list(backend.inputs),

@@ -34,6 +34,20 @@ def shardserve_register_backends(register: Callable[[str, type], None]) -> None:
 
 
 @hookspec
+def shardserve_register_kernels(register: Callable[[str, Any], None]) -> None:
+    """Register numba kernels by calling ``register(name, kernel)``.
+
+    ``kernel`` is a ``plugins.kernels.Kernel``: its contract (input and output
+    names, accepted datatypes, shape rule, parameters with defaults) plus the
+    ``"module:function"`` path of its numba-jitted function, imported and
+    compiled only when a model that uses it loads, never when the plugin is
+    imported. The ``numba`` backend looks ONNX operators up by ``op_type``
+    (``"MatMul"``); model.toml pipeline stages (``postprocess = ["topk:5"]``)
+    by lower-case names. Registering a name twice raises at startup.
+    """
+
+
+@hookspec
 def shardserve_register_commands(subparsers: Any) -> None:
     """Add CLI subcommands to ``shardserve``.
 

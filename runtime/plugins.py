@@ -41,6 +41,8 @@ SECURITY_PLUGINS: tuple[str, ...] = tuple(
 DEFAULT_PLUGINS: tuple[str, ...] = (
     "plugins.backends.onnxruntime",
     "plugins.backends.plan",
+    "plugins.backends.numba_backend",
+    "plugins.kernels",
     "plugins.serving",
     "plugins.partitioners",
     "plugins.optimizers",
