@@ -9,7 +9,9 @@ from __future__ import annotations
 import logging
 import threading
 import time
+import uuid
 from collections.abc import Callable, Mapping
+from contextvars import ContextVar
 from dataclasses import dataclass, field
 from importlib import metadata as importlib_metadata
 from pathlib import Path
@@ -78,6 +80,25 @@ class LoadedModel:
     def __post_init__(self) -> None:
         self.input_specs = {spec.name: spec for spec in self.inputs}
         self.output_names = [spec.name for spec in self.outputs]
+
+
+@dataclass
+class CallContext:
+    """The request a backend run serves, for executors (docs/executors.md): the id binds
+    encrypted tensors to it, the deadline bounds every remote call, hops are recorded."""
+
+    request_id: str
+    model: str
+    deadline: float | None = None  # time.monotonic(); the earlier of caller's and limits'
+    hops: list = field(default_factory=list)  # executors append one dict per remote hop
+
+
+_call: ContextVar[CallContext | None] = ContextVar("shardserve_call", default=None)
+
+
+def current_call() -> CallContext | None:
+    """The request being served in this context (set by ``Runtime.infer``), or None."""
+    return _call.get()
 
 
 @dataclass
@@ -424,7 +445,14 @@ class Runtime:
             limits.check_request(request)
         if deadline is not None and time.monotonic() > deadline:
             raise GatewayTimeout(f"deadline passed before model {name!r} ran")
-        outputs = model.backend.run(feed, wanted)
+        limit = getattr(limits, "deadline", None)
+        if limit is not None:
+            deadline = limit if deadline is None else min(deadline, limit)
+        token = _call.set(CallContext(request.id or uuid.uuid4().hex, name, deadline))
+        try:
+            outputs = model.backend.run(feed, wanted)
+        finally:
+            _call.reset(token)
         if limits is not None:
             limits.check_deadline()
         return InferResponse(model_name=name, model_version=str(model.version), outputs=outputs,

@@ -103,6 +103,23 @@ def shardserve_register_partitioners(register: Callable[[str, Any], None]) -> No
 
 
 @hookspec
+def shardserve_register_executors(register: Callable[[str, Any], None]) -> None:
+    """Register shard executors by calling ``register(name, factory)``.
+
+    ``factory(backend, options)`` gets the loading ``plan`` backend and the
+    executor's options (``[executors.<name>]`` of the server config updated by
+    model.toml's) and returns an object with ``prepare(index)`` (called at
+    load for each shard whose placement names this executor: connect, check),
+    ``run_shard(index, inputs, outputs) -> dict`` and ``close()``; a driver
+    (``executor = "name"`` in plan.toml or model.toml) also has
+    ``run_plan(inputs, outputs) -> dict``. A placement names its executor by
+    scheme: ``local``, ``http://...``, ``lambda:fn``, ``dask:worker``. Take
+    timeouts from ``runtime.current_call()``; raise ``ServiceUnavailable``
+    naming the shard when it cannot be reached. Registering a name twice raises.
+    """
+
+
+@hookspec
 def shardserve_startup(runtime: Any) -> None:
     """Called once when a :class:`runtime.Runtime` is built, after its
     plugins are loaded and before any model loads. Use it to validate this

@@ -46,6 +46,7 @@ DEFAULT_PLUGINS: tuple[str, ...] = (
     "plugins.serving",
     "plugins.partitioners",
     "plugins.optimizers",
+    "plugins.executors",
     *SECURITY_PLUGINS,
 )
 

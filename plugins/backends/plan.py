@@ -6,7 +6,9 @@ shard's ``backend``, ``onnxruntime`` by default), reading its file through the
 same ``read_bytes`` (so signature checks and decryption apply to every shard).
 Shards run in process, in topological order; a tensor is computed once and
 forwarded to every later shard that consumes it. ``run_shard`` is the one seam
-where a shard runs: executors (remote placements) replace it.
+where a shard runs: each shard's placement names the executor that runs it
+(``local``, ``http://...``, ``lambda:fn``, ``dask``), and a plan-level
+``executor`` (pipeline, dask) may drive the whole plan (docs/executors.md).
 """
 
 from __future__ import annotations
@@ -18,6 +20,7 @@ import logging
 from runtime import BackendSettings, TensorSpec, hookimpl
 from runtime.errors import ModelLoadError
 from runtime.plan import PLAN_FILE, Shard, ShardPlan, parse_plan
+from runtime.plugins import Registry
 
 log = logging.getLogger("shardserve.backends.plan")
 
@@ -33,6 +36,9 @@ class PlanBackend:
         self.outputs: list[TensorSpec] = []
         self.platform = "shardserve_plan"
         self._schedules: dict[tuple, list[tuple[int, list[str]]]] = {}
+        self.executors: dict[str, object] = {}  # executor name -> instance, for this version
+        self.placed: list = []  # per shard: the executor that runs it (None: in process)
+        self.driver = None  # an executor with run_plan, when the plan names one
 
     # loading ------------------------------------------------------------------
 
@@ -45,13 +51,20 @@ class PlanBackend:
         self.outputs = [TensorSpec(t["name"], t["datatype"], t["shape"]) for t in plan.outputs]
         built = []
         try:
-            for shard in plan.shards:
-                built.append(self._load_shard(shard))
+            self._place_shards()
+            for index, shard in enumerate(plan.shards):
+                local = self.placed[index] is None or self.placed[index].runs_locally
+                built.append(self._load_shard(shard) if local else None)
+            self.shard_backends = built
+            for index, executor in enumerate(self.placed):
+                if executor is not None:
+                    executor.prepare(index)
         except BaseException:
             for backend in built:
-                _close(backend)
+                if backend is not None:
+                    _close(backend)
+            self._close_executors()
             raise
-        self.shard_backends = built
         platforms = {getattr(b, "platform", None) for b in built}
         if len(platforms) == 1 and None not in platforms:
             self.platform = platforms.pop()  # same metadata as the unpartitioned model
@@ -76,11 +89,51 @@ class PlanBackend:
                                  "the inputs and outputs plan.toml lists")
         return backend
 
+    def _place_shards(self) -> None:
+        """Executors for each shard's placement and the plan's driver (docs/executors.md).
+
+        Without the runtime's plugin manager (tools that only check numerics) every shard
+        runs in process, whatever its placement.
+        """
+        s, plan = self.settings, self.plan
+        self.placed = [None] * len(plan.shards)
+        if s.plugins is None:
+            return
+        registry = Registry("executor", check=callable).collect(
+            s.plugins, "shardserve_register_executors")
+        model_section = s.config.raw.get("plan", {})
+        names = [placement_executor(shard.placement) for shard in plan.shards]
+        default = "dask" if "dask" in names else "local"
+        driver = (model_section.get("executor") if isinstance(model_section, dict) else None) \
+            or plan.raw.get("executor") or default
+        for name in {*names, driver}:
+            if name not in registry:
+                raise ModelLoadError(f"model {s.model!r}: no executor {name!r} (placements "
+                                     f"and executor name one of {', '.join(registry.names())})")
+            self.executors[name] = registry[name](self, self._executor_options(name))
+        self.placed = [self.executors[name] for name in names]
+        if callable(getattr(self.executors[driver], "run_plan", None)):
+            self.driver = self.executors[driver]
+
+    def _executor_options(self, name: str) -> dict:
+        """``[executors.<name>]`` of the server config, updated by model.toml's."""
+        server = getattr(self.settings.server, "sections", None) or {}
+        options = {}
+        for section in (server.get("executors", {}), self.settings.config.raw.get("executors", {})):
+            if isinstance(section, dict):
+                options.update({k: v for k, v in section.items() if not isinstance(v, dict)})
+                if isinstance(section.get(name), dict):
+                    options.update(section[name])
+        return options
+
     # running ------------------------------------------------------------------
 
     def run_shard(self, index: int, inputs: dict, outputs: list[str]) -> dict:
         """Run one shard on its inputs: the seam where executors place shards."""
-        return self.shard_backends[index].run(inputs, outputs)
+        executor = self.placed[index] if self.placed else None
+        if executor is None:
+            return self.shard_backends[index].run(inputs, outputs)
+        return executor.run_shard(index, inputs, outputs)
 
     def _schedule(self, wanted: tuple[str, ...]) -> list[tuple[int, list[str]]]:
         """Shards to run, in order, with the outputs each must produce."""
@@ -99,6 +152,8 @@ class PlanBackend:
         return schedule
 
     def run(self, inputs: dict, outputs: list[str]) -> dict:
+        if self.driver is not None:
+            return self.driver.run_plan(inputs, outputs)
         if self.plan.mode == "batch":
             return self._run_batch(inputs, outputs)
         values = dict(inputs)
@@ -124,9 +179,23 @@ class PlanBackend:
         return {name: np.concatenate([p[name] for p in parts], axis=0) for name in outputs}
 
     def close(self) -> None:
+        self._close_executors()
         for backend in self.shard_backends:
-            _close(backend)
+            if backend is not None:
+                _close(backend)
         self.shard_backends = []
+
+    def _close_executors(self) -> None:
+        for executor in self.executors.values():
+            _close(executor)
+        self.executors, self.placed, self.driver = {}, [], None
+
+
+def placement_executor(placement: str) -> str:
+    """The executor a placement names: its scheme (``http://h:p`` -> ``http``,
+    ``lambda:fn`` -> ``lambda``, ``dask:worker`` -> ``dask``), or ``local``."""
+    scheme = placement.split(":", 1)[0].strip().lower()
+    return "http" if scheme == "https" else scheme or "local"
 
 
 def _close(backend) -> None:
