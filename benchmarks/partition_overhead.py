@@ -6,13 +6,15 @@ interleaved call by call so machine noise hits all alike:
 
 * ``whole``: ``Runtime.infer`` on version 1 (one onnxruntime session);
 * ``plan``: ``Runtime.infer`` on version 2 (the plan backend, four sessions);
-* ``raw whole`` / ``raw shards``: the same sessions called directly, no runtime.
+* ``raw whole`` / ``raw shards``: the same sessions called directly, no runtime;
+* ``backend``: the plan backend's ``run`` alone, no runtime.
 
 ``plan / whole`` is the overhead a user sees (target: at most 1.05).
 ``raw shards / raw whole`` is what onnxruntime itself loses by running four
 sessions (a session call each, layouts converted at every border, fusions that
-cannot span a border); ``plan - raw shards`` minus ``whole - raw whole`` is what
-the plan backend's own bookkeeping adds.
+cannot span a border); ``backend - raw shards`` ("own us") is what the plan
+backend's own bookkeeping adds per request (fastest calls: a difference of
+medians drowns in noise at large batches).
 
     python benchmarks/partition_overhead.py [--rounds 2000] [--batch 1 8]
 """
@@ -33,14 +35,21 @@ sys.path.insert(0, str(ROOT))
 
 import numpy as np  # noqa: E402
 
-from plugins.partitioners.build import analyse, plan_partition, write_partition  # noqa: E402
+from plugins.partitioners.build import (  # noqa: E402
+    analyse,
+    load_plan_backend,
+    plan_partition,
+    write_partition,
+)
 from runtime import Runtime  # noqa: E402
 from runtime.codec import InferInput, InferRequest  # noqa: E402
+from runtime.repository import ModelRepository  # noqa: E402
 
 MODELS = {"cnn_skip": "image", "transformer_block": "tokens"}
 
 
-def interleaved(calls: dict, rounds: int) -> dict[str, float]:
+def interleaved(calls: dict, rounds: int) -> tuple[dict[str, float], dict[str, float]]:
+    """Median and fastest seconds per call of each callable, run alternately."""
     times: dict[str, list[float]] = {k: [] for k in calls}
     for fn in calls.values():
         for _ in range(50):
@@ -51,7 +60,8 @@ def interleaved(calls: dict, rounds: int) -> dict[str, float]:
             start = clock()
             fn()
             times[key].append(clock() - start)
-    return {k: statistics.median(v) for k, v in times.items()}
+    return ({k: statistics.median(v) for k, v in times.items()},
+            {k: min(v) for k, v in times.items()})
 
 
 def session(path: Path):
@@ -62,12 +72,11 @@ def session(path: Path):
     return ort.InferenceSession(str(path), opts, providers=["CPUExecutionProvider"])
 
 
-def raw_sessions(repo: Path, name: str):
-    from runtime.plan import parse_plan
-
-    plan = parse_plan(name, (repo / name / "2" / "plan.toml").read_bytes())
-    shards = [(s.inputs, s.outputs, session(repo / name / "2" / s.file))
-              for s in (plan.shards[i] for i in plan.order)]
+def raw_sessions(repo: Path, name: str, backend):
+    """The whole model's session, and the plan backend's own shard sessions in order."""
+    plan = backend.plan
+    shards = [(plan.shards[i].inputs, plan.shards[i].outputs,
+               backend.shard_backends[i].session) for i in plan.order]
     return session(repo / name / "1" / "model.onnx"), shards
 
 
@@ -95,6 +104,10 @@ def main() -> int:
             part = plan_partition(analysis, "pipeline", {"shards": 4})
             write_partition(analysis, "pipeline", {"shards": 4}, part, repo)
         rt = Runtime.from_config({"repository": {"path": str(repo), "load": "all"}}).start()
+        configs = ModelRepository(repo)
+        backends = {name: load_plan_backend(name, repo / name / "2", configs.config(name))
+                    for name in MODELS}
+        outputs = {name: [o.name for o in backends[name].outputs] for name in MODELS}
         print(f"{'model':<18} {'batch':>5} {'whole us':>9} {'plan us':>9} {'plan/whole':>10} "
               f"{'raw ratio':>10} {'own us':>9}")
         for name, input_name in MODELS.items():
@@ -103,15 +116,17 @@ def main() -> int:
                 x = np.random.default_rng(0).standard_normal([batch, *shape[1:]]).astype(
                     np.float32)
                 request = InferRequest(inputs=[InferInput(input_name, "FP32", x.shape, x)])
-                whole, shards = raw_sessions(repo, name)
+                whole, shards = raw_sessions(repo, name, backends[name])
                 feed = {input_name: x}
-                m = interleaved({
+                m, fastest = interleaved({
                     "whole": lambda request=request, name=name: rt.infer(name, request, 1),
                     "plan": lambda request=request, name=name: rt.infer(name, request, 2),
                     "raw_whole": lambda whole=whole, feed=feed: whole.run(None, feed),
                     "raw_shards": lambda shards=shards, feed=feed: run_shards(shards, feed),
+                    "backend": lambda b=backends[name], feed=feed, outs=outputs[name]:
+                        b.run(feed, outs),
                 }, args.rounds)
-                own = (m["plan"] - m["raw_shards"]) - (m["whole"] - m["raw_whole"])
+                own = fastest["backend"] - fastest["raw_shards"]  # medians are too noisy
                 print(f"{name:<18} {batch:>5} {m['whole'] * 1e6:>9.1f} {m['plan'] * 1e6:>9.1f} "
                       f"{m['plan'] / m['whole']:>10.3f} {m['raw_shards'] / m['raw_whole']:>10.3f} "
                       f"{own * 1e6:>9.1f}")

@@ -266,8 +266,9 @@ def write_partition(analysis: Analysis, strategy: str, options: dict, part: Part
     return target
 
 
-def load_plan_backend(name: str, directory: Path):
-    """The real ``plan`` backend over a version directory (for verification and tests)."""
+def load_plan_backend(name: str, directory: Path, config=None):
+    """The real ``plan`` backend over a version directory (for verification and tests);
+    ``config`` is the model's ``ModelConfig`` (its backend sections), default none."""
     from runtime.core import BackendSettings
     from runtime.plugins import Registry
     from runtime.repository import ModelConfig
@@ -275,7 +276,8 @@ def load_plan_backend(name: str, directory: Path):
     backends = Registry("backend", check=callable).collect(
         plugin_manager(), "shardserve_register_backends")
     settings = BackendSettings(
-        model=name, version=0, path=directory, config=ModelConfig(name=name), options={},
+        model=name, version=0, path=directory, config=config or ModelConfig(name=name),
+        options={},
         read_bytes=lambda filename: (directory / filename).read_bytes(), server=None,
         backends=backends)
     backend = backends["plan"](settings)
