@@ -91,14 +91,15 @@ def _sqrt(x):
 
 
 @jit(fastmath=FASTMATH)
-def _gelu_row(row, out, scratch, bits):
-    """Exact-GELU in float32, vectorisable: erf by Abramowitz-Stegun 7.1.26 (abs. error
-    1.5e-7) on top of the vectorised exp; out may be row."""
+def _gelu_row(row, out, scratch, expo, bits):
+    """Exact GELU in float32: erf by Abramowitz-Stegun 7.1.26 (abs. error 1.5e-7) on the
+    vectorised exp. Every loop reads and writes distinct buffers so it vectorises;
+    ``out`` may be ``row``."""
     n = row.size
     for i in range(n):
         z = np.float32(row[i]) * np.float32(0.7071067811865476)
         scratch[i] = -z * z
-    _exp_shifted(scratch, np.float32(0.0), scratch, bits)
+    _exp_shifted(scratch, np.float32(0.0), expo, bits)
     for i in range(n):
         v = np.float32(row[i])
         z = abs(v) * np.float32(0.7071067811865476)
@@ -106,17 +107,18 @@ def _gelu_row(row, out, scratch, bits):
         poly = t * (np.float32(0.254829592) + t * (np.float32(-0.284496736) + t * (
             np.float32(1.421413741) + t * (np.float32(-1.453152027) + t * np.float32(
                 1.061405429)))))
-        erf_abs = np.float32(1.0) - poly * scratch[i]
-        erf = erf_abs if v >= 0 else -erf_abs
-        out[i] = np.float32(0.5) * v * (np.float32(1.0) + erf)
+        erf_abs = np.float32(1.0) - poly * expo[i]
+        # 0.5 v (1 + sign(v) erf|z|) = 0.5 (v + |v| erf|z|): no branch, so it vectorises
+        scratch[i] = np.float32(0.5) * (v + abs(v) * erf_abs)
+    for i in range(n):
+        out[i] = scratch[i]
 
 
 @jit
 def _gelu(x):
-    out = np.empty(x.size, np.float32)
-    scratch = np.empty(x.size, np.float32)
-    bits = np.empty(x.size, np.int32)
-    _gelu_row(x, out, scratch, bits)
+    n = x.size
+    out = np.empty(n, np.float32)
+    _gelu_row(x, out, np.empty(n, np.float32), np.empty(n, np.float32), np.empty(n, np.int32))
     return out
 
 
@@ -233,6 +235,7 @@ def _linear(x, w, bias, activation):
     out = np.dot(x, w)
     rows, cols = out.shape
     scratch = np.empty(cols, np.float32)
+    expo = np.empty(cols, np.float32)
     bits = np.empty(cols, np.int32)
     for i in range(rows):
         row = out[i]
@@ -242,7 +245,7 @@ def _linear(x, w, bias, activation):
                 v = 0
             row[j] = v
         if activation == 2:
-            _gelu_row(row, row, scratch, bits)
+            _gelu_row(row, row, scratch, expo, bits)
     return out
 
 
@@ -357,33 +360,39 @@ def softmax(x, axis=-1, parallel=False):
     return (out.astype(x.dtype, copy=False),)
 
 
-@jit
+@jit(fastmath=FASTMATH)
 def _layer_norm(x, scale, bias, epsilon):
     rows, n = x.shape
     out = np.empty_like(x)
     for r in range(rows):
-        mean = 0.0
+        row, dest = x[r], out[r]
+        total = np.float32(0.0)
         for j in range(n):
-            mean += x[r, j]
-        mean /= n
-        var = 0.0
+            total += row[j]
+        mean = total / np.float32(n)
+        spread = np.float32(0.0)
         for j in range(n):
-            d = x[r, j] - mean
-            var += d * d
-        inv = 1.0 / math.sqrt(var / n + epsilon)
+            d = row[j] - mean
+            spread += d * d
+        inv = np.float32(1.0) / np.sqrt(spread / np.float32(n) + epsilon)
         for j in range(n):
-            out[r, j] = (x[r, j] - mean) * inv * scale[j] + bias[j]
+            dest[j] = (row[j] - mean) * inv * scale[j] + bias[j]
     return out
+
+
+def _as_row(value, shape, n):
+    if value.size == n and value.flags.c_contiguous:
+        return value.reshape(n)
+    return np.ascontiguousarray(np.broadcast_to(value, shape)).reshape(n)
 
 
 def layer_normalization(x, scale, bias=None, axis=-1, epsilon=1e-5, stash_type=1):
     axis = axis % x.ndim
-    n = int(np.prod(x.shape[axis:]))
+    n = x.shape[-1] if axis == x.ndim - 1 else int(np.prod(x.shape[axis:]))
     flat = np.ascontiguousarray(x).reshape(-1, n)
-    scale = np.ascontiguousarray(np.broadcast_to(scale, x.shape[axis:])).reshape(n)
-    bias = (np.zeros(n, x.dtype) if bias is None
-            else np.ascontiguousarray(np.broadcast_to(bias, x.shape[axis:])).reshape(n))
-    return (_layer_norm(flat, scale, bias, float(epsilon)).reshape(x.shape),)
+    scale = _as_row(scale, x.shape[axis:], n)
+    bias = np.zeros(n, x.dtype) if bias is None else _as_row(bias, x.shape[axis:], n)
+    return (_layer_norm(flat, scale, bias, np.float32(epsilon)).reshape(x.shape),)
 
 
 @jit
