@@ -73,8 +73,10 @@ def free_port() -> int:
 class ShardServer:
     """``shardserve serve`` on a fixed loopback port, so it can be killed and restarted."""
 
-    def __init__(self, repo: Path, port: int | None = None, config: Path | None = None):
+    def __init__(self, repo: Path, port: int | None = None, config: Path | None = None,
+                 env: dict | None = None):
         self.repo, self.port, self.config = repo, port or free_port(), config
+        self.env = env or {}
         self.proc: subprocess.Popen | None = None
         self.start()
 
@@ -90,9 +92,9 @@ class ShardServer:
             args += ["--config", str(self.config)]
         args += ["serve", "--repository", str(self.repo), "--host", "127.0.0.1", "--port",
                  str(self.port)]
+        env = {**os.environ, "SHARDSERVE_LOG_LEVEL": "WARNING", **self.env}
         self.proc = subprocess.Popen(args, cwd=ROOT, stdout=subprocess.DEVNULL,
-                                     stderr=subprocess.DEVNULL,
-                                     env={**os.environ, "SHARDSERVE_LOG_LEVEL": "WARNING"})
+                                     stderr=subprocess.DEVNULL, env=env)
         deadline = time.monotonic() + 60
         while time.monotonic() < deadline:
             try:

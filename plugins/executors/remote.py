@@ -73,9 +73,7 @@ class RemoteExecutor(Executor):
 
     def prepare(self, index: int) -> None:
         shard = self.shard(index)
-        where = shard.placement.split(":", 1)[1] if self.scheme == "lambda" else shard.placement
-        endpoint, _, remote = where.rstrip("/").partition("/") if self.scheme == "lambda" \
-            else _split_url(where)
+        endpoint, remote = _split_placement(shard.placement)
         self.targets[index] = (endpoint, remote or f"{self.model}.{shard.name}")
         self.breakers.setdefault(endpoint, CircuitBreaker(
             int(self.options.get("breaker_failures", 3)),
@@ -141,8 +139,12 @@ def _ctx(rid: str, remote: str, tensor: str) -> dict:
     return {"request_id": rid, "shard": remote, "tensor": tensor}
 
 
-def _split_url(url: str) -> tuple[str, str]:
-    """``http://host:port/model`` -> (``http://host:port``, ``model``)."""
-    scheme, _, rest = url.partition("://")
-    host, _, model = rest.partition("/")
-    return f"{scheme}://{host}", model.strip("/")
+def _split_placement(placement: str) -> tuple[str, str]:
+    """``http://host:port/model`` -> (``http://host:port``, ``model``);
+    ``lambda:fn/model`` -> (``fn``, ``model``); the model part may be empty."""
+    if "://" in placement:
+        scheme, _, rest = placement.partition("://")
+        host, _, model = rest.partition("/")
+        return f"{scheme}://{host}", model.strip("/")
+    function, _, model = placement.partition(":")[2].partition("/")
+    return function, model.strip("/")

@@ -11,6 +11,7 @@ one BYTES element holding a wire blob (plugins/executors/base.py) that went thro
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import os
 import shutil
 import tempfile
@@ -94,7 +95,9 @@ class WireBackend:
             raise ModelLoadError(f"model {s.model!r}: [wire] inner must name a backend")
         names = s.server.section("executors").get("transforms", []) if s.server else []
         self.chain = TransformChain(names, s.plugins, s.server)
-        self.inner = s.backends[inner](s)
+        options = s.config.raw.get(inner, {})
+        self.inner = s.backends[inner](dataclasses.replace(
+            s, options=options if isinstance(options, dict) else {}))
         self.inner.load()
         self.inputs = [TensorSpec(t.name, "BYTES", [1]) for t in self.inner.inputs]
         self.outputs = [TensorSpec(t.name, "BYTES", [1]) for t in self.inner.outputs]
