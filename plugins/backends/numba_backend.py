@@ -109,6 +109,7 @@ class NumbaBackend:
         kernels = kernel_registry(s.plugins)
         self.graph = lower(s.model, s.read_bytes(s.config.filename), kernels)
         self.inputs, self.outputs = self.graph.inputs, self.graph.outputs
+        self._output_types = {o.name: np.dtype(_DTYPES[o.datatype]) for o in self.outputs}
         _apply_threads(s.model, self.threads, layer)
         if warm:
             try:
@@ -125,8 +126,8 @@ class NumbaBackend:
         if self.threads is not None and self.threads > 1:
             _apply_threads(self.settings.model, self.threads, None)
         results = _run_guarded(self.graph.run, inputs, outputs)
-        types = {o.name: _DTYPES[o.datatype] for o in self.outputs}
-        return {k: np.asarray(v, types.get(k)) for k, v in results.items()}
+        types = self._output_types
+        return {k: v if v.dtype == types[k] else v.astype(types[k]) for k, v in results.items()}
 
     def close(self) -> None:
         self.graph = None

@@ -65,13 +65,14 @@ class LoweredGraph:
 
     def run(self, feed: Mapping[str, np.ndarray], wanted: list[str]) -> dict[str, np.ndarray]:
         values = {**self.constants, **feed}
+        values[""] = None  # an absent optional input
         for step in self.steps:
-            results = step.call(*[values[n] if n else None for n in step.inputs])
+            results = step.call(*[values[n] for n in step.inputs])
             for name, value in zip(step.outputs, results):
                 if name:
                     values[name] = value
             for name in step.release:
-                values.pop(name, None)
+                del values[name]
         return {name: values[name] for name in wanted}
 
     def ops(self) -> list[str]:

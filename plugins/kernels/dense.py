@@ -343,10 +343,12 @@ def _softmax_rows_parallel(x):
 
 def _rows(x, axis):
     """x with ``axis`` moved last, as a C-contiguous 2-D array, plus how to undo it."""
-    axis = axis % x.ndim
-    moved = np.moveaxis(x, axis, -1) if axis != x.ndim - 1 else x
     if not x.ndim:
         return x.reshape(1, 1), (1,), 0
+    axis = axis % x.ndim
+    if axis == x.ndim - 1 and x.flags.c_contiguous and x.ndim == 2:  # the common case
+        return x, x.shape, axis
+    moved = np.moveaxis(x, axis, -1) if axis != x.ndim - 1 else x
     flat = np.ascontiguousarray(moved).reshape(int(np.prod(moved.shape[:-1])), x.shape[axis])
     return flat, moved.shape, axis
 
