@@ -12,6 +12,7 @@ from __future__ import annotations
 import contextvars
 import queue
 import threading
+import time
 from typing import Any
 
 from runtime.errors import GatewayTimeout, ServiceUnavailable
@@ -20,13 +21,27 @@ from .base import Executor, remaining_s
 
 
 class LocalExecutor(Executor):
-    """The shard's own sub-backend, in this process, in the caller's thread."""
+    """The shard's own sub-backend, in this process, in the caller's thread.
+
+    ``device_slowdown = F`` (F > 1) emulates a device F times slower than this host by
+    sleeping (F - 1) times each shard's compute time: reproducible edge experiments on
+    one machine (examples/edge-cloud), never for production.
+    """
 
     name = "local"
     runs_locally = True
 
+    def __init__(self, backend: Any, options: dict):
+        super().__init__(backend, options)
+        self.slowdown = float(options.get("device_slowdown", 1.0))
+
     def run_shard(self, index: int, inputs: dict, outputs: list[str]) -> dict:
-        return self.backend.shard_backends[index].run(inputs, outputs)
+        if self.slowdown <= 1.0:
+            return self.backend.shard_backends[index].run(inputs, outputs)
+        start = time.perf_counter()
+        result = self.backend.shard_backends[index].run(inputs, outputs)
+        time.sleep((self.slowdown - 1.0) * (time.perf_counter() - start))
+        return result
 
 
 class _Job:
