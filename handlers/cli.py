@@ -43,10 +43,11 @@ def _runtime(args: argparse.Namespace, load: str | list | None = None):
 # serve ----------------------------------------------------------------------
 
 
-def _sample_request(rt, base: str) -> str:
+def _sample_request(rt, base: str, names: list[str] | None = None) -> str:
     """A curl line for the smallest sample request found in ``<repository>/../requests/``
     (``<model>.json``), else a metadata request."""
-    names = [m["name"] for m in rt.models() if m["state"] == "READY"]
+    if names is None:
+        names = [m["name"] for m in rt.models() if m["state"] == "READY"]
     samples = [rt.config.repository.parent / "requests" / f"{name}.json" for name in names]
     samples = sorted((p.stat().st_size, p.stem, p) for p in samples if p.is_file())
     if samples:
@@ -58,13 +59,47 @@ def _sample_request(rt, base: str) -> str:
     return f"curl -s {base}/v2/health/ready"
 
 
-def _print_ready(rt, host: str, port: int) -> None:
+def _print_ready(rt, host: str, port: int, ready: list[str] | None = None) -> None:
     """The two lines scripts and tests wait for: the bound address, then a sample request."""
     base = f"http://{host}:{port}"
-    ready = [m["name"] for m in rt.models() if m["state"] == "READY"]
+    if ready is None:
+        ready = [m["name"] for m in rt.models() if m["state"] == "READY"]
     print(f"shardserve ready on {base} serving {len(ready)} model(s): {', '.join(ready) or '-'}",
           flush=True)
-    print(f"sample request: {_sample_request(rt, base)}", flush=True)
+    print(f"sample request: {_sample_request(rt, base, ready)}", flush=True)
+
+
+def _check_models_in_a_child(args: argparse.Namespace) -> list[str]:
+    """Load the models once in a forked child and return the READY names.
+
+    The gunicorn master must never initialise onnxruntime itself: workers forked from a
+    process holding onnxruntime's global state hang or abort when they exit. The child loads
+    everything (failing fast on a broken model, as the dev server does) and reports back.
+    """
+    read_end, write_end = os.pipe()
+    pid = os.fork()
+    if pid == 0:  # pragma: no cover - runs in the child
+        os.close(read_end)
+        try:
+            rt = _runtime(args).start()
+            report = {"ready": [m["name"] for m in rt.models() if m["state"] == "READY"]}
+        except ShardserveError as exc:
+            report = {"error": exc.message}
+        except BaseException as exc:  # noqa: BLE001 - reported, never a traceback
+            report = {"error": f"startup failed: {type(exc).__name__}"}
+        with os.fdopen(write_end, "w") as fh:
+            json.dump(report, fh)
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(0)
+    os.close(write_end)
+    with os.fdopen(read_end) as fh:
+        text = fh.read()
+    os.waitpid(pid, 0)
+    report = json.loads(text) if text else {"error": "startup failed"}
+    if "error" in report:
+        raise ShardserveError(report["error"])
+    return report["ready"]
 
 
 def cmd_serve(args: argparse.Namespace) -> int:
@@ -102,8 +137,8 @@ def _serve_dev(args: argparse.Namespace) -> int:
 
 
 def _serve_gunicorn(args: argparse.Namespace) -> int:
-    """The master loads the models once to fail fast and list them, prints the ready line
-    when the socket is bound, and forks workers that each load their own copy."""
+    """A forked child loads the models once to fail fast and list them; the master prints the
+    ready line when the socket is bound and forks workers that each load their own copy."""
     import shutil
 
     from plugins.serving.logs import gunicorn_log_config
@@ -115,12 +150,12 @@ def _serve_gunicorn(args: argparse.Namespace) -> int:
         own_metrics_dir = tempfile.mkdtemp(prefix="shardserve-metrics-")
         os.environ["PROMETHEUS_MULTIPROC_DIR"] = own_metrics_dir
     try:
-        rt = _runtime(args).start()
+        rt = _runtime(args)  # not started: the master loads no model itself
+        ready = _check_models_in_a_child(args)
         cfg = rt.config
 
         def on_ready(host: str, port: int) -> None:
-            _print_ready(rt, host, port)
-            rt.close()  # workers load their own sessions after the fork
+            _print_ready(rt, host, port, ready)
 
         options = {
             "bind": f"[{cfg.host}]:{cfg.port}" if ":" in cfg.host else f"{cfg.host}:{cfg.port}",
