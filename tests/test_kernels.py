@@ -288,6 +288,32 @@ def test_attention_pattern_fuses():
     assert graph.ops() == ["Attention"]
 
 
+@pytest.mark.parametrize("batch,seq", [(1, 5), (3, 1), (2, 7)])
+def test_exported_multi_head_self_attention_fuses(batch, seq):
+    """The block as exporters write it: q/k/v dense layers, head split, attention, merge."""
+    model, heads, dim = 8, 2, 4
+    x = rand(batch, seq, model)
+    consts = {"split": np.array([0, 0, heads, dim], np.int64),
+              "merge": np.array([0, 0, heads * dim], np.int64), "scale": np.float32(0.5)}
+    nodes = []
+    for i, (role, perm) in enumerate((("q", [0, 2, 1, 3]), ("k", [0, 2, 3, 1]),
+                                      ("v", [0, 2, 1, 3]))):
+        consts[f"w{role}"] = rand(model, heads * dim, seed=10 + i)
+        consts[f"b{role}"] = rand(heads * dim, seed=20 + i)
+        nodes += [helper.make_node("MatMul", ["x", f"w{role}"], [f"{role}m"]),
+                  helper.make_node("Add", [f"{role}m", f"b{role}"], [f"{role}a"]),
+                  helper.make_node("Reshape", [f"{role}a", "split"], [f"{role}r"]),
+                  helper.make_node("Transpose", [f"{role}r"], [f"{role}h"], perm=perm)]
+    nodes += [helper.make_node("MatMul", ["qh", "kh"], ["s"]),
+              helper.make_node("Mul", ["s", "scale"], ["z"]),
+              helper.make_node("Softmax", ["z"], ["p"], axis=-1),
+              helper.make_node("MatMul", ["p", "vh"], ["c"]),
+              helper.make_node("Transpose", ["c"], ["ct"], perm=[0, 2, 1, 3]),
+              helper.make_node("Reshape", ["ct", "merge"], ["y"])]
+    graph = check(_model(nodes, {"x": x}, consts, ["y"]), {"x": x})
+    assert graph.ops() == ["SelfAttention"]
+
+
 def test_intermediate_graph_outputs_block_fusion():
     x = rand(2, 4)
     consts = {"w": rand(4, 3, seed=1), "b": rand(3, seed=2)}

@@ -10,6 +10,9 @@ before lowering because they dominate transformer, MLP and CNN time:
 - scaled dot-product attention: ``MatMul(q, kᵀ)``, an optional scalar
   ``Mul``/``Div``, ``Softmax`` over the last axis, ``MatMul(·, v)`` ->
   ``Attention``;
+- the whole exported multi-head self-attention block (q/k/v dense layers,
+  head split, attention, head merge) -> ``SelfAttention`` with one packed QKV
+  weight;
 - ``Conv`` followed by ``Relu`` -> one ``Conv`` with the Relu in its epilogue,
   and a scalar ``Mul`` feeding a dense layer is folded into its weights.
 
@@ -287,6 +290,63 @@ def _fuse_attention(g: _Graph) -> int:
     return fused
 
 
+def _sole(g: _Graph, name: str, op: str) -> Node | None:
+    """The producer of ``name`` if it is an ``op`` whose output only one node reads."""
+    node = g.producer(name)
+    if node is None or node.op != op or name in g.graph_outputs or len(g.consumers(name)) != 1:
+        return None
+    return node
+
+
+def _heads_shape(g: _Graph, name: str, rank: int) -> tuple | None:
+    """A Reshape target ``[0|-1, 0|-1, ...]`` that keeps batch and sequence dims."""
+    shape = g.constants.get(name)
+    if shape is None or shape.ndim != 1 or len(shape) != rank:
+        return None
+    lead = [int(v) for v in shape[:2]]
+    if any(v not in (0, -1) for v in lead) or lead == [-1, -1]:
+        return None
+    return tuple(int(v) for v in shape[2:])
+
+
+def _fuse_self_attention(g: _Graph) -> int:
+    """Linear q/k/v -> Reshape to heads -> Transpose -> Attention -> Transpose -> Reshape
+    (the usual exported multi-head self-attention) -> one ``SelfAttention``."""
+    fused = 0
+    perms = ((0, 2, 1, 3), (0, 2, 3, 1), (0, 2, 1, 3))
+    for att in [n for n in g.nodes if n.op == "Attention"]:
+        chain, dense, split = [], [], set()
+        for name, perm in zip(att.inputs, perms):
+            t = _sole(g, name, "Transpose")
+            r = _sole(g, t.inputs[0], "Reshape") if t and tuple(t.attrs.get("perm", ())) == perm \
+                else None
+            lin = _sole(g, r.inputs[0], "Linear") if r else None
+            if lin is None or lin.attrs.get("activation", "none") != "none":
+                break
+            chain += [lin, r, t]
+            dense.append(lin)
+            split.add(_heads_shape(g, r.inputs[1], 4))
+        sources = {d.inputs[0] for d in dense}
+        if len(dense) != 3 or len(split) != 1 or None in split or len(sources) != 1:
+            continue
+        heads, dim = split.pop()
+        back = g.only_consumer(att.outputs[0], "Transpose")
+        merge = g.only_consumer(back.outputs[0], "Reshape") if back is not None and tuple(
+            back.attrs.get("perm", ())) == (0, 2, 1, 3) else None
+        if merge is None or _heads_shape(g, merge.inputs[1], 3) != (heads * dim,):
+            continue
+        out = merge.outputs[0]
+        g.constants[f"{out}::qkv_weight"] = np.ascontiguousarray(
+            np.concatenate([g.constants[d.inputs[1]] for d in dense], axis=1))
+        g.constants[f"{out}::qkv_bias"] = np.concatenate([g.constants[d.inputs[2]] for d in dense])
+        g.replace([*chain, att, back, merge],
+                  Node("SelfAttention", att.name, [dense[0].inputs[0], f"{out}::qkv_weight",
+                                                   f"{out}::qkv_bias"], [out],
+                       {"heads": heads, "scale": att.attrs["scale"]}))
+        fused += 1
+    return fused
+
+
 def _bind(node: Node, kernel, opset: int) -> Callable:
     if node.op == "Softmax" and opset < 13:
         raise ValueError("Softmax before opset 13 (2-D coercion) is not supported")
@@ -335,6 +395,7 @@ def lower(model: str, data: bytes, kernels: Any) -> LoweredGraph:
     fused["Attention"] = _fuse_attention(g)
     fused["Conv+Relu"] = _fuse_conv_relu(g)
     fused["scale into Linear"] = _fold_input_scale(g)
+    fused["SelfAttention"] = _fuse_self_attention(g)
 
     missing = [f"{n.op} (node {n.name!r})" for n in g.nodes if n.op not in kernels]
     if missing:

@@ -122,6 +122,10 @@ BUILTIN_KERNELS: dict[str, Kernel] = {
     "Attention": Kernel(P + "dense:attention", inputs=("query", "key_t", "value"),
                         params={"scale": 1.0},
                         doc="fused softmax(q @ kT * scale) @ v: multi-head self-attention"),
+    "SelfAttention": Kernel(P + "dense:self_attention", inputs=("x", "weight", "bias"),
+                            params={"heads": Required(1), "scale": 1.0},
+                            doc="fused multi-head self-attention: packed q/k/v dense layers, "
+                                "head split, attention, head merge"),
     "Softmax": Kernel(P + "dense:softmax", params={"axis": -1},
                       doc="softmax along axis (opset 13 semantics)"),
     "LayerNormalization": Kernel(P + "dense:layer_normalization",
