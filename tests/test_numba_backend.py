@@ -440,3 +440,25 @@ def test_read_only_package_seeds_the_temp_cache_from_its_pycache(tmp_path, monke
     # a writable package keeps numba's default, the in-tree __pycache__
     monkeypatch.setattr(numba_env, "_writable", lambda p: True)
     assert numba_env.resolve_cache_dir({}) is None
+
+
+def test_missing_numba_is_a_clear_load_error(tmp_path):
+    """Without numba installed, a numba model or stage fails its load and says what to install."""
+    make_repo(tmp_path, {"lowered": ("digits_mlp", 'backend = "numba"\n'),
+                         "staged": ("digits_mlp", 'postprocess = ["argmax"]\n'),
+                         "plain": ("digits_mlp", "")})
+    code = textwrap.dedent(f"""
+        import sys
+        sys.modules["numba"] = None  # as if not installed
+        from runtime import Runtime
+        rt = Runtime.from_config({{"repository": {{"path": {str(tmp_path)!r}}}}}).start()
+        for m in rt.models():
+            print(m["name"], m["state"], m["reason"])
+    """)
+    out = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True,
+                         timeout=120, check=True).stdout.splitlines()
+    rows = {line.split()[0]: line for line in out}
+    assert rows["plain"].startswith("plain READY")
+    assert "kernel 'Linear' cannot be imported (numba is missing; pip install " \
+           "'shardserve[numba]')" in rows["lowered"]
+    assert "postprocess stage 'argmax' cannot be imported (numba is missing" in rows["staged"]

@@ -175,6 +175,10 @@ class StagesBackend:
                 if "parallel" in params and "parallel=" not in text:
                     params["parallel"] = (self.threads or 0) > 1  # rows across numba threads
                 function = kernel.resolve()
+            except ImportError as exc:
+                raise ModelLoadError(f"model {model!r}: {key} stage {name!r} cannot be imported "
+                                     f"({exc.name or 'a module'} is missing; "
+                                     "pip install 'shardserve[numba]')") from None
             except ValueError as exc:
                 raise ModelLoadError(f"model {model!r}: {key} stage {text!r}: {exc}") from None
             stages.append((text, kernel, params, function))

@@ -362,8 +362,12 @@ def _bind(node: Node, kernel, opset: int) -> Callable:
 
 def lower(model: str, data: bytes, kernels: Any) -> LoweredGraph:
     """Parse ONNX bytes and build the kernel sequence; ``ModelLoadError`` names what fails."""
-    import onnx
-    from onnx import numpy_helper
+    try:
+        import onnx
+        from onnx import numpy_helper
+    except ImportError:
+        raise ModelLoadError(f"model {model!r}: the numba backend reads ONNX graphs with the "
+                             "onnx package: pip install 'shardserve[build,numba]'") from None
 
     try:
         proto = onnx.load_from_string(data)
@@ -406,6 +410,10 @@ def lower(model: str, data: bytes, kernels: Any) -> LoweredGraph:
     for node in _live(g.nodes, {o.name for o in outputs}):
         try:
             call = _bind(node, kernels[node.op], opset)
+        except ImportError as exc:
+            raise ModelLoadError(f"model {model!r}: kernel {node.op!r} cannot be imported "
+                                 f"({exc.name or 'a module'} is missing; "
+                                 "pip install 'shardserve[numba]')") from None
         except ValueError as exc:
             raise ModelLoadError(f"model {model!r}: ONNX operator {node.op} (node "
                                  f"{node.name!r}): {exc}") from None

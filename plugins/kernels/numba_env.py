@@ -112,7 +112,7 @@ def _limit_blas_threads() -> None:
 
 def numba_module() -> Any:
     """Import numba after settling its cache directory and BLAS threads (idempotent)."""
-    if "numba" in sys.modules:
+    if sys.modules.get("numba") is not None:
         return sys.modules["numba"]
     with _lock:
         if "numba" not in sys.modules:
