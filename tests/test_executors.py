@@ -190,3 +190,19 @@ def test_no_threads_left_by_loading_and_closing(repo):
         infer(rt, "transformer_block", example_inputs("transformer_block"), version=2)
         rt.close()
     assert threading.active_count() <= before
+
+
+def test_circuit_breaker_opens_probes_once_and_closes():
+    from plugins.executors.remote import CircuitBreaker
+
+    breaker = CircuitBreaker(failures=2, reset_s=3600)
+    breaker.failure()
+    assert breaker.allow()
+    breaker.failure()
+    assert not breaker.allow()  # open: callers fail fast
+    breaker.reset_s = 0
+    assert breaker.allow() and not breaker.allow()  # half-open: exactly one probe
+    breaker.settle()  # the probe ended on its deadline: the next caller probes
+    assert breaker.allow()
+    breaker.success()
+    assert breaker.allow() and breaker.allow()

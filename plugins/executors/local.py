@@ -129,6 +129,9 @@ class PipelineExecutor(LocalExecutor):
         with self._lock:
             threads, self._threads = self._threads, []
             if threads:
-                self._queues[0].put(_STOP)
+                try:
+                    self._queues[0].put(_STOP, timeout=5)
+                except queue.Full:  # stages stuck in a shard: daemon threads, left to exit
+                    return
         for thread in threads:
             thread.join(5)

@@ -51,6 +51,11 @@ class CircuitBreaker:
         with self._lock:
             self.failures, self.opened_at, self.trial = 0, None, False
 
+    def settle(self) -> None:
+        """A call ended without saying whether the endpoint is up (deadline): probe again."""
+        with self._lock:
+            self.trial = False
+
     def failure(self) -> None:
         with self._lock:
             self.failures += 1
@@ -100,6 +105,9 @@ class RemoteExecutor(Executor):
             status, answer, header_length = self.call(index, endpoint, remote, body, headers)
         except ServiceUnavailable:
             breaker.failure()
+            raise
+        except BaseException:
+            breaker.settle()
             raise
         if self.link.active:  # the emulated slow link: one RTT plus both payloads
             time.sleep(self.link.delay(len(body) + len(answer)))
