@@ -177,3 +177,24 @@ def test_killed_shard_server_fails_fast_with_503_then_recovers(cluster, tmp_path
     assert all(t < 3 for _, t in outcomes)  # every request answered within its deadline
     assert not {n for n in live_threads() - threads_before if n.startswith("shardserve")}
     assert open_sockets() <= sockets_before
+
+
+def test_an_edge_server_answers_503_naming_the_shard_and_no_address(cluster):
+    import requests
+    from executor_support import free_port
+
+    from runtime.codec import encode_request
+
+    edge, _ = cluster
+    place(edge, "digits_mlp", ["local", f"http://127.0.0.1:{free_port()}"],
+          extra="[executors.http]\nretries = 0\n")
+    server = ShardServer(edge)
+    try:
+        body, headers = encode_request(example_inputs("digits_mlp"))
+        reply = requests.post(f"{server.url}/v2/models/digits_mlp/versions/2/infer",
+                              data=body, headers=headers, timeout=30)
+        assert reply.status_code == 503
+        message = reply.json()["error"]
+        assert "shard 'shard_1'" in message and "127.0.0.1" not in message
+    finally:
+        server.stop()
