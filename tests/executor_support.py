@@ -100,7 +100,7 @@ class ShardServer:
             try:
                 if requests.get(self.url + "/v2/health/ready", timeout=2).status_code == 200:
                     return
-            except requests.ConnectionError:
+            except requests.RequestException:  # not listening yet, or busy starting
                 pass
             if self.proc.poll() is not None:
                 break
