@@ -84,7 +84,7 @@ class Server:
         self.log.close()
 
 
-def start(kind: str, repository: Path, workers: int, logs: Path) -> Server:
+def start(kind: str, repository: Path, workers: int, logs: Path, name: str = "") -> Server:
     env = {"SHARDSERVE_LOG_LEVEL": "INFO", "PYTHONPATH": str(ROOT)}
     if kind == "bare":
         cmd = [str(BIN / "gunicorn"), "-w", str(workers), "-k", "sync", "-b", "127.0.0.1:0",
@@ -96,27 +96,55 @@ def start(kind: str, repository: Path, workers: int, logs: Path) -> Server:
     if kind == "shardserve sync":
         cmd += ["--worker-class", "sync"]
     return Server(cmd, env, r"ready on http://127\.0\.0\.1:(\d+)",
-                  logs / f"{kind.replace(' ', '_')}.log", True)
+                  logs / f"{(name or kind).replace(' ', '_')}.log", True)
 
 
-def measure(server: Server, model: str, concurrency: int, seconds: float) -> dict:
+def request_for(model: str) -> tuple[bytes, dict]:
+    """The same batch-1 JSON request for every server (the bare app reads only JSON)."""
     import orjson
 
-    with open(EXAMPLES / ".." / "requests" / f"{model}.json", "rb") as fh:
+    with open(EXAMPLES.parent / "requests" / f"{model}.json", "rb") as fh:
         example = orjson.loads(fh.read())
     meta = {"inputs": [{"name": t["name"], "datatype": t["datatype"], "shape": t["shape"]}
                        for t in example["inputs"]]}
     body, headers = encode_request(sample_inputs(meta, 1), binary=False, binary_outputs=False)
-    headers = {"Content-Type": "application/json", **headers}
-    url = f"http://127.0.0.1:{server.port}/v2/models/{model}/infer"
-    run_load(url, body, headers, concurrency, 1.0, warmup=0.2)  # warm the sessions
-    cpu = server.cpu_seconds()
-    result = run_load(url, body, headers, concurrency, seconds, warmup=0.2)
-    cpu = server.cpu_seconds() - cpu
-    done = max(1, result.requests)
-    return {"rps": result.throughput, "p50": result.percentile_ms(50),
-            "p99": result.percentile_ms(99), "cpu_us": cpu / done * 1e6,
-            "errors": result.errors}
+    return body, {"Content-Type": "application/json", **headers}
+
+
+def interleaved(servers: dict[str, Server], model: str, concurrency: int, seconds: float,
+                rounds: int) -> dict[str, dict]:
+    """Each server in turn, ``rounds`` times, so load from other processes on the machine hits
+    all of them alike: median req/s over rounds, percentiles over every latency, CPU per
+    request over every round."""
+    import statistics
+
+    body, headers = request_for(model)
+    urls = {k: f"http://127.0.0.1:{s.port}/v2/models/{model}/infer" for k, s in servers.items()}
+    for url in urls.values():  # warm every worker's session
+        run_load(url, body, headers, concurrency, 0.5, warmup=0.2)
+    rps: dict[str, list[float]] = {k: [] for k in servers}
+    latencies: dict[str, list[int]] = {k: [] for k in servers}
+    cpu: dict[str, float] = dict.fromkeys(servers, 0.0)
+    done: dict[str, int] = dict.fromkeys(servers, 0)
+    errors: dict[str, int] = dict.fromkeys(servers, 0)
+    for _ in range(rounds):
+        for kind, server in servers.items():
+            before = server.cpu_seconds()
+            result = run_load(urls[kind], body, headers, concurrency, seconds / rounds,
+                              warmup=0.2)
+            cpu[kind] += server.cpu_seconds() - before
+            done[kind] += result.requests
+            rps[kind].append(result.throughput)
+            latencies[kind].extend(result.latencies_ns)
+            errors[kind] += result.errors
+    out = {}
+    for kind in servers:
+        ordered = sorted(latencies[kind]) or [0]
+        out[kind] = {"rps": statistics.median(rps[kind]),
+                     "p50": ordered[len(ordered) // 2] / 1e6,
+                     "p99": ordered[min(len(ordered) - 1, int(len(ordered) * 0.99))] / 1e6,
+                     "cpu_us": cpu[kind] / max(1, done[kind]) * 1e6, "errors": errors[kind]}
+    return out
 
 
 def batching_repo(tmp: Path, enabled: bool) -> Path:
@@ -130,31 +158,30 @@ def batching_repo(tmp: Path, enabled: bool) -> Path:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--duration", type=float, default=5.0)
+    parser.add_argument("--duration", type=float, default=10.0, help="seconds per point")
+    parser.add_argument("--rounds", type=int, default=5, help="interleaved rounds per point")
     parser.add_argument("--workers", type=int, default=2)
     parser.add_argument("--models", default="digits_mlp,transformer_block")
     parser.add_argument("--batching-models", default="cnn_skip,transformer_block")
     args = parser.parse_args()
-    models = args.models.split(",")
     logs = Path(tempfile.mkdtemp(prefix="shardserve-bench-"))
-    print(f"{args.workers} workers per server, {args.duration:g} s per point, logs in {logs}")
+    print(f"{args.workers} workers per server, {args.duration:g} s per point in {args.rounds} "
+          f"interleaved rounds, server logs in {logs}")
     print(f"{'model':<18} {'c':>3} {'server':<16} {'req/s':>8} {'p50 ms':>7} {'p99 ms':>7} "
           f"{'cpu µs/req':>10} {'vs bare':>7} {'errors':>6}")
-    baselines: dict[tuple, float] = {}
-    for kind in ("bare", "shardserve", "shardserve sync"):
-        server = start(kind, EXAMPLES, args.workers, logs)
-        try:
-            for model in models:
-                for concurrency in (8, 32):
-                    row = measure(server, model, concurrency, args.duration)
-                    key = (model, concurrency)
-                    if kind == "bare":
-                        baselines[key] = row["rps"]
-                    ratio = row["rps"] / baselines[key] if baselines.get(key) else float("nan")
+    kinds = ("bare", "shardserve", "shardserve sync")
+    servers = {kind: start(kind, EXAMPLES, args.workers, logs) for kind in kinds}
+    try:
+        for model in args.models.split(","):
+            for concurrency in (8, 32):
+                rows = interleaved(servers, model, concurrency, args.duration, args.rounds)
+                for kind, row in rows.items():
+                    ratio = row["rps"] / rows["bare"]["rps"]
                     print(f"{model:<18} {concurrency:>3} {kind:<16} {row['rps']:>8.0f} "
                           f"{row['p50']:>7.3f} {row['p99']:>7.3f} {row['cpu_us']:>10.0f} "
                           f"{ratio:>7.2f} {row['errors']:>6}", flush=True)
-        finally:
+    finally:
+        for server in servers.values():
             server.stop()
 
     print("\nadaptive batching, concurrency 32, gthread workers")
@@ -162,22 +189,20 @@ def main() -> None:
           f"{'gain':>6} {'p50 added ms':>12}")
     with tempfile.TemporaryDirectory() as tmp:
         for model in args.batching_models.split(","):
-            off = on = None
-            for enabled in (False, True):
-                server = start("shardserve", batching_repo(Path(tmp) / model, enabled),
-                               args.workers, logs)
-                try:
-                    row = measure(server, model, 32, args.duration)
-                finally:
+            servers = {name: start("shardserve", batching_repo(Path(tmp) / model, name == "on"),
+                                   args.workers, logs, f"{model}_batching_{name}")
+                       for name in ("off", "on")}
+            try:
+                rows = interleaved(servers, model, 32, args.duration, args.rounds)
+            finally:
+                for server in servers.values():
                     server.stop()
-                if enabled:
-                    on = row
-                else:
-                    off = row
-                gain = f"{on['rps'] / off['rps']:.2f}x" if on else ""
-                added = f"{on['p50'] - off['p50']:+.3f}" if on else ""
-                print(f"{model:<18} {'on' if enabled else 'off':<9} {row['rps']:>8.0f} "
-                      f"{row['p50']:>7.3f} {row['p99']:>7.3f} {gain:>6} {added:>12}", flush=True)
+            off, on = rows["off"], rows["on"]
+            for name, row in rows.items():
+                gain = f"{on['rps'] / off['rps']:.2f}x" if name == "on" else ""
+                added = f"{on['p50'] - off['p50']:+.3f}" if name == "on" else ""
+                print(f"{model:<18} {name:<9} {row['rps']:>8.0f} {row['p50']:>7.3f} "
+                      f"{row['p99']:>7.3f} {gain:>6} {added:>12}", flush=True)
 
 
 if __name__ == "__main__":
