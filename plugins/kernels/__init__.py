@@ -1,7 +1,8 @@
 """Built-in numba kernels, registered through ``shardserve_register_kernels``.
 
 This module is the plugin: it only declares contracts. The jitted functions
-live in :mod:`.dense`, :mod:`.conv`, :mod:`.recurrent` and :mod:`.postprocess`,
+live in :mod:`.dense`, :mod:`.reductions`, :mod:`.attention`, :mod:`.conv`,
+:mod:`.recurrent` and :mod:`.postprocess` (built on :mod:`.vector_math`),
 which import numba and are imported the first time a model uses one of their
 kernels. Names in CamelCase are ONNX operators (the ``numba`` backend lowers
 nodes to them); lower-case names are model.toml pipeline stages.
@@ -119,21 +120,21 @@ BUILTIN_KERNELS: dict[str, Kernel] = {
                      validate=_allowed("activation", ("none", "relu", "gelu")),
                      shape=_matmul_shape,
                      doc="fused MatMul + Add (+ Relu/GELU) with constant weights"),
-    "Attention": Kernel(P + "dense:attention", inputs=("query", "key_t", "value"),
+    "Attention": Kernel(P + "attention:attention", inputs=("query", "key_t", "value"),
                         params={"scale": 1.0},
                         doc="fused softmax(q @ kT * scale) @ v: multi-head self-attention"),
-    "SelfAttention": Kernel(P + "dense:self_attention", inputs=("x", "weight", "bias"),
+    "SelfAttention": Kernel(P + "attention:self_attention", inputs=("x", "weight", "bias"),
                             params={"heads": Required(1), "scale": 1.0},
                             doc="fused multi-head self-attention: packed q/k/v dense layers, "
                                 "head split, attention, head merge"),
-    "Softmax": Kernel(P + "dense:softmax", params={"axis": -1},
+    "Softmax": Kernel(P + "reductions:softmax", params={"axis": -1},
                       doc="softmax along axis (opset 13 semantics)"),
-    "LayerNormalization": Kernel(P + "dense:layer_normalization",
+    "LayerNormalization": Kernel(P + "reductions:layer_normalization",
                                  inputs=("x", "scale", "bias?"),
                                  params={"axis": -1, "epsilon": 1e-5, "stash_type": 1},
                                  validate=_allowed("stash_type", (1,)),
                                  doc="normalise over the trailing axes from axis"),
-    "ArgMax": Kernel(P + "dense:argmax", dtypes=NUMERIC, output_dtypes=("INT64",),
+    "ArgMax": Kernel(P + "reductions:argmax", dtypes=NUMERIC, output_dtypes=("INT64",),
                      params={"axis": 0, "keepdims": 1, "select_last_index": 0},
                      shape=_reduce_axis, doc="index of the maximum along axis"),
     "Conv": Kernel(P + "conv:conv", inputs=("x", "w", "b?"),
@@ -174,7 +175,7 @@ BUILTIN_KERNELS: dict[str, Kernel] = {
         params={"center_point_box": 0}, shape=lambda shapes, params: [[-1, 3]],
         doc="ONNX NonMaxSuppression"),
     # pipeline stages ------------------------------------------------------------
-    "softmax": Kernel(P + "dense:softmax", params={"axis": -1, "parallel": False},
+    "softmax": Kernel(P + "reductions:softmax", params={"axis": -1, "parallel": False},
                       doc="softmax along axis"),
     "topk": Kernel(P + "postprocess:topk", outputs=("values", "indices"),
                    output_dtypes=(None, "INT64"), dtypes=NUMERIC,
@@ -186,7 +187,7 @@ BUILTIN_KERNELS: dict[str, Kernel] = {
                            params={"k": Required(1), "parallel": False},
                            shape=_topk_shape,
                            doc="softmax then top-k over the last axis in two passes"),
-    "argmax": Kernel(P + "dense:argmax", dtypes=NUMERIC, output_dtypes=("INT64",),
+    "argmax": Kernel(P + "reductions:argmax", dtypes=NUMERIC, output_dtypes=("INT64",),
                      params={"axis": -1, "keepdims": 0, "select_last_index": 0},
                      shape=_reduce_axis, doc="index of the maximum along axis"),
     "ctc_greedy": Kernel(P + "postprocess:ctc_greedy", outputs=("labels", "lengths"),

@@ -10,8 +10,9 @@ from __future__ import annotations
 
 import numpy as np
 
-from .dense import _exp_shifted, _rows
 from .numba_env import jit, numba_module
+from .reductions import _rows
+from .vector_math import _exp_shifted
 
 prange = numba_module().prange
 
