@@ -462,3 +462,26 @@ def test_missing_numba_is_a_clear_load_error(tmp_path):
     assert "kernel 'Linear' cannot be imported (numba is missing; pip install " \
            "'shardserve[numba]')" in rows["lowered"]
     assert "postprocess stage 'argmax' cannot be imported (numba is missing" in rows["staged"]
+
+
+def test_kernel_failing_on_the_warm_up_input_fails_the_load(tmp_path):
+    """LSTM with per-sequence lengths (unsupported) is caught at load, naming the node."""
+    from onnx import TensorProto, helper, numpy_helper
+
+    rng = np.random.default_rng(0)
+    node = helper.make_node("LSTM", ["x", "w", "r", "", "lens"], ["y"], name="encoder",
+                            hidden_size=3)
+    graph = helper.make_graph(
+        [node], "g",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, [4, "b", 2]),
+         helper.make_tensor_value_info("lens", TensorProto.INT32, ["b"])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, None)],
+        [numpy_helper.from_array(rng.standard_normal((1, 12, 2)).astype(np.float32), "w"),
+         numpy_helper.from_array(rng.standard_normal((1, 12, 3)).astype(np.float32), "r")])
+    path = tmp_path / "rnn" / "1" / "model.onnx"
+    path.parent.mkdir(parents=True)
+    path.write_bytes(helper.make_model(graph).SerializeToString())
+    (tmp_path / "rnn" / "model.toml").write_text('backend = "numba"\n')
+    rt = Runtime.from_config({"repository": {"path": str(tmp_path)}}).start()
+    assert rt.models()[0]["reason"] == ("model 'rnn': LSTM (node 'encoder') failed on a warm-up "
+                                        "input (ValueError)")

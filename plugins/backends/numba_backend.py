@@ -115,8 +115,9 @@ class NumbaBackend:
             try:
                 self.run(zeros_for(self.inputs), [o.name for o in self.outputs])
             except Exception as exc:
-                raise ModelLoadError(f"model {s.model!r}: the numba kernels failed on a warm-up "
-                                     f"input ({type(exc).__name__}: {str(exc)[:200]})") from exc
+                where = getattr(exc.__cause__ or exc, "shardserve_step", "a kernel")
+                raise ModelLoadError(f"model {s.model!r}: {where} failed on a warm-up input "
+                                     f"({type(exc.__cause__ or exc).__name__})") from exc
         self.load_seconds = time.perf_counter() - started
         log.info("model %s: %d numba kernel calls (%s), fused %s, loaded in %.2f s", s.model,
                  len(self.graph.steps), ", ".join(self.graph.ops()), dict(self.graph.fused),

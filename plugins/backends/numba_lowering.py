@@ -51,7 +51,11 @@ class LoweredGraph:
         values = {**self.constants, **feed}
         values[""] = None  # an absent optional input
         for step in self.steps:
-            results = step.call(*[values[n] for n in step.inputs])
+            try:
+                results = step.call(*[values[n] for n in step.inputs])
+            except Exception as exc:  # say where, for load-time errors (no paths, no values)
+                exc.shardserve_step = f"{step.op} (node {step.node!r})"
+                raise
             for name, value in zip(step.outputs, results):
                 if name:
                     values[name] = value
