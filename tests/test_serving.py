@@ -303,3 +303,17 @@ def test_shardserve_wrap_backend_chains_plugin_wrappers(tiny_repo):
     np.testing.assert_array_equal(infer(rt, "double", x=x)["y"], x + x)
     assert wrapper.calls == 1
     rt.pm.check_pending()
+
+
+def test_loaded_gauge_survives_a_reload_and_drops_on_unload(tmp_path):
+    from plugins.serving.metrics import metrics
+
+    write_model(tmp_path / "reloaded" / "1" / "model.onnx", add_model())
+    rt = Runtime.from_config({"repository": {"path": str(tmp_path)}}).start()
+    m = metrics()
+    gauge = m.child(m.model_loaded, "reloaded", "1")
+    assert gauge._value.get() == 1
+    rt.load("reloaded")  # the new wrapper exists before the old one closes
+    assert gauge._value.get() == 1
+    rt.unload("reloaded")
+    assert gauge._value.get() == 0

@@ -8,6 +8,7 @@ registers ``shardserve bench``. See docs/serving.md.
 
 from __future__ import annotations
 
+import logging
 from typing import Any
 
 from runtime import hookimpl
@@ -15,6 +16,8 @@ from runtime import hookimpl
 from .batching import ServedBackend, known_versions, served
 from .logs import log_request
 from .metrics import metrics
+
+log = logging.getLogger("shardserve.serving")
 
 
 @hookimpl
@@ -29,6 +32,14 @@ def shardserve_startup(runtime: Any) -> None:
 
 @hookimpl
 def shardserve_audit(event: dict) -> None:
+    try:
+        _observe(event)
+    except Exception as exc:  # observing must never fail a request
+        log.warning("request metrics failed: %s", type(exc).__name__)
+
+
+def _observe(event: dict) -> None:
+    """Request metrics and the access log line for one finished request."""
     model = event.get("model") or ""
     version = event.get("version") or ""
     ran = getattr(served, "model", None)
@@ -41,9 +52,8 @@ def shardserve_audit(event: dict) -> None:
         version = ""
     if event.get("action") == "infer":
         m = metrics()
-        status = event.get("outcome", 500)
         us = (event.get("latency_ms") or 0.0) * 1000.0
-        m.child(m.request_duration, model, version, str(status)).observe(us)
+        m.child(m.request_duration, model, version, str(event.get("outcome"))).observe(us)
     log_request(event, model, version)
 
 

@@ -29,6 +29,9 @@ served = threading.local()
 # Every (model -> versions) loaded in this process: request metrics label only these, so a
 # client cannot grow the label set with made-up model names.
 known_versions: dict[str, set[str]] = {}
+# Live wrappers per (model, version): a reload builds the new one before closing the old.
+_live: dict[tuple[str, str], int] = {}
+_live_lock = threading.Lock()
 
 
 class _Pending:
@@ -81,10 +84,11 @@ class ServedBackend:
         self._queue = m.child(m.queue_duration, *labels)
         self._compute = m.child(m.compute_duration, *labels)
         self._loaded = m.child(m.model_loaded, *labels)
-        self._loaded.set(1)
+        self._set_live(+1)
         self._cond = threading.Condition(threading.Lock())
         self._pending: deque[_Pending] = deque()
         self._busy = False
+        self._closed = False
         _observe_shards(backend, m, labels)
 
     def __getattr__(self, name: str) -> Any:
@@ -94,8 +98,17 @@ class ServedBackend:
     def batching(self) -> bool:
         return self.max_rows > 0
 
+    def _set_live(self, change: int) -> None:
+        key = (self.model, self.version)
+        with _live_lock:
+            _live[key] = count = _live.get(key, 0) + change
+        self._loaded.set(1 if count > 0 else 0)
+
     def close(self) -> None:
-        self._loaded.set(0)
+        if self._closed:
+            return
+        self._closed = True
+        self._set_live(-1)
         close = getattr(self.backend, "close", None)
         if close is not None:
             close()
