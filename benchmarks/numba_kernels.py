@@ -7,7 +7,8 @@ where they have a row-parallel variant, on all numba threads too.
 - softmax + top-5 over [64, 32000] logits (a language model's vocabulary);
 - CTC greedy decoding of [32, 200, 80] scores;
 - non-maximum suppression of 10,000 boxes (IoU 0.5);
-- image normalisation + NHWC -> NCHW of [8, 224, 224, 3].
+- NHWC -> NCHW + image normalisation of [8, 224, 224, 3] (one fused pass, as
+  the stages run it, and the two kernels apart).
 
     python benchmarks/numba_kernels.py [--rounds 30]
 """
@@ -130,14 +131,18 @@ def main() -> None:
     image = rng.uniform(0, 255, (8, 224, 224, 3)).astype(np.float32)
     mean, std = np.array([0.485, 0.456, 0.406]), np.array([0.229, 0.224, 0.225])
 
-    def numba_pre():
+    def numba_two_stages():
         (nchw,) = postprocess.nhwc_to_nchw(image)
         return postprocess.normalize(nchw, mean, std, 1 / 255)
 
-    assert np.allclose(numba_pre()[0], np_normalize_nchw(image, mean, std, 1 / 255), atol=1e-4)
-    report("normalise + NHWC->NCHW, [8, 224, 224, 3]", median_times({
+    want = np_normalize_nchw(image, mean, std, 1 / 255)
+    assert np.allclose(numba_two_stages()[0], want, atol=1e-4)
+    assert np.allclose(postprocess.nhwc_to_nchw_normalize(image, mean, std, 1 / 255)[0], want,
+                       atol=1e-4)
+    report("NHWC->NCHW + normalise, [8, 224, 224, 3]", median_times({
         "numpy": lambda: np_normalize_nchw(image, mean, std, 1 / 255),
-        "numba": numba_pre,
+        "numba, fused": lambda: postprocess.nhwc_to_nchw_normalize(image, mean, std, 1 / 255),
+        "numba, 2 kernels": numba_two_stages,
     }, args.rounds))
 
 

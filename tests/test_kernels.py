@@ -453,6 +453,9 @@ def test_stage_normalize_and_layout():
     np.testing.assert_array_equal(nchw, x.transpose(0, 3, 1, 2))
     (back,) = stage("nchw_to_nhwc")(nchw)
     np.testing.assert_array_equal(back, x)
+    (fused,) = stage("nhwc_to_nchw_normalize:0.5,0.25,0:2:0.1")(x)
+    want = (x.transpose(0, 3, 1, 2) * 0.1 - np.array([0.5, 0.25, 0])[:, None, None]) / 2
+    np.testing.assert_allclose(fused, want, atol=TOL, rtol=TOL)
     odd = rand(1, 3, 5, 7)
     (y,) = stage("normalize:mean=0.5:std=2")(odd)
     np.testing.assert_allclose(y, (odd - 0.5) / 2, atol=TOL)

@@ -206,6 +206,7 @@ def test_preprocess_changes_the_advertised_input(staged):
     nhwc = np.ascontiguousarray((nchw * 0.25 + 0.5).transpose(0, 2, 3, 1))
     want = reference_outputs("cnn_skip", {"image": nchw})["logits"].argmax(-1)
     np.testing.assert_array_equal(infer(staged, "cnn_nhwc", {"image": nhwc})["logits"], want)
+    assert len(staged.get_model("cnn_nhwc").backend.pre) == 1  # layout + normalise: one pass
 
 
 def test_multi_output_model_keeps_the_untouched_outputs(staged):

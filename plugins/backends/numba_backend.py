@@ -162,7 +162,7 @@ class StagesBackend:
         texts = self.settings.config.raw.get(key, [])
         if not (isinstance(texts, list) and all(isinstance(t, str) and t for t in texts)):
             raise ModelLoadError(f"model {model!r}: {key} must be a list of kernel names")
-        texts = _fuse_softmax_topk(texts, kernels)
+        texts = _fuse_stages(texts, kernels)
         stages = []
         for text in texts:
             name = text.split(":")[0]
@@ -269,14 +269,20 @@ class StagesBackend:
             close()
 
 
-def _fuse_softmax_topk(texts: list[str], kernels) -> list[str]:
-    """``softmax`` then ``topk:k`` over the last axis -> one ``softmax_topk:k`` pass."""
+def _fuse_stages(texts: list[str], kernels) -> list[str]:
+    """Adjacent stages that have a one-pass kernel: ``softmax`` + ``topk:k`` (last
+    axis) -> ``softmax_topk:k``; ``nhwc_to_nchw`` + ``normalize`` (channel axis 1,
+    at most mean, std, scale given) -> ``nhwc_to_nchw_normalize``."""
     out: list[str] = []
     for text in texts:
         parts = text.split(":")
-        if (out and out[-1] == "softmax" and parts[0] == "topk" and len(parts) == 2
+        previous = out[-1] if out else ""
+        if (previous == "softmax" and parts[0] == "topk" and len(parts) == 2
                 and "=" not in parts[1] and "softmax_topk" in kernels):
             out[-1] = f"softmax_topk:{parts[1]}"
+        elif (previous == "nhwc_to_nchw" and parts[0] == "normalize" and len(parts) <= 4
+              and "axis=" not in text and "nhwc_to_nchw_normalize" in kernels):
+            out[-1] = "nhwc_to_nchw_normalize" + text[len("normalize"):]
         else:
             out.append(text)
     return out

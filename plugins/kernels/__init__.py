@@ -206,6 +206,11 @@ BUILTIN_KERNELS: dict[str, Kernel] = {
     "nhwc_to_nchw": Kernel(P + "postprocess:nhwc_to_nchw", dtypes=NUMERIC, shape=_to_nchw,
                            input_shape=lambda shape, params: _to_nhwc([shape], params)[0],
                            doc="NHWC -> NCHW layout"),
+    "nhwc_to_nchw_normalize": Kernel(
+        P + "postprocess:nhwc_to_nchw_normalize", dtypes=("FP32",),
+        params={"mean": (0.0,), "std": (1.0,), "scale": 1.0}, shape=_to_nchw,
+        input_shape=lambda shape, params: _to_nhwc([shape], params)[0],
+        doc="NHWC -> NCHW and per-channel normalisation in one pass"),
     "nchw_to_nhwc": Kernel(P + "postprocess:nchw_to_nhwc", dtypes=NUMERIC, shape=_to_nhwc,
                            input_shape=lambda shape, params: _to_nchw([shape], params)[0],
                            doc="NCHW -> NHWC layout"),

@@ -295,10 +295,31 @@ def _normalize(x, scale, mean, std):
     out = np.empty((batch, channels, rest), np.float32)
     for n in range(batch):
         for c in range(channels):
-            m, inv = mean[c], 1.0 / std[c]
+            m, inv = mean[c], np.float32(1.0) / std[c]
             for i in range(rest):
                 out[n, c, i] = (x[n, c, i] * scale - m) * inv
     return out
+
+
+@jit
+def _nhwc_to_nchw_normalize(x, scale, mean, std):
+    batch, height, width, channels = x.shape
+    out = np.empty((batch, channels, height, width), np.float32)
+    for n in range(batch):
+        for c in range(channels):
+            m, inv = mean[c], np.float32(1.0) / std[c]
+            for i in range(height):
+                for j in range(width):
+                    out[n, c, i, j] = (x[n, i, j, c] * scale - m) * inv
+    return out
+
+
+def nhwc_to_nchw_normalize(x, mean=(0.0,), std=(1.0,), scale=1.0):
+    """``nhwc_to_nchw`` then ``normalize`` (channels) in one pass over the image."""
+    channels = x.shape[-1]
+    mean = np.broadcast_to(np.asarray(mean, np.float32), (channels,)).copy()
+    std = np.broadcast_to(np.asarray(std, np.float32), (channels,)).copy()
+    return (_nhwc_to_nchw_normalize(np.ascontiguousarray(x), np.float32(scale), mean, std),)
 
 
 def normalize(x, mean=(0.0,), std=(1.0,), scale=1.0, axis=1):
