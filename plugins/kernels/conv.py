@@ -30,7 +30,11 @@ def _im2col(x, kh, kw, sh, sw, pt, pl, dh, dw, oh, ow):
                     if sw == 1:  # one contiguous run per output row
                         z0, z1 = max(0, -offset), min(ow, width - offset)
                         if z1 > z0:
-                            cols[row, base + z0:base + z1] = x[c, iy, z0 + offset:z1 + offset]
+                            # views indexed from 0: no negative-index checks, so it vectorises
+                            src = x[c, iy, z0 + offset:z1 + offset]
+                            dst = cols[row, base + z0:base + z1]
+                            for t in range(z1 - z0):
+                                dst[t] = src[t]
                         continue
                     for z in range(ow):
                         ix = z * sw + offset
