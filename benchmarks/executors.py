@@ -41,7 +41,8 @@ def pipeline_throughput(repo: Path, model: str, batch: int, requests_n: int,
     inputs = [example_inputs(model, batch=batch, seed=s) for s in range(8)]
     runtimes = {}
     for executor in ("local", "pipeline"):
-        place(repo, model, ["local", "local"], executor,
+        # adaptive batching off: it would merge the in-flight requests into one run
+        place(repo, model, ["local", "local"], executor, top="batching = false",
               extra=ONE_THREAD + "[executors.pipeline]\nqueue_depth = 4\n")
         runtimes[executor] = rt = Runtime.from_config(
             {"repository": {"path": str(repo), "load": [model]}}).start()

@@ -37,15 +37,16 @@ def partitioned_repo(target: Path, models=EXAMPLE_MODELS, shards: int = 2) -> Pa
 
 
 def place(repo: Path, model: str, placements: list[str], executor: str | None = None,
-          version: int = 2, extra: str = "") -> None:
-    """Rewrite the plan's placements (in shard order) and model.toml's ``[plan] executor``."""
+          version: int = 2, extra: str = "", top: str = "") -> None:
+    """Rewrite the plan's placements (in shard order) and model.toml: ``top`` keys, then
+    ``[plan] executor``, then the ``extra`` tables."""
     plan = repo / model / str(version) / "plan.toml"
     text = plan.read_text()
     spots = iter(placements)
     text = re.sub(r'^placement = "[^"]*"$', lambda m: f'placement = "{next(spots)}"', text,
                   flags=re.M)
     plan.write_text(text)
-    lines = ['version_policy = "all"']
+    lines = ['version_policy = "all"', *top.splitlines()]
     if executor:
         lines += ["[plan]", f'executor = "{executor}"']
     (repo / model / "model.toml").write_text("\n".join(lines) + "\n" + extra)
