@@ -486,3 +486,36 @@ def test_kernel_failing_on_the_warm_up_input_fails_the_load(tmp_path):
     rt = Runtime.from_config({"repository": {"path": str(tmp_path)}}).start()
     assert rt.models()[0]["reason"] == ("model 'rnn': LSTM (node 'encoder') failed on a warm-up "
                                         "input (ValueError)")
+
+
+@pytest.mark.slow  # a subprocess compiling the parallel kernels
+@pytest.mark.skipif((os.cpu_count() or 1) < 2, reason="needs two cores for two numba threads")
+def test_threads_and_threading_layer_from_model_toml(tmp_path):
+    """threads >= 2 runs the row-parallel stage kernels on numba's pool, with the layer
+    model.toml names (in a subprocess: a thread pool must not leak into forking tests)."""
+    make_repo(tmp_path, {"cnn_top3": ("cnn_skip", """
+        postprocess = ["softmax", "topk:3"]
+        [numba]
+        threads = 2
+        threading_layer = "workqueue"
+    """)})
+    code = textwrap.dedent(f"""
+        import json, numba, numpy as np
+        from runtime import Runtime
+        from runtime.codec import InferInput, InferRequest
+        rt = Runtime.from_config({{"repository": {{"path": {str(tmp_path)!r}}}}}).start()
+        x = np.random.default_rng(0).standard_normal((4, 3, 32, 32)).astype(np.float32)
+        out = rt.infer("cnn_top3", InferRequest(inputs=[InferInput("image", "FP32", x.shape, x)]))
+        post = rt.get_model("cnn_top3").backend.post
+        print(json.dumps({{"layer": numba.threading_layer(), "threads": numba.get_num_threads(),
+                          "parallel": [p.get("parallel") for _, p, _, _ in post],
+                          "indices": out.outputs["logits_indices"].tolist()}}))
+    """)
+    out = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True,
+                         timeout=300, check=True).stdout
+    result = json.loads(out.strip().splitlines()[-1])
+    assert result["layer"] == "workqueue" and result["threads"] == 2
+    assert result["parallel"] == [True]  # softmax + topk ran as one parallel softmax_topk
+    x = np.random.default_rng(0).standard_normal((4, 3, 32, 32)).astype(np.float32)
+    logits = reference_outputs("cnn_skip", {"image": x})["logits"]
+    assert result["indices"] == np.argsort(-logits, -1, kind="stable")[:, :3].tolist()
