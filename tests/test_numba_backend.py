@@ -312,6 +312,13 @@ def test_partitioned_model_with_numba_shards(tmp_path):
     request = InferRequest(inputs=[InferInput("image", "FP32", x["image"].shape, x["image"])])
     got = rt.infer("cnn", request, version=2).outputs["logits"]
     np.testing.assert_allclose(got, want, rtol=TOL, atol=TOL)
+    # pipeline stages wrap the plan like any backend
+    (repo / "cnn" / "model.toml").write_text('max_batch_size = 8\npostprocess = ["softmax", '
+                                             '"topk:2"]\n')
+    rt = Runtime.from_config({"repository": {"path": str(repo)}}).start()
+    top = rt.infer("cnn", request, version=2).outputs
+    np.testing.assert_array_equal(top["logits_indices"],
+                                  np.argsort(-want, -1, kind="stable")[:, :2])
 
 
 # processes: server, warmup, numba never imported ------------------------------------------
