@@ -89,7 +89,7 @@ def wait_for_queue(backend: ServedBackend, n: int) -> None:
 
 
 def test_queued_requests_merge_and_each_gets_its_own_rows(tmp_path, gated):
-    rt = gated_runtime(tmp_path, add_model(), "max_batch_size = 16\n")
+    rt = gated_runtime(tmp_path, add_model(), "max_batch_size = 16\ninstances = 1\n")
     backend = rt.get_model("m").backend
     assert isinstance(backend, ServedBackend) and backend.batching
     rows = [1, 3, 2, 4, 1]
@@ -111,7 +111,7 @@ def test_queued_requests_merge_and_each_gets_its_own_rows(tmp_path, gated):
 
 
 def test_a_request_that_fails_in_a_merged_batch_fails_alone(tmp_path, gated):
-    rt = gated_runtime(tmp_path, gather_model(), "max_batch_size = 8\n")
+    rt = gated_runtime(tmp_path, gather_model(), "max_batch_size = 8\ninstances = 1\n")
     backend = rt.get_model("m").backend
     good = [np.array([[i % 4]], dtype=np.int64) for i in range(4)]
     bad = np.array([[9]], dtype=np.int64)  # out of the table: fails only when it runs
@@ -140,7 +140,8 @@ def test_a_request_that_fails_in_a_merged_batch_fails_alone(tmp_path, gated):
 def test_queue_delay_waits_for_a_full_batch(tmp_path):
     """A long max_queue_delay_ms ends as soon as max_batch_size rows are queued."""
     write_model(tmp_path / "m" / "1" / "model.onnx", add_model())
-    (tmp_path / "m" / "model.toml").write_text("max_batch_size = 4\nmax_queue_delay_ms = 10000\n")
+    (tmp_path / "m" / "model.toml").write_text(
+        "max_batch_size = 4\nmax_queue_delay_ms = 10000\ninstances = 1\n")
     rt = Runtime.from_config({"repository": {"path": str(tmp_path)}}).start()
     backend = rt.get_model("m").backend
     calls = []
@@ -174,6 +175,7 @@ def test_batching_is_on_only_where_there_is_a_batch_dim(tmp_path, toml, dims, ex
     ("max_batch_size = 8\nmax_queue_delay_ms = -1\n", "max_queue_delay_ms"),
     ("max_batch_size = 8\nmax_queue_delay_ms = 'soon'\n", "max_queue_delay_ms"),
     ("max_batch_size = 8\nbatching = 'yes'\n", "batching must be true or false"),
+    ("max_batch_size = 8\ninstances = 0\n", "instances must be an integer"),
 ])
 def test_bad_batching_settings_are_load_errors(tmp_path, toml, message):
     write_model(tmp_path / "m" / "1" / "model.onnx", add_model())
@@ -189,9 +191,10 @@ def test_batching_settings_reads_model_toml():
     from runtime import TensorSpec
     from runtime.repository import parse_model_config
 
-    cfg = parse_model_config("m", {"max_batch_size": 16, "max_queue_delay_ms": 2.5})
+    cfg = parse_model_config("m", {"max_batch_size": 16, "max_queue_delay_ms": 2.5,
+                                    "instances": 3})
     spec = [TensorSpec("x", "FP32", [-1, 4])]
-    assert batching_settings(cfg, spec, spec) == (16, 0.0025)
+    assert batching_settings(cfg, spec, spec) == (16, 0.0025, 3)
 
 
 # through the real server --------------------------------------------------------------------
@@ -317,3 +320,17 @@ def test_loaded_gauge_survives_a_reload_and_drops_on_unload(tmp_path):
     assert gauge._value.get() == 1
     rt.unload("reloaded")
     assert gauge._value.get() == 0
+
+
+def test_instances_run_side_by_side(tmp_path, gated):
+    """With two instances a request runs in the free slot while the first is still running."""
+    rt = gated_runtime(tmp_path, add_model(), "max_batch_size = 16\ninstances = 2\n")
+    with ThreadPoolExecutor(1) as pool:
+        first = pool.submit(infer, rt, "m", x=np.zeros((1, 4), np.float32))
+        while not gated.runs:
+            threading.Event().wait(0.005)
+        x = np.ones((3, 4), np.float32)
+        np.testing.assert_array_equal(infer(rt, "m", x=x)["y"], x + x)  # gate still closed
+        gated.gate.set()
+        np.testing.assert_array_equal(first.result(30)["y"], np.zeros((1, 4), np.float32))
+    assert gated.runs == [1, 3]

@@ -5,15 +5,18 @@
 ``plan`` backends. Requests reach it already validated by the core (names, datatypes, shapes,
 ``max_batch_size``), so a malformed request never joins a batch.
 
-Batching is leader/follower, with no thread of its own: the caller that finds the model idle runs
-its request at once; requests arriving meanwhile queue, and when the run ends the first queued
-caller leads the next run with every compatible queued request merged along the batch dimension.
-So a lone request pays two lock round trips, and under load the batch size grows with the queue.
+Batching is leader/follower, with no thread of its own. Up to ``instances`` executions run at
+once per worker (default: one per CPU core, like Triton's instance count); a request that finds
+a free slot and no queue runs at once (two lock round trips of overhead). Requests arriving
+while every slot is busy queue; when an execution ends, its slot passes to the first queued
+request, which runs with every compatible queued request merged along the batch dimension. So
+the batch size grows with the load and nothing waits when there is none.
 ``max_queue_delay_ms`` lets a leader wait for a fuller batch (Triton's dynamic batcher).
 """
 
 from __future__ import annotations
 
+import os
 import threading
 import time
 from collections import deque
@@ -46,11 +49,11 @@ class _Pending:
         self.error: BaseException | None = None
 
 
-def batching_settings(config: Any, inputs: list, outputs: list) -> tuple[int, float]:
-    """(max rows per execution, max queue delay in seconds); 0 rows means batching is off.
+def batching_settings(config: Any, inputs: list, outputs: list) -> tuple[int, float, int]:
+    """(max rows per execution, max queue delay in seconds, executions at once per worker).
 
-    Off when ``max_batch_size`` is 0, when ``batching = false`` in model.toml, or when an input
-    or output has no dynamic first dimension to merge along.
+    0 rows means batching is off: when ``max_batch_size`` is 0, when ``batching = false`` in
+    model.toml, or when an input or output has no dynamic first dimension to merge along.
     """
     raw = config.raw
     delay = raw.get("max_queue_delay_ms", 0)
@@ -60,10 +63,13 @@ def batching_settings(config: Any, inputs: list, outputs: list) -> tuple[int, fl
     enabled = raw.get("batching", True)
     if not isinstance(enabled, bool):
         raise ModelLoadError(f"model {config.name!r}: batching must be true or false")
+    instances = raw.get("instances", os.cpu_count() or 1)
+    if not isinstance(instances, int) or isinstance(instances, bool) or not 1 <= instances <= 256:
+        raise ModelLoadError(f"model {config.name!r}: instances must be an integer from 1 to 256")
     batch_dims = [spec.shape[0] if spec.shape else None for spec in (*inputs, *outputs)]
     if not enabled or config.max_batch_size <= 0 or any(d != -1 for d in batch_dims):
-        return 0, 0.0
-    return config.max_batch_size, delay / 1000.0
+        return 0, 0.0, instances
+    return config.max_batch_size, delay / 1000.0, instances
 
 
 class ServedBackend:
@@ -77,7 +83,8 @@ class ServedBackend:
         self.inputs, self.outputs = backend.inputs, backend.outputs
         self.model, self.version = model, str(version)
         known_versions.setdefault(model, set()).add(self.version)
-        self.max_rows, self.max_delay = batching_settings(config, self.inputs, self.outputs)
+        self.max_rows, self.max_delay, self.instances = batching_settings(
+            config, self.inputs, self.outputs)
         m = metrics()
         labels = (model, self.version)
         self._batch = m.child(m.batch_size, *labels)
@@ -87,7 +94,7 @@ class ServedBackend:
         self._set_live(+1)
         self._cond = threading.Condition(threading.Lock())
         self._pending: deque[_Pending] = deque()
-        self._busy = False
+        self._running = 0
         self._closed = False
         _observe_shards(backend, m, labels)
 
@@ -129,22 +136,23 @@ class ServedBackend:
             return self._execute(inputs, outputs, rows or 0)
         cond = self._cond
         with cond:
-            if not self._busy and not self._pending and self.max_delay == 0:
-                self._busy = True  # idle: run at once, no queue
-                item = None
+            free = self._running < self.instances
+            if free:
+                self._running += 1  # this request holds an execution slot
+            if free and not self._pending and self.max_delay == 0:
+                item = None  # a slot and no queue: run at once
             else:
                 item = _Pending(inputs, outputs, rows, _batch_key(inputs, outputs))
+                item.lead = free
                 self._pending.append(item)
-                leader = not self._busy
-                self._busy = True
-                cond.notify()  # a leader waiting out its delay may now have a full batch
+                cond.notify_all()  # a leader waiting out its delay may now have a full batch
         if item is None:
             try:
                 self._queue.observe(0.0)
                 return self._execute(inputs, outputs, rows)
             finally:
                 self._hand_off()
-        if not leader:
+        if not item.lead:
             item.done.wait()
             if not item.lead:
                 return _outcome(item)
@@ -152,13 +160,8 @@ class ServedBackend:
         return _outcome(item)
 
     def _lead(self, mine: _Pending) -> None:
-        """Run one batch, then pass the lead to the first queued request.
-
-        ``mine`` is the head of the queue (a new leader found it empty; a handed-off leader was
-        its head and only leaders take from it), so the batch always includes it.
-        """
-        mine.lead = False
-        batch = self._take()
+        """Run one batch headed by ``mine``, then pass the slot on to a queued request."""
+        batch = self._take(mine)
         try:
             self._run_batch(batch)
         except BaseException as exc:  # never leave a caller waiting
@@ -170,28 +173,32 @@ class ServedBackend:
             self._hand_off()
 
     def _hand_off(self) -> None:
+        """Give this execution slot to the first queued request that has none, else free it."""
         with self._cond:
-            if self._pending:
-                nxt = self._pending[0]
-                nxt.lead = True
-                nxt.done.set()
-            else:
-                self._busy = False
+            for item in self._pending:
+                if not item.lead:
+                    item.lead = True
+                    item.done.set()
+                    return
+            self._running -= 1
 
-    def _take(self) -> list[_Pending]:
-        """The head of the queue and every compatible request after it, up to max_rows."""
+    def _take(self, head: _Pending) -> list[_Pending]:
+        """``head`` and every compatible queued request without a slot of its own, in arrival
+        order, up to max_rows."""
         with self._cond:
-            head = self._pending[0]
             if self.max_delay:
                 deadline = head.queued + self.max_delay
-                while sum(p.rows for p in self._pending) < self.max_rows:
+                while head.rows + sum(p.rows for p in self._pending if not p.lead) \
+                        < self.max_rows:
                     left = deadline - time.perf_counter()
                     if left <= 0:
                         break
                     self._cond.wait(left)
-            batch, rows = [], 0
+            head.lead = False
+            batch, rows = [head], head.rows
             for item in self._pending:
-                if item.key == head.key and rows + item.rows <= self.max_rows:
+                if (item is not head and not item.lead and item.key == head.key
+                        and rows + item.rows <= self.max_rows):
                     batch.append(item)
                     rows += item.rows
             for item in batch:
