@@ -122,19 +122,19 @@ def test_a_worker_killed_mid_run_fails_or_retries_never_hangs(repo, cluster):
         thread = threading.Thread(target=request)
         thread.start()
         os.kill(victim, signal.SIGKILL)
-        thread.join(30)
+        thread.join(60)  # the request's own deadline is 20 s
         assert not thread.is_alive() and len(outcome) == 1
         if isinstance(outcome[0], dict):  # Dask reran the shard on the other worker
             assert_same(outcome[0], want)
         # the service goes on with the worker that is left (and the nanny's replacement)
-        deadline = time.monotonic() + 30
+        deadline = time.monotonic() + 90  # generous: the CI machine may be loaded
         while True:
             try:
                 assert_same(infer(rt, "transformer_block", inputs, version=2,
                                   deadline=time.monotonic() + 20), want)
                 break
-            except (ServiceUnavailable, GatewayTimeout):
-                assert time.monotonic() < deadline
+            except (ServiceUnavailable, GatewayTimeout) as exc:
+                assert time.monotonic() < deadline, exc.message
                 time.sleep(0.2)
     finally:
         rt.close()
