@@ -334,3 +334,49 @@ def test_instances_run_side_by_side(tmp_path, gated):
         gated.gate.set()
         np.testing.assert_array_equal(first.result(30)["y"], np.zeros((1, 4), np.float32))
     assert gated.runs == [1, 3]
+
+
+def test_batching_and_shard_metrics_on_a_partitioned_plan(tmp_path):
+    """A 2-shard plan (``shardserve partition``) batches like any backend: every concurrent
+    caller gets the unpartitioned model's answer for its own rows, and each shard is timed."""
+    import shutil
+    import subprocess
+
+    from conftest import SHARDSERVE
+
+    from plugins.serving.metrics import metrics
+
+    shutil.copytree(EXAMPLES / "digits_mlp", tmp_path / "digits_mlp")
+    subprocess.run([str(SHARDSERVE), "partition", "digits_mlp", "--repository", str(tmp_path),
+                    "--strategy", "pipeline", "--shards", "2"], check=True, capture_output=True,
+                   timeout=120)
+    rt = Runtime.from_config({"repository": {"path": str(tmp_path)}}).start()
+    model = rt.get_model("digits_mlp")
+    assert model.version == 2 and model.backend.batching
+    assert type(model.backend.backend).__name__ == "PlanBackend"
+    m = metrics()  # process-wide: other tests may have served a digits_mlp version 2 too
+    batch = m.child(m.batch_size, "digits_mlp", "2")
+    shards = [s.name for s in model.backend.plan.shards]
+    timed = [m.child(m.shard_compute_duration, "digits_mlp", "2", s) for s in shards]
+    hops = [m.child(m.shard_hop_bytes, "digits_mlp", "2", s) for s in shards]
+
+    def counts() -> list[float]:
+        return [sum(b.get() for b in batch._buckets), batch._sum.get(),
+                *(sum(b.get() for b in t._buckets) for t in timed),
+                *(h._value.get() for h in hops)]
+
+    before = counts()
+    rng = np.random.default_rng(3)
+    xs = [rng.integers(0, 17, size=(int(rng.integers(1, 4)), 64)).astype(np.float32)
+          for _ in range(64)]
+    with ThreadPoolExecutor(8) as pool:
+        results = list(pool.map(lambda x: infer(rt, "digits_mlp", pixels=x), xs))
+    for x, out in zip(xs, results):
+        for name, want in reference_outputs("digits_mlp", {"pixels": x}).items():
+            assert out[name].shape == want.shape
+            np.testing.assert_allclose(out[name], want, rtol=1e-5, atol=1e-6)
+    after = [a - b for a, b in zip(counts(), before)]
+    executions, rows = after[0], after[1]
+    assert rows == sum(len(x) for x in xs) and 1 <= executions <= len(xs)
+    assert after[2:2 + len(shards)] == [executions] * len(shards)  # every shard, every run
+    assert all(sent > 0 for sent in after[2 + len(shards):])
