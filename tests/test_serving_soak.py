@@ -37,7 +37,9 @@ def tree_rss(pid: int) -> int:
 
 @pytest.mark.slow
 def test_soak_32_clients_no_errors_and_flat_memory(tmp_path):
-    pytest.importorskip("locust")
+    # Never import locust here: it monkey-patches threads (gevent) inside pytest.
+    locust_bin = Path(sys.executable).with_name("locust")
+    assert locust_bin.is_file(), "locust is missing: pip install -e '.[dev]'"
     body, headers = encode_request(example_inputs("digits_mlp", batch=1), binary=False,
                                    binary_outputs=False)
     assert "Inference-Header-Content-Length" not in headers  # a plain JSON body
@@ -63,7 +65,7 @@ def test_soak_32_clients_no_errors_and_flat_memory(tmp_path):
         sampler = threading.Thread(target=sample_memory, daemon=True)
         sampler.start()
         locust = subprocess.run(
-            [str(Path(sys.executable).with_name("locust")), "-f",
+            [str(locust_bin), "-f",
              str(Path(__file__).with_name("serving_locustfile.py")), "--headless",
              "-u", str(USERS), "-r", str(USERS), "-t", f"{SECONDS}s",
              "--host", f"http://127.0.0.1:{port}", "--csv", str(tmp_path / "soak"),
