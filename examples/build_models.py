@@ -16,9 +16,7 @@ from __future__ import annotations
 import argparse
 import json
 import math
-import os
 import sys
-import tempfile
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -26,6 +24,8 @@ from pathlib import Path
 import numpy as np
 import onnx
 from onnx import TensorProto, helper, numpy_helper
+
+from runtime.files import write_atomically
 
 OPSET = 17
 IR_VERSION = 8  # onnxruntime >= 1.17 loads IR 8 / opset 17.
@@ -137,17 +137,7 @@ def v2_request(request_id: str, name: str, array: np.ndarray, outputs: Sequence[
 def write_atomic(path: Path, data: bytes) -> None:
     """Write via a temp file in the same directory and os.replace: readers never see half a file."""
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        os.fchmod(fd, 0o644)  # mkstemp creates 0600; the server may run as another user
-        with os.fdopen(fd, "wb") as handle:
-            handle.write(data)
-            handle.flush()
-            os.fsync(handle.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    write_atomically(path, data)  # 0644: the server may run as another user
 
 
 def model_toml(description: str) -> str:

@@ -10,6 +10,7 @@ import argparse
 import json
 import logging
 import os
+import signal
 import sys
 import tempfile
 from pathlib import Path
@@ -216,15 +217,11 @@ def _parse_input(text: str) -> tuple[str, Path]:
 def save_npy_atomically(path: Path, array: Any) -> None:
     import numpy as np
 
+    from runtime.files import atomic_file
+
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as fh:
-            np.save(fh, array, allow_pickle=False)
-        os.replace(tmp, path)
-    except BaseException:
-        os.unlink(tmp)
-        raise
+    with atomic_file(path) as fh:
+        np.save(fh, array, allow_pickle=False)
 
 
 def cmd_infer(args: argparse.Namespace) -> int:
@@ -314,6 +311,8 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
+    if hasattr(signal, "SIGPIPE"):  # `shardserve plugins | head` ends quietly
+        signal.signal(signal.SIGPIPE, signal.SIG_DFL)
     from runtime.plugins import PluginManager
 
     parser = build_parser()

@@ -41,10 +41,15 @@ _runtime: Runtime | None = None
 
 def get_runtime() -> Runtime:
     """The container's runtime, built on first use. Models load lazily unless
-    ``SHARDSERVE_LOAD`` says otherwise, so a cold start loads only what it serves."""
+    ``SHARDSERVE_LOAD`` says otherwise, so a cold start loads only what it serves;
+    Prometheus metrics are off unless ``SHARDSERVE_METRICS`` turns them on."""
     global _runtime
     if _runtime is None:
-        overrides = {} if "SHARDSERVE_LOAD" in os.environ else {"repository": {"load": "lazy"}}
+        overrides: dict = {}
+        if "SHARDSERVE_LOAD" not in os.environ:
+            overrides["repository"] = {"load": "lazy"}
+        if "SHARDSERVE_METRICS" not in os.environ:  # no one scrapes a function's container
+            overrides["metrics"] = {"enabled": False}
         _runtime = Runtime.from_config(None, overrides=overrides).start()
     return _runtime
 

@@ -48,7 +48,15 @@ ENVIRONMENT = {
     "SHARDSERVE_PORT": ("server", "port", int),
     "SHARDSERVE_MAX_BODY_BYTES": ("server", "max_body_bytes", int),
     "SHARDSERVE_MAX_TENSOR_ELEMENTS": ("server", "max_tensor_elements", int),
+    "SHARDSERVE_METRICS": ("metrics", "enabled", bool),
 }
+TRUE, FALSE = ("1", "true", "yes", "on"), ("0", "false", "no", "off")
+
+
+def _parse_bool(raw: str) -> bool:
+    if raw.strip().lower() in TRUE + FALSE:
+        return raw.strip().lower() in TRUE
+    raise ValueError(raw)
 
 
 @dataclass
@@ -95,7 +103,7 @@ def _from_environment(environ: Mapping[str, str]) -> dict:
             continue
         raw = environ[var]
         try:
-            value: Any = kind(raw)
+            value: Any = _parse_bool(raw) if kind is bool else kind(raw)
         except ValueError:
             raise ConfigError(f"{var} must be {kind.__name__}, got {raw!r}") from None
         if var == "SHARDSERVE_LOAD" and raw not in LOAD_MODES:

@@ -13,7 +13,6 @@ import uuid
 from collections.abc import Callable, Mapping
 from contextvars import ContextVar
 from dataclasses import dataclass, field
-from importlib import metadata as importlib_metadata
 from pathlib import Path
 from typing import Any
 
@@ -410,6 +409,8 @@ class Runtime:
         }
 
     def server_metadata(self) -> dict:
+        from importlib import metadata as importlib_metadata  # only here: its import is slow
+
         try:
             version = importlib_metadata.version(SERVER_NAME)
         except importlib_metadata.PackageNotFoundError:

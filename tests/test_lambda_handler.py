@@ -260,3 +260,13 @@ def test_handler_module_imports_no_flask_numba_dask_or_onnx():
             "'matplotlib') if m in sys.modules))")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert out.stdout.strip() == "[]"
+
+
+def test_lambda_runtime_has_metrics_off_and_backends_unwrapped(fresh_handler):
+    """No one scrapes a function's container: no prometheus on the cold path."""
+    fresh_handler.handler(http_api_event("GET", "/v2/models/digits_mlp/ready"), Context())
+    from plugins.serving.metrics import OFF
+
+    backend = fresh_handler._runtime.get_model("digits_mlp").backend
+    assert backend._compute is OFF and backend._batch is OFF  # the batcher records nothing
+    assert fresh_handler._runtime.config.section("metrics") == {"enabled": False}

@@ -268,3 +268,29 @@ def test_serve_prints_ready_line_and_a_working_sample_request(example_server):
                          headers={"Content-Type": "application/json"}, timeout=30)
     outputs = {o["name"]: o["data"] for o in resp.json()["outputs"]}
     assert resp.json()["id"] == "digit-2" and outputs["label"] == [2]
+
+
+def test_atomic_file_replaces_whole_or_leaves_the_old_file(tmp_path):
+    from runtime.files import atomic_file, write_atomically
+
+    target = tmp_path / "weights.bin"
+    write_atomically(target, b"old")
+    with pytest.raises(RuntimeError), atomic_file(target) as fh:
+        fh.write(b"half of the new")
+        raise RuntimeError("disk full")
+    assert target.read_bytes() == b"old"
+    assert [p.name for p in tmp_path.iterdir()] == ["weights.bin"]  # no temp file left
+    write_atomically(target, "new ✓", mode=0o600)
+    assert target.read_text(encoding="utf-8") == "new ✓"
+    assert target.stat().st_mode & 0o777 == 0o600
+
+
+@pytest.mark.parametrize("raw, value", [("1", True), ("on", True), ("False", False), ("0", False)])
+def test_boolean_environment_settings(raw, value):
+    assert load_config({}, environ={"SHARDSERVE_METRICS": raw}).section("metrics") == {
+        "enabled": value}
+
+
+def test_bad_boolean_environment_setting():
+    with pytest.raises(ConfigError, match="SHARDSERVE_METRICS must be bool"):
+        load_config({}, environ={"SHARDSERVE_METRICS": "maybe"})

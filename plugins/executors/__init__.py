@@ -39,11 +39,16 @@ def shardserve_register_tensor_transforms(register: Any) -> None:
     register("zlib", zlib_from_config)
 
 
-@hookimpl
-def shardserve_register_backends(register: Any) -> None:
+def wire_backend(settings: Any) -> Any:
+    """The ``wire`` backend, imported when a model uses it (not on every cold start)."""
     from .shards import WireBackend
 
-    register("wire", WireBackend)
+    return WireBackend(settings)
+
+
+@hookimpl
+def shardserve_register_backends(register: Any) -> None:
+    register("wire", wire_backend)
 
 
 @hookimpl

@@ -10,13 +10,11 @@ one BYTES element holding a wire blob (plugins/executors/base.py) that went thro
 
 from __future__ import annotations
 
-import argparse
 import dataclasses
 import os
 import shutil
-import tempfile
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from runtime import TensorSpec, current_call
 from runtime.errors import BadRequest, ModelLoadError
@@ -24,6 +22,9 @@ from runtime.plan import PLAN_FILE, parse_plan
 from runtime.repository import ModelRepository, validate_model_name
 
 from .base import TransformChain, decode_blob, encode_blob
+
+if TYPE_CHECKING:
+    import argparse
 
 
 def export_shards(repository: Path, model: str, version: int | None, target: Path,
@@ -42,6 +43,7 @@ def export_shards(repository: Path, model: str, version: int | None, target: Pat
     names = []
     for shard in plan.shards:
         name = validate_model_name(f"{model}.{shard.name}")
+        import tempfile  # not at import: cold starts
         staging = Path(tempfile.mkdtemp(prefix=f".{name}.", dir=target))
         try:
             (staging / "1").mkdir()

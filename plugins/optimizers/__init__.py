@@ -12,23 +12,25 @@ from typing import Any
 from runtime import hookimpl
 
 from .base import Calibration, Optimizer, Option, Tolerance
-from .channels import ChannelPruner
-from .fp16 import Float16Converter
-from .graph import FoldOptimizer, GraphOptimizer
-from .prune import MagnitudePruner
-from .quantize import DynamicQuantizer, StaticQuantizer
 
 __all__ = ["Calibration", "Optimizer", "Option", "Tolerance"]
 
-BUILTINS: tuple[type[Optimizer], ...] = (
-    GraphOptimizer, FoldOptimizer, DynamicQuantizer, StaticQuantizer, Float16Converter,
-    MagnitudePruner, ChannelPruner,
-)
+
+def builtin_optimizers() -> tuple[type[Optimizer], ...]:
+    """The built-in optimizer classes, imported when first asked for (not at plugin load)."""
+    from .channels import ChannelPruner
+    from .fp16 import Float16Converter
+    from .graph import FoldOptimizer, GraphOptimizer
+    from .prune import MagnitudePruner
+    from .quantize import DynamicQuantizer, StaticQuantizer
+
+    return (GraphOptimizer, FoldOptimizer, DynamicQuantizer, StaticQuantizer, Float16Converter,
+            MagnitudePruner, ChannelPruner)
 
 
 @hookimpl
 def shardserve_register_optimizers(register: Callable[[str, Any], None]) -> None:
-    for cls in BUILTINS:
+    for cls in builtin_optimizers():
         register(cls.name, cls())
 
 

@@ -19,6 +19,7 @@ from pathlib import Path
 from typing import Any
 
 from runtime.errors import Conflict, ShardserveError
+from runtime.files import write_atomically
 from runtime.repository import CONFIG_FILE, VERSION
 
 if sys.version_info >= (3, 11):
@@ -57,20 +58,6 @@ def provenance_text(version: int, record: dict) -> str:
     return "\n".join(lines) + "\n"
 
 
-def _write_atomic(path: Path, data: bytes) -> None:
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        os.fchmod(fd, 0o644)
-        with os.fdopen(fd, "wb") as handle:
-            handle.write(data)
-            handle.flush()
-            os.fsync(handle.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-
-
 def next_version(model_dir: Path) -> int:
     versions = [
         int(p.name) for p in model_dir.iterdir() if p.is_dir() and VERSION.fullmatch(p.name)
@@ -88,7 +75,7 @@ def publish(model_dir: Path, files: dict[str, bytes], record: dict) -> int:
     try:
         os.chmod(tmp_dir, 0o755)
         for filename, data in files.items():
-            _write_atomic(tmp_dir / filename, data)
+            write_atomically(tmp_dir / filename, data)
         version = next_version(model_dir)
         if isinstance(old.get("provenance"), dict) and str(version) in old["provenance"]:
             raise ShardserveError(f"model.toml already has provenance for version {version}")
@@ -103,7 +90,7 @@ def publish(model_dir: Path, files: dict[str, bytes], record: dict) -> int:
         if target.exists():
             raise Conflict(f"version {version} appeared while optimizing; run again")
         os.rename(tmp_dir, target)  # atomic: the version appears complete or not at all
-        _write_atomic(config_path, new_text.encode("utf-8"))
+        write_atomically(config_path, new_text.encode("utf-8"))
         return version
     except BaseException:
         if tmp_dir.exists():

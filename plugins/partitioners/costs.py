@@ -29,6 +29,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from runtime.errors import BadRequest
+from runtime.files import write_atomically
 
 STATIC_FLOPS_PER_SECOND = 2e10
 STATIC_BYTES_PER_SECOND = 1e10
@@ -116,14 +117,7 @@ def cache_dir() -> Path:
 
 def _write_json_atomically(path: Path, data: dict) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, suffix=".tmp")
-    try:
-        with os.fdopen(fd, "w") as fh:
-            json.dump(data, fh)
-        os.replace(tmp, path)
-    except BaseException:
-        os.unlink(tmp)
-        raise
+    write_atomically(path, json.dumps(data))
 
 
 def measured_costs(model, graph, model_path: Path, batch: int, runs: int = 20,

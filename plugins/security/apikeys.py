@@ -9,22 +9,24 @@ takes effect without a restart. ``shardserve keys create`` prints a key once.
 
 from __future__ import annotations
 
-import argparse
 import hashlib
 import hmac
 import json
 import os
 import secrets
-import tempfile
 import threading
 import time
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from runtime import hookimpl
 from runtime.errors import ConfigError, Unauthorized
+from runtime.files import write_atomically
 
 from .settings import ALL_ACTIONS, DEFAULT_ACTIONS, SecuritySettings, settings
+
+if TYPE_CHECKING:
+    import argparse
 
 PREFIX = "ssk"
 _DUMMY = {"salt": "00" * 16, "hash": "00" * 32}
@@ -63,15 +65,8 @@ class KeyStore:
 
     def save(self, keys: dict) -> None:
         self.path.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(dir=self.path.parent, prefix=".keys.", suffix=".tmp")
-        try:
-            with os.fdopen(fd, "w") as fh:
-                json.dump({"version": 1, "keys": keys}, fh, indent=2, sort_keys=True)
-            os.chmod(tmp, 0o600)
-            os.replace(tmp, self.path)
-        except BaseException:
-            os.unlink(tmp)
-            raise
+        text = json.dumps({"version": 1, "keys": keys}, indent=2, sort_keys=True)
+        write_atomically(self.path, text, mode=0o600)
 
     def create(self, name: str, models: list[str], actions: list[str]) -> tuple[str, str]:
         """Add a key; returns (key id, the full key, shown only now)."""

@@ -17,22 +17,24 @@ rename it) or ``[security] master_key_file``. Plaintext exists only in memory.
 
 from __future__ import annotations
 
-import argparse
 import base64
 import hashlib
 import json
 import os
 import secrets
 import struct
-import tempfile
 from collections.abc import Iterator
 from pathlib import Path
-from typing import Any, BinaryIO
+from typing import TYPE_CHECKING, Any, BinaryIO
 
 from runtime import hookimpl
 from runtime.errors import ConfigError, ModelLoadError
+from runtime.files import atomic_file, write_atomically
 
 from .settings import read_key_material, settings
+
+if TYPE_CHECKING:
+    import argparse
 
 MAGIC = b"SSENC1\0"
 DEFAULT_CHUNK = 64 << 20
@@ -159,41 +161,23 @@ def master_key(sec: Any, env_override: str | None = None) -> bytes:
     return _check_master(base64.b64decode(read_key_material("master key", None, path).strip()))
 
 
-def _atomic_write_text(path: Path, text: str) -> None:
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=".dek.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "w") as fh:
-            fh.write(text)
-        os.replace(tmp, path)
-    except BaseException:
-        os.unlink(tmp)
-        raise
-
-
 def encrypt_file(path: Path, master: bytes, chunk_size: int = DEFAULT_CHUNK) -> None:
     """Encrypt ``path`` in place (atomically) and write its ``.dek`` sidecar."""
     with open(path, "rb") as fh:
         if fh.read(len(MAGIC)) == MAGIC:
             raise ConfigError(f"{path.name} is already encrypted")
     data_key = secrets.token_bytes(32)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=".enc.", suffix=".tmp")
-    try:
-        with open(path, "rb") as src, os.fdopen(fd, "wb") as dst:
-            encrypt_stream(src, dst, path.stat().st_size, data_key, path.name, chunk_size)
-        _atomic_write_text(path.with_name(path.name + ".dek"),
-                           json.dumps(wrap_key(master, data_key, path.name)))
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
+    with atomic_file(path) as dst, open(path, "rb") as src:  # the sidecar lands first
+        encrypt_stream(src, dst, path.stat().st_size, data_key, path.name, chunk_size)
+        write_atomically(path.with_name(path.name + ".dek"),
+                         json.dumps(wrap_key(master, data_key, path.name)), mode=0o600)
 
 
 def rotate_file(dek_path: Path, old: bytes, new: bytes) -> None:
     """Rewrap one data key from ``old`` to ``new`` master key; data is untouched."""
     filename = dek_path.name[:-len(".dek")]
     data_key = unwrap_key(old, json.loads(dek_path.read_text()), filename)
-    _atomic_write_text(dek_path, json.dumps(wrap_key(new, data_key, filename)))
+    write_atomically(dek_path, json.dumps(wrap_key(new, data_key, filename)), mode=0o600)
 
 
 @hookimpl(tryfirst=True)

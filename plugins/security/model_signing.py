@@ -17,20 +17,22 @@ every file's digest; the error names the file that failed.
 
 from __future__ import annotations
 
-import argparse
 import base64
 import hashlib
 import json
 import os
-import tempfile
 import threading
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from runtime import hookimpl
 from runtime.errors import ConfigError, ModelLoadError
+from runtime.files import write_atomically
 
 from .settings import settings
+
+if TYPE_CHECKING:
+    import argparse
 
 SIGNATURE_FILE = "model.sig"
 PAYLOAD_TYPE = "application/vnd.in-toto+json"
@@ -124,17 +126,6 @@ def _verify_bytes(public_key: Any, signature: bytes, data: bytes) -> bool:
     return True
 
 
-def _atomic_write(path: Path, data: bytes) -> None:
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=".sig.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as fh:
-            fh.write(data)
-        os.replace(tmp, path)
-    except BaseException:
-        os.unlink(tmp)
-        raise
-
-
 def sign_directory(root: Path, private_key: Any) -> Path:
     """Write ``root/model.sig`` over every file in ``root``."""
     digests = {name: file_digest(root / name) for name in model_files(root)}
@@ -154,7 +145,7 @@ def sign_directory(root: Path, private_key: Any) -> Path:
         },
     }
     target = root / SIGNATURE_FILE
-    _atomic_write(target, json.dumps(bundle, indent=2).encode())
+    write_atomically(target, json.dumps(bundle, indent=2).encode())
     return target
 
 

@@ -13,21 +13,26 @@ from typing import Any
 
 from runtime import hookimpl
 
-from .batching import ServedBackend, known_versions, served
+from .batching import ServedBackend, batching_settings, known_versions, served
 from .logs import log_request
-from .metrics import metrics
+from .metrics import configure, enabled, metrics
 
 log = logging.getLogger("shardserve.serving")
 
 
 @hookimpl
 def shardserve_wrap_backend(settings: Any, backend: Any) -> Any:
+    if not enabled() and not batching_settings(settings.config, backend.inputs,
+                                               backend.outputs)[0]:
+        return None  # nothing to add: the backend runs bare
     return ServedBackend(backend, settings.model, settings.version, settings.config)
 
 
 @hookimpl
 def shardserve_startup(runtime: Any) -> None:
-    metrics()  # the families exist (and are scraped) before the first request
+    configure(runtime.config)
+    if enabled():
+        metrics()  # the families exist (and are scraped) before the first request
 
 
 @hookimpl
@@ -50,7 +55,7 @@ def _observe(event: dict) -> None:
         model = version = ""  # a made-up name must not become a label
     elif version not in known_versions[model]:
         version = ""
-    if event.get("action") == "infer":
+    if event.get("action") == "infer" and enabled():
         m = metrics()
         us = (event.get("latency_ms") or 0.0) * 1000.0
         m.child(m.request_duration, model, version, str(event.get("outcome"))).observe(us)

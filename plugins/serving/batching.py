@@ -24,7 +24,7 @@ from typing import Any
 
 from runtime.errors import ModelLoadError
 
-from .metrics import metrics
+from .metrics import OFF, enabled, metrics
 
 # The (model, version) the current thread's backend run served: the request metrics label
 # requests with the version actually served, also when the URL named none.
@@ -85,18 +85,21 @@ class ServedBackend:
         known_versions.setdefault(model, set()).add(self.version)
         self.max_rows, self.max_delay, self.instances = batching_settings(
             config, self.inputs, self.outputs)
-        m = metrics()
         labels = (model, self.version)
-        self._batch = m.child(m.batch_size, *labels)
-        self._queue = m.child(m.queue_duration, *labels)
-        self._compute = m.child(m.compute_duration, *labels)
-        self._loaded = m.child(m.model_loaded, *labels)
+        if enabled():
+            m = metrics()
+            self._batch = m.child(m.batch_size, *labels)
+            self._queue = m.child(m.queue_duration, *labels)
+            self._compute = m.child(m.compute_duration, *labels)
+            self._loaded = m.child(m.model_loaded, *labels)
+            _observe_shards(backend, m, labels)
+        else:
+            self._batch = self._queue = self._compute = self._loaded = OFF
         self._set_live(+1)
         self._cond = threading.Condition(threading.Lock())
         self._pending: deque[_Pending] = deque()
         self._running = 0
         self._closed = False
-        _observe_shards(backend, m, labels)
 
     def __getattr__(self, name: str) -> Any:
         return getattr(self.backend, name)

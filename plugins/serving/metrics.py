@@ -12,6 +12,8 @@ import os
 import threading
 from typing import Any
 
+from runtime.errors import ConfigError
+
 # Microsecond buckets from 50 µs to 10 s: the examples answer in 100 µs to a few ms.
 DURATION_US_BUCKETS = (50, 100, 250, 500, 1_000, 2_500, 5_000, 10_000, 25_000, 50_000,
                        100_000, 250_000, 1_000_000, 10_000_000, float("inf"))
@@ -19,6 +21,41 @@ BATCH_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256, float("inf"))
 
 _lock = threading.Lock()
 _metrics: Metrics | None = None
+_enabled = True
+
+
+def configure(config: Any) -> None:
+    """Switch metrics on or off for this process from ``[metrics] enabled`` (default on).
+
+    Prometheus' registry is per process, so the switch is too. The Lambda handler turns
+    metrics off: nothing scrapes a function's container, and a cold start should not pay
+    for importing prometheus_client.
+    """
+    global _enabled
+    value = config.section("metrics").get("enabled", True)
+    if not isinstance(value, bool):
+        raise ConfigError("config: metrics.enabled must be true or false")
+    _enabled = value
+
+
+def enabled() -> bool:
+    return _enabled
+
+
+class _Off:
+    """Stands in for a metric child when metrics are off."""
+
+    def observe(self, value: float) -> None:
+        pass
+
+    def set(self, value: float) -> None:
+        pass
+
+    def inc(self, amount: float = 1) -> None:
+        pass
+
+
+OFF = _Off()
 
 
 class Metrics:
