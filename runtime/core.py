@@ -81,15 +81,24 @@ class LoadedModel:
         self.output_names = [spec.name for spec in self.outputs]
 
 
-@dataclass
 class CallContext:
     """The request a backend run serves, for executors (docs/executors.md): the id binds
     encrypted tensors to it, the deadline bounds every remote call, hops are recorded."""
 
-    request_id: str
-    model: str
-    deadline: float | None = None  # time.monotonic(); the earlier of caller's and limits'
-    hops: list = field(default_factory=list)  # executors append one dict per remote hop
+    __slots__ = ("_request_id", "model", "deadline", "hops")
+
+    def __init__(self, request_id: str | None, model: str, deadline: float | None = None):
+        self._request_id = request_id
+        self.model = model
+        self.deadline = deadline  # time.monotonic(); the earlier of caller's and limits'
+        self.hops: list = []  # executors append one dict per remote hop
+
+    @property
+    def request_id(self) -> str:
+        """The request's id, made up on first use when the client sent none."""
+        if self._request_id is None:
+            self._request_id = uuid.uuid4().hex
+        return self._request_id
 
 
 _call: ContextVar[CallContext | None] = ContextVar("shardserve_call", default=None)
@@ -449,7 +458,7 @@ class Runtime:
         limit = getattr(limits, "deadline", None)
         if limit is not None:
             deadline = limit if deadline is None else min(deadline, limit)
-        token = _call.set(CallContext(request.id or uuid.uuid4().hex, name, deadline))
+        token = _call.set(CallContext(request.id or None, name, deadline))
         try:
             outputs = model.backend.run(feed, wanted)
         finally:
