@@ -265,7 +265,7 @@ class Runtime:
             status.versions, status.state = loaded, "READY"
         for model in old.values():
             if model not in loaded.values():
-                _close(model.backend)
+                close_backend(model.backend)
         log.info("model %s loaded (versions %s)", name, sorted(loaded))
 
     def _load_version(self, cfg: ModelConfig, version: int) -> LoadedModel:
@@ -316,7 +316,7 @@ class Runtime:
             versions, status.versions = status.versions, {}
             status.state, status.reason = "UNAVAILABLE", UNLOADED
         for model in versions.values():
-            _close(model.backend)
+            close_backend(model.backend)
         log.info("model %s unloaded", name)
 
     # serving ----------------------------------------------------------------
@@ -482,7 +482,8 @@ def _security_options(config: Config) -> dict:
             "security_on": section.get("enabled") is True}
 
 
-def _close(backend: Any) -> None:
+def close_backend(backend: Any) -> None:
+    """Close a backend if it can be closed; a failure is logged, never raised."""
     close = getattr(backend, "close", None)
     if close is not None:
         try:

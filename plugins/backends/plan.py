@@ -18,6 +18,7 @@ import dataclasses
 import logging
 
 from runtime import BackendSettings, TensorSpec, hookimpl
+from runtime.core import close_backend
 from runtime.errors import ModelLoadError
 from runtime.plan import PLAN_FILE, Shard, ShardPlan, parse_plan
 from runtime.plugins import Registry
@@ -62,7 +63,7 @@ class PlanBackend:
         except BaseException:
             for backend in built:
                 if backend is not None:
-                    _close(backend)
+                    close_backend(backend)
             self._close_executors()
             raise
         platforms = {getattr(b, "platform", None) for b in built}
@@ -84,7 +85,7 @@ class PlanBackend:
         have_in = {t.name for t in backend.inputs}
         have_out = {t.name for t in backend.outputs}
         if not set(shard.inputs) <= have_in or not set(shard.outputs) <= have_out:
-            _close(backend)
+            close_backend(backend)
             raise ModelLoadError(f"model {s.model!r}: shard {shard.name!r} file does not have "
                                  "the inputs and outputs plan.toml lists")
         return backend
@@ -182,12 +183,12 @@ class PlanBackend:
         self._close_executors()
         for backend in self.shard_backends:
             if backend is not None:
-                _close(backend)
+                close_backend(backend)
         self.shard_backends = []
 
     def _close_executors(self) -> None:
         for executor in self.executors.values():
-            _close(executor)
+            close_backend(executor)
         self.executors, self.placed, self.driver = {}, [], None
 
 
@@ -196,15 +197,6 @@ def placement_executor(placement: str) -> str:
     ``lambda:fn`` -> ``lambda``, ``dask:worker`` -> ``dask``), or ``local``."""
     scheme = placement.split(":", 1)[0].strip().lower()
     return "http" if scheme == "https" else scheme or "local"
-
-
-def _close(backend) -> None:
-    close = getattr(backend, "close", None)
-    if close is not None:
-        try:
-            close()
-        except Exception as exc:  # closing must never fail an unload
-            log.warning("shard backend close failed: %s", type(exc).__name__)
 
 
 @hookimpl

@@ -97,16 +97,10 @@ def session(model_bytes: bytes, threads: int = 1, level: str = "all") -> Any:
     """An onnxruntime CPU session as the server would build it (``level``: graph optimisation)."""
     import onnxruntime as ort
 
-    opts = ort.SessionOptions()
-    opts.graph_optimization_level = {
-        "disable": ort.GraphOptimizationLevel.ORT_DISABLE_ALL,
-        "basic": ort.GraphOptimizationLevel.ORT_ENABLE_BASIC,
-        "extended": ort.GraphOptimizationLevel.ORT_ENABLE_EXTENDED,
-        "all": ort.GraphOptimizationLevel.ORT_ENABLE_ALL,
-    }[level]
-    opts.intra_op_num_threads = threads
-    opts.inter_op_num_threads = 1
-    opts.log_severity_level = 3
+    from plugins.backends.onnxruntime import session_options
+
+    opts = session_options("measured", {"intra_op_threads": threads, "inter_op_threads": 1,
+                                        "graph_optimization_level": level})
     return ort.InferenceSession(model_bytes, opts, providers=["CPUExecutionProvider"])
 
 
