@@ -23,6 +23,8 @@ import sys
 import time
 from pathlib import Path
 
+from interleave import interleaved  # benchmarks/interleave.py
+
 ROOT = Path(__file__).resolve().parents[1]
 REPOSITORY = ROOT / "examples" / "models"
 HEAVY = ("flask", "numba", "llvmlite", "dask", "distributed", "onnx", "matplotlib")
@@ -131,16 +133,7 @@ def warm(model: str, event: dict, rounds: int = 2000) -> None:
                     "body": base64.b64encode(body).decode(), "isBase64Encoded": True}
     calls = {"raw": lambda: sess.run(None, feed), "json": lambda: handler(event, None),
              "binary": lambda: handler(binary_event, None)}
-    times: dict[str, list[float]] = {k: [] for k in calls}
-    for fn in calls.values():
-        for _ in range(50):
-            fn()
-    for _ in range(rounds):
-        for key, fn in calls.items():
-            start = time.perf_counter()
-            fn()
-            times[key].append(time.perf_counter() - start)
-    med = {k: statistics.median(v) * 1e6 for k, v in times.items()}
+    med = {k: v * 1e6 for k, v in interleaved(calls, rounds, warmup=50).items()}
     print(f"warm invocation, {model}, median of {rounds} interleaved:")
     print(f"  raw session.run       {med['raw']:8.1f} µs")
     for key in ("json", "binary"):

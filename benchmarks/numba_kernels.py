@@ -17,10 +17,9 @@ where they have a row-parallel variant, on all numba threads too.
 from __future__ import annotations
 
 import argparse
-import statistics
-import time
 
 import numpy as np
+from interleave import interleaved  # benchmarks/interleave.py
 
 
 def np_softmax_topk(x: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
@@ -71,15 +70,7 @@ def np_normalize_nchw(x, mean, std, scale):
 
 
 def median_times(calls: dict, rounds: int) -> dict[str, float]:
-    times: dict[str, list[float]] = {k: [] for k in calls}
-    for fn in calls.values():
-        fn()
-    for _ in range(rounds):
-        for key, fn in calls.items():
-            start = time.perf_counter()
-            fn()
-            times[key].append(time.perf_counter() - start)
-    return {k: statistics.median(v) for k, v in times.items()}
+    return interleaved(calls, rounds, warmup=1)
 
 
 def report(title: str, med: dict[str, float]) -> None:

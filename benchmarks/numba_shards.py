@@ -20,15 +20,14 @@ import argparse
 import json
 import os
 import shutil
-import statistics
 import subprocess
 import sys
 import tempfile
 import textwrap
-import time
 from pathlib import Path
 
 import numpy as np
+from interleave import interleaved  # benchmarks/interleave.py
 
 ROOT = Path(__file__).resolve().parents[1]
 EXAMPLES = ROOT / "examples" / "models"
@@ -77,19 +76,6 @@ def make_repo(root: Path, backend: str, warm: bool = True) -> Path:
             f'backend = "{backend}"\n[onnxruntime]\nintra_op_threads = 1\n'
             f'[numba]\nwarm = {str(warm).lower()}\n')
     return root
-
-
-def interleaved(calls: dict, rounds: int) -> dict[str, float]:
-    times: dict[str, list[float]] = {k: [] for k in calls}
-    for fn in calls.values():
-        for _ in range(10):
-            fn()
-    for _ in range(rounds):
-        for key, fn in calls.items():
-            start = time.perf_counter()
-            fn()
-            times[key].append(time.perf_counter() - start)
-    return {k: statistics.median(v) for k, v in times.items()}
 
 
 def shards_against_onnxruntime(rounds: int) -> None:

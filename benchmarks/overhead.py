@@ -11,12 +11,11 @@ median time of each, the ratio and the absolute microseconds added.
 from __future__ import annotations
 
 import argparse
-import statistics
-import time
 from pathlib import Path
 
 import numpy as np
 import onnxruntime as ort
+from interleave import interleaved  # benchmarks/interleave.py
 
 from handlers.flask_app import create_app
 from runtime import Runtime
@@ -35,21 +34,6 @@ def inputs_for(session: ort.InferenceSession, batch: int) -> dict[str, np.ndarra
         ).astype(np.float32)
         for arg in session.get_inputs()
     }
-
-
-def interleaved(calls: dict, rounds: int) -> dict[str, float]:
-    """Median seconds per call of each callable, run alternately."""
-    times: dict[str, list[float]] = {k: [] for k in calls}
-    for fn in calls.values():  # warm up
-        for _ in range(20):
-            fn()
-    clock = time.perf_counter
-    for _ in range(rounds):
-        for key, fn in calls.items():
-            start = clock()
-            fn()
-            times[key].append(clock() - start)
-    return {k: statistics.median(v) for k, v in times.items()}
 
 
 def main() -> None:

@@ -27,8 +27,9 @@ import shutil
 import statistics
 import sys
 import tempfile
-import time
 from pathlib import Path
+
+from interleave import interleaved_times  # benchmarks/interleave.py
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
@@ -50,16 +51,7 @@ MODELS = {"cnn_skip": "image", "transformer_block": "tokens"}
 
 def interleaved(calls: dict, rounds: int) -> tuple[dict[str, float], dict[str, float]]:
     """Median and fastest seconds per call of each callable, run alternately."""
-    times: dict[str, list[float]] = {k: [] for k in calls}
-    for fn in calls.values():
-        for _ in range(50):
-            fn()
-    clock = time.perf_counter
-    for _ in range(rounds):
-        for key, fn in calls.items():
-            start = clock()
-            fn()
-            times[key].append(clock() - start)
+    times = interleaved_times(calls, rounds, warmup=50)
     return ({k: statistics.median(v) for k, v in times.items()},
             {k: min(v) for k, v in times.items()})
 
