@@ -98,19 +98,25 @@ def _pads_2d(x_ndim, pads):
     return tuple(pads)
 
 
+def _as_2d_geometry(x, kernel, strides, dilations, pads):
+    """ONNX defaults filled in, and a 1-D input seen as 2-D with height 1:
+    (x, kernel, strides, dilations, pads), all for two spatial dims."""
+    rank = x.ndim - 2
+    strides = tuple(strides or ()) or (1,) * rank
+    dilations = tuple(dilations or ()) or (1,) * rank
+    pads = _pads_2d(x.ndim, tuple(pads or ()) or (0,) * (2 * rank))
+    if x.ndim == 3:
+        strides, dilations = (1,) + strides, (1,) + dilations
+    x, kernel = _as_2d(x, kernel, 1)
+    return x, kernel, strides, dilations, pads
+
+
 def conv(x, w, b=None, auto_pad="NOTSET", dilations=None, group=1, kernel_shape=None,
          pads=None, strides=None, activation="none"):
     """ONNX Conv; ``activation="relu"`` is a following Relu fused by the lowering."""
-    rank = x.ndim - 2
-    kernel = tuple(kernel_shape or ()) or tuple(w.shape[2:])
-    strides = tuple(strides or ()) or (1,) * rank
-    dilations = tuple(dilations or ()) or (1,) * rank
-    pads = tuple(pads or ()) or (0,) * (2 * rank)
     one_d = x.ndim == 3
-    pads = _pads_2d(x.ndim, pads)
-    x, kernel = _as_2d(x, kernel, 1)
-    strides = strides if not one_d else (1,) + strides
-    dilations = dilations if not one_d else (1,) + dilations
+    x, kernel, strides, dilations, pads = _as_2d_geometry(
+        x, tuple(kernel_shape or ()) or tuple(w.shape[2:]), strides, dilations, pads)
     w = w[:, :, None, :] if one_d else w
     (pt, oh), (pl, ow) = _geometry(x.shape[2:], kernel, strides, pads, dilations, auto_pad)
     out_channels = w.shape[0]
@@ -160,16 +166,9 @@ def _pool2d(x, kh, kw, sh, sw, pt, pl, dh, dw, oh, ow, is_max, include_pad, ph_t
 
 
 def _pool(x, is_max, kernel_shape, auto_pad, pads, strides, dilations, count_include_pad):
-    rank = x.ndim - 2
-    kernel = tuple(kernel_shape)
-    strides = tuple(strides or ()) or (1,) * rank
-    dilations = tuple(dilations or ()) or (1,) * rank
-    pads = tuple(pads or ()) or (0,) * (2 * rank)
     one_d = x.ndim == 3
-    pads = _pads_2d(x.ndim, pads)
-    x, kernel = _as_2d(x, kernel, 1)
-    strides = strides if not one_d else (1,) + strides
-    dilations = dilations if not one_d else (1,) + dilations
+    x, kernel, strides, dilations, pads = _as_2d_geometry(
+        x, tuple(kernel_shape), strides, dilations, pads)
     (pt, oh), (pl, ow) = _geometry(x.shape[2:], kernel, strides, pads, dilations, auto_pad)
     ph_total, pw_total = pads[0] + pads[2], pads[1] + pads[3]
     out = _pool2d(np.ascontiguousarray(x), kernel[0], kernel[1], strides[0], strides[1], pt, pl,
