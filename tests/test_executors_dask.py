@@ -13,7 +13,8 @@ import pytest
 from conftest import EXAMPLE_MODELS, example_inputs, reference_outputs
 from executor_support import assert_same, infer, partitioned_repo, place
 
-from runtime import Runtime
+from runtime import CallContext, Runtime
+from runtime.core import _call
 from runtime.errors import GatewayTimeout, ServiceUnavailable
 
 pytestmark = pytest.mark.slow
@@ -94,6 +95,66 @@ def test_a_shard_on_dask_under_the_local_driver(repo, cluster):
     try:
         inputs = example_inputs("cnn_skip", batch=1)
         assert_same(infer(rt, "cnn_skip", inputs, version=2), reference_outputs("cnn_skip", inputs))
+    finally:
+        rt.close()
+
+
+def shard_bytes(backend, inputs: dict, outputs: list[str]) -> list[tuple[int, int]]:
+    """(bytes in, bytes out) of every shard, from running the shard files here in order."""
+    import onnxruntime as ort
+
+    values, sizes = dict(inputs), {}
+    for index, outs in backend._schedule(tuple(outputs)):
+        shard = backend.plan.shards[index]
+        session = ort.InferenceSession(backend.settings.read_bytes(shard.file),
+                                       providers=["CPUExecutionProvider"])
+        values.update(zip(outs, session.run(outs, {n: values[n] for n in shard.inputs})))
+        sizes[index] = (sum(values[n].nbytes for n in shard.inputs),
+                        sum(values[n].nbytes for n in outs))
+    return [sizes[i] for i in sorted(sizes)]
+
+
+def test_hops_inside_the_graph_are_recorded_logged_and_counted(repo, cluster, caplog):
+    import json
+    import logging
+
+    from handlers.routes import HttpRequest, dispatch
+    from plugins.serving.metrics import metrics
+
+    place(repo, "cnn_skip", ["dask", "dask"])
+    rt = runtime(repo, cluster)
+    try:
+        backend = rt.get_model("cnn_skip", 2).backend
+        names = [s.name for s in backend.plan.shards]
+        inputs = example_inputs("cnn_skip", batch=2)
+        want = shard_bytes(backend, inputs, ["logits"])
+        call = CallContext("req-dask", "cnn_skip", time.monotonic() + 30)
+        token = _call.set(call)
+        try:
+            backend.run(inputs, ["logits"])
+        finally:
+            _call.reset(token)
+        assert [h["shard"] for h in call.hops] == names
+        for hop, (sent, received) in zip(call.hops, want):
+            assert (hop["executor"], hop["bytes_sent"], hop["bytes_received"]) == (
+                "dask", sent, received)
+            assert hop["in_graph"] and 0 < hop["seconds"] < 30
+
+        m = metrics()
+        counted = [m.child(m.shard_hop_bytes, "cnn_skip", "2", n) for n in names]
+        before = [c._value.get() for c in counted]
+        body = json.dumps({"inputs": [{"name": "image", "datatype": "FP32",
+                                       "shape": list(inputs["image"].shape),
+                                       "data": inputs["image"].ravel().tolist()}]}).encode()
+        with caplog.at_level(logging.INFO, logger="shardserve.access"):
+            response = dispatch(rt, HttpRequest("POST", "/v2/models/cnn_skip/versions/2/infer",
+                                                {"content-type": "application/json"}, body))
+        assert response.status == 200
+        (line,) = [r.fields for r in caplog.records if r.name == "shardserve.access"]
+        assert [(h["shard"], h["executor"], h["bytes_sent"], h["bytes_received"])
+                for h in line["hops"]] == [(n, "dask", *w) for n, w in zip(names, want)]
+        assert all(h["ms"] > 0 for h in line["hops"])
+        assert [c._value.get() - b for c, b in zip(counted, before)] == [w[1] for w in want]
     finally:
         rt.close()
 

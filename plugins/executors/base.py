@@ -39,12 +39,20 @@ def request_id() -> str:
     return call.request_id if call is not None else "no-request"
 
 
-def record_hop(shard: str, executor: str, sent: int, received: int, seconds: float) -> None:
-    """Add one remote hop to the current request's record (``CallContext.hops``)."""
+def record_hop(shard: str, executor: str, sent: int, received: int, seconds: float,
+               in_graph: bool = False) -> None:
+    """Add one remote hop to the current request's record (``CallContext.hops``).
+
+    ``in_graph``: the hop ran inside a task graph (Dask) rather than through ``run_shard``,
+    so per-shard metrics learn of it only from this record.
+    """
     call = current_call()
     if call is not None:
-        call.hops.append({"shard": shard, "executor": executor, "bytes_sent": sent,
-                          "bytes_received": received, "seconds": seconds})
+        hop = {"shard": shard, "executor": executor, "bytes_sent": sent,
+               "bytes_received": received, "seconds": seconds}
+        if in_graph:
+            hop["in_graph"] = True
+        call.hops.append(hop)
 
 
 class Executor:

@@ -16,12 +16,14 @@ from __future__ import annotations
 
 import itertools
 import threading
+import time
 import uuid
 from typing import Any
 
 from runtime.errors import GatewayTimeout, ModelLoadError, ServiceUnavailable
 
-from .base import Executor, chain_for, decode_blob, encode_blob, remaining_s, request_id
+from .base import (Executor, chain_for, decode_blob, encode_blob, record_hop, remaining_s,
+                   request_id)
 
 _clients: dict[str, list] = {}  # scheduler address -> [client, users]
 _clients_lock = threading.Lock()
@@ -51,9 +53,14 @@ def _release(address: str) -> None:
 
 
 def run_shard_task(spec: dict, model_bytes: bytes, direct: dict, *upstream: dict) -> dict:
-    """On a worker: run one shard on the plan inputs it reads and its producers' outputs."""
+    """On a worker: run one shard on the plan inputs it reads and its producers' outputs.
+
+    Returns ``{"values": outputs, "hops": {index: hop}}``: this shard's hop plus every hop
+    upstream of it, so the client learns the whole graph's hops from the outputs it fetches.
+    """
     import onnxruntime as ort
 
+    started = time.time()
     key = (spec["token"], spec["index"])
     session = _sessions.get(key)
     if session is None:
@@ -63,9 +70,11 @@ def run_shard_task(spec: dict, model_bytes: bytes, direct: dict, *upstream: dict
         session = _sessions[key] = ort.InferenceSession(
             model_bytes, options, providers=["CPUExecutionProvider"])
     chain = _worker_chain(spec)
-    values = dict(direct)
+    values, hops, ready = dict(direct), {}, spec["submitted"]
     for produced in upstream:
-        values.update(produced)
+        values.update(produced["values"])
+        hops.update(produced["hops"])
+        ready = max(ready, produced["hops"][produced["index"]]["finished"])
     feed = {}
     for name in spec["inputs"]:
         value = values[name]
@@ -75,7 +84,18 @@ def run_shard_task(spec: dict, model_bytes: bytes, direct: dict, *upstream: dict
     if chain:
         result = {name: encode_blob(v, chain, _ctx(spec, name, spec["shard"]))
                   for name, v in result.items()}
-    return result
+    finished = time.time()
+    hops[spec["index"]] = {
+        "bytes_sent": sum(_size(values[n]) for n in spec["inputs"]),
+        "bytes_received": sum(_size(v) for v in result.values()),
+        # from the moment its last input was ready (client submit or upstream finish) to its
+        # own finish: scheduling, worker-to-worker transfer and compute; clocks of one host
+        "seconds": max(finished - ready, finished - started), "finished": finished}
+    return {"values": result, "hops": hops, "index": spec["index"]}
+
+
+def _size(value: Any) -> int:
+    return len(value) if isinstance(value, bytes) else int(getattr(value, "nbytes", 0))
 
 
 def _worker_chain(spec: dict) -> Any:
@@ -137,7 +157,8 @@ class DaskExecutor(Executor):
         return {"token": self.token, "index": index, "inputs": shard.inputs,
                 "outputs": outputs, "threads": int(threads), "request_id": request_id(),
                 "shard": self._name(index), "sources": sources, "transforms": self.chain.names,
-                "config": self.backend.settings.server if self.chain else None}
+                "config": self.backend.settings.server if self.chain else None,
+                "submitted": time.time()}
 
     def _name(self, index: int) -> str:
         return f"{self.model}.{self.shard(index).name}"
@@ -177,7 +198,15 @@ class DaskExecutor(Executor):
         direct = self._encode(index, inputs)
         (result,) = self._wait([self._submit(index, outputs, direct, [])],
                                f"shard {shard.name!r}")
-        return self._plain(index, result)
+        self._record(result["hops"])
+        return self._plain(index, result["values"])
+
+    def _record(self, hops: dict) -> None:
+        """The graph's hops, in shard order, on the request's record."""
+        for index in sorted(hops):
+            hop = hops[index]
+            record_hop(self.shard(index).name, self.name, hop["bytes_sent"],
+                       hop["bytes_received"], hop["seconds"], in_graph=True)
 
     def _encode(self, index: int, inputs: dict) -> dict:
         if not self.chain:
@@ -211,9 +240,11 @@ class DaskExecutor(Executor):
         finally:
             self.client.cancel([f for f in futures if not f.done()])
             del futures, producer
-        values = {}
+        values, hops = {}, {}
         for (_, index), result in zip(wanted, results):
-            values.update(self._plain(index, result))
+            values.update(self._plain(index, result["values"]))
+            hops.update(result["hops"])
+        self._record(hops)
         return {name: values[name] for name in outputs}
 
     def close(self) -> None:

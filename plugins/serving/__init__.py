@@ -47,19 +47,27 @@ def _observe(event: dict) -> None:
     """Request metrics and the access log line for one finished request."""
     model = event.get("model") or ""
     version = event.get("version") or ""
-    ran = getattr(served, "model", None)
-    served.model = None
+    ran, hops = getattr(served, "model", None), getattr(served, "hops", None)
+    served.model = served.hops = None
     if ran is not None and ran[0] == model:
         version = ran[1]
-    elif model not in known_versions:
-        model = version = ""  # a made-up name must not become a label
-    elif version not in known_versions[model]:
-        version = ""
+    else:
+        hops = None  # nothing of this request ran here
+        if model not in known_versions:
+            model = version = ""  # a made-up name must not become a label
+        elif version not in known_versions[model]:
+            version = ""
     if event.get("action") == "infer" and enabled():
         m = metrics()
         us = (event.get("latency_ms") or 0.0) * 1000.0
         m.child(m.request_duration, model, version, str(event.get("outcome"))).observe(us)
-    log_request(event, model, version)
+        for hop in hops or ():
+            if hop.get("in_graph"):  # run inside a task graph: run_shard never saw it
+                m.child(m.shard_compute_duration, model, version, hop["shard"]).observe(
+                    hop["seconds"] * 1e6)
+                m.child(m.shard_hop_bytes, model, version, hop["shard"]).inc(
+                    hop["bytes_received"])
+    log_request(event, model, version, hops)
 
 
 @hookimpl

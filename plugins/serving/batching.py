@@ -22,6 +22,7 @@ import time
 from collections import deque
 from typing import Any
 
+from runtime import current_call
 from runtime.errors import ModelLoadError
 
 from .metrics import OFF, enabled, metrics
@@ -134,6 +135,8 @@ class ServedBackend:
 
     def run(self, inputs: dict, outputs: list[str]) -> dict:
         served.model = (self.model, self.version)
+        call = current_call()  # its hop list fills while the request runs (merged: the leader)
+        served.hops = call.hops if call is not None else None
         rows = _rows(inputs)
         if not self.batching or rows is None:
             return self._execute(inputs, outputs, rows or 0)

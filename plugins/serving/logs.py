@@ -77,7 +77,7 @@ def configure_json_logging(level: str) -> None:
     _access_fd = sys.stderr.fileno()
 
 
-def log_request(event: dict, model: str, version: str) -> None:
+def log_request(event: dict, model: str, version: str, hops: list | None = None) -> None:
     level = logging.DEBUG if event.get("action") in QUIET_ACTIONS else logging.INFO
     if not access_log.isEnabledFor(level):
         return
@@ -93,6 +93,10 @@ def log_request(event: dict, model: str, version: str) -> None:
     }
     if event.get("principal"):
         fields["principal"] = event["principal"]
+    if hops:  # remote shards this request crossed: bytes each way and time per hop
+        fields["hops"] = [{"shard": h["shard"], "executor": h["executor"],
+                           "bytes_sent": h["bytes_sent"], "bytes_received": h["bytes_received"],
+                           "ms": round(h["seconds"] * 1000, 3)} for h in hops]
     if _access_fd is None:
         access_log.log(level, "request", extra={"fields": fields})
         return
