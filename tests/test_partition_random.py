@@ -13,6 +13,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from onnx import TensorProto, helper
 
+from plugins.backends.plan_fusion import fuse_plan
 from plugins.partitioners.build import (
     analyse,
     load_plan_backend,
@@ -163,6 +164,7 @@ def test_random_dag_plans_match_the_original_and_shards_run_alone(tmp_path_facto
             if name in values:
                 np.testing.assert_allclose(array, values[name], rtol=1e-5, atol=1e-5)
     if plan.mode == "dag":
+        assert_fused_matches(plan, target, feeds, names, want)
         shard_models = [onnx.load(str(target / s.file)) for s in plan.shards]
         computed = [o for m in shard_models for n in m.graph.node if n.op_type != "Constant"
                     for o in n.output if o in analysis.graph.producer]
@@ -218,6 +220,18 @@ def test_planners_equal_brute_force_over_all_valid_cuts(model, seed, edge, mbps)
     assert mem.predicted["cut_bytes"] == least_bytes
 
 
+def assert_fused_matches(plan, target, feeds: dict, names: list[str], want: list) -> None:
+    """Every shard merged into one session, as the plan backend serves co-located shards:
+    a valid model computing the original's outputs."""
+    fused, files, members = fuse_plan(plan, [plan.order], lambda f: (target / f).read_bytes())
+    (shard,) = fused.shards
+    assert members == [plan.order] and set(names) <= set(shard.outputs)
+    onnx.checker.check_model(onnx.load_from_string(files[shard.file]), full_check=True)
+    got = ort.InferenceSession(files[shard.file]).run(names, {n: feeds[n] for n in shard.inputs})
+    for array, expected in zip(got, want):
+        np.testing.assert_allclose(array, expected, rtol=1e-5, atol=1e-5)
+
+
 def test_a_loop_reading_outer_tensors_is_never_cut(tmp_path):
     """Loop's body reads an outer tensor and an outer initializer: both cross as inputs."""
     f = TensorProto.FLOAT
@@ -263,3 +277,4 @@ def test_a_loop_reading_outer_tensors_is_never_cut(tmp_path):
     backend = load_plan_backend("m", target)
     np.testing.assert_allclose(backend.run(feeds, ["y"])["y"], want, rtol=1e-5, atol=1e-5)
     backend.close()
+    assert_fused_matches(plan, target, feeds, ["y"], [want])  # the body's outer refs renamed

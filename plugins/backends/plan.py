@@ -40,6 +40,8 @@ class PlanBackend:
         self.executors: dict[str, object] = {}  # executor name -> instance, for this version
         self.placed: list = []  # per shard: the executor that runs it (None: in process)
         self.driver = None  # an executor with run_plan, when the plan names one
+        self.members: list[list[int]] = []  # per shard served: the plan.toml shards it fuses
+        self._fused_files: dict[str, bytes] = {}
 
     # loading ------------------------------------------------------------------
 
@@ -53,10 +55,12 @@ class PlanBackend:
         built = []
         try:
             self._place_shards()
+            plan = self._fuse()
             for index, shard in enumerate(plan.shards):
                 local = self.placed[index] is None or self.placed[index].runs_locally
                 built.append(self._load_shard(shard) if local else None)
             self.shard_backends = built
+            self._fused_files = {}
             for index, executor in enumerate(self.placed):
                 if executor is not None:
                     executor.prepare(index)
@@ -71,6 +75,46 @@ class PlanBackend:
             self.platform = platforms.pop()  # same metadata as the unpartitioned model
         self._schedules.clear()
 
+    def _fuse(self) -> ShardPlan:
+        """Under the local driver, consecutive in-process onnxruntime shards become one
+        session (plugins/backends/plan_fusion.py); ``self.members`` maps each shard of the
+        plan served to the original shards it stands for."""
+        s, plan = self.settings, self.plan
+        self.members = [[i] for i in range(len(plan.shards))]
+        local = [getattr(e, "name", None) == "local" for e in self.placed]
+        if self.driver is not None or plan.mode != "dag" or not self._fuse_setting() \
+                or not any(local):
+            return plan
+        from .plan_fusion import fuse_plan, fusible_runs
+
+        runs = fusible_runs(plan, local)
+        if not runs:
+            return plan
+        try:
+            fused, files, members = fuse_plan(plan, runs, s.read_bytes)
+        except Exception as exc:  # the shards then load one by one, with their own errors
+            log.warning("model %r version %s: shards not fused (%s)", s.model, s.version,
+                        type(exc).__name__)
+            return plan
+        self.members = members
+        self._fused_files = files
+        self.placed = [self.placed[m[0]] for m in self.members]
+        self.plan = fused
+        log.info("model %r version %s: shards %s run as %d onnxruntime session(s)", s.model,
+                 s.version, ", ".join(f"[{fused.shards[i].name}]" for i, m in
+                                      enumerate(self.members) if len(m) > 1), len(runs))
+        return fused
+
+    def _fuse_setting(self) -> bool:
+        for section in (self.settings.config.raw.get("plan"),
+                        (getattr(self.settings.server, "sections", None) or {}).get("plan")):
+            if isinstance(section, dict) and "fuse" in section:
+                if not isinstance(section["fuse"], bool):
+                    raise ModelLoadError(f"model {self.settings.model!r}: [plan] fuse must be "
+                                         "true or false")
+                return section["fuse"]
+        return True
+
     def _load_shard(self, shard: Shard):
         s = self.settings
         if shard.backend == "plan" or shard.backend not in s.backends:
@@ -80,7 +124,11 @@ class PlanBackend:
         options = {**(section if isinstance(section, dict) else {}), **shard.options}
         config = copy.copy(s.config)
         config.backend, config.filename = shard.backend, shard.file
-        backend = s.backends[shard.backend](dataclasses.replace(s, config=config, options=options))
+        settings = dataclasses.replace(s, config=config, options=options)
+        fused = self._fused_files.get(shard.file)
+        if fused is not None:  # merged in memory from shard files already read and checked
+            settings.read_bytes = lambda name, data=fused: data
+        backend = s.backends[shard.backend](settings)
         backend.load()
         have_in = {t.name for t in backend.inputs}
         have_out = {t.name for t in backend.outputs}
