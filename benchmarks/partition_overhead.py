@@ -5,12 +5,16 @@ For the CNN and transformer examples, a copy of the example repository gets a
 interleaved call by call so machine noise hits all alike:
 
 * ``whole``: ``Runtime.infer`` on version 1 (one onnxruntime session);
-* ``plan``: ``Runtime.infer`` on version 2 (the plan backend, four sessions);
+* ``plan``: ``Runtime.infer`` on version 2 (the plan backend; its four local shards
+  fused into one session, the default);
+* ``unfused``: the same plan with ``[plan] fuse = false`` (four sessions);
 * ``raw whole`` / ``raw shards``: the same sessions called directly, no runtime;
 * ``backend``: the plan backend's ``run`` alone, no runtime.
 
-``plan / whole`` is the overhead a user sees (target: at most 1.05).
-``raw shards / raw whole`` is what onnxruntime itself loses by running four
+``plan / whole`` is the overhead a user sees (target: at most 1.05); ``unfused / whole``
+what the four shards cost when each keeps its own session (as when they are placed on
+different nodes, minus the network). ``raw shards / raw whole`` is what onnxruntime itself
+loses by running four
 sessions (a session call each, layouts converted at every border, fusions that
 cannot span a border); ``backend - raw shards`` ("own us") is what the plan
 backend's own bookkeeping adds per request (fastest calls: a difference of
@@ -95,13 +99,17 @@ def main() -> int:
             analysis = analyse(repo, name, cost=args.cost, runs=50)
             part = plan_partition(analysis, "pipeline", {"shards": 4})
             write_partition(analysis, "pipeline", {"shards": 4}, part, repo)
+            unfused = repo / f"{name}_unfused"
+            shutil.copytree(repo / name, unfused)
+            toml = unfused / "model.toml"
+            toml.write_text(toml.read_text() + "\n[plan]\nfuse = false\n")
         rt = Runtime.from_config({"repository": {"path": str(repo), "load": "all"}}).start()
         configs = ModelRepository(repo)
         backends = {name: load_plan_backend(name, repo / name / "2", configs.config(name))
                     for name in MODELS}
         outputs = {name: [o.name for o in backends[name].outputs] for name in MODELS}
         print(f"{'model':<18} {'batch':>5} {'whole us':>9} {'plan us':>9} {'plan/whole':>10} "
-              f"{'raw ratio':>10} {'own us':>9}")
+              f"{'unfused us':>10} {'unf/whole':>9} {'raw ratio':>10} {'own us':>9}")
         for name, input_name in MODELS.items():
             shape = [d if d != -1 else 1 for d in rt.metadata(name, 1)["inputs"][0]["shape"]]
             for batch in args.batch:
@@ -113,6 +121,8 @@ def main() -> int:
                 m, fastest = interleaved({
                     "whole": lambda request=request, name=name: rt.infer(name, request, 1),
                     "plan": lambda request=request, name=name: rt.infer(name, request, 2),
+                    "unfused": lambda request=request, name=name: rt.infer(
+                        f"{name}_unfused", request, 2),
                     "raw_whole": lambda whole=whole, feed=feed: whole.run(None, feed),
                     "raw_shards": lambda shards=shards, feed=feed: run_shards(shards, feed),
                     "backend": lambda b=backends[name], feed=feed, outs=outputs[name]:
@@ -120,7 +130,8 @@ def main() -> int:
                 }, args.rounds)
                 own = fastest["backend"] - fastest["raw_shards"]  # medians are too noisy
                 print(f"{name:<18} {batch:>5} {m['whole'] * 1e6:>9.1f} {m['plan'] * 1e6:>9.1f} "
-                      f"{m['plan'] / m['whole']:>10.3f} {m['raw_shards'] / m['raw_whole']:>10.3f} "
+                      f"{m['plan'] / m['whole']:>10.3f} {m['unfused'] * 1e6:>10.1f} "
+                      f"{m['unfused'] / m['whole']:>9.3f} {m['raw_shards'] / m['raw_whole']:>10.3f} "
                       f"{own * 1e6:>9.1f}")
         rt.close()
     return 0
