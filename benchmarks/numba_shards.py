@@ -94,6 +94,7 @@ def shards_against_onnxruntime(rounds: int) -> None:
                                     providers=["CPUExecutionProvider"])
         outputs = [o.name for o in sess.get_outputs()]
         backend = rt.get_model(name).backend
+        backend = getattr(backend, "backend", backend)  # bare, as the session is called bare
         input_name, shape = SHAPES[name]
         for batch in (1, 32):
             x = {input_name: np.random.default_rng(0).standard_normal(

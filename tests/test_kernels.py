@@ -412,6 +412,26 @@ def test_stage_ctc_greedy(shape, blank):
     np.testing.assert_array_equal(lengths, want_lengths)
 
 
+@pytest.mark.parametrize("parallel", [False, True])
+def test_ctc_greedy_picks_as_numpy_argmax_with_ties_nan_and_signed_zeros(parallel):
+    """The decoder's branch-free argmax orders float bits as integers: ties go to the first
+    class, NaN beats everything, -0.0 equals 0.0, -inf loses, as numpy's argmax."""
+    from plugins.kernels import postprocess
+
+    rng = np.random.default_rng(11)
+    for trial in range(60):
+        shape = tuple(int(v) for v in rng.integers(1, 12, 3))
+        x = rng.integers(-2, 3, shape).astype(np.float32)  # small integers: many ties
+        specials = rng.random(shape)
+        x[specials < 0.05] = np.nan if trial % 2 else -np.inf
+        x[(specials > 0.8) & (x == 0)] = -0.0
+        blank = int(rng.integers(0, shape[2]))
+        labels, lengths = postprocess.ctc_greedy(x, blank=blank, parallel=parallel)
+        want_labels, want_lengths = np_ctc_greedy(x, blank)
+        np.testing.assert_array_equal(labels, want_labels)
+        np.testing.assert_array_equal(lengths, want_lengths)
+
+
 def np_nms(boxes, scores, iou=0.5, floor=-np.inf, limit=0):
     x1, y1 = boxes[:, [0, 2]].min(1), boxes[:, [1, 3]].min(1)
     x2, y2 = boxes[:, [0, 2]].max(1), boxes[:, [1, 3]].max(1)

@@ -46,21 +46,33 @@ class LoweredGraph:
     constants: dict[str, np.ndarray]
     steps: list[Step]
     fused: Counter = field(default_factory=Counter)
+    _program: list = field(default_factory=list, repr=False)
+
+    def __post_init__(self) -> None:
+        # the hot loop reads plain tuples: (call, input names, output names, releases)
+        self._program = [(step.call, tuple(step.inputs), tuple(step.outputs),
+                          step.release) for step in self.steps]
+        self.constants = {**self.constants, "": None}  # "": an absent optional input
 
     def run(self, feed: Mapping[str, np.ndarray], wanted: list[str]) -> dict[str, np.ndarray]:
-        values = {**self.constants, **feed}
-        values[""] = None  # an absent optional input
-        for step in self.steps:
-            try:
-                results = step.call(*[values[n] for n in step.inputs])
-            except Exception as exc:  # say where, for load-time errors (no paths, no values)
-                exc.shardserve_step = f"{step.op} (node {step.node!r})"
-                raise
-            for name, value in zip(step.outputs, results):
-                if name:
-                    values[name] = value
-            for name in step.release:
-                del values[name]
+        values = self.constants.copy()
+        values.update(feed)
+        position = 0
+        try:
+            for position, (call, names, outs, release) in enumerate(self._program):
+                results = call(*[values[n] for n in names])
+                if len(outs) == 1:
+                    values[outs[0]] = results[0]
+                else:
+                    for name, value in zip(outs, results):
+                        if name:
+                            values[name] = value
+                for name in release:
+                    del values[name]
+        except Exception as exc:  # say where, for load-time errors (no paths, no values)
+            step = self.steps[position]
+            exc.shardserve_step = f"{step.op} (node {step.node!r})"
+            raise
         return {name: values[name] for name in wanted}
 
     def ops(self) -> list[str]:

@@ -244,6 +244,8 @@ ACTIVATIONS = {"none": 0, "relu": 1, "gelu": 2}
 
 def linear(x, weight, bias, activation="none"):
     """Fused MatMul + Add (+ Relu or GELU) over the last axis: the dense layer."""
+    if x.ndim == 2 and x.flags.c_contiguous:  # the common case, without reshapes
+        return (_linear(x, weight, bias, ACTIVATIONS[activation]),)
     x2 = np.ascontiguousarray(x).reshape(-1, x.shape[-1])
     out = _linear(x2, weight, bias, ACTIVATIONS[activation])
     return (out.reshape(*x.shape[:-1], weight.shape[1]),)

@@ -131,61 +131,74 @@ def softmax_topk(x, k=1, parallel=False):
 # CTC greedy decoding -----------------------------------------------------------
 
 
-@jit(fastmath={"nnan", "ninf", "nsz"})
-def _row_argmax(row):
-    """First index of the maximum, written with selects so the loop vectorises."""
-    best = row[0]
-    where = 0
-    for c in range(1, row.size):
-        v = row[c]
-        better = v > best
-        best = v if better else best
-        where = c if better else where
-    return where
+@jit
+def _row_argmax_keyed(bits):
+    """Index of the maximum of one float32 row given as its int32 bits, as numpy's argmax:
+    the first maximum, NaN above everything, -0.0 equal to 0.0.
+
+    Branch-free, so the loop vectorises: each float becomes an integer that orders like
+    it (its magnitude bits, negated when the sign is set, so -0.0 and 0.0 both give 0;
+    any NaN the largest), shifted above the reversed index: the largest key is the
+    largest value at the smallest index.
+    """
+    n = bits.size
+    best = np.int64(-9223372036854775807)
+    for c in range(n):
+        i = bits[c]
+        magnitude = i & 0x7FFFFFFF
+        sign = i >> 31  # all ones for a negative float
+        value = (magnitude ^ sign) - sign
+        value = 0x7FFFFFFF if magnitude > 0x7F800000 else value
+        key = (np.int64(value) << 32) | np.int64(n - 1 - c)
+        best = key if key > best else best
+    return n - 1 - np.int64(best & 0xFFFFFFFF)
 
 
 @jit
-def _ctc_greedy_row(x, blank, labels):
-    """Decode one [T, classes] sequence into ``labels``; returns its length."""
-    steps = x.shape[0]
+def _ctc_greedy_row(bits, blank, labels):
+    """Decode one [T, classes] sequence (float32 bits) into ``labels`` (the rest padded
+    with -1); returns its length."""
     previous = -1
     count = 0
-    for t in range(steps):
-        where = _row_argmax(x[t])
+    for t in range(bits.shape[0]):
+        where = _row_argmax_keyed(bits[t])
         if where != blank and where != previous:
             labels[count] = where
             count += 1
         previous = where
+    labels[count:] = -1
     return count
 
 
 @jit
-def _ctc_greedy(x, blank):
-    batch, steps = x.shape[0], x.shape[1]
-    labels = np.full((batch, steps), -1, np.int64)
-    lengths = np.zeros(batch, np.int64)
+def _ctc_greedy(bits, blank):
+    batch, steps = bits.shape[0], bits.shape[1]
+    labels = np.empty((batch, steps), np.int64)
+    lengths = np.empty(batch, np.int64)
     for b in range(batch):
-        lengths[b] = _ctc_greedy_row(x[b], blank, labels[b])
+        lengths[b] = _ctc_greedy_row(bits[b], blank, labels[b])
     return labels, lengths
 
 
 @jit(parallel=True)
-def _ctc_greedy_parallel(x, blank):
-    batch, steps = x.shape[0], x.shape[1]
-    labels = np.full((batch, steps), -1, np.int64)
-    lengths = np.zeros(batch, np.int64)
+def _ctc_greedy_parallel(bits, blank):
+    batch, steps = bits.shape[0], bits.shape[1]
+    labels = np.empty((batch, steps), np.int64)
+    lengths = np.empty(batch, np.int64)
     for b in prange(batch):
-        lengths[b] = _ctc_greedy_row(x[b], blank, labels[b])
+        lengths[b] = _ctc_greedy_row(bits[b], blank, labels[b])
     return labels, lengths
 
 
 def ctc_greedy(x, blank=0, parallel=False):
     """Best class per step, repeats merged, blanks dropped: labels [B, T] padded
-    with -1, and each sequence's length [B]. Input: scores [B, T, classes]."""
+    with -1, and each sequence's length [B]. Input: scores [B, T, classes] (other
+    float types are compared as float32)."""
     if x.shape[-1] == 0:
         return np.full(x.shape[:2], -1, np.int64), np.zeros(x.shape[0], np.int64)
     decode = _ctc_greedy_parallel if parallel else _ctc_greedy
-    return decode(np.ascontiguousarray(x), int(blank))
+    bits = np.ascontiguousarray(x, dtype=np.float32).view(np.int32)
+    return decode(bits, int(blank))
 
 
 # non-maximum suppression -------------------------------------------------------

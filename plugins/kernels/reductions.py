@@ -47,6 +47,8 @@ def _rows(x, axis):
 
 
 def softmax(x, axis=-1, parallel=False):
+    if x.ndim == 2 and axis in (-1, 1) and x.dtype == np.float32 and x.flags.c_contiguous:
+        return ((_softmax_rows_parallel if parallel else _softmax_rows)(x),)
     x32 = x.astype(np.float32, copy=False)
     flat, moved_shape, axis = _rows(x32, axis)
     out = (_softmax_rows_parallel if parallel else _softmax_rows)(flat).reshape(moved_shape)
