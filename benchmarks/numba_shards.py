@@ -6,6 +6,9 @@
    onnxruntime session with the examples' settings (one intra-op thread, all
    graph optimizations), interleaved call by call, at batch 1 and 32. Prints
    the median of each and numba / onnxruntime (target: within 1.5x).
+   It prints which OpenBLAS kernels numba's products run: OpenBLAS picks them
+   for the CPU unless ``OPENBLAS_CORETYPE`` forces a core type (compare with
+   ``env -u OPENBLAS_CORETYPE``).
 2. First request in a fresh process: ``shardserve``'s runtime loads the
    lowered models and answers one request: with an empty numba cache and
    ``warm = false`` (the request compiles), with an empty cache (load
@@ -78,6 +81,22 @@ def make_repo(root: Path, backend: str, warm: bool = True) -> Path:
     return root
 
 
+def blas_kernels() -> str:
+    """Which kernels scipy's OpenBLAS (numba's ``np.dot``) runs: onnxruntime uses the CPU's
+    widest vectors, so an ``OPENBLAS_CORETYPE`` forcing narrower ones skews the ratio."""
+    forced = os.environ.get("OPENBLAS_CORETYPE")
+    try:
+        from threadpoolctl import threadpool_info
+
+        cores = {i.get("architecture") for i in threadpool_info()
+                 if "scipy.libs" in str(i.get("filepath"))}
+    except ImportError:
+        cores = set()
+    core = ", ".join(sorted(c for c in cores if c)) or "unknown"
+    return f"OpenBLAS core {core}" + (f" (forced by OPENBLAS_CORETYPE={forced})" if forced
+                                      else " (OpenBLAS's own choice for this CPU)")
+
+
 def shards_against_onnxruntime(rounds: int) -> None:
     import onnxruntime as ort
 
@@ -88,6 +107,7 @@ def shards_against_onnxruntime(rounds: int) -> None:
     opts = ort.SessionOptions()
     opts.intra_op_num_threads = 1
     opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+    print(f"numba's BLAS products: {blas_kernels()}")
     print(f"{'model':<18} {'batch':>5} {'onnxruntime':>12} {'numba':>12} {'numba/ort':>10}")
     for name in MODELS:
         sess = ort.InferenceSession(str(model_file(name)), opts,

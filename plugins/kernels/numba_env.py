@@ -99,6 +99,9 @@ def _limit_blas_threads() -> None:
     ``SHARDSERVE_NUMBA_BLAS_THREADS`` (0 = OpenBLAS's default) or
     ``OPENBLAS_NUM_THREADS`` change it. numpy's own BLAS is left alone."""
     wanted = os.environ.get("SHARDSERVE_NUMBA_BLAS_THREADS", "1")
+    if os.environ.get("OPENBLAS_CORETYPE"):  # narrower kernels than the CPU has: say so
+        log.info("numba's BLAS products run OpenBLAS's %s kernels (OPENBLAS_CORETYPE)",
+                 os.environ["OPENBLAS_CORETYPE"][:32])
     if "scipy.linalg" in sys.modules or "OPENBLAS_NUM_THREADS" in os.environ or wanted == "0":
         return
     os.environ["OPENBLAS_NUM_THREADS"] = wanted
