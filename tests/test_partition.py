@@ -199,6 +199,7 @@ def test_external_data_models_partition_into_external_data_shards(repo, tmp_path
     x = example_inputs("cnn_skip", batch=3)
     np.testing.assert_allclose(infer(rt, "cnn_skip", x, 2)["logits"],
                                infer(rt, "cnn_skip", x, 1)["logits"], rtol=1e-5, atol=1e-5)
+    assert rt.get_model("cnn_skip", 2).backend.members == [[0, 1]]  # fused, weights external
 
 
 def _versions(repo: Path, model: str) -> list[str]:

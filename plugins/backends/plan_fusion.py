@@ -17,7 +17,6 @@ per-shard metrics for in-process shards.
 from __future__ import annotations
 
 import dataclasses
-import hashlib
 from typing import Any, Callable
 
 from runtime.plan import Shard, ShardPlan
@@ -96,7 +95,7 @@ def merge_models(shards: list[tuple[bytes, list[str], list[str]]],
     graph = onnx.GraphProto()
     inputs: list[str] = []
     typed: dict[str, Any] = {}  # border tensor -> ValueInfoProto
-    carried: dict[tuple, str] = {}  # (original name, content digest) -> name in the merge
+    carried: dict[str, list] = {}  # original initializer name -> the merge's tensors
     opsets: dict[str, int] = {}
     ir_version = 0
     for k, (blob, shard_inputs, shard_outputs) in enumerate(shards):
@@ -105,13 +104,14 @@ def merge_models(shards: list[tuple[bytes, list[str], list[str]]],
         border = set(shard_inputs) | set(shard_outputs)
         rename: dict[str, str] = {}
         for tensor in g.initializer:
-            key = (tensor.name, hashlib.sha256(tensor.SerializeToString()).digest())
-            if key in carried:
-                rename[tensor.name] = carried[key]
-                continue
-            rename[tensor.name] = carried[key] = f"{k}/{tensor.name}"
-            tensor.name = rename[tensor.name]
-            graph.initializer.append(tensor)
+            original = tensor.name
+            same = next((kept.name for kept in carried.get(original, ())
+                         if _same_tensor(kept, tensor)), None)
+            rename[original] = same or f"{k}/{original}"
+            if same is None:
+                tensor.name = rename[original]
+                graph.initializer.append(tensor)
+                carried.setdefault(original, []).append(tensor)
         if len(g.sparse_initializer):
             raise ValueError("sparse initializers are not fused")
         local = [i.name for i in g.input if i.name not in border and i.name not in rename]
@@ -142,6 +142,17 @@ def merge_models(shards: list[tuple[bytes, list[str], list[str]]],
         graph, opset_imports=[onnx.helper.make_opsetid(d, v) for d, v in opsets.items()],
         ir_version=ir_version, producer_name="shardserve-fuse")
     return merged.SerializeToString(), inputs
+
+
+def _same_tensor(kept: Any, tensor: Any) -> bool:
+    """Whether two initializers hold the same data (type, shape, values or external
+    location), whatever their names; compared only when their original names match."""
+    name = tensor.name
+    tensor.name = kept.name
+    try:
+        return kept == tensor
+    finally:
+        tensor.name = name
 
 
 def _rename(node: Any, rename: dict[str, str]) -> None:
