@@ -131,7 +131,8 @@ def main() -> int:
                 own = fastest["backend"] - fastest["raw_shards"]  # medians are too noisy
                 print(f"{name:<18} {batch:>5} {m['whole'] * 1e6:>9.1f} {m['plan'] * 1e6:>9.1f} "
                       f"{m['plan'] / m['whole']:>10.3f} {m['unfused'] * 1e6:>10.1f} "
-                      f"{m['unfused'] / m['whole']:>9.3f} {m['raw_shards'] / m['raw_whole']:>10.3f} "
+                      f"{m['unfused'] / m['whole']:>9.3f} "
+                      f"{m['raw_shards'] / m['raw_whole']:>10.3f} "
                       f"{own * 1e6:>9.1f}")
         rt.close()
     return 0

@@ -59,7 +59,7 @@ class LoweredGraph:
         values.update(feed)
         position = 0
         try:
-            for position, (call, names, outs, release) in enumerate(self._program):
+            for position, (call, names, outs, release) in enumerate(self._program):  # noqa: B007
                 results = call(*[values[n] for n in names])
                 if len(outs) == 1:
                     values[outs[0]] = results[0]

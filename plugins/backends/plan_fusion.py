@@ -17,7 +17,8 @@ per-shard metrics for in-process shards.
 from __future__ import annotations
 
 import dataclasses
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 from runtime.plan import Shard, ShardPlan
 

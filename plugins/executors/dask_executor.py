@@ -22,8 +22,7 @@ from typing import Any
 
 from runtime.errors import GatewayTimeout, ModelLoadError, ServiceUnavailable
 
-from .base import (Executor, chain_for, decode_blob, encode_blob, record_hop, remaining_s,
-                   request_id)
+from .base import Executor, chain_for, decode_blob, encode_blob, record_hop, remaining_s, request_id
 
 _clients: dict[str, list] = {}  # scheduler address -> [client, users]
 _clients_lock = threading.Lock()
