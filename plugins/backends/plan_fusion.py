@@ -48,8 +48,6 @@ def fuse_plan(plan: ShardPlan, runs: list[list[int]],
               read_bytes: Callable[[str], bytes]) -> tuple[ShardPlan, dict[str, bytes], list]:
     """A plan where each run is one shard; the merged files' bytes by file name; and, per
     new shard, the original shard indices it stands for."""
-    if not runs:
-        return plan, {}, [[i] for i in range(len(plan.shards))]
     first = {run[0]: run for run in runs}
     merged = {i for run in runs for i in run}
     shards: list[Shard] = []
@@ -94,7 +92,6 @@ def merge_models(shards: list[tuple[bytes, list[str], list[str]]],
     import onnx
 
     graph = onnx.GraphProto()
-    inputs: list[str] = []
     typed: dict[str, Any] = {}  # border tensor -> ValueInfoProto
     carried: dict[str, list] = {}  # original initializer name -> the merge's tensors
     opsets: dict[str, int] = {}
@@ -122,7 +119,6 @@ def merge_models(shards: list[tuple[bytes, list[str], list[str]]],
             if info.name in shard_inputs:
                 if info.name not in typed:  # not made by an earlier shard, not yet an input
                     graph.input.append(info)
-                    inputs.append(info.name)
                 typed.setdefault(info.name, info)
         for node in g.node:
             _rename(node, rename)
@@ -142,7 +138,7 @@ def merge_models(shards: list[tuple[bytes, list[str], list[str]]],
     merged = onnx.helper.make_model(
         graph, opset_imports=[onnx.helper.make_opsetid(d, v) for d, v in opsets.items()],
         ir_version=ir_version, producer_name="shardserve-fuse")
-    return merged.SerializeToString(), inputs
+    return merged.SerializeToString(), [info.name for info in graph.input]
 
 
 def _same_tensor(kept: Any, tensor: Any) -> bool:
