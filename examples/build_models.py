@@ -255,7 +255,8 @@ def build_digits_mlp() -> BuiltModel:
 # -------------------------------------------------------------------- cnn_skip
 
 
-def build_cnn_skip() -> BuiltModel:
+def build_cnn_skip(width: int = 16) -> BuiltModel:
+    """The example CNN; ``width`` is the block's channel count (the head has twice that)."""
     rng = np.random.default_rng(CNN_SEED)
     g = GraphBuilder()
 
@@ -267,28 +268,28 @@ def build_cnn_skip() -> BuiltModel:
             kernel_shape=[3, 3], pads=[1, 1, 1, 1], strides=[1, 1],
         )
 
-    x = conv("image", "stem", 3, 16)
+    x = conv("image", "stem", 3, width)
     skip = g.node("Relu", [x], "stem_relu", "stem_relu")
-    x = conv(skip, "block_conv1", 16, 16)
+    x = conv(skip, "block_conv1", width, width)
     x = g.node("Relu", [x], "block_relu1", "block_relu1")
-    x = conv(x, "block_conv2", 16, 16)
+    x = conv(x, "block_conv2", width, width)
     x = g.node("Add", [x, skip], "block_residual", "block_skip_add")
     x = g.node("Relu", [x], "block_relu_out", "block_relu_out")
     x = g.node(
         "MaxPool", [x], "pooled", "downsample_maxpool2x2", kernel_shape=[2, 2], strides=[2, 2]
     )
-    x = conv(x, "head_conv", 16, 32)
+    x = conv(x, "head_conv", width, 2 * width)
     x = g.node("Relu", [x], "head_relu", "head_relu")
     x = g.node("GlobalAveragePool", [x], "gap", "global_average_pool")
     x = g.node("Flatten", [x], "features", "flatten_features", axis=1)
-    weight = g.const("classifier.weight", he_normal(rng, (10, 32), 32))
+    weight = g.const("classifier.weight", he_normal(rng, (10, 2 * width), 2 * width))
     bias = g.const("classifier.bias", small_bias(rng, 10))
     g.node("Gemm", [x, weight, bias], "logits", "classifier_gemm", transB=1)
 
     doc = (
         "cnn_skip: small seeded (untrained) CNN with one residual block. "
-        "Conv3x3(3->16)+Relu -> [Conv3x3+Relu -> Conv3x3] + skip -> Relu -> MaxPool2x2 -> "
-        "Conv3x3(16->32)+Relu -> GlobalAveragePool -> Gemm(32->10). "
+        f"Conv3x3(3->{width})+Relu -> [Conv3x3+Relu -> Conv3x3] + skip -> Relu -> MaxPool2x2 -> "
+        f"Conv3x3({width}->{2 * width})+Relu -> GlobalAveragePool -> Gemm({2 * width}->10). "
         "Input 'image' [batch, 3, 32, 32], output 'logits' [batch, 10]."
     )
     graph = g.graph(

@@ -222,6 +222,8 @@ def test_a_failing_optimizer_leaves_no_version(tmp_path, registry, monkeypatch):
                   out=lambda line: None)
     assert snapshot(repo / "cnn_skip") == before
 
+HALVE = {"amount": 0.5, "min_channels": 1, "multiple_of": 1}  # prune_channels options
+
 
 @pytest.mark.parametrize("model", EXAMPLE_MODELS)
 def test_structured_pruning_equals_masking_the_removed_channels(model):
@@ -251,7 +253,7 @@ def test_structured_pruning_equals_masking_the_removed_channels(model):
             weight[tuple(index_tuple)] = 0.0
             inits[node.input[1]].CopyFrom(numpy_helper.from_array(weight, node.input[1]))
     pruned = channels.ChannelPruner().apply(
-        source, {"amount": 0.5, "min_channels": 1, "compensate": False}, Calibration([], "none"))
+        source, {**HALVE, "compensate": False}, Calibration([], "none"))
     onnx.checker.check_model(pruned, full_check=True)
     assert len(pruned.SerializeToString()) < 0.8 * len(source.SerializeToString())
 
@@ -268,7 +270,7 @@ def test_structured_pruning_really_removes_channels():
     source = onnx.load(str(EXAMPLES / "cnn_skip" / "1" / "model.onnx"))
     calibration = Calibration([example_inputs("cnn_skip", batch=8)], "test")
     pruned = channels.ChannelPruner().apply(
-        source, {"amount": 0.5, "min_channels": 1, "compensate": True}, calibration)
+        source, {**HALVE, "compensate": True}, calibration)
     shapes = {n.name: None for n in pruned.graph.node}
     inits = {i.name: list(i.dims) for i in pruned.graph.initializer}
     for node in pruned.graph.node:
@@ -280,6 +282,40 @@ def test_structured_pruning_really_removes_channels():
     assert shapes["head_conv_conv3x3"] == [16, 8, 3, 3]
     assert shapes["classifier_gemm"] == [10, 16]  # the logits stay 10
     assert any("graph output" in line for line in calibration.notes)
+
+
+def test_multiple_of_keeps_whole_blocks_and_the_block_is_read_from_the_cpu_flags(registry):
+    from plugins.optimizers.base import Calibration
+
+    source = onnx.load(str(EXAMPLES / "cnn_skip" / "1" / "model.onnx"))
+    step = parse_step(registry, "prune_channels:amount=0.5,multiple_of=16,compensate=false")
+    calibration = Calibration([], "none")
+    pruned = step.optimizer.apply(source, step.options, calibration)
+    inits = {i.name: list(i.dims) for i in pruned.graph.initializer}
+    weights = {n.name: inits[n.input[1]] for n in pruned.graph.node if n.op_type == "Conv"}
+    # 16 -> 8 would split a block, so those groups keep all 16; the head's 32 -> 16 is whole.
+    assert weights == {"stem_conv3x3": [16, 3, 3, 3], "block_conv1_conv3x3": [16, 16, 3, 3],
+                       "block_conv2_conv3x3": [16, 16, 3, 3], "head_conv_conv3x3": [16, 16, 3, 3]}
+    assert not any("note:" in line for line in calibration.notes)  # no group splits a block
+    assert parse_step(registry, "prune_channels:multiple_of=3").options["multiple_of"] == 3
+    with pytest.raises(BadRequest, match="'multiple_of' of optimizer 'prune_channels' must be"):
+        parse_step(registry, "prune_channels:multiple_of=0")
+
+    assert channels.conv_block_channels({"sse4_2", "avx2", "avx512f"}) == 16
+    assert channels.conv_block_channels({"sse4_2", "avx2"}) == 8
+    assert channels.conv_block_channels({"asimd"}) is None
+    halved = Calibration([], "none")
+    channels.ChannelPruner().apply(
+        source, {**HALVE, "compensate": False}, halved)
+    block = channels.conv_block_channels()
+    notes = [line for line in halved.notes if "note:" in line]
+    if block == 16:  # 8 of 16 channels splits the block; the head's 16 of 32 does not
+        assert notes == ["  note: 2 pruned Conv group(s) keep a channel count that is not a "
+                         "multiple of 16, the channel block of onnxruntime's convolutions on "
+                         "this CPU; at graph level 'all' it pads them back up "
+                         "(multiple_of=16 avoids it)"]
+    else:
+        assert notes == []
 
 
 def test_unstructured_pruning_reports_sparsity(registry):

@@ -234,8 +234,27 @@ def plan_groups(model: Any) -> tuple[_Graph, list[ChannelGroup]]:
     return g, merged
 
 
+def conv_block_channels(cpu_flags: set[str] | None = None) -> int | None:
+    """Channels per block in onnxruntime's blocked (NCHWc) convolutions on this CPU.
+
+    At graph level ``all`` a Conv whose channel count is not a multiple of the
+    block is padded up to it, so pruning below a block boundary buys little.
+    ``None`` where onnxruntime uses no blocked layout or the flags are unknown.
+    """
+    if cpu_flags is None:
+        try:
+            with open("/proc/cpuinfo", encoding="ascii", errors="replace") as f:
+                line = next((ln for ln in f if ln.startswith("flags")), "")
+        except OSError:
+            return None
+        cpu_flags = set(line.partition(":")[2].split())
+    if "avx512f" in cpu_flags:
+        return 16
+    return 8 if "avx2" in cpu_flags else None
+
+
 def select_channels(g: _Graph, groups: list[ChannelGroup], amount: float,
-                    min_channels: int) -> tuple[list, list[str]]:
+                    min_channels: int, multiple_of: int = 1) -> tuple[list, list[str]]:
     """``(group, kept channel indices)`` for each group that loses channels, and report lines."""
     import numpy as np
 
@@ -243,6 +262,7 @@ def select_channels(g: _Graph, groups: list[ChannelGroup], amount: float,
     for group in groups:
         names = ", ".join(g.nodes[i].name or g.nodes[i].op_type for i in group.producers)
         keep_count = max(min_channels, int(round(group.channels * (1.0 - amount))))
+        keep_count = -(-keep_count // multiple_of) * multiple_of
         if group.frozen or keep_count >= group.channels:
             lines.append(f"  kept   {names}: {group.frozen or 'nothing to remove'}")
             continue
@@ -259,6 +279,9 @@ class ChannelPruner(Optimizer):
         Option("amount", float, 0.5, "fraction of channels removed from each group",
                low=0.0, high=0.9),
         Option("min_channels", int, 1, "never keep fewer channels than this", low=1, high=65536),
+        Option("multiple_of", int, 1,
+               "round kept channels up to a multiple of this (16 keeps whole AVX-512 conv blocks)",
+               low=1, high=1024),
         Option("compensate", bool, True,
                "fold the calibration mean of removed channels into the consumers' biases"),
     )
@@ -278,7 +301,8 @@ class ChannelPruner(Optimizer):
         from .compensate import compensate
 
         g, groups = plan_groups(model)
-        chosen, lines = select_channels(g, groups, options["amount"], options["min_channels"])
+        chosen, lines = select_channels(g, groups, options["amount"], options["min_channels"],
+                                        options["multiple_of"])
         result = onnx.ModelProto()
         result.CopyFrom(model)
         arrays = dict(g.inits)
@@ -308,4 +332,12 @@ class ChannelPruner(Optimizer):
             + (" (removed channels' means folded into biases)" if options["compensate"] else "")
         )
         calibration.notes.extend(lines)
+        block = conv_block_channels()
+        padded = [group for group, keep in chosen if block and len(keep) % block
+                  and any(g.nodes[i].op_type == "Conv" for i in group.producers)]
+        if padded:
+            calibration.notes.append(
+                f"  note: {len(padded)} pruned Conv group(s) keep a channel count that is not a "
+                f"multiple of {block}, the channel block of onnxruntime's convolutions on this "
+                f"CPU; at graph level 'all' it pads them back up (multiple_of={block} avoids it)")
         return result
