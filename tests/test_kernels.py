@@ -131,6 +131,37 @@ def test_gemm_with_constant_weights_becomes_linear():
     assert graph.ops() == ["Linear"]
 
 
+@pytest.mark.parametrize("m, k, n", [
+    (1, 1, 1), (1, 64, 10), (3, 5, 7), (4, 4, 4), (5, 70, 13), (8, 128, 64), (33, 17, 6),
+    (6, 2500, 9),  # k over K_BLOCK: partial sums across k slices
+    (2, 0, 3), (0, 4, 4),
+])
+def test_dot_product_gemm_against_numpy(m, k, n):
+    """The products under Linear and attention: 4 x 4 blocks, leftover rows and
+    columns, k cut into slices, empty operands."""
+    from plugins.kernels import gemm
+
+    a, b = rand(m, k, seed=m), rand(n, k, seed=n + 1)
+    out = gemm.matmul_nt(a, b)
+    want = a.astype(np.float64) @ b.T.astype(np.float64)
+    np.testing.assert_allclose(out, want, rtol=TOL, atol=TOL * max(1, np.sqrt(k)))
+    assert out.shape == (m, n) and out.dtype == np.float32
+
+
+def test_dot_product_gemm_propagates_nan_and_infinity():
+    from plugins.kernels import gemm
+
+    a, b = rand(5, 9), rand(6, 9, seed=1)
+    a[1, 3], a[4, 0], b[5, 8] = np.nan, np.inf, -np.inf
+    with np.errstate(invalid="ignore"):
+        want = a @ b.T
+    got = gemm.matmul_nt(a, b)
+    np.testing.assert_array_equal(np.isnan(got), np.isnan(want))
+    np.testing.assert_array_equal(np.isinf(got), np.isinf(want))
+    finite = np.isfinite(want)
+    np.testing.assert_allclose(got[finite], want[finite], rtol=TOL, atol=TOL)
+
+
 @pytest.mark.parametrize("axis", [-1, 1, 0])
 def test_softmax(axis):
     x = rand(2, 3, 5) * 10

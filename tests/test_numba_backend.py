@@ -380,7 +380,7 @@ def test_warmup_command_prebuilds_the_cache(tmp_path):
     out = subprocess.run([sys.executable, "-c", code], env=env, cwd=ROOT, capture_output=True,
                          text=True, timeout=120, check=True).stdout
     hits, misses = json.loads(out.strip().splitlines()[-1])
-    assert hits >= 4 and misses == 0
+    assert hits >= 3 and misses == 0  # Linear, Softmax, ArgMax; their callees are linked in
 
 
 def test_process_without_numba_models_never_imports_numba(tmp_path):

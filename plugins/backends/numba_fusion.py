@@ -4,7 +4,8 @@ These patterns are fused because they dominate transformer, MLP and CNN time:
 
 - GELU written with Erf: ``0.5 * x * (1 + Erf(x / sqrt(2)))`` -> ``Gelu``;
 - a dense layer: ``MatMul(x, W) + b`` (or ``Gemm`` with constant weights),
-  followed by ``Relu`` or GELU -> ``Linear(activation=...)``;
+  followed by ``Relu`` or GELU -> ``Linear(activation=...)``, its weight stored
+  ``[out, in]`` for the row-by-row products of :mod:`plugins.kernels.gemm`;
 - scaled dot-product attention: ``MatMul(q, kᵀ)``, an optional scalar
   ``Mul``/``Div``, ``Softmax`` over the last axis, ``MatMul(·, v)`` ->
   ``Attention``;
@@ -127,7 +128,7 @@ def _fuse_linear(g: _Graph) -> int:
                     a.get("transB", 0) else 1] or a.get("transA", 0) or a.get("alpha", 1.0) != 1.0
                     or a.get("beta", 1.0) != 1.0):
                 continue
-            weight = np.ascontiguousarray(w.T if a.get("transB", 0) else w)
+            weight = np.ascontiguousarray(w if a.get("transB", 0) else w.T)
             old, out = [node], node.outputs[0]
         elif node.op == "MatMul":
             w = g.constants.get(node.inputs[1])
@@ -137,7 +138,7 @@ def _fuse_linear(g: _Graph) -> int:
             bias = g.constants.get(g.other(add, node.outputs[0]))
             if bias is None or bias.size != w.shape[1] or bias.ndim > 1:
                 continue
-            weight, old, out = np.ascontiguousarray(w), [node, add], add.outputs[0]
+            weight, old, out = np.ascontiguousarray(w.T), [node, add], add.outputs[0]
         else:
             continue
         activation = "none"
@@ -258,7 +259,7 @@ def _fuse_self_attention(g: _Graph) -> int:
             continue
         out = merge.outputs[0]
         g.constants[f"{out}::qkv_weight"] = np.ascontiguousarray(
-            np.concatenate([g.constants[d.inputs[1]] for d in dense], axis=1))
+            np.concatenate([g.constants[d.inputs[1]] for d in dense], axis=0))
         g.constants[f"{out}::qkv_bias"] = np.concatenate([g.constants[d.inputs[2]] for d in dense])
         g.replace([*chain, att, back, merge],
                   Node("SelfAttention", att.name, [dense[0].inputs[0], f"{out}::qkv_weight",

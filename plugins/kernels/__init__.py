@@ -79,6 +79,10 @@ def _matmul_shape(shapes: list[Shape], params: dict) -> list[Shape]:
     return [shapes[0][:-1] + shapes[1][-1:]]
 
 
+def _linear_shape(shapes: list[Shape], params: dict) -> list[Shape]:
+    return [shapes[0][:-1] + shapes[1][:1]]
+
+
 def _unary(function: str, doc: str, dtypes=("FP32",)) -> Kernel:
     return Kernel(P + function, dtypes=dtypes, doc=doc)
 
@@ -118,8 +122,8 @@ BUILTIN_KERNELS: dict[str, Kernel] = {
     "Linear": Kernel(P + "dense:linear", inputs=("x", "weight", "bias"),
                      params={"activation": "none"},
                      validate=_allowed("activation", ("none", "relu", "gelu")),
-                     shape=_matmul_shape,
-                     doc="fused MatMul + Add (+ Relu/GELU) with constant weights"),
+                     shape=_linear_shape,
+                     doc="fused MatMul + Add (+ Relu/GELU) with a constant [out, in] weight"),
     "Attention": Kernel(P + "attention:attention", inputs=("query", "key_t", "value"),
                         params={"scale": 1.0},
                         doc="fused softmax(q @ kT * scale) @ v: multi-head self-attention"),
