@@ -148,6 +148,27 @@ def test_dot_product_gemm_against_numpy(m, k, n):
     assert out.shape == (m, n) and out.dtype == np.float32
 
 
+@pytest.mark.parametrize("m, k, n", [
+    (1, 1, 1), (1, 64, 256), (8, 64, 32), (9, 70, 45), (17, 5, 33), (32, 256, 10),
+    (3, 0, 5), (0, 4, 4), (4, 3, 0),
+])
+def test_panel_gemm_against_numpy(m, k, n):
+    """The product under Linear and the QKV projection: 8-row tiles, leftover rows,
+    a last panel narrower than 32 columns (never written past N), empty operands."""
+    from plugins.kernels import gemm
+    from plugins.kernels.layout import pack_panels
+
+    a, w = rand(m, k, seed=m), rand(k, n, seed=n + 1)
+    a[:, :1] = np.nan if m > 2 and k else a[:, :1]  # NaN propagates down its rows
+    panels = pack_panels(w)
+    assert panels.shape == (-(-n // 32), k, 32)
+    buffer = np.full((m, n + 3), 7.0, np.float32)  # the output is a view of a wider buffer
+    gemm.gemm_panels(a, panels, buffer[:, :n])
+    want = a.astype(np.float64) @ w.astype(np.float64)
+    np.testing.assert_allclose(buffer[:, :n], want, rtol=TOL, atol=TOL * max(1, np.sqrt(k)))
+    assert (buffer[:, n:] == 7.0).all()  # nothing written past column N
+
+
 def test_dot_product_gemm_propagates_nan_and_infinity():
     from plugins.kernels import gemm
 

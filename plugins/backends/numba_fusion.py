@@ -4,8 +4,7 @@ These patterns are fused because they dominate transformer, MLP and CNN time:
 
 - GELU written with Erf: ``0.5 * x * (1 + Erf(x / sqrt(2)))`` -> ``Gelu``;
 - a dense layer: ``MatMul(x, W) + b`` (or ``Gemm`` with constant weights),
-  followed by ``Relu`` or GELU -> ``Linear(activation=...)``, its weight stored
-  ``[out, in]`` for the row-by-row products of :mod:`plugins.kernels.gemm`;
+  followed by ``Relu`` or GELU -> ``Linear(activation=...)``;
 - scaled dot-product attention: ``MatMul(q, kᵀ)``, an optional scalar
   ``Mul``/``Div``, ``Softmax`` over the last axis, ``MatMul(·, v)`` ->
   ``Attention``;
@@ -15,7 +14,9 @@ These patterns are fused because they dominate transformer, MLP and CNN time:
 - ``Conv`` followed by ``Relu`` -> one ``Conv`` with the Relu in its epilogue,
   and a scalar ``Mul`` feeding a dense layer is folded into its weights.
 
-A tensor that is a graph output is never fused away.
+A tensor that is a graph output is never fused away. Last, the weights of
+``Linear`` and ``SelfAttention`` are packed into the panels that
+:mod:`plugins.kernels.gemm` reads.
 """
 
 from __future__ import annotations
@@ -25,6 +26,8 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
+
+from plugins.kernels.layout import pack_panels
 
 
 @dataclass
@@ -128,7 +131,7 @@ def _fuse_linear(g: _Graph) -> int:
                     a.get("transB", 0) else 1] or a.get("transA", 0) or a.get("alpha", 1.0) != 1.0
                     or a.get("beta", 1.0) != 1.0):
                 continue
-            weight = np.ascontiguousarray(w if a.get("transB", 0) else w.T)
+            weight = np.ascontiguousarray(w.T if a.get("transB", 0) else w)
             old, out = [node], node.outputs[0]
         elif node.op == "MatMul":
             w = g.constants.get(node.inputs[1])
@@ -138,7 +141,7 @@ def _fuse_linear(g: _Graph) -> int:
             bias = g.constants.get(g.other(add, node.outputs[0]))
             if bias is None or bias.size != w.shape[1] or bias.ndim > 1:
                 continue
-            weight, old, out = np.ascontiguousarray(w.T), [node, add], add.outputs[0]
+            weight, old, out = np.ascontiguousarray(w), [node, add], add.outputs[0]
         else:
             continue
         activation = "none"
@@ -259,7 +262,7 @@ def _fuse_self_attention(g: _Graph) -> int:
             continue
         out = merge.outputs[0]
         g.constants[f"{out}::qkv_weight"] = np.ascontiguousarray(
-            np.concatenate([g.constants[d.inputs[1]] for d in dense], axis=0))
+            np.concatenate([g.constants[d.inputs[1]] for d in dense], axis=1))
         g.constants[f"{out}::qkv_bias"] = np.concatenate([g.constants[d.inputs[2]] for d in dense])
         g.replace([*chain, att, back, merge],
                   Node("SelfAttention", att.name, [dense[0].inputs[0], f"{out}::qkv_weight",
@@ -278,4 +281,7 @@ def fuse(nodes: list[Node], constants: dict, outputs: set[str]) -> tuple[list[No
     fused["Conv+Relu"] = _fuse_conv_relu(g)
     fused["scale into Linear"] = _fold_input_scale(g)
     fused["SelfAttention"] = _fuse_self_attention(g)
+    for node in g.nodes:
+        if node.op in ("Linear", "SelfAttention"):
+            g.constants[node.inputs[1]] = pack_panels(g.constants[node.inputs[1]])
     return g.nodes, +fused

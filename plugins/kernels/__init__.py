@@ -80,7 +80,7 @@ def _matmul_shape(shapes: list[Shape], params: dict) -> list[Shape]:
 
 
 def _linear_shape(shapes: list[Shape], params: dict) -> list[Shape]:
-    return [shapes[0][:-1] + shapes[1][:1]]
+    return [shapes[0][:-1] + shapes[2][:1]]  # the bias is as wide as the output
 
 
 def _unary(function: str, doc: str, dtypes=("FP32",)) -> Kernel:
@@ -123,7 +123,7 @@ BUILTIN_KERNELS: dict[str, Kernel] = {
                      params={"activation": "none"},
                      validate=_allowed("activation", ("none", "relu", "gelu")),
                      shape=_linear_shape,
-                     doc="fused MatMul + Add (+ Relu/GELU) with a constant [out, in] weight"),
+                     doc="fused MatMul + Add (+ Relu/GELU) with a constant, panel-packed weight"),
     "Attention": Kernel(P + "attention:attention", inputs=("query", "key_t", "value"),
                         params={"scale": 1.0},
                         doc="fused softmax(q @ kT * scale) @ v: multi-head self-attention"),

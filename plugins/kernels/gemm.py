@@ -1,24 +1,30 @@
-"""Matrix products for lowered shards: ``out = a @ btᵀ``, compiled by numba.
+"""Matrix products for lowered shards, compiled by numba; they do not go
+through BLAS, so their speed is the same whatever BLAS kernels the
+environment selects (``OPENBLAS_CORETYPE``).
 
-Dense layers keep their constant weight transposed (``[out, in]``), so every
-output is a dot product of two contiguous rows. Outputs are computed in 4 x 4
-blocks: 16 running sums over ``k`` that the compiler keeps in vector
-registers, 8 loads for 16 fused multiply-adds, in the widest vector unit
-this CPU has. ``k`` is cut into slices of ``K_BLOCK`` so that the 8 rows of
-a block stay in the L1 cache while a block of ``b`` rows is reused down all
-of ``a``. This does not go through BLAS: the speed is the same whatever BLAS
-kernels the environment selects (``OPENBLAS_CORETYPE``).
+- Constant weights (``Linear``, the packed QKV of ``SelfAttention``) are
+  packed once, at load, into panels of 32 output columns, ``[N/32, K, 32]``
+  (:func:`plugins.kernels.layout.pack_panels`). :func:`gemm_panels` computes the output in tiles
+  of 8 rows x 32 columns: for each ``k`` it loads two 16-float vectors of the
+  panel, broadcasts one input per row and adds 16 vector products into 16
+  accumulators that stay in registers. numba's loops do not keep vector
+  accumulators in registers by themselves, so the tile is written as an LLVM
+  intrinsic (:func:`_tile`): ``llvm.fma.v16f32`` becomes AVX-512 where the
+  CPU has it and is split into narrower vectors where it has not.
+- Products of two computed operands (attention scores and context) use
+  :func:`gemm_nt`: ``a @ btᵀ`` as dot products of two contiguous rows in
+  4 x 4 blocks, ``k`` cut into slices of ``K_BLOCK`` that stay in L1.
 
-Sums are reassociated (``fastmath`` reassoc and contract only, so NaN and
-infinity still propagate): results match BLAS to float32 rounding, not bit
-for bit.
+Sums are reassociated and fused (multiply-add), so results match BLAS to
+float32 rounding, not bit for bit; NaN and infinity propagate.
 """
 
 from __future__ import annotations
 
 import numpy as np
 
-from .numba_env import jit
+from .layout import PANEL
+from .numba_env import jit, numba_module
 
 K_BLOCK = 1024  # 8 rows x 1024 floats = 32 KiB, inside a 48 KiB L1
 FAST = {"reassoc", "contract"}
@@ -102,3 +108,108 @@ def gemm_nt(a, bt, out):
 def matmul_nt(a, bt):
     """``a @ btᵀ`` into a new array."""
     return gemm_nt(a, bt, np.empty((a.shape[0], bt.shape[0]), np.float32))
+
+
+# packed panels for constant weights --------------------------------------------
+
+TILE_ROWS = 8  # rows per tile: 8 x 2 accumulators + 2 panel vectors + 1 broadcast <= 32
+
+
+def _make_tile():
+    """The ``_tile(a, panel, out, i, col, depth, rows, cols)`` intrinsic: ``out[i:i+rows,
+    col:col+cols] = a[i:i+rows, :depth] @ panel`` for ``rows <= TILE_ROWS``, ``cols <= 32``."""
+    numba = numba_module()
+    from llvmlite import ir
+    from numba.core import cgutils
+
+    types, lanes = numba.types, 16
+    vectors = PANEL // lanes
+
+    def codegen(context, builder, signature, args):
+        a, panel, out = (context.make_array(t)(context, builder, v)
+                         for t, v in zip(signature.args[:3], args[:3]))
+        i, col, depth, rows, cols = args[3:]
+        f32, i32 = ir.FloatType(), ir.IntType(32)
+        vec, byte_ptr = ir.VectorType(f32, lanes), ir.IntType(8).as_pointer()
+        fma = cgutils.get_or_insert_function(
+            builder.module, ir.FunctionType(vec, [vec, vec, vec]), f"llvm.fma.v{lanes}f32")
+        a_stride = cgutils.unpack_tuple(builder, a.strides, 2)[0]
+        out_stride = cgutils.unpack_tuple(builder, out.strides, 2)[0]
+
+        def const(value):
+            return ir.Constant(i.type, value)
+
+        def at(base, byte_offset, kind):
+            return builder.bitcast(builder.gep(base, [byte_offset]), kind.as_pointer())
+
+        accs = [[cgutils.alloca_once_value(builder, ir.Constant(vec, None))
+                 for _ in range(vectors)] for _ in range(TILE_ROWS)]
+        a_base = builder.bitcast(a.data, byte_ptr)
+        live = [builder.icmp_signed("<", const(r), rows) for r in range(TILE_ROWS)]
+        # a row past `rows` reads row i again (valid memory); its sums are never stored
+        row_bases = [builder.gep(a_base, [builder.mul(builder.select(
+            live[r], builder.add(i, const(r)), i), a_stride)]) for r in range(TILE_ROWS)]
+        undef, splat = ir.Constant(vec, ir.Undefined), ir.Constant(ir.VectorType(i32, lanes),
+                                                                     [0] * lanes)
+        panel_base = builder.bitcast(panel.data, byte_ptr)
+        with cgutils.for_range(builder, depth) as loop:
+            k = loop.index
+            row_of_panel = builder.mul(k, const(PANEL * 4))
+            ws = [builder.load(at(panel_base, builder.add(row_of_panel, const(v * lanes * 4)),
+                                  vec), align=4) for v in range(vectors)]
+            k_bytes = builder.mul(k, const(4))
+            for r in range(TILE_ROWS):
+                x = builder.load(at(row_bases[r], k_bytes, f32), align=4)
+                xs = builder.shuffle_vector(builder.insert_element(undef, x, ir.Constant(i32, 0)),
+                                            undef, splat)
+                for v in range(vectors):
+                    acc = accs[r][v]
+                    builder.store(builder.call(fma, [xs, ws[v], builder.load(acc)]), acc)
+        out_base = builder.bitcast(out.data, byte_ptr)
+        full = builder.icmp_signed("==", cols, const(PANEL))
+        for r in range(TILE_ROWS):
+            with builder.if_then(live[r]):
+                start = builder.add(builder.mul(builder.add(i, const(r)), out_stride),
+                                    builder.mul(col, const(4)))
+                with builder.if_else(full) as (whole, part):
+                    with whole:
+                        for v in range(vectors):
+                            builder.store(builder.load(accs[r][v]),
+                                          at(out_base, builder.add(start, const(v * lanes * 4)),
+                                             vec), align=4)
+                    with part:  # the last panel of an N that is not a multiple of 32
+                        for c in range(PANEL):
+                            with builder.if_then(builder.icmp_signed("<", const(c), cols)):
+                                value = builder.extract_element(
+                                    builder.load(accs[r][c // lanes]), ir.Constant(i32, c % lanes))
+                                builder.store(value, at(out_base, builder.add(
+                                    start, const(c * 4)), f32), align=4)
+        return context.get_dummy_value()
+
+    @numba.extending.intrinsic
+    def tile(typingctx, a, panel, out, i, col, depth, rows, cols):
+        sig = types.void(a, panel, out, types.intp, types.intp, types.intp, types.intp,
+                         types.intp)
+        return sig, codegen
+
+    return tile
+
+
+_tile = _make_tile()
+
+
+@jit
+def gemm_panels(a, panels, out):
+    """``out[M, N] = a[M, K] @ weight`` with the weight packed by ``layout.pack_panels``
+    (``N = out.shape[1]``); ``a`` and ``out`` C-contiguous float32. Returns out."""
+    m, depth = a.shape
+    n = out.shape[1]
+    for p in range(panels.shape[0]):
+        col = p * PANEL
+        cols = min(PANEL, n - col)
+        panel = panels[p]
+        for i in range(0, m - m % TILE_ROWS, TILE_ROWS):
+            _tile(a, panel, out, i, col, depth, TILE_ROWS, cols)
+        for i in range(m - m % TILE_ROWS, m):  # leftover rows one by one: batch 1 streams
+            _tile(a, panel, out, i, col, depth, 1, cols)
+    return out

@@ -1,4 +1,5 @@
-"""Data-movement kernels: Reshape, Flatten, Transpose, Identity.
+"""Data-movement kernels: Reshape, Flatten, Transpose, Identity; and the packing
+of constant weights into the panels that :mod:`.gemm` multiplies.
 
 These only move bytes, which numpy already does at memory speed; compiling
 them with numba would add start-up time and nothing else. They follow the
@@ -31,3 +32,16 @@ def transpose(x, perm=None):
 
 def identity(x):
     return (x,)
+
+
+PANEL = 32  # output columns per weight panel: two 16-float vectors
+
+
+def pack_panels(weight: np.ndarray) -> np.ndarray:
+    """``[K, N]`` weight -> float32 ``[ceil(N / 32), K, 32]`` panels, zero-padded: the
+    layout in which :func:`plugins.kernels.gemm.gemm_panels` reads constant weights."""
+    depth, n = weight.shape
+    count = -(-n // PANEL)
+    padded = np.zeros((depth, count * PANEL), np.float32)
+    padded[:, :n] = weight
+    return np.ascontiguousarray(padded.reshape(depth, count, PANEL).transpose(1, 0, 2))
