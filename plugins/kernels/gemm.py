@@ -104,12 +104,6 @@ def gemm_nt(a, bt, out):
     return out
 
 
-@jit
-def matmul_nt(a, bt):
-    """``a @ btᵀ`` into a new array."""
-    return gemm_nt(a, bt, np.empty((a.shape[0], bt.shape[0]), np.float32))
-
-
 # packed panels for constant weights --------------------------------------------
 
 TILE_ROWS = 8  # rows per tile: 8 x 2 accumulators + 2 panel vectors + 1 broadcast <= 32
