@@ -159,7 +159,8 @@ def test_panel_gemm_against_numpy(m, k, n):
     from plugins.kernels.layout import pack_panels
 
     a, w = rand(m, k, seed=m), rand(k, n, seed=n + 1)
-    a[:, :1] = np.nan if m > 2 and k else a[:, :1]  # NaN propagates down its rows
+    if m > 2 and k:
+        a[:, 0] = np.nan  # NaN propagates along every output row
     panels = pack_panels(w)
     assert panels.shape == (-(-n // 32), k, 32)
     buffer = np.full((m, n + 3), 7.0, np.float32)  # the output is a view of a wider buffer

@@ -182,6 +182,8 @@ def _make_tile():
 
     @numba.extending.intrinsic
     def tile(typingctx, a, panel, out, i, col, depth, rows, cols):
+        if any(t.dtype != types.float32 for t in (a, panel, out)):
+            return None  # the tile reads and writes float32 only: a typing error otherwise
         sig = types.void(a, panel, out, types.intp, types.intp, types.intp, types.intp,
                          types.intp)
         return sig, codegen
@@ -195,7 +197,7 @@ _tile = _make_tile()
 @jit
 def gemm_panels(a, panels, out):
     """``out[M, N] = a[M, K] @ weight`` with the weight packed by ``layout.pack_panels``
-    (``N = out.shape[1]``); ``a`` and ``out`` C-contiguous float32. Returns out."""
+    (``N = out.shape[1]``); float32 ``a`` and ``out`` with contiguous rows. Returns out."""
     m, depth = a.shape
     n = out.shape[1]
     for p in range(panels.shape[0]):
