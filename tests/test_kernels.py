@@ -443,6 +443,63 @@ def test_stage_argmax():
     np.testing.assert_array_equal(labels, x.argmax(1)[:, None, :])
 
 
+def special_rows(rng, rows, n):
+    """float32 rows with many ties, NaN of either sign, infinities and signed zeros."""
+    x = rng.integers(-2, 3, (rows, n)).astype(np.float32)
+    pick = rng.random((rows, n))
+    x[pick < 0.03] = np.nan
+    x[(pick > 0.03) & (pick < 0.05)] = -np.float32(np.nan)
+    x[(pick > 0.05) & (pick < 0.1)] = -np.inf
+    x[(pick > 0.1) & (pick < 0.12)] = np.inf
+    x[(pick > 0.8) & (x == 0)] = -0.0
+    x[rows // 2:] = rng.standard_normal((rows - rows // 2, n))  # and rows of plain scores
+    return x
+
+
+@pytest.mark.parametrize("n", [1, 15, 16, 17, 48, 80, 100, 1000])
+@pytest.mark.parametrize("parallel", [False, True])
+def test_float32_argmax_is_numpy_argmax(n, parallel):
+    """The vector argmax (16 lanes, masked tail) picks as numpy: the first maximum, the
+    first NaN of either sign above everything, -0.0 equal to 0.0."""
+    from plugins.kernels import reductions
+
+    x = special_rows(np.random.default_rng(n), 64, n)
+    np.testing.assert_array_equal(reductions.argmax_last(x, parallel), x.argmax(-1))
+    (labels,) = reductions.argmax(x.reshape(8, 8, n), axis=-1, keepdims=0, parallel=parallel)
+    np.testing.assert_array_equal(labels, x.reshape(8, 8, n).argmax(-1))
+
+
+@pytest.mark.parametrize("dtype", [np.float64, np.int32, np.int64])
+def test_argmax_of_other_dtypes_and_last_index_is_numpy_argmax(dtype):
+    from plugins.kernels import reductions
+
+    rng = np.random.default_rng(5)
+    x = special_rows(rng, 40, 23).astype(dtype) if dtype == np.float64 else (
+        rng.integers(-3, 3, (40, 23)).astype(dtype))
+    (first,) = reductions.argmax(x, axis=1, keepdims=0)
+    np.testing.assert_array_equal(first, x.argmax(1))
+    (last,) = reductions.argmax(x, axis=1, keepdims=0, select_last_index=1)
+    np.testing.assert_array_equal(last, x.shape[1] - 1 - x[:, ::-1].argmax(1))
+
+
+def test_vector_argmax_takes_contiguous_int32_bits_only():
+    """The intrinsic reads raw int32 words: any other array is refused when numba types the
+    call, instead of being read as float32 bits."""
+    from numba.core.errors import TypingError
+
+    from plugins.kernels.numba_env import jit
+    from plugins.kernels.reductions import _argmax_row
+
+    @jit
+    def call(row):
+        return _argmax_row(row)
+
+    assert call(np.array([1.0, 3.0, 2.0], np.float32).view(np.int32)) == 1
+    for bad in (np.zeros(4, np.float32), np.zeros(4, np.int64), np.zeros(8, np.int32)[::2]):
+        with pytest.raises(TypingError):
+            call(bad)
+
+
 def np_ctc_greedy(x, blank=0):
     best = x.argmax(-1)
     labels = np.full(best.shape, -1, np.int64)
@@ -467,7 +524,7 @@ def test_stage_ctc_greedy(shape, blank):
 
 @pytest.mark.parametrize("parallel", [False, True])
 def test_ctc_greedy_picks_as_numpy_argmax_with_ties_nan_and_signed_zeros(parallel):
-    """The decoder's branch-free argmax orders float bits as integers: ties go to the first
+    """The decoder's vector argmax orders float bits as integers: ties go to the first
     class, NaN beats everything, -0.0 equals 0.0, -inf loses, as numpy's argmax."""
     from plugins.kernels import postprocess
 
@@ -483,6 +540,15 @@ def test_ctc_greedy_picks_as_numpy_argmax_with_ties_nan_and_signed_zeros(paralle
         want_labels, want_lengths = np_ctc_greedy(x, blank)
         np.testing.assert_array_equal(labels, want_labels)
         np.testing.assert_array_equal(lengths, want_lengths)
+
+
+def test_ctc_greedy_refuses_more_classes_than_its_argmax_indexes():
+    from plugins.kernels import postprocess
+    from plugins.kernels.reductions import ARGMAX_LIMIT
+
+    huge = np.broadcast_to(np.zeros(1, np.float32), (1, 1, ARGMAX_LIMIT))  # no memory behind it
+    with pytest.raises(ValueError, match=f"fewer than {ARGMAX_LIMIT} classes"):
+        postprocess.ctc_greedy(huge)
 
 
 def np_nms(boxes, scores, iou=0.5, floor=-np.inf, limit=0):

@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import numpy as np
 
+from .intrinsics import LANES, declare, element_pointer, ir_modules, splat
 from .layout import PANEL
 from .numba_env import jit, numba_module
 
@@ -113,10 +114,8 @@ def _make_tile():
     """The ``_tile(a, panel, out, i, col, depth, rows, cols)`` intrinsic: ``out[i:i+rows,
     col:col+cols] = a[i:i+rows, :depth] @ panel`` for ``rows <= TILE_ROWS``, ``cols <= 32``."""
     numba = numba_module()
-    from llvmlite import ir
-    from numba.core import cgutils
-
-    types, lanes = numba.types, 16
+    ir, cgutils = ir_modules()
+    types, lanes = numba.types, LANES
     vectors = PANEL // lanes
 
     def codegen(context, builder, signature, args):
@@ -125,8 +124,7 @@ def _make_tile():
         i, col, depth, rows, cols = args[3:]
         f32, i32 = ir.FloatType(), ir.IntType(32)
         vec, byte_ptr = ir.VectorType(f32, lanes), ir.IntType(8).as_pointer()
-        fma = cgutils.get_or_insert_function(
-            builder.module, ir.FunctionType(vec, [vec, vec, vec]), f"llvm.fma.v{lanes}f32")
+        fma = declare(builder, f"llvm.fma.v{lanes}f32", vec, vec, vec, vec)
         a_stride = cgutils.unpack_tuple(builder, a.strides, 2)[0]
         out_stride = cgutils.unpack_tuple(builder, out.strides, 2)[0]
 
@@ -134,7 +132,7 @@ def _make_tile():
             return ir.Constant(i.type, value)
 
         def at(base, byte_offset, kind):
-            return builder.bitcast(builder.gep(base, [byte_offset]), kind.as_pointer())
+            return element_pointer(builder, base, byte_offset, kind)
 
         accs = [[cgutils.alloca_once_value(builder, ir.Constant(vec, None))
                  for _ in range(vectors)] for _ in range(TILE_ROWS)]
@@ -143,8 +141,6 @@ def _make_tile():
         # a row past `rows` reads row i again (valid memory); its sums are never stored
         row_bases = [builder.gep(a_base, [builder.mul(builder.select(
             live[r], builder.add(i, const(r)), i), a_stride)]) for r in range(TILE_ROWS)]
-        undef, splat = ir.Constant(vec, ir.Undefined), ir.Constant(ir.VectorType(i32, lanes),
-                                                                     [0] * lanes)
         panel_base = builder.bitcast(panel.data, byte_ptr)
         with cgutils.for_range(builder, depth) as loop:
             k = loop.index
@@ -154,8 +150,7 @@ def _make_tile():
             k_bytes = builder.mul(k, const(4))
             for r in range(TILE_ROWS):
                 x = builder.load(at(row_bases[r], k_bytes, f32), align=4)
-                xs = builder.shuffle_vector(builder.insert_element(undef, x, ir.Constant(i32, 0)),
-                                            undef, splat)
+                xs = splat(builder, x)
                 for v in range(vectors):
                     acc = accs[r][v]
                     builder.store(builder.call(fma, [xs, ws[v], builder.load(acc)]), acc)

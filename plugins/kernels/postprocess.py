@@ -11,7 +11,7 @@ from __future__ import annotations
 import numpy as np
 
 from .numba_env import jit, numba_module
-from .reductions import _rows
+from .reductions import ARGMAX_LIMIT, _argmax_row, _rows
 from .vector_math import _exp_shifted
 
 prange = numba_module().prange
@@ -132,39 +132,15 @@ def softmax_topk(x, k=1, parallel=False):
 
 
 @jit
-def _row_argmax_keyed(bits):
-    """Index of the maximum of one float32 row given as its int32 bits, as numpy's argmax:
-    the first maximum, NaN above everything, -0.0 equal to 0.0.
-
-    Branch-free, so the loop vectorises: each float becomes an integer that orders like
-    it (its magnitude bits, negated when the sign is set, so -0.0 and 0.0 both give 0;
-    any NaN the largest), shifted above the reversed index: the largest key is the
-    largest value at the smallest index.
-    """
-    n = bits.size
-    best = np.int64(-9223372036854775807)
-    for c in range(n):
-        i = bits[c]
-        magnitude = i & 0x7FFFFFFF
-        sign = i >> 31  # all ones for a negative float
-        value = (magnitude ^ sign) - sign
-        value = 0x7FFFFFFF if magnitude > 0x7F800000 else value
-        key = (np.int64(value) << 32) | np.int64(n - 1 - c)
-        best = key if key > best else best
-    return n - 1 - np.int64(best & 0xFFFFFFFF)
-
-
-@jit
-def _ctc_greedy_row(bits, blank, labels):
-    """Decode one [T, classes] sequence (float32 bits) into ``labels`` (the rest padded
-    with -1); returns its length."""
-    previous = -1
-    count = 0
+def _ctc_sequence(bits, blank, labels):
+    """Decode one [T, classes] sequence (float32 bits) into ``labels``, the rest padded
+    with -1; returns its length. Branch-free: every step is written and the count moves
+    on only for a kept label, so no step waits on a mispredicted branch."""
+    previous, count = -1, 0
     for t in range(bits.shape[0]):
-        where = _row_argmax_keyed(bits[t])
-        if where != blank and where != previous:
-            labels[count] = where
-            count += 1
+        where = _argmax_row(bits[t])
+        labels[count] = where  # count <= t: kept, or overwritten by the next label
+        count += (where != blank) & (where != previous)
         previous = where
     labels[count:] = -1
     return count
@@ -176,7 +152,7 @@ def _ctc_greedy(bits, blank):
     labels = np.empty((batch, steps), np.int64)
     lengths = np.empty(batch, np.int64)
     for b in range(batch):
-        lengths[b] = _ctc_greedy_row(bits[b], blank, labels[b])
+        lengths[b] = _ctc_sequence(bits[b], blank, labels[b])
     return labels, lengths
 
 
@@ -186,19 +162,22 @@ def _ctc_greedy_parallel(bits, blank):
     labels = np.empty((batch, steps), np.int64)
     lengths = np.empty(batch, np.int64)
     for b in prange(batch):
-        lengths[b] = _ctc_greedy_row(bits[b], blank, labels[b])
+        lengths[b] = _ctc_sequence(bits[b], blank, labels[b])
     return labels, lengths
 
 
 def ctc_greedy(x, blank=0, parallel=False):
     """Best class per step, repeats merged, blanks dropped: labels [B, T] padded
     with -1, and each sequence's length [B]. Input: scores [B, T, classes] (other
-    float types are compared as float32)."""
-    if x.shape[-1] == 0:
-        return np.full(x.shape[:2], -1, np.int64), np.zeros(x.shape[0], np.int64)
+    float types are compared as float32). The best class is numpy's argmax: the
+    first maximum, NaN above everything."""
+    batch, steps, classes = x.shape
+    if classes == 0:
+        return np.full((batch, steps), -1, np.int64), np.zeros(batch, np.int64)
+    if classes >= ARGMAX_LIMIT:
+        raise ValueError(f"ctc_greedy takes fewer than {ARGMAX_LIMIT} classes")
     decode = _ctc_greedy_parallel if parallel else _ctc_greedy
-    bits = np.ascontiguousarray(x, dtype=np.float32).view(np.int32)
-    return decode(bits, int(blank))
+    return decode(np.ascontiguousarray(x, dtype=np.float32).view(np.int32), int(blank))
 
 
 # non-maximum suppression -------------------------------------------------------

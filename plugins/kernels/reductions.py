@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import numpy as np
 
+from .intrinsics import LANES, declare, element_pointer, ir_modules, splat
 from .numba_env import jit, numba_module
 from .vector_math import FASTMATH, _softmax_row
 
@@ -94,6 +95,7 @@ def layer_normalization(x, scale, bias=None, axis=-1, epsilon=1e-5, stash_type=1
 
 @jit
 def _argmax_rows(x, last):
+    """Any dtype, first or last maximum; NaN above everything, as numpy's argmax."""
     rows, n = x.shape
     out = np.zeros(rows, np.int64)
     for r in range(rows):
@@ -102,15 +104,132 @@ def _argmax_rows(x, last):
         best, where = x[r, 0], 0
         for j in range(1, n):
             v = x[r, j]
-            if v > best or (last and v == best):
+            nan, best_nan = v != v, best != best  # always False for integers
+            if (not best_nan and (v > best or nan)) or (last and (v == best or nan and best_nan)):
                 best, where = v, j
         out[r] = where
     return out
 
 
-def argmax(x, axis=-1, keepdims=1, select_last_index=0):
+# float32 rows: a branch-free vector argmax ------------------------------------
+
+ARGMAX_LIMIT = 2**31 - LANES  # row lengths the vector argmax takes (int32 lane indices)
+
+
+def _make_argmax_row():
+    """The ``_argmax_row(bits)`` intrinsic: numpy's argmax of one contiguous float32 row
+    given as its int32 bits (``0 < size < ARGMAX_LIMIT``): the first maximum, NaN above
+    everything, -0.0 equal to 0.0.
+
+    Each float becomes an integer that orders like it: its magnitude bits, negated when
+    the sign is set (-0.0 and 0.0 both give 0), and any NaN the largest. 16 lanes keep
+    their largest key and its index, replaced only by a strictly larger key, so each
+    lane holds its first maximum; the tail is a masked load. The lanes are then packed
+    as 64-bit ``key << 32 | (2**31 - 1 - index)`` and reduced by one max: the largest key
+    at the smallest index. No branch depends on the data, so consecutive rows overlap.
+    """
+    numba = numba_module()
+    ir, cgutils = ir_modules()
+    types = numba.types
+
+    def codegen(context, builder, signature, args):
+        row = context.make_array(signature.args[0])(context, builder, args[0])
+        (n,) = cgutils.unpack_tuple(builder, row.shape, 1)
+        i32, i64 = ir.IntType(32), ir.IntType(64)
+        vec, wide = ir.VectorType(i32, LANES), ir.VectorType(i64, LANES // 2)
+        mask_type = ir.VectorType(ir.IntType(1), LANES)
+
+        def consts(value):
+            return ir.Constant(vec, [value] * LANES)
+
+        def key(bits):
+            magnitude = builder.and_(bits, consts(0x7FFFFFFF))
+            sign = builder.ashr(bits, consts(31))
+            value = builder.sub(builder.xor(magnitude, sign), sign)
+            nan = builder.icmp_unsigned(">", magnitude, consts(0x7F800000))
+            return builder.select(nan, consts(0x7FFFFFFF), value)
+
+        vmax = declare(builder, f"llvm.smax.v{LANES}i32", vec, vec, vec)
+        masked_load = declare(builder, f"llvm.masked.load.v{LANES}i32.p0v{LANES}i32", vec,
+                              vec.as_pointer(), i32, mask_type, vec)
+        best = cgutils.alloca_once_value(builder, consts(-(2**31)))
+        where = cgutils.alloca_once_value(builder, consts(0))
+        lane = ir.Constant(vec, list(range(LANES)))
+        data = builder.bitcast(row.data, i32.as_pointer())
+
+        def update(keys, start):
+            old = builder.load(best)
+            larger = builder.icmp_signed(">", keys, old)
+            builder.store(builder.call(vmax, [keys, old]), best)
+            index = builder.add(splat(builder, builder.trunc(start, i32)), lane)
+            builder.store(builder.select(larger, index, builder.load(where)), where)
+
+        step = ir.Constant(n.type, LANES)
+        whole = builder.udiv(n, step)
+        with cgutils.for_range(builder, whole) as loop:
+            start = builder.mul(loop.index, step)
+            update(key(builder.load(element_pointer(builder, data, start, vec), align=4)), start)
+        start = builder.mul(whole, step)
+        left = builder.sub(n, start)
+        with builder.if_then(builder.icmp_signed(">", left, ir.Constant(n.type, 0))):
+            inside = builder.icmp_signed("<", lane, splat(builder, builder.trunc(left, i32)))
+            bits = builder.call(masked_load, [element_pointer(builder, data, start, vec),
+                                              ir.Constant(i32, 4), inside, consts(0)])
+            update(builder.select(inside, key(bits), consts(-(2**31))), start)
+
+        reversed_index = builder.sub(consts(2**31 - 1), builder.load(where))
+        keys, half = builder.load(best), LANES // 2
+        # interleave (reversed index, key) pairs: little-endian, each makes one 64-bit lane
+        packed = [builder.bitcast(builder.shuffle_vector(reversed_index, keys, ir.Constant(
+            vec, [j + offset for j in range(part * half, (part + 1) * half)
+                  for offset in (0, LANES)])), wide) for part in (0, 1)]
+        top = builder.call(declare(builder, f"llvm.smax.v{half}i64", wide, wide, wide), packed)
+        largest = builder.call(declare(builder, f"llvm.vector.reduce.smax.v{half}i64", i64, wide),
+                               [top])
+        return builder.sub(ir.Constant(i64, 2**31 - 1),
+                           builder.and_(largest, ir.Constant(i64, 0xFFFFFFFF)))
+
+    @numba.extending.intrinsic
+    def argmax_row(typingctx, row):
+        if not (isinstance(row, types.Array) and row.ndim == 1 and row.layout == "C"
+                and row.dtype == types.int32):
+            return None  # reads contiguous int32 bits only: a typing error otherwise
+        return types.int64(row), codegen
+
+    return argmax_row
+
+
+_argmax_row = _make_argmax_row()
+
+
+@jit
+def _argmax_rows_f32(bits):
+    out = np.empty(bits.shape[0], np.int64)
+    for r in range(bits.shape[0]):
+        out[r] = _argmax_row(bits[r])
+    return out
+
+
+@jit(parallel=True)
+def _argmax_rows_f32_parallel(bits):
+    out = np.empty(bits.shape[0], np.int64)
+    for r in prange(bits.shape[0]):
+        out[r] = _argmax_row(bits[r])
+    return out
+
+
+def argmax_last(x, parallel=False):
+    """numpy's argmax along the last axis of a C-contiguous 2-D array: [rows] int64."""
+    if x.dtype == np.float32 and 0 < x.shape[1] < ARGMAX_LIMIT:
+        rows = _argmax_rows_f32_parallel if parallel else _argmax_rows_f32
+        return rows(x.view(np.int32))
+    return _argmax_rows(x, False)
+
+
+def argmax(x, axis=-1, keepdims=1, select_last_index=0, parallel=False):
     flat, moved_shape, axis = _rows(x, axis)
-    out = _argmax_rows(flat, bool(select_last_index)).reshape(moved_shape[:-1])
+    out = (_argmax_rows(flat, True) if select_last_index else argmax_last(flat, parallel))
+    out = out.reshape(moved_shape[:-1])
     if keepdims:
         out = np.expand_dims(out, axis)
     return (out,)
