@@ -464,9 +464,11 @@ def test_float32_argmax_is_numpy_argmax(n, parallel):
     from plugins.kernels import reductions
 
     x = special_rows(np.random.default_rng(n), 64, n)
-    np.testing.assert_array_equal(reductions.argmax_last(x, parallel), x.argmax(-1))
-    (labels,) = reductions.argmax(x.reshape(8, 8, n), axis=-1, keepdims=0, parallel=parallel)
-    np.testing.assert_array_equal(labels, x.reshape(8, 8, n).argmax(-1))
+    (labels,) = reductions.argmax(x, keepdims=0, parallel=parallel)
+    np.testing.assert_array_equal(labels, x.argmax(-1))
+    cube = x.reshape(8, 8, n).transpose(0, 2, 1)  # the reduced axis in the middle
+    (labels,) = reductions.argmax(cube, axis=1, keepdims=1, parallel=parallel)
+    np.testing.assert_array_equal(labels, cube.argmax(1, keepdims=True))
 
 
 @pytest.mark.parametrize("dtype", [np.float64, np.int32, np.int64])
@@ -482,9 +484,9 @@ def test_argmax_of_other_dtypes_and_last_index_is_numpy_argmax(dtype):
     np.testing.assert_array_equal(last, x.shape[1] - 1 - x[:, ::-1].argmax(1))
 
 
-def test_vector_argmax_takes_contiguous_int32_bits_only():
-    """The intrinsic reads raw int32 words: any other array is refused when numba types the
-    call, instead of being read as float32 bits."""
+def test_vector_argmax_takes_contiguous_float32_rows_only():
+    """The intrinsic reads raw 32-bit words: any other array is refused when numba types
+    the call, instead of being read as float32."""
     from numba.core.errors import TypingError
 
     from plugins.kernels.numba_env import jit
@@ -494,8 +496,8 @@ def test_vector_argmax_takes_contiguous_int32_bits_only():
     def call(row):
         return _argmax_row(row)
 
-    assert call(np.array([1.0, 3.0, 2.0], np.float32).view(np.int32)) == 1
-    for bad in (np.zeros(4, np.float32), np.zeros(4, np.int64), np.zeros(8, np.int32)[::2]):
+    assert call(np.array([1.0, 3.0, 2.0], np.float32)) == 1
+    for bad in (np.zeros(4, np.int32), np.zeros(4, np.float64), np.zeros(8, np.float32)[::2]):
         with pytest.raises(TypingError):
             call(bad)
 

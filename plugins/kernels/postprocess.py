@@ -132,13 +132,13 @@ def softmax_topk(x, k=1, parallel=False):
 
 
 @jit
-def _ctc_sequence(bits, blank, labels):
-    """Decode one [T, classes] sequence (float32 bits) into ``labels``, the rest padded
+def _ctc_sequence(scores, blank, labels):
+    """Decode one [T, classes] float32 sequence into ``labels``, the rest padded
     with -1; returns its length. Branch-free: every step is written and the count moves
     on only for a kept label, so no step waits on a mispredicted branch."""
     previous, count = -1, 0
-    for t in range(bits.shape[0]):
-        where = _argmax_row(bits[t])
+    for t in range(scores.shape[0]):
+        where = _argmax_row(scores[t])
         labels[count] = where  # count <= t: kept, or overwritten by the next label
         count += (where != blank) & (where != previous)
         previous = where
@@ -147,22 +147,22 @@ def _ctc_sequence(bits, blank, labels):
 
 
 @jit
-def _ctc_greedy(bits, blank):
-    batch, steps = bits.shape[0], bits.shape[1]
+def _ctc_greedy(scores, blank):
+    batch, steps = scores.shape[0], scores.shape[1]
     labels = np.empty((batch, steps), np.int64)
     lengths = np.empty(batch, np.int64)
     for b in range(batch):
-        lengths[b] = _ctc_sequence(bits[b], blank, labels[b])
+        lengths[b] = _ctc_sequence(scores[b], blank, labels[b])
     return labels, lengths
 
 
 @jit(parallel=True)
-def _ctc_greedy_parallel(bits, blank):
-    batch, steps = bits.shape[0], bits.shape[1]
+def _ctc_greedy_parallel(scores, blank):
+    batch, steps = scores.shape[0], scores.shape[1]
     labels = np.empty((batch, steps), np.int64)
     lengths = np.empty(batch, np.int64)
     for b in prange(batch):
-        lengths[b] = _ctc_sequence(bits[b], blank, labels[b])
+        lengths[b] = _ctc_sequence(scores[b], blank, labels[b])
     return labels, lengths
 
 
@@ -177,7 +177,7 @@ def ctc_greedy(x, blank=0, parallel=False):
     if classes >= ARGMAX_LIMIT:
         raise ValueError(f"ctc_greedy takes fewer than {ARGMAX_LIMIT} classes")
     decode = _ctc_greedy_parallel if parallel else _ctc_greedy
-    return decode(np.ascontiguousarray(x, dtype=np.float32).view(np.int32), int(blank))
+    return decode(np.ascontiguousarray(x, dtype=np.float32), int(blank))
 
 
 # non-maximum suppression -------------------------------------------------------

@@ -117,16 +117,17 @@ ARGMAX_LIMIT = 2**31 - LANES  # row lengths the vector argmax takes (int32 lane 
 
 
 def _make_argmax_row():
-    """The ``_argmax_row(bits)`` intrinsic: numpy's argmax of one contiguous float32 row
-    given as its int32 bits (``0 < size < ARGMAX_LIMIT``): the first maximum, NaN above
-    everything, -0.0 equal to 0.0.
+    """The ``_argmax_row(row)`` intrinsic: numpy's argmax of one contiguous float32 row
+    (``0 < size < ARGMAX_LIMIT``): the first maximum, NaN above everything, -0.0 equal
+    to 0.0.
 
-    Each float becomes an integer that orders like it: its magnitude bits, negated when
-    the sign is set (-0.0 and 0.0 both give 0), and any NaN the largest. 16 lanes keep
-    their largest key and its index, replaced only by a strictly larger key, so each
-    lane holds its first maximum; the tail is a masked load. The lanes are then packed
-    as 64-bit ``key << 32 | (2**31 - 1 - index)`` and reduced by one max: the largest key
-    at the smallest index. No branch depends on the data, so consecutive rows overlap.
+    Each float, read as int32, becomes an integer that orders like it: its magnitude
+    bits, negated when the sign is set (-0.0 and 0.0 both give 0), and any NaN the
+    largest. 16 lanes keep their largest key and its index, replaced only by a strictly
+    larger key, so each lane holds its first maximum; the tail is a masked load. The
+    lanes are then packed as 64-bit ``key << 32 | (2**31 - 1 - index)`` and reduced by
+    one max: the largest key at the smallest index. No branch depends on the data, so
+    consecutive rows overlap.
     """
     numba = numba_module()
     ir, cgutils = ir_modules()
@@ -192,8 +193,8 @@ def _make_argmax_row():
     @numba.extending.intrinsic
     def argmax_row(typingctx, row):
         if not (isinstance(row, types.Array) and row.ndim == 1 and row.layout == "C"
-                and row.dtype == types.int32):
-            return None  # reads contiguous int32 bits only: a typing error otherwise
+                and row.dtype == types.float32):
+            return None  # reads contiguous float32 words only: a typing error otherwise
         return types.int64(row), codegen
 
     return argmax_row
@@ -203,33 +204,28 @@ _argmax_row = _make_argmax_row()
 
 
 @jit
-def _argmax_rows_f32(bits):
-    out = np.empty(bits.shape[0], np.int64)
-    for r in range(bits.shape[0]):
-        out[r] = _argmax_row(bits[r])
+def _argmax_rows_f32(x):
+    out = np.empty(x.shape[0], np.int64)
+    for r in range(x.shape[0]):
+        out[r] = _argmax_row(x[r])
     return out
 
 
 @jit(parallel=True)
-def _argmax_rows_f32_parallel(bits):
-    out = np.empty(bits.shape[0], np.int64)
-    for r in prange(bits.shape[0]):
-        out[r] = _argmax_row(bits[r])
+def _argmax_rows_f32_parallel(x):
+    out = np.empty(x.shape[0], np.int64)
+    for r in prange(x.shape[0]):
+        out[r] = _argmax_row(x[r])
     return out
 
 
-def argmax_last(x, parallel=False):
-    """numpy's argmax along the last axis of a C-contiguous 2-D array: [rows] int64."""
-    if x.dtype == np.float32 and 0 < x.shape[1] < ARGMAX_LIMIT:
-        rows = _argmax_rows_f32_parallel if parallel else _argmax_rows_f32
-        return rows(x.view(np.int32))
-    return _argmax_rows(x, False)
-
-
 def argmax(x, axis=-1, keepdims=1, select_last_index=0, parallel=False):
+    """numpy's argmax (first maximum, NaN above everything), or the last maximum."""
     flat, moved_shape, axis = _rows(x, axis)
-    out = (_argmax_rows(flat, True) if select_last_index else argmax_last(flat, parallel))
-    out = out.reshape(moved_shape[:-1])
-    if keepdims:
-        out = np.expand_dims(out, axis)
-    return (out,)
+    if select_last_index or flat.dtype != np.float32 or not 0 < flat.shape[1] < ARGMAX_LIMIT:
+        out = _argmax_rows(flat, bool(select_last_index))
+    else:
+        out = (_argmax_rows_f32_parallel if parallel else _argmax_rows_f32)(flat)
+    # moving the reduced axis last kept the other axes in order
+    return (out.reshape(x.shape[:axis] + (1,) + x.shape[axis + 1:] if keepdims
+                        else moved_shape[:-1]),)
