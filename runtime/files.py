@@ -9,6 +9,11 @@ from pathlib import Path
 from typing import BinaryIO
 
 
+def temp_prefix(name: str) -> str:
+    """Temp files for ``name`` are ``.<name>.<pid>-<random>.tmp`` (see remove_stale)."""
+    return f".{name}."
+
+
 @contextmanager
 def atomic_file(path: str | os.PathLike, mode: int = 0o644) -> Iterator[BinaryIO]:
     """Write ``path`` through a temp file beside it, renamed into place on success.
@@ -18,7 +23,8 @@ def atomic_file(path: str | os.PathLike, mode: int = 0o644) -> Iterator[BinaryIO
     import tempfile  # here, not at import: cold starts never write files
 
     path = Path(path)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f"{temp_prefix(path.name)}{os.getpid()}-",
+                               suffix=".tmp")
     try:
         with os.fdopen(fd, "wb") as fh:
             yield fh
@@ -29,6 +35,56 @@ def atomic_file(path: str | os.PathLike, mode: int = 0o644) -> Iterator[BinaryIO
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
+    fsync_directory(path.parent)
+
+
+def fsync_directory(path: str | os.PathLike) -> None:
+    """Make a rename inside ``path`` durable across a power loss (best effort: some
+    file systems refuse to fsync a directory)."""
+    try:
+        fd = os.open(path, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def remove_stale(directory: str | os.PathLike, prefix: str, suffix: str = "") -> list[str]:
+    """Delete what an interrupted writer left in ``directory``: entries named
+    ``<prefix><pid>-...<suffix>`` whose process is gone (a live writer's are kept).
+    Returns the names removed."""
+    import shutil
+
+    removed = []
+    try:
+        entries = [e for e in os.scandir(directory)
+                   if e.name.startswith(prefix) and e.name.endswith(suffix)]
+    except OSError:
+        return removed
+    for entry in entries:
+        pid = entry.name[len(prefix):].split("-", 1)[0]
+        if pid.isdigit() and _alive(int(pid)):
+            continue
+        if entry.is_dir(follow_symlinks=False):
+            shutil.rmtree(entry.path, ignore_errors=True)
+        else:
+            Path(entry.path).unlink(missing_ok=True)
+        removed.append(entry.name)
+    return removed
 
 
 def write_atomically(path: str | os.PathLike, data: bytes | str, mode: int = 0o644) -> None:

@@ -12,15 +12,18 @@ from __future__ import annotations
 import hashlib
 import hmac
 import json
+import logging
 import os
 import secrets
 import threading
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from runtime import hookimpl
-from runtime.errors import ConfigError, Unauthorized
+from runtime.errors import ConfigError, ServiceUnavailable, Unauthorized
 from runtime.files import write_atomically
 
 from .settings import ALL_ACTIONS, DEFAULT_ACTIONS, SecuritySettings, settings
@@ -28,6 +31,7 @@ from .settings import ALL_ACTIONS, DEFAULT_ACTIONS, SecuritySettings, settings
 if TYPE_CHECKING:
     import argparse
 
+log = logging.getLogger("shardserve.security")
 PREFIX = "ssk"
 _DUMMY = {"salt": "00" * 16, "hash": "00" * 32}
 
@@ -37,15 +41,37 @@ def hash_secret(salt: bytes, secret: str) -> bytes:
 
 
 class KeyStore:
-    """The keys file: ``{"keys": {id: {name, salt, hash, models, actions}}}``."""
+    """The keys file: ``{"keys": {id: {name, salt, hash, models, actions}}}``.
+
+    Changes (create, revoke) hold an exclusive ``flock`` on ``<file>.lock`` from reading
+    the file to its atomic replacement, so concurrent ``keys`` commands never lose a key
+    or bring back a revoked one.
+    """
 
     def __init__(self, path: str | os.PathLike):
         self.path = Path(path)
         self._stamp: tuple | None = None
         self._keys: dict = {}
+        self._broken: tuple | None = None
         self._lock = threading.Lock()
 
+    def read(self) -> dict:
+        """The file's keys, read now; ConfigError when it is not a keys file."""
+        try:
+            doc = json.loads(self.path.read_text())
+            keys = doc["keys"]
+            if not isinstance(keys, dict) or not all(isinstance(r, dict) for r in keys.values()):
+                raise ValueError
+        except FileNotFoundError:
+            return {}
+        except (OSError, ValueError, KeyError, TypeError):
+            raise ConfigError("the API keys file is not valid (expected JSON "
+                              '{"keys": {<id>: {...}}}); fix or recreate it') from None
+        return keys
+
     def keys(self) -> dict:
+        """The current keys, re-read when the file changes. A file that turns invalid
+        while serving gives 503 (logged once per change), never a 500 or stale keys."""
         try:
             st = self.path.stat()
         except FileNotFoundError:
@@ -54,14 +80,32 @@ class KeyStore:
         if stamp != self._stamp:
             with self._lock:
                 try:
-                    doc = json.loads(self.path.read_text())
-                    keys = doc["keys"]
-                    if not isinstance(keys, dict):
-                        raise ValueError
-                except (OSError, ValueError, KeyError, TypeError):
-                    raise ConfigError("the API keys file is not valid") from None
+                    keys = self.read()
+                except ConfigError as exc:
+                    if self._broken != stamp:
+                        self._broken = stamp
+                        log.error("API-key requests get 503: %s", exc.message)
+                    raise ServiceUnavailable("API keys are unavailable on this server") from None
                 self._keys, self._stamp = keys, stamp
         return self._keys
+
+    @contextmanager
+    def _changing(self) -> Iterator[dict]:
+        """Load -> modify -> save under an exclusive lock; the caller edits the dict."""
+        import fcntl
+
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        fd = os.open(self.path.with_name(self.path.name + ".lock"), os.O_RDWR | os.O_CREAT,
+                     0o600)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX)
+            keys = self.read()
+            before = json.dumps(keys, sort_keys=True)
+            yield keys
+            if json.dumps(keys, sort_keys=True) != before:
+                self.save(keys)
+        finally:
+            os.close(fd)  # releases the lock
 
     def save(self, keys: dict) -> None:
         self.path.parent.mkdir(parents=True, exist_ok=True)
@@ -70,24 +114,21 @@ class KeyStore:
 
     def create(self, name: str, models: list[str], actions: list[str]) -> tuple[str, str]:
         """Add a key; returns (key id, the full key, shown only now)."""
-        keys = dict(self.keys())
-        key_id = secrets.token_hex(4)
-        while key_id in keys:
-            key_id = secrets.token_hex(4)
         secret = secrets.token_urlsafe(32)
         salt = secrets.token_bytes(16)
-        keys[key_id] = {"name": name, "salt": salt.hex(), "hash": hash_secret(salt, secret).hex(),
-                        "models": models, "actions": actions,
-                        "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
-        self.save(keys)
+        with self._changing() as keys:
+            key_id = secrets.token_hex(4)
+            while key_id in keys:
+                key_id = secrets.token_hex(4)
+            keys[key_id] = {"name": name, "salt": salt.hex(),
+                            "hash": hash_secret(salt, secret).hex(),
+                            "models": models, "actions": actions,
+                            "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
         return key_id, f"{PREFIX}_{key_id}_{secret}"
 
     def revoke(self, key_id: str) -> bool:
-        keys = dict(self.keys())
-        if keys.pop(key_id, None) is None:
-            return False
-        self.save(keys)
-        return True
+        with self._changing() as keys:
+            return keys.pop(key_id, None) is not None
 
     def check(self, presented: str) -> dict:
         """The key's record, or Unauthorized; the comparison is constant-time."""
@@ -120,8 +161,11 @@ class ApiKeyAuthenticator:
                 return None
             presented = auth[len("Bearer "):]
         record = self.store.check(presented.strip())
+        actions = record.get("actions")
+        if actions is not None and not isinstance(actions, list):
+            actions = []  # a malformed grant grants nothing
         return self.sec.principal(record.get("name", "?"), "apikey", record.get("models", []),
-                                  record.get("actions") or None)
+                                  actions)
 
 
 @hookimpl(tryfirst=True)
@@ -130,7 +174,7 @@ def shardserve_startup(runtime: Any) -> None:
     path = sec.raw.get("keys_file")
     if sec.enabled and path:
         store = KeyStore(path)
-        store.keys()  # a broken file fails startup, not the first request
+        store.read()  # a broken file fails startup with a clear message, not a request
         runtime.pm.register(ApiKeyAuthenticator(sec, store), "plugins.security.apikeys:active")
 
 
@@ -155,14 +199,16 @@ def _names(text: str | None) -> list[str]:
 def cmd_keys(args: argparse.Namespace) -> int:
     store = _store(args)
     if args.keys_command == "create":
-        actions = _names(args.actions) or sorted(DEFAULT_ACTIONS)
+        actions = sorted(DEFAULT_ACTIONS) if args.actions is None else _names(args.actions)
+        if not actions:
+            raise SystemExit("--actions names no action: a key that may do nothing is useless")
         bad = set(actions) - ALL_ACTIONS
         if bad:
             raise SystemExit(f"unknown actions: {', '.join(sorted(bad))}")
         key_id, key = store.create(args.name, _names(args.models), actions)
         print(f"key id: {key_id}\nAPI key (shown once, store it now): {key}")
     elif args.keys_command == "list":
-        for key_id, rec in sorted(store.keys().items()):
+        for key_id, rec in sorted(store.read().items()):
             print(f"{key_id}  {rec.get('name')}  models={','.join(rec.get('models', []))}  "
                   f"actions={','.join(rec.get('actions', []))}  created={rec.get('created')}")
     elif args.keys_command == "revoke":

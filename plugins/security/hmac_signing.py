@@ -181,8 +181,12 @@ def load_clients(section: dict) -> dict:
                                    spec.get("secret_file"))
         if len(secret) < 16:
             raise ConfigError(f"HMAC client {name!r}: the secret must be at least 16 bytes")
+        actions = spec.get("actions")
+        if actions is not None and not (isinstance(actions, list)
+                                        and all(isinstance(a, str) for a in actions)):
+            raise ConfigError(f"config: HMAC client {name!r}: actions must be a list of names")
         clients[name] = {"secret": secret, "models": spec.get("models", []),
-                         "actions": spec.get("actions")}
+                         "actions": actions}
     return clients
 
 

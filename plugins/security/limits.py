@@ -61,7 +61,8 @@ class RateLimiter:
     def shardserve_authorize(self, principal: Any, action: str, model: str | None):
         if principal is None or action == "health":
             return None
-        wait = self.buckets.take(getattr(principal, "name", str(principal)))
+        key = getattr(principal, "key", None) or getattr(principal, "name", str(principal))
+        wait = self.buckets.take(key)
         if wait:
             raise TooManyRequests("rate limit exceeded",
                                   headers={"Retry-After": str(max(1, math.ceil(wait)))})

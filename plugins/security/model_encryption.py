@@ -29,7 +29,7 @@ from typing import TYPE_CHECKING, Any, BinaryIO
 
 from runtime import hookimpl
 from runtime.errors import ConfigError, ModelLoadError
-from runtime.files import atomic_file, write_atomically
+from runtime.files import atomic_file, remove_stale, temp_prefix, write_atomically
 
 from .settings import read_key_material, settings
 
@@ -161,16 +161,37 @@ def master_key(sec: Any, env_override: str | None = None) -> bytes:
     return _check_master(base64.b64decode(read_key_material("master key", None, path).strip()))
 
 
-def encrypt_file(path: Path, master: bytes, chunk_size: int = DEFAULT_CHUNK) -> None:
-    """Encrypt ``path`` in place (atomically) and write its ``.dek`` sidecar."""
+def is_encrypted(path: Path) -> bool:
     with open(path, "rb") as fh:
-        if fh.read(len(MAGIC)) == MAGIC:
-            raise ConfigError(f"{path.name} is already encrypted")
+        return fh.read(len(MAGIC)) == MAGIC
+
+
+def dek_path(path: Path) -> Path:
+    return path.with_name(path.name + ".dek")
+
+
+def opens_with(dek: Path, master: bytes) -> bool:
+    """Whether the sidecar ``dek`` unwraps with ``master`` (missing or malformed: no)."""
+    try:
+        unwrap_key(master, json.loads(dek.read_text()), dek.name[:-len(".dek")])
+    except (OSError, ValueError, DecryptionError):
+        return False
+    return True
+
+
+def encrypt_file(path: Path, master: bytes, chunk_size: int = DEFAULT_CHUNK) -> None:
+    """Encrypt ``path`` in place (atomically) and write its ``.dek`` sidecar.
+
+    The sidecar lands before the ciphertext: a kill in between leaves the plaintext with
+    an unused sidecar, which a rerun replaces.
+    """
+    if is_encrypted(path):
+        raise ConfigError(f"{path.name} is already encrypted")
     data_key = secrets.token_bytes(32)
-    with atomic_file(path) as dst, open(path, "rb") as src:  # the sidecar lands first
+    with atomic_file(path) as dst, open(path, "rb") as src:
         encrypt_stream(src, dst, path.stat().st_size, data_key, path.name, chunk_size)
-        write_atomically(path.with_name(path.name + ".dek"),
-                         json.dumps(wrap_key(master, data_key, path.name)), mode=0o600)
+        write_atomically(dek_path(path), json.dumps(wrap_key(master, data_key, path.name)),
+                         mode=0o600)
 
 
 def rotate_file(dek_path: Path, old: bytes, new: bytes) -> None:
@@ -208,7 +229,18 @@ def shardserve_transform_model_bytes(model: str, version: str, filename: str, da
 
 
 def _targets(model_dir: Path, pattern: str) -> list[Path]:
-    return sorted(p for p in model_dir.rglob(pattern) if p.is_file() and not p.is_symlink())
+    """Files to work on, outside hidden (staging) directories, after sweeping the temp
+    files a killed run left beside them."""
+    found = []
+    for path in sorted(model_dir.rglob(pattern)):
+        if any(part.startswith(".") for part in path.relative_to(model_dir).parts):
+            continue
+        if path.is_file() and not path.is_symlink():
+            found.append(path)
+    for path in found:
+        for name in (path.name, dek_path(path).name, path.name[:-len(".dek")]):
+            remove_stale(path.parent, temp_prefix(name), ".tmp")
+    return found
 
 
 def _cli_master(args: argparse.Namespace, env_name: str, file_arg: str | None) -> bytes:
@@ -218,23 +250,75 @@ def _cli_master(args: argparse.Namespace, env_name: str, file_arg: str | None) -
 
 
 def cmd_encrypt(args: argparse.Namespace) -> int:
+    """Encrypt every plaintext model file; files already encrypted under this master key
+    (an earlier, possibly interrupted run) are skipped, so a rerun finishes the job."""
     master = _cli_master(args, DEFAULT_MASTER_ENV, args.master_key_file)
+    failed = 0
     for path in _targets(Path(args.model_dir), "*.onnx"):
-        encrypt_file(path, master, args.chunk_size)
-        print(f"encrypted {path}")
-    return 0
+        if not is_encrypted(path):
+            encrypt_file(path, master, args.chunk_size)
+            print(f"encrypted {path}")
+        elif opens_with(dek_path(path), master):
+            print(f"already encrypted {path}")
+        else:
+            failed += 1
+            print(f"FAILED {path}: encrypted, but its data key does not open with this "
+                  "master key")
+    return 1 if failed else 0
+
+
+def rotation_journal(model_dir: Path) -> Path:
+    return model_dir / ".shardserve-rotate.json"
 
 
 def cmd_rotate(args: argparse.Namespace) -> int:
+    """Rewrap every data key under the new master key; resumable and idempotent.
+
+    A journal names the rotation (old and new key ids) until it is complete, so a rerun
+    resumes it and a rotation to a third key is refused until then. Keys that already open
+    with the new master are skipped. Success is reported only when every encrypted file's
+    data key opens with the new master.
+    """
     old = _cli_master(args, "SHARDSERVE_OLD_MASTER_KEY", args.old_key_file)
     new = _cli_master(args, DEFAULT_MASTER_ENV, args.new_key_file)
-    for dek in _targets(Path(args.model_dir), "*.dek"):
+    model_dir = Path(args.model_dir)
+    journal = rotation_journal(model_dir)
+    target = {"from": master_key_id(old), "to": master_key_id(new)}
+    try:
+        pending = json.loads(journal.read_text())
+    except (OSError, ValueError):
+        pending = None
+    if isinstance(pending, dict) and pending.get("to") not in (None, target["to"]):
+        print(f"FAILED: an interrupted rotation to master key {pending.get('to')} is pending; "
+              "rerun it with that new key first")
+        return 1
+    if pending:
+        print(f"resuming the interrupted rotation to master key {target['to']}")
+    write_atomically(journal, json.dumps(target), mode=0o600)
+    failed: set[Path] = set()
+    for dek in _targets(model_dir, "*.dek"):
+        if opens_with(dek, new):
+            print(f"already rewrapped {dek}")
+            continue
         try:
             rotate_file(dek, old, new)
-        except DecryptionError as exc:
-            print(f"FAILED {dek}: {exc}")
-            return 1
+        except (DecryptionError, OSError, ValueError) as exc:
+            failed.add(dek)
+            reason = exc if isinstance(exc, DecryptionError) else "unreadable data key"
+            print(f"FAILED {dek}: {reason}")
+            continue
         print(f"rewrapped {dek}")
+    for path in _targets(model_dir, "*.onnx"):  # the final word: does everything open?
+        if is_encrypted(path) and not opens_with(dek_path(path), new):
+            if dek_path(path) not in failed:
+                print(f"FAILED {path}: does not open with the new master key")
+            failed.add(dek_path(path))
+    if failed:
+        print(f"rotation incomplete: {len(failed)} file(s) do not open with the new master key; "
+              "keep the old key")
+        return 1
+    journal.unlink(missing_ok=True)
+    print("rotation complete: every encrypted file opens with the new master key")
     return 0
 
 

@@ -63,6 +63,12 @@ class Principal:
     actions: frozenset = DEFAULT_ACTIONS
     limits: RequestLimits = field(default_factory=RequestLimits)
 
+    @property
+    def key(self) -> str:
+        """``<method>:<name>``: API key ``alice`` and HMAC client ``alice`` are two principals
+        (rate-limit buckets, audit lines)."""
+        return f"{self.via}:{self.name}"
+
     def may(self, action: str, model: str | None) -> bool:
         if action not in self.actions:
             return False
@@ -83,13 +89,16 @@ class SecuritySettings:
         return value
 
     def principal(self, name: str, via: str, models: Any, actions: Any = None) -> Principal:
-        """A principal with this server's per-request limits attached."""
+        """A principal with this server's per-request limits attached.
+
+        ``actions=None`` (not given) means the default actions; an empty list grants nothing.
+        """
         deadline_ms = self.limits.get("deadline_ms", 0)
         limits = RequestLimits(
             max_batch_size=self.limits.get("max_batch_size", 0),
             deadline=time.monotonic() + deadline_ms / 1000 if deadline_ms else None)
         return Principal(name=name, via=via, models=frozenset(models or ()),
-                         actions=frozenset(actions) if actions else DEFAULT_ACTIONS,
+                         actions=DEFAULT_ACTIONS if actions is None else frozenset(actions),
                          limits=limits)
 
 
