@@ -23,7 +23,7 @@ from runtime.errors import BadRequest, NotFound, ShardserveError
 from runtime.plan import PLAN_FILE, PLAN_FORMAT, parse_plan
 from runtime.repository import ModelRepository
 
-from .costs import CostTable, file_sha256, measured_costs, sample_inputs, static_costs
+from .costs import CostTable, file_sha256, measured_costs, static_costs
 from .graph import ModelGraph, build_graph, load_model
 from .partition import Partition
 
@@ -40,6 +40,7 @@ class Analysis:
     model: object
     graph: ModelGraph
     costs: CostTable
+    samples: object = None  # plugins.sample_inputs.Samples: the representative inputs
 
 
 @functools.lru_cache(maxsize=1)
@@ -76,7 +77,17 @@ def source_version(repo: ModelRepository, name: str, version: int | None) -> int
 
 
 def analyse(repository: Path, name: str, version: int | None = None, batch: int = 1,
-            cost: str = "static", runs: int = 20, progress: bool = False) -> Analysis:
+            cost: str = "static", runs: int = 20, progress: bool = False,
+            sample=None) -> Analysis:
+    """Load, normalise (IR 3 initializer inputs, negative dims) and cost a model version.
+
+    ``sample`` (``plugins.sample_inputs.SampleOptions``: ``--sample`` files and
+    ``--input-shape`` sizes) is merged over model.toml's ``[sample]``; the resulting
+    inputs size the tensors, drive ``--cost measured`` and verify the plan.
+    """
+    from plugins.onnx_normalise import normalise_model
+    from plugins.sample_inputs import SampleOptions, sample_options, samples_for_model
+
     repo = ModelRepository(repository)
     version = source_version(repo, name, version)
     cfg = repo.config(name)
@@ -92,17 +103,25 @@ def analyse(repository: Path, name: str, version: int | None = None, batch: int 
         raise BadRequest(f"{cfg.filename} is not a valid ONNX model "
                          f"({str(exc).splitlines()[0][:160] if str(exc) else type(exc).__name__})"
                          ) from None
-    graph = build_graph(model, batch, model_dir=path.parent)
+    model = normalise_model(model)
+    given = sample or SampleOptions()
+    options = sample_options([str(f) for f in given.files], None, cfg.raw, path.parent.parent)
+    options.shapes.update(given.shapes)
+    samples = samples_for_model(model, options, batch, cfg.max_batch_size)
+    feed = samples.feed()
+    graph = build_graph(model, batch, model_dir=path.parent, input_shapes=samples.shapes,
+                        feed=feed)
     if cost == "static":
         costs = static_costs(graph, batch)
     elif cost == "measured":
-        costs = measured_costs(model, graph, path, batch, runs, progress=progress)
+        costs = measured_costs(model, graph, path, batch, runs, progress=progress,
+                               feed=feed, explain=samples.failure)
         for tensor, size in costs.sizes.items():
             if not graph.tensor_bytes.get(tensor) and tensor in graph.tensor_bytes:
                 graph.tensor_bytes[tensor] = size
     else:
         raise BadRequest("cost must be 'static' or 'measured'")
-    return Analysis(name, version, path, model, graph, costs)
+    return Analysis(name, version, path, model, graph, costs, samples)
 
 
 def plan_partition(analysis: Analysis, strategy: str, options: dict) -> Partition:
@@ -290,15 +309,26 @@ def verify_plan(analysis: Analysis, directory: Path, replicas: int) -> None:
     import numpy as np
     import onnxruntime as ort
 
+    from plugins.sample_inputs import samples_for_model
+
+    samples = analysis.samples or samples_for_model(analysis.model, batch=analysis.costs.batch)
     batch = max(analysis.costs.batch, 2 * replicas + 1, 1)
     sess = ort.InferenceSession(str(analysis.path), providers=["CPUExecutionProvider"])
     names = [o.name for o in sess.get_outputs()]
     backend = load_plan_backend(analysis.name, directory)
     try:
         # Replicas see slices of the batch: more seeds make a cross-sample op show.
-        for seed in range(1, 4 if replicas else 2):
-            feeds = sample_inputs(analysis.model, batch, seed=seed)
-            expected = dict(zip(names, sess.run(names, feeds)))
+        for seed in range(0, 3 if replicas else 1):
+            if not replicas:
+                feeds = samples.feed(seed)
+            elif seed == 0 and samples.from_files:
+                feeds = samples.with_batch(samples.feed(0), batch)
+            else:  # distinct rows, or an op mixing the batch would go unseen
+                feeds = samples.generate(seed + 1, batch=batch)
+            try:
+                expected = dict(zip(names, sess.run(names, feeds)))
+            except Exception as exc:  # onnxruntime's own untyped errors
+                raise samples.failure(exc, "the original model") from None
             got = backend.run(feeds, names)
             for name in names:
                 a, b = np.asarray(expected[name]), np.asarray(got[name])

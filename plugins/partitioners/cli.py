@@ -44,6 +44,7 @@ def _common(p: argparse.ArgumentParser) -> None:
                    help="cost model (default static)")
     p.add_argument("--runs", type=int, default=20, help="profiling runs for --cost measured")
     p.add_argument("--batch-size", type=int, default=1, help="input batch the costs assume")
+    add_sample_arguments(p)
     for flag, key, text in STRATEGY_FLAGS:
         p.add_argument(flag, dest=f"opt_{key}", help=text)
     p.add_argument("--option", "-o", action="append", default=[], metavar="KEY=VALUE",
@@ -51,7 +52,8 @@ def _common(p: argparse.ArgumentParser) -> None:
 
 
 def add_commands(subparsers) -> None:
-    p = subparsers.add_parser("partition", help="cut a model into shards: writes a new version")
+    p = subparsers.add_parser("partition", help="cut a model into shards: writes a new version",
+                              allow_abbrev=False)
     _common(p)
     p.add_argument("--backend", default="onnxruntime", help="backend of every shard")
     p.add_argument("--target-version", type=int, help="version number to write (default: next)")
@@ -59,11 +61,22 @@ def add_commands(subparsers) -> None:
                    help="skip running the plan against the original before publishing")
     p.set_defaults(func=cmd_partition)
 
-    p = subparsers.add_parser("plan", help="print a strategy's candidate cuts and chosen shards")
+    p = subparsers.add_parser("plan", help="print a strategy's candidate cuts and chosen shards",
+                              allow_abbrev=False)
     _common(p)
     p.add_argument("--plot", metavar="FILE.png", help="draw latency and bytes per cut")
     p.add_argument("--json", action="store_true", help="print JSON")
     p.set_defaults(func=cmd_plan)
+
+
+def add_sample_arguments(p: argparse.ArgumentParser) -> None:
+    """``--sample`` and ``--input-shape``: the same representative-input options on every
+    build command (see plugins/sample_inputs.py)."""
+    p.add_argument("--sample", action="append", metavar="FILE.npz",
+                   help="representative inputs, one array per input name; repeat, or give a "
+                   "directory of .npz files (default: model.toml [sample], else generated)")
+    p.add_argument("--input-shape", action="append", metavar="NAME=D1,D2,...",
+                   help="size of an input's dynamic dims for generated inputs (repeatable)")
 
 
 def _options(args: argparse.Namespace) -> dict:
@@ -86,10 +99,13 @@ def _repository(args: argparse.Namespace) -> Path:
 
 
 def _analyse(args: argparse.Namespace):
+    from plugins.sample_inputs import sample_options
+
     from .build import analyse
 
     return analyse(_repository(args), args.model, args.model_version, args.batch_size, args.cost,
-                   args.runs, progress=sys.stderr.isatty())
+                   args.runs, progress=sys.stderr.isatty(),
+                   sample=sample_options(args.sample, args.input_shape))
 
 
 def cmd_partition(args: argparse.Namespace) -> int:

@@ -70,11 +70,20 @@ class CostTable:
         return sum(self.seconds) if units is None else sum(self.seconds[u] for u in units)
 
 
+GATHERS = ("Gather", "GatherElements", "GatherND")
+
+
 def static_costs(graph, batch: int) -> CostTable:
+    """FLOPs and bytes moved per unit. A lookup (an embedding ``Gather``) reads only the
+    rows it gathers, not its whole table: it is charged its output's bytes for weights."""
     seconds = []
     for unit in graph.units:
-        moved = sum(graph.tensor_bytes.get(n, 0) for n in unit.inputs + unit.outputs)
-        moved += sum(graph.weight_bytes[w] for w in unit.weights)
+        outputs = sum(graph.tensor_bytes.get(n, 0) for n in unit.outputs)
+        moved = outputs + sum(graph.tensor_bytes.get(n, 0) for n in unit.inputs)
+        if unit.op_type.split("+")[0] in GATHERS:
+            moved += min(outputs, sum(graph.weight_bytes[w] for w in unit.weights))
+        else:
+            moved += sum(graph.weight_bytes[w] for w in unit.weights)
         seconds.append(unit.flops / STATIC_FLOPS_PER_SECOND + moved / STATIC_BYTES_PER_SECOND)
     return CostTable(seconds, "static", batch)
 
@@ -91,7 +100,8 @@ def sample_inputs(model, batch: int, seed: int = 0) -> dict:
         if vi.name in init:
             continue
         tt = vi.type.tensor_type
-        shape = [d.dim_value if d.HasField("dim_value") else (batch if i == 0 else 1)
+        shape = [d.dim_value if d.HasField("dim_value") and d.dim_value >= 0
+                 else (batch if i == 0 else 1)
                  for i, d in enumerate(tt.shape.dim)]
         dtype = np.dtype(helper.tensor_dtype_to_np_dtype(tt.elem_type))
         if dtype.kind == "f":
@@ -120,12 +130,30 @@ def _write_json_atomically(path: Path, data: dict) -> None:
     write_atomically(path, json.dumps(data))
 
 
+def feed_digest(feed: dict | None) -> str:
+    """A short digest of an input dict (names, dtypes, shapes, values): a cache key part."""
+    if feed is None:
+        return "generated"
+    digest = hashlib.sha256()
+    for name in sorted(feed):
+        array = feed[name]
+        digest.update(f"{name}:{array.dtype}:{array.shape};".encode())
+        if array.dtype.kind != "O":
+            digest.update(array.tobytes())
+    return digest.hexdigest()[:16]
+
+
 def measured_costs(model, graph, model_path: Path, batch: int, runs: int = 20,
-                   progress: bool = False, use_cache: bool = True) -> CostTable:
-    """Median profiled kernel time of every unit, from the cache when it has them."""
+                   progress: bool = False, use_cache: bool = True, feed: dict | None = None,
+                   explain=None) -> CostTable:
+    """Median profiled kernel time of every unit, from the cache when it has them.
+
+    ``feed`` is the representative input (else invented at ``batch``);
+    ``explain(exc)`` turns an onnxruntime failure on it into a clear error.
+    """
     sha = file_sha256(model_path)
     cache = cache_dir() / "costs" / f"{sha}.json"
-    key = f"measured:v{CACHE_FORMAT}:batch={batch}:runs={runs}"
+    key = f"measured:v{CACHE_FORMAT}:batch={batch}:runs={runs}:inputs={feed_digest(feed)}"
     if use_cache and cache.is_file():
         try:
             entry = json.loads(cache.read_text()).get(key)
@@ -133,7 +161,8 @@ def measured_costs(model, graph, model_path: Path, batch: int, runs: int = 20,
                 return CostTable(entry["seconds"], "measured", batch, entry.get("sizes", {}))
         except (OSError, ValueError, KeyError):
             pass
-    seconds, sizes = _profile(model, graph, model_path.parent, batch, runs, progress)
+    seconds, sizes = _profile(model, graph, model_path.parent, batch, runs, progress, feed,
+                              explain)
     if use_cache:
         try:
             old = json.loads(cache.read_text()) if cache.is_file() else {}
@@ -144,7 +173,8 @@ def measured_costs(model, graph, model_path: Path, batch: int, runs: int = 20,
     return CostTable(seconds, "measured", batch, sizes)
 
 
-def _profile(model, graph, model_dir: Path, batch: int, runs: int, progress: bool):
+def _profile(model, graph, model_dir: Path, batch: int, runs: int, progress: bool,
+             feed: dict | None = None, explain=None):
     import numpy as np
     import onnx
     import onnxruntime as ort
@@ -154,7 +184,7 @@ def _profile(model, graph, model_dir: Path, batch: int, runs: int, progress: boo
     unit_of_node = {n: u.index for u in graph.units for n in u.nodes}
     for index, node in enumerate(named.graph.node):
         node.name = f"shardserve_node_{index}"
-    feeds = sample_inputs(model, batch)
+    feeds = feed if feed is not None else sample_inputs(model, batch)
     with tempfile.TemporaryDirectory() as tmp:
         opts = ort.SessionOptions()
         opts.enable_profiling = True
@@ -174,8 +204,14 @@ def _profile(model, graph, model_dir: Path, batch: int, runs: int, progress: boo
             from tqdm import tqdm
 
             steps = tqdm(steps, desc="profiling", unit="run", file=sys.stderr, leave=False)
-        for _ in steps:
-            sess.run(None, feeds)
+        try:
+            for _ in steps:
+                sess.run(None, feeds)
+        except Exception as exc:  # onnxruntime's own untyped errors
+            if explain is not None:
+                raise explain(exc) from None
+            raise BadRequest(f"onnxruntime failed on the profiling inputs "
+                             f"({type(exc).__name__})") from None
         events = json.loads(Path(sess.end_profiling()).read_text())
         served = _served_seconds(named, model_dir, feeds, runs)
     times: dict[int, list[float]] = {}

@@ -137,8 +137,10 @@ def load_model(path: Path, with_data: bool = False):
         raise BadRequest(f"{path.name} is not a valid ONNX model ({type(exc).__name__})") from None
 
 
-def concrete_shapes(model, batch: int) -> tuple[dict[str, list[int]], dict[str, int]]:
-    """Shapes and element types of every tensor at input batch ``batch``."""
+def concrete_shapes(model, batch: int, input_shapes: dict[str, list[int]] | None = None
+                    ) -> tuple[dict[str, list[int]], dict[str, int]]:
+    """Shapes and element types of every tensor at the given input shapes
+    (``input_shapes``; inputs not in it: dynamic dims at ``batch`` first, else 1)."""
     import onnx
 
     fixed = onnx.ModelProto()
@@ -147,8 +149,12 @@ def concrete_shapes(model, batch: int) -> tuple[dict[str, list[int]], dict[str, 
     for vi in fixed.graph.input:
         if vi.name in init:
             continue
+        given = (input_shapes or {}).get(vi.name)
         for i, dim in enumerate(vi.type.tensor_type.shape.dim):
-            if not dim.HasField("dim_value"):
+            if given is not None and i < len(given):
+                dim.Clear()
+                dim.dim_value = given[i]
+            elif not dim.HasField("dim_value") or dim.dim_value < 0:
                 dim.dim_value = batch if i == 0 else 1
     try:
         inferred = onnx.shape_inference.infer_shapes(fixed, data_prop=True)
@@ -161,7 +167,8 @@ def concrete_shapes(model, batch: int) -> tuple[dict[str, list[int]], dict[str, 
         tt = vi.type.tensor_type
         if tt.elem_type:
             types[vi.name] = tt.elem_type
-        if tt.HasField("shape") and all(d.HasField("dim_value") for d in tt.shape.dim):
+        if tt.HasField("shape") and all(d.HasField("dim_value") and d.dim_value >= 0
+                                        for d in tt.shape.dim):
             shapes[vi.name] = [d.dim_value for d in tt.shape.dim]
     for t in inferred.graph.initializer:
         shapes[t.name], types[t.name] = list(t.dims), t.data_type
@@ -249,8 +256,9 @@ def fuse_units(units: list[Unit], graph_outputs: set[str], enabled: bool = True)
 
 
 def shapes_by_running(model, names: list[str], types: dict[str, int], batch: int,
-                      model_dir: Path | None) -> dict[str, list[int]]:
-    """Real shapes of tensors inference left unknown: one onnxruntime run exposing them."""
+                      model_dir: Path | None, feed: dict | None = None) -> dict[str, list[int]]:
+    """Real shapes of tensors inference left unknown: one onnxruntime run exposing them
+    (on ``feed``, else on invented inputs at ``batch``)."""
     import onnx
     import onnxruntime as ort
     from onnx import helper
@@ -269,18 +277,20 @@ def shapes_by_running(model, names: list[str], types: dict[str, int], batch: int
     try:
         sess = ort.InferenceSession(probe.SerializeToString(), opts,
                                     providers=["CPUExecutionProvider"])
-        values = sess.run(names, sample_inputs(model, batch))
+        values = sess.run(names, feed if feed is not None else sample_inputs(model, batch))
     except Exception:
         return {}  # sizes stay unknown (0 bytes): costs are estimates anyway
     return {n: list(v.shape) for n, v in zip(names, values)}
 
 
-def build_graph(model, batch: int = 1, fuse: bool = True,
-                model_dir: Path | None = None) -> ModelGraph:
-    """The unit DAG of ``model`` with tensor sizes at input batch ``batch``."""
+def build_graph(model, batch: int = 1, fuse: bool = True, model_dir: Path | None = None,
+                input_shapes: dict[str, list[int]] | None = None,
+                feed: dict | None = None) -> ModelGraph:
+    """The unit DAG of ``model`` with tensor sizes at ``input_shapes`` (else at input
+    batch ``batch``); ``feed`` (representative inputs) sizes what inference cannot."""
     g = model.graph
     initializers = {t.name: t for t in g.initializer}
-    shapes, types = concrete_shapes(model, batch)
+    shapes, types = concrete_shapes(model, batch, input_shapes)
     static = set(initializers)
     roots: dict[str, set[str]] = {name: {name} for name in initializers}
     weight_bytes = {name: _tensor_nbytes(t) for name, t in initializers.items()}
@@ -320,20 +330,21 @@ def build_graph(model, batch: int = 1, fuse: bool = True,
             raise BadRequest(f"output {name!r} is also a model input: nothing to partition")
     unknown = [n for n in list(consumers) + outputs if n not in shapes and n not in static]
     if unknown:
-        shapes.update(shapes_by_running(model, unknown, types, batch, model_dir))
+        shapes.update(shapes_by_running(model, unknown, types, batch, model_dir, feed))
     tensor_bytes = {name: _numel_bytes(shapes.get(name), types.get(name))
                     for name in list(consumers) + outputs}
     io = [vi for vi in list(g.input) + list(g.output) if vi.name not in initializers]
     batch_dynamic = all(
         len(vi.type.tensor_type.shape.dim) > 0
-        and not vi.type.tensor_type.shape.dim[0].HasField("dim_value") for vi in io)
+        and not (vi.type.tensor_type.shape.dim[0].HasField("dim_value")
+                 and vi.type.tensor_type.shape.dim[0].dim_value >= 0) for vi in io)
     return ModelGraph(units, inputs, outputs, tensor_bytes, weight_bytes, producer, consumers,
                       [o for o in outputs if o in static], batch, types, batch_dynamic,
                       {name: len(shape) for name, shape in shapes.items()})
 
 
 def _numel_bytes(shape: list[int] | None, elem_type: int | None) -> int:
-    if shape is None:
+    if shape is None or any(d < 0 for d in shape):
         return 0
     return math.prod(shape) * (_itemsize(elem_type) if elem_type else 4)
 
