@@ -194,11 +194,13 @@ class Samples:
     """
 
     def __init__(self, signature: list[InputSignature], options: SampleOptions | None = None,
-                 batch: int = 1, max_batch_size: int = 0):
+                 batch: int = 1, max_batch_size: int = 0, strict: bool = True):
         self.signature = signature
         self.options = options or SampleOptions()
         self.batch = max(1, min(batch, max_batch_size) if max_batch_size else batch)
         self.guessed: list[str] = []  # "x[1] (seq) = 128" for the report
+        self.missing: list[str] = []  # dynamic dims without a size (only when not strict)
+        self.strict = strict
         names = {s.name for s in signature}
         unknown = sorted(set(self.options.shapes) - names)
         if unknown:
@@ -270,7 +272,8 @@ class Samples:
                                         + (f" ({names[i]})" if names[i] else "") + f" = {size}")
                 dims.append(size)
             shapes[spec.name] = dims
-        if missing:
+        self.missing = missing
+        if missing and self.strict:
             example = self.signature[0].name
             raise BadRequest(
                 "cannot choose a size for the dynamic dim(s) " + ", ".join(missing)

@@ -113,7 +113,11 @@ class Calibration:
 
     @property
     def samples(self) -> int:
-        return sum(len(next(iter(b.values()))) for b in self.batches if b)
+        def count(batch: dict) -> int:
+            ranked = [a for a in batch.values() if getattr(a, "ndim", 0) > 0]
+            return len(ranked[0]) if ranked else 1  # only scalar inputs: one sample
+
+        return sum(count(b) for b in self.batches if b)
 
 
 class Optimizer:

@@ -3,9 +3,15 @@ files, or seeded generated data, checked against the model's signature.
 
 Each file's first axis counts samples; the rest of its shape must match the
 input's (dynamic dimensions accept any size) and its dtype must be the
-input's exactly. All files must hold the same number of samples. Generated
-inputs are standard-normal floats (integers 0..9) with a fixed seed; a model
-whose inputs have dynamic dimensions other than the batch needs real files.
+input's exactly. All files must hold the same number of samples. A rank-0
+(scalar) input's file holds either one 0-d value, used in every batch, or one
+value per sample (shape [N]; batches then hold one sample each). Generated
+inputs are standard-normal floats (integers 0..9) with a fixed seed; dynamic
+dimensions other than the batch take the sizes ``plugins.sample_inputs``
+resolves (``--input-shape``, model.toml ``[sample]``, the dims' names).
+
+``--sample FILE.npz`` files (see ``plugins.sample_inputs``) are the other
+source: each file is one calibration batch.
 """
 
 from __future__ import annotations
@@ -23,24 +29,23 @@ from .base import Calibration
 class InputSpec:
     name: str
     dtype: Any  # numpy dtype
-    shape: list[int | None]  # None = dynamic
+    shape: list[int | None]  # None = dynamic (a negative dim_value too)
+    dim_names: tuple = ()  # dim_param of each dim, None where it has none
 
 
 def input_specs(model: Any) -> list[InputSpec]:
     """The graph inputs that are not initializers, with numpy dtypes."""
-    import numpy as np
-    from onnx import helper
+    from plugins.sample_inputs import onnx_signature
 
-    inits = {i.name for i in model.graph.initializer}
-    specs = []
-    for vi in model.graph.input:
-        if vi.name in inits:
-            continue
-        t = vi.type.tensor_type
-        dims = [d.dim_value if d.HasField("dim_value") else None for d in t.shape.dim]
-        specs.append(InputSpec(vi.name, np.dtype(helper.tensor_dtype_to_np_dtype(t.elem_type)),
-                               dims))
-    return specs
+    return [InputSpec(s.name, s.dtype, list(s.shape), s.dim_names)
+            for s in onnx_signature(model)]
+
+
+def signature(specs: list[InputSpec]) -> list:
+    """``specs`` as ``plugins.sample_inputs.InputSignature`` (for sizes and sample files)."""
+    from plugins.sample_inputs import InputSignature
+
+    return [InputSignature(s.name, s.dtype, tuple(s.shape), tuple(s.dim_names)) for s in specs]
 
 
 def _batch_size(spec: InputSpec, batch: int) -> int:
@@ -48,12 +53,29 @@ def _batch_size(spec: InputSpec, batch: int) -> int:
 
 
 def _split(arrays: dict[str, Any], specs: list[InputSpec], batch: int) -> list[dict]:
-    step = _batch_size(specs[0], batch)
-    total = len(next(iter(arrays.values())))
-    return [
-        {name: array[start:start + step] for name, array in arrays.items()}
-        for start in range(0, total - step + 1, step)
-    ]
+    """Batches of ``batch`` samples; rank-0 inputs: the one value everywhere, or one value per
+    sample (then one sample per batch)."""
+    ranked = [s for s in specs if s.shape]
+    scalars = [s for s in specs if not s.shape]
+    if not ranked:
+        per_sample = [s for s in scalars if arrays[s.name].ndim == 1]
+        if not per_sample:
+            return [dict(arrays)]
+        count = len(arrays[per_sample[0].name])
+        return [{s.name: arrays[s.name][i] if arrays[s.name].ndim == 1 else arrays[s.name]
+                 for s in scalars} for i in range(count)]
+    per_sample = any(arrays[s.name].ndim == 1 for s in scalars)
+    step = _batch_size(ranked[0], 1 if per_sample else batch)
+    rows = _batch_size(ranked[0], 1)  # rows per sample
+    total = len(arrays[ranked[0].name])
+    out = []
+    for start in range(0, total - step + 1, step):
+        feed = {s.name: arrays[s.name][start:start + step] for s in ranked}
+        for s in scalars:
+            value = arrays[s.name]
+            feed[s.name] = value[start // rows] if value.ndim == 1 else value
+        out.append(feed)
+    return out
 
 
 def load_directory(directory: str | Path, specs: list[InputSpec], batch: int) -> Calibration:
@@ -81,6 +103,13 @@ def load_directory(directory: str | Path, specs: list[InputSpec], batch: int) ->
             raise BadRequest(f"{where}: not a readable .npy file ({type(exc).__name__})") from None
         if array.dtype != spec.dtype:
             raise BadRequest(f"{where}: dtype {array.dtype}, the model expects {spec.dtype}")
+        if not spec.shape:
+            if array.ndim > 1:
+                raise BadRequest(f"{where}: shape {list(array.shape)}, the input is a scalar "
+                                 "(rank 0): give a 0-d array, or one value per sample (shape "
+                                 "[N])")
+            arrays[spec.name] = array
+            continue
         want = ["N", *(("?" if d is None else d) for d in spec.shape[1:])]
         ok = array.ndim == len(spec.shape) and all(
             d is None or d == got for d, got in zip(spec.shape[1:], array.shape[1:])
@@ -97,25 +126,43 @@ def load_directory(directory: str | Path, specs: list[InputSpec], batch: int) ->
         if len(array) == 0:
             raise BadRequest(f"{where}: holds no samples")
         arrays[spec.name] = array
-    if len({len(a) for a in arrays.values()}) > 1:
+    counts = {len(arrays[s.name]) // _batch_size(s, 1) for s in specs if s.shape}
+    counts |= {len(arrays[s.name]) for s in specs if not s.shape and arrays[s.name].ndim == 1}
+    if len(counts) > 1:
         raise BadRequest("calibration inputs hold different numbers of samples")
     batches = _split(arrays, specs, batch) or [arrays]
-    return Calibration(batches, f"{len(next(iter(arrays.values())))} samples from files")
+    return Calibration(batches, f"{counts.pop() if counts else 1} samples from files")
 
 
-def generate(specs: list[InputSpec], samples: int, batch: int, seed: int) -> Calibration:
-    """Seeded inputs shaped like the model's, for models without calibration files."""
+def from_samples(samples: Any) -> Calibration:
+    """One calibration batch per ``--sample`` file (a ``plugins.sample_inputs.Samples``)."""
+    return Calibration([dict(feed) for feed in samples.files],
+                       f"{len(samples.files)} sample file(s)")
+
+
+def generate(specs: list[InputSpec], samples: int, batch: int, seed: int,
+             shapes: dict[str, list[int]] | None = None) -> Calibration:
+    """Seeded inputs shaped like the model's, for models without calibration files.
+
+    ``shapes`` sizes dynamic dims other than the batch (``Samples.shapes``); without
+    it such a dim stops with a message naming it.
+    """
     import numpy as np
 
     rng = np.random.default_rng(seed)
     arrays = {}
     for spec in specs:
-        if any(d is None for d in spec.shape[1:]):
-            raise BadRequest(
-                f"input {spec.name!r} has dynamic dimensions besides the batch: "
-                "give calibration files with --calibration"
-            )
-        shape = [samples * (spec.shape[0] or 1) if spec.shape else samples, *spec.shape[1:]]
+        dims = list(spec.shape)
+        given = (shapes or {}).get(spec.name)
+        for i, d in enumerate(dims[1:], start=1):
+            if d is None and given is not None:
+                dims[i] = given[i]
+            elif d is None:
+                raise BadRequest(
+                    f"input {spec.name!r} has dynamic dimension {i} besides the batch: set it "
+                    f"with --input-shape {spec.name}=D1,D2,... or give --sample files"
+                )
+        shape = [samples * (dims[0] or 1), *dims[1:]] if dims else []
         if spec.dtype.kind == "f":
             array = rng.standard_normal(shape).astype(spec.dtype)
         elif spec.dtype.kind in "iu":

@@ -12,7 +12,7 @@ def _runtime(args: argparse.Namespace) -> Any:
     from runtime import Runtime
 
     overrides: dict = {"repository": {"load": "none"}}
-    if args.repository:
+    if getattr(args, "repository", None):
         overrides["repository"]["path"] = str(Path(args.repository).resolve())
     return Runtime.from_config(args.config, overrides=overrides)
 
@@ -32,17 +32,16 @@ def cmd_optimize(args: argparse.Namespace) -> int:
         samples=args.samples, batch=args.batch, seed=args.seed, budget=budget,
         latency_runs=args.latency_runs, latency_batch=args.latency_batch,
         threads=args.threads, level=args.measure_level, dry_run=args.dry_run,
+        sample=args.sample, input_shape=args.input_shape,
     )
     run_chain(rt.repository.root, args.model, steps, settings)
     return 0
 
 
 def cmd_optimizers(args: argparse.Namespace) -> int:
-    from runtime.plugins import PluginManager
-
     from .pipeline import optimizer_registry
 
-    registry = optimizer_registry(PluginManager())
+    registry = optimizer_registry(_runtime(args).pm)
     for name in registry.names():
         optimizer = registry[name]
         print(f"{name}: {optimizer.summary} [{registry.sources[name]}]")
@@ -59,8 +58,11 @@ def _positive(text: str) -> int:
 
 
 def add_commands(subparsers: Any) -> None:
+    from plugins.partitioners.cli import add_sample_arguments
+
     p = subparsers.add_parser(
         "optimize", help="optimise a model into a new version, with an accuracy report",
+        allow_abbrev=False,
         description="Apply optimizers to a model version and publish the result as a new "
         "version, if it keeps the accuracy budget. See docs/optimizing.md.",
     )
@@ -72,6 +74,7 @@ def add_commands(subparsers: Any) -> None:
     p.add_argument("--source-version", type=_positive,
                    help="version to optimise (default: newest one not made by optimize)")
     p.add_argument("--calibration", metavar="DIR", help="directory of <input>.npy files")
+    add_sample_arguments(p)
     p.add_argument("--samples", type=_positive, default=64, help="generated samples (64)")
     p.add_argument("--batch", type=_positive, default=8, help="calibration batch size (8)")
     p.add_argument("--seed", type=int, default=0, help="seed of generated inputs (0)")
@@ -87,5 +90,6 @@ def add_commands(subparsers: Any) -> None:
     p.add_argument("--dry-run", action="store_true", help="report only, publish nothing")
     p.set_defaults(func=cmd_optimize)
 
-    p = subparsers.add_parser("optimizers", help="list the registered optimizers and options")
+    p = subparsers.add_parser("optimizers", help="list the registered optimizers and options",
+                              allow_abbrev=False)
     p.set_defaults(func=cmd_optimizers)

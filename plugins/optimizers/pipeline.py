@@ -22,7 +22,7 @@ from runtime.plugins import PluginManager, Registry
 from runtime.repository import ModelRepository
 
 from .base import Optimizer, Tolerance, is_optimizer
-from .calibration import generate, input_specs, load_directory
+from .calibration import from_samples, generate, input_specs, load_directory, signature
 from .measure import Report, compare, latency, session
 from .publish import publish
 
@@ -35,9 +35,7 @@ class AccuracyBudgetExceeded(BadRequest):
 
 def optimizer_registry(pm: PluginManager) -> Registry:
     """Every optimizer registered through ``shardserve_register_optimizers``."""
-    return Registry("optimizer", check=is_optimizer).collect(
-        pm.load_plugins(), "shardserve_register_optimizers"
-    )
+    return pm.registry("optimizer", is_optimizer)
 
 
 @dataclass
@@ -93,6 +91,10 @@ class Settings:
     threads: int = 1
     level: str = "all"  # onnxruntime graph optimisation of the measuring sessions
     dry_run: bool = False
+    sample: list[str] | None = None  # --sample files or directories of .npz
+    input_shape: list[str] | None = None  # --input-shape NAME=D1,D2,...
+    sample_config: dict = field(default_factory=dict)  # model.toml, for its [sample]
+    model_dir: Path | None = None  # where model.toml's [sample] files are
 
 
 @dataclass
@@ -162,7 +164,9 @@ def _load_source(data: bytes) -> Any:
     if model is None or not model.graph.node:
         raise BadRequest("the source version is not a plain ONNX model "
                          "(optimize the unencrypted model, then sign or encrypt the result)")
-    return model
+    from plugins.onnx_normalise import normalise_model
+
+    return normalise_model(model)  # IR 3 initializer inputs, negative dims
 
 
 @dataclass
@@ -177,12 +181,38 @@ class Candidate:
     specs: list
     calibration: Any
     hashes: dict
+    samples: Any = None  # plugins.sample_inputs.Samples
 
 
-def _calibration(specs: list, settings: Settings) -> Any:
+def _samples(specs: list, settings: Settings) -> Any:
+    """The representative inputs (``plugins.sample_inputs.Samples``) for ``specs``."""
+    from plugins.sample_inputs import Samples, sample_options
+
+    options = sample_options(settings.sample, settings.input_shape, settings.sample_config,
+                             settings.model_dir)
+    # --calibration files size every dim themselves: no dim needs a size from us then
+    return Samples(signature(specs), options, settings.latency_batch,
+                   strict=not settings.calibration_dir)
+
+
+def _calibration(specs: list, settings: Settings, samples: Any) -> Any:
+    """``--sample`` files, else ``--calibration`` .npy files, else generated inputs."""
+    if samples.from_files:
+        return from_samples(samples)
     if settings.calibration_dir:
         return load_directory(settings.calibration_dir, specs, settings.batch)
-    return generate(specs, settings.samples, settings.batch, settings.seed)
+    return generate(specs, settings.samples, settings.batch, settings.seed, samples.shapes)
+
+
+def _timing_feed(work: Candidate, settings: Settings) -> dict:
+    """The latency input: the first sample file (or calibration batch), else generated at
+    ``latency_batch``."""
+    if work.samples.from_files:
+        return work.samples.feed(0)
+    if settings.calibration_dir and work.calibration.batches:
+        return work.samples.with_batch(work.calibration.batches[0], settings.latency_batch)
+    return generate(work.specs, settings.latency_batch, settings.latency_batch,
+                    settings.seed + 1, work.samples.shapes).batches[0]
 
 
 def _apply(steps: list[Step], model: Any, calibration: Any) -> Any:
@@ -214,13 +244,14 @@ def _single_file(repository: ModelRepository, name: str, filename: str, version:
     data = repository.read_file(name, version, filename)
     source = _load_source(data)
     specs = input_specs(source)
-    calibration = _calibration(specs, settings)
+    samples = _samples(specs, settings)
+    calibration = _calibration(specs, settings, samples)
     candidate = _apply(steps, source, calibration).SerializeToString()
     _check(candidate, "model")
     return Candidate(
         {filename: candidate}, session(data, settings.threads, settings.level),
         session(candidate, settings.threads, settings.level), len(data), len(candidate),
-        specs, calibration, {"source_sha256": _sha(data), "sha256": _sha(candidate)})
+        specs, calibration, {"source_sha256": _sha(data), "sha256": _sha(candidate)}, samples)
 
 
 def _plan(repository: ModelRepository, name: str, version: int, steps: list[Step],
@@ -229,7 +260,8 @@ def _plan(repository: ModelRepository, name: str, version: int, steps: list[Step
 
     source = read_plan(repository, name, version)
     specs = source.specs()
-    calibration = _calibration(specs, settings)
+    samples = _samples(specs, settings)
+    calibration = _calibration(specs, settings, samples)
     files = optimise_shards(source, steps, calibration)
     for file, data in files.items():
         if file != PLAN_FILE:
@@ -240,7 +272,7 @@ def _plan(repository: ModelRepository, name: str, version: int, steps: list[Step
         sum(len(d) for d in files.values()), specs, calibration,
         {"source_sha256": _sha(source.plan_bytes), "sha256": _sha(files[PLAN_FILE]),
          "source_shards_sha256": source.record(),
-         "shards_sha256": {f: _sha(d) for f, d in files.items() if f != PLAN_FILE}})
+         "shards_sha256": {f: _sha(d) for f, d in files.items() if f != PLAN_FILE}}, samples)
 
 
 def run_chain(
@@ -260,6 +292,8 @@ def run_chain(
         raise BadRequest(f"no optimizers given for model {name!r}: use --with NAME or "
                          "optimize = [...] in its model.toml")
     source_version = settings.source_version or default_source(repository, name, cfg.raw)
+    settings.sample_config = cfg.raw
+    settings.model_dir = repository.model_dir(name)
     budget = budget_for(steps, cfg.raw, settings.budget)
     if (repository.version_dir(name, source_version) / PLAN_FILE).exists():
         work = _plan(repository, name, source_version, steps, settings)
@@ -270,14 +304,22 @@ def run_chain(
     report = Report(work.size_before, work.size_after, notes=calibration.notes,
                     samples=calibration.samples, latency_batch=settings.latency_batch,
                     latency_level=settings.level)
-    figures = compare(work.source, work.candidate, calibration)
+    try:
+        figures = compare(work.source, work.candidate, calibration)
+    except BadRequest:
+        raise
+    except Exception as exc:  # onnxruntime's own untyped errors, on invented inputs
+        raise work.samples.failure(exc, "the source or optimised model") from None
     report.max_abs_diff, report.cosine, report.top1 = (
         figures["max_abs_diff"], figures["cosine"], figures["top1"])
     if settings.latency_runs > 0:
-        timing = generate(work.specs, settings.latency_batch, settings.latency_batch,
-                          settings.seed + 1)
-        report.latency_before, report.latency_after = latency(
-            work.source, work.candidate, timing.batches[0], settings.latency_runs)
+        try:
+            report.latency_before, report.latency_after = latency(
+                work.source, work.candidate, _timing_feed(work, settings), settings.latency_runs)
+        except BadRequest:
+            raise
+        except Exception as exc:  # onnxruntime's own untyped errors
+            raise work.samples.failure(exc, "timing the models") from None
     chain_text = " -> ".join(
         s.optimizer.name + "(" + ", ".join(f"{k}={v}" for k, v in s.options.items()) + ")"
         for s in steps)
