@@ -103,11 +103,16 @@ def _check_models_in_a_child(args: argparse.Namespace) -> list[str]:
     return report["ready"]
 
 
+WORKER_CLASSES = {"gthread": "handlers.gunicorn_workers.ThreadWorker",
+                  "sync": "handlers.gunicorn_workers.SyncWorker"}
+
+
 def cmd_serve(args: argparse.Namespace) -> int:
     """gunicorn over the raw WSGI app by default; ``--dev`` runs the Flask dev server."""
     from plugins.serving.logs import configure_json_logging
 
     configure_json_logging(args.log_level)
+    _warn_if_empty(args)
     if not args.dev:
         try:
             import gunicorn  # noqa: F401 - not on Windows
@@ -117,15 +122,25 @@ def cmd_serve(args: argparse.Namespace) -> int:
     return _serve_dev(args) if args.dev else _serve_gunicorn(args)
 
 
-def _serve_dev(args: argparse.Namespace) -> int:
-    from werkzeug.serving import make_server
+def _warn_if_empty(args: argparse.Namespace) -> None:
+    from runtime.config import load_config
+    from runtime.repository import ModelRepository
 
+    path = load_config(args.config, overrides=_overrides(args)).repository
+    if not ModelRepository(path).names():
+        print(f"warning: model repository {args.repository or path.name} holds no models: "
+              "the server starts with none (add models/<name>/<version>/model.onnx)",
+              file=sys.stderr)
+
+
+def _serve_dev(args: argparse.Namespace) -> int:
+    from .dev_server import make_dev_server
     from .flask_app import create_app
 
     rt = _runtime(args)
     app = create_app(rt)
     cfg = rt.config
-    server = make_server(cfg.host, cfg.port, app, threaded=True)
+    server = make_dev_server(cfg.host, cfg.port, app)
     _print_ready(rt, cfg.host, server.server_port)
     try:
         server.serve_forever()
@@ -144,6 +159,7 @@ def _serve_gunicorn(args: argparse.Namespace) -> int:
 
     from plugins.serving.logs import gunicorn_log_config
 
+    from . import gunicorn_workers
     from .wsgi import gunicorn_application, worker_count
 
     own_metrics_dir = None
@@ -161,7 +177,7 @@ def _serve_gunicorn(args: argparse.Namespace) -> int:
         options = {
             "bind": f"[{cfg.host}]:{cfg.port}" if ":" in cfg.host else f"{cfg.host}:{cfg.port}",
             "workers": worker_count(args.workers),
-            "worker_class": args.worker_class,
+            "worker_class": WORKER_CLASSES[args.worker_class],
             "threads": args.threads,
             "keepalive": 5,
             "timeout": 120,
@@ -170,6 +186,9 @@ def _serve_gunicorn(args: argparse.Namespace) -> int:
             "logconfig_dict": gunicorn_log_config(args.log_level),
             "proc_name": "shardserve",
         }
+        # workers fork from here and keep these (docs/serving.md, "Slow clients")
+        gunicorn_workers.READ_TIMEOUTS.update(header=args.header_timeout,
+                                              body=args.body_timeout)
         if args.max_requests:
             options["max_requests"] = args.max_requests
             options["max_requests_jitter"] = max(1, args.max_requests // 10)
@@ -234,8 +253,11 @@ def cmd_infer(args: argparse.Namespace) -> int:
         name, path = _parse_input(text)
         try:
             array = np.load(path, allow_pickle=False)
-        except (OSError, ValueError) as exc:
-            raise SystemExit(f"cannot read {path}: {exc}") from None
+        except (OSError, ValueError, EOFError) as exc:
+            raise SystemExit(f"cannot read {path}: {exc or 'empty file'} "
+                             f"(expected a .npy file, see numpy.save)") from None
+        if not isinstance(array, np.ndarray):  # an .npz archive
+            raise SystemExit(f"cannot read {path}: expected one array in a .npy file")
         inputs.append(InferInput(name, to_datatype(array.dtype), tuple(array.shape), array))
     rt = _runtime(args, load=[args.model])
     rt.start()
@@ -259,14 +281,25 @@ def cmd_infer(args: argparse.Namespace) -> int:
 
 
 def cmd_plugins(args: argparse.Namespace) -> int:
-    from runtime.plugins import PluginManager, describe_plugins
+    from runtime import Runtime
+    from runtime.plugins import describe_plugins
 
-    print(json.dumps(describe_plugins(PluginManager()), indent=2))
+    print(json.dumps(describe_plugins(Runtime.from_config(args.config).pm), indent=2))
     return 0
 
 
+class StrictArgumentParser(argparse.ArgumentParser):
+    """No abbreviated options (``--rep`` is not ``--repository``): an abbreviation that works
+    today breaks when a plugin adds a longer option. Subcommand parsers, plugins' included,
+    are built from this class too (argparse builds them with the parent's class)."""
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        kwargs["allow_abbrev"] = False
+        super().__init__(*args, **kwargs)
+
+
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="shardserve", description=__doc__.splitlines()[0])
+    parser = StrictArgumentParser(prog="shardserve", description=__doc__.splitlines()[0])
     parser.add_argument("--config", help="shardserve.toml (default: $SHARDSERVE_CONFIG)")
     parser.add_argument("--log-level", default=os.environ.get("SHARDSERVE_LOG_LEVEL", "INFO"))
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
@@ -290,6 +323,11 @@ def build_parser() -> argparse.ArgumentParser:
                    help="threads per gthread worker (default 8)")
     p.add_argument("--max-requests", type=int, default=0,
                    help="restart a worker after this many requests (0 = never)")
+    p.add_argument("--header-timeout", type=_seconds, default=5.0,
+                   help="seconds a client has to send its request headers once the first "
+                   "byte is in; slower ones are disconnected (default 5)")
+    p.add_argument("--body-timeout", type=_seconds, default=60.0,
+                   help="seconds a client has to send its request body (default 60)")
     p.set_defaults(func=cmd_serve)
 
     p = sub.add_parser("models", help="list the models in a repository")
@@ -310,23 +348,67 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _seconds(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        value = -1.0
+    if not 0.1 <= value <= 3600:
+        raise argparse.ArgumentTypeError("expects seconds from 0.1 to 3600")
+    return value
+
+
+# Commands that serve: a client hanging up must cost an EPIPE, never the process.
+SERVER_COMMANDS = frozenset({"serve"})
+
+
+def _check_repository(args: argparse.Namespace) -> None:
+    """A command given a repository that does not exist says so (rather than "unknown
+    model" or "serving 0 model(s)")."""
+    if not hasattr(args, "repository"):
+        return
+    from runtime.config import load_config
+
+    path = load_config(args.config, overrides=_overrides(args)).repository
+    if not path.is_dir():
+        shown = args.repository or f"{path.name} (from the configuration)"
+        raise ShardserveError(f"model repository {shown} does not exist or is not a "
+                              "directory: pass --repository DIR or set SHARDSERVE_REPOSITORY")
+
+
 def main(argv: list[str] | None = None) -> int:
     if hasattr(signal, "SIGPIPE"):  # `shardserve plugins | head` ends quietly
         signal.signal(signal.SIGPIPE, signal.SIG_DFL)
-    from runtime.plugins import PluginManager
+    from runtime import Runtime
 
     parser = build_parser()
     subparsers = next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction))
-    PluginManager().load_plugins().hook.shardserve_register_commands(subparsers=subparsers)
+    pre = argparse.ArgumentParser(add_help=False)
+    pre.add_argument("--config")
+    try:  # the config's [plugins] decide which commands exist
+        rt = Runtime.from_config(pre.parse_known_args(argv)[0].config)
+        rt.pm.hook.shardserve_register_commands(subparsers=subparsers)
+    except ShardserveError as exc:
+        print(f"error: {exc.message}", file=sys.stderr)
+        return 1
     args = parser.parse_args(argv)
+    if hasattr(signal, "SIGPIPE") and args.command in SERVER_COMMANDS:
+        signal.signal(signal.SIGPIPE, signal.SIG_IGN)
     logging.basicConfig(level=args.log_level.upper(), format="%(levelname)s %(name)s: %(message)s")
     if not getattr(args, "func", None):
         parser.print_help()
         return 2
     try:
+        _check_repository(args)
         return int(args.func(args) or 0)
     except ShardserveError as exc:
         print(f"error: {exc.message}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        return 130
+    except Exception as exc:  # no command ends in a traceback
+        detail = str(exc).splitlines()[0][:200] if str(exc) else ""
+        print(f"error: {type(exc).__name__}{': ' if detail else ''}{detail}", file=sys.stderr)
         return 1
 
 

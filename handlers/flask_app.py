@@ -12,11 +12,13 @@ from flask import Flask, Response, request
 from werkzeug.exceptions import HTTPException
 
 from runtime import Runtime
-from runtime.errors import PayloadTooLarge, ShardserveError
+from runtime.errors import BadRequest, ShardserveError
 
-from .routes import HttpRequest, dispatch, error_response
+from .routes import HttpRequest, body_too_large, dispatch, error_response
 
-METHODS = ["GET", "POST", "PUT", "DELETE", "PATCH", "HEAD"]
+# Every method reaches dispatch, which answers 405 where a route has no such method (OPTIONS
+# included: no automatic 200 with an Allow list).
+METHODS = ["GET", "POST", "PUT", "DELETE", "PATCH", "HEAD", "OPTIONS"]
 
 
 def _to_flask(resp) -> Response:
@@ -35,26 +37,32 @@ def create_app(config: str | Mapping[str, Any] | Runtime | None = None) -> Flask
     app.config["MAX_CONTENT_LENGTH"] = runtime.config.max_body_bytes
     app.extensions["shardserve"] = runtime
 
-    @app.route("/", defaults={"path": ""}, methods=METHODS)
-    @app.route("/<path:path>", methods=METHODS)
+    def _edge_error(exc: HTTPException) -> ShardserveError:
+        if exc.code == 413:
+            return body_too_large(runtime.config.max_body_bytes)
+        if exc.code == 400:  # werkzeug's only 400s here: a malformed or cut-short body
+            return BadRequest("malformed or incomplete request body")
+        return ShardserveError(exc.description or exc.name, status=exc.code or 400)
+
+    @app.route("/", defaults={"path": ""}, methods=METHODS, provide_automatic_options=False)
+    @app.route("/<path:path>", methods=METHODS, provide_automatic_options=False)
     def serve(path: str) -> Response:
         req = HttpRequest(
             method=request.method,
             path=request.path,
             headers={k.lower(): v for k, v in request.headers.items()},
-            body=request.get_data(cache=False),
             query=request.args.to_dict(),
         )
+        try:
+            req.body = request.get_data(cache=False)
+        except HTTPException as exc:  # 413 on Content-Length, a client gone mid-body
+            req.rejected = _edge_error(exc)
+        except (OSError, ValueError) as exc:  # a malformed chunked body
+            req.rejected = BadRequest(f"malformed request body ({type(exc).__name__})")
         return _to_flask(dispatch(runtime, req))
 
     @app.errorhandler(HTTPException)
     def http_error(exc: HTTPException) -> Response:
-        if exc.code == 413:
-            err: ShardserveError = PayloadTooLarge(
-                f"request body is over the limit of {runtime.config.max_body_bytes} bytes"
-            )
-        else:
-            err = ShardserveError(exc.description or exc.name, status=exc.code or 400)
-        return _to_flask(error_response(err))
+        return _to_flask(error_response(_edge_error(exc)))
 
     return app

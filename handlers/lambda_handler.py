@@ -4,9 +4,8 @@
 
 - API Gateway HTTP API, payload format 2.0 (``"version": "2.0"``);
 - API Gateway REST API proxy, payload format 1.0 (``"httpMethod"``);
-- a direct invoke for shard-to-shard calls: ``{"shardserve": "v2", "method": ...,
-  "path": ..., "headers": {...}, "body": <base64>, "isBase64Encoded": true}``,
-  answered in the same ``statusCode/headers/body`` shape.
+- a direct invoke for shard-to-shard calls (:mod:`handlers.direct_invoke`), answered in the
+  same ``statusCode/headers/body`` shape.
 
 The runtime is built once per container, lazily, on the first invocation and
 reused by warm ones; nothing else survives between calls. The handler never
@@ -19,21 +18,22 @@ from __future__ import annotations
 import base64
 import binascii
 import logging
+import math
 import os
 import time
 from typing import Any
 from urllib.parse import parse_qsl, unquote
 
 from runtime import Runtime
-from runtime.errors import BadRequest, PayloadTooLarge
+from runtime.errors import BadRequest, PayloadTooLarge, ShardserveError
 
-from .routes import HttpRequest, HttpResponse, dispatch, error_response
+from .direct_invoke import is_direct_invoke
+from .routes import HttpRequest, HttpResponse, dispatch, error_response, request_id
 
 log = logging.getLogger("shardserve.lambda")
 
 # A synchronous invocation's request and response payloads are capped at 6 MB.
 LAMBDA_PAYLOAD_LIMIT = 6 * 1024 * 1024
-DIRECT_INVOKE = "v2"
 OFFLINE_REQUEST_ID = "1234567890"  # serverless-offline's constant placeholder
 
 _runtime: Runtime | None = None
@@ -93,14 +93,16 @@ def to_http_request(event: Any) -> tuple[HttpRequest, str]:
     if not isinstance(event, dict):
         raise BadRequest("event must be a JSON object")
     if event.get("version") == "2.0" and isinstance(event.get("requestContext"), dict):
-        http = event["requestContext"].get("http") or {}
+        http = event["requestContext"].get("http")
+        if not isinstance(http, dict):
+            raise BadRequest("event requestContext.http must be an object")
         kind, method, path = "2.0", http.get("method"), event.get("rawPath")
         path = unquote(path) if isinstance(path, str) else path  # rawPath keeps %-escapes
         query = _query(event.get("rawQueryString") or event.get("queryStringParameters"))
     elif "httpMethod" in event:
         kind, method, path = "1.0", event.get("httpMethod"), event.get("path")
         query = _query(event.get("queryStringParameters"))
-    elif event.get("shardserve") == DIRECT_INVOKE:
+    elif is_direct_invoke(event):
         kind, method, path = "direct", event.get("method", "POST"), event.get("path")
         query = _query(event.get("query"))
     else:
@@ -132,41 +134,50 @@ def to_lambda_response(response: HttpResponse) -> dict:
             "isBase64Encoded": encoded}
 
 
-def request_id(context: Any) -> str | None:
-    """The invocation's id (serverless-offline keeps the real one in ``awsRequestId``)."""
-    rid = getattr(context, "aws_request_id", None)
-    if rid in (None, OFFLINE_REQUEST_ID):
-        rid = getattr(context, "awsRequestId", None) or rid
-    return rid
+def invocation_id(context: Any) -> str | None:
+    """The invocation's id (serverless-offline keeps the real one in ``awsRequestId``);
+    dispatch uses it unless the client sent a sane ``X-Request-Id``, and checks it too."""
+    try:
+        rid = getattr(context, "aws_request_id", None)
+        if rid in (None, OFFLINE_REQUEST_ID):
+            rid = getattr(context, "awsRequestId", None) or rid
+    except Exception:  # a context is the platform's object: read it, never fail on it
+        return None
+    return rid if isinstance(rid, str) else None
 
 
 def deadline(context: Any) -> float | None:
-    remaining = getattr(context, "get_remaining_time_in_millis", None)
-    if remaining is None:
-        return None
+    """When the function will be stopped, from the context's remaining time; None when the
+    context cannot say (no method, one that raises, or a value that is not a finite time)."""
     try:
-        return time.monotonic() + float(remaining()) / 1000.0
-    except (TypeError, ValueError):
+        remaining = float(context.get_remaining_time_in_millis()) / 1000.0
+    except Exception:
         return None
+    return time.monotonic() + remaining if math.isfinite(remaining) and remaining >= 0 else None
 
 
 def handler(event: Any, context: Any = None) -> dict:
     """The Lambda entry point for HTTP API, REST API and direct-invoke events."""
     started = time.perf_counter()
-    rid = request_id(context)
     kind = "invalid"
     try:
         request, kind = to_http_request(event)
-        request.request_id = request.headers.get("x-request-id") or rid
-        request.deadline = deadline(context)
+    except ShardserveError as exc:  # answered by dispatch, so it is logged and has an id
+        request = HttpRequest("POST", "/", rejected=exc)
+    except Exception:  # an event no check foresaw: still the client's, never a 500
+        request = HttpRequest("POST", "/", rejected=BadRequest("malformed event"))
+    request.request_id = invocation_id(context)
+    request.deadline = deadline(context)
+    try:
         response = dispatch(get_runtime(), request)
     except Exception as exc:  # never let an exception escape a Lambda handler
         response = error_response(exc)
+        response.headers["X-Request-Id"] = request_id(request.request_id)
     try:
         result = to_lambda_response(response)
     except Exception as exc:  # e.g. a body that cannot be decoded as declared
         result = to_lambda_response(error_response(exc))
-    log.info("request %s %s -> %s in %.1f ms", rid, kind, result["statusCode"],
+    log.info("request %s %s -> %s in %.1f ms", request.request_id, kind, result["statusCode"],
              (time.perf_counter() - started) * 1000)
     return result
 

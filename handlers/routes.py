@@ -8,13 +8,14 @@ status code or rule lives anywhere else.
 from __future__ import annotations
 
 import logging
+import os
 import re
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
-from runtime import Runtime
+from runtime import Runtime, call_scope
 from runtime.codec import (
     decode_request,
     encode_response,
@@ -29,6 +30,8 @@ from runtime.errors import (
     PayloadTooLarge,
     ShardserveError,
 )
+
+from .classification import apply_classification, requested_classes
 
 log = logging.getLogger("shardserve.http")
 
@@ -45,6 +48,7 @@ class HttpRequest:
     request_id: str | None = None
     principal: Any = None
     deadline: float | None = None  # time.monotonic() by which the answer is useless
+    rejected: BaseException | None = None  # refused by the edge before routing (e.g. 413)
 
 
 @dataclass(slots=True)
@@ -58,10 +62,40 @@ def json_response(obj: Any, status: int = 200) -> HttpResponse:
     return HttpResponse(status, json_dumps(obj), dict(JSON))
 
 
+# edge policy shared by every adapter -------------------------------------------------------------
+
+REQUEST_ID = re.compile(r"[A-Za-z0-9._:-]{1,64}")
+NAME_SHOWN = 128  # characters of a client-supplied name an error message repeats
+MESSAGE_SHOWN = 1024
+_LONG_QUOTED = re.compile(rf"(['\"])([^'\"]{{{NAME_SHOWN}}})[^'\"]+\1")
+
+
+def request_id(*supplied: Any) -> str:
+    """The first supplied id that is 1-64 plain characters (no log injection), else a new one."""
+    for value in supplied:
+        if isinstance(value, str) and REQUEST_ID.fullmatch(value):
+            return value
+    return os.urandom(8).hex()
+
+
+def body_too_large(limit: int, size: int | None = None) -> PayloadTooLarge:
+    """The one 413 for a body over ``max_body_bytes``, whichever edge notices it first (an
+    edge may refuse on Content-Length before reading, to bound memory)."""
+    size_text = f" ({size} bytes)" if size is not None else ""
+    return PayloadTooLarge(f"request body is over the limit of {limit} bytes{size_text}")
+
+
+def clip_names(message: str) -> str:
+    """``message`` with every quoted name cut to 128 characters and the whole to 1 KiB, so an
+    error never echoes a 100 KB input name back (or into a log line)."""
+    message = _LONG_QUOTED.sub(lambda m: f"{m[1]}{m[2]}...{m[1]}", message)
+    return message if len(message) <= MESSAGE_SHOWN else message[:MESSAGE_SHOWN] + "..."
+
+
 def error_response(exc: BaseException) -> HttpResponse:
     """The one mapping from an exception to a client-safe response."""
     if isinstance(exc, ShardserveError) and exc.status != 500:
-        response = json_response({"error": exc.message}, exc.status)
+        response = json_response({"error": clip_names(exc.message)}, exc.status)
         response.headers.update(exc.headers)
         return response
     # Anything else is a bug: say so without detail; the log gets the type only.
@@ -114,8 +148,11 @@ def infer(rt: Runtime, req: HttpRequest, model: str, version: str | None = None)
         parse_header_length(req.headers.get("inference-header-content-length")),
         max_elements=rt.config.max_tensor_elements or None,
     )
+    classes = requested_classes(request)  # Triton's classification extension
     response = rt.infer(model, request, version=version, principal=req.principal,
                         deadline=req.deadline)
+    if classes:
+        apply_classification(response, classes)
     body, headers = encode_response(response, request)
     return HttpResponse(200, body, headers)
 
@@ -142,9 +179,22 @@ def repository_load(rt: Runtime, req: HttpRequest, model: str) -> HttpResponse:
 
 
 def repository_unload(rt: Runtime, req: HttpRequest, model: str) -> HttpResponse:
-    _json_body(req)
+    if not isinstance(_json_body(req), dict):
+        raise BadRequest("unload request must be a JSON object")
     rt.unload(model)
     return json_response({})
+
+
+def model_stats(rt: Runtime, req: HttpRequest, model: str | None = None,
+                version: str | None = None) -> HttpResponse:
+    """Triton's statistics extension, from the counters /metrics exports (docs/serving.md)."""
+    from plugins.serving.metrics import model_statistics
+
+    loaded = [(m["name"], m["version"]) for m in rt.models() if "version" in m]
+    if model is not None:
+        served = str(rt.get_model(model, version).version)  # 404 unknown, 503 not loaded
+        loaded = [(m, v) for m, v in loaded if m == model and (version is None or v == served)]
+    return json_response(model_statistics(loaded))
 
 
 def metrics(rt: Runtime, req: HttpRequest) -> HttpResponse:
@@ -184,6 +234,8 @@ ROUTES: list[Route] = [
     _route("GET", r"/v2/health/live", health_live, "health"),
     _route("GET", r"/v2/health/ready", health_ready, "health"),
     _route("GET", r"/v2", server_metadata, "server_metadata"),
+    _route("GET", r"/v2/models/stats", model_stats, "metrics"),  # before a model named stats
+    _route("GET", rf"/v2/models/{SEGMENT}{VERSION}/stats", model_stats, "metrics"),
     _route("GET", rf"/v2/models/{SEGMENT}{VERSION}", model_metadata, "metadata"),
     _route("GET", rf"/v2/models/{SEGMENT}{VERSION}/ready", model_ready, "metadata"),
     _route("GET", rf"/v2/models/{SEGMENT}{VERSION}/config", model_config, "metadata"),
@@ -211,25 +263,32 @@ def match(method: str, path: str) -> tuple[Route, dict]:
 
 
 def dispatch(rt: Runtime, req: HttpRequest) -> HttpResponse:
-    """Route one request and map every failure to a response; never raises."""
-    started, action, params = time.perf_counter(), "unknown", {}
+    """Route one request and map every failure to a response; never raises.
+
+    Every edge's policy lives here: the request id (the client's ``X-Request-Id`` when sane,
+    else the edge's own id, else a new one; echoed on every response) and the body limit."""
+    started, action, params, call = time.perf_counter(), "unknown", {}, None
+    req.request_id = request_id(req.headers.get("x-request-id"), req.request_id)
     try:
+        if req.rejected is not None:
+            raise req.rejected
         if len(req.body) > rt.config.max_body_bytes:
-            raise PayloadTooLarge(
-                f"request body is {len(req.body)} bytes, over the limit of "
-                f"{rt.config.max_body_bytes} bytes"
-            )
+            raise body_too_large(rt.config.max_body_bytes, len(req.body))
         route, params = match(req.method, req.path)
         action = route.action
         # security guard: 401/403/429 before any view runs (plugins/security)
         req.principal = rt.authenticate(req) if action != "health" else None
         rt.authorize(req.principal, action, params.get("model"))
-        response = route.view(rt, req, **params)
+        with call_scope(req.request_id) as call:  # infer records the served version, hops
+            response = route.view(rt, req, **params)
     except Exception as exc:  # the one place errors become responses
         response = error_response(exc)
-    rt.audit({"principal": getattr(req.principal, "name", None), "action": action,
+    who = getattr(req.principal, "key", None) or getattr(req.principal, "name", None)
+    rt.audit({"principal": who, "action": action,  # "<method>:<name>" from security
               "model": params.get("model"), "version": params.get("version"),
+              "served_version": call and call.version, "hops": call.hops if call else [],
               "outcome": response.status, "bytes_in": len(req.body),
               "bytes_out": len(response.body), "request_id": req.request_id,
               "latency_ms": round((time.perf_counter() - started) * 1000, 3)})
+    response.headers["X-Request-Id"] = req.request_id
     return response

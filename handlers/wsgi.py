@@ -15,11 +15,14 @@ from http import HTTPStatus
 from typing import Any
 
 from runtime import Runtime
-from runtime.errors import BadRequest, PayloadTooLarge
+from runtime.errors import BadRequest, ShardserveError
 
-from .routes import HttpRequest, HttpResponse, dispatch, error_response
+from .routes import HttpRequest, HttpResponse, body_too_large, dispatch
 
 STATUS_LINES = {s.value: f"{s.value} {s.phrase}" for s in HTTPStatus}
+# environ key of a callable the gunicorn worker (handlers/gunicorn_workers.py) puts there: the
+# app calls it once the body is read, ending that request's read deadline.
+BODY_READ_CALLBACK = "shardserve.body_read"
 
 
 def _headers(environ: dict) -> dict[str, str]:
@@ -35,44 +38,64 @@ def _headers(environ: dict) -> dict[str, str]:
 
 def _read_body(environ: dict, limit: int) -> bytes:
     """The body, never more than ``limit`` bytes read: 413 before reading when the declared
-    length is over, and a chunked body is cut off one byte past the limit."""
+    length is over, and a chunked body is cut off one byte past the limit. A malformed chunked
+    body or one shorter than declared is a 400 (the server's own parse errors are the client's
+    fault, never a 500)."""
     length = environ.get("CONTENT_LENGTH")
     stream = environ["wsgi.input"]
-    if length:
-        try:
-            size = int(length)
-        except ValueError:
-            raise BadRequest("Content-Length is not a number") from None
-        if size > limit:
-            raise PayloadTooLarge(f"request body is {size} bytes, over the limit of {limit} bytes")
-        return stream.read(size) if size > 0 else b""
-    if environ.get("HTTP_TRANSFER_ENCODING", "").lower() == "chunked":
-        body = stream.read(limit + 1)
-        if len(body) > limit:
-            raise PayloadTooLarge(f"request body is over the limit of {limit} bytes")
-        return body
-    return b""
+    try:
+        if length:
+            try:
+                size = int(length)
+            except ValueError:
+                raise BadRequest("Content-Length is not a number") from None
+            if size > limit:
+                raise body_too_large(limit, size)
+            body = stream.read(size) if size > 0 else b""
+            if len(body) < size:
+                raise BadRequest("request body ended before its Content-Length")
+            return body
+        if environ.get("HTTP_TRANSFER_ENCODING", "").lower() == "chunked":
+            body = stream.read(limit + 1)
+            if len(body) > limit:
+                raise body_too_large(limit)
+            return body
+        return b""
+    except ShardserveError:
+        raise
+    except Exception as exc:
+        raise _unreadable_body(exc) from None
+
+
+def _unreadable_body(exc: Exception) -> Exception:
+    """gunicorn's body errors as the client's fault: a vanished client (``NoMoreData``) is
+    re-raised so gunicorn closes the connection quietly; a malformed chunk is a 400."""
+    module = type(exc).__module__ or ""
+    if type(exc).__name__ == "NoMoreData" or isinstance(exc, ConnectionError):
+        return exc
+    if module.startswith("gunicorn.http") or isinstance(exc, (OSError, ValueError)):
+        return BadRequest(f"malformed request body ({type(exc).__name__})")
+    return exc
 
 
 def create_wsgi_app(runtime: Runtime) -> Callable[[dict, Callable], Iterable[bytes]]:
     """A WSGI callable serving ``runtime`` (started here) through the route table."""
-    from plugins.serving.logs import request_id
-
     runtime.start()
     limit = runtime.config.max_body_bytes
 
     def app(environ: dict, start_response: Callable) -> Iterable[bytes]:
-        rid = request_id(environ.get("HTTP_X_REQUEST_ID"))
+        query = environ.get("QUERY_STRING")
+        req = HttpRequest(environ["REQUEST_METHOD"], environ.get("PATH_INFO") or "/",
+                          _headers(environ), b"", _query(query) if query else {})
         try:
-            body = _read_body(environ, limit)
-        except Exception as exc:  # answered without routing, like Flask's 413
-            response = error_response(exc)
-        else:
-            query = environ.get("QUERY_STRING")
-            req = HttpRequest(environ["REQUEST_METHOD"], environ.get("PATH_INFO") or "/",
-                              _headers(environ), body, _query(query) if query else {}, rid)
-            response = dispatch(runtime, req)
-        return _respond(response, rid, start_response)
+            req.body = _read_body(environ, limit)
+        except ShardserveError as exc:  # answered without routing: dispatch says why
+            req.rejected = exc
+        finally:
+            body_read = environ.get(BODY_READ_CALLBACK)
+            if body_read is not None:  # the worker stops the read clock (slow clients)
+                body_read()
+        return _respond(dispatch(runtime, req), start_response)
 
     app.runtime = runtime  # type: ignore[attr-defined]
     return app
@@ -84,10 +107,9 @@ def _query(text: str) -> dict[str, str]:
     return dict(parse_qsl(text, keep_blank_values=True))
 
 
-def _respond(response: HttpResponse, rid: str, start_response: Callable) -> list[bytes]:
+def _respond(response: HttpResponse, start_response: Callable) -> list[bytes]:
     headers = list(response.headers.items())
     headers.append(("Content-Length", str(len(response.body))))
-    headers.append(("X-Request-Id", rid))
     status = STATUS_LINES.get(response.status) or f"{response.status} Unknown"
     start_response(status, headers)
     return [response.body]

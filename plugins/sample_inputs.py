@@ -90,6 +90,17 @@ def metadata_signature(metadata: dict) -> list[InputSignature]:
     return out
 
 
+def add_sample_arguments(parser: Any) -> None:
+    """``--sample`` and ``--input-shape``: the same options on ``plan``, ``partition``,
+    ``optimize`` and ``bench``."""
+    parser.add_argument("--sample", action="append", metavar="FILE.npz",
+                        help="representative inputs, one array per input name; repeat, or give "
+                        "a directory of .npz files (default: model.toml [sample], else "
+                        "generated)")
+    parser.add_argument("--input-shape", action="append", metavar="NAME=D1,D2,...",
+                        help="size of an input's dynamic dims for generated inputs (repeatable)")
+
+
 def parse_input_shape(text: str) -> tuple[str, list[int]]:
     """``NAME=D1,D2,...`` (``NAME=`` or ``NAME=scalar`` for rank 0)."""
     name, sep, dims = str(text).rpartition("=")

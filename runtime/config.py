@@ -7,6 +7,8 @@ host = "127.0.0.1"
 port = 8080
 max_body_bytes = 67108864     # 64 MiB; larger bodies get 413
 max_tensor_elements = 0       # 0 = only the body limit applies
+state_dir = "/var/lib/shardserve"  # shared by workers (replay nonces, rate limits);
+                              # default $XDG_STATE_HOME/shardserve or ~/.local/state/shardserve
 
 [repository]
 path = "models"               # relative to this file
@@ -48,6 +50,7 @@ ENVIRONMENT = {
     "SHARDSERVE_PORT": ("server", "port", int),
     "SHARDSERVE_MAX_BODY_BYTES": ("server", "max_body_bytes", int),
     "SHARDSERVE_MAX_TENSOR_ELEMENTS": ("server", "max_tensor_elements", int),
+    "SHARDSERVE_STATE_DIR": ("server", "state_dir", str),
     "SHARDSERVE_METRICS": ("metrics", "enabled", bool),
 }
 TRUE, FALSE = ("1", "true", "yes", "on"), ("0", "false", "no", "off")
@@ -68,6 +71,7 @@ class Config:
     max_body_bytes: int = DEFAULT_MAX_BODY_BYTES
     max_tensor_elements: int = 0
     disable_plugins: list[str] = field(default_factory=list)
+    state_dir: Path | None = None  # None: the per-user default (plugins.security.shared_state)
     sections: dict[str, Any] = field(default_factory=dict)
 
     def section(self, name: str) -> dict:
@@ -151,7 +155,7 @@ def _build(raw: dict, base_dir: Path) -> Config:
     server = _expect(raw.get("server", {}), dict, "[server]")
     repo = _expect(raw.get("repository", {}), dict, "[repository]")
     plugins = _expect(raw.get("plugins", {}), dict, "[plugins]")
-    known_server = {"host", "port", "max_body_bytes", "max_tensor_elements"}
+    known_server = {"host", "port", "max_body_bytes", "max_tensor_elements", "state_dir"}
     unknown = set(server) - known_server
     if unknown:
         raise ConfigError(f"config: unknown [server] keys: {', '.join(sorted(unknown))}")
@@ -168,6 +172,9 @@ def _build(raw: dict, base_dir: Path) -> Config:
     )
     if cfg.max_body_bytes <= 0 or cfg.max_tensor_elements < 0:
         raise ConfigError("config: server limits must be positive")
+    if "state_dir" in server:
+        state = Path(_expect(server["state_dir"], (str, os.PathLike), "server.state_dir"))
+        cfg.state_dir = state if state.is_absolute() else base_dir / state
     path = Path(_expect(repo.get("path", "models"), (str, os.PathLike), "repository.path"))
     cfg.repository = path if path.is_absolute() else base_dir / path
     load = repo.get("load", "all")

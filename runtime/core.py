@@ -10,11 +10,12 @@ import logging
 import threading
 import time
 import uuid
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterator, Mapping
+from contextlib import contextmanager
 from contextvars import ContextVar
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
 from .codec import InferRequest, InferResponse
 from .config import Config, load_config
@@ -24,18 +25,18 @@ from .errors import (
     GatewayTimeout,
     ModelLoadError,
     NotFound,
+    PayloadTooLarge,
     ServiceUnavailable,
     ShardserveError,
 )
-from .plan import PLAN_FILE
-from .plugins import PluginManager, Registry
+from .plugins import PluginManager, Registry, call_chain
 from .repository import ModelConfig, ModelRepository, validate_model_name, validate_version
 
 log = logging.getLogger("shardserve.runtime")
 
 SERVER_NAME = "shardserve"
 UNLOADED = "unloaded"
-EXTENSIONS = ("binary_tensor_data", "model_repository", "model_configuration")
+EXTENSIONS = ("binary_tensor_data", "model_repository", "model_configuration", "statistics")
 
 
 @dataclass(slots=True)
@@ -59,10 +60,46 @@ class BackendSettings:
     path: Path
     config: ModelConfig
     options: dict
-    read_bytes: Callable[[str], bytes]
+    read_bytes: Callable[[str], bytes]  # a file of the version, model-bytes transforms applied
     server: Config
-    backends: Any = None  # the runtime's backend Registry, for backends that compose others
-    plugins: Any = None  # the runtime's PluginManager, for backends that collect kernels
+    backends: Registry | None = None  # for backends that compose others (plan shards)
+    plugins: PluginManager | None = None  # the runtime's: kernels, executors, transforms
+
+
+class Backend(Protocol):
+    """What ``backend_class(settings)`` returns (``shardserve_register_backends``).
+
+    ``load()`` reads the model; afterwards ``inputs``/``outputs`` describe it.
+    ``run`` gets checked inputs and the output names wanted. ``close()`` is optional.
+    """
+
+    inputs: list[TensorSpec]
+    outputs: list[TensorSpec]
+
+    def load(self) -> None: ...
+
+    def run(self, inputs: dict[str, Any], outputs: list[str]) -> dict[str, Any]: ...
+
+
+@dataclass(frozen=True)
+class RequestLimits:
+    """Per-request limits a plugin sets for a principal (``shardserve_request_limits``)."""
+
+    max_batch_size: int = 0  # 0: no limit; a larger first dimension gets 413
+    deadline: float | None = None  # time.monotonic(); past it the request gets 504
+
+    def check_request(self, request: InferRequest) -> None:
+        if self.deadline is not None and time.monotonic() > self.deadline:
+            raise GatewayTimeout("request deadline passed before the model ran")
+        if self.max_batch_size:
+            for item in request.inputs:
+                if item.shape and item.shape[0] > self.max_batch_size:
+                    raise PayloadTooLarge(f"batch size {item.shape[0]} is over the server "
+                                          f"limit {self.max_batch_size}")
+
+    def check_deadline(self) -> None:
+        if self.deadline is not None and time.monotonic() > self.deadline:
+            raise GatewayTimeout("request deadline passed")
 
 
 @dataclass
@@ -76,22 +113,49 @@ class LoadedModel:
     input_specs: dict[str, TensorSpec] = field(default_factory=dict)
     output_names: list[str] = field(default_factory=list)
 
+    users: int = 0  # requests running on it; a retired version closes when the last ends
+    retired: bool = False
+    guard: threading.Lock = field(default_factory=threading.Lock, repr=False)
+
     def __post_init__(self) -> None:
         self.input_specs = {spec.name: spec for spec in self.inputs}
         self.output_names = [spec.name for spec in self.outputs]
 
+    def acquire(self) -> bool:
+        """Count a request in; False once a reload or unload retired this version."""
+        with self.guard:
+            self.users += not self.retired
+            return not self.retired
+
+    def release(self) -> None:
+        with self.guard:
+            self.users -= 1
+            last = self.retired and self.users == 0
+        if last:
+            close_backend(self.backend)
+
+    def retire(self) -> None:
+        """Close the backend now, or when the requests still running on it finish."""
+        with self.guard:
+            idle, self.retired = self.users == 0 and not self.retired, True
+        if idle:
+            close_backend(self.backend)
+
 
 class CallContext:
     """The request a backend run serves, for executors (docs/executors.md): the id binds
-    encrypted tensors to it, the deadline bounds every remote call, hops are recorded."""
+    encrypted tensors to it, the deadline bounds every remote call, hops are recorded.
+    After the run, ``version`` is the version that served it (for the audit event)."""
 
-    __slots__ = ("_request_id", "model", "deadline", "hops")
+    __slots__ = ("_request_id", "model", "deadline", "hops", "version")
 
-    def __init__(self, request_id: str | None, model: str, deadline: float | None = None):
+    def __init__(self, request_id: str | None, model: str | None = None,
+                 deadline: float | None = None):
         self._request_id = request_id
         self.model = model
         self.deadline = deadline  # time.monotonic(); the earlier of caller's and limits'
-        self.hops: list = []  # executors append one dict per remote hop
+        self.hops: list[dict] = []  # executors append one dict per remote hop
+        self.version: str | None = None
 
     @property
     def request_id(self) -> str:
@@ -107,6 +171,18 @@ _call: ContextVar[CallContext | None] = ContextVar("shardserve_call", default=No
 def current_call() -> CallContext | None:
     """The request being served in this context (set by ``Runtime.infer``), or None."""
     return _call.get()
+
+
+@contextmanager
+def call_scope(request_id: str | None = None) -> Iterator[CallContext]:
+    """One request's context around an edge's dispatch: ``Runtime.infer`` records into it
+    the version that served and the hops, which the audit event then reports."""
+    call = CallContext(request_id)
+    token = _call.set(call)
+    try:
+        yield call
+    finally:
+        _call.reset(token)
 
 
 @dataclass
@@ -151,10 +227,11 @@ class Runtime:
     def __init__(self, config: Config, plugin_manager: PluginManager | None = None):
         self.config = config
         self._pm = plugin_manager
-        self._backends: Registry | None = None
         self.repository = ModelRepository(config.repository)
         self._models: dict[str, ModelStatus] = {}
-        self._lock = threading.RLock()
+        self._lock = threading.RLock()  # guards _model_locks only: loads lock one model
+        self._model_locks: dict[str, threading.RLock] = {}
+        self._shared: Any = None  # shardserve_shared_repository: one state for all workers
         self._started = False
 
     @classmethod
@@ -201,11 +278,7 @@ class Runtime:
 
     @property
     def backends(self) -> Registry:
-        if self._backends is None:
-            self._backends = Registry("backend", check=callable).collect(
-                self.pm, "shardserve_register_backends"
-            )
-        return self._backends
+        return self.pm.registry("backend", callable)
 
     def start(self) -> Runtime:
         """Call the startup hook and load models as ``repository.load`` says."""
@@ -215,37 +288,59 @@ class Runtime:
         self.pm.hook.shardserve_startup(runtime=self)
         load = self.config.load
         names = self.repository.names() if load == "all" else load if isinstance(load, list) else []
-        for name in names:
-            try:
-                self.load(name)
-            except ShardserveError as exc:
-                log.error("model %s failed to load: %s", name, exc.message)
+        wanted = dict.fromkeys(names, "load")
+        self._shared = self.pm.hook.shardserve_shared_repository(runtime=self)
+        if self._shared is not None:  # what other workers were asked before this one started
+            self._shared.sync(wanted.__setitem__)
+        for name, action in wanted.items():
+            self._apply(name, action)
         return self
+
+    def _apply(self, name: str, action: str) -> None:
+        """Load or unload here what was asked at startup or through another worker."""
+        try:
+            self._load(name) if action == "load" else self._unload(name)
+        except ShardserveError as exc:
+            log.error("model %s failed to %s: %s", name, action, exc.message)
+
+    def _sync(self) -> None:
+        if self._shared is not None:
+            self._shared.sync(self._apply)
+
+    def _model_lock(self, name: str) -> threading.RLock:
+        with self._lock:
+            return self._model_locks.setdefault(name, threading.RLock())
 
     # repository -------------------------------------------------------------
 
     def models(self) -> list[dict]:
         """The repository index: every model with its state (Triton's format)."""
+        self._sync()
         out = []
-        with self._lock:
-            for name in self.repository.names():
-                status = self._models.get(name)
-                if status and status.versions:
-                    for version in sorted(status.versions):
-                        out.append({"name": name, "version": str(version), "state": status.state,
-                                    "reason": status.reason})
-                else:
-                    entry = {"name": name, "state": status.state if status else "UNAVAILABLE",
-                             "reason": status.reason if status else ""}
-                    out.append(entry)
+        for name in self.repository.names():
+            status = self._models.get(name)
+            if status and status.versions:
+                for version in sorted(status.versions):
+                    out.append({"name": name, "version": str(version), "state": status.state,
+                                "reason": status.reason})
+            else:
+                out.append({"name": name, "state": status.state if status else "UNAVAILABLE",
+                            "reason": status.reason if status else ""})
         return out
 
     def load(self, name: str) -> None:
-        """(Re)load every version the model's policy selects."""
+        """(Re)load every version the model's policy selects, in every worker."""
         validate_model_name(name)
         if not self.repository.exists(name):
             raise NotFound(f"unknown model {name!r}")
-        with self._lock:
+        with self._model_lock(name):  # other models keep serving and loading meanwhile
+            if self._shared is not None:
+                self._shared.publish(name, "load")
+            self._load(name)
+
+    def _load(self, name: str) -> None:
+        """The old versions serve until the new ones are ready, then close once idle."""
+        with self._model_lock(name):
             status = self._models.setdefault(name, ModelStatus())
             old = dict(status.versions)
             status.state, status.reason = "LOADING", ""
@@ -264,65 +359,72 @@ class Runtime:
                 raise ModelLoadError(f"model {name!r} failed to load") from exc
             status.versions, status.state = loaded, "READY"
         for model in old.values():
-            if model not in loaded.values():
-                close_backend(model.backend)
+            model.retire()
         log.info("model %s loaded (versions %s)", name, sorted(loaded))
 
-    def _load_version(self, cfg: ModelConfig, version: int) -> LoadedModel:
-        backend_name = cfg.backend
-        if (self.repository.version_dir(cfg.name, version) / PLAN_FILE).is_file():
-            backend_name = "plan"  # a partitioned version, whatever model.toml says
-        if backend_name not in self.backends:
-            raise ModelLoadError(
-                f"model {cfg.name!r}: unknown backend {backend_name!r} "
-                f"(available: {', '.join(self.backends.names())})"
-            )
+    def read_model_file(self, name: str, version: int, filename: str,
+                        directory: Path | None = None) -> bytes:
+        """A model file's bytes after every ``shardserve_transform_model_bytes``
+        (signature check, decryption). ``directory``: a version being built (tools)."""
+        data = (self.repository.read_file(name, version, filename) if directory is None
+                else (directory / filename).read_bytes())
+        return call_chain(self.pm, "shardserve_transform_model_bytes", "data", data,
+                          model=name, version=str(version), filename=filename, config=self.config)
 
-        def read_bytes(filename: str) -> bytes:
-            data = self.repository.read_file(cfg.name, version, filename)
-            for result in self.pm.hook.shardserve_transform_model_bytes.get_hookimpls()[::-1]:
-                new = result.function(model=cfg.name, version=str(version), filename=filename,
-                                      data=data, config=self.config)
-                if new is not None:
-                    data = new
-            return data
-
+    def open_version(self, cfg: ModelConfig, version: int, directory: Path | None = None,
+                     wrap: bool = False) -> Backend:
+        """The one way to open a model version (plan or not): the backend that
+        ``shardserve_select_backend`` or model.toml names, loaded; ``wrap``: as served."""
+        path = directory or self.repository.version_dir(cfg.name, version)
+        name = self.pm.hook.shardserve_select_backend(config=cfg, path=path) or cfg.backend
+        if name not in self.backends:
+            raise ModelLoadError(f"model {cfg.name!r}: unknown backend {name!r} "
+                                 f"(available: {', '.join(self.backends.names())})")
         settings = BackendSettings(
-            model=cfg.name, version=version, path=self.repository.version_dir(cfg.name, version),
-            config=cfg, options=cfg.backend_options(), read_bytes=read_bytes, server=self.config,
-            backends=self.backends, plugins=self.pm,
-        )
-        backend = self.backends[backend_name](settings)
+            model=cfg.name, version=version, path=path, config=cfg,
+            options=cfg.backend_options(), server=self.config, backends=self.backends,
+            read_bytes=lambda filename: self.read_model_file(cfg.name, version, filename,
+                                                             directory),
+            plugins=self.pm)
+        backend = self.backends[name](settings)
         backend.load()
-        if "preprocess" in cfg.raw or "postprocess" in cfg.raw:  # pipeline stages, docs/numba.md
-            if "stages" not in self.backends:
-                raise ModelLoadError(f"model {cfg.name!r}: preprocess/postprocess need the "
-                                     "stages backend (shardserve[numba])")
-            backend = self.backends["stages"](settings, backend)
-            backend.load()
-        for impl in self.pm.hook.shardserve_wrap_backend.get_hookimpls()[::-1]:  # batching...
-            backend = impl.function(settings=settings, backend=backend) or backend
+        if wrap:  # serving: pipeline stages, batching, metrics...
+            backend = call_chain(self.pm, "shardserve_wrap_backend", "backend", backend,
+                                 settings=settings)
+        return backend
+
+    def _load_version(self, cfg: ModelConfig, version: int) -> LoadedModel:
+        backend = self.open_version(cfg, version, wrap=True)
         return LoadedModel(cfg.name, version, backend, cfg, list(backend.inputs),
                            list(backend.outputs))
 
     def unload(self, name: str) -> None:
+        """Unload in every worker: new requests get 503, running ones finish first."""
         validate_model_name(name)
-        with self._lock:
-            status = self._models.get(name)
-            if status is None or not status.versions:
-                if not self.repository.exists(name):
-                    raise NotFound(f"unknown model {name!r}")
-                return
+        if name not in self._models and not self.repository.exists(name):
+            raise NotFound(f"unknown model {name!r}")
+        with self._model_lock(name):
+            if self._shared is not None:
+                self._shared.publish(name, "unload")
+            self._unload(name)
+
+    def _unload(self, name: str) -> None:
+        with self._model_lock(name):
+            if name not in self._models and not self.repository.exists(name):
+                raise NotFound(f"unknown model {name!r}")
+            status = self._models.setdefault(name, ModelStatus())
             versions, status.versions = status.versions, {}
             status.state, status.reason = "UNAVAILABLE", UNLOADED
         for model in versions.values():
-            close_backend(model.backend)
-        log.info("model %s unloaded", name)
+            model.retire()
+        if versions:
+            log.info("model %s unloaded", name)
 
     # serving ----------------------------------------------------------------
 
     def get_model(self, name: str, version: str | int | None = None) -> LoadedModel:
         """The loaded model version (the newest when ``version`` is None)."""
+        self._sync()
         status = self._models.get(name)
         if status is None or not status.versions:
             status = self._lazy_load(name)
@@ -346,10 +448,10 @@ class Runtime:
             status = self._models.get(name)
             reason = status.reason if status else "not loaded"
             raise ServiceUnavailable(f"model {name!r} is not ready: {reason or 'not loaded'}")
-        with self._lock:
+        with self._model_lock(name):
             status = self._models.get(name)
             if status is None or not status.versions:
-                self.load(name)
+                self._load(name)
             return self._models[name]
 
     def ready(self, name: str | None = None, version: str | int | None = None) -> bool:
@@ -358,6 +460,7 @@ class Runtime:
         The server is ready once started and every model it tried to load is
         READY; a model unloaded on request does not count against it.
         """
+        self._sync()
         if name is None:
             return self._started and all(
                 s.state == "READY" or s.reason == UNLOADED for s in list(self._models.values())
@@ -439,7 +542,21 @@ class Runtime:
         ``deadline`` is a ``time.monotonic()`` value (a Lambda's remaining time):
         past it, the model is not run and the caller gets 504.
         """
-        model = self.get_model(name, version)
+        model = self._acquire(name, version)  # a reload or unload closes it only after this
+        try:
+            return self._infer(model, name, request, principal, deadline)
+        finally:
+            model.release()
+
+    def _acquire(self, name: str, version: str | int | None) -> LoadedModel:
+        for _ in range(100):  # a miss means a reload swapped the version meanwhile
+            model = self.get_model(name, version)
+            if model.acquire():
+                return model
+        raise ServiceUnavailable(f"model {name!r} is reloading")
+
+    def _infer(self, model: LoadedModel, name: str, request: InferRequest, principal: Any,
+               deadline: float | None) -> InferResponse:
         feed = _check_inputs(model, request)
         if request.outputs is None:
             wanted = model.output_names
@@ -450,15 +567,23 @@ class Runtime:
                     raise BadRequest(f"unknown output {out_name!r} for model {name!r}")
             if len(set(wanted)) != len(wanted):
                 raise BadRequest("an output is requested twice")
-        limits = getattr(principal, "limits", None)  # set by security: batch size, deadline
-        if limits is not None:
-            limits.check_request(request)
+        limits = None
+        if principal is not None:  # the strictest any plugin sets
+            found = self.pm.hook.shardserve_request_limits(principal=principal, model=name)
+            limits = min(found, key=lambda x: x.deadline or float("inf")) if found else None
+            for other in found:
+                other.check_request(request)
         if deadline is not None and time.monotonic() > deadline:
             raise GatewayTimeout(f"deadline passed before model {name!r} ran")
-        limit = getattr(limits, "deadline", None)
-        if limit is not None:
-            deadline = limit if deadline is None else min(deadline, limit)
-        token = _call.set(CallContext(request.id or None, name, deadline))
+        if limits is not None and limits.deadline is not None:
+            deadline = limits.deadline if deadline is None else min(deadline, limits.deadline)
+        call = _call.get()
+        if call is None or call.model is not None:  # not inside an edge's call_scope
+            call = CallContext(None)
+        call._request_id = request.id or call._request_id
+        call.model, call.deadline = name, deadline
+        call.version = str(model.version)
+        token = _call.set(call)
         try:
             outputs = model.backend.run(feed, wanted)
         finally:
@@ -469,8 +594,9 @@ class Runtime:
                              id=request.id)
 
     def close(self) -> None:
+        """Close this process's models (other workers keep theirs)."""
         for name in list(self._models):
-            self.unload(name)
+            self._unload(name)
 
 
 def _security_options(config: Config) -> dict:

@@ -9,9 +9,15 @@ is the plugin author's whole contract; docs/plugins.md repeats the signatures.
 from __future__ import annotations
 
 from collections.abc import Callable
-from typing import Any
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
 
 import pluggy
+
+if TYPE_CHECKING:  # the hooks name runtime types; importing them here would be circular
+    from .config import Config
+    from .core import Backend, BackendSettings, RequestLimits, Runtime
+    from .repository import ModelConfig
 
 PROJECT_NAME = "shardserve"
 
@@ -28,8 +34,19 @@ def shardserve_register_backends(register: Callable[[str, type], None]) -> None:
     after it returns, ``inputs`` and ``outputs`` hold lists of
     :class:`runtime.TensorSpec`) and ``run(inputs: dict[str, ndarray],
     outputs: list[str]) -> dict[str, ndarray]``. ``close()`` is optional.
-    A model selects its backend with ``backend = "name"`` in model.toml.
-    Registering a name twice raises at startup.
+    (:class:`runtime.core.Backend` is the typed contract.) A model selects its
+    backend with ``backend = "name"`` in model.toml, or a plugin claims a version
+    through ``shardserve_select_backend``. Registering a name twice raises at startup.
+    """
+
+
+@hookspec(firstresult=True)
+def shardserve_select_backend(config: ModelConfig, path: Path) -> str | None:
+    """Name the backend for one model version, overriding model.toml's ``backend``.
+
+    ``path`` is the version directory. The ``plan`` backend claims any version
+    holding ``plan.toml``. Return a registered backend name, or ``None`` to let
+    model.toml decide. Stops at first non-None result.
     """
 
 
@@ -75,7 +92,7 @@ def shardserve_register_optimizers(register: Callable[[str, Any], None]) -> None
 
 @hookspec
 def shardserve_transform_model_bytes(
-    model: str, version: str, filename: str, data: bytes, config: dict
+    model: str, version: str, filename: str, data: bytes, config: Config
 ) -> bytes | None:
     """Transform a model file's bytes after they are read and before any
     backend sees them: verify a signature, decrypt, reject.
@@ -85,7 +102,8 @@ def shardserve_transform_model_bytes(
     plugin order (``tryfirst`` ones first), each seeing the previous one's
     output. Raise a :class:`runtime.errors.ShardserveError` (usually
     ``ModelLoadError``) to refuse the model; its message names the file but
-    never a path outside the repository. ``config`` is the server config.
+    never a path outside the repository. ``config`` is the server config. Tools
+    (partition, optimize) read files through the same chain.
     """
 
 
@@ -120,7 +138,7 @@ def shardserve_register_executors(register: Callable[[str, Any], None]) -> None:
 
 
 @hookspec
-def shardserve_startup(runtime: Any) -> None:
+def shardserve_startup(runtime: Runtime) -> None:
     """Called once when a :class:`runtime.Runtime` is built, after its
     plugins are loaded and before any model loads. Use it to validate this
     plugin's section of the config (raise ``ConfigError``) or to warm caches.
@@ -128,14 +146,15 @@ def shardserve_startup(runtime: Any) -> None:
 
 
 @hookspec
-def shardserve_wrap_backend(settings: Any, backend: Any) -> Any | None:
-    """Wrap a model version's backend right after its ``load()``: batching, metrics, caching.
+def shardserve_wrap_backend(settings: BackendSettings, backend: Backend) -> Backend | None:
+    """Wrap a model version's backend right after its ``load()``: pipeline stages,
+    batching, metrics, caching.
 
-    ``settings`` is the version's :class:`runtime.BackendSettings`; ``backend`` is the loaded
-    backend (or an earlier plugin's wrapper). Return an object with the same interface
-    (``inputs``, ``outputs``, ``run(inputs, outputs)``, optional ``close()``) or ``None`` to
-    leave it. Implementations chain in plugin order, each wrapping the previous result. The
-    core has validated every request before ``run`` is called.
+    ``backend`` is the loaded backend (or an earlier plugin's wrapper). Return an
+    object with the same interface (a loaded :class:`runtime.core.Backend`) or
+    ``None`` to leave it. Implementations chain in plugin order (``tryfirst`` ones
+    innermost), each wrapping the previous result. The core has validated every
+    request before ``run`` is called.
     """
 
 
@@ -158,7 +177,7 @@ def shardserve_authorize(principal: Any, action: str, model: str | None) -> bool
     perform ``action`` on ``model``.
 
     ``action`` is the route's name ("health", "server_metadata", "metadata",
-    "infer", "repository_index", "load", "unload"); ``model`` is ``None`` for
+    "infer", "repository_index", "load", "unload", "metrics"); ``model`` is ``None`` for
     routes without one. Return ``False`` (or raise ``Forbidden``,
     ``Unauthorized`` or ``TooManyRequests``) to deny, ``True`` or ``None`` to
     allow. Every implementation is called and any denial wins.
@@ -166,11 +185,24 @@ def shardserve_authorize(principal: Any, action: str, model: str | None) -> bool
 
 
 @hookspec
+def shardserve_request_limits(principal: Any, model: str) -> RequestLimits | None:
+    """Limits for one inference by an authenticated ``principal`` on ``model``:
+    a :class:`runtime.core.RequestLimits` (largest batch, deadline), or ``None``.
+
+    Called by ``Runtime.infer`` only when a principal is set; every limit returned
+    applies (the strictest wins): over the batch limit is 413, past the deadline 504.
+    """
+
+
+@hookspec
 def shardserve_audit(event: dict) -> None:
     """Record one finished request: ``event`` holds ``principal``, ``action``,
-    ``model``, ``version``, ``outcome`` (HTTP status), ``latency_ms``,
-    ``bytes_in`` and ``bytes_out``. It never holds payloads, keys or tokens,
-    and an implementation must not add them. Must not raise.
+    ``model``, ``version`` (as the client asked), ``served_version`` (the version
+    that ran, ``None`` when no model ran), ``hops`` (one dict per remote shard call:
+    ``shard``, ``executor``, ``bytes_sent``, ``bytes_received``, ``seconds``),
+    ``outcome`` (HTTP status), ``latency_ms``, ``bytes_in``, ``bytes_out`` and
+    ``request_id``. It never holds payloads, keys or tokens, and an implementation
+    must not add them. Must not raise.
     """
 
 
@@ -185,4 +217,17 @@ def shardserve_register_tensor_transforms(register: Callable[[str, Any], None]) 
     encrypting transform binds as associated data so a tensor cannot be
     replayed into another request or shard. ``decode`` raises a
     ``ShardserveError`` on tampered data. Executors apply the chain on every hop.
+    """
+
+
+@hookspec(firstresult=True)
+def shardserve_shared_repository(runtime: Any) -> Any | None:
+    """Return the store through which a server's worker processes share one repository
+    state, or ``None`` (one process: nothing to share). Stops at first non-None result.
+
+    The store has ``publish(model: str, action: str)``, called with ``"load"`` or
+    ``"unload"`` (holding that model's lock) before a repository API request is applied in
+    this process, and ``sync(apply)``, called before every request is answered and once at
+    startup: it calls ``apply(model, action)`` for each request published since by any
+    process and returns only once they are applied. Its no-change path must be cheap.
     """

@@ -155,11 +155,26 @@ class PluginManager(pluggy.PluginManager):
         self.allow_disable, self.security_on = set(allow_disable), security_on
         self.distributions: dict[str, tuple[str, str]] = {}
         self._loaded = False
+        self._registries: dict[str, Registry] = {}
         for plugin in plugins:
             self.register(plugin)
         if os.environ.get("SHARDSERVE_TRACE_PLUGINS"):
             self.trace.root.setwriter(lambda msg: log.info("hook %s", msg.rstrip()))
             self.enable_tracing()
+
+    def register(self, plugin: Any, name: str | None = None) -> str | None:
+        self._registries.clear()  # a new plugin may register more things
+        return super().register(plugin, name)
+
+    def registry(self, kind: str, check: Callable[[Any], bool] | None = None) -> Registry:
+        """What ``shardserve_register_<kind>s`` collects (``"backend"``, ``"kernel"``...),
+        loaded once per plugin manager: every tool and backend asks here."""
+        found = self._registries.get(kind)
+        if found is None:
+            hook = f"shardserve_register_{kind.replace(' ', '_')}s"
+            found = Registry(kind, check).collect(self.load_plugins(), hook)
+            self._registries[kind] = found
+        return found
 
     def wanted(self, name: str) -> bool:
         if name in self.disable and name in SECURITY_PLUGINS:
@@ -219,6 +234,28 @@ def describe_plugins(pm: PluginManager) -> list[dict]:
     return out
 
 
+def each_implementation(pm: pluggy.PluginManager, hook_name: str) -> list[tuple[str, Any]]:
+    """``(plugin name, caller)`` per implementation of a hook, in pluggy's call order.
+
+    Each caller is pluggy's own ``HookCaller`` narrowed to one plugin
+    (``subset_hook_caller``), so an implementation still takes only the
+    arguments it names and ``SHARDSERVE_TRACE_PLUGINS`` still shows the call.
+    """
+    impls = getattr(pm.hook, hook_name).get_hookimpls()[::-1]  # tryfirst ones first
+    plugins = [impl.plugin for impl in impls]
+    return [(impl.plugin_name, pm.subset_hook_caller(
+        hook_name, [p for p in plugins if p is not impl.plugin])) for impl in impls]
+
+
+def call_chain(pm: pluggy.PluginManager, hook_name: str, key: str, value: Any, **kwargs: Any):
+    """Call a hook's implementations in turn, each with ``key`` set to the previous
+    one's result (``None`` keeps the value): model-bytes transforms, backend wrappers."""
+    for _, call in each_implementation(pm, hook_name):
+        for result in call(**kwargs, **{key: value}):
+            value = result
+    return value
+
+
 class Registry:
     """Named things collected through a ``shardserve_register_*`` hook.
 
@@ -233,9 +270,8 @@ class Registry:
         self.sources: dict[str, str] = {}
 
     def collect(self, pm: pluggy.PluginManager, hook_name: str) -> Registry:
-        hook = getattr(pm.hook, hook_name)
-        for impl in hook.get_hookimpls():
-            impl.function(register=self._registrar(impl.plugin_name))
+        for plugin_name, call in each_implementation(pm, hook_name):
+            call(register=self._registrar(plugin_name))
         return self
 
     def _registrar(self, plugin_name: str) -> Callable[[str, Any], None]:

@@ -71,6 +71,13 @@ def add_model(op: str = "Add", dtype: int | None = None, dims=("batch", 4)):
     return model
 
 
+@pytest.fixture(autouse=True, scope="session")
+def _private_state_dir(tmp_path_factory):
+    """Security state files (replay nonces, rate limits) of every runtime and server the
+    tests start go to a temp dir, never the user's home."""
+    os.environ.setdefault("SHARDSERVE_STATE_DIR", str(tmp_path_factory.mktemp("state")))
+
+
 @pytest.fixture
 def tiny_repo(tmp_path: Path) -> Path:
     """A repository with one tiny model, ``double`` (y = x + x, FP32 [batch, 4])."""

@@ -218,6 +218,145 @@ def test_startup_hook_sees_the_runtime(tiny_repo):
     assert Startup.runtime is rt and rt.ready("double")
 
 
+class SubsetPlugin:
+    """Implements every hook, each taking a strict subset of the spec's arguments: pluggy
+    passes only what an implementation names, so none of these may get a TypeError."""
+
+    def __init__(self):
+        self.calls: dict[str, object] = {}
+
+    @hookspecs.hookimpl
+    def shardserve_register_backends(self):
+        self.calls["shardserve_register_backends"] = True
+
+    @hookspecs.hookimpl
+    def shardserve_register_kernels(self):
+        self.calls["shardserve_register_kernels"] = True
+
+    @hookspecs.hookimpl
+    def shardserve_register_commands(self):
+        self.calls["shardserve_register_commands"] = True
+
+    @hookspecs.hookimpl
+    def shardserve_register_optimizers(self):
+        self.calls["shardserve_register_optimizers"] = True
+
+    @hookspecs.hookimpl
+    def shardserve_register_partitioners(self):
+        self.calls["shardserve_register_partitioners"] = True
+
+    @hookspecs.hookimpl
+    def shardserve_register_executors(self):
+        self.calls["shardserve_register_executors"] = True
+
+    @hookspecs.hookimpl
+    def shardserve_register_tensor_transforms(self):
+        self.calls["shardserve_register_tensor_transforms"] = True
+
+    @hookspecs.hookimpl
+    def shardserve_select_backend(self, path):
+        self.calls["shardserve_select_backend"] = path.name
+
+    @hookspecs.hookimpl
+    def shardserve_transform_model_bytes(self, data):
+        self.calls["shardserve_transform_model_bytes"] = len(data)
+        return bytes(data)
+
+    @hookspecs.hookimpl
+    def shardserve_startup(self):
+        self.calls["shardserve_startup"] = True
+
+    @hookspecs.hookimpl
+    def shardserve_shared_repository(self):
+        self.calls["shardserve_shared_repository"] = True
+
+    @hookspecs.hookimpl
+    def shardserve_wrap_backend(self, backend):
+        self.calls["shardserve_wrap_backend"] = [s.name for s in backend.inputs]
+
+    @hookspecs.hookimpl
+    def shardserve_authenticate(self):
+        self.calls["shardserve_authenticate"] = True
+        return "subset-user"
+
+    @hookspecs.hookimpl
+    def shardserve_authorize(self, action):
+        self.calls.setdefault("shardserve_authorize", []).append(action)
+
+    @hookspecs.hookimpl
+    def shardserve_request_limits(self, principal):
+        from runtime.core import RequestLimits
+
+        self.calls["shardserve_request_limits"] = principal
+        return RequestLimits(max_batch_size=2)
+
+    @hookspecs.hookimpl
+    def shardserve_audit(self, event):
+        self.calls.setdefault("shardserve_audit", []).append(
+            (event["outcome"], event["served_version"]))
+
+
+def test_every_hook_called_through_pluggy_with_argument_subsets(tiny_repo, monkeypatch, caplog):
+    """Each hook reaches an implementation that names only some arguments, and
+    SHARDSERVE_TRACE_PLUGINS shows every call (chains and registries too)."""
+    import argparse
+    import logging
+
+    from handlers.routes import HttpRequest, dispatch
+
+    monkeypatch.setenv("SHARDSERVE_TRACE_PLUGINS", "1")
+    caplog.set_level(logging.INFO, logger="shardserve.plugins")
+    plugin = SubsetPlugin()
+    rt = Runtime.from_config({"repository": {"path": str(tiny_repo)}}, plugins=(plugin,))
+    rt.start()
+    assert rt.ready("double")
+    for kind in ("kernel", "optimizer", "partitioner", "executor", "tensor transform"):
+        rt.pm.registry(kind)
+    rt.pm.hook.shardserve_register_commands(subparsers=argparse.ArgumentParser()
+                                            .add_subparsers())
+
+    def infer(rows: int):
+        body = json.dumps({"inputs": [{"name": "x", "datatype": "FP32", "shape": [rows, 4],
+                                       "data": [1.0] * 4 * rows}]}).encode()
+        return dispatch(rt, HttpRequest("POST", "/v2/models/double/infer", body=body))
+
+    ok = infer(2)
+    assert ok.status == 200, ok.body
+    assert json.loads(ok.body)["outputs"][0]["data"][:4] == [2.0] * 4
+    assert infer(3).status == 413  # the limit the plugin returned for its principal
+    size = (tiny_repo / "double" / "1" / "model.onnx").stat().st_size
+    assert plugin.calls["shardserve_transform_model_bytes"] == size
+    assert plugin.calls["shardserve_select_backend"] == "1"
+    assert plugin.calls["shardserve_wrap_backend"] == ["x"]
+    assert plugin.calls["shardserve_request_limits"] == "subset-user"
+    assert plugin.calls["shardserve_audit"] == [(200, "1"), (413, None)]
+    assert "infer" in plugin.calls["shardserve_authorize"]
+    every = {f.__name__ for f in hookspec_functions()}
+    assert set(plugin.calls) == every
+    traced = "\n".join(r.getMessage() for r in caplog.records)
+    assert {name for name in every if name in traced} == every
+
+
+def test_disabled_builtin_is_seen_by_no_command_or_backend(tiny_repo):
+    """One plugin manager per Runtime: a built-in switched off in config is gone for the
+    backends, the executors a plan uses, the kernels, the tools and the CLI's commands."""
+    off = ["plugins.executors", "plugins.kernels", "plugins.partitioners"]
+    config = tiny_repo / "shardserve.toml"
+    config.write_text(f"[repository]\npath = {str(tiny_repo)!r}\n"
+                      f"[plugins]\ndisable = {json.dumps(off)}\n")
+    rt = Runtime.from_config(config)
+    assert rt.pm.registry("executor").names() == []
+    assert rt.pm.registry("kernel").names() == []
+    assert rt.pm.registry("partitioner").names() == []
+    assert "onnxruntime" in rt.backends
+    from plugins.partitioners.build import partitioners
+
+    assert partitioners(rt).names() == []
+    out = subprocess.run([str(SHARDSERVE), "--help"], capture_output=True, text=True,
+                         cwd=ROOT, env={**os.environ, "SHARDSERVE_CONFIG": str(config)})
+    assert "warmup" in out.stdout and "partition" not in out.stdout, out.stdout
+
+
 # the meta-tests: every hookspec is documented and tested ---------------------
 
 

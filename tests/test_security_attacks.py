@@ -385,4 +385,4 @@ def test_nothing_secret_in_logs_or_responses(secure, http, inproc, all_logs):
         assert set(event) == {"time", "principal", "action", "model", "version", "outcome",
                               "latency_ms", "bytes_in", "bytes_out"}
     principals = {json.loads(line)["principal"] for line in audit.splitlines()}
-    assert {"alice", "batch-job", "carol", "admin"} <= principals
+    assert {"apikey:alice", "hmac:batch-job", "jwt:carol", "apikey:admin"} <= principals

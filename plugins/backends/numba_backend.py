@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import logging
 import time
-import weakref
 from typing import Any
 
 import numpy as np
@@ -30,24 +29,18 @@ from runtime.errors import BadRequest, ModelLoadError, ShardserveError
 log = logging.getLogger("shardserve.backends.numba")
 
 KNOWN_OPTIONS = {"threads", "threading_layer", "warm"}
-_REGISTRIES: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
 _DTYPES = {"FP32": np.float32, "FP64": np.float64, "INT32": np.int32, "INT64": np.int64,
            "UINT8": np.uint8, "INT8": np.int8, "BOOL": np.bool_, "FP16": np.float16,
            "UINT16": np.uint16, "INT16": np.int16, "UINT32": np.uint32, "UINT64": np.uint64}
 
 
-def kernel_registry(plugins: Any = None):
-    """Every registered kernel, collected once per plugin manager."""
+def kernel_registry(plugins: Any):
+    """Every kernel the runtime's plugin manager registers."""
     from plugins.kernels import Kernel
-    from runtime.plugins import PluginManager, Registry
 
-    pm = plugins if plugins is not None else PluginManager().load_plugins()
-    registry = _REGISTRIES.get(pm)
-    if registry is None:
-        registry = Registry("kernel", check=lambda k: isinstance(k, Kernel)).collect(
-            pm, "shardserve_register_kernels")
-        _REGISTRIES[pm] = registry
-    return registry
+    if plugins is None:
+        raise ModelLoadError("numba kernels need the runtime's plugin manager")
+    return plugins.registry("kernel", lambda k: isinstance(k, Kernel))
 
 
 def _numba_options(model: str, options: dict) -> tuple[int | None, str | None, bool]:
@@ -335,7 +328,16 @@ def cmd_warmup(args: Any) -> int:
 @hookimpl
 def shardserve_register_backends(register):
     register("numba", NumbaBackend)
-    register("stages", StagesBackend)
+
+
+@hookimpl(tryfirst=True)  # innermost: batching and metrics see the stages' tensors
+def shardserve_wrap_backend(settings, backend):
+    """``preprocess`` / ``postprocess`` in model.toml wrap any backend in kernel stages."""
+    if "preprocess" not in settings.config.raw and "postprocess" not in settings.config.raw:
+        return None
+    stages = StagesBackend(settings, backend)
+    stages.load()
+    return stages
 
 
 @hookimpl

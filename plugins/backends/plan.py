@@ -1,6 +1,6 @@
 """The ``plan`` backend: serve a partitioned model version (plan.toml + shards).
 
-The core picks this backend for any version directory holding ``plan.toml``.
+This plugin claims any version directory holding ``plan.toml`` (``shardserve_select_backend``).
 Each shard gets its own sub-backend from the runtime's backend registry (the
 shard's ``backend``, ``onnxruntime`` by default), reading its file through the
 same ``read_bytes`` (so signature checks and decryption apply to every shard).
@@ -21,7 +21,6 @@ from runtime import BackendSettings, TensorSpec, hookimpl
 from runtime.core import close_backend
 from runtime.errors import ModelLoadError
 from runtime.plan import PLAN_FILE, Shard, ShardPlan, parse_plan
-from runtime.plugins import Registry
 
 log = logging.getLogger("shardserve.backends.plan")
 
@@ -148,8 +147,7 @@ class PlanBackend:
         self.placed = [None] * len(plan.shards)
         if s.plugins is None:
             return
-        registry = Registry("executor", check=callable).collect(
-            s.plugins, "shardserve_register_executors")
+        registry = s.plugins.registry("executor", callable)
         model_section = s.config.raw.get("plan", {})
         names = [placement_executor(shard.placement) for shard in plan.shards]
         default = "dask" if "dask" in names else "local"
@@ -250,3 +248,9 @@ def placement_executor(placement: str) -> str:
 @hookimpl
 def shardserve_register_backends(register):
     register("plan", PlanBackend)
+
+
+@hookimpl
+def shardserve_select_backend(config, path):
+    """A version directory holding plan.toml is partitioned, whatever model.toml says."""
+    return "plan" if (path / PLAN_FILE).is_file() else None

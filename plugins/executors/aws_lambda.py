@@ -1,7 +1,8 @@
 """The ``lambda`` executor: a shard in another Lambda function, ``placement = "lambda:fn"``.
 
 Each call is a synchronous Lambda ``Invoke`` (boto3) of the project's ``shard`` function
-with a direct-invoke event (docs/serverless.md) carrying the V2 request. Options:
+with a direct-invoke event (:mod:`handlers.direct_invoke`, docs/serverless.md) carrying the
+V2 request. Options:
 ``endpoint_url`` (serverless offline's ``--lambdaPort``, or none for AWS), ``region``,
 ``timeout_s`` (the client's read timeout; each call also checks the request's deadline)
 and ``pool_size``. Invoke errors and throttling are 503s naming the shard.
@@ -9,10 +10,10 @@ and ``pool_size``. Invoke errors and throttling are 503s naming the shard.
 
 from __future__ import annotations
 
-import base64
 import json
 from typing import Any
 
+from handlers.direct_invoke import make_event, read_answer
 from runtime.errors import GatewayTimeout
 
 from .base import remaining_s
@@ -53,9 +54,7 @@ class LambdaExecutor(RemoteExecutor):
 
         what = f"shard {self.shard(index).name!r}"
         remaining_s(self.options, what)  # 504 before calling when the deadline has passed
-        event = {"shardserve": "v2", "method": "POST", "path": f"/v2/models/{remote}/infer",
-                 "headers": headers, "body": base64.b64encode(body).decode("ascii"),
-                 "isBase64Encoded": True}
+        event = make_event("POST", f"/v2/models/{remote}/infer", headers, body)
         payload = json.dumps(event).encode()
         if len(payload) > LAMBDA_PAYLOAD_LIMIT:
             raise self.unavailable(index, "tensors exceed Lambda's 6 MB payload limit")
@@ -71,12 +70,9 @@ class LambdaExecutor(RemoteExecutor):
             raise self.unavailable(index, "the function failed")
         remaining_s(self.options, what)
         try:
-            answer = json.loads(raw)
-            data = answer.get("body") or ""
-            data = base64.b64decode(data) if answer.get("isBase64Encoded") else data.encode()
-            header_map = {k.lower(): v for k, v in (answer.get("headers") or {}).items()}
+            status, data, header_map = read_answer(json.loads(raw))
             length = header_map.get("inference-header-content-length")
-            return int(answer["statusCode"]), data, int(length) if length else None
+            return status, data, int(length) if length else None
         except (ValueError, KeyError, TypeError, AttributeError):
             raise self.unavailable(index, "malformed function answer") from None
 

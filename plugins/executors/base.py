@@ -86,14 +86,11 @@ class TransformChain:
     """The ``[executors] transforms`` chain, built from the tensor transform registry."""
 
     def __init__(self, names: list[str], plugins: Any, config: Any):
-        from runtime.plugins import Registry
-
         self.names = list(names)
         self.steps: list = []
         if not self.names:
             return
-        registry = Registry("tensor transform", check=callable).collect(
-            plugins, "shardserve_register_tensor_transforms")
+        registry = plugins.registry("tensor transform", callable)
         for name in self.names:
             if name not in registry:
                 raise ConfigError(f"[executors] transforms names unknown transform {name!r} "

@@ -102,12 +102,12 @@ def _worker_chain(spec: dict) -> Any:
         return None
     chain = _chains.get(spec["token"])
     if chain is None:
-        from runtime.plugins import PluginManager
+        from runtime import Runtime
 
         from .base import TransformChain
 
-        chain = _chains[spec["token"]] = TransformChain(
-            spec["transforms"], PluginManager().load_plugins(), spec["config"])
+        chain = _chains[spec["token"]] = TransformChain(  # the plugins the server's config loads
+            spec["transforms"], Runtime(spec["config"]).pm, spec["config"])
     return chain
 
 

@@ -58,7 +58,7 @@ def _positive(text: str) -> int:
 
 
 def add_commands(subparsers: Any) -> None:
-    from plugins.partitioners.cli import add_sample_arguments
+    from plugins.sample_inputs import add_sample_arguments
 
     p = subparsers.add_parser(
         "optimize", help="optimise a model into a new version, with an accuracy report",

@@ -44,20 +44,18 @@ class Analysis:
 
 
 @functools.lru_cache(maxsize=1)
-def plugin_manager():
-    """The plugins, loaded once per process (built-ins and entry points)."""
-    from runtime.plugins import PluginManager
+def default_runtime():
+    """The Runtime a tool uses when not handed one (the CLI hands its own): built from
+    the default config (``SHARDSERVE_CONFIG``), so ``[plugins] disable`` holds here too."""
+    from runtime import Runtime
 
-    return PluginManager().load_plugins()
+    return Runtime.from_config(overrides={"repository": {"load": "none"}})
 
 
-def partitioners():
-    """The registry of every partitioner the plugins register."""
-    from runtime.plugins import Registry
-
+def partitioners(runtime=None):
+    """The registry of every partitioner the runtime's plugins register."""
     check = lambda p: callable(getattr(p, "partition", None))  # noqa: E731
-    return Registry("partitioner", check=check).collect(
-        plugin_manager(), "shardserve_register_partitioners")
+    return (runtime or default_runtime()).pm.registry("partitioner", check)
 
 
 def source_version(repo: ModelRepository, name: str, version: int | None) -> int:
@@ -124,8 +122,9 @@ def analyse(repository: Path, name: str, version: int | None = None, batch: int 
     return Analysis(name, version, path, model, graph, costs, samples)
 
 
-def plan_partition(analysis: Analysis, strategy: str, options: dict) -> Partition:
-    registry = partitioners()
+def plan_partition(analysis: Analysis, strategy: str, options: dict,
+                   runtime=None) -> Partition:
+    registry = partitioners(runtime)
     if strategy not in registry:
         raise BadRequest(f"unknown strategy {strategy!r} (available: "
                          f"{', '.join(registry.names())})")
@@ -213,7 +212,7 @@ def io_specs(path: Path) -> tuple[list[dict], list[dict]]:
 def write_partition(analysis: Analysis, strategy: str, options: dict, part: Partition,
                     repository: Path, backend: str = "onnxruntime",
                     target_version: int | None = None, verify: bool = True,
-                    progress: bool = False) -> Path:
+                    progress: bool = False, runtime=None) -> Path:
     """Extract, check, verify and atomically publish the plan as a new version."""
     from .extract import extract_shard, make_extractor, save_shard
 
@@ -274,7 +273,7 @@ def write_partition(analysis: Analysis, strategy: str, options: dict, part: Part
                              ) from None
         (tmp / PLAN_FILE).write_text(text)
         if verify:
-            verify_plan(analysis, tmp, part.replicas)
+            verify_plan(analysis, tmp, part.replicas, runtime)
         tmp.chmod(0o755)  # mkdtemp makes it private; a version directory is not
         if target.exists():
             raise BadRequest(f"version {version} of model {analysis.name!r} appeared meanwhile")
@@ -285,26 +284,16 @@ def write_partition(analysis: Analysis, strategy: str, options: dict, part: Part
     return target
 
 
-def load_plan_backend(name: str, directory: Path, config=None):
-    """The real ``plan`` backend over a version directory (for verification and tests);
-    ``config`` is the model's ``ModelConfig`` (its backend sections), default none."""
-    from runtime.core import BackendSettings
-    from runtime.plugins import Registry
+def load_plan_backend(name: str, directory: Path, config=None, runtime=None):
+    """The real ``plan`` backend over a version directory, opened as the runtime opens any
+    version (model-bytes transforms applied); ``config``: the model's ``ModelConfig``."""
     from runtime.repository import ModelConfig
 
-    backends = Registry("backend", check=callable).collect(
-        plugin_manager(), "shardserve_register_backends")
-    settings = BackendSettings(
-        model=name, version=0, path=directory, config=config or ModelConfig(name=name),
-        options={},
-        read_bytes=lambda filename: (directory / filename).read_bytes(), server=None,
-        backends=backends)
-    backend = backends["plan"](settings)
-    backend.load()
-    return backend
+    return (runtime or default_runtime()).open_version(config or ModelConfig(name=name), 0,
+                                                       directory)
 
 
-def verify_plan(analysis: Analysis, directory: Path, replicas: int) -> None:
+def verify_plan(analysis: Analysis, directory: Path, replicas: int, runtime=None) -> None:
     """Run the plan and the original on seeded inputs; any difference over 1e-5 aborts."""
     import numpy as np
     import onnxruntime as ort
@@ -315,7 +304,7 @@ def verify_plan(analysis: Analysis, directory: Path, replicas: int) -> None:
     batch = max(analysis.costs.batch, 2 * replicas + 1, 1)
     sess = ort.InferenceSession(str(analysis.path), providers=["CPUExecutionProvider"])
     names = [o.name for o in sess.get_outputs()]
-    backend = load_plan_backend(analysis.name, directory)
+    backend = load_plan_backend(analysis.name, directory, runtime=runtime)
     try:
         # Replicas see slices of the batch: more seeds make a cross-sample op show.
         for seed in range(0, 3 if replicas else 1):

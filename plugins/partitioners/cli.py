@@ -11,6 +11,7 @@ import json
 import sys
 from pathlib import Path
 
+from plugins.sample_inputs import add_sample_arguments
 from runtime.errors import BadRequest
 
 STRATEGY_FLAGS = (
@@ -69,16 +70,6 @@ def add_commands(subparsers) -> None:
     p.set_defaults(func=cmd_plan)
 
 
-def add_sample_arguments(p: argparse.ArgumentParser) -> None:
-    """``--sample`` and ``--input-shape``: the same representative-input options on every
-    build command (see plugins/sample_inputs.py)."""
-    p.add_argument("--sample", action="append", metavar="FILE.npz",
-                   help="representative inputs, one array per input name; repeat, or give a "
-                   "directory of .npz files (default: model.toml [sample], else generated)")
-    p.add_argument("--input-shape", action="append", metavar="NAME=D1,D2,...",
-                   help="size of an input's dynamic dims for generated inputs (repeatable)")
-
-
 def _options(args: argparse.Namespace) -> dict:
     options = {key: getattr(args, f"opt_{key}") for _, key, _ in STRATEGY_FLAGS
                if getattr(args, f"opt_{key}", None) is not None}
@@ -98,6 +89,14 @@ def _repository(args: argparse.Namespace) -> Path:
     return Path(load_config(args.config).repository)
 
 
+def _runtime(args: argparse.Namespace):
+    """The command's Runtime: its plugin manager decides which strategies exist."""
+    from runtime import Runtime
+
+    return Runtime.from_config(args.config, overrides={"repository": {
+        "load": "none", "path": str(_repository(args))}})
+
+
 def _analyse(args: argparse.Namespace):
     from plugins.sample_inputs import sample_options
 
@@ -111,12 +110,13 @@ def _analyse(args: argparse.Namespace):
 def cmd_partition(args: argparse.Namespace) -> int:
     from .build import plan_partition, write_partition
 
-    options = _options(args)
+    options, rt = _options(args), _runtime(args)
     analysis = _analyse(args)
-    part = plan_partition(analysis, args.strategy, options)
+    part = plan_partition(analysis, args.strategy, options, runtime=rt)
     target = write_partition(analysis, args.strategy, options, part, _repository(args),
                              backend=args.backend, target_version=args.target_version,
-                             verify=not args.no_verify, progress=sys.stderr.isatty())
+                             verify=not args.no_verify, progress=sys.stderr.isatty(),
+                             runtime=rt)
     print(f"wrote {args.model} version {target.name} ({len(part.groups)} shard(s), "
           f"strategy {args.strategy}, predicted latency "
           f"{part.predicted.get('latency_s', 0) * 1e3:.3f} ms)")
@@ -127,9 +127,9 @@ def cmd_partition(args: argparse.Namespace) -> int:
 def cmd_plan(args: argparse.Namespace) -> int:
     from .build import plan_partition
 
-    options = _options(args)
+    options, rt = _options(args), _runtime(args)
     analysis = _analyse(args)
-    part = plan_partition(analysis, args.strategy, options)
+    part = plan_partition(analysis, args.strategy, options, runtime=rt)
     if args.json:
         print(json.dumps({"predicted": part.predicted, "groups": part.groups,
                           "placements": part.placements, "shard_costs": part.shard_costs,

@@ -13,9 +13,9 @@ so a captured request cannot be replayed. Secrets come from the environment
     models = ["digits_mlp"]
     actions = ["infer", "metadata"]
 
-Nonces are remembered per process; with several worker processes on a host
-set ``[security.hmac] nonce_db = "/run/shardserve/nonces.sqlite"`` so all
-workers share them.
+Nonces live in the server's shared state file (:mod:`.shared_state`), so every
+worker process on the host refuses a replay, also after a worker restart;
+``[security.hmac] nonce_db`` names another file for them.
 """
 
 from __future__ import annotations
@@ -97,49 +97,23 @@ class NonceCache:
             self._seen[key] = now + 2 * self.window_s
 
 
-class SharedNonceStore:
-    """Nonces in a SQLite file, shared by every worker process on one host
-    (gunicorn), so a request replayed to another worker is refused too."""
+class SharedNonces:
+    """Nonces in the shared state file (:mod:`.shared_state`): a request replayed to
+    another worker, or after its worker was killed and restarted, is refused too."""
 
-    def __init__(self, path: str, window_s: float):
-        import sqlite3
-
-        self.window_s = window_s
-        try:
-            self._db = sqlite3.connect(path, timeout=5, isolation_level=None,
-                                       check_same_thread=False)
-            self._db.execute("PRAGMA journal_mode=WAL")
-            self._db.execute("CREATE TABLE IF NOT EXISTS nonces (client TEXT, nonce TEXT, "
-                             "expires REAL, PRIMARY KEY (client, nonce))")
-        except sqlite3.Error:
-            raise ConfigError("security.hmac.nonce_db cannot be opened") from None
-        self._lock = threading.Lock()
-        self._uses = 0
+    def __init__(self, store: Any, window_s: float):
+        self.store, self.window_s = store, window_s
 
     def use(self, client: str, nonce: str, now: float) -> None:
-        import sqlite3
-
-        with self._lock:
-            self._uses += 1
-            try:
-                if self._uses % 1000 == 1:
-                    self._db.execute("DELETE FROM nonces WHERE expires < ?", (now,))
-                self._db.execute("INSERT INTO nonces VALUES (?, ?, ?)",
-                                 (client, nonce, now + 2 * self.window_s))
-            except sqlite3.IntegrityError:
-                row = self._db.execute("SELECT expires FROM nonces WHERE client = ? AND "
-                                       "nonce = ?", (client, nonce)).fetchone()
-                if row and row[0] >= now:
-                    raise _deny("signed request was already used (replay)") from None
-                self._db.execute("REPLACE INTO nonces VALUES (?, ?, ?)",
-                                 (client, nonce, now + 2 * self.window_s))
+        if not self.store.use_nonce(client, nonce, now, now + 2 * self.window_s):
+            raise _deny("signed request was already used (replay)")
 
 
 class HmacAuthenticator:
     def __init__(self, sec: SecuritySettings, clients: dict, window_s: float,
-                 nonce_db: str | None = None):
+                 nonces: NonceCache | SharedNonces):
         self.sec, self.clients, self.window_s = sec, clients, window_s
-        self.nonces = SharedNonceStore(nonce_db, window_s) if nonce_db else NonceCache(window_s)
+        self.nonces = nonces
 
     @hookimpl(tryfirst=True)
     def shardserve_authenticate(self, request: Any):
@@ -198,5 +172,12 @@ def shardserve_startup(runtime: Any) -> None:
         window = section.get("window_s", DEFAULT_WINDOW_S)
         if isinstance(window, bool) or not isinstance(window, (int, float)) or window <= 0:
             raise ConfigError("config: security.hmac.window_s must be a positive number")
-        auth = HmacAuthenticator(sec, load_clients(section), window, section.get("nonce_db"))
+        from .shared_state import shared_state
+
+        nonce_db = section.get("nonce_db")
+        if nonce_db is not None and not isinstance(nonce_db, str):
+            raise ConfigError("config: security.hmac.nonce_db must be a file path")
+        store = shared_state(runtime.config, nonce_db)
+        auth = HmacAuthenticator(sec, load_clients(section), window,
+                                 SharedNonces(store, window))
         runtime.pm.register(auth, "plugins.security.hmac_signing:active")

@@ -10,9 +10,11 @@ deadline_ms = 2000   # 504 when the request is not done in time
 max_tensor_elements = 1000000
 ```
 
-The body size limit is ``[server] max_body_bytes``. Batch size and deadline
-travel with the principal (``Principal.limits``) and are checked by the core
-around the model run.
+Buckets are shared by every worker process and survive a worker restart
+(:mod:`.shared_state`); each principal has its own, keyed ``<method>:<name>``. The body
+size limit is ``[server] max_body_bytes``. Batch size and deadline
+travel with the principal (``Principal.limits``); this plugin hands them to the
+core (``shardserve_request_limits``), which checks them around the model run.
 """
 
 from __future__ import annotations
@@ -25,7 +27,7 @@ from typing import Any
 from runtime import hookimpl
 from runtime.errors import TooManyRequests
 
-from .settings import settings
+from .settings import Principal, settings
 
 MAX_BUCKETS = 100_000
 
@@ -53,8 +55,20 @@ class TokenBuckets:
             return (1 - tokens) / self.rate
 
 
+class SharedTokenBuckets:
+    """The same buckets in the shared state file: all workers draw from one bucket."""
+
+    def __init__(self, store: Any, rate: float, burst: float):
+        self.store, self.rate, self.burst = store, rate, max(burst, 1.0)
+
+    def take(self, key: str, now: float | None = None) -> float:
+        """0 when a token was taken, else the seconds until one is available."""
+        return self.store.take_token(key, self.rate, self.burst,
+                                     time.time() if now is None else now)
+
+
 class RateLimiter:
-    def __init__(self, buckets: TokenBuckets):
+    def __init__(self, buckets: TokenBuckets | SharedTokenBuckets):
         self.buckets = buckets
 
     @hookimpl(tryfirst=True)
@@ -79,5 +93,13 @@ def shardserve_startup(runtime: Any) -> None:
         runtime.config.max_tensor_elements = cap
     rate = sec.limits["rate"]
     if rate:
-        buckets = TokenBuckets(rate, sec.limits["burst"] or rate)
+        from .shared_state import shared_state
+
+        buckets = SharedTokenBuckets(shared_state(runtime.config), rate,
+                                     sec.limits["burst"] or rate)
         runtime.pm.register(RateLimiter(buckets), "plugins.security.limits:active")
+
+
+@hookimpl
+def shardserve_request_limits(principal: Any, model: str):
+    return principal.limits if isinstance(principal, Principal) else None

@@ -17,7 +17,8 @@ from pathlib import Path
 from typing import Any
 
 from runtime import hookimpl
-from runtime.errors import ConfigError, GatewayTimeout, PayloadTooLarge
+from runtime.core import RequestLimits  # the core checks them (shardserve_request_limits)
+from runtime.errors import ConfigError
 
 log = logging.getLogger("shardserve.security")
 
@@ -29,28 +30,6 @@ KNOWN_KEYS = {"enabled", "allow_disable", "keys_file", "require_signed", "truste
               "hmac", "jwt", "limits", "models", "audit", "tensors"}
 LIMIT_KEYS = {"rate", "burst", "max_batch_size", "deadline_ms", "max_tensor_elements"}
 MODEL_KEYS = {"allowed_domains", "max_initializer_bytes", "max_total_bytes", "max_initializers"}
-
-
-@dataclass
-class RequestLimits:
-    """Per-request limits the core checks around the model run (``Runtime.infer``)."""
-
-    max_batch_size: int = 0
-    deadline: float | None = None  # time.monotonic() value
-
-    def check_request(self, request: Any) -> None:
-        if self.deadline is not None and time.monotonic() > self.deadline:
-            raise GatewayTimeout("request deadline passed before the model ran")
-        if self.max_batch_size:
-            for item in request.inputs:
-                if item.shape and item.shape[0] > self.max_batch_size:
-                    raise PayloadTooLarge(
-                        f"batch size {item.shape[0]} is over the server limit "
-                        f"{self.max_batch_size}")
-
-    def check_deadline(self) -> None:
-        if self.deadline is not None and time.monotonic() > self.deadline:
-            raise GatewayTimeout("request deadline passed")
 
 
 @dataclass

@@ -13,7 +13,7 @@ from typing import Any
 
 from runtime import hookimpl
 
-from .batching import ServedBackend, batching_settings, known_versions, served
+from .batching import ServedBackend, batching_settings, known_versions
 from .logs import log_request
 from .metrics import configure, enabled, metrics
 
@@ -47,10 +47,9 @@ def _observe(event: dict) -> None:
     """Request metrics and the access log line for one finished request."""
     model = event.get("model") or ""
     version = event.get("version") or ""
-    ran, hops = getattr(served, "model", None), getattr(served, "hops", None)
-    served.model = served.hops = None
-    if ran is not None and ran[0] == model:
-        version = ran[1]
+    ran, hops = event.get("served_version"), event.get("hops")
+    if ran is not None:  # the version that really ran, also when the URL named none
+        version = ran
     else:
         hops = None  # nothing of this request ran here
         if model not in known_versions:

@@ -22,14 +22,10 @@ import time
 from collections import deque
 from typing import Any
 
-from runtime import current_call
 from runtime.errors import ModelLoadError
 
 from .metrics import OFF, enabled, metrics
 
-# The (model, version) the current thread's backend run served: the request metrics label
-# requests with the version actually served, also when the URL named none.
-served = threading.local()
 # Every (model -> versions) loaded in this process: request metrics label only these, so a
 # client cannot grow the label set with made-up model names.
 known_versions: dict[str, set[str]] = {}
@@ -134,9 +130,6 @@ class ServedBackend:
         return result
 
     def run(self, inputs: dict, outputs: list[str]) -> dict:
-        served.model = (self.model, self.version)
-        call = current_call()  # its hop list fills while the request runs (merged: the leader)
-        served.hops = call.hops if call is not None else None
         rows = _rows(inputs)
         if not self.batching or rows is None:
             return self._execute(inputs, outputs, rows or 0)

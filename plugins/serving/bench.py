@@ -19,9 +19,11 @@ PERCENTILES = (50, 90, 99)
 
 
 def add_bench_command(subparsers: Any) -> None:
+    from plugins.sample_inputs import add_sample_arguments
+
     p = subparsers.add_parser(
         "bench", help="measure a running server: latency percentiles and throughput per "
-        "concurrency")
+        "concurrency", allow_abbrev=False)
     p.add_argument("model", help="model name")
     p.add_argument("--url", default="http://127.0.0.1:8080", help="server base URL")
     p.add_argument("--concurrency", default="1,8,32",
@@ -32,7 +34,22 @@ def add_bench_command(subparsers: Any) -> None:
                    help="binary tensor extension instead of JSON tensors")
     p.add_argument("--plot", metavar="FILE.png", help="draw throughput and latency here")
     p.add_argument("--json", action="store_true", help="print the results as JSON")
+    add_sample_arguments(p)
     p.set_defaults(func=cmd_bench)
+
+
+def bench_inputs(metadata: dict, args: argparse.Namespace) -> dict:
+    """The request's tensors: the first ``--sample`` file, else generated at ``--batch`` and
+    ``--input-shape`` (plugins/sample_inputs.py, shared with plan/partition/optimize)."""
+    from plugins.sample_inputs import Samples, metadata_signature, sample_options
+    from runtime.errors import BadRequest
+
+    try:
+        samples = Samples(metadata_signature(metadata),
+                          sample_options(args.sample, args.input_shape), args.batch)
+        return samples.feed(0) if samples.from_files else samples.generate(0, int_high=10)
+    except BadRequest as exc:
+        raise SystemExit(exc.message) from None
 
 
 def _concurrencies(text: str) -> list[int]:
@@ -146,7 +163,7 @@ def cmd_bench(args: argparse.Namespace) -> int:
     levels = _concurrencies(args.concurrency)
     base = args.url.rstrip("/")
     metadata = _get_json(f"{base}/v2/models/{args.model}")
-    body, headers = encode_request(sample_inputs(metadata, args.batch), binary=args.binary,
+    body, headers = encode_request(bench_inputs(metadata, args), binary=args.binary,
                                    binary_outputs=args.binary)
     headers = {"Content-Type": "application/json", **headers}
     url = f"{base}/v2/models/{args.model}/infer"

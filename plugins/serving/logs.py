@@ -1,30 +1,24 @@
 """Structured JSON logs: one object per line, one line per request on ``shardserve.access``.
 
-Request lines carry the request id (``X-Request-Id`` when the client sent a sane one, else made
-here), action, model, version, status, latency and byte counts; never payloads, headers or
-credentials. Other records keep their message; stack traces are never written.
+Request lines carry the request id (dispatch's: ``X-Request-Id`` when the client sent a sane
+one, else the edge's or a new one; :func:`handlers.routes.request_id`), action, model,
+version, status, latency and byte counts; never payloads, headers or credentials. Other
+records keep their message; stack traces are never written.
 """
 
 from __future__ import annotations
 
 import logging
 import os
-import re
 import sys
 import time
 from typing import Any
 
+from handlers.routes import REQUEST_ID, request_id  # noqa: F401 - the one sanitiser
+
 access_log = logging.getLogger("shardserve.access")
 
-REQUEST_ID = re.compile(r"[A-Za-z0-9._:-]{1,64}")
 QUIET_ACTIONS = frozenset(("health", "metrics"))  # probes and scrapes: DEBUG, not INFO
-
-
-def request_id(supplied: str | None) -> str:
-    """The client's id when it is short and plain (no log injection), else a new one."""
-    if supplied and REQUEST_ID.fullmatch(supplied):
-        return supplied
-    return os.urandom(8).hex()
 
 
 _stamp_cache: list = [None, ""]
@@ -82,7 +76,7 @@ def log_request(event: dict, model: str, version: str, hops: list | None = None)
     if not access_log.isEnabledFor(level):
         return
     fields = {
-        "request_id": event.get("request_id") or request_id(None),
+        "request_id": request_id(event.get("request_id")),
         "action": event.get("action"),
         "model": model or None,
         "version": version or None,

@@ -1,0 +1,190 @@
+"""The gunicorn worker classes ``shardserve serve`` runs: gunicorn's own, made safe at the edge.
+
+- SIGPIPE is ignored in every worker, so a client that hangs up before reading its answer
+  costs an EPIPE that gunicorn already handles, never the process.
+- Each request has a read deadline, enforced by one watchdog thread per worker: the headers
+  must arrive within ``header_timeout`` seconds once the first byte is in, and the body within
+  ``body_timeout`` more. A slow client (Slowloris) then holds one thread for a bounded time:
+  its socket is shut down and gunicorn closes the connection.
+- gunicorn's own rejections (400, 403, 414, 417, 431, 501) answer ``{"error": ...}`` JSON
+  like every other error, with a clipped message and an ``X-Request-Id``.
+
+Imported only by gunicorn (``worker_class``); the WSGI app knows none of it beyond the
+``shardserve.body_read`` callback it calls once the body is read. docs/serving.md.
+"""
+
+from __future__ import annotations
+
+import errno
+import json
+import logging
+import signal
+import socket
+import ssl
+import threading
+import time
+from typing import Any
+
+from gunicorn import util
+from gunicorn.http import errors as http_errors
+from gunicorn.workers import gthread
+from gunicorn.workers.sync import SyncWorker as GunicornSyncWorker
+
+from .routes import clip_names, request_id
+from .wsgi import BODY_READ_CALLBACK, STATUS_LINES
+
+log = logging.getLogger("shardserve.server")
+
+# Set by the serve command in the master before the fork (workers inherit them).
+READ_TIMEOUTS = {"header": 10.0, "body": 60.0}
+
+# gunicorn's rejections and their statuses; any other parse error is a 400.
+REJECTIONS: tuple[tuple[type, int], ...] = (
+    (http_errors.LimitRequestLine, 414),
+    (http_errors.LimitRequestHeaders, 431),
+    (http_errors.ExpectationFailed, 417),
+    (http_errors.UnsupportedTransferCoding, 501),
+    (http_errors.ForbiddenProxyRequest, 403),
+    (ssl.SSLError, 403),
+)
+SERVER_FAULTS = (http_errors.InvalidResponseHeader, http_errors.InvalidResponseHeaderName,
+                 http_errors.ConfigurationProblem)
+
+
+class ReadDeadlines:
+    """Socket read deadlines per handling thread; a watchdog shuts down the socket of any
+    thread still reading its request past its deadline (a blocked ``recv`` then returns)."""
+
+    def __init__(self, interval: float = 0.2):
+        self._lock = threading.Lock()
+        self._armed: dict[int, tuple[socket.socket, float]] = {}
+        self._interval = interval
+        self._thread: threading.Thread | None = None
+        self.cut = 0
+
+    def start(self) -> None:
+        if self._thread is None:
+            self._thread = threading.Thread(target=self._watch, name="read-deadlines",
+                                            daemon=True)
+            self._thread.start()
+
+    def arm(self, sock: socket.socket, seconds: float) -> None:
+        with self._lock:
+            self._armed[threading.get_ident()] = (sock, time.monotonic() + seconds)
+
+    def extend(self, seconds: float) -> None:
+        """A new deadline for the current thread's request, if it is still being read."""
+        ident = threading.get_ident()
+        with self._lock:
+            if ident in self._armed:
+                self._armed[ident] = (self._armed[ident][0], time.monotonic() + seconds)
+
+    def disarm(self) -> None:
+        with self._lock:
+            self._armed.pop(threading.get_ident(), None)
+
+    def _watch(self) -> None:
+        while True:
+            time.sleep(self._interval)
+            now = time.monotonic()
+            with self._lock:  # held while shutting down: a disarmed socket is never touched
+                late = [ident for ident, (_, due) in self._armed.items() if due <= now]
+                for ident in late:
+                    sock, _ = self._armed.pop(ident)
+                    try:
+                        sock.shutdown(socket.SHUT_RDWR)
+                    except OSError:
+                        pass
+                    self.cut += 1
+            if late:
+                log.info("closed %d connection(s) still sending their request past the read "
+                         "timeout", len(late))
+
+
+def rejection(exc: BaseException) -> tuple[int, str]:
+    """The status and a clipped, client-safe message for an error gunicorn caught."""
+    if isinstance(exc, SERVER_FAULTS) or not isinstance(
+            exc, (http_errors.ParseException, ssl.SSLError)):
+        return 500, "internal server error"
+    status = next((code for kind, code in REJECTIONS if isinstance(exc, kind)), 400)
+    phrase = STATUS_LINES.get(status, str(status)).split(" ", 1)[1].lower()
+    detail = clip_names(str(exc).replace("\r", " ").replace("\n", " "))
+    return status, f"{phrase}: {detail}" if detail else phrase
+
+
+def write_json_error(client: Any, status: int, message: str) -> None:
+    body = json.dumps({"error": message}).encode()
+    head = (f"HTTP/1.1 {STATUS_LINES.get(status, f'{status} Error')}\r\n"
+            "Connection: close\r\nContent-Type: application/json\r\n"
+            f"Content-Length: {len(body)}\r\nX-Request-Id: {request_id()}\r\n\r\n")
+    util.write_nonblock(client, head.encode("latin-1") + body)
+
+
+class EdgeWorker:
+    """Mixed into gunicorn's worker classes; see the module docstring."""
+
+    deadlines: ReadDeadlines
+
+    def init_process(self) -> None:
+        signal.signal(signal.SIGPIPE, signal.SIG_IGN)
+        self.deadlines = ReadDeadlines()
+        self.deadlines.start()
+        super().init_process()  # type: ignore[misc]  # runs the worker's loop
+
+    def init_signals(self) -> None:
+        super().init_signals()  # type: ignore[misc]
+        signal.signal(signal.SIGPIPE, signal.SIG_IGN)
+
+    def load_wsgi(self) -> None:
+        super().load_wsgi()  # type: ignore[misc]
+        app, deadlines = self.wsgi, self.deadlines  # type: ignore[has-type]
+
+        def timed_app(environ: dict, start_response: Any) -> Any:
+            deadlines.extend(READ_TIMEOUTS["body"])  # the headers are in: the body's turn
+            environ[BODY_READ_CALLBACK] = deadlines.disarm
+            try:
+                return app(environ, start_response)
+            finally:
+                deadlines.disarm()
+
+        self.wsgi = timed_app
+
+    def handle_error(self, req: Any, client: Any, addr: Any, exc: BaseException) -> None:
+        status, message = rejection(exc)
+        if status == 500:
+            log.error("error handling a request: %s", type(exc).__name__)
+        else:
+            log.info("rejected a request with %d: %s", status, type(exc).__name__)
+        try:
+            write_json_error(client, status, message)
+        except OSError as err:
+            if err.errno not in (errno.EPIPE, errno.ECONNRESET, errno.ENOTCONN, errno.EBADF):
+                log.debug("could not send the error: %s", type(err).__name__)
+
+
+class ThreadWorker(EdgeWorker, gthread.ThreadWorker):
+    """gthread with read deadlines: the wait for a first byte stays gunicorn's (after which an
+    idle connection goes back to the poller), then the request's clock runs."""
+
+    def handle(self, conn: Any) -> Any:
+        waits = hasattr(conn, "wait_for_data")  # gunicorn >= 24 parks idle connections
+        if waits and not conn.initialized and not conn.data_ready:
+            if not conn.wait_for_data(gthread.DEFAULT_WORKER_DATA_TIMEOUT):
+                return gthread._DEFER
+        self.deadlines.arm(conn.sock, READ_TIMEOUTS["header"])
+        try:
+            return super().handle(conn)
+        finally:
+            self.deadlines.disarm()
+
+
+class SyncWorker(EdgeWorker, GunicornSyncWorker):
+    """sync with read deadlines (one request at a time, so a slow client stalls the worker
+    for at most the read timeouts)."""
+
+    def handle(self, listener: Any, client: Any, addr: Any) -> None:
+        self.deadlines.arm(client, READ_TIMEOUTS["header"])
+        try:
+            super().handle(listener, client, addr)
+        finally:
+            self.deadlines.disarm()
