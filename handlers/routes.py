@@ -142,11 +142,12 @@ def model_config(rt: Runtime, req: HttpRequest, model: str, version: str | None 
 
 
 def infer(rt: Runtime, req: HttpRequest, model: str, version: str | None = None):
-    rt.get_model(model, version)  # an unknown model is 404 whatever the body holds
-    request = decode_request(
+    loaded = rt.get_model(model, version)  # an unknown model is 404 whatever the body holds
+    request = decode_request(  # checked against the model's inputs before data is read
         req.body,
         parse_header_length(req.headers.get("inference-header-content-length")),
         max_elements=rt.config.max_tensor_elements or None,
+        specs=loaded.input_specs, batched=bool(loaded.config.max_batch_size),
     )
     classes = requested_classes(request)  # Triton's classification extension
     response = rt.infer(model, request, version=version, principal=req.principal,

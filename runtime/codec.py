@@ -4,7 +4,9 @@ Turns HTTP bodies into typed requests and responses into bodies, for both the se
 (``decode_request``, ``encode_response``) and the client side (``encode_request``,
 ``decode_response``). Decoding treats every byte as hostile: any malformed body raises a
 :class:`~runtime.errors.ShardserveError` subclass whose message names the offending field but
-never echoes payload data.
+never echoes payload data. Given the model's input specs, a request is checked against them
+(names, datatypes, shapes, element counts) before any tensor data is materialised, so a body's
+memory cost is bounded by what the model would accept, not by what the client sent.
 
 Binary layout: the JSON header comes first (its length travels in the
 ``Inference-Header-Content-Length`` HTTP header); tensors whose ``parameters`` carry
@@ -15,209 +17,65 @@ followed by its bytes.
 
 from __future__ import annotations
 
-import json
 import logging
 import math
+import os
+import re
 import struct
-from dataclasses import dataclass, field
-from itertools import chain
+from collections.abc import Mapping
+from itertools import chain, islice
 from typing import Any
 
 import numpy as np
 
+from runtime.dtypes import DATATYPES, label, to_datatype, to_numpy_dtype, wire_dtype
 from runtime.errors import BadRequest, PayloadTooLarge, ShardserveError
-
-try:
-    import orjson
-except ImportError:  # pragma: no cover - the stdlib path is tested by patching ``orjson`` out
-    orjson = None
+from runtime.jsonio import float_data, json_dumps, json_loads
+from runtime.messages import InferInput, InferRequest, InferResponse, RequestedOutput
 
 __all__ = [
-    "DATATYPES",
-    "InferInput",
-    "InferRequest",
-    "InferResponse",
-    "RequestedOutput",
-    "decode_request",
-    "decode_response",
-    "encode_request",
-    "encode_response",
-    "json_dumps",
-    "json_loads",
-    "parse_header_length",
-    "to_datatype",
-    "to_numpy_dtype",
+    "DATATYPES", "InferInput", "InferRequest", "InferResponse", "RequestedOutput",
+    "check_tensor", "decode_request", "decode_response", "encode_request", "encode_response",
+    "json_dumps", "json_loads", "parse_header_length", "to_datatype", "to_numpy_dtype",
 ]
 
 _log = logging.getLogger(__name__)
 
-DATATYPES: dict[str, np.dtype] = {
-    "BOOL": np.dtype(np.bool_),
-    "UINT8": np.dtype(np.uint8),
-    "UINT16": np.dtype(np.uint16),
-    "UINT32": np.dtype(np.uint32),
-    "UINT64": np.dtype(np.uint64),
-    "INT8": np.dtype(np.int8),
-    "INT16": np.dtype(np.int16),
-    "INT32": np.dtype(np.int32),
-    "INT64": np.dtype(np.int64),
-    "FP16": np.dtype(np.float16),
-    "FP32": np.dtype(np.float32),
-    "FP64": np.dtype(np.float64),
-    "BYTES": np.dtype(object),
-}
-_BY_KIND_AND_SIZE = {
-    (dtype.kind, dtype.itemsize): name for name, dtype in DATATYPES.items() if name != "BYTES"
-}
-_WIRE_DTYPES = {
-    name: dtype.newbyteorder("<") for name, dtype in DATATYPES.items() if name != "BYTES"
-}
-_INT_RANGES = {
-    name: (int(np.iinfo(dtype).min), int(np.iinfo(dtype).max))
-    for name, dtype in DATATYPES.items()
-    if dtype.kind in "iu"
-}
-_NUMBER_TYPES = frozenset((int, float))
 _U32 = struct.Struct("<I")
 _MAX_DIMS = 32  # numpy 1.x's limit; no real model comes near it
 _MAX_DIM = 2**63 - 1  # dims are int64 in the protocol
 _MAX_EMPTY_VOLUME = 2**48  # numpy refuses absurd shapes even when a dimension is 0
 _UNEXPECTED = "malformed inference request"
+# Headers from _SPLIT_MIN bytes on have their large "data" arrays (_SPAN_MIN bytes or more) set
+# aside before parsing, and counted against the declared shape before they are parsed.
+_SPLIT_MIN, _SPAN_MIN, _SCAN = 1 << 16, 1 << 12, 1 << 20
+_DATA_KEY = re.compile(rb'"data"\s*:\s*\[')
+_FLAT = re.compile(rb'\[[^\[\]"{}]*+\]')
+_QUOTE = re.compile(rb'"')
+_STRING = rb'"(?:[^"\\]++|\\.)*+"'
+_STRINGS = re.compile(rb"\[\s*+(?:%s\s*+(?:,\s*+%s\s*+)*+)?\]" % (_STRING, _STRING))
+_ONE_STRING = re.compile(_STRING)
 
 
-# --------------------------------------------------------------------------- datatypes
+def check_tensor(
+    specs: Mapping, name: str, datatype: str, shape: tuple[int, ...], batched: bool
+) -> tuple[int, ...]:
+    """Check a client tensor against the model's input ``specs``; the shape the model gets.
 
-
-def to_numpy_dtype(datatype: str) -> np.dtype:
-    """The numpy dtype for a V2 datatype name; BadRequest if it is not one of the 13."""
-    dtype = DATATYPES.get(datatype) if isinstance(datatype, str) else None
-    if dtype is None:
-        raise BadRequest(f"unknown datatype {_label(datatype)}")
-    return dtype
-
-
-def to_datatype(dtype: Any) -> str:
-    """The V2 datatype name for a numpy dtype (object, bytes_ and str_ are BYTES)."""
-    try:
-        dtype = np.dtype(dtype)
-    except (TypeError, ValueError):
-        raise BadRequest("not a numpy dtype") from None
-    if dtype.kind in "OSU":
-        return "BYTES"
-    name = _BY_KIND_AND_SIZE.get((dtype.kind, dtype.itemsize))
-    if name is None:
-        raise BadRequest(f"numpy dtype {dtype.str} has no Open Inference Protocol datatype")
-    return name
-
-
-# --------------------------------------------------------------------------- typed messages
-
-
-@dataclass(slots=True)
-class InferInput:
-    """One decoded input tensor; ``data`` has ``DATATYPES[datatype]`` and ``shape``."""
-
-    name: str
-    datatype: str
-    shape: tuple[int, ...]
-    data: np.ndarray
-    parameters: dict = field(default_factory=dict)
-
-
-@dataclass(slots=True)
-class RequestedOutput:
-    """An output the client asked for; ``binary`` None means the request-level default."""
-
-    name: str
-    binary: bool | None = None
-    parameters: dict = field(default_factory=dict)
-
-
-@dataclass(slots=True)
-class InferRequest:
-    """A decoded inference request. ``outputs`` None means every model output."""
-
-    inputs: list[InferInput]
-    outputs: list[RequestedOutput] | None = None
-    id: str | None = None
-    parameters: dict = field(default_factory=dict)
-
-    @property
-    def binary_output_default(self) -> bool:
-        """Whether outputs not asked for individually go in the binary section."""
-        return self.parameters.get("binary_data_output") is True
-
-    def input_arrays(self) -> dict[str, np.ndarray]:
-        """The inputs as a name -> array mapping, in request order."""
-        return {tensor.name: tensor.data for tensor in self.inputs}
-
-
-@dataclass(slots=True)
-class InferResponse:
-    """A model's result; ``outputs`` is encoded in its iteration order."""
-
-    model_name: str
-    model_version: str
-    outputs: dict[str, np.ndarray]
-    id: str | None = None
-    parameters: dict = field(default_factory=dict)
-
-
-# --------------------------------------------------------------------------- JSON
-
-
-def json_dumps(obj: Any) -> bytes:
-    """Serialise to compact UTF-8 JSON; numpy arrays and scalars are accepted, NaN/Inf -> null."""
-    if orjson is None:
-        return _stdlib_dumps(obj)
-    return orjson.dumps(obj, option=orjson.OPT_SERIALIZE_NUMPY)
-
-
-def json_loads(data: bytes | bytearray | memoryview | str) -> Any:
-    """Parse strict UTF-8 JSON (no NaN/Infinity); ValueError if malformed."""
-    if orjson is None:
-        return _stdlib_loads(data)
-    return orjson.loads(data)
-
-
-def _stdlib_dumps(obj: Any) -> bytes:
-    text = json.dumps(obj, default=_stdlib_default, separators=(",", ":"), ensure_ascii=False)
-    return text.encode("utf-8")
-
-
-def _stdlib_default(obj: Any) -> Any:
-    if isinstance(obj, np.ndarray):
-        if obj.dtype.kind == "f":
-            values = obj.astype(object)
-            values[~np.isfinite(obj)] = None
-            return values.tolist()
-        return obj.tolist()
-    if isinstance(obj, np.generic):
-        value = obj.item()
-        return None if isinstance(value, float) and not math.isfinite(value) else value
-    raise TypeError(f"type {type(obj).__name__} is not JSON serializable")
-
-
-def _stdlib_loads(data: bytes | bytearray | memoryview | str) -> Any:
-    text = data if isinstance(data, str) else bytes(data).decode("utf-8")
-    try:
-        return json.loads(text, parse_constant=_reject_constant, parse_float=_finite_float)
-    except RecursionError:
-        raise ValueError("JSON is nested too deeply") from None
-
-
-def _reject_constant(name: str) -> Any:
-    raise ValueError(f"{name} is not valid JSON")
-
-
-def _finite_float(text: str) -> float:
-    value = float(text)
-    if not math.isfinite(value):
-        raise ValueError("number out of range")
-    return value
-
-
-# --------------------------------------------------------------------------- public entry points
+    A model tensor whose dims (after the batch dim) are ``[]`` is reported as ``dims: [1]`` with
+    ``reshape: {shape: []}``, as Triton does, so shape ``[1]`` (``[batch, 1]``) is accepted too.
+    """
+    spec = specs.get(name)
+    if spec is None:
+        raise BadRequest(f"unexpected input {label(name)}")
+    if datatype != spec.datatype:
+        raise BadRequest(f"input {label(name)}: datatype {datatype}, model expects {spec.datatype}")
+    want = spec.shape
+    if len(want) == batched and len(shape) == len(want) + 1 and shape[-1] == 1:
+        shape = shape[:-1]
+    if len(shape) != len(want) or any(w != -1 and w != g for w, g in zip(want, shape)):
+        raise BadRequest(f"input {label(name)}: shape {list(shape)}, model expects {want}")
+    return shape
 
 
 def parse_header_length(value: str | bytes | None) -> int | None:
@@ -237,15 +95,18 @@ def decode_request(
     header_length: int | None = None,
     *,
     max_elements: int | None = None,
+    specs: Mapping | None = None,
+    batched: bool = False,
 ) -> InferRequest:
     """Decode a V2 inference request body; BadRequest/PayloadTooLarge for anything malformed.
 
     Binary tensors are zero-copy views of ``body`` (read-only when ``body`` is ``bytes``).
-    ``max_elements`` caps each tensor's element count (413 beyond it).
+    ``max_elements`` caps each tensor's element count (413 beyond it). ``specs`` (name ->
+    TensorSpec) and ``batched`` (max_batch_size > 0) check each input before its data is read.
     """
     view = _byte_view(body)
     try:
-        return _decode_request(view, header_length, max_elements)
+        return _decode_request(view, header_length, max_elements, specs, batched)
     except ShardserveError:
         raise
     except MemoryError:
@@ -269,7 +130,7 @@ def encode_response(
         binary = binary_by_name.get(name)
         if binary is None:
             binary = default_binary
-        entries.append(_encode_tensor(name, value, "output", binary, chunks, finite_only=False))
+        entries.append(_encode_tensor(name, value, "output", binary, chunks))
     doc: dict[str, Any] = {
         "model_name": response.model_name,
         "model_version": response.model_version,
@@ -293,10 +154,7 @@ def encode_request(
 ) -> tuple[bytes, dict[str, str]]:
     """Encode a request body and its HTTP headers for another V2 server (client side)."""
     chunks: list = []
-    entries = [
-        _encode_tensor(name, value, "input", binary, chunks, finite_only=True)
-        for name, value in inputs.items()
-    ]
+    entries = [_encode_tensor(n, value, "input", binary, chunks) for n, value in inputs.items()]
     doc: dict[str, Any] = {}
     if request_id is not None:
         doc["id"] = request_id
@@ -320,8 +178,8 @@ def decode_response(
     """Decode a V2 inference response (client side).
 
     A malformed response is the upstream server's fault, so errors are ShardserveError with
-    status 502. JSON ``null`` in floating-point outputs reads as NaN, since that is how JSON
-    encoders (including ``encode_response``) write NaN and infinities.
+    status 502. JSON ``null`` in floating-point outputs reads as NaN, since that is how most JSON
+    encoders write NaN and infinities.
     """
     view = _byte_view(body)
     try:
@@ -337,13 +195,18 @@ def decode_response(
 
 
 def _decode_request(
-    view: memoryview, header_length: int | None, max_elements: int | None
+    view: memoryview,
+    header_length: int | None,
+    max_elements: int | None,
+    specs: Mapping | None,
+    batched: bool,
 ) -> InferRequest:
     header, binary = _split_body(view, header_length)
+    header, spans = _set_aside(header)
     doc = _load_object(header, "inference request")
-    raw_inputs = doc.get("inputs")
-    if not isinstance(raw_inputs, list) or not raw_inputs:
-        raise BadRequest('"inputs" must be a non-empty list')
+    raw_inputs = doc.get("inputs", [])
+    if not isinstance(raw_inputs, list):  # empty: a model without inputs
+        raise BadRequest('"inputs" must be a list')
     request_id = _optional_str(doc, "id")
     parameters = _parameters(doc, "request")
     if not isinstance(parameters.get("binary_data_output", False), bool):
@@ -353,10 +216,14 @@ def _decode_request(
     seen: set[str] = set()
     inputs = []
     for raw in raw_inputs:
-        name, datatype, shape, params, label = _tensor_header(raw, "input", seen)
-        data = _tensor_data(raw, datatype, shape, params, label, section, max_elements)
+        name, datatype, shape, params, where = _tensor_header(raw, "input", seen)
+        if specs is not None:
+            check_tensor(specs, name, datatype, shape, batched)
+        data = _tensor_data(raw, datatype, shape, params, where, section, max_elements, spans)
         inputs.append(InferInput(name, datatype, shape, data, params))
     section.finish()
+    if spans and spans.unused:
+        raise BadRequest('a large "data" array is allowed only as an input\'s tensor data')
     return InferRequest(inputs, outputs, request_id, parameters)
 
 
@@ -374,8 +241,8 @@ def _decode_response(view: memoryview, header_length: int | None) -> InferRespon
     seen: set[str] = set()
     outputs = {}
     for raw in raw_outputs:
-        name, datatype, shape, params, label = _tensor_header(raw, "output", seen)
-        outputs[name] = _tensor_data(raw, datatype, shape, params, label, section, None, True)
+        name, datatype, shape, params, where = _tensor_header(raw, "output", seen)
+        outputs[name] = _tensor_data(raw, datatype, shape, params, where, section, None, None, True)
     section.finish()
     return InferResponse(model_name, model_version, outputs, response_id, parameters)
 
@@ -388,6 +255,8 @@ def _byte_view(body: bytes | bytearray | memoryview) -> memoryview:
 
 
 def _split_body(view: memoryview, header_length: int | None) -> tuple[memoryview, memoryview]:
+    if not len(view):
+        raise BadRequest("body is empty; it must hold a JSON object")
     if header_length is None:
         return view, view[:0]
     if (
@@ -399,7 +268,7 @@ def _split_body(view: memoryview, header_length: int | None) -> tuple[memoryview
     return view[:header_length], view[header_length:]
 
 
-def _load_object(header: memoryview, what: str) -> dict:
+def _load_object(header: memoryview | bytes, what: str) -> dict:
     try:
         doc = json_loads(header)
     except (ValueError, RecursionError):  # UnicodeDecodeError is a ValueError
@@ -409,11 +278,89 @@ def _load_object(header: memoryview, what: str) -> dict:
     return doc
 
 
-def _label(value: object) -> str:
-    """A short rendering of a client-supplied name, safe to put in an error message."""
-    if not isinstance(value, str):
-        return f"<{type(value).__name__}>"
-    return repr(value if len(value) <= 64 else value[:60] + "...")
+class _Spans:
+    """Large ``"data"`` arrays cut out of a header, each replaced by ``{key: index}``."""
+
+    __slots__ = ("key", "views", "unused")
+
+    def __init__(self, key: str):
+        self.key, self.views, self.unused = key, [], set()
+
+    def take(self, data: Any) -> memoryview | None:
+        index = data.get(self.key) if isinstance(data, dict) and len(data) == 1 else None
+        if type(index) is not int or index not in self.unused:
+            return None
+        self.unused.discard(index)
+        return self.views[index]
+
+
+def _set_aside(header: memoryview) -> tuple[memoryview | bytes, _Spans | None]:
+    """Cut large "data" arrays out of a big header so that parsing it costs little memory."""
+    if len(header) < _SPLIT_MIN:
+        return header, None
+    spans = _Spans("#" + os.urandom(8).hex())
+    pieces, kept, pos = [], 0, 0
+    while match := _DATA_KEY.search(header, pos):
+        start = pos = match.end() - 1
+        found = _FLAT.match(header, start) or _STRINGS.match(header, start)
+        end = found.end() if found else _nested_end(header, start)
+        if end is None or end - start < _SPAN_MIN:
+            continue
+        pieces += (header[kept:start], b'{"%s":%d}' % (spans.key.encode(), len(spans.views)))
+        spans.unused.add(len(spans.views))
+        spans.views.append(header[start:end])
+        kept = pos = end
+    skeleton = b"".join([*pieces, header[kept:]]) if spans.views else header
+    # What is left parses into Python objects: refuse a header whose objects would dwarf it.
+    cost = 120 * (_count(skeleton, 91) + _count(skeleton, 123)) + 32 * _count(skeleton, 44)
+    if cost > max(4 * len(header), 64 << 20):
+        raise PayloadTooLarge("request header holds too many JSON values outside tensor data")
+    return skeleton, spans if spans.views else None
+
+
+def _nested_end(header: memoryview, start: int) -> int | None:
+    """Where the nested array at ``start`` ends, by bracket depth; None if a string comes first
+    (nested BYTES are left to the JSON parser) or the array is too small to set aside."""
+    quote = _QUOTE.search(header, start)
+    limit = quote.start() if quote else len(header)
+    if limit - start < _SPAN_MIN:
+        return None
+    codes = np.frombuffer(header, np.uint8, limit - start, start)
+    depth = 0
+    for pos in range(0, len(codes), _SCAN):
+        depths = (codes[pos : pos + _SCAN] == 91).astype(np.int32)  # [
+        depths -= codes[pos : pos + _SCAN] == 93  # ]
+        np.cumsum(depths, out=depths)
+        depths += depth
+        closed = np.flatnonzero(depths == 0)
+        if closed.size:
+            return start + pos + int(closed[0]) + 1
+        depth = int(depths[-1])
+    return None
+
+
+def _count(view: memoryview | bytes, byte: int) -> int:
+    codes = np.frombuffer(view, np.uint8)
+    return sum(int(np.count_nonzero(codes[i : i + _SCAN] == byte))
+               for i in range(0, len(codes), _SCAN))
+
+
+def _parse_span(span: memoryview, datatype: str, shape: tuple[int, ...], where: str) -> Any:
+    """Parse a set-aside array once its element count can match ``shape``."""
+    count = math.prod(shape)
+    if datatype == "BYTES":
+        found = sum(1 for _ in islice(_ONE_STRING.finditer(span), count + 1))
+        fits = found <= count
+    else:
+        brackets = _count(span, 91)
+        most = 1 + sum(math.prod(shape[:i]) for i in range(1, len(shape)))
+        fits = brackets <= most and _count(span, 44) + 1 <= count + brackets
+    if not fits:
+        raise BadRequest(f"{where}: data holds more elements than the shape's {count}")
+    try:
+        return json_loads(span)
+    except (ValueError, RecursionError):
+        raise BadRequest(f"{where}: data is not valid JSON") from None
 
 
 def _optional_str(doc: dict, key: str) -> str | None:
@@ -445,14 +392,14 @@ def _requested_outputs(raw: Any) -> list[RequestedOutput] | None:
         name = item.get("name")
         if not isinstance(name, str) or not name:
             raise BadRequest("each requested output needs a non-empty string name")
-        label = f"output {_label(name)}"
+        where = f"output {label(name)}"
         if name in seen:
-            raise BadRequest(f"{label} is requested twice")
+            raise BadRequest(f"{where} is requested twice")
         seen.add(name)
-        params = _parameters(item, label)
+        params = _parameters(item, where)
         binary = params.get("binary_data")
         if binary is not None and not isinstance(binary, bool):
-            raise BadRequest(f'{label}: "binary_data" must be a boolean')
+            raise BadRequest(f'{where}: "binary_data" must be a boolean')
         requested.append(RequestedOutput(name, binary, params))
     return requested or None  # an empty list asks for nothing in particular: all outputs
 
@@ -465,22 +412,22 @@ def _tensor_header(
     name = raw.get("name")
     if not isinstance(name, str) or not name:
         raise BadRequest(f"each {kind} needs a non-empty string name")
-    label = f"{kind} {_label(name)}"
+    where = f"{kind} {label(name)}"
     if name in seen:
-        raise BadRequest(f"{label} appears twice")
+        raise BadRequest(f"{where} appears twice")
     seen.add(name)
     datatype = raw.get("datatype")
     if not isinstance(datatype, str) or datatype not in DATATYPES:
-        raise BadRequest(f"{label}: unknown datatype {_label(datatype)}")
+        raise BadRequest(f"{where}: unknown datatype {label(datatype)}")
     shape = raw.get("shape")
     if not isinstance(shape, list):
-        raise BadRequest(f"{label}: shape must be a list of non-negative integers")
+        raise BadRequest(f"{where}: shape must be a list of non-negative integers")
     if len(shape) > _MAX_DIMS:
-        raise BadRequest(f"{label}: shape has more than {_MAX_DIMS} dimensions")
+        raise BadRequest(f"{where}: shape has more than {_MAX_DIMS} dimensions")
     for dim in shape:
         if type(dim) is not int or not 0 <= dim <= _MAX_DIM:
-            raise BadRequest(f"{label}: shape must be a list of non-negative integers")
-    return name, datatype, tuple(shape), _parameters(raw, label), label
+            raise BadRequest(f"{where}: shape must be a list of non-negative integers")
+    return name, datatype, tuple(shape), _parameters(raw, where), where
 
 
 def _tensor_data(
@@ -488,103 +435,112 @@ def _tensor_data(
     datatype: str,
     shape: tuple[int, ...],
     params: dict,
-    label: str,
+    where: str,
     section: _BinarySection,
     max_elements: int | None,
+    spans: _Spans | None,
     allow_null: bool = False,
 ) -> np.ndarray:
     count = math.prod(shape)
     if max_elements is not None and count > max_elements:
-        raise PayloadTooLarge(f"{label} has more than {max_elements} elements")
+        raise PayloadTooLarge(f"{where} has more than {max_elements} elements")
     if count == 0 and math.prod(dim for dim in shape if dim) > _MAX_EMPTY_VOLUME:
-        raise BadRequest(f"{label}: shape is too large")
+        raise BadRequest(f"{where}: shape is too large")
     has_data = "data" in raw
     if "binary_data_size" in params:
         if has_data:
-            raise BadRequest(f"{label} has both data and binary_data_size")
+            raise BadRequest(f"{where} has both data and binary_data_size")
         size = params["binary_data_size"]
         if type(size) is not int or size < 0:
-            raise BadRequest(f"{label}: binary_data_size must be a non-negative integer")
-        flat = _binary_tensor(section, size, datatype, count, label)
+            raise BadRequest(f"{where}: binary_data_size must be a non-negative integer")
+        flat = _binary_tensor(section, size, datatype, count, where)
     elif has_data:
-        flat = _json_tensor(raw["data"], datatype, count, label, allow_null)
+        data = raw["data"]
+        span = spans.take(data) if spans else None
+        if span is not None:
+            data = _parse_span(span, datatype, shape, where)
+        flat = _json_tensor(data, datatype, count, where, allow_null)
     elif "shared_memory_region" in params:
-        raise BadRequest(f"{label}: shared memory tensors are not supported")
+        raise BadRequest(f"{where}: shared memory tensors are not supported")
     else:
-        raise BadRequest(f"{label} has neither data nor binary_data_size")
+        raise BadRequest(f"{where} has neither data nor binary_data_size")
     return flat.reshape(shape)
 
 
-def _json_tensor(data: Any, datatype: str, count: int, label: str, allow_null: bool) -> np.ndarray:
+def _json_tensor(data: Any, datatype: str, count: int, where: str, allow_null: bool) -> np.ndarray:
     if not isinstance(data, list):
-        raise BadRequest(f"{label}: data must be a list")
-    leaves, kinds = _flatten(data, label)
+        raise BadRequest(f"{where}: data must be a list")
+    leaves, kinds = _flatten(data, where)
     if len(leaves) != count:
-        raise BadRequest(f"{label}: data has {len(leaves)} elements but the shape needs {count}")
+        raise BadRequest(f"{where}: data has {len(leaves)} elements but the shape needs {count}")
     dtype = DATATYPES[datatype]
     if datatype == "BYTES":
         if not kinds <= {str}:
-            raise BadRequest(f"{label}: BYTES data must be strings")
+            raise BadRequest(f"{where}: BYTES data must be strings")
         try:
             encoded = [text.encode("utf-8") for text in leaves]
         except UnicodeEncodeError:
-            raise BadRequest(f"{label}: data holds a string that is not valid Unicode") from None
+            raise BadRequest(f"{where}: data holds a string that is not valid Unicode") from None
         array = np.empty(count, dtype=object)
         array[:] = encoded
         return array
     if datatype == "BOOL":
         if not kinds <= {bool}:
-            raise BadRequest(f"{label}: BOOL data must be true or false")
+            raise BadRequest(f"{where}: BOOL data must be true or false")
         return np.array(leaves, dtype=dtype)
     if dtype.kind in "iu":  # type(True) is bool, so booleans fail this check too
         if not kinds <= {int}:
-            raise BadRequest(f"{label}: {datatype} data must be integers")
-        return _int_array(leaves, datatype, label)
+            raise BadRequest(f"{where}: {datatype} data must be integers")
+        return _int_array(leaves, datatype, where)
     if allow_null and type(None) in kinds:
         leaves = [math.nan if value is None else value for value in leaves]
         kinds = kinds - {type(None)}
-    if not kinds <= _NUMBER_TYPES:
-        raise BadRequest(f"{label}: {datatype} data must be numbers")
+    if not kinds <= {int, float}:
+        raise BadRequest(f"{where}: {datatype} data must be numbers")
     try:
-        with np.errstate(over="ignore"):
-            array = np.array(leaves, dtype=dtype)
+        wide = np.array(leaves, dtype=np.float64)
     except OverflowError:  # a Python int beyond float64
-        raise BadRequest(f"{label}: value out of range for {datatype}") from None
-    if dtype.itemsize < 8 and np.isinf(array).any():  # JSON has no infinities: it overflowed
-        raise BadRequest(f"{label}: value out of range for {datatype}")
+        raise BadRequest(f"{where}: value out of range for {datatype}") from None
+    if dtype == wide.dtype:
+        return wide
+    with np.errstate(over="ignore"):
+        array = wide.astype(dtype)
+    if np.isinf(array).any() and (np.isinf(array) & np.isfinite(wide)).any():
+        raise BadRequest(f"{where}: value out of range for {datatype}")
     return array
 
 
-def _flatten(data: list, label: str) -> tuple[list, set[type]]:
+def _flatten(data: list, where: str) -> tuple[list, set[type]]:
     """Flatten rectangular nested lists row-major; also returns the set of leaf types."""
     level = data
     kinds = set(map(type, level))
     while list in kinds:
         if len(kinds) != 1 or len(set(map(len, level))) != 1:
-            raise BadRequest(f"{label}: data is ragged")
+            raise BadRequest(f"{where}: data is ragged")
         level = list(chain.from_iterable(level))
         kinds = set(map(type, level))
     return level, kinds
 
 
-def _int_array(values: list[int], datatype: str, label: str) -> np.ndarray:
-    low, high = _INT_RANGES[datatype]
+def _int_array(values: list[int], datatype: str, where: str) -> np.ndarray:
+    dtype = DATATYPES[datatype]
+    info = np.iinfo(dtype)
     if datatype == "UINT64":
         # Negative values are checked here because numpy < 2 wraps them with a warning.
         if values and min(values) < 0:
-            raise BadRequest(f"{label}: value out of range for {datatype}")
+            raise BadRequest(f"{where}: value out of range for {datatype}")
         wide_dtype = np.uint64
     else:
         wide_dtype = np.int64
     try:
         wide = np.array(values, dtype=wide_dtype)
     except OverflowError:
-        raise BadRequest(f"{label}: value out of range for {datatype}") from None
+        raise BadRequest(f"{where}: value out of range for {datatype}") from None
     if datatype in ("INT64", "UINT64"):
         return wide
-    if wide.size and (wide.min() < low or wide.max() > high):
-        raise BadRequest(f"{label}: value out of range for {datatype}")
-    return wide.astype(DATATYPES[datatype])
+    if wide.size and (wide.min() < info.min or wide.max() > info.max):
+        raise BadRequest(f"{where}: value out of range for {datatype}")
+    return wide.astype(dtype)
 
 
 class _BinarySection:
@@ -597,11 +553,11 @@ class _BinarySection:
         self.offset = 0
         self.body_length = body_length
 
-    def take(self, size: int, label: str) -> memoryview:
+    def take(self, size: int, where: str) -> memoryview:
         left = len(self.view) - self.offset
         if size > left:
             raise BadRequest(
-                f"{label}: binary section is truncated ({size} bytes declared, {left} left)"
+                f"{where}: binary section is truncated ({size} bytes declared, {left} left)"
             )
         chunk = self.view[self.offset : self.offset + size]
         self.offset += size
@@ -614,39 +570,39 @@ class _BinarySection:
 
 
 def _binary_tensor(
-    section: _BinarySection, size: int, datatype: str, count: int, label: str
+    section: _BinarySection, size: int, datatype: str, count: int, where: str
 ) -> np.ndarray:
     itemsize = 4 if datatype == "BYTES" else DATATYPES[datatype].itemsize  # 4: BYTES minimum
     if count * itemsize > section.body_length:
-        raise BadRequest(f"{label}: shape needs more bytes than the request body holds")
+        raise BadRequest(f"{where}: shape needs more bytes than the request body holds")
     if datatype == "BYTES":
-        return _bytes_elements(section.take(size, label), count, label)
+        return _bytes_elements(section.take(size, where), count, where)
     if size != count * itemsize:
         raise BadRequest(
-            f"{label}: binary_data_size is {size} but the shape needs {count * itemsize} bytes"
+            f"{where}: binary_data_size is {size} but the shape needs {count * itemsize} bytes"
         )
-    chunk = section.take(size, label)
+    chunk = section.take(size, where)
     if datatype == "BOOL":
         raw = np.frombuffer(chunk, dtype=np.uint8)
         return raw.view(np.bool_) if not raw.size or raw.max() <= 1 else raw != 0
-    array = np.frombuffer(chunk, dtype=_WIRE_DTYPES[datatype])
+    array = np.frombuffer(chunk, dtype=wire_dtype(datatype))
     return array if array.dtype == DATATYPES[datatype] else array.astype(DATATYPES[datatype])
 
 
-def _bytes_elements(chunk: memoryview, count: int, label: str) -> np.ndarray:
+def _bytes_elements(chunk: memoryview, count: int, where: str) -> np.ndarray:
     elements = []
     offset, end = 0, len(chunk)
     for index in range(count):
         if offset + 4 > end:
-            raise BadRequest(f"{label}: BYTES data ends before element {index}")
+            raise BadRequest(f"{where}: BYTES data ends before element {index}")
         (length,) = _U32.unpack_from(chunk, offset)
         offset += 4
         if offset + length > end:
-            raise BadRequest(f"{label}: BYTES element {index} runs past binary_data_size")
+            raise BadRequest(f"{where}: BYTES element {index} runs past binary_data_size")
         elements.append(bytes(chunk[offset : offset + length]))
         offset += length
     if offset != end:
-        raise BadRequest(f"{label}: binary_data_size has bytes left after {count} elements")
+        raise BadRequest(f"{where}: binary_data_size has bytes left after {count} elements")
     array = np.empty(count, dtype=object)
     array[:] = elements
     return array
@@ -655,24 +611,22 @@ def _bytes_elements(chunk: memoryview, count: int, label: str) -> np.ndarray:
 # --------------------------------------------------------------------------- encoding
 
 
-def _encode_tensor(
-    name: str, value: Any, kind: str, binary: bool, chunks: list, *, finite_only: bool
-) -> dict[str, Any]:
+def _encode_tensor(name: str, value: Any, kind: str, binary: bool, chunks: list) -> dict:
     array = value if isinstance(value, np.ndarray) else np.asarray(value)
     datatype = to_datatype(array.dtype)
     entry: dict[str, Any] = {"name": name, "datatype": datatype, "shape": list(array.shape)}
-    label = f"{kind} {_label(name)}"
+    where = f"{kind} {label(name)}"
     if binary:
-        chunk, size = _binary_chunk(array, datatype, label)
+        chunk, size = _binary_chunk(array, datatype, where)
         entry["parameters"] = {"binary_data_size": size}
         chunks.append(chunk)
     else:
-        entry["data"] = _json_data(array, datatype, label, finite_only)
+        entry["data"] = _json_data(array, datatype, where)
     return entry
 
 
-def _json_data(array: np.ndarray, datatype: str, label: str, finite_only: bool) -> Any:
-    """Flat row-major data for the JSON header: a native contiguous array, or a list of str."""
+def _json_data(array: np.ndarray, datatype: str, where: str) -> Any:
+    """Flat row-major data for the JSON header: a native array, a fragment, or a list of str."""
     if datatype == "BYTES":
         try:
             return [
@@ -681,18 +635,16 @@ def _json_data(array: np.ndarray, datatype: str, label: str, finite_only: bool) 
             ]
         except UnicodeDecodeError:
             raise BadRequest(
-                f"{label} holds bytes that are not valid UTF-8 and cannot go in JSON;"
+                f"{where} holds bytes that are not valid UTF-8 and cannot go in JSON;"
                 " use binary_data for it"
             ) from None
     flat = np.ascontiguousarray(array).reshape(-1)
     if not flat.dtype.isnative:
         flat = flat.astype(flat.dtype.newbyteorder("="))
-    if finite_only and flat.dtype.kind == "f" and not np.isfinite(flat).all():
-        raise BadRequest(f"{label} holds NaN or infinity, which JSON cannot carry; send it binary")
-    return flat
+    return float_data(flat) if datatype in ("FP16", "FP32", "FP64", "BF16") else flat
 
 
-def _binary_chunk(array: np.ndarray, datatype: str, label: str) -> tuple[Any, int]:
+def _binary_chunk(array: np.ndarray, datatype: str, where: str) -> tuple[Any, int]:
     if datatype == "BYTES":
         parts = []
         try:
@@ -701,10 +653,10 @@ def _binary_chunk(array: np.ndarray, datatype: str, label: str) -> tuple[Any, in
                 parts.append(_U32.pack(len(data)))
                 parts.append(data)
         except UnicodeEncodeError:
-            raise BadRequest(f"{label} holds a string that is not valid Unicode") from None
+            raise BadRequest(f"{where} holds a string that is not valid Unicode") from None
         chunk = b"".join(parts)
         return chunk, len(chunk)
-    flat = np.ascontiguousarray(array, dtype=_WIRE_DTYPES[datatype]).reshape(-1)
+    flat = np.ascontiguousarray(array, dtype=wire_dtype(datatype)).reshape(-1)
     return flat, flat.nbytes
 
 

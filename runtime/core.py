@@ -17,7 +17,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Protocol
 
-from .codec import InferRequest, InferResponse
+from .codec import InferRequest, InferResponse, check_tensor
 from .config import Config, load_config
 from .errors import (
     BadRequest,
@@ -195,23 +195,11 @@ class ModelStatus:
 def _check_inputs(model: LoadedModel, request: InferRequest) -> dict:
     """Inputs as a feed dict, after checking names, datatypes and shapes."""
     specs = model.input_specs
+    batched = bool(model.config.max_batch_size)
     feed = {}
     for item in request.inputs:
-        spec = specs.get(item.name)
-        if spec is None:
-            raise BadRequest(f"unexpected input {item.name!r} for model {model.name!r}")
-        if item.datatype != spec.datatype:
-            raise BadRequest(
-                f"input {item.name!r}: datatype {item.datatype}, model expects {spec.datatype}"
-            )
-        shape = item.shape
-        if len(shape) != len(spec.shape) or any(
-            want != -1 and want != got for want, got in zip(spec.shape, shape)
-        ):
-            raise BadRequest(
-                f"input {item.name!r}: shape {list(shape)}, model expects {spec.shape}"
-            )
-        feed[item.name] = item.data
+        shape = check_tensor(specs, item.name, item.datatype, tuple(item.shape), batched)
+        feed[item.name] = item.data if item.data.shape == shape else item.data.reshape(shape)
     if len(feed) != len(specs):
         missing = sorted(set(specs) - set(feed))
         raise BadRequest(f"missing inputs for model {model.name!r}: {', '.join(missing)}")
@@ -499,8 +487,12 @@ class Runtime:
 
         def tensors(specs: list[TensorSpec]) -> list[dict]:
             dims = slice(1, None) if cfg.max_batch_size else slice(None)
-            return [{"name": s.name, "data_type": "TYPE_" + s.datatype.replace("BYTES", "STRING"),
-                     "dims": s.shape[dims]} for s in specs]
+            out = [{"name": s.name, "data_type": "TYPE_" + s.datatype.replace("BYTES", "STRING"),
+                    "dims": s.shape[dims]} for s in specs]
+            for entry in out:  # scalars as Triton shows them: clients send [1], the model gets []
+                if not entry["dims"]:
+                    entry.update(dims=[1], reshape={"shape": []})
+            return out
 
         policy: dict[str, Any] = {"latest": {"num_versions": cfg.num_versions}}
         if cfg.version_policy == "all":

@@ -6,6 +6,7 @@ import json
 import math
 import struct
 
+import ml_dtypes
 import numpy as np
 import pytest
 import tritonclient.http as triton
@@ -53,6 +54,7 @@ SAMPLES: dict[str, np.ndarray] = {
     "FP32": np.array([[0.1, -3.4e38], [1e-45, 7.0], [-0.0, 1 / 3]], dtype=np.float32),
     "FP64": np.array([0.1, -1.7976931348623157e308, 5e-324, math.pi], dtype=np.float64),
     "BYTES": _bytes_array([b"", b"hello", "h\u00e9llo \u2603".encode(), b"", b"x" * 300], (5,)),
+    "BF16": np.array([1.5, -2.0, 0.0078125, 3.0e38, 0.0], dtype=ml_dtypes.bfloat16),
 }
 KINDS = ("sample", "scalar", "empty")
 
@@ -94,8 +96,8 @@ def error_from(call, *args, **kwargs) -> ShardserveError:
 # --------------------------------------------------------------------------- datatypes
 
 
-def test_datatype_table_has_the_13_v2_types():
-    assert len(DATATYPES) == 13
+def test_datatype_table_has_the_14_v2_types():
+    assert len(DATATYPES) == 14 and "BF16" in DATATYPES
     assert DATATYPES["BYTES"] == np.dtype(object)
     for name, dtype in DATATYPES.items():
         assert to_numpy_dtype(name) == dtype
@@ -115,7 +117,7 @@ def test_to_datatype_rejects_types_the_protocol_lacks(dtype):
     assert type(error_from(to_datatype, dtype)) is BadRequest
 
 
-@pytest.mark.parametrize("datatype", ["FP8", "BF16", "fp32", "", 3, None])
+@pytest.mark.parametrize("datatype", ["FP8", "INT4", "fp32", "", 3, None])
 def test_to_numpy_dtype_names_the_bad_datatype(datatype):
     error = error_from(to_numpy_dtype, datatype)
     assert type(error) is BadRequest and error.status == 400
@@ -306,17 +308,21 @@ def test_bytes_that_are_not_utf8_need_binary_data():
     assert_same(decoded.outputs["raw"], outputs["raw"])
 
 
-def test_non_finite_floats():
-    values = np.array([np.nan, np.inf, -np.inf, 1.0], np.float32)
+@pytest.mark.parametrize("datatype", ["FP16", "FP32", "FP64", "BF16"])
+def test_non_finite_floats_travel_as_triton_literals(datatype):
+    """Triton writes and reads NaN/Infinity/-Infinity literals; an infinity stays infinite."""
+    values = np.array([np.nan, np.inf, -np.inf, 1.0, np.inf], DATATYPES[datatype])
     body, _ = encode_response(InferResponse("m", "1", {"y": values}))
-    assert json.loads(body)["outputs"][0]["data"] == [None, None, None, 1.0]
-    decoded = decode_response(body).outputs["y"]
-    assert np.isnan(decoded[:3]).all() and decoded[3] == 1.0
-    error = error_from(encode_request, {"x": values}, binary=False)
-    assert type(error) is BadRequest and "binary" in error.message
-    body, headers = encode_request({"x": values})
-    data = decode_request(body, int(headers["Inference-Header-Content-Length"])).inputs[0].data
-    assert_same(data, values)
+    assert b'"data":[NaN,Infinity,-Infinity,1.0,Infinity]' in body
+    assert_same(decode_response(body).outputs["y"], values)
+    for binary in (False, True):
+        body, headers = encode_request({"x": values}, binary=binary)
+        length = parse_header_length(headers.get("Inference-Header-Content-Length"))
+        assert_same(decode_request(body, length).inputs[0].data, values)
+    # numbers beyond the type still overflow to a 400, never to an infinity
+    if datatype != "FP64":
+        body = _json(_input(datatype=datatype, shape=[1], data=[1e300]))
+        assert "out of range" in error_from(decode_request, body).message
 
 
 def test_decode_response_errors_are_bad_gateway():
@@ -325,21 +331,12 @@ def test_decode_response_errors_are_bad_gateway():
         assert type(error) is ShardserveError and error.status == 502
 
 
-def test_stdlib_json_fallback_behaves_like_orjson(monkeypatch):
-    monkeypatch.setattr(codec, "orjson", None)
-    for datatype in DATATYPES:
-        array = SAMPLES[datatype]
-        body, _ = encode_request({"x": array}, binary=False)
-        assert_same(decode_request(body).inputs[0].data, array)
-        request = InferRequest(inputs=[], parameters={"binary_data_output": False})
-        body, _ = encode_response(InferResponse("m", "1", {"y": array}), request)
-        assert_same(decode_response(body).outputs["y"], array)
-    assert json_loads(json_dumps({"a": np.float32(0.5), "b": np.array([np.nan])})) == {
-        "a": 0.5,
-        "b": [None],
-    }
-    for bad in [b'{"inputs": NaN}', b'{"inputs": [1e400]}', b"[" * 100_000, b'{"a": "\xff"}']:
-        assert type(error_from(decode_request, bad)) is BadRequest
+def test_json_literals_need_the_fallback_parser_only_when_present():
+    assert json_loads(b'{"a": [NaN, Infinity, -Infinity, 1e3]}')["a"][1:] == [math.inf, -math.inf, 1e3]
+    assert json_loads(json_dumps({"a": np.float32(0.5)})) == {"a": 0.5}
+    for bad in [b'{"a": [NaN, 1e400]}', b'{"a": nan}', b'{"a": Infinity', b'{"a": "\xff", "b": NaN}']:
+        with pytest.raises(ValueError):
+            json_loads(bad)
 
 
 def test_json_helpers_round_trip():
@@ -371,6 +368,8 @@ def test_parse_header_length_rejects(value):
 @pytest.mark.parametrize("binary", [False, True], ids=["json", "binary"])
 @pytest.mark.parametrize("datatype", list(DATATYPES))
 def test_decodes_requests_built_by_tritonclient(datatype, binary, kind):
+    if datatype == "BF16" and not binary:
+        pytest.skip("tritonclient sends BF16 only as binary data")
     array = make_array(datatype, kind)
     tensor = triton.InferInput("in", list(array.shape), datatype)
     tensor.set_data_from_numpy(array, binary_data=binary)
@@ -452,7 +451,7 @@ HOSTILE = {
         BadRequest,
         "not valid UTF-8 JSON",
     ),
-    "empty body": (b"", None, BadRequest, "not valid UTF-8 JSON"),
+    "empty body": (b"", None, BadRequest, "body is empty"),
     "json array": (b"[1, 2]", None, BadRequest, "must be a JSON object"),
     "json string": (b'"inputs"', None, BadRequest, "must be a JSON object"),
     "invalid utf-8 in header": (
@@ -467,11 +466,11 @@ HOSTILE = {
         BadRequest,
         "not valid UTF-8 JSON",
     ),
-    "nan literal": (
-        b'{"inputs": [{"name": "x", "data": [NaN]}]}',
+    "nan literal in BOOL": (
+        _json(_input(datatype="BOOL", shape=[1], data=[math.nan])),
         None,
         BadRequest,
-        "not valid UTF-8 JSON",
+        "BOOL data must be true or false",
     ),
     "deep nesting": (
         b"[" * 5000 + b"]" * 5000,
@@ -479,13 +478,11 @@ HOSTILE = {
         BadRequest,
         "not valid UTF-8 JSON",
     ),
-    "missing inputs": (b"{}", None, BadRequest, '"inputs" must be a non-empty list'),
-    "empty inputs": (_json(), None, BadRequest, '"inputs" must be a non-empty list'),
     "inputs not a list": (
         b'{"inputs": {"x": 1}}',
         None,
         BadRequest,
-        '"inputs" must be a non-empty list',
+        '"inputs" must be a list',
     ),
     "input not an object": (b'{"inputs": [1]}', None, BadRequest, "each input must be an object"),
     "missing name": (
@@ -518,11 +515,11 @@ HOSTILE = {
         BadRequest,
         "unknown datatype 'FLOAT32'",
     ),
-    "bf16 unsupported": (
-        _json(_input(datatype="BF16", data=[1, 2])),
+    "fp8 unsupported": (
+        _json(_input(datatype="FP8", data=[1, 2])),
         None,
         BadRequest,
-        "unknown datatype 'BF16'",
+        "unknown datatype 'FP8'",
     ),
     "datatype not a string": (
         _json(_input(datatype=11, data=[1, 2])),
@@ -964,7 +961,7 @@ _tensor_parameters = st.one_of(
 _inputs = st.fixed_dictionaries(
     {
         "name": st.one_of(st.sampled_from(["x", "y", ""]), _junk),
-        "datatype": st.one_of(st.sampled_from([*DATATYPES, "BF16"]), _junk),
+        "datatype": st.one_of(st.sampled_from([*DATATYPES, "FP8"]), _junk),
         "shape": st.one_of(st.lists(_dims, max_size=4), _junk),
     },
     optional={"data": _data, "parameters": _tensor_parameters},
@@ -1002,6 +999,8 @@ def _request_bodies(draw):
 
 def _arrays(datatype: str, shape: tuple[int, ...]):
     dtype = DATATYPES[datatype]
+    if datatype == "BF16":  # hypothesis has no bfloat16 strategy: draw FP16-range floats
+        return _arrays("FP16", shape).map(lambda array: array.astype(dtype))
     if datatype == "BYTES":
         elements = st.text(max_size=4).map(str.encode)
     elif dtype.kind == "f":
@@ -1032,7 +1031,7 @@ def _mutated_requests(draw):
             st.sampled_from(["datatype", "dim", "leaf", "nest", "size", "swap", "junk", "drop"])
         )
         if operation == "datatype":
-            entry["datatype"] = draw(st.sampled_from([*DATATYPES, "BF16"]))
+            entry["datatype"] = draw(st.sampled_from([*DATATYPES, "FP8"]))
         elif operation == "dim" and isinstance(shape, list):
             if shape and type(shape[-1]) is int:
                 shape[-1] = draw(st.sampled_from([shape[-1] + 1, 0, -1, True, 2**40]))
@@ -1109,7 +1108,6 @@ def test_decode_request_only_raises_typed_client_errors(case, max_elements):
         assert error.message != codec._UNEXPECTED, "a malformation slipped past explicit checks"
         assert len(error.message) < 200
     else:
-        assert request.inputs
         for tensor in request.inputs:
             assert isinstance(tensor, InferInput)
             assert tensor.data.dtype == DATATYPES[tensor.datatype]

@@ -27,8 +27,9 @@ ORT_TYPES = {
     "tensor(uint32)": "UINT32", "tensor(uint64)": "UINT64", "tensor(int8)": "INT8",
     "tensor(int16)": "INT16", "tensor(int32)": "INT32", "tensor(int64)": "INT64",
     "tensor(float16)": "FP16", "tensor(float)": "FP32", "tensor(double)": "FP64",
-    "tensor(string)": "BYTES",
+    "tensor(string)": "BYTES", "tensor(bfloat16)": "BF16",
 }
+BFLOAT16 = 16  # onnx.TensorProto.BFLOAT16, for OrtValues built from raw 16-bit words
 OPTIMIZATION_LEVELS = ("disable", "basic", "extended", "all")
 KNOWN_OPTIONS = {"intra_op_threads", "inter_op_threads", "execution_mode",
                  "graph_optimization_level", "execution_providers"}
@@ -123,10 +124,17 @@ class OnnxRuntimeBackend:
                                  f"load {s.config.filename} ({kind})") from exc
         self.inputs = [_spec(a) for a in self.session.get_inputs()]
         self.outputs = [_spec(a) for a in self.session.get_outputs()]
+        self._text = {spec.name for spec in self.inputs if spec.datatype == "BYTES"}
+        self._bf16 = any(spec.datatype == "BF16" for spec in (*self.inputs, *self.outputs))
 
     def run(self, inputs: dict, outputs: list[str]) -> dict:
+        if self._text:
+            inputs = {k: as_text(k, v) if k in self._text else v for k, v in inputs.items()}
         try:
-            results = self.session.run(outputs, inputs)
+            if self._bf16:
+                results = run_ort_values(self.session, inputs, outputs)
+            else:
+                results = self.session.run(outputs, inputs)
         except Exception as exc:
             message = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
             if "INVALID_ARGUMENT" in message or "Invalid" in message:
@@ -136,6 +144,50 @@ class OnnxRuntimeBackend:
 
     def close(self) -> None:
         self.session = None
+
+
+def as_text(name: str, array):
+    """V2 BYTES elements are bytes; onnxruntime's tensor(string) wants str (it would read bytes
+    as the text "b'...'"), so decode them as UTF-8 and refuse what is not."""
+    import numpy as np
+
+    try:
+        text = [v.decode() if isinstance(v, bytes) else v for v in array.reshape(-1).tolist()]
+    except UnicodeDecodeError:
+        raise BadRequest(f"input {name!r}: onnxruntime string tensors need UTF-8 text; an "
+                         "element is not valid UTF-8") from None
+    out = np.empty(len(text), dtype=object)
+    out[:] = text
+    return out.reshape(array.shape)
+
+
+def run_ort_values(session, inputs: dict, outputs: list[str]) -> list:
+    """Run through OrtValues, the only way numpy bfloat16 arrays go in and come out."""
+    import ctypes
+    import math
+
+    import ml_dtypes
+    import numpy as np
+    import onnxruntime as ort
+
+    feed = {}
+    for name, array in inputs.items():
+        array = np.ascontiguousarray(array)
+        if array.dtype == ml_dtypes.bfloat16:
+            feed[name] = ort.OrtValue.ortvalue_from_numpy_with_onnx_type(array.view(np.uint16),
+                                                                         BFLOAT16)
+        else:
+            feed[name] = ort.OrtValue.ortvalue_from_numpy(array)
+    results = []
+    for value in session.run_with_ort_values(outputs, feed):
+        if value.data_type() != "tensor(bfloat16)":
+            results.append(value.numpy())
+            continue
+        shape, count = value.shape(), math.prod(value.shape())
+        words = (np.frombuffer((ctypes.c_uint16 * count).from_address(value.data_ptr()), np.uint16)
+                 if count else np.empty(0, np.uint16))
+        results.append(words.copy().view(ml_dtypes.bfloat16).reshape(shape))
+    return results
 
 
 @hookimpl

@@ -1,0 +1,94 @@
+"""The Open Inference Protocol's datatypes and their numpy dtypes.
+
+BF16 maps to ``ml_dtypes.bfloat16``, imported on first use so that a cold start serving float
+models never pays for it. FP8 and INT4 have no V2 datatype and stay refused.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator, Mapping
+from typing import Any
+
+import numpy as np
+
+from runtime.errors import BadRequest
+
+_EAGER = {
+    "BOOL": np.dtype(np.bool_),
+    "UINT8": np.dtype(np.uint8),
+    "UINT16": np.dtype(np.uint16),
+    "UINT32": np.dtype(np.uint32),
+    "UINT64": np.dtype(np.uint64),
+    "INT8": np.dtype(np.int8),
+    "INT16": np.dtype(np.int16),
+    "INT32": np.dtype(np.int32),
+    "INT64": np.dtype(np.int64),
+    "FP16": np.dtype(np.float16),
+    "FP32": np.dtype(np.float32),
+    "FP64": np.dtype(np.float64),
+    "BYTES": np.dtype(object),
+}
+_NAMES = (*_EAGER, "BF16")
+_BY_KIND_AND_SIZE = {(d.kind, d.itemsize): n for n, d in _EAGER.items() if n != "BYTES"}
+_WIRE = {n: d.newbyteorder("<") for n, d in _EAGER.items() if n != "BYTES"}
+
+
+class _Datatypes(Mapping):
+    """V2 datatype name -> numpy dtype; BF16's dtype is resolved when first looked up."""
+
+    def __getitem__(self, name: str) -> np.dtype:
+        dtype = _EAGER.get(name)
+        if dtype is None:
+            if name != "BF16":
+                raise KeyError(name)
+            import ml_dtypes  # only models with bfloat16 tensors pay for the import
+
+            dtype = _EAGER["BF16"] = np.dtype(ml_dtypes.bfloat16)
+        return dtype
+
+    def __contains__(self, name: object) -> bool:
+        return name in _NAMES
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(_NAMES)
+
+    def __len__(self) -> int:
+        return len(_NAMES)
+
+
+DATATYPES: Mapping[str, np.dtype] = _Datatypes()
+
+
+def to_numpy_dtype(datatype: str) -> np.dtype:
+    """The numpy dtype for a V2 datatype name; BadRequest if it is not one of the 14."""
+    if not isinstance(datatype, str) or datatype not in _NAMES:
+        raise BadRequest(f"unknown datatype {label(datatype)}")
+    return DATATYPES[datatype]
+
+
+def to_datatype(dtype: Any) -> str:
+    """The V2 datatype name for a numpy dtype (object, bytes_ and str_ are BYTES)."""
+    try:
+        dtype = np.dtype(dtype)
+    except (TypeError, ValueError):
+        raise BadRequest("not a numpy dtype") from None
+    if dtype.kind in "OSU":
+        return "BYTES"
+    name = _BY_KIND_AND_SIZE.get((dtype.kind, dtype.itemsize))
+    if name is None and dtype.name == "bfloat16":
+        name = "BF16"
+    if name is None:
+        raise BadRequest(f"numpy dtype {dtype.name} has no Open Inference Protocol datatype")
+    return name
+
+
+def wire_dtype(datatype: str) -> np.dtype:
+    """The little-endian dtype of a fixed-size datatype in Triton's binary tensor layout."""
+    return _WIRE.get(datatype) or DATATYPES[datatype]  # BF16: ml_dtypes' own, little-endian
+
+
+def label(value: object) -> str:
+    """A short rendering of a client-supplied name, safe to put in an error message."""
+    if not isinstance(value, str):
+        return f"<{type(value).__name__}>"
+    return repr(value if len(value) <= 64 else value[:60] + "...")

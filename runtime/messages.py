@@ -1,0 +1,60 @@
+"""The typed messages of the Open Inference Protocol: what the codec decodes and encodes."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import numpy as np
+
+
+@dataclass(slots=True)
+class InferInput:
+    """One decoded input tensor; ``data`` has ``DATATYPES[datatype]`` and ``shape``.
+
+    BYTES elements are ``bytes`` (the protocol's raw bytes); backends that need text decode them.
+    """
+
+    name: str
+    datatype: str
+    shape: tuple[int, ...]
+    data: np.ndarray
+    parameters: dict = field(default_factory=dict)
+
+
+@dataclass(slots=True)
+class RequestedOutput:
+    """An output the client asked for; ``binary`` None means the request-level default."""
+
+    name: str
+    binary: bool | None = None
+    parameters: dict = field(default_factory=dict)
+
+
+@dataclass(slots=True)
+class InferRequest:
+    """A decoded inference request. ``outputs`` None means every model output."""
+
+    inputs: list[InferInput]
+    outputs: list[RequestedOutput] | None = None
+    id: str | None = None
+    parameters: dict = field(default_factory=dict)
+
+    @property
+    def binary_output_default(self) -> bool:
+        """Whether outputs not asked for individually go in the binary section."""
+        return self.parameters.get("binary_data_output") is True
+
+    def input_arrays(self) -> dict[str, np.ndarray]:
+        """The inputs as a name -> array mapping, in request order."""
+        return {tensor.name: tensor.data for tensor in self.inputs}
+
+
+@dataclass(slots=True)
+class InferResponse:
+    """A model's result; ``outputs`` is encoded in its iteration order."""
+
+    model_name: str
+    model_version: str
+    outputs: dict[str, np.ndarray]
+    id: str | None = None
+    parameters: dict = field(default_factory=dict)
