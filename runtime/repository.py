@@ -28,6 +28,9 @@ else:  # pragma: no cover
 MODEL_NAME = re.compile(r"[A-Za-z0-9_.\-]{1,128}")
 VERSION = re.compile(r"[1-9][0-9]{0,17}")
 CONFIG_FILE = "model.toml"
+MAX_INT32 = 2**31 - 1
+MAX_VERSIONS = 64  # versions served at once: each holds its own session
+BACKEND_SECTIONS = ("onnxruntime", "numba", "plan")  # model.toml tables read by backends
 
 
 def validate_model_name(name: str) -> str:
@@ -76,15 +79,18 @@ def parse_model_config(name: str, raw: dict) -> ModelConfig:
         ("backend", str, "a string"),
         ("filename", str, "a string"),
         ("description", str, "a string"),
-        ("max_batch_size", int, "an integer >= 0"),
+        ("max_batch_size", int, f"an integer from 0 to {MAX_INT32}"),
     ):
         if key in raw:
             value = raw[key]
             if not isinstance(value, kind) or isinstance(value, bool):
                 raise _type_error(name, key, expected)
             setattr(cfg, key, value)
-    if cfg.max_batch_size < 0:
-        raise _type_error(name, "max_batch_size", "an integer >= 0")
+    if not 0 <= cfg.max_batch_size <= MAX_INT32:
+        raise _type_error(name, "max_batch_size", f"an integer from 0 to {MAX_INT32}")
+    for key in {cfg.backend, *BACKEND_SECTIONS}:  # `onnxruntime = "x"` must not vanish
+        if key in raw and not isinstance(raw[key], dict):
+            raise _type_error(name, key, f"a table ([{key}])")
     if "/" in cfg.filename or "\\" in cfg.filename or cfg.filename in ("", ".", ".."):
         raise _type_error(name, "filename", "a plain file name")
     policy = raw.get("version_policy", "latest")
@@ -92,11 +98,12 @@ def parse_model_config(name: str, raw: dict) -> ModelConfig:
         raise _type_error(name, "version_policy", '"latest", "all" or "specific"')
     cfg.version_policy = policy
     num = raw.get("num_versions", 1)
-    if not isinstance(num, int) or isinstance(num, bool) or num < 1:
-        raise _type_error(name, "num_versions", "an integer >= 1")
+    if not isinstance(num, int) or isinstance(num, bool) or not 1 <= num <= MAX_VERSIONS:
+        raise _type_error(name, "num_versions", f"an integer from 1 to {MAX_VERSIONS}")
     cfg.num_versions = num
     versions = raw.get("versions", [])
-    if not (isinstance(versions, list) and all(type(v) is int and v > 0 for v in versions)):
+    if not (isinstance(versions, list) and len(versions) <= MAX_VERSIONS
+            and all(type(v) is int and VERSION.fullmatch(str(v)) for v in versions)):
         raise _type_error(name, "versions", "a list of positive integers")
     cfg.versions = versions
     if policy == "specific" and not versions:
@@ -138,9 +145,10 @@ class ModelRepository:
 
     @staticmethod
     def _version_dirs(model_dir: Path) -> list[int]:
-        return sorted(
-            int(p.name) for p in model_dir.iterdir() if p.is_dir() and VERSION.fullmatch(p.name)
-        )
+        """Version directories inside the model's own directory (a symlink out is skipped)."""
+        real = model_dir.resolve()
+        return sorted(int(p.name) for p in model_dir.iterdir() if VERSION.fullmatch(p.name)
+                      and p.is_dir() and p.resolve().parent == real)
 
     def versions(self, name: str) -> list[int]:
         return self._version_dirs(self.model_dir(name))
@@ -175,7 +183,7 @@ class ModelRepository:
 
     def version_dir(self, name: str, version: int) -> Path:
         path = self.model_dir(name) / str(version)
-        if not path.is_dir():
+        if not path.is_dir() or path.resolve().parent != path.parent.resolve():
             raise NotFound(f"unknown version {version} of model {name!r}")
         return path
 

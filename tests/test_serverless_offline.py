@@ -65,9 +65,11 @@ class OfflineService:
                     return
             except requests.ConnectionError:
                 time.sleep(0.3)
-        self.stop()
+        self.log.flush()
         self.log.seek(0)
-        pytest.fail(f"serverless offline did not start: {self.log.read()[-3000:]!r}")
+        tail = self.log.read()[-3000:]
+        self.stop()
+        pytest.fail(f"serverless offline did not start: {tail!r}")
 
     @property
     def base(self) -> str:
