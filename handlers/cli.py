@@ -166,6 +166,10 @@ def _serve_gunicorn(args: argparse.Namespace) -> int:
     if not os.environ.get("PROMETHEUS_MULTIPROC_DIR"):  # before prometheus_client is imported
         own_metrics_dir = tempfile.mkdtemp(prefix="shardserve-metrics-")
         os.environ["PROMETHEUS_MULTIPROC_DIR"] = own_metrics_dir
+    own_state_dir = None  # the workers' one repository state, reset each run (repository.md)
+    if not os.environ.get("SHARDSERVE_REPOSITORY_STATE"):
+        own_state_dir = tempfile.mkdtemp(prefix="shardserve-repository-")
+        os.environ["SHARDSERVE_REPOSITORY_STATE"] = own_state_dir
     try:
         rt = _runtime(args)  # not started: the master loads no model itself
         ready = _check_models_in_a_child(args)
@@ -194,8 +198,9 @@ def _serve_gunicorn(args: argparse.Namespace) -> int:
             options["max_requests_jitter"] = max(1, args.max_requests // 10)
         gunicorn_application(args.config, _overrides(args), options, on_ready).run()
     finally:
-        if own_metrics_dir is not None:
-            shutil.rmtree(own_metrics_dir, ignore_errors=True)
+        for own in (own_metrics_dir, own_state_dir):
+            if own is not None:
+                shutil.rmtree(own, ignore_errors=True)
     return 0
 
 

@@ -15,6 +15,7 @@ execution_providers = ["CPUExecutionProvider"]
 from __future__ import annotations
 
 import logging
+import re
 
 from runtime import BackendSettings, TensorSpec, hookimpl
 from runtime.errors import BadRequest, ModelLoadError
@@ -31,8 +32,23 @@ ORT_TYPES = {
 }
 BFLOAT16 = 16  # onnx.TensorProto.BFLOAT16, for OrtValues built from raw 16-bit words
 OPTIMIZATION_LEVELS = ("disable", "basic", "extended", "all")
+MAX_THREADS = 256  # per session; more only costs memory and minutes of start-up
+# Anything that looks like a file path in onnxruntime's message: absolute, ./, ../, ~/, C:\,
+# or a token with two or more separators.
+PATH_LIKE = re.compile(r"(?<![\w.])(?:[A-Za-z]:[\\/]|\.{1,2}[\\/]|~[\\/]?|[\\/])[^\s'\"()]+"
+                       r"|[^\s'\"()]*[\\/][^\s'\"()]*[\\/][^\s'\"()]*")
 KNOWN_OPTIONS = {"intra_op_threads", "inter_op_threads", "execution_mode",
                  "graph_optimization_level", "execution_providers"}
+
+
+def load_error_reason(exc: BaseException) -> str:
+    """onnxruntime's own reason (the operator it lacks, the bad node), paths removed."""
+    text = " ".join(str(exc).split())
+    text = re.sub(r"^\[ONNXRuntimeError\] : \d+ : ", "", text)
+    text = PATH_LIKE.sub("<path>", text)
+    if len(text) > 400:
+        text = text[:400] + "..."
+    return text or type(exc).__name__
 
 
 def _spec(arg) -> TensorSpec:
@@ -54,8 +70,9 @@ def session_options(model: str, options: dict):
     for key, attr in (("intra_op_threads", "intra_op_num_threads"),
                       ("inter_op_threads", "inter_op_num_threads")):
         value = options.get(key, 0)
-        if not isinstance(value, int) or isinstance(value, bool) or value < 0:
-            raise ModelLoadError(f"model {model!r}: {key} must be an integer >= 0")
+        if not isinstance(value, int) or isinstance(value, bool) or not 0 <= value <= MAX_THREADS:
+            raise ModelLoadError(f"model {model!r}: {key} must be an integer from 0 to "
+                                 f"{MAX_THREADS}")
         setattr(opts, attr, value)
     level = options.get("graph_optimization_level", "all")
     if level not in OPTIMIZATION_LEVELS:
@@ -119,9 +136,8 @@ class OnnxRuntimeBackend:
         try:
             self.session = ort.InferenceSession(data, sess_options=opts, providers=providers)
         except Exception as exc:  # onnxruntime raises its own types, messages may hold paths
-            kind = type(exc).__name__
             raise ModelLoadError(f"model {s.model!r} version {s.version}: onnxruntime could not "
-                                 f"load {s.config.filename} ({kind})") from exc
+                                 f"load {s.config.filename}: {load_error_reason(exc)}") from None
         self.inputs = [_spec(a) for a in self.session.get_inputs()]
         self.outputs = [_spec(a) for a in self.session.get_outputs()]
         self._text = {spec.name for spec in self.inputs if spec.datatype == "BYTES"}

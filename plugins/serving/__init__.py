@@ -9,6 +9,7 @@ registers ``shardserve bench``. See docs/serving.md.
 from __future__ import annotations
 
 import logging
+import time
 from typing import Any
 
 from runtime import hookimpl
@@ -26,6 +27,13 @@ def shardserve_wrap_backend(settings: Any, backend: Any) -> Any:
                                                backend.outputs)[0]:
         return None  # nothing to add: the backend runs bare
     return ServedBackend(backend, settings.model, settings.version, settings.config)
+
+
+@hookimpl
+def shardserve_shared_repository(runtime: Any) -> Any:
+    from .shared_repository import shared_state
+
+    return shared_state()
 
 
 @hookimpl
@@ -60,6 +68,8 @@ def _observe(event: dict) -> None:
         m = metrics()
         us = (event.get("latency_ms") or 0.0) * 1000.0
         m.child(m.request_duration, model, version, str(event.get("outcome"))).observe(us)
+        if event.get("outcome") == 200:  # Triton's last_inference (statistics extension)
+            m.child(m.last_inference, model, version).set(time.time() * 1000.0)
         for hop in hops or ():
             if hop.get("in_graph"):  # run inside a task graph: run_shard never saw it
                 m.child(m.shard_compute_duration, model, version, hop["shard"]).observe(

@@ -90,6 +90,10 @@ class Metrics:
         self.model_loaded = Gauge(
             "shardserve_inference_model_loaded", "1 while the model version is loaded",
             model, multiprocess_mode="livemax")
+        self.last_inference = Gauge(
+            "shardserve_inference_last_inference_ms", "When the version last answered an "
+            "inference request successfully, in milliseconds since the epoch", model,
+            multiprocess_mode="max")
         self._children: dict[tuple, Any] = {}
 
     def child(self, metric: Any, *labels: str) -> Any:
@@ -117,3 +121,83 @@ def mark_process_dead(pid: int) -> None:
         from prometheus_client import multiprocess
 
         multiprocess.mark_process_dead(pid)
+
+
+
+# Triton's statistics extension -----------------------------------------------------------------
+
+REQUEST = "shardserve_inference_request_duration_us"
+QUEUE = "shardserve_inference_queue_duration_us"
+COMPUTE = "shardserve_inference_compute_infer_duration_us"
+BATCH = "shardserve_inference_batch_size"
+LAST = "shardserve_inference_last_inference_ms"
+_STAT_SAMPLES = {f"{name}_{part}" for name in (REQUEST, QUEUE, COMPUTE, BATCH)
+                 for part in ("count", "sum")} | {LAST}
+
+
+def _samples() -> dict[tuple[str, str, str, str], float]:
+    """(sample, model, version, status) -> value, summed over every worker as /metrics is."""
+    from prometheus_client import REGISTRY, CollectorRegistry
+
+    registry = REGISTRY
+    if os.environ.get("PROMETHEUS_MULTIPROC_DIR"):
+        from prometheus_client.multiprocess import MultiProcessCollector
+
+        registry = CollectorRegistry()
+        MultiProcessCollector(registry)
+    out: dict[tuple[str, str, str, str], float] = {}
+    for family in registry.collect():
+        for sample in family.samples:
+            if sample.name in _STAT_SAMPLES:
+                labels = sample.labels
+                key = (sample.name, labels.get("model", ""), labels.get("version", ""),
+                       labels.get("status", ""))
+                out[key] = out.get(key, 0.0) + sample.value
+    return out
+
+
+def model_statistics(loaded: list[tuple[str, str]]) -> dict:
+    """Triton's ``$stats_model_response`` for (model, version) pairs, each model's oldest first.
+
+    From the same counters as /metrics: success and fail are requests and their handling time
+    by status (a failure not tied to a version counts for the model's newest one), queue is
+    the batching queue, compute_infer the backend's run per execution; compute_input and
+    compute_output are not timed apart from compute_infer (their ns stay 0).
+    """
+    if not enabled():
+        from runtime.errors import ServiceUnavailable
+
+        raise ServiceUnavailable("statistics are off here: [metrics] enabled = false")
+    samples = _samples()
+    newest = dict(loaded)
+
+    def duration(name: str, model: str, versions: tuple[str, ...], statuses=("",)) -> dict:
+        count = total = 0.0
+        for version in versions:
+            for status in statuses:
+                count += samples.get((f"{name}_count", model, version, status), 0.0)
+                total += samples.get((f"{name}_sum", model, version, status), 0.0)
+        return {"count": int(count), "ns": int(total * 1000)}  # microseconds -> ns
+
+    failed = {status for _, _, _, status in samples} - {"", "200"}
+    rows = []
+    for model, version in loaded:
+        own = (version, "") if newest[model] == version else (version,)
+        executions = samples.get((f"{BATCH}_count", model, version, ""), 0.0)
+        rows.append({
+            "name": model, "version": version,
+            "last_inference": int(samples.get((LAST, model, version, ""), 0.0)),
+            "inference_count": int(samples.get((f"{BATCH}_sum", model, version, ""), 0.0)),
+            "execution_count": int(executions),
+            "inference_stats": {
+                "success": duration(REQUEST, model, (version,), ("200",)),
+                "fail": duration(REQUEST, model, own, tuple(failed)),
+                "queue": duration(QUEUE, model, (version,)),
+                "compute_input": {"count": int(executions), "ns": 0},
+                "compute_infer": duration(COMPUTE, model, (version,)),
+                "compute_output": {"count": int(executions), "ns": 0},
+                "cache_hit": {"count": 0, "ns": 0}, "cache_miss": {"count": 0, "ns": 0},
+            },
+            "response_stats": {}, "batch_stats": [], "memory_usage": [],
+        })
+    return {"model_stats": rows}

@@ -1,0 +1,94 @@
+"""One repository state for every worker of a server (docs/repository.md).
+
+``shardserve serve`` gives its gunicorn workers a state directory (``SHARDSERVE_REPOSITORY_STATE``,
+made per server run, so a restart starts again from ``[repository] load``). A load or unload
+through any worker is recorded there before it is applied; every worker applies what it has not
+seen before it answers a request, and a worker started later (a crashed one's replacement)
+applies it at startup. So a request that follows a finished load/unload call sees its result in
+every worker.
+
+``state.json`` holds ``{model: [action, sequence]}``; it is replaced atomically under an
+exclusive ``flock``, then one byte is appended to ``generation``, whose size is therefore a
+counter that never repeats: a request pays one ``os.stat`` when nothing changed.
+"""
+
+from __future__ import annotations
+
+import fcntl
+import json
+import logging
+import os
+import threading
+from collections.abc import Callable
+from pathlib import Path
+
+ENVIRONMENT = "SHARDSERVE_REPOSITORY_STATE"
+ACTIONS = ("load", "unload")
+
+log = logging.getLogger("shardserve.serving")
+
+
+class SharedRepositoryState:
+    """The desired load/unload state of each model, shared through a directory."""
+
+    def __init__(self, directory: str | os.PathLike):
+        path = Path(directory)
+        path.mkdir(mode=0o700, parents=True, exist_ok=True)
+        self._state, self._generation = path / "state.json", str(path / "generation")
+        self._lockfile = path / "lock"
+        self._seen: dict[str, int] = {}  # model -> the sequence number applied here
+        self._applied = -1  # the generation every change up to which is applied here
+        self._seen_lock = threading.Lock()  # record reads and writes against _seen
+        self._sync_lock = threading.Lock()  # one thread applies; the others wait for it
+
+    def _size(self) -> int:
+        try:
+            return os.stat(self._generation).st_size
+        except FileNotFoundError:
+            return 0
+
+    def _read(self) -> dict[str, tuple[str, int]]:
+        try:
+            raw = json.loads(self._state.read_text(encoding="utf-8"))
+        except (FileNotFoundError, ValueError):
+            return {}
+        return {name: (entry[0], entry[1]) for name, entry in raw.items()
+                if isinstance(entry, list) and len(entry) == 2 and entry[0] in ACTIONS
+                and type(entry[1]) is int} if isinstance(raw, dict) else {}
+
+    def publish(self, model: str, action: str) -> None:
+        """Record ``action`` for ``model``; the caller applies it here right after."""
+        with self._seen_lock, open(self._lockfile, "a") as lock:
+            fcntl.flock(lock, fcntl.LOCK_EX)  # released when the file closes
+            record = self._read()
+            sequence = record.get(model, ("", 0))[1] + 1
+            record[model] = (action, sequence)
+            tmp = self._state.with_name(f"state.{os.getpid()}.{threading.get_ident()}.tmp")
+            tmp.write_text(json.dumps(record), encoding="utf-8")
+            os.replace(tmp, self._state)
+            with open(self._generation, "ab") as fh:
+                fh.write(b".")
+            self._seen[model] = sequence
+
+    def sync(self, apply: Callable[[str, str], None]) -> None:
+        """Apply every action published since the last call; return once applied."""
+        if self._size() == self._applied:
+            return
+        with self._sync_lock:
+            generation = self._size()
+            if generation == self._applied:
+                return  # another thread applied it while this one waited
+            with self._seen_lock:
+                record = self._read()
+                todo = [(name, action) for name, (action, sequence) in record.items()
+                        if self._seen.get(name) != sequence]
+                self._seen.update((name, sequence) for name, (_, sequence) in record.items())
+            for name, action in todo:
+                apply(name, action)
+            self._applied = generation
+
+
+def shared_state() -> SharedRepositoryState | None:
+    """The state directory ``shardserve serve`` gave this worker, if any."""
+    directory = os.environ.get(ENVIRONMENT)
+    return SharedRepositoryState(directory) if directory else None
