@@ -249,7 +249,7 @@ class Samples:
                     "?" if d is None else str(d) for d in spec.shape) + "]"
                 raise BadRequest(f"{where}: {spec.name!r} has shape {list(array.shape)}, "
                                  f"the model expects {want}")
-            out[spec.name] = np.ascontiguousarray(array)
+            out[spec.name] = np.require(array, requirements="C")  # keeps rank 0
         return out
 
     def _resolve(self) -> dict[str, list[int]]:
@@ -340,7 +340,7 @@ class Samples:
             if spec.shape and spec.shape[0] is None and out[spec.name].shape[0] != batch:
                 array = out[spec.name]
                 rows = np.arange(batch) % max(array.shape[0], 1)
-                out[spec.name] = np.ascontiguousarray(array[rows])
+                out[spec.name] = np.require(array[rows], requirements="C")
         return out
 
     def describe(self) -> str:

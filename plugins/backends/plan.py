@@ -213,11 +213,13 @@ class PlanBackend:
         """Data-parallel replicas: replica i takes the i-th slice of the batch dim."""
         import numpy as np
 
-        batch = len(next(iter(inputs.values())))
+        ranked = [v for v in inputs.values() if np.ndim(v) > 0]  # scalars go to every replica
+        batch = len(ranked[0]) if ranked else 1
         replicas = min(len(self.plan.shards), max(batch, 1))
         bounds = np.linspace(0, batch, replicas + 1).round().astype(int)
         parts = [
-            self.run_shard(i, {k: v[lo:hi] for k, v in inputs.items()}, outputs)
+            self.run_shard(i, {k: v[lo:hi] if np.ndim(v) > 0 else v
+                               for k, v in inputs.items()}, outputs)
             for i, (lo, hi) in enumerate(zip(bounds[:-1], bounds[1:]))
             if hi > lo or batch == 0
         ]

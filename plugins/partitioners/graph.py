@@ -333,8 +333,10 @@ def build_graph(model, batch: int = 1, fuse: bool = True, model_dir: Path | None
         shapes.update(shapes_by_running(model, unknown, types, batch, model_dir, feed))
     tensor_bytes = {name: _numel_bytes(shapes.get(name), types.get(name))
                     for name in list(consumers) + outputs}
-    io = [vi for vi in list(g.input) + list(g.output) if vi.name not in initializers]
-    batch_dynamic = all(
+    # rank-0 inputs (a sample rate, a threshold) go whole to every replica
+    io = [vi for vi in list(g.input) + list(g.output) if vi.name not in initializers
+          and (vi.type.tensor_type.shape.dim or vi not in g.input)]
+    batch_dynamic = bool(io) and all(
         len(vi.type.tensor_type.shape.dim) > 0
         and not (vi.type.tensor_type.shape.dim[0].HasField("dim_value")
                  and vi.type.tensor_type.shape.dim[0].dim_value >= 0) for vi in io)
