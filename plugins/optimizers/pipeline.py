@@ -24,7 +24,7 @@ from runtime.repository import ModelRepository
 from .base import Optimizer, Tolerance, is_optimizer
 from .calibration import from_samples, generate, input_specs, load_directory, signature
 from .measure import Report, compare, latency, session
-from .publish import publish
+from .publish import publish, recover
 
 TOOLS = ("shardserve", "onnx", "onnxruntime", "onnxconverter-common", "numpy")
 
@@ -287,6 +287,7 @@ def run_chain(
     A partitioned version (plan.toml) is optimised shard by shard.
     """
     repository = ModelRepository(repository_root)
+    recover(repository.model_dir(name))  # a killed run's version: provenance before we choose
     cfg = repository.config(name)
     if not steps:
         raise BadRequest(f"no optimizers given for model {name!r}: use --with NAME or "

@@ -1,10 +1,14 @@
 """Publish an optimised model as a new version: atomically, with provenance.
 
-The version directory is built under a hidden temp name inside the model
-directory and renamed into place; the model's model.toml gets a
-``[provenance.<version>]`` table appended as text (existing keys and comments
-stay byte for byte) and is replaced atomically. If anything fails, nothing
-new is left in the model directory.
+The version directory is built under a hidden staging name inside the model
+directory (``.optimize-<pid>-*``), with its provenance in ``provenance.toml``,
+and renamed into place last, so a version never appears without its
+provenance. Then the model's model.toml gets the same ``[provenance.<version>]``
+table appended as text (existing keys and comments stay byte for byte) and is
+replaced atomically. If anything fails, nothing new is left in the model
+directory; if the process is killed, the next run (:func:`recover`) removes the
+staging directory or, when the version was already renamed into place, copies
+its provenance into model.toml, so it is never taken for an original.
 """
 
 from __future__ import annotations
@@ -19,7 +23,7 @@ from pathlib import Path
 from typing import Any
 
 from runtime.errors import Conflict, ShardserveError
-from runtime.files import write_atomically
+from runtime.files import remove_stale, write_atomically
 from runtime.repository import CONFIG_FILE, VERSION
 
 if sys.version_info >= (3, 11):
@@ -28,6 +32,7 @@ else:  # pragma: no cover
     import tomli as tomllib
 
 TEMP_PREFIX = ".optimize-"
+PROVENANCE_FILE = "provenance.toml"
 
 
 def toml_value(value: Any) -> str:
@@ -65,27 +70,56 @@ def next_version(model_dir: Path) -> int:
     return max(versions, default=0) + 1
 
 
+def _with_provenance(old_text: str, text: str) -> str:
+    """model.toml's text with a provenance table appended; refused if it would not parse
+    or would change an existing key."""
+    old = tomllib.loads(old_text)
+    new_text = old_text
+    if new_text and not new_text.endswith("\n"):
+        new_text += "\n"
+    new_text += text
+    new = tomllib.loads(new_text)
+    if any(new.get(key) != value for key, value in old.items() if key != "provenance"):
+        raise ShardserveError("model.toml would change existing keys")
+    return new_text
+
+
+def recover(model_dir: Path) -> None:
+    """Finish what a killed publish left: remove its staging directory, and copy the
+    provenance of a version that was renamed into place into model.toml."""
+    remove_stale(model_dir, TEMP_PREFIX)
+    config_path = model_dir / CONFIG_FILE
+    text = config_path.read_text(encoding="utf-8") if config_path.is_file() else ""
+    known = tomllib.loads(text).get("provenance", {})
+    missing = [p for p in sorted(model_dir.iterdir(), key=lambda p: p.name)
+               if VERSION.fullmatch(p.name) and (p / PROVENANCE_FILE).is_file()
+               and str(p.name) not in (known if isinstance(known, dict) else {})]
+    for version_dir in missing:
+        extra = (version_dir / PROVENANCE_FILE).read_text(encoding="utf-8")
+        if tomllib.loads(extra).get("provenance", {}).keys() != {version_dir.name}:
+            continue  # not this version's record: leave it to a human
+        text = _with_provenance(text, extra)
+    if missing:
+        write_atomically(config_path, text.encode("utf-8"))
+
+
 def publish(model_dir: Path, files: dict[str, bytes], record: dict) -> int:
     """Write ``files`` into ``<model_dir>/<new version>/`` and record provenance."""
+    recover(model_dir)
     config_path = model_dir / CONFIG_FILE
     old_text = config_path.read_text(encoding="utf-8") if config_path.is_file() else ""
     old = tomllib.loads(old_text)
-    tmp_dir = Path(tempfile.mkdtemp(prefix=TEMP_PREFIX, dir=model_dir))
+    tmp_dir = Path(tempfile.mkdtemp(prefix=f"{TEMP_PREFIX}{os.getpid()}-", dir=model_dir))
     target: Path | None = None
     try:
         os.chmod(tmp_dir, 0o755)
-        for filename, data in files.items():
-            write_atomically(tmp_dir / filename, data)
         version = next_version(model_dir)
         if isinstance(old.get("provenance"), dict) and str(version) in old["provenance"]:
             raise ShardserveError(f"model.toml already has provenance for version {version}")
-        new_text = old_text
-        if new_text and not new_text.endswith("\n"):
-            new_text += "\n"
-        new_text += provenance_text(version, record)
-        new = tomllib.loads(new_text)  # refuse to write a model.toml that would not parse
-        if any(new.get(key) != value for key, value in old.items() if key != "provenance"):
-            raise ShardserveError("model.toml would change existing keys")
+        text = provenance_text(version, record)
+        new_text = _with_provenance(old_text, text)
+        for filename, data in {**files, PROVENANCE_FILE: text.lstrip("\n")}.items():
+            write_atomically(tmp_dir / filename, data)
         target = model_dir / str(version)
         if target.exists():
             raise Conflict(f"version {version} appeared while optimizing; run again")

@@ -1,10 +1,11 @@
 """From a model version to a partitioned version: analyse, plan, extract, verify, write.
 
-Everything is built in a hidden temporary directory inside the model's
-directory and renamed to ``<model>/<new version>/`` only after every shard
+Everything is built in a hidden staging directory (``.partition-<pid>-*``) inside the
+model's directory and renamed to ``<model>/<new version>/`` only after every shard
 passed ``onnx.checker`` (full check) and the plan, run by the real ``plan``
 backend, reproduced the original's outputs on seeded inputs. On any failure
-the temporary directory is removed: nothing half-written is ever visible.
+the staging directory is removed, and one left by a killed run is removed by the
+next: nothing half-written is ever visible.
 """
 
 from __future__ import annotations
@@ -12,6 +13,7 @@ from __future__ import annotations
 import functools
 import json
 import numbers
+import os
 import re
 import shutil
 import sys
@@ -20,6 +22,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from runtime.errors import BadRequest, NotFound, ShardserveError
+from runtime.files import remove_stale
 from runtime.plan import PLAN_FILE, PLAN_FORMAT, parse_plan
 from runtime.repository import ModelRepository
 
@@ -28,6 +31,7 @@ from .graph import ModelGraph, build_graph, load_model
 from .partition import Partition
 
 VERIFY_TOLERANCE = 1e-5
+STAGING_PREFIX = ".partition-"  # + pid: a killed run's directory is removed by the next
 
 
 @dataclass
@@ -224,7 +228,8 @@ def write_partition(analysis: Analysis, strategy: str, options: dict, part: Part
     if target.exists():
         raise BadRequest(f"version {version} of model {analysis.name!r} already exists")
     inputs, outputs = io_specs(analysis.path)
-    tmp = Path(tempfile.mkdtemp(prefix=".partition-", dir=model_dir))
+    remove_stale(model_dir, STAGING_PREFIX)  # what a killed run left
+    tmp = Path(tempfile.mkdtemp(prefix=f"{STAGING_PREFIX}{os.getpid()}-", dir=model_dir))
     try:
         extractor = make_extractor(analysis.model, graph.elem_types, graph.ranks)
         shards = []
