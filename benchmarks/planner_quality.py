@@ -38,8 +38,8 @@ sys.path.insert(0, str(ROOT))
 
 import numpy as np  # noqa: E402
 
+from plugins.links import parse_duration  # noqa: E402
 from plugins.partitioners.build import analyse, shard_io  # noqa: E402
-from plugins.partitioners.costs import parse_quantity  # noqa: E402
 from plugins.partitioners.edge_cloud import (  # noqa: E402
     EdgeCloudModel,
     EdgeCloudPartitioner,
@@ -167,7 +167,7 @@ def main() -> int:
     parser.add_argument("--plot", default=str(ROOT / "benchmarks" / "results" /
                                               "planner_quality.png"))
     args = parser.parse_args()
-    rtt = parse_quantity(args.rtt, "s")
+    rtt = parse_duration(args.rtt)
     import onnx
 
     cases, speedups, curves = [], {1: [], 10: [], 100: []}, {}

@@ -14,11 +14,10 @@ from executor_support import assert_same, infer, live_threads, partitioned_repo,
 
 from plugins.backends.plan import placement_executor
 from plugins.executors.base import (
+    EmulatedLink,
     TransformChain,
     decode_blob,
     encode_blob,
-    parse_rate,
-    parse_seconds,
 )
 from runtime import Runtime, current_call, hookimpl
 from runtime.errors import BadRequest, GatewayTimeout, ModelLoadError, ShardserveError
@@ -175,11 +174,15 @@ def test_transform_chain_compresses_encrypts_and_binds_request_and_shard(monkeyp
 
 
 def test_link_options_parse_bandwidth_and_rtt():
-    assert parse_rate("10Mbps") == 10e6 / 8
-    assert parse_rate("1MB/s") == 1e6
-    assert parse_seconds("20ms") == 0.02
-    with pytest.raises(ShardserveError):
-        parse_rate("fast")
+    """One parser (plugins/links.py): bits/s and seconds, bare numbers in those units."""
+    for bandwidth in ("10Mbps", "10 Mbit/s", "1.25MB/s", 10e6, "1e7"):
+        link = EmulatedLink({"link_bandwidth": bandwidth, "link_rtt": "20ms"}).link
+        assert link.bandwidth_bps == pytest.approx(10e6) and link.rtt_s == 0.02
+    assert EmulatedLink({"link_rtt": 0.5}).delay(10**9) == 0.5
+    assert not EmulatedLink({}).active
+    for bad in ({"link_bandwidth": "fast"}, {"link_bandwidth": 0}, {"link_rtt": "-1s"}):
+        with pytest.raises(ShardserveError, match="link_bandwidth/link_rtt"):
+            EmulatedLink(bad)
 
 
 def test_no_threads_left_by_loading_and_closing(repo):

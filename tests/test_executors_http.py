@@ -22,7 +22,7 @@ from executor_support import (
     place,
 )
 
-from runtime import Runtime
+from runtime import Runtime, call_scope
 from runtime.core import CallContext, _call
 from runtime.errors import GatewayTimeout, ServiceUnavailable
 
@@ -53,6 +53,28 @@ def cluster(tmp_path_factory):
 
 def edge_runtime(edge, **sections) -> Runtime:
     return Runtime.from_config({"repository": {"path": str(edge)}, **sections}).start()
+
+
+@pytest.mark.parametrize("bandwidth, rtt", [("1Mbps", "40ms"), (1e6, 0.04)])
+def test_planner_and_link_emulator_agree_on_one_link(cluster, bandwidth, rtt):
+    """One link in the planner's options and in [executors] (bare numbers too: bits/s,
+    seconds): the time the planner prices for the bytes a real hop moved is within 10 % of
+    that hop's measured, emulated time (they once read a bare number 8x apart)."""
+    from plugins.partitioners.partition import link_from
+
+    edge, cloud = cluster
+    place(edge, "cnn_skip", ["local", cloud.url])
+    rt = edge_runtime(edge, executors={"link_bandwidth": bandwidth, "link_rtt": rtt})
+    planned = link_from({"bandwidth": bandwidth, "rtt": rtt}, 1e9, 0.0)
+    try:
+        with call_scope() as call:
+            infer(rt, "cnn_skip", example_inputs("cnn_skip", batch=2), version=2)
+        [hop] = call.hops
+        predicted = planned.delay_s(hop["bytes_sent"] + hop["bytes_received"])
+        assert predicted > 0.1
+        assert abs(hop["seconds"] - predicted) <= 0.1 * predicted, (hop, predicted)
+    finally:
+        rt.close()
 
 
 @pytest.mark.parametrize("model", EXAMPLE_MODELS)

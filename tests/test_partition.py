@@ -237,7 +237,7 @@ def test_impossible_options_are_clear_errors_and_write_nothing(repo):
         plan_partition(analysis, "edge-cloud", {"objective": "gb-seconds", "slo": "1us"})
     with pytest.raises(BadRequest, match="unknown strategy"):
         plan_partition(analysis, "nonsense", {})
-    with pytest.raises(BadRequest, match="quantity"):
+    with pytest.raises(BadRequest, match="bandwidth 'fast': use e.g. 10Mbps"):
         plan_partition(analysis, "edge-cloud", {"bandwidth": "fast"})
     assert _versions(repo, "cnn_skip") == before
 

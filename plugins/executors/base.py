@@ -10,11 +10,12 @@ the context an encrypting transform binds as associated data.
 from __future__ import annotations
 
 import json
-import re
+import math
 import struct
 import time
 from typing import Any
 
+from plugins.links import Link
 from runtime import current_call
 from runtime.errors import BadRequest, ConfigError, GatewayTimeout
 
@@ -178,30 +179,6 @@ def zlib_from_config(config: Any) -> ZlibTransform:
 
 # --------------------------------------------------------------------------- link emulation
 
-_UNITS = {"": 1, "k": 1e3, "m": 1e6, "g": 1e9}
-
-
-def parse_rate(value: Any) -> float:
-    """``link_bandwidth`` in bytes/s from a number (bytes/s) or ``"10Mbps"``/``"1MB/s"``."""
-    if isinstance(value, (int, float)) and not isinstance(value, bool):
-        return float(value)
-    match = re.fullmatch(r"\s*([\d.]+)\s*([kmgKMG]?)(bps|b/s|B/s|Bps)\s*", str(value))
-    if not match:
-        raise ConfigError(f"link_bandwidth {value!r}: use bytes/s or e.g. '10Mbps'")
-    rate = float(match.group(1)) * _UNITS[match.group(2).lower()]
-    return rate / 8 if match.group(3) in ("bps", "b/s") else rate
-
-
-def parse_seconds(value: Any) -> float:
-    """``link_rtt`` in seconds from a number or ``"20ms"``/``"0.1s"``."""
-    if isinstance(value, (int, float)) and not isinstance(value, bool):
-        return float(value)
-    match = re.fullmatch(r"\s*([\d.]+)\s*(ms|s)\s*", str(value))
-    if not match:
-        raise ConfigError(f"link_rtt {value!r}: use seconds or e.g. '20ms'")
-    return float(match.group(1)) / (1000 if match.group(2) == "ms" else 1)
-
-
 class EmulatedLink:
     """A reproducible slow link: each call waits one RTT plus its bytes over the bandwidth.
 
@@ -210,13 +187,14 @@ class EmulatedLink:
     """
 
     def __init__(self, options: dict):
-        bandwidth, rtt = options.get("link_bandwidth"), options.get("link_rtt", 0)
-        self.rate = parse_rate(bandwidth) if bandwidth else None
-        self.rtt = parse_seconds(rtt)
+        try:  # the planner's units (plugins/links.py): bits/s and seconds by default
+            self.link = Link.parse(options.get("link_bandwidth"), options.get("link_rtt"))
+        except ValueError as exc:
+            raise ConfigError(f"[executors] link_bandwidth/link_rtt: {exc}") from None
 
     @property
     def active(self) -> bool:
-        return self.rate is not None or self.rtt > 0
+        return self.link.bandwidth_bps != math.inf or self.link.rtt_s > 0
 
     def delay(self, nbytes: int) -> float:
-        return self.rtt + (nbytes / self.rate if self.rate else 0.0)
+        return self.link.delay_s(nbytes)

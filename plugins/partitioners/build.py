@@ -291,11 +291,12 @@ def write_partition(analysis: Analysis, strategy: str, options: dict, part: Part
 
 def load_plan_backend(name: str, directory: Path, config=None, runtime=None):
     """The real ``plan`` backend over a version directory, opened as the runtime opens any
-    version (model-bytes transforms applied); ``config``: the model's ``ModelConfig``."""
+    version (model-bytes transforms applied); ``config``: the model's ``ModelConfig``,
+    by default one that runs the shards as written (unfused: every tensor can be asked)."""
     from runtime.repository import ModelConfig
 
-    return (runtime or default_runtime()).open_version(config or ModelConfig(name=name), 0,
-                                                       directory)
+    config = config or ModelConfig(name=name, raw={"plan": {"fuse": False}})
+    return (runtime or default_runtime()).open_version(config, 0, directory)
 
 
 def verify_plan(analysis: Analysis, directory: Path, replicas: int, runtime=None) -> None:

@@ -13,7 +13,8 @@
 
 Measured tables are cached as JSON keyed by the model file's sha256, under
 ``$SHARDSERVE_CACHE_DIR`` (default ``~/.cache/shardserve``), written atomically.
-Devices scale these seconds by a speed factor; links add bytes/bandwidth and RTT.
+Devices scale these seconds by a speed factor; links (:class:`plugins.links.Link`) add
+bytes/bandwidth and RTT.
 """
 
 from __future__ import annotations
@@ -44,17 +45,6 @@ class Device:
 
     name: str = "local"
     factor: float = 1.0
-
-
-@dataclass
-class Link:
-    """A network hop between two devices."""
-
-    bandwidth_bps: float = 1e9
-    rtt_s: float = 0.0
-
-    def transfer_s(self, nbytes: float) -> float:
-        return nbytes * 8.0 / self.bandwidth_bps
 
 
 @dataclass
@@ -253,22 +243,3 @@ def _served_seconds(model, model_dir: Path, feeds: dict, runs: int) -> float:
         sess.run(None, feeds)
         times.append(time.perf_counter() - start)
     return min(times)  # the least disturbed by other processes on a shared machine
-
-
-def parse_quantity(text: str | float | int, unit: str) -> float:
-    """``10Mbps`` -> bits/s, ``20ms`` -> s, ``512MB``/``1GiB`` -> bytes; plain numbers pass."""
-    if isinstance(text, (int, float)):
-        return float(text)
-    found = re.fullmatch(r"\s*([0-9]*\.?[0-9]+(?:e[+-]?[0-9]+)?)\s*([A-Za-z]*)\s*", str(text))
-    if not found:
-        raise BadRequest(f"cannot read {text!r} as a quantity")
-    value, suffix = float(found.group(1)), found.group(2).lower()
-    scales = {
-        "bps": {"": 1, "bps": 1, "kbps": 1e3, "mbps": 1e6, "gbps": 1e9},
-        "s": {"": 1, "s": 1, "ms": 1e-3, "us": 1e-6},
-        "bytes": {"": 1, "b": 1, "kb": 1e3, "mb": 1e6, "gb": 1e9, "kib": 1 << 10,
-                  "mib": 1 << 20, "gib": 1 << 30},
-    }[unit]
-    if suffix not in scales:
-        raise BadRequest(f"unknown unit in {text!r} (use {', '.join(k for k in scales if k)})")
-    return value * scales[suffix]

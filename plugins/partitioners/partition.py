@@ -4,9 +4,12 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+from plugins.links import Link, parse_bandwidth, parse_duration, parse_size
 from runtime.errors import BadRequest
 
-from .costs import CostTable, Link, parse_quantity
+from .costs import CostTable
+
+UNITS = {"bps": parse_bandwidth, "s": parse_duration, "bytes": parse_size}
 
 
 @dataclass
@@ -37,7 +40,10 @@ def option(options: dict, key: str, default, kind: str | None = None):
     if value is None:
         return default
     if kind is not None:
-        value = parse_quantity(value, kind)
+        try:
+            value = UNITS[kind](value)
+        except ValueError as exc:
+            raise BadRequest(f"option {key}: {exc}") from None
     if isinstance(default, (int, float)) and not isinstance(default, bool):
         try:
             value = type(default)(value)
@@ -49,10 +55,7 @@ def option(options: dict, key: str, default, kind: str | None = None):
 
 
 def link_from(options: dict, bandwidth: float, rtt: float) -> Link:
-    link = Link(option(options, "bandwidth", bandwidth, "bps"), option(options, "rtt", rtt, "s"))
-    if link.bandwidth_bps <= 0:
-        raise BadRequest("option bandwidth must be positive")
-    return link
+    return Link(option(options, "bandwidth", bandwidth, "bps"), option(options, "rtt", rtt, "s"))
 
 
 def contiguous_groups(cuts: list[int], n: int) -> list[list[int]]:
