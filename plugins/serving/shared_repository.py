@@ -58,6 +58,7 @@ class SharedRepositoryState:
 
     def publish(self, model: str, action: str) -> None:
         """Record ``action`` for ``model``; the caller applies it here right after."""
+        self._lockfile.parent.mkdir(mode=0o700, parents=True, exist_ok=True)  # tmp cleaners
         with self._seen_lock, open(self._lockfile, "a") as lock:
             fcntl.flock(lock, fcntl.LOCK_EX)  # released when the file closes
             record = self._read()
