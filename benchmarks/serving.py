@@ -11,7 +11,7 @@ and workers over the run), for
 
 Then adaptive batching on a batch-friendly model at concurrency 32: throughput and p50 with
 batching on against ``batching = false``. Every server gets the same number of workers; the
-load generator (plugins/serving/loadgen.py) runs on the same machine, so absolute figures are
+load generator (tools/loadgen.py) runs on the same machine, so absolute figures are
 lower than with wrk: compare the ratios.
 
     python benchmarks/serving.py [--duration 5] [--workers 2] [--models digits_mlp,...]
@@ -31,9 +31,9 @@ from pathlib import Path
 
 import psutil
 
-from plugins.serving.bench import sample_inputs
-from plugins.serving.loadgen import run_load
 from runtime.codec import encode_request
+from tools.bench import sample_inputs
+from tools.loadgen import run_load
 
 ROOT = Path(__file__).resolve().parents[1]
 EXAMPLES = ROOT / "examples" / "models"

@@ -350,6 +350,12 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("plugins", help="list loaded plugins and their hooks (JSON)")
     p.set_defaults(func=cmd_plugins)
+    try:  # client tooling, installed with the package but never shipped to Lambda
+        from tools.bench import add_bench_command
+    except ImportError:
+        pass
+    else:
+        add_bench_command(sub)
     return parser
 
 
@@ -388,7 +394,7 @@ def main(argv: list[str] | None = None) -> int:
 
     parser = build_parser()
     subparsers = next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction))
-    pre = argparse.ArgumentParser(add_help=False)
+    pre = StrictArgumentParser(add_help=False)
     pre.add_argument("--config")
     try:  # the config's [plugins] decide which commands exist
         rt = Runtime.from_config(pre.parse_known_args(argv)[0].config)

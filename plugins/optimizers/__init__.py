@@ -11,12 +11,20 @@ from typing import Any
 
 from runtime import hookimpl
 
-from .base import Calibration, Optimizer, Option, Tolerance
-
 __all__ = ["Calibration", "Optimizer", "Option", "Tolerance"]
 
 
-def builtin_optimizers() -> tuple[type[Optimizer], ...]:
+def __getattr__(name: str) -> Any:
+    """``from plugins.optimizers import Optimizer`` works; a server that never optimises
+    (Lambda) does not import the optimizer contract at plugin load."""
+    if name in __all__:
+        from . import base
+
+        return getattr(base, name)
+    raise AttributeError(name)
+
+
+def builtin_optimizers() -> tuple[type, ...]:
     """The built-in optimizer classes, imported when first asked for (not at plugin load)."""
     from .channels import ChannelPruner
     from .fp16 import Float16Converter

@@ -1,9 +1,9 @@
-"""Production serving: adaptive batching, Prometheus metrics, JSON request logs, ``bench``.
+"""Production serving: adaptive batching, Prometheus metrics, JSON request logs.
 
 The WSGI application and the gunicorn server live in :mod:`handlers.wsgi`; this plugin adds
 what every adapter shares: it wraps each loaded backend (:mod:`.batching`), turns each finished
-request (the ``shardserve_audit`` event dispatch emits) into metrics and one JSON log line, and
-registers ``shardserve bench``. See docs/serving.md.
+request (the ``shardserve_audit`` event dispatch emits) into metrics and one JSON log line.
+``shardserve bench`` is client tooling and lives in :mod:`tools.bench`. See docs/serving.md.
 """
 
 from __future__ import annotations
@@ -77,10 +77,3 @@ def _observe(event: dict) -> None:
                 m.child(m.shard_hop_bytes, model, version, hop["shard"]).inc(
                     hop["bytes_received"])
     log_request(event, model, version, hops)
-
-
-@hookimpl
-def shardserve_register_commands(subparsers: Any) -> None:
-    from .bench import add_bench_command
-
-    add_bench_command(subparsers)
