@@ -123,7 +123,8 @@ class ModelRepository:
             return []
         out = []
         for entry in sorted(self.root.iterdir()):
-            if not entry.is_dir() or not MODEL_NAME.fullmatch(entry.name):
+            if (not entry.is_dir() or not MODEL_NAME.fullmatch(entry.name)
+                    or entry.resolve().parent != self.root):  # a symlink out is not served
                 continue
             if (entry / CONFIG_FILE).is_file() or self._version_dirs(entry):
                 out.append(entry.name)

@@ -112,8 +112,11 @@ def test_version_directory_symlinked_out_of_the_repository_is_not_served(tmp_pat
     write_model(repo / "pinned" / "1" / "model.onnx", add_model("Add"))
     (repo / "pinned" / "3").symlink_to(outside, target_is_directory=True)
     (repo / "pinned" / "model.toml").write_text('version_policy = "specific"\nversions = [3]\n')
+    write_model(tmp_path / "elsewhere" / "1" / "model.onnx", add_model("Add"))
+    (repo / "linked").symlink_to(tmp_path / "elsewhere", target_is_directory=True)
     rt = runtime(repo)
     assert rt.repository.versions("m") == [1]
+    assert [e["name"] for e in rt.models()] == ["m", "pinned"]  # the linked model: not listed
     x = np.full((1, 4), 3, np.float32)
     out = rt.infer("m", InferRequest(inputs=[InferInput("x", "FP32", (1, 4), x)]))
     assert out.model_version == "1" and out.outputs["y"].tolist() == [[6.0] * 4]  # Add, not Mul
