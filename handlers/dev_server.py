@@ -58,7 +58,7 @@ def framing_error(request_line: bytes, header_lines: list[bytes], headers: Any
     if len(headers.get_all("Content-Length") or ()) > 1:
         return 400, "more than one Content-Length"
     if coding is not None and coding.strip().lower() != "chunked":
-        return 501, "unsupported transfer coding"
+        return 400, "unsupported transfer coding"
     expect = headers.get("Expect")
     if expect is not None and expect.strip().lower() != "100-continue":
         return 417, "unsupported expectation"
@@ -101,7 +101,7 @@ class StrictRequestHandler(WSGIRequestHandler):
         self.send_header("X-Request-Id", request_id())
         self.send_header("Connection", "close")
         self.end_headers()
-        if self.command != "HEAD" and code >= 200 and code not in (204, 304):
+        if getattr(self, "command", None) != "HEAD" and code not in (204, 304):
             self.wfile.write(body)
 
 

@@ -34,7 +34,9 @@ def create_app(config: str | Mapping[str, Any] | Runtime | None = None) -> Flask
     runtime = config if isinstance(config, Runtime) else Runtime.from_config(config)
     runtime.start()
     app = Flask("shardserve")
-    app.config["MAX_CONTENT_LENGTH"] = runtime.config.max_body_bytes
+    # One byte over the limit, so a streamed (chunked) body werkzeug cuts off at this size still
+    # reaches dispatch over the limit (413) instead of silently truncated.
+    app.config["MAX_CONTENT_LENGTH"] = runtime.config.max_body_bytes + 1
     app.extensions["shardserve"] = runtime
 
     def _edge_error(exc: HTTPException) -> ShardserveError:
