@@ -432,9 +432,9 @@ class Runtime:
         validate_model_name(name)
         if not self.repository.exists(name):
             raise NotFound(f"unknown model {name!r}")
-        if self.config.load != "lazy":
-            status = self._models.get(name)
-            reason = status.reason if status else "not loaded"
+        status = self._models.get(name)
+        reason = status.reason if status else "not loaded"
+        if self.config.load != "lazy" or reason == UNLOADED:  # an unload holds in lazy mode too
             raise ServiceUnavailable(f"model {name!r} is not ready: {reason or 'not loaded'}")
         with self._model_lock(name):
             status = self._models.get(name)

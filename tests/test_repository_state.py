@@ -391,3 +391,14 @@ def test_runtimes_sharing_a_state_directory_agree_and_a_late_one_catches_up(tiny
         assert entry["state"] == "READY" and "reload failed" in entry["reason"], entry
     with pytest.raises(NotFound):
         first.unload("nope")
+
+
+def test_an_unload_holds_in_lazy_mode_until_the_next_load(tiny_repo):
+    rt = runtime(tiny_repo, load="lazy")
+    assert rt.infer("double", ONES).outputs["y"].sum() == 8  # loaded on first use
+    rt.unload("double")
+    with pytest.raises(ServiceUnavailable, match="unloaded"):
+        rt.infer("double", ONES)  # not lazily loaded again in this worker alone
+    assert not rt.ready("double")
+    rt.load("double")
+    assert rt.infer("double", ONES).outputs["y"].sum() == 8
