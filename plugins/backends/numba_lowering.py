@@ -18,6 +18,7 @@ from typing import Any
 
 import numpy as np
 
+from plugins.onnx_attributes import attribute_value
 from runtime import TensorSpec
 from runtime.errors import ModelLoadError
 
@@ -79,19 +80,6 @@ class LoweredGraph:
         return sorted({step.op for step in self.steps})
 
 
-def _attr_value(attr) -> Any:
-    from onnx import helper, numpy_helper
-
-    value = helper.get_attribute_value(attr)
-    if isinstance(value, bytes):
-        return value.decode()
-    if isinstance(value, list):
-        return tuple(v.decode() if isinstance(v, bytes) else v for v in value)
-    if hasattr(value, "data_type"):  # a TensorProto
-        return numpy_helper.to_array(value)
-    return value
-
-
 def _spec(value_info) -> TensorSpec:
     tensor = value_info.type.tensor_type
     datatype = ONNX_DATATYPES.get(tensor.elem_type)
@@ -148,7 +136,7 @@ def lower(model: str, data: bytes, kernels: Any) -> LoweredGraph:
     for proto_node in graph.node:
         node = Node(proto_node.op_type, proto_node.name or proto_node.op_type,
                     list(proto_node.input), list(proto_node.output),
-                    {a.name: _attr_value(a) for a in proto_node.attribute})
+                    {a.name: attribute_value(a) for a in proto_node.attribute})
         if node.op == "Constant":
             try:
                 constants[node.outputs[0]] = _constant_value(node)

@@ -21,6 +21,8 @@ from collections import defaultdict
 from dataclasses import dataclass, field
 from typing import Any
 
+from plugins.onnx_attributes import attribute
+
 from .base import Calibration, Optimizer, Option, Tolerance
 
 PASS_THROUGH = {
@@ -42,15 +44,6 @@ class ChannelGroup:
     requires: set[tuple[str, int]] = field(default_factory=set)
     consumers: set[tuple[int, str, int]] = field(default_factory=set)  # node, tensor, axis
     frozen: str = ""
-
-
-def _attr(node: Any, name: str, default: Any) -> Any:
-    from onnx import helper
-
-    for attr in node.attribute:
-        if attr.name == name:
-            return helper.get_attribute_value(attr)
-    return default
 
 
 class _Graph:
@@ -92,11 +85,11 @@ class _Graph:
             return None
         out = node.output[0]
         bias = self.inits.get(node.input[2]) if len(node.input) > 2 and node.input[2] else None
-        if node.op_type == "Conv" and _attr(node, "group", 1) == 1 and weight.ndim >= 3:
+        if node.op_type == "Conv" and attribute(node, "group", 1) == 1 and weight.ndim >= 3:
             actions = [(1, 0)] + ([(2, 0)] if bias is not None else [])
             return out, 1, weight.shape[0], actions
-        if node.op_type == "Gemm" and weight.ndim == 2 and not _attr(node, "transA", 0):
-            trans_b = bool(_attr(node, "transB", 0))
+        if node.op_type == "Gemm" and weight.ndim == 2 and not attribute(node, "transA", 0):
+            trans_b = bool(attribute(node, "transB", 0))
             channels = weight.shape[0] if trans_b else weight.shape[1]
             actions = [(1, 0 if trans_b else 1)]
             if bias is not None and bias.ndim and bias.shape[-1] == channels and channels > 1:
@@ -113,7 +106,7 @@ class _Graph:
         weight = np.abs(self.inits[node.input[1]])
         if node.op_type == "Conv":
             norms = weight.reshape(weight.shape[0], -1).sum(axis=1)
-        elif node.op_type == "Gemm" and _attr(node, "transB", 0):
+        elif node.op_type == "Gemm" and attribute(node, "transB", 0):
             norms = weight.sum(axis=1)
         else:
             norms = weight.sum(axis=0)
@@ -146,20 +139,20 @@ def _follow(g: _Graph, group: ChannelGroup, start: str, axis: int) -> None:
                 stack.append((out, ax))
             elif op in BINARY and len(node.input) == 2:
                 _follow_binary(g, group, index, slot, tensor, ax, stack)
-            elif op == "Flatten" and slot == 0 and ax == 1 and _attr(node, "axis", 1) == 1 and (
+            elif op == "Flatten" and slot == 0 and ax == 1 and attribute(node, "axis", 1) == 1 and (
                 (g.shapes.get(tensor) or [None])[2:] and all(
                     d == 1 for d in g.shapes[tensor][2:])
             ):
                 stack.append((out, 1))
-            elif op == "Conv" and slot == 0 and ax == 1 and _attr(node, "group", 1) == 1 and (
+            elif op == "Conv" and slot == 0 and ax == 1 and attribute(node, "group", 1) == 1 and (
                 node.input[1] in g.inits
             ):
                 group.actions.add((index, 1, 1))
                 group.consumers.add((index, tensor, ax))
-            elif op == "Gemm" and slot == 0 and ax == 1 and not _attr(node, "transA", 0) and (
+            elif op == "Gemm" and slot == 0 and ax == 1 and not attribute(node, "transA", 0) and (
                 node.input[1] in g.inits
             ):
-                group.actions.add((index, 1, 1 if _attr(node, "transB", 0) else 0))
+                group.actions.add((index, 1, 1 if attribute(node, "transB", 0) else 0))
                 group.consumers.add((index, tensor, ax))
             elif op == "MatMul" and slot == 0 and ax == g.rank(tensor) - 1 and (
                 g.inits.get(node.input[1]) is not None and g.inits[node.input[1]].ndim == 2

@@ -60,7 +60,7 @@ def compensate(model: Any, result: Any, g: Any, chosen: list, arrays: dict,
     import numpy as np
     from onnx import numpy_helper
 
-    from .channels import _attr
+    from plugins.onnx_attributes import attribute
 
     needed = {tensor: ax for group, _ in chosen for (_, tensor, ax) in group.consumers}
     means = channel_means(model, needed, calibration)
@@ -76,9 +76,9 @@ def compensate(model: Any, result: Any, g: Any, chosen: list, arrays: dict,
                 contrib = weight[:, dropped].reshape(weight.shape[0], len(dropped), -1).sum(-1)
                 contrib = contrib @ mean
             elif node.op_type == "Gemm":
-                part = weight[:, dropped] if _attr(node, "transB", 0) else weight[dropped].T
-                contrib = (part @ mean) * _attr(node, "alpha", 1.0)
-                beta = _attr(node, "beta", 1.0)
+                part = weight[:, dropped] if attribute(node, "transB", 0) else weight[dropped].T
+                contrib = (part @ mean) * attribute(node, "alpha", 1.0)
+                beta = attribute(node, "beta", 1.0)
                 if beta == 0:
                     continue
                 contrib = contrib / beta

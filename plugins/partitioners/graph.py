@@ -15,6 +15,7 @@ import math
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from plugins.onnx_attributes import attribute
 from runtime.errors import BadRequest
 
 # onnxruntime fuses these into the node before them (Conv+Relu, MatMul+Add, ...): a cut
@@ -195,7 +196,7 @@ def _flops(node, shapes: dict[str, list[int]]) -> float:
     op = node.op_type
     if op in ("MatMul", "Gemm") and len(node.input) >= 2 and node.input[0] in shapes:
         a = shapes[node.input[0]]
-        k = a[-1] if op == "MatMul" or not _attr(node, "transA") else a[0]
+        k = a[-1] if op == "MatMul" or not attribute(node, "transA", 0) else a[0]
         return 2.0 * out * k
     if op in ("Conv", "ConvTranspose") and node.input[1] in shapes:
         w = shapes[node.input[1]]
@@ -204,13 +205,6 @@ def _flops(node, shapes: dict[str, list[int]]) -> float:
     if op in ("Softmax", "LayerNormalization", "Erf", "Exp", "Tanh", "Sigmoid"):
         return 5.0 * out
     return float(max(out, numel(node.input[0]) if node.input else 0))
-
-
-def _attr(node, name: str):
-    for a in node.attribute:
-        if a.name == name:
-            return a.i
-    return 0
 
 
 def fuse_units(units: list[Unit], graph_outputs: set[str], enabled: bool = True) -> list[Unit]:
