@@ -13,6 +13,9 @@ $(VENV)/.installed: pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install --quiet --upgrade pip
 	$(BIN)/python -m pip install --quiet -e '.[dev]'
+	# KServe's and MLServer's clients for the tests, without their conflicting pins (pyproject)
+	$(BIN)/python -m pip install --quiet --no-deps --upgrade --target $(VENV)/third-party-clients \
+		kserve==0.21.0 mlserver==1.7.1
 	touch $@
 
 venv: $(VENV)/.installed
