@@ -36,7 +36,8 @@ log = logging.getLogger("shardserve.runtime")
 
 SERVER_NAME = "shardserve"
 UNLOADED = "unloaded"
-EXTENSIONS = ("binary_tensor_data", "model_repository", "model_configuration", "statistics")
+EXTENSIONS = ("binary_tensor_data", "classification", "model_repository", "model_configuration",
+              "statistics")
 
 
 @dataclass(slots=True)
