@@ -350,18 +350,22 @@ class Samples:
                          for n, s in self.shapes.items())
         return f"generated inputs at {text}" if text else "generated inputs"
 
-    def failure(self, exc: BaseException, what: str = "the model") -> BadRequest:
-        """A clear error for an onnxruntime failure on these inputs (never its traceback)."""
+    def failure(self, exc: BaseException, what: str = "the model",
+                inputs: str | None = None) -> BadRequest:
+        """A clear error for an onnxruntime failure on these inputs (never its traceback);
+        ``inputs`` names other inputs that were used (the calibration files)."""
         first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
         first = re.sub(r"(/[^\s:'\"]+)+", "<path>", first)[:200]
-        if self.files:
-            return BadRequest(f"{what} failed on the sample inputs: {first}")
+        if self.files or inputs:
+            return BadRequest(f"{what} failed on {inputs or 'the sample inputs'}: {first}")
         dynamic = [d for s in self.signature for d in s.dynamic_dims()]
         hint = (f"set the dynamic dim(s) {', '.join(dynamic)} with --input-shape NAME=D1,D2,... "
                 "or give representative inputs with --sample FILE.npz"
                 if dynamic else "give representative inputs with --sample FILE.npz")
-        return BadRequest(f"{what} failed on generated inputs ({self.describe()}): {first}; "
-                          f"{hint}")
+        ints = [s.name for s in self.signature if s.dtype.kind in "iu"]
+        values = f"; integer inputs ({', '.join(ints)}) were 0" if ints else ""
+        return BadRequest(f"{what} failed on generated inputs ({self.describe()}{values}): "
+                          f"{first}; {hint}")
 
 
 def _hinted(name: str | None, position: int, batch: int) -> int | None:

@@ -222,14 +222,14 @@ def bert_encoder(layers: int = 2, hidden: int = 32, heads: int = 2, vocab: int =
         split = node("Concat", [b, s, "heads_head"], [f"{t}_split"], axis=0)
         merge = node("Concat", [b, s, "hidden_dim"], [f"{t}_merge"], axis=0)
 
-        def heads_of(name: str, perm) -> str:
+        def heads_of(name: str, perm, x: str, t: str, split: str) -> str:
             r = node("Reshape", [dense(x, f"{t}_{name}", hidden, hidden), split],
                      [f"{t}_{name}_r"])
             return node("Transpose", [r], [f"{t}_{name}_t"], perm=perm)
 
-        q = heads_of("q", [0, 2, 1, 3])
-        k = heads_of("k", [0, 2, 3, 1])
-        v = heads_of("v", [0, 2, 1, 3])
+        q = heads_of("q", [0, 2, 1, 3], x, t, split)
+        k = heads_of("k", [0, 2, 3, 1], x, t, split)
+        v = heads_of("v", [0, 2, 1, 3], x, t, split)
         scores = node("Mul", [node("MatMul", [q, k], [f"{t}_qk"]), "scale"], [f"{t}_sc"])
         probs = node("Softmax", [node("Add", [scores, "mask_bias"], [f"{t}_masked"])],
                      [f"{t}_p"], axis=-1)

@@ -62,8 +62,7 @@ def _split(arrays: dict[str, Any], specs: list[InputSpec], batch: int) -> list[d
         if not per_sample:
             return [dict(arrays)]
         count = len(arrays[per_sample[0].name])
-        return [{s.name: arrays[s.name][i] if arrays[s.name].ndim == 1 else arrays[s.name]
-                 for s in scalars} for i in range(count)]
+        return [{s.name: _item(arrays[s.name], i) for s in scalars} for i in range(count)]
     per_sample = any(arrays[s.name].ndim == 1 for s in scalars)
     step = _batch_size(ranked[0], 1 if per_sample else batch)
     rows = _batch_size(ranked[0], 1)  # rows per sample
@@ -73,9 +72,17 @@ def _split(arrays: dict[str, Any], specs: list[InputSpec], batch: int) -> list[d
         feed = {s.name: arrays[s.name][start:start + step] for s in ranked}
         for s in scalars:
             value = arrays[s.name]
-            feed[s.name] = value[start // rows] if value.ndim == 1 else value
+            feed[s.name] = _item(value, start // rows)
         out.append(feed)
     return out
+
+
+def _item(value: Any, index: int) -> Any:
+    """A rank-0 input's value for sample ``index``: a 0-d array (never a numpy scalar,
+    which onnxruntime refuses)."""
+    import numpy as np
+
+    return np.array(value[index]) if value.ndim == 1 else value
 
 
 def load_directory(directory: str | Path, specs: list[InputSpec], batch: int) -> Calibration:

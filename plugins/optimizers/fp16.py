@@ -54,6 +54,130 @@ def blocked_nodes(model: Any) -> tuple[set[str], list[str]]:
     return ops, names
 
 
+def _rename_inside(graph: Any, old: str, new: str) -> None:
+    from onnx import AttributeProto
+
+    for node in graph.node:
+        for i, name in enumerate(node.input):
+            if name == old:
+                node.input[i] = new
+        for attr in node.attribute:
+            inner = [attr.g] if attr.type == AttributeProto.GRAPH else list(attr.graphs)
+            for sub in inner:
+                _rename_inside(sub, old, new)
+    for out in graph.output:
+        if out.name == old:
+            out.name = new
+
+
+def fence_control_flow(model: Any) -> list[str]:
+    """Make the float32 border of control-flow nodes visible to the converters.
+
+    A subgraph's reads of outer tensors go through a new ``Identity`` (kept float32, so
+    the converter casts into it), and the node's outputs get value_info with the
+    subgraphs' declared types (so the converter casts out of it). Returns the names of
+    the nodes to keep float32."""
+    import onnx
+    from onnx import AttributeProto, helper
+
+    from plugins.partitioners.graph import implicit_inputs
+
+    graph = model.graph
+    known = {v.name for v in [*graph.value_info, *graph.output]}
+    nodes, keep = [], []
+    for node in graph.node:
+        branches = [a.g for a in node.attribute if a.type == AttributeProto.GRAPH]
+        branches += [g for a in node.attribute if a.type == AttributeProto.GRAPHS
+                     for g in a.graphs]
+        if branches:
+            keep.append(node.name)
+            for ref in sorted(implicit_inputs(node)):
+                fenced = f"{ref}__fp32_{node.name}"
+                nodes.append(helper.make_node("Identity", [ref], [fenced],
+                                              name=f"{node.name}_reads_{ref}"))
+                keep.append(nodes[-1].name)
+                for branch in branches:
+                    _rename_inside(branch, ref, fenced)
+            declared = list(branches[0].output)
+            offset = len(declared) - len(node.output)  # Loop/Scan: carried values first
+            for i, out in enumerate(node.output):
+                source = declared[i + offset] if 0 <= i + offset < len(declared) else None
+                if out and out not in known and source is not None and \
+                        source.type.tensor_type.elem_type:
+                    info = onnx.ValueInfoProto()
+                    info.name = out
+                    info.type.tensor_type.elem_type = source.type.tensor_type.elem_type
+                    graph.value_info.append(info)
+        nodes.append(node)
+    copies = [onnx.NodeProto() for _ in nodes]
+    for copy, node in zip(copies, nodes):
+        copy.CopyFrom(node)
+    del graph.node[:]
+    graph.node.extend(copies)
+    return keep
+
+
+def with_types(model: Any) -> Any:
+    """``model`` with value_info for every tensor onnxruntime's symbolic shape inference can
+    type, contrib (com.microsoft) ops included: the converters cast a kept-fp32 node's
+    outputs only where they know its type. Unchanged when inference fails."""
+    import onnx
+    from onnx import TensorProto
+
+    try:
+        from onnxruntime.tools.symbolic_shape_infer import SymbolicShapeInference
+
+        inferred = SymbolicShapeInference.infer_shapes(model, auto_merge=True)
+        if inferred is not None:
+            return inferred
+    except Exception:  # old onnxruntime, or an op it cannot infer (FusedConv, ...)
+        pass
+    # onnx's inference, then contrib ops' float outputs typed from their float inputs
+    # (fused Conv/Gemm/MatMul, Gelu, LayerNorm...; quantising ops are left alone)
+    for _ in range(2):
+        try:
+            model = onnx.shape_inference.infer_shapes(model)
+        except Exception:
+            return model
+        graph = model.graph
+        types = {v.name: v.type.tensor_type.elem_type
+                 for v in [*graph.input, *graph.output, *graph.value_info]}
+        types.update({t.name: t.data_type for t in graph.initializer})
+        for node in graph.node:
+            if node.domain in ("", "ai.onnx") or (
+                    "Quantize" in node.op_type and "Dequantize" not in node.op_type):
+                continue
+            if any(types.get(i) == TensorProto.FLOAT for i in node.input if i):
+                for out in node.output[:1]:
+                    if out and not types.get(out):
+                        graph.value_info.append(onnx.helper.make_tensor_value_info(
+                            out, TensorProto.FLOAT, None))
+                        types[out] = TensorProto.FLOAT
+    return model
+
+
+def unfence(model: Any, fences: list[str]) -> Any:
+    """Undo the converter's cast back to float16 after a fence ``Identity``: only the
+    subgraph reads that tensor, and it must stay float32."""
+    graph = model.graph
+    identities = {n.name: n for n in graph.node if n.name in fences and n.op_type == "Identity"}
+    made_by = {o: n for n in graph.node for o in n.output}
+    drop = []
+    for fence in identities.values():
+        cast = next((n for n in graph.node if n.op_type == "Cast" and
+                     list(n.input) == [fence.output[0]]), None)
+        if cast is None or made_by.get(cast.input[0]) is not fence:
+            continue
+        stale = {fence.output[0], cast.output[0]}
+        fence.output[0] = cast.output[0]
+        drop.append(cast)
+        for info in [v for v in graph.value_info if v.name in stale]:
+            graph.value_info.remove(info)
+    for cast in drop:
+        graph.node.remove(cast)
+    return model
+
+
 def stash_subgraphs(model: Any) -> dict[str, list]:
     """Take the subgraph attributes off control-flow nodes (they stay float32, and the
     converters would rewrite inside them anyway); :func:`restore_subgraphs` puts them back."""
@@ -112,6 +236,16 @@ def _valid(model: Any) -> str | None:
         onnx.checker.check_model(model, full_check=True)
     except Exception as exc:  # ValidationError, InferenceError
         return str(exc).splitlines()[0][:200] if str(exc) else type(exc).__name__
+    try:  # the checker cannot type contrib ops: onnxruntime's own load can
+        import onnxruntime as ort
+
+        opts = ort.SessionOptions()
+        opts.log_severity_level = 4
+        opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
+        ort.InferenceSession(model.SerializeToString(), opts, providers=["CPUExecutionProvider"])
+    except Exception as exc:  # onnxruntime's own untyped errors
+        text = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        return text.split(" : ")[-1][:200]
     return None
 
 
@@ -136,7 +270,11 @@ class Float16Converter(Optimizer):
             ) from None
         work = onnx.ModelProto()
         work.CopyFrom(model)
+        if any(n.domain not in ("", "ai.onnx") for n in work.graph.node):
+            work = with_types(work)
         ops, names = blocked_nodes(work)
+        fences = fence_control_flow(work)
+        names += fences
         ops |= {op.strip() for op in options["block_ops"].split(",") if op.strip()}
         converters = []
         try:
@@ -160,7 +298,8 @@ class Float16Converter(Optimizer):
                     source = onnx.ModelProto()
                     source.CopyFrom(work)
                     stashed = stash_subgraphs(source)
-                    converted = topological(restore_subgraphs(convert(source), stashed))
+                    converted = topological(unfence(restore_subgraphs(convert(source), stashed),
+                                                    fences))
             except Exception as exc:  # the converters raise untyped errors
                 problem = type(exc).__name__
                 continue

@@ -248,9 +248,15 @@ def _single_file(repository: ModelRepository, name: str, filename: str, version:
     calibration = _calibration(specs, settings, samples)
     candidate = _apply(steps, source, calibration).SerializeToString()
     _check(candidate, "model")
+    try:
+        measured = session(candidate, settings.threads, settings.level)
+    except Exception as exc:  # onnxruntime's own untyped errors
+        text = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise BadRequest(f"onnxruntime cannot load the optimised model: "
+                         f"{text.split(' : ')[-1][:200]}") from None
     return Candidate(
         {filename: candidate}, session(data, settings.threads, settings.level),
-        session(candidate, settings.threads, settings.level), len(data), len(candidate),
+        measured, len(data), len(candidate),
         specs, calibration, {"source_sha256": _sha(data), "sha256": _sha(candidate)}, samples)
 
 
@@ -310,7 +316,8 @@ def run_chain(
     except BadRequest:
         raise
     except Exception as exc:  # onnxruntime's own untyped errors, on invented inputs
-        raise work.samples.failure(exc, "the source or optimised model") from None
+        raise work.samples.failure(exc, "the source or optimised model", "the calibration inputs"
+                                   if settings.calibration_dir else None) from None
     report.max_abs_diff, report.cosine, report.top1 = (
         figures["max_abs_diff"], figures["cosine"], figures["top1"])
     if settings.latency_runs > 0:
@@ -320,7 +327,8 @@ def run_chain(
         except BadRequest:
             raise
         except Exception as exc:  # onnxruntime's own untyped errors
-            raise work.samples.failure(exc, "timing the models") from None
+            raise work.samples.failure(exc, "timing the models", "the calibration inputs"
+                                   if settings.calibration_dir else None) from None
     chain_text = " -> ".join(
         s.optimizer.name + "(" + ", ".join(f"{k}={v}" for k, v in s.options.items()) + ")"
         for s in steps)

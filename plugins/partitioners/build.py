@@ -111,8 +111,11 @@ def analyse(repository: Path, name: str, version: int | None = None, batch: int 
     options.shapes.update(given.shapes)
     samples = samples_for_model(model, options, batch, cfg.max_batch_size)
     feed = samples.feed()
+    import onnxruntime as ort
+
+    ort.set_default_logger_severity(4)  # run failures are reported as clear errors instead
     graph = build_graph(model, batch, model_dir=path.parent, input_shapes=samples.shapes,
-                        feed=feed)
+                        feed=feed, explain=samples.failure)
     if cost == "static":
         costs = static_costs(graph, batch)
     elif cost == "measured":
@@ -308,7 +311,9 @@ def verify_plan(analysis: Analysis, directory: Path, replicas: int, runtime=None
 
     samples = analysis.samples or samples_for_model(analysis.model, batch=analysis.costs.batch)
     batch = max(analysis.costs.batch, 2 * replicas + 1, 1)
-    sess = ort.InferenceSession(str(analysis.path), providers=["CPUExecutionProvider"])
+    opts = ort.SessionOptions()
+    opts.log_severity_level = 4  # a failed run is reported below, without onnxruntime's paths
+    sess = ort.InferenceSession(str(analysis.path), opts, providers=["CPUExecutionProvider"])
     names = [o.name for o in sess.get_outputs()]
     backend = load_plan_backend(analysis.name, directory, runtime=runtime)
     try:

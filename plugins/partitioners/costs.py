@@ -181,7 +181,7 @@ def _profile(model, graph, model_dir: Path, batch: int, runs: int, progress: boo
         opts.profile_file_prefix = str(Path(tmp) / "profile")
         opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
         opts.intra_op_num_threads = 1
-        opts.log_severity_level = 3
+        opts.log_severity_level = 4  # failures are reported as clear errors
         opts.add_session_config_entry("session.model_external_initializers_file_folder_path",
                                       str(model_dir))
         try:

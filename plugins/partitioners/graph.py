@@ -202,6 +202,8 @@ def _flops(node, shapes: dict[str, list[int]]) -> float:
         w = shapes[node.input[1]]
         per_out = math.prod(w[1:]) if op == "Conv" else w[0] * math.prod(w[2:])
         return 2.0 * out * per_out
+    if op in ("Gather", "GatherElements", "GatherND"):
+        return float(out)  # a lookup touches the rows it gathers, not its whole table
     if op in ("Softmax", "LayerNormalization", "Erf", "Exp", "Tanh", "Sigmoid"):
         return 5.0 * out
     return float(max(out, numel(node.input[0]) if node.input else 0))
@@ -250,9 +252,11 @@ def fuse_units(units: list[Unit], graph_outputs: set[str], enabled: bool = True)
 
 
 def shapes_by_running(model, names: list[str], types: dict[str, int], batch: int,
-                      model_dir: Path | None, feed: dict | None = None) -> dict[str, list[int]]:
+                      model_dir: Path | None, feed: dict | None = None,
+                      explain=None) -> dict[str, list[int]]:
     """Real shapes of tensors inference left unknown: one onnxruntime run exposing them
-    (on ``feed``, else on invented inputs at ``batch``)."""
+    (on ``feed``, else on invented inputs at ``batch``). ``explain(exc)``, when given,
+    turns a failed run into the error to raise (the shards' I/O needs these shapes)."""
     import onnx
     import onnxruntime as ort
     from onnx import helper
@@ -264,22 +268,27 @@ def shapes_by_running(model, names: list[str], types: dict[str, int], batch: int
     names = [n for n in names if n in types]
     probe.graph.output.extend(helper.make_tensor_value_info(n, types[n], None) for n in names)
     opts = ort.SessionOptions()
-    opts.log_severity_level = 3
+    opts.log_severity_level = 4  # failures are reported below, without onnxruntime's paths
     if model_dir is not None:
         opts.add_session_config_entry("session.model_external_initializers_file_folder_path",
                                       str(model_dir))
     try:
         sess = ort.InferenceSession(probe.SerializeToString(), opts,
                                     providers=["CPUExecutionProvider"])
-        values = sess.run(names, feed if feed is not None else sample_inputs(model, batch))
     except Exception:
         return {}  # sizes stay unknown (0 bytes): costs are estimates anyway
+    try:
+        values = sess.run(names, feed if feed is not None else sample_inputs(model, batch))
+    except Exception as exc:  # onnxruntime's own untyped errors
+        if explain is not None:
+            raise explain(exc) from None
+        return {}
     return {n: list(v.shape) for n, v in zip(names, values)}
 
 
 def build_graph(model, batch: int = 1, fuse: bool = True, model_dir: Path | None = None,
                 input_shapes: dict[str, list[int]] | None = None,
-                feed: dict | None = None) -> ModelGraph:
+                feed: dict | None = None, explain=None) -> ModelGraph:
     """The unit DAG of ``model`` with tensor sizes at ``input_shapes`` (else at input
     batch ``batch``); ``feed`` (representative inputs) sizes what inference cannot."""
     g = model.graph
@@ -324,7 +333,7 @@ def build_graph(model, batch: int = 1, fuse: bool = True, model_dir: Path | None
             raise BadRequest(f"output {name!r} is also a model input: nothing to partition")
     unknown = [n for n in list(consumers) + outputs if n not in shapes and n not in static]
     if unknown:
-        shapes.update(shapes_by_running(model, unknown, types, batch, model_dir, feed))
+        shapes.update(shapes_by_running(model, unknown, types, batch, model_dir, feed, explain))
     tensor_bytes = {name: _numel_bytes(shapes.get(name), types.get(name))
                     for name in list(consumers) + outputs}
     # rank-0 inputs (a sample rate, a threshold) go whole to every replica

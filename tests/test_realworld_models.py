@@ -1,0 +1,239 @@
+"""Partitioning and optimising models shaped like real exports (tests/realworld_models.py):
+representative inputs (--sample, --input-shape, model.toml [sample]), -1 dims, IR-3
+initializer inputs, scalar inputs, BERT's shape subgraph, GRUs, fp16 and int8."""
+
+from __future__ import annotations
+
+import shutil
+import subprocess
+from pathlib import Path
+
+import numpy as np
+import onnx
+import onnxruntime as ort
+import pytest
+import realworld_models as rw
+import tomllib
+from conftest import SHARDSERVE
+
+from plugins.optimizers.pipeline import Settings, optimizer_registry, parse_step, run_chain
+from plugins.partitioners.build import analyse, load_plan_backend, plan_partition, write_partition
+from plugins.sample_inputs import SampleOptions, sample_options
+from runtime.errors import BadRequest
+from runtime.plugins import PluginManager
+
+STRATEGIES = ("pipeline", "edge-cloud", "memory", "batch")
+
+
+@pytest.fixture
+def root(tmp_path, monkeypatch) -> Path:
+    monkeypatch.setenv("SHARDSERVE_CACHE_DIR", str(tmp_path / "cache"))
+    return rw.write_repository(tmp_path / "models")
+
+
+def _sample(root: Path, name: str) -> SampleOptions:
+    return SampleOptions([root / name / "sample.npz"])
+
+
+def _options(strategy: str, analysis) -> dict:
+    graph = analysis.graph
+    if strategy == "pipeline":
+        return {"shards": 3}
+    if strategy == "edge-cloud":  # a slow edge and a fast link: the cut falls inside
+        return {"edge_factor": 2, "cloud_factor": 1, "bandwidth": "10Gbps", "rtt": "0ms"}
+    if strategy == "memory":  # weights split in about two
+        largest = max(graph.weights_of([u]) for u in range(len(graph)))
+        return {"memory_budget": "1GB",
+                "max_shard_bytes": int(max(graph.weights_of(range(len(graph))) * 0.55,
+                                           largest))}
+    return {"replicas": 2}
+
+
+def _run_original(root: Path, name: str, feed: dict) -> list:
+    sess = ort.InferenceSession(str(root / name / "1" / "model.onnx"),
+                                providers=["CPUExecutionProvider"])
+    return [o.name for o in sess.get_outputs()], sess.run(None, feed)
+
+
+@pytest.mark.parametrize("name", list(rw.BUILDERS))
+def test_every_strategy_partitions_the_model_and_the_plan_matches_it(root, name):
+    feed = dict(np.load(root / name / "sample.npz"))
+    names, expected = _run_original(root, name, feed)
+    for strategy in STRATEGIES:
+        analysis = analyse(root, name, sample=_sample(root, name))
+        options = _options(strategy, analysis)
+        part = plan_partition(analysis, strategy, options)
+        target = write_partition(analysis, strategy, options, part, root)
+        plan = tomllib.loads((target / "plan.toml").read_text())
+        assert [t["name"] for t in plan["inputs"]] == list(feed), strategy
+        for shard in {s["file"] for s in plan["shards"]}:
+            onnx.checker.check_model(str(target / shard), full_check=True)
+        backend = load_plan_backend(name, target)
+        try:
+            got = backend.run(feed, names)
+        finally:
+            backend.close()
+        for out, want in zip(names, expected):
+            np.testing.assert_allclose(got[out], want, rtol=1e-5, atol=1e-5, err_msg=strategy)
+        if strategy == "pipeline":
+            assert len(part.groups) == 3
+
+
+def test_a_minus_one_batch_is_dynamic(root):
+    analysis = analyse(root, "paddle_cnn", batch=4)
+    graph = analysis.graph
+    assert graph.batch_dynamic
+    assert graph.tensor_bytes["image"] == 4 * 3 * 8 * 8 * 4
+    assert min(graph.tensor_bytes.values()) >= 0 and graph.tensor_bytes["scores"] == 4 * 5 * 4
+    assert plan_partition(analysis, "batch", {"replicas": 2}).replicas == 2
+
+
+def test_ir3_initializer_inputs_are_not_inputs_of_the_plan_or_its_shards(root):
+    analysis = analyse(root, "ir3_cnn")
+    assert [i.name for i in analysis.model.graph.input] == ["data_0"]
+    assert analysis.model.ir_version >= 4
+    target = write_partition(analysis, "pipeline", {"shards": 2},
+                             plan_partition(analysis, "pipeline", {"shards": 2}), root)
+    plan = tomllib.loads((target / "plan.toml").read_text())
+    assert [t["name"] for t in plan["inputs"]] == ["data_0"]
+    first = onnx.load(str(target / plan["shards"][0]["file"]))
+    assert [i.name for i in first.graph.input] == ["data_0"]
+
+
+def test_without_samples_the_dynamic_dims_to_set_are_named(root):
+    with pytest.raises(BadRequest, match=r"audio\[1\] \(samples\).*--sample FILE.npz"):
+        analyse(root, "voice")
+
+
+def test_invented_inputs_that_crash_the_model_give_a_clear_error(root):
+    shapes = SampleOptions(shapes={"audio": [2, 64]})  # sizes fine, sr invented as 0
+    with pytest.raises(BadRequest, match=r"failed on generated inputs.*\(sr\) were 0.*--sample"
+                       ) as info:
+        analyse(root, "voice", sample=shapes)
+    assert "Traceback" not in info.value.message and "/onnxruntime_src" not in info.value.message
+    with pytest.raises(BadRequest, match=r"failed on generated inputs.*--sample"):
+        analyse(root, "voice", sample=shapes, cost="measured", runs=1)
+    short = SampleOptions(shapes={"audio": [1, 1]})  # reflect Pad needs >= 3 samples
+    with pytest.raises(BadRequest, match="Pad"):
+        analyse(root, "voice", sample=short, cost="measured", runs=1)
+
+
+def test_model_toml_sample_section_and_input_shape(root):
+    (root / "voice" / "model.toml").write_text('[sample]\nfiles = ["sample.npz"]\n')
+    analysis = analyse(root, "voice")
+    assert analysis.samples.from_files and analysis.samples.shapes["audio"] == [2, 64]
+    (root / "bert_encoder" / "model.toml").write_text(
+        '[sample]\nshapes = { input_ids = [1, 48], attention_mask = "1,48" }\n')
+    bert = analyse(root, "bert_encoder")
+    assert bert.graph.tensor_bytes["last_hidden_state"] == 1 * 48 * 32 * 4
+    hinted = analyse(root, "gru")  # dims named batch and sequence: sized from the names
+    assert hinted.graph.tensor_bytes["x"] == 1 * 128 * 8 * 4
+    with pytest.raises(BadRequest, match="not a model input"):
+        analyse(root, "gru", sample=sample_options(None, ["y=1,2"]))
+    with pytest.raises(BadRequest, match="does not fit"):
+        analyse(root, "gru", sample=sample_options(None, ["x=1,2,3"]))
+
+
+def test_measured_costs_use_the_sample(root):
+    small = analyse(root, "bert_encoder", cost="measured", runs=2,
+                    sample=sample_options(None, ["input_ids=1,4", "attention_mask=1,4"]))
+    big = analyse(root, "bert_encoder", cost="measured", runs=2,
+                  sample=sample_options(None, ["input_ids=1,64", "attention_mask=1,64"]))
+    assert big.costs.total() > small.costs.total()
+
+
+def test_an_embedding_lookup_is_charged_for_its_rows_not_its_table(root):
+    analysis = analyse(root, "bert_encoder", sample=_sample(root, "bert_encoder"))
+    graph, costs = analysis.graph, analysis.costs
+    lookup = next(u for u in graph.units if u.op_type == "Gather" and "word_emb" in u.weights)
+    table = graph.weight_bytes["word_emb"]
+    assert costs.seconds[lookup.index] < 0.5 * table / 1e10
+    part = plan_partition(analysis, "pipeline", {"shards": 3})
+    assert all(len(group) > 3 for group in part.groups)  # no shard of just the lookup
+
+
+def _optimise(root: Path, name: str, spec: str, **settings):
+    registry = optimizer_registry(PluginManager())
+    settings.setdefault("sample", [str(root / name / "sample.npz")])
+    return run_chain(root, name, [parse_step(registry, spec)],
+                     Settings(latency_runs=2, budget={"min_cosine": 0.99, "min_top1": 0.0},
+                              **settings), out=lambda line: None)
+
+
+@pytest.mark.parametrize("spec", ["quantize_dynamic", "fp16"])
+@pytest.mark.parametrize("name", list(rw.BUILDERS))
+def test_optimize_publishes_a_valid_model(root, name, spec):
+    outcome = _optimise(root, name, spec)
+    path = root / name / str(outcome.version) / "model.onnx"
+    onnx.checker.check_model(str(path), full_check=True)
+    feed = dict(np.load(root / name / "sample.npz"))
+    sess = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    assert [i.name for i in sess.get_inputs()] == list(feed)
+    _, want = _run_original(root, name, feed)
+    got = sess.run(None, feed)
+    assert np.allclose(got[0], want[0], atol=0.05 * float(np.abs(want[0]).max()) + 1e-3)
+
+
+def test_calibration_files_for_a_scalar_input(root, tmp_path):
+    cal = tmp_path / "cal"
+    cal.mkdir()
+    rng = np.random.default_rng(1)
+    np.save(cal / "audio.npy", rng.standard_normal((4, 64)).astype(np.float32))
+    np.save(cal / "sr.npy", np.array(16000, dtype=np.int64))  # one value for every batch
+    outcome = _optimise(root, "voice", "quantize_dynamic", sample=None, calibration_dir=str(cal),
+                        batch=2)
+    assert outcome.report.samples == 4
+    np.save(cal / "sr.npy", np.array([16000, 8000, 16000, 8000], dtype=np.int64))  # per sample
+    outcome = _optimise(root, "voice", "quantize_dynamic", sample=None, calibration_dir=str(cal),
+                        batch=2, dry_run=True)
+    assert outcome.report.samples == 4
+    np.save(cal / "sr.npy", np.full((4, 1), 16000, dtype=np.int64))
+    with pytest.raises(BadRequest, match=r"shape \[4, 1\], the input is a scalar"):
+        _optimise(root, "voice", "quantize_dynamic", sample=None, calibration_dir=str(cal))
+
+
+def test_cli_takes_sample_and_input_shape_and_refuses_abbreviations(root):
+    sample = str(root / "voice" / "sample.npz")
+    done = subprocess.run([str(SHARDSERVE), "plan", "voice", "-r", str(root), "-s", "pipeline",
+                           "--sample", sample], capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr
+    assert "-" not in done.stdout.split("predicted:")[0].split("BYTES AT CUT")[1].replace(
+        "-cloud", "")
+    for command in (["plan", "voice", "-r", str(root), "-s", "pipeline", "--sampl", sample],
+                    ["optimize", "voice", "-r", str(root), "--sampl", sample]):
+        done = subprocess.run([str(SHARDSERVE), *command], capture_output=True, text=True,
+                              timeout=120)
+        assert done.returncode == 2 and "unrecognized arguments: --sampl" in done.stderr
+    done = subprocess.run([str(SHARDSERVE), "partition", "voice", "-r", str(root), "-s",
+                           "pipeline", "--input-shape", "audio=2,64"], capture_output=True,
+                          text=True, timeout=120)
+    assert done.returncode != 0 and "Traceback" not in done.stderr
+    assert "--sample" in done.stderr and "failed on generated inputs" in done.stderr
+
+
+LIGHT = ["light_squeezenet", "light_resnet50"]
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("model", LIGHT)
+def test_model_zoo_cnns_partition_and_quantise(tmp_path, monkeypatch, model):
+    """The onnx distribution's IR-3 CNNs (weights from ConstantOfShape, batch fixed at 1):
+    every strategy but batch (which refuses a fixed batch clearly), and int8."""
+    monkeypatch.setenv("SHARDSERVE_CACHE_DIR", str(tmp_path / "cache"))
+    (tmp_path / model / "1").mkdir(parents=True)
+    shutil.copy(rw.LIGHT_MODELS / f"{model}.onnx", tmp_path / model / "1" / "model.onnx")
+    for strategy in STRATEGIES:
+        analysis = analyse(tmp_path, model)
+        options = _options(strategy, analysis)
+        if strategy == "batch":
+            with pytest.raises(BadRequest, match="dynamic first"):
+                plan_partition(analysis, strategy, options)
+            continue
+        write_partition(analysis, strategy, options, plan_partition(analysis, strategy, options),
+                        tmp_path)
+    registry = optimizer_registry(PluginManager())
+    outcome = run_chain(tmp_path, model, [parse_step(registry, "quantize_dynamic")],
+                        Settings(source_version=1, samples=2, batch=1, latency_runs=0,
+                                 budget={"min_cosine": 0.9, "min_top1": 0.0}),
+                        out=lambda line: None)
+    onnx.checker.check_model(str(tmp_path / model / str(outcome.version) / "model.onnx"))
