@@ -213,27 +213,6 @@ class PluginManager(pluggy.PluginManager):
         return self
 
 
-def describe_plugins(pm: PluginManager) -> list[dict]:
-    """Name, version and implemented hooks of every registered plugin."""
-    pm.load_plugins()
-    dists = pm.distributions
-    from importlib import metadata  # here only: importing it costs cold starts ~13 ms
-
-    try:
-        own_version = metadata.version(hookspecs.PROJECT_NAME)
-    except metadata.PackageNotFoundError:  # running from a source tree
-        own_version = None
-    out = []
-    for name, plugin in sorted(pm.list_name_plugin(), key=lambda item: str(item[0])):
-        hooks = sorted(caller.name for caller in pm.get_hookcallers(plugin) or ())
-        builtin = name in DEFAULT_PLUGINS
-        dist_name, version = dists.get(name) or (
-            (hookspecs.PROJECT_NAME, own_version) if builtin else (None, None)
-        )
-        out.append({"name": name, "version": version, "distribution": dist_name, "hooks": hooks})
-    return out
-
-
 def each_implementation(pm: pluggy.PluginManager, hook_name: str) -> list[tuple[str, Any]]:
     """``(plugin name, caller)`` per implementation of a hook, in pluggy's call order.
 

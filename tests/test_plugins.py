@@ -16,10 +16,11 @@ import numpy as np
 import pytest
 from conftest import ROOT, SHARDSERVE
 
+from handlers.cli import describe_plugins
 from runtime import Runtime, hookspecs
 from runtime.codec import InferInput, InferRequest
 from runtime.errors import ConfigError, ModelLoadError
-from runtime.plugins import DEFAULT_PLUGINS, PluginManager, Registry, describe_plugins
+from runtime.plugins import DEFAULT_PLUGINS, PluginManager, Registry
 
 PLUGIN_SOURCE = '''
 """A third-party shardserve plugin: an ``echo`` backend and a ``hello`` command."""
