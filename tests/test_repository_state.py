@@ -402,3 +402,23 @@ def test_an_unload_holds_in_lazy_mode_until_the_next_load(tiny_repo):
     assert not rt.ready("double")
     rt.load("double")
     assert rt.infer("double", ONES).outputs["y"].sum() == 8
+
+
+def test_a_state_that_cannot_be_written_refuses_the_call_and_changes_nothing(tiny_repo, tmp_path):
+    import shutil
+
+    state = SharedRepositoryState(tmp_path / "state")
+
+    class SharedPlugin:
+        @hookimpl(tryfirst=True)
+        def shardserve_shared_repository(self, runtime):
+            return state
+
+    rt = Runtime.from_config({"repository": {"path": str(tiny_repo)}},
+                             plugins=(SharedPlugin(),)).start()
+    shutil.rmtree(tmp_path / "state")
+    (tmp_path / "state").write_text("not a directory")
+    with pytest.raises(ServiceUnavailable, match="cannot be written") as caught:
+        rt.unload("double")
+    assert str(tmp_path) not in caught.value.message
+    assert rt.infer("double", ONES).outputs["y"].sum() == 8  # still loaded here

@@ -8,7 +8,7 @@ applies it at startup. So a request that follows a finished load/unload call see
 every worker.
 
 ``state.json`` holds ``{model: [action, sequence]}``; it is replaced atomically under an
-exclusive ``flock``, then one byte is appended to ``generation``, whose size is therefore a
+exclusive ``flock``, then one byte is appended to ``generation``, whose size (with its inode) is a
 counter that never repeats: a request pays one ``os.stat`` when nothing changed.
 """
 
@@ -21,6 +21,8 @@ import os
 import threading
 from collections.abc import Callable
 from pathlib import Path
+
+from runtime.errors import ServiceUnavailable
 
 ENVIRONMENT = "SHARDSERVE_REPOSITORY_STATE"
 ACTIONS = ("load", "unload")
@@ -37,20 +39,22 @@ class SharedRepositoryState:
         self._state, self._generation = path / "state.json", str(path / "generation")
         self._lockfile = path / "lock"
         self._seen: dict[str, int] = {}  # model -> the sequence number applied here
-        self._applied = -1  # the generation every change up to which is applied here
+        self._applied = (-1, -1)  # the generation every change up to which is applied here
         self._seen_lock = threading.Lock()  # record reads and writes against _seen
         self._sync_lock = threading.Lock()  # one thread applies; the others wait for it
 
-    def _size(self) -> int:
+    def _generation_now(self) -> tuple[int, int]:
+        """The generation: the file's size, with its inode in case it was ever recreated."""
         try:
-            return os.stat(self._generation).st_size
-        except FileNotFoundError:
-            return 0
+            found = os.stat(self._generation)
+        except OSError:  # gone (a tmp cleaner): nothing new to apply
+            return (0, 0)
+        return (found.st_ino, found.st_size)
 
     def _read(self) -> dict[str, tuple[str, int]]:
         try:
             raw = json.loads(self._state.read_text(encoding="utf-8"))
-        except (FileNotFoundError, ValueError):
+        except (OSError, ValueError):
             return {}
         return {name: (entry[0], entry[1]) for name, entry in raw.items()
                 if isinstance(entry, list) and len(entry) == 2 and entry[0] in ACTIONS
@@ -58,6 +62,14 @@ class SharedRepositoryState:
 
     def publish(self, model: str, action: str) -> None:
         """Record ``action`` for ``model``; the caller applies it here right after."""
+        try:
+            self._publish(model, action)
+        except OSError as exc:  # a full or vanished disk: refused, never half-applied
+            log.error("repository state not recorded: %s", exc.strerror)
+            raise ServiceUnavailable(f"cannot {action} {model!r} now: the shared repository "
+                                     "state cannot be written") from None
+
+    def _publish(self, model: str, action: str) -> None:
         self._lockfile.parent.mkdir(mode=0o700, parents=True, exist_ok=True)  # tmp cleaners
         with self._seen_lock, open(self._lockfile, "a") as lock:
             fcntl.flock(lock, fcntl.LOCK_EX)  # released when the file closes
@@ -73,10 +85,10 @@ class SharedRepositoryState:
 
     def sync(self, apply: Callable[[str, str], None]) -> None:
         """Apply every action published since the last call; return once applied."""
-        if self._size() == self._applied:
+        if self._generation_now() == self._applied:
             return
         with self._sync_lock:
-            generation = self._size()
+            generation = self._generation_now()
             if generation == self._applied:
                 return  # another thread applied it while this one waited
             with self._seen_lock:
