@@ -24,7 +24,7 @@ from typing import TYPE_CHECKING, Any
 
 from runtime import hookimpl
 from runtime.errors import ConfigError, ServiceUnavailable, Unauthorized
-from runtime.files import write_atomically
+from runtime.files import remove_stale, temp_prefix, write_atomically
 
 from .settings import ALL_ACTIONS, DEFAULT_ACTIONS, SecuritySettings, settings
 
@@ -99,10 +99,11 @@ class KeyStore:
                      0o600)
         try:
             fcntl.flock(fd, fcntl.LOCK_EX)
+            remove_stale(self.path.parent, temp_prefix(self.path.name), ".tmp")  # killed saves
             keys = self.read()
-            before = json.dumps(keys, sort_keys=True)
+            before = dict(keys)
             yield keys
-            if json.dumps(keys, sort_keys=True) != before:
+            if keys != before:
                 self.save(keys)
         finally:
             os.close(fd)  # releases the lock

@@ -1,0 +1,312 @@
+"""Crash safety of the CLI tools that write files (issue 15, items 4, 5, 11): each tool is
+killed with SIGKILL at seeded random points, at least 20 times, then rerun; the rerun must
+complete, every model must load and answer, every printed key must work and nothing
+half-written may remain.
+
+Kill points are delays drawn from a seeded generator, scaled by one uninterrupted run's
+duration measured on a scratch copy, so they land mid-work on a fast or a slow machine.
+Resumable tools (encrypt, rotate) are killed in a chain on one repository: every run
+resumes what the killed one left, the hardest case for idempotency.
+"""
+
+from __future__ import annotations
+
+import base64
+import json
+import os
+import secrets
+import shutil
+import signal
+import subprocess
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+from conftest import SHARDSERVE, add_model, write_model
+
+from handlers.routes import HttpRequest, dispatch
+from plugins.security import model_encryption as enc
+from plugins.security.apikeys import KeyStore
+from runtime import Runtime
+from runtime.errors import Unauthorized
+
+pytestmark = pytest.mark.slow
+
+KILLS = 20
+X = [1.0, 2.0, 3.0, 4.0]
+
+
+def _rng(name: str) -> np.random.Generator:
+    return np.random.default_rng(sum(name.encode()) + 15)
+
+
+def _env(**extra: str) -> dict:
+    return {**os.environ, "PYTHONUNBUFFERED": "1", **extra}
+
+
+def _run(args: list[str], env: dict) -> tuple[subprocess.CompletedProcess, float]:
+    started = time.monotonic()
+    out = subprocess.run([str(SHARDSERVE), *args], env=env, capture_output=True, text=True,
+                         timeout=120)
+    return out, time.monotonic() - started
+
+
+def _killed(args: list[str], env: dict, delay: float) -> tuple[int | None, str]:
+    """Run, SIGKILL after ``delay`` seconds; (exit code if it finished first, stdout)."""
+    proc = subprocess.Popen([str(SHARDSERVE), *args], env=env, stdout=subprocess.PIPE,
+                            stderr=subprocess.DEVNULL, text=True)
+    try:
+        proc.wait(delay)
+        finished = proc.returncode
+    except subprocess.TimeoutExpired:
+        os.kill(proc.pid, signal.SIGKILL)
+        finished = None
+    out = proc.communicate(timeout=60)[0]
+    return finished, out
+
+
+def _leftovers(root: Path) -> list[str]:
+    """Temp files and staging directories a killed writer may leave."""
+    return sorted(str(p.relative_to(root)) for p in root.rglob("*")
+                  if p.name.endswith(".tmp") or p.name.startswith((".optimize-", ".partition-")))
+
+
+def _serves(repo: Path, models: list[str], expected: list[float], security: dict | None = None,
+            policy_all: bool = False) -> None:
+    """Every model (every version with ``policy_all``) loads and answers ``expected`` to
+    the input ``X``."""
+    if policy_all:
+        for name in models:
+            config = repo / name / "model.toml"
+            old = config.read_text() if config.exists() else ""
+            config.write_text('version_policy = "all"\n' + old)  # before any [table]
+    rt = Runtime.from_config({"repository": {"path": str(repo)},
+                              "security": security or {}}).start()
+    states = {m["name"]: m for m in rt.models()}
+    assert all(states[n]["state"] == "READY" for n in models), [
+        (n, states[n].get("reason")) for n in models if states[n]["state"] != "READY"]
+    for name in models:
+        versions = sorted(int(p.name) for p in (repo / name).iterdir() if p.name.isdigit())
+        for version in versions if policy_all else [None]:
+            path = f"/v2/models/{name}" + (f"/versions/{version}" if version else "") + "/infer"
+            body = json.dumps({"inputs": [{"name": "x", "datatype": "FP32",
+                                           "shape": [1, len(X)], "data": X}]}).encode()
+            resp = dispatch(rt, HttpRequest("POST", path, {}, body))
+            assert resp.status == 200, (name, version, resp.body[:200])
+            got = json.loads(resp.body)["outputs"][0]["data"]
+            assert np.allclose(got, expected, atol=1e-5), (name, version)
+    rt.close()
+
+
+# encrypt and rotate ---------------------------------------------------------
+
+
+def _many_models(root: Path, n: int) -> list[str]:
+    model = add_model()
+    names = [f"m{i:03d}" for i in range(n)]
+    for name in names:
+        write_model(root / name / "1" / "model.onnx", model)
+    return names
+
+
+DOUBLED = [v + v for v in X]
+
+
+def _key_file(path: Path, key: bytes) -> Path:
+    path.write_bytes(base64.b64encode(key))
+    return path
+
+
+def test_encrypt_killed_20_times_then_rerun_encrypts_everything(tmp_path):
+    master = secrets.token_bytes(32)
+    key_file = _key_file(tmp_path / "master.key", master)
+    repo = tmp_path / "models"
+    names = _many_models(repo, 40)
+    plain = (repo / names[0] / "1" / "model.onnx").read_bytes()
+    args = ["encrypt", str(repo), "--master-key-file", str(key_file), "--chunk-size", "64"]
+    scratch = tmp_path / "scratch"
+    shutil.copytree(repo, scratch)
+    full, t_full = _run([*args[:1], str(scratch), *args[2:]], _env())
+    assert full.returncode == 0, full.stdout
+    _, t_idle = _run([*args[:1], str(scratch), *args[2:]], _env())
+    rng, kills = _rng("encrypt"), 0
+    for _ in range(KILLS):
+        finished, _ = _killed(args, _env(), t_idle * 0.8 + rng.uniform(0, 3 * (t_full - t_idle)
+                                                                      / KILLS + 0.05))
+        kills += finished is None
+        for name in names:  # every file is the plaintext or opens with the master key
+            path = repo / name / "1" / "model.onnx"
+            assert path.read_bytes() == plain or (
+                enc.is_encrypted(path) and enc.opens_with(enc.dek_path(path), master)), name
+    assert kills >= KILLS * 3 // 4, kills
+    rerun, _ = _run(args, _env())
+    assert rerun.returncode == 0, rerun.stdout
+    assert not _leftovers(repo)
+    assert all(enc.is_encrypted(repo / n / "1" / "model.onnx") for n in names)
+    _serves(repo, names, DOUBLED, {"require_encrypted": True, "master_key_file": str(key_file)})
+
+
+def test_rotate_killed_20_times_then_rerun_completes_and_old_key_is_not_needed(tmp_path):
+    old, new = secrets.token_bytes(32), secrets.token_bytes(32)
+    old_file, new_file = _key_file(tmp_path / "old.key", old), _key_file(tmp_path / "new.key", new)
+    repo = tmp_path / "models"
+    names = _many_models(repo, 100)
+    for name in names:
+        enc.encrypt_file(repo / name / "1" / "model.onnx", old, chunk_size=64)
+    args = ["rotate", str(repo), "--old-key-file", str(old_file), "--new-key-file", str(new_file)]
+    scratch = tmp_path / "scratch"
+    shutil.copytree(repo, scratch)
+    full, t_full = _run(["rotate", str(scratch), *args[2:]], _env())
+    assert full.returncode == 0 and "rotation complete" in full.stdout, full.stdout
+    _, t_idle = _run(["rotate", str(scratch), *args[2:]], _env())
+    rng, kills = _rng("rotate"), 0
+    for _ in range(KILLS):
+        finished, _ = _killed(args, _env(), t_idle * 0.8 + rng.uniform(0, 3 * (t_full - t_idle)
+                                                                      / KILLS + 0.05))
+        kills += finished is None
+        for name in names:  # every data key opens with one of the two, never neither
+            dek = repo / name / "1" / "model.onnx.dek"
+            assert enc.opens_with(dek, old) or enc.opens_with(dek, new), name
+    assert kills >= KILLS * 3 // 4, kills
+    split = sum(enc.opens_with(repo / n / "1" / "model.onnx.dek", new) for n in names)
+    if 0 < split < len(names) and enc.rotation_journal(repo).exists():
+        third = _key_file(tmp_path / "third.key", secrets.token_bytes(32))
+        refused, _ = _run(["rotate", str(repo), "--old-key-file", str(old_file),
+                           "--new-key-file", str(third)], _env())
+        assert refused.returncode == 1 and "pending" in refused.stdout
+    rerun, _ = _run(args, _env())
+    assert rerun.returncode == 0 and "rotation complete" in rerun.stdout, rerun.stdout[-500:]
+    assert not enc.rotation_journal(repo).exists() and not _leftovers(repo)
+    old_file.unlink()  # the docs' advice once rotation is complete
+    _serves(repo, names, DOUBLED, {"require_encrypted": True, "master_key_file": str(new_file)})
+
+
+# keys create / revoke -------------------------------------------------------
+
+
+def test_keys_create_and_revoke_killed_20_times_every_printed_key_works(tmp_path):
+    path = tmp_path / "keys.json"
+    store = KeyStore(path)
+    # Many keys make reading, changing and saving the file a good part of each run, so the
+    # kills land inside it, not only in the interpreter's start.
+    store.save({f"{i:08x}": {"name": "filler", "salt": "00" * 16, "hash": "00" * 32,
+                             "models": ["*"], "actions": ["infer"]} for i in range(1000)})
+    create = ["keys", "--keys-file", str(path), "create"]
+    full, t_full = _run([*create, "calibration", "--models", "*"], _env())
+    assert full.returncode == 0
+    printed: dict[str, str] = {}  # key id -> key, printed by a create
+    revoked, maybe_revoked = set(), set()
+    rng, kills = _rng("keys"), 0
+    for i in range(3 * KILLS):
+        if kills >= KILLS:
+            break
+        # every third create runs to the end, so there are printed keys to revoke
+        delay = 60.0 if i % 6 == 0 else rng.uniform(0.5 * t_full, 1.05 * t_full)
+        alive = sorted(printed.keys() - revoked - maybe_revoked)
+        if i % 2 and alive:
+            victim = alive[int(rng.integers(len(alive)))]
+            finished, out = _killed(["keys", "--keys-file", str(path), "revoke", victim], _env(),
+                                    delay)
+            (revoked if f"revoked {victim}" in out else maybe_revoked).add(victim)
+        else:
+            finished, out = _killed([*create, f"user{i}", "--models", "*"], _env(), delay)
+            lines = dict(line.split(": ", 1) for line in out.splitlines() if ": " in line)
+            key = lines.get("API key (shown once, store it now)")
+            if key:
+                printed[lines["key id"]] = key
+        kills += finished is None
+        keys = store.read()  # never a corrupt file, whatever the kill point
+        assert not revoked & set(keys)
+        assert all(k in keys for k in printed.keys() - revoked - maybe_revoked)
+    assert kills >= KILLS, kills
+    rerun, _ = _run([*create, "last", "--models", "*"], _env())
+    assert rerun.returncode == 0 and not _leftovers(tmp_path)
+    for key_id, key in printed.items():
+        if key_id in revoked:
+            with pytest.raises(Unauthorized):
+                store.check(key)
+        elif key_id not in maybe_revoked:
+            assert store.check(key)["name"].startswith("user")
+    assert len(printed) >= 5 and revoked
+
+
+# optimize and partition -----------------------------------------------------
+
+
+def _chain_model(n: int = 12, width: int = 4):
+    """MatMul+Relu x n with positive weights: enough nodes for several shards, tiny files."""
+    import onnx
+    from onnx import TensorProto, helper, numpy_helper
+
+    rng = np.random.default_rng(0)
+    nodes, weights, x = [], [], "x"
+    for i in range(n):
+        w = rng.uniform(0.1, 0.5, (width, width)).astype(np.float32)
+        weights.append(w)
+        nodes += [helper.make_node("MatMul", [x, f"w{i}"], [f"m{i}"]),
+                  helper.make_node("Relu", [f"m{i}"], [f"h{i}"])]
+        x = f"h{i}"
+    graph = helper.make_graph(
+        nodes, "chain", [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["batch", width])],
+        [helper.make_tensor_value_info(x, TensorProto.FLOAT, ["batch", width])],
+        [numpy_helper.from_array(w, f"w{i}") for i, w in enumerate(weights)])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    model.ir_version = 8
+    onnx.checker.check_model(model, full_check=True)
+    expected = np.array([X], np.float32)
+    for w in weights:
+        expected = np.maximum(expected @ w, 0)
+    return model, expected[0].tolist()
+
+
+def _publishing_tool_survives_kills(tmp_path: Path, name: str, args: list[str],
+                                    complete: str) -> Path:
+    """Kill ``shardserve <args>`` at seeded points around its publish; every version that
+    appears must be complete (``complete`` file present), the rerun must publish."""
+    model, expected = _chain_model()
+    repo = tmp_path / "models"
+    write_model(repo / "m" / "1" / "model.onnx", model)
+    scratch = tmp_path / "scratch"
+    shutil.copytree(repo, scratch)
+    timings = []
+    for _ in range(2):  # the faster of two runs: the first pays for a cold file cache
+        full, seconds = _run([*args, "-r", str(scratch), "m"], _env())
+        assert full.returncode == 0, full.stdout + full.stderr
+        timings.append(seconds)
+    t_full = min(timings)
+    rng, kills = _rng(name), 0
+    for _ in range(KILLS):
+        finished, _ = _killed([*args, "-r", str(repo), "m"], _env(),
+                              rng.uniform(0.4 * t_full, 1.0 * t_full))
+        kills += finished is None
+        for version in (p for p in (repo / "m").iterdir() if p.name.isdigit() and p.name != "1"):
+            assert (version / complete).is_file(), (version.name, sorted(os.listdir(version)))
+    assert kills >= KILLS // 2, kills
+    rerun, _ = _run([*args, "-r", str(repo), "m"], _env())
+    assert rerun.returncode == 0, rerun.stdout[-500:] + rerun.stderr[-500:]
+    assert not _leftovers(repo)
+    _serves(repo, ["m"], expected, policy_all=True)
+    return repo
+
+
+def test_optimize_killed_20_times_never_leaves_a_version_without_provenance(tmp_path):
+    import tomllib
+
+    from plugins.optimizers.pipeline import default_source
+    from runtime.repository import ModelRepository
+
+    repo = _publishing_tool_survives_kills(
+        tmp_path, "optimize", ["optimize", "--with", "fold", "--latency-runs", "0",
+                               "--samples", "4", "--batch", "4"], "provenance.toml")
+    versions = {p.name for p in (repo / "m").iterdir() if p.name.isdigit()}
+    toml = tomllib.loads((repo / "m" / "model.toml").read_text())
+    assert set(toml["provenance"]) == versions - {"1"}
+    assert all(r["source_version"] == 1 for r in toml["provenance"].values())
+    assert default_source(ModelRepository(repo), "m", toml) == 1
+
+
+def test_partition_killed_20_times_publishes_whole_versions_only(tmp_path):
+    _publishing_tool_survives_kills(tmp_path, "partition",
+                                    ["partition", "--strategy", "pipeline", "--shards", "6",
+                                     "--model-version", "1"], "plan.toml")
