@@ -479,6 +479,8 @@ class Runtime:
             "platform": getattr(model.backend, "platform", model.config.backend),
             "inputs": [spec.to_dict() for spec in model.inputs],
             "outputs": [spec.to_dict() for spec in model.outputs],
+            **({"parameters": {"task": model.backend.task}}
+               if isinstance(getattr(model.backend, "task", None), str) else {}),
         }
 
     def model_config(self, name: str, version: str | int | None = None) -> dict:
@@ -585,6 +587,24 @@ class Runtime:
             limits.check_deadline()
         return InferResponse(model_name=name, model_version=str(model.version), outputs=outputs,
                              id=request.id)
+
+    def generate(self, name: str, request: Any, version: str | int | None = None,
+                 principal: Any = None, deadline: float | None = None) -> Any:
+        """Start a generation on a backend that may stream (``generate``) and return its event
+        iterator. ``request`` is that backend's own request object: the core only finds the
+        model, applies the principal's deadline, and answers 400 when the model cannot stream."""
+        model = self.get_model(name, version)
+        stream = getattr(model.backend, "generate", None)
+        if stream is None:
+            raise BadRequest(f"model {name!r} does not generate text")
+        found = [] if principal is None else self.pm.hook.shardserve_request_limits(
+            principal=principal, model=name)
+        limit = min((lim.deadline for lim in found if lim.deadline is not None), default=None)
+        if limit is not None:
+            deadline = limit if deadline is None else min(deadline, limit)
+        if deadline is not None and time.monotonic() > deadline:
+            raise GatewayTimeout(f"deadline passed before model {name!r} ran")
+        return stream(request, deadline=deadline)
 
     def close(self) -> None:
         """Close this process's models (other workers keep theirs)."""

@@ -34,6 +34,10 @@ def shardserve_register_backends(register: Callable[[str, type], None]) -> None:
     after it returns, ``inputs`` and ``outputs`` hold lists of
     :class:`runtime.TensorSpec`) and ``run(inputs: dict[str, ndarray],
     outputs: list[str]) -> dict[str, ndarray]``. ``close()`` is optional.
+    A backend may stream: ``generate(request, deadline=None) -> Iterator``
+    (``Runtime.generate`` hands it the request object of the API that
+    built it and returns the iterator; raise typed errors before the first
+    item, as the answer's status is sent then).
     (:class:`runtime.core.Backend` is the typed contract.) A model selects its
     backend with ``backend = "name"`` in model.toml, or a plugin claims a version
     through ``shardserve_select_backend``. Registering a name twice raises at startup.

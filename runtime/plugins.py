@@ -49,6 +49,7 @@ DEFAULT_PLUGINS: tuple[str, ...] = (
     "plugins.partitioners",
     "plugins.optimizers",
     "plugins.executors",
+    "plugins.generation",
     *SECURITY_PLUGINS,
 )
 

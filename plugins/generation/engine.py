@@ -1,0 +1,311 @@
+"""The decode loop with continuous (iteration-level) batching.
+
+One scheduler thread per served model version owns the onnxruntime session and the running
+batch's :class:`~.kv_cache.BatchCache`. Between two decode steps it admits waiting requests
+(each prefilled alone, then merged into the batch) and lets finished, cancelled or timed-out
+ones leave, so a long answer never holds a short one back. Admission is bounded by a KV-cache
+budget in bytes: a sequence is admitted only if the batch, with it, can grow to every member's
+final length inside the budget, so memory is reserved up front and never runs out mid-answer.
+Request threads only queue a :class:`Sequence` and read its events.
+"""
+
+from __future__ import annotations
+
+import logging
+import queue
+import threading
+import time
+from collections import deque
+from dataclasses import dataclass
+
+import numpy as np
+
+from runtime.errors import BadRequest, ServiceUnavailable, TooManyRequests
+
+from .kv_cache import BatchCache
+from .sampling import SamplingParams, apply_repetition_penalty, sample
+
+log = logging.getLogger("shardserve.generation")
+
+ORT_FLOAT = {"tensor(float)": np.float32, "tensor(float16)": np.float16}
+
+
+@dataclass(frozen=True)
+class GraphInfo:
+    """What the engine needs to know about an exported decoder graph."""
+
+    input_names: tuple[str, ...]
+    past_names: list[str]  # past_key_values.{i}.key/.value, layer by layer
+    present_names: list[str]
+    has_position_ids: bool
+    kv_heads: int
+    head_dim: int
+    dtype: type
+
+    @property
+    def layers(self) -> int:
+        return len(self.past_names) // 2
+
+    @property
+    def bytes_per_token(self) -> int:
+        return len(self.past_names) * self.kv_heads * self.head_dim * np.dtype(self.dtype).itemsize
+
+
+@dataclass(frozen=True)
+class EngineLimits:
+    """A model's ``[generation]`` settings that bound work and memory."""
+
+    max_context: int
+    kv_cache_bytes: int
+    max_batch: int = 16
+    max_queue: int = 64
+    queue_timeout_s: float = 10.0
+
+
+class Sequence:
+    """One request's generation: its tokens so far, its sampler and its event queue."""
+
+    def __init__(self, prompt: list[int], max_tokens: int, sampling: SamplingParams,
+                 eos_ids: frozenset[int], deadline: float | None = None):
+        self.prompt = prompt
+        self.max_tokens = max_tokens
+        self.sampling = sampling
+        self.eos_ids = eos_ids
+        self.deadline = deadline
+        self.generated: list[int] = []
+        self.events: queue.SimpleQueue = queue.SimpleQueue()
+        self.cancelled = False
+        self.admitted = False
+        self.finish_reason: str | None = None
+        self.submitted = time.monotonic()
+        self.admitted_at: float | None = None
+        self.rng = np.random.default_rng(sampling.seed)
+        self.next_token = -1  # sampled, not yet in the cache
+
+    @property
+    def final_length(self) -> int:
+        return len(self.prompt) + self.max_tokens
+
+    @property
+    def cached(self) -> int:
+        """Tokens already in the KV cache: the prompt and all but the newest generated one."""
+        return len(self.prompt) + len(self.generated) - 1
+
+
+class Engine:
+    """Continuous batching over one onnxruntime session."""
+
+    def __init__(self, session, graph: GraphInfo, limits: EngineLimits, name: str):
+        self.session = session
+        self.graph = graph
+        self.limits = limits
+        self.name = name
+        self._cond = threading.Condition()
+        self._pending: deque[Sequence] = deque()
+        self._batch: list[Sequence] = []
+        self._cache = BatchCache(graph.past_names, graph.dtype)
+        self._thread: threading.Thread | None = None
+        self._closed = False
+        self.steps = 0  # decode steps run (tests and metrics)
+        self.max_rows_seen = 0
+        self._outputs = ["logits", *graph.present_names]
+
+    # request side -------------------------------------------------------------------------
+
+    def check(self, prompt_tokens: int, max_tokens: int) -> None:
+        """400 for a request this model can never serve, whatever the load."""
+        total = prompt_tokens + max_tokens
+        if prompt_tokens == 0:
+            raise BadRequest("the prompt is empty")
+        if total > self.limits.max_context:
+            raise BadRequest(f"the prompt has {prompt_tokens} tokens and max_tokens is "
+                             f"{max_tokens}: {total} is over this model's context of "
+                             f"{self.limits.max_context} tokens")
+        need = total * self.graph.bytes_per_token
+        if need > self.limits.kv_cache_bytes:
+            raise BadRequest(f"prompt plus max_tokens needs {need} bytes of KV cache, over "
+                             f"this model's budget of {self.limits.kv_cache_bytes} bytes")
+
+    def submit(self, seq: Sequence) -> None:
+        """Queue a sequence; 429 right away when the queue is full."""
+        self.check(len(seq.prompt), seq.max_tokens)
+        with self._cond:
+            if self._closed:
+                raise ServiceUnavailable(f"model {self.name!r} is unloading")
+            if len(self._pending) >= self.limits.max_queue:
+                raise TooManyRequests(f"model {self.name!r} is at capacity, retry later",
+                                      headers={"Retry-After": "1"})
+            self._pending.append(seq)
+            if self._thread is None:
+                self._thread = threading.Thread(target=self._loop, daemon=True,
+                                                name=f"shardserve-generate-{self.name}")
+                self._thread.start()
+            self._cond.notify()
+
+    def withdraw(self, seq: Sequence) -> bool:
+        """Take a still-waiting sequence off the queue (True), or mark a running one to leave
+        at the next step (False)."""
+        with self._cond:
+            seq.cancelled = True
+            if not seq.admitted and seq in self._pending:
+                self._pending.remove(seq)
+                return True
+            return False
+
+    def events(self, seq: Sequence):
+        """Yield ``("token", id)`` events then one ``("end", reason)``; 429 (Retry-After) if
+        not admitted within the queue timeout. Closing the generator cancels the sequence."""
+        try:
+            first = True
+            while True:
+                if first:
+                    try:
+                        event = seq.events.get(timeout=self.limits.queue_timeout_s)
+                    except queue.Empty:
+                        if self.withdraw(seq):
+                            raise TooManyRequests(
+                                f"model {self.name!r} is at capacity, retry later",
+                                headers={"Retry-After": str(max(1, int(
+                                    self.limits.queue_timeout_s)))}) from None
+                        event = seq.events.get()
+                    first = False
+                else:
+                    event = seq.events.get()
+                if event[0] == "error":
+                    raise event[1]
+                yield event
+                if event[0] == "end":
+                    return
+        finally:
+            if seq.finish_reason is None:
+                self.withdraw(seq)
+
+    def close(self) -> None:
+        with self._cond:
+            self._closed = True
+            self._cond.notify()
+
+    # scheduler side -----------------------------------------------------------------------
+
+    def _fits(self, seq: Sequence) -> bool:
+        rows = len(self._batch) + 1
+        if rows > self.limits.max_batch:
+            return False
+        longest = max([s.final_length for s in self._batch] + [seq.final_length])
+        return rows * longest * self.graph.bytes_per_token <= self.limits.kv_cache_bytes
+
+    def _loop(self) -> None:
+        while True:
+            with self._cond:
+                while not self._closed and not self._pending and not self._batch:
+                    self._cond.wait()
+                if self._closed:
+                    self._fail_all(ServiceUnavailable(f"model {self.name!r} was unloaded"))
+                    return
+                admitted = []
+                while self._pending and self._fits(self._pending[0]):
+                    seq = self._pending.popleft()
+                    seq.admitted = True
+                    admitted.append(seq)
+            try:
+                for seq in admitted:
+                    if not seq.cancelled:
+                        self._prefill(seq)
+                if self._batch:
+                    self._decode()
+            except Exception as exc:  # a failed run ends the batch's requests, not the thread
+                log.error("model %s: generation step failed: %s", self.name, type(exc).__name__)
+                error = ServiceUnavailable(f"model {self.name!r} failed to generate")
+                for seq in admitted:
+                    if seq.finish_reason is None and seq not in self._batch:
+                        seq.finish_reason = "error"
+                        seq.events.put(("error", error))
+                self._fail_all(error)
+            self._leave()
+
+    def _fail_all(self, error: Exception) -> None:
+        for seq in [*self._batch]:
+            seq.finish_reason = "error"
+            seq.events.put(("error", error))
+        self._batch = []
+        self._cache.drop([])
+        if self._closed:
+            for seq in self._pending:
+                seq.events.put(("error", error))
+            self._pending.clear()
+
+    def _run(self, feed: dict) -> tuple[np.ndarray, list[np.ndarray]]:
+        results = self.session.run(self._outputs, feed)
+        return results[0], results[1:]
+
+    def _prefill(self, seq: Sequence) -> None:
+        g = self.graph
+        seq.admitted_at = time.monotonic()
+        n = len(seq.prompt)
+        feed = {"input_ids": np.asarray([seq.prompt], dtype=np.int64),
+                "attention_mask": np.ones((1, n), np.int64)}
+        if g.has_position_ids:
+            feed["position_ids"] = np.arange(n, dtype=np.int64)[None]
+        empty = np.zeros((1, g.kv_heads, 0, g.head_dim), dtype=g.dtype)
+        for name in g.past_names:
+            feed[name] = empty
+        logits, presents = self._run(feed)
+        if self._emit(seq, logits[0, -1]):
+            self._batch.append(seq)
+            self._cache.join(presents)
+
+    def _decode(self) -> None:
+        g, batch, cache = self.graph, self._batch, self._cache
+        rows = len(batch)
+        self.max_rows_seen = max(self.max_rows_seen, rows)
+        feed = {"input_ids": np.asarray([[s.next_token] for s in batch], dtype=np.int64),
+                "attention_mask": np.concatenate([cache.mask, np.ones((rows, 1), np.int64)],
+                                                 axis=1)}
+        if g.has_position_ids:
+            feed["position_ids"] = np.asarray([[s.cached] for s in batch], dtype=np.int64)
+        cache.feed(feed)
+        logits, presents = self._run(feed)
+        cache.step(presents)
+        self.steps += 1
+        for seq, row in zip(batch, logits[:, -1]):
+            if seq.finish_reason is None:
+                self._emit(seq, row)
+
+    def _emit(self, seq: Sequence, logits: np.ndarray) -> bool:
+        """Sample and hand out one token; False when the sequence is finished."""
+        now = time.monotonic()
+        if seq.cancelled:
+            seq.finish_reason = "cancelled"
+            return False
+        if seq.deadline is not None and now > seq.deadline:
+            return self._end(seq, "deadline")
+        params = seq.sampling
+        if params.repetition_penalty != 1.0:
+            logits = logits.copy()
+            apply_repetition_penalty(logits, np.asarray(seq.prompt + seq.generated),
+                                     params.repetition_penalty)
+        token = sample(logits, params, seq.rng)
+        if token in seq.eos_ids:
+            return self._end(seq, "eos_token")
+        seq.generated.append(token)
+        seq.next_token = token
+        seq.events.put(("token", token))
+        if len(seq.generated) >= seq.max_tokens:
+            return self._end(seq, "length")
+        return True
+
+    def _end(self, seq: Sequence, reason: str) -> bool:
+        seq.finish_reason = reason
+        seq.events.put(("end", reason))
+        return False
+
+    def _leave(self) -> None:
+        """Drop finished and cancelled sequences from the batch and its cache."""
+        keep = [i for i, s in enumerate(self._batch)
+                if s.finish_reason is None and not s.cancelled]
+        if len(keep) != len(self._batch):
+            for s in self._batch:
+                if s.cancelled and s.finish_reason is None:
+                    s.finish_reason = "cancelled"
+            self._batch = [self._batch[i] for i in keep]
+            self._cache.drop(keep)

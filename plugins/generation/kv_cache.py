@@ -1,0 +1,76 @@
+"""The running batch's key/value cache: one array per layer and per key/value.
+
+Layout ``[batch, kv_heads, columns, head_dim]``, the layout of Hugging Face's exports, with
+every sequence right-aligned: column ``columns - 1`` is each sequence's newest position and the
+columns left of a shorter sequence are masked out. A decode step appends one column for every
+sequence at once, so the graph's own ``present`` output becomes the next step's ``past`` with no
+copy on our side; only a join (a prefilled sequence merged in) or a leave (rows dropped, columns
+that every remaining sequence masks trimmed) copies the cache. Where each key sits does not
+change the result: positions travel in ``position_ids`` (RoPE is applied before caching,
+GPT-2 adds positions to the input), and masked columns weigh exactly zero.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+
+class BatchCache:
+    """Keys and values of the sequences in the running batch, in batch order."""
+
+    def __init__(self, names: list[str], dtype: np.dtype):
+        self.names = names  # past_key_values.{i}.key / .value, in graph order
+        self.dtype = dtype
+        self.arrays: list[np.ndarray] = []
+        self.mask = np.zeros((0, 0), dtype=np.int64)
+
+    @property
+    def rows(self) -> int:
+        return self.mask.shape[0]
+
+    @property
+    def columns(self) -> int:
+        return self.mask.shape[1]
+
+    def nbytes(self) -> int:
+        return sum(a.nbytes for a in self.arrays)
+
+    def feed(self, feed: dict) -> None:
+        for name, array in zip(self.names, self.arrays):
+            feed[name] = array
+
+    def step(self, presents: list[np.ndarray]) -> None:
+        """Adopt a decode step's outputs: one more valid column for every row."""
+        self.arrays = presents
+        self.mask = np.concatenate([self.mask, np.ones((self.rows, 1), np.int64)], axis=1)
+
+    def join(self, presents: list[np.ndarray]) -> None:
+        """Append one prefilled sequence (``presents`` of batch 1, all columns valid)."""
+        length = presents[0].shape[2]
+        if self.rows == 0:
+            self.arrays = [np.ascontiguousarray(p) for p in presents]
+            self.mask = np.ones((1, length), np.int64)
+            return
+        width = max(self.columns, length)
+        merged = []
+        for old, new in zip(self.arrays, presents):
+            b, h, c, d = old.shape
+            out = np.zeros((b + 1, h, width, d), dtype=old.dtype)
+            out[:b, :, width - c:] = old
+            out[b:, :, width - length:] = new
+            merged.append(out)
+        mask = np.zeros((self.rows + 1, width), np.int64)
+        mask[:-1, width - self.columns:] = self.mask
+        mask[-1, width - length:] = 1
+        self.arrays, self.mask = merged, mask
+
+    def drop(self, keep: list[int]) -> None:
+        """Keep only rows ``keep`` (in that order) and trim columns no remaining row uses."""
+        if not keep:
+            self.arrays, self.mask = [], np.zeros((0, 0), np.int64)
+            return
+        mask = self.mask[keep]
+        used = np.flatnonzero(mask.any(axis=0))
+        start = int(used[0]) if used.size else mask.shape[1]
+        self.mask = np.ascontiguousarray(mask[:, start:])
+        self.arrays = [np.ascontiguousarray(a[keep][:, :, start:]) for a in self.arrays]

@@ -1,0 +1,105 @@
+"""Choosing the next token: greedy, temperature, top-k, top-p and repetition penalty, seeded.
+
+Every sequence owns a ``numpy.random.Generator`` seeded from its request, and draws exactly one
+uniform number per token, so a seeded request gives the same text alone or batched with others.
+The draw is an inverse-CDF lookup over the kept tokens sorted by probability, which is what the
+numba kernel computes too: both paths return the same token for the same uniform number.
+The numba kernel is used when numba is installed (``shardserve[numba]``) and compiled on the
+first sampled (non-greedy) token, never at import; the numpy path serves a slim Lambda zip.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+from dataclasses import dataclass
+
+import numpy as np
+
+log = logging.getLogger("shardserve.generation")
+
+
+@dataclass(frozen=True, slots=True)
+class SamplingParams:
+    """How one sequence picks tokens; ``temperature == 0`` means greedy."""
+
+    temperature: float = 1.0
+    top_k: int = 0  # 0: no limit
+    top_p: float = 1.0
+    repetition_penalty: float = 1.0
+    seed: int | None = None
+
+    @property
+    def greedy(self) -> bool:
+        return self.temperature == 0.0 or self.top_k == 1
+
+
+def apply_repetition_penalty(logits: np.ndarray, seen: np.ndarray, penalty: float) -> None:
+    """Hugging Face's rule, in place: a seen token's positive logit is divided by ``penalty``,
+    a negative one multiplied."""
+    if penalty == 1.0 or seen.size == 0:
+        return
+    ids = np.unique(seen)
+    values = logits[ids]
+    logits[ids] = np.where(values > 0, values / penalty, values * penalty)
+
+
+def filtered_distribution(logits: np.ndarray, temperature: float, top_k: int, top_p: float
+                          ) -> tuple[np.ndarray, np.ndarray]:
+    """Token ids sorted by probability (ties: lower id first) and their renormalised
+    probabilities after temperature, top-k and top-p (the smallest prefix whose mass reaches
+    ``top_p``). The numpy path, and the reference the numba kernel is tested against."""
+    x = logits.astype(np.float64) / temperature
+    order = np.argsort(-x, kind="stable")
+    if 0 < top_k < order.size:
+        order = order[:top_k]
+    z = x[order]
+    p = np.exp(z - z[0])
+    p /= p.sum()
+    if top_p < 1.0:
+        before = np.cumsum(p) - p  # mass strictly before each token
+        keep = max(1, int(np.count_nonzero(before < top_p)))
+        order, p = order[:keep], p[:keep] / p[:keep].sum()
+    return order, p
+
+
+def sample_numpy(logits: np.ndarray, params: SamplingParams, u: float) -> int:
+    order, p = filtered_distribution(logits, params.temperature, params.top_k, params.top_p)
+    cdf = np.cumsum(p)
+    index = int(np.searchsorted(cdf, u * cdf[-1], side="right"))
+    return int(order[min(index, order.size - 1)])
+
+
+_kernel = None
+_kernel_lock = threading.Lock()
+_numba_missing = False
+
+
+def _numba_kernel():
+    """The compiled kernel, or None where numba is not installed (compiled once, cached)."""
+    global _kernel, _numba_missing
+    if _kernel is not None or _numba_missing:
+        return _kernel
+    with _kernel_lock:
+        if _kernel is None and not _numba_missing:
+            try:
+                from . import sampling_kernel
+                _kernel = sampling_kernel.sample_filtered
+            except ImportError:  # numba itself missing: the numpy path serves
+                _numba_missing = True
+                log.info("numba is not installed: sampling runs on numpy")
+    return _kernel
+
+
+def sample(logits: np.ndarray, params: SamplingParams, rng: np.random.Generator | None,
+           use_numba: bool = True) -> int:
+    """The next token for one sequence's last-position logits (float32, modified in place by
+    the repetition penalty only through the caller)."""
+    if params.greedy:
+        return int(np.argmax(logits))
+    u = float(rng.random()) if rng is not None else float(np.random.random())
+    kernel = _numba_kernel() if use_numba else None
+    if kernel is None:
+        return sample_numpy(logits, params, u)
+    return int(kernel(np.ascontiguousarray(logits, dtype=np.float32), params.temperature,
+                      params.top_k, params.top_p, u))

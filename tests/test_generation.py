@@ -1,0 +1,182 @@
+"""Text generation: detection, greedy parity with transformers, continuous batching, limits.
+
+The models are real: random-weight GPT-2 and Llama architectures exported with optimum's
+``text-generation-with-past`` exporter, copied into a repository unmodified
+(tests/generation_models.py). Exports are built once per session.
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+
+import numpy as np
+import pytest
+from generation_models import export_model, repository_with
+
+from runtime import Runtime
+from runtime.errors import BadRequest, TooManyRequests
+
+PROMPTS = ["def main(", "import os\nimport sys\n", "class Config:\n    def __init__(self",
+           "x = 1", "for i in range(10):\n    print(i)\n# done"]
+
+
+@pytest.fixture(scope="session")
+def lm_exports(tmp_path_factory):
+    """{arch: (export folder, torch model)} for gpt2 and llama."""
+    work = tmp_path_factory.mktemp("lm")
+    return {arch: export_model(arch, work) for arch in ("gpt2", "llama")}
+
+
+def _runtime(tmp_path, exports, toml=None, archs=("gpt2", "llama")):
+    root = repository_with(tmp_path / "models", {a: exports[a][0] for a in archs}, toml)
+    return Runtime.from_config({"repository": {"path": str(root), "load": "all"}}).start()
+
+
+def _greedy(rt, name, prompt, max_tokens):
+    model = rt.get_model(name).backend
+    request = model.parse({"max_tokens": max_tokens, "temperature": 0}, prompt,
+                          {"max_tokens", "temperature"})
+    tokens, end = [], None
+    for event in model.generate(request):
+        if "finish_reason" in event:
+            end = event
+        elif event["token"] is not None:
+            tokens.append(event["token"])
+    return tokens, end
+
+
+def test_export_is_detected_and_described(tmp_path, lm_exports):
+    rt = _runtime(tmp_path, lm_exports)
+    meta = rt.metadata("llama")
+    assert meta["parameters"] == {"task": "text-generation"}
+    assert [i["name"] for i in meta["inputs"]] == ["text_input"]
+    assert rt.get_model("gpt2").backend.graph.layers == 2
+    assert rt.get_model("llama").backend.graph.kv_heads == 2  # GQA: 4 heads share 2
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("arch", ["gpt2", "llama"])
+def test_greedy_tokens_equal_transformers_generate(tmp_path, lm_exports, arch):
+    import torch
+
+    rt = _runtime(tmp_path, lm_exports, archs=(arch,))
+    backend = rt.get_model(arch).backend
+    torch_model = lm_exports[arch][1]
+    for prompt in PROMPTS[:3]:
+        ids = backend.codec.encode(prompt)
+        with torch.no_grad():
+            out = torch_model.generate(torch.tensor([ids]), attention_mask=torch.ones(1, len(ids),
+                                       dtype=torch.long), max_new_tokens=24, do_sample=False,
+                                       pad_token_id=0)
+        expected = out[0, len(ids):].tolist()
+        if 0 in expected:  # transformers keeps the EOS token; the engine stops before it
+            expected = expected[:expected.index(0)]
+        got, end = _greedy(rt, arch, prompt, 24)
+        assert got == expected, prompt
+        assert end["finish_reason"] == ("length" if len(got) == 24 else "eos_token")
+        assert end["prompt_tokens"] == len(ids)
+
+
+@pytest.mark.slow
+def test_continuous_batching_gives_each_stream_its_alone_tokens(tmp_path, lm_exports):
+    rt = _runtime(tmp_path, lm_exports, archs=("llama",))
+    jobs = [(PROMPTS[i % len(PROMPTS)], n) for i, n in enumerate((5, 30, 12, 3, 22, 17, 9, 26))]
+    alone = [_greedy(rt, "llama", p, n)[0] for p, n in jobs]
+    engine = rt.get_model("llama").backend.engine
+    engine.max_rows_seen = 0
+    results: dict[int, list[int]] = {}
+
+    def client(i, prompt, n):
+        time.sleep(0.002 * (i % 4))  # staggered: streams join while others decode
+        results[i] = _greedy(rt, "llama", prompt, n)[0]
+
+    threads = [threading.Thread(target=client, args=(i, p, n)) for i, (p, n) in enumerate(jobs)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(60)
+    assert [results[i] for i in range(len(jobs))] == alone
+    assert engine.max_rows_seen >= 3  # they really shared decode steps
+
+
+def test_hostile_parameters_get_clear_400s(tmp_path, lm_exports):
+    rt = _runtime(tmp_path, lm_exports, {"gpt2": '[generation]\nmax_context = 64\n'
+                                                 'max_tokens_cap = 20\n'}, archs=("gpt2",))
+    model = rt.get_model("gpt2").backend
+    allowed = {"max_tokens", "temperature", "top_p", "top_k", "seed", "stop",
+               "repetition_penalty"}
+    cases = [({"max_tokens": 21}, "cap of 20"), ({"max_tokens": 0}, "max_tokens"),
+             ({"temperature": -1}, "temperature"), ({"temperature": "hot"}, "temperature"),
+             ({"top_p": 0}, "top_p"), ({"top_k": 1.5}, "top_k"), ({"seed": -3}, "seed"),
+             ({"stop": [1]}, "stop"), ({"best_of": 2}, "best_of"),
+             ({"repetition_penalty": 0}, "repetition_penalty")]
+    for params, words in cases:
+        with pytest.raises(BadRequest, match=words):
+            model.parse(params, "x", allowed)
+    long_prompt = "word " * 200
+    request = model.parse({"max_tokens": 10}, long_prompt, allowed)
+    with pytest.raises(BadRequest, match=r"prompt has \d+ tokens .* context of 64 tokens"):
+        model.generate(request)
+    with pytest.raises(BadRequest, match="does not generate text"):
+        _not_streaming(tmp_path)
+
+
+def _not_streaming(tmp_path):
+    import onnx
+    from onnx import TensorProto, helper
+
+    root = tmp_path / "plain"
+    (root / "add" / "1").mkdir(parents=True)
+    graph = helper.make_graph([helper.make_node("Identity", ["x"], ["y"])], "g",
+                              [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1])],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1])])
+    onnx.save(helper.make_model(graph), root / "add" / "1" / "model.onnx")
+    rt = Runtime.from_config({"repository": {"path": str(root), "load": "all"}}).start()
+    rt.generate("add", None)
+
+
+def test_full_server_answers_429_with_retry_after(tmp_path, lm_exports):
+    rt = _runtime(tmp_path, lm_exports, {"gpt2": '[generation]\nmax_batch = 1\nmax_queue = 1\n'
+                                                 'queue_timeout_s = 0.3\n'}, archs=("gpt2",))
+    model = rt.get_model("gpt2").backend
+    allowed = {"max_tokens", "temperature"}
+    long = model.generate(model.parse({"max_tokens": 200, "temperature": 0}, "def f(", allowed))
+    next(long)  # admitted, decoding: the one batch slot is taken
+    with pytest.raises(TooManyRequests) as caught:
+        model.generate(model.parse({"max_tokens": 5}, "x", allowed))  # waits 0.3 s, then 429
+    assert caught.value.headers["Retry-After"] == "1"
+    long.close()  # the client goes away: its slot frees within a step
+    deadline = time.monotonic() + 5
+    while model.engine._batch and time.monotonic() < deadline:
+        time.sleep(0.01)
+    tokens, end = _greedy(rt, "gpt2", "x", 5)
+    assert len(tokens) == 5 and end["finish_reason"] == "length"
+
+
+def test_seeded_sampling_is_reproducible_and_seed_dependent(tmp_path, lm_exports):
+    rt = _runtime(tmp_path, lm_exports, archs=("gpt2",))
+    model = rt.get_model("gpt2").backend
+    allowed = {"max_tokens", "temperature", "top_p", "top_k", "seed"}
+
+    def run(seed):
+        request = model.parse({"max_tokens": 20, "temperature": 1.5, "top_k": 50,
+                               "top_p": 0.95, "seed": seed}, "def ", allowed)
+        return [e["token"] for e in model.generate(request) if "token" in e]
+
+    assert run(7) == run(7)
+    assert run(7) != run(8)
+
+
+def test_stop_sequences_cut_the_text(tmp_path, lm_exports):
+    rt = _runtime(tmp_path, lm_exports, archs=("gpt2",))
+    model = rt.get_model("gpt2").backend
+    full = model.complete(model.parse({"max_tokens": 24, "temperature": 0}, "def main(",
+                                      {"max_tokens", "temperature"}))
+    assert full["finish_reason"] == "length" and len(full["text"]) > 6
+    stop = full["text"][3:6]
+    cut = model.complete(model.parse({"max_tokens": 24, "temperature": 0, "stop": [stop]},
+                                     "def main(", {"max_tokens", "temperature", "stop"}))
+    assert cut["finish_reason"] == "stop_sequence"
+    assert cut["text"] == full["text"][:full["text"].find(stop)]
+    assert np.all(cut["completion_tokens"] <= full["completion_tokens"])

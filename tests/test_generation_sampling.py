@@ -1,0 +1,81 @@
+"""Sampling kernels against an independent numpy reference distribution (chi-square)."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+from scipy.stats import chisquare
+
+from plugins.generation.sampling import (
+    SamplingParams,
+    _numba_kernel,
+    apply_repetition_penalty,
+    sample,
+    sample_numpy,
+)
+
+DRAWS = 20_000
+
+
+def reference(logits: np.ndarray, temperature: float, top_k: int, top_p: float) -> np.ndarray:
+    """Probabilities over the whole vocabulary, written from the definitions."""
+    p = np.exp((logits - logits.max()) / temperature)
+    p /= p.sum()
+    if top_k:
+        p[np.argsort(-p, kind="stable")[top_k:]] = 0
+        p /= p.sum()
+    if top_p < 1:
+        order = np.argsort(-p, kind="stable")
+        mass, keep = 0.0, []
+        for i in order:
+            if mass >= top_p:
+                break
+            keep.append(i)
+            mass += p[i]
+        mask = np.zeros_like(p)
+        mask[keep] = 1
+        p = p * mask / (p * mask).sum()
+    return p
+
+
+@pytest.mark.parametrize("path", ["numpy", "numba"])
+@pytest.mark.parametrize("temperature,top_k,top_p", [(1.0, 0, 1.0), (0.7, 8, 1.0),
+                                                      (1.3, 0, 0.8), (1.0, 12, 0.9)])
+def test_draws_follow_the_reference_distribution(path, temperature, top_k, top_p):
+    logits = np.random.default_rng(3).normal(0, 2, 40).astype(np.float32)
+    expected = reference(logits.astype(np.float64), temperature, top_k, top_p)
+    rng = np.random.default_rng(11)
+    params = SamplingParams(temperature, top_k, top_p)
+    if path == "numba":
+        kernel = _numba_kernel()
+        assert kernel is not None
+        draws = [int(kernel(logits, temperature, top_k, top_p, rng.random()))
+                 for _ in range(DRAWS)]
+    else:
+        draws = [sample_numpy(logits, params, rng.random()) for _ in range(DRAWS)]
+    counts = np.bincount(draws, minlength=logits.size)
+    assert counts[expected == 0].sum() == 0  # nothing outside top-k / the nucleus
+    kept = expected > 0
+    assert chisquare(counts[kept], expected[kept] * DRAWS).pvalue > 0.001
+    # and it can fail: a 20 % hotter distribution is rejected
+    other = reference(logits.astype(np.float64), temperature * 1.2, top_k, top_p)
+    assert chisquare(counts[kept], other[kept] / other[kept].sum() * DRAWS).pvalue < 1e-6
+
+
+def test_seeded_draws_repeat_and_paths_agree():
+    logits = np.random.default_rng(5).normal(0, 1, 5000).astype(np.float32)
+    params = SamplingParams(temperature=0.9, top_k=40, top_p=0.95, seed=123)
+    a = [sample(logits, params, rng) for rng in [np.random.default_rng(123)] for _ in range(50)]
+    b = [sample(logits, params, rng) for rng in [np.random.default_rng(123)] for _ in range(50)]
+    c = [sample(logits, params, rng, use_numba=False)
+         for rng in [np.random.default_rng(123)] for _ in range(50)]
+    assert a == b == c
+    assert len(set(a)) > 5
+
+
+def test_greedy_and_repetition_penalty():
+    logits = np.array([1.0, 3.0, -2.0, 2.9], dtype=np.float32)
+    assert sample(logits, SamplingParams(temperature=0.0), None) == 1
+    apply_repetition_penalty(logits, np.array([1, 2, 1]), 2.0)
+    assert logits.tolist() == [1.0, 1.5, -4.0, 2.9000000953674316]
+    assert sample(logits, SamplingParams(temperature=0.0), None) == 3
