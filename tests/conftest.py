@@ -95,6 +95,12 @@ class ServerProcess:
             cwd=cwd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
             env={**os.environ, **(env or {})},
         )
+        # Drain stderr from the start (load errors, one log line per request) so a full pipe
+        # never blocks the server, not even before its ready line.
+        self._stderr_lines: list[str] = []
+        self._drain = threading.Thread(
+            target=self._stderr_lines.extend, args=(self.proc.stderr,), daemon=True)
+        self._drain.start()
         deadline = time.monotonic() + 60
         line = ""
         while time.monotonic() < deadline:
@@ -104,16 +110,11 @@ class ServerProcess:
                 self.host, self.port = found.group(1), int(found.group(2))
                 self.ready_line = line
                 self.sample_line = self.proc.stdout.readline()
-                # Drain stderr (one log line per request) so a full pipe never blocks the server.
-                self._stderr_lines: list[str] = []
-                self._drain = threading.Thread(
-                    target=self._stderr_lines.extend, args=(self.proc.stderr,), daemon=True)
-                self._drain.start()
                 return
             if self.proc.poll() is not None:
                 break
-        self.stop()
-        raise RuntimeError(f"server did not start: {line!r} {self.proc.stderr.read()[-2000:]}")
+        err = self.stop()
+        raise RuntimeError(f"server did not start: {line!r} {err[-2000:]}")
 
     @property
     def url(self) -> str:
