@@ -422,3 +422,33 @@ def test_a_state_that_cannot_be_written_refuses_the_call_and_changes_nothing(tin
         rt.unload("double")
     assert str(tmp_path) not in caught.value.message
     assert rt.infer("double", ONES).outputs["y"].sum() == 8  # still loaded here
+
+
+def test_each_worker_applies_a_change_in_the_background(tiny_repo, tmp_path, caplog):
+    """No request reaches the second runtime, yet it unloads and reloads within moments."""
+    state = tmp_path / "state"
+
+    class WatchedPlugin:
+        @hookimpl(tryfirst=True)
+        def shardserve_shared_repository(self, runtime):
+            store = SharedRepositoryState(state)
+            store.watch(runtime, interval=0.05)
+            return store
+
+    first, second = (Runtime.from_config({"repository": {"path": str(tiny_repo)}},
+                                         plugins=(WatchedPlugin(),)).start() for _ in range(2))
+
+    def wait_for(text: str, count: int) -> int:
+        deadline = time.monotonic() + 10
+        while caplog.text.count(text) < count and time.monotonic() < deadline:
+            time.sleep(0.02)
+        return caplog.text.count(text)
+
+    with caplog.at_level("INFO", logger="shardserve.runtime"):
+        caplog.clear()
+        first.unload("double")
+        assert wait_for("model double unloaded", 2) == 2
+        caplog.clear()
+        first.load("double")
+        assert wait_for("model double loaded", 2) == 2
+    assert second.ready("double")

@@ -33,7 +33,7 @@ def shardserve_wrap_backend(settings: Any, backend: Any) -> Any:
 def shardserve_shared_repository(runtime: Any) -> Any:
     from .shared_repository import shared_state
 
-    return shared_state()
+    return shared_state(runtime)
 
 
 @hookimpl

@@ -5,7 +5,8 @@ made per server run, so a restart starts again from ``[repository] load``). A lo
 through any worker is recorded there before it is applied; every worker applies what it has not
 seen before it answers a request, and a worker started later (a crashed one's replacement)
 applies it at startup. So a request that follows a finished load/unload call sees its result in
-every worker.
+every worker. A background thread per worker also applies changes within a quarter second, so
+requests seldom wait for a load asked elsewhere.
 
 ``state.json`` holds ``{model: [action, sequence]}``; it is replaced atomically under an
 exclusive ``flock``, then one byte is appended to ``generation``, whose size (with its inode) is a
@@ -19,13 +20,17 @@ import json
 import logging
 import os
 import threading
+import time
+import weakref
 from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 from runtime.errors import ServiceUnavailable
 
 ENVIRONMENT = "SHARDSERVE_REPOSITORY_STATE"
 ACTIONS = ("load", "unload")
+WATCH_INTERVAL_S = 0.25
 
 log = logging.getLogger("shardserve.serving")
 
@@ -101,7 +106,33 @@ class SharedRepositoryState:
             self._applied = generation
 
 
-def shared_state() -> SharedRepositoryState | None:
-    """The state directory ``shardserve serve`` gave this worker, if any."""
+    def watch(self, runtime: Any, interval: float = WATCH_INTERVAL_S) -> None:
+        """Apply changes in the background too (``runtime.ready()`` syncs), so a load asked
+        through another worker is usually done before a request here has to wait for it.
+        The thread holds the runtime weakly and ends with it."""
+        target = weakref.ref(runtime)
+
+        def loop() -> None:
+            while True:
+                time.sleep(interval)
+                rt = target()
+                if rt is None:
+                    return
+                if self._generation_now() != self._applied:
+                    try:
+                        rt.ready()
+                    except Exception as exc:  # noqa: BLE001 - the next request retries
+                        log.warning("background repository sync failed: %s", type(exc).__name__)
+                del rt
+
+        threading.Thread(target=loop, name="shardserve-repository-sync", daemon=True).start()
+
+
+def shared_state(runtime: Any) -> SharedRepositoryState | None:
+    """The state directory ``shardserve serve`` gave this worker, if any, watched."""
     directory = os.environ.get(ENVIRONMENT)
-    return SharedRepositoryState(directory) if directory else None
+    if not directory:
+        return None
+    state = SharedRepositoryState(directory)
+    state.watch(runtime)
+    return state
