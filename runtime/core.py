@@ -543,6 +543,18 @@ class Runtime:
         finally:
             model.release()
 
+    def request_limits(self, principal: Any, model: str) -> RequestLimits | None:
+        """The strictest of the limits plugins set for ``principal`` (None: no principal)."""
+        if principal is None:
+            return None
+        found = self.pm.hook.shardserve_request_limits(principal=principal, model=model)
+        if not found:
+            return None
+        sizes = [lim.max_batch_size for lim in found if lim.max_batch_size]
+        return RequestLimits(min(sizes, default=0),
+                             min((lim.deadline for lim in found if lim.deadline is not None),
+                                 default=None))
+
     def _acquire(self, name: str, version: str | int | None) -> LoadedModel:
         for _ in range(100):  # a miss means a reload swapped the version meanwhile
             model = self.get_model(name, version)
@@ -562,12 +574,9 @@ class Runtime:
                     raise BadRequest(f"unknown output {out_name!r} for model {name!r}")
             if len(set(wanted)) != len(wanted):
                 raise BadRequest("an output is requested twice")
-        limits = None
-        if principal is not None:  # the strictest any plugin sets
-            found = self.pm.hook.shardserve_request_limits(principal=principal, model=name)
-            limits = min(found, key=lambda x: x.deadline or float("inf")) if found else None
-            for other in found:
-                other.check_request(request)
+        limits = self.request_limits(principal, name)
+        if limits is not None:
+            limits.check_request(request)
         if deadline is not None and time.monotonic() > deadline:
             raise GatewayTimeout(f"deadline passed before model {name!r} ran")
         if limits is not None and limits.deadline is not None:
@@ -597,9 +606,8 @@ class Runtime:
         stream = getattr(model.backend, "generate", None)
         if stream is None:
             raise BadRequest(f"model {name!r} does not generate text")
-        found = [] if principal is None else self.pm.hook.shardserve_request_limits(
-            principal=principal, model=name)
-        limit = min((lim.deadline for lim in found if lim.deadline is not None), default=None)
+        limits = self.request_limits(principal, name)
+        limit = limits.deadline if limits is not None else None
         if limit is not None:
             deadline = limit if deadline is None else min(deadline, limit)
         if deadline is not None and time.monotonic() > deadline:

@@ -338,6 +338,40 @@ def test_every_hook_called_through_pluggy_with_argument_subsets(tiny_repo, monke
     assert {name for name in every if name in traced} == every
 
 
+def test_request_limits_the_strictest_applies_and_a_past_deadline_is_504(tiny_repo):
+    import time
+
+    from runtime.core import RequestLimits
+    from runtime.errors import GatewayTimeout, PayloadTooLarge
+
+    class Loose:
+        @hookspecs.hookimpl
+        def shardserve_request_limits(self):
+            return RequestLimits(max_batch_size=4)
+
+    class Tight:
+        @hookspecs.hookimpl
+        def shardserve_request_limits(self, principal, model):
+            if principal == "late":
+                return RequestLimits(deadline=time.monotonic() - 1)
+            return RequestLimits(max_batch_size=2) if model == "double" else None
+
+    rt = Runtime.from_config({"repository": {"path": str(tiny_repo)}}, plugins=(Loose(), Tight()))
+    rt.start()
+
+    def infer(rows: int, principal):
+        x = np.ones((rows, 4), np.float32)
+        return rt.infer("double", InferRequest([InferInput("x", "FP32", [rows, 4], x)]),
+                        principal=principal).outputs["y"]
+
+    assert infer(2, "alice").tolist() == [[2.0] * 4] * 2
+    with pytest.raises(PayloadTooLarge, match="over the server limit 2"):
+        infer(3, "alice")
+    assert infer(3, None).shape == (3, 4)  # nobody authenticated: no principal's limits
+    with pytest.raises(GatewayTimeout):
+        infer(1, "late")
+
+
 def test_disabled_builtin_is_seen_by_no_command_or_backend(tiny_repo):
     """One plugin manager per Runtime: a built-in switched off in config is gone for the
     backends, the executors a plan uses, the kernels, the tools and the CLI's commands."""
