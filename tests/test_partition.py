@@ -26,10 +26,10 @@ from plugins.partitioners.build import (
     plan_partition,
     write_partition,
 )
+from plugins.shard_plan import parse_plan
 from runtime import Runtime
 from runtime.codec import InferInput, InferRequest
 from runtime.errors import BadRequest, ModelLoadError
-from runtime.plan import parse_plan
 from runtime.plugins import PluginManager, Registry
 
 STRATEGIES = {
@@ -434,7 +434,7 @@ def test_loading_the_plugins_imports_neither_onnx_nor_matplotlib():
         "import argparse\n"
         "pm.hook.shardserve_register_commands(subparsers=argparse.ArgumentParser()"
         ".add_subparsers())\n"
-        "import plugins.backends.plan, runtime.plan\n"
+        "import plugins.backends.plan, plugins.shard_plan\n"
         "print(','.join(m for m in ('onnx', 'matplotlib') if m in sys.modules))\n"
     )
     out = subprocess.run([str(SHARDSERVE.with_name("python")), "-c", code], capture_output=True,

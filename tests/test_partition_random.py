@@ -25,7 +25,7 @@ from plugins.partitioners.edge_cloud import EdgeCloudModel, EdgeCloudPartitioner
 from plugins.partitioners.graph import build_graph
 from plugins.partitioners.memory import MemoryPartitioner, shard_memory
 from plugins.partitioners.pipeline import PipelinePartitioner
-from runtime.plan import parse_plan
+from plugins.shard_plan import parse_plan
 
 WIDTH = 4
 UNARY = ("Relu", "Tanh", "Sigmoid", "Neg", "Abs")

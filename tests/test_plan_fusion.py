@@ -17,9 +17,9 @@ from onnx import TensorProto, helper
 
 from plugins.backends.plan_fusion import fusible_runs, merge_models
 from plugins.partitioners.build import analyse, plan_partition, write_partition
+from plugins.shard_plan import parse_plan
 from runtime import Runtime
 from runtime.errors import ServiceUnavailable
-from runtime.plan import parse_plan
 
 
 @pytest.fixture(scope="module")

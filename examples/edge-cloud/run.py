@@ -32,7 +32,7 @@ sys.path[:0] = [str(ROOT), str(ROOT / "tests")]
 
 from executor_support import ShardServer  # noqa: E402
 
-from runtime.plan import parse_plan  # noqa: E402
+from plugins.shard_plan import parse_plan  # noqa: E402
 
 
 def run(*args: str) -> str:

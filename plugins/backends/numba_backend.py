@@ -285,7 +285,7 @@ def _fuse_stages(texts: list[str], kernels) -> list[str]:
 
 
 def _uses_numba(rt: Any, name: str) -> bool:
-    from runtime.plan import PLAN_FILE
+    from plugins.shard_plan import PLAN_FILE
 
     cfg = rt.repository.config(name)
     if cfg.backend == "numba" or "preprocess" in cfg.raw or "postprocess" in cfg.raw:

@@ -17,16 +17,16 @@ import copy
 import dataclasses
 import logging
 
+from plugins.shard_plan import PLAN_FILE, Shard, ShardPlan, parse_plan
 from runtime import BackendSettings, TensorSpec, hookimpl
 from runtime.core import close_backend
 from runtime.errors import ModelLoadError
-from runtime.plan import PLAN_FILE, Shard, ShardPlan, parse_plan
 
 log = logging.getLogger("shardserve.backends.plan")
 
 
 class PlanBackend:
-    """Runs a :class:`runtime.plan.ShardPlan` with one sub-backend per shard."""
+    """Runs a :class:`plugins.shard_plan.ShardPlan` with one sub-backend per shard."""
 
     def __init__(self, settings: BackendSettings):
         self.settings = settings

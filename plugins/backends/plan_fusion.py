@@ -20,7 +20,7 @@ import dataclasses
 from collections.abc import Callable
 from typing import Any
 
-from runtime.plan import Shard, ShardPlan
+from plugins.shard_plan import Shard, ShardPlan
 
 FUSED_SUFFIX = ".fused.onnx"
 

@@ -16,9 +16,9 @@ import shutil
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from plugins.shard_plan import PLAN_FILE, parse_plan
 from runtime import TensorSpec, current_call
 from runtime.errors import BadRequest, ModelLoadError
-from runtime.plan import PLAN_FILE, parse_plan
 from runtime.repository import ModelRepository, validate_model_name
 
 from .base import TransformChain, decode_blob, encode_blob

@@ -16,8 +16,8 @@ from importlib import metadata
 from pathlib import Path
 from typing import Any
 
+from plugins.shard_plan import PLAN_FILE
 from runtime.errors import BadRequest, NotFound
-from runtime.plan import PLAN_FILE
 from runtime.plugins import PluginManager, Registry
 from runtime.repository import ModelRepository
 

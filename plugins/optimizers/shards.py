@@ -15,8 +15,8 @@ from dataclasses import dataclass, field
 from types import SimpleNamespace
 from typing import Any
 
+from plugins.shard_plan import PLAN_FILE, ShardPlan, parse_plan
 from runtime.errors import BadRequest
-from runtime.plan import PLAN_FILE, ShardPlan, parse_plan
 
 from .base import Calibration
 from .calibration import InputSpec, input_specs

@@ -4,15 +4,16 @@ A plan is a DAG of shards (docs/partitioning.md). Each shard is a servable
 model file with a backend and a placement; tensors are named as in the
 original graph, so a shard's inputs are the original's inputs or outputs of
 earlier shards. This module only parses and orders; running is a backend's job
-(plugins/backends/plan.py), building plans is the partitioners'.
+(plugins/backends/plan.py), building plans is the partitioners'. The core never reads a
+plan: the ``plan`` backend claims a version holding plan.toml (``shardserve_select_backend``).
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-from .errors import ModelLoadError
-from .repository import tomllib
+from runtime.errors import ModelLoadError
+from runtime.repository import tomllib
 
 PLAN_FILE = "plan.toml"
 PLAN_FORMAT = 1
