@@ -22,6 +22,9 @@ METHODS = ["GET", "POST", "PUT", "DELETE", "PATCH", "HEAD", "OPTIONS"]
 
 
 def _to_flask(resp) -> Response:
+    if resp.stream is not None:  # streamed as generated (SSE), never buffered
+        return Response(resp.stream, status=resp.status, headers=resp.headers,
+                        direct_passthrough=True)
     return Response(resp.body, status=resp.status, headers=resp.headers)
 
 

@@ -120,7 +120,14 @@ def _is_text(response: HttpResponse) -> bool:
 
 
 def to_lambda_response(response: HttpResponse) -> dict:
-    """API Gateway's response shape; binary bodies travel base64-encoded."""
+    """API Gateway's response shape; binary bodies travel base64-encoded. A stream (text
+    generation) is collected whole: Python Lambdas have no response streaming."""
+    if response.stream is not None:
+        chunks, response.stream = response.stream, None
+        try:
+            response.body = b"".join(chunks)
+        finally:
+            getattr(chunks, "close", lambda: None)()
     if _is_text(response):
         body, encoded = response.body.decode("utf-8"), False
     else:

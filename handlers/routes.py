@@ -11,7 +11,7 @@ import logging
 import os
 import re
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -56,6 +56,7 @@ class HttpResponse:
     status: int
     body: bytes = b""
     headers: dict[str, str] = field(default_factory=dict)
+    stream: Iterable[bytes] | None = None  # sent chunk by chunk instead of body (SSE)
 
 
 def json_response(obj: Any, status: int = 200) -> HttpResponse:
@@ -214,6 +215,56 @@ def metrics(rt: Runtime, req: HttpRequest) -> HttpResponse:
     return HttpResponse(200, generate_latest(registry), {"Content-Type": CONTENT_TYPE_LATEST})
 
 
+def _generation(result: tuple) -> HttpResponse:
+    """A generation view's ``(status, headers, bytes | iterator)`` as a response."""
+    status, headers, body = result
+    if isinstance(body, bytes):
+        return HttpResponse(status, body, headers)
+    return HttpResponse(status, b"", headers, stream=body)
+
+
+def generate(rt: Runtime, req: HttpRequest, model: str, version: str | None = None):
+    from plugins.generation import api  # the views of the generation plugin (docs/generation.md)
+
+    return _generation(api.oip_generate(rt, req, model, version))
+
+
+def generate_stream(rt: Runtime, req: HttpRequest, model: str, version: str | None = None):
+    from plugins.generation import api
+
+    return _generation(api.oip_generate(rt, req, model, version, stream=True))
+
+
+def openai_models(rt: Runtime, req: HttpRequest) -> HttpResponse:
+    from plugins.generation import api
+
+    return _generation(api.openai_models(rt, req))
+
+
+def openai_completions(rt: Runtime, req: HttpRequest) -> HttpResponse:
+    from plugins.generation import api
+
+    return _generation(api.openai_completions(rt, req))
+
+
+def openai_chat(rt: Runtime, req: HttpRequest) -> HttpResponse:
+    from plugins.generation import api
+
+    return _generation(api.openai_completions(rt, req, chat=True))
+
+
+def _openai_shaped(response: HttpResponse) -> HttpResponse:
+    """/v1 errors in OpenAI's shape, which the openai client reads."""
+    from plugins.generation.api import openai_error_body
+
+    try:
+        message = json_loads(response.body)["error"]
+    except Exception:
+        message = "error"
+    response.body = json_dumps(openai_error_body(str(message), response.status))
+    return response
+
+
 SEGMENT = r"(?P<model>[^/]+)"
 VERSION = r"(?:/versions/(?P<version>[^/]+))?"
 
@@ -241,6 +292,12 @@ ROUTES: list[Route] = [
     _route("GET", rf"/v2/models/{SEGMENT}{VERSION}/ready", model_ready, "metadata"),
     _route("GET", rf"/v2/models/{SEGMENT}{VERSION}/config", model_config, "metadata"),
     _route("POST", rf"/v2/models/{SEGMENT}{VERSION}/infer", infer, "infer"),
+    _route("POST", rf"/v2/models/{SEGMENT}{VERSION}/generate", generate, "generate"),
+    _route("POST", rf"/v2/models/{SEGMENT}{VERSION}/generate_stream", generate_stream,
+           "generate"),
+    _route("GET", r"/v1/models", openai_models, "metadata"),
+    _route("POST", r"/v1/completions", openai_completions, "generate"),  # model: in the body
+    _route("POST", r"/v1/chat/completions", openai_chat, "generate"),
     _route("POST", r"/v2/repository/index", repository_index, "repository_index"),
     _route("POST", rf"/v2/repository/models/{SEGMENT}/load", repository_load, "load"),
     _route("POST", rf"/v2/repository/models/{SEGMENT}/unload", repository_unload, "unload"),
@@ -284,6 +341,8 @@ def dispatch(rt: Runtime, req: HttpRequest) -> HttpResponse:
             response = route.view(rt, req, **params)
     except Exception as exc:  # the one place errors become responses
         response = error_response(exc)
+        if req.path.startswith("/v1/"):
+            response = _openai_shaped(response)
     who = getattr(req.principal, "key", None) or getattr(req.principal, "name", None)
     rt.audit({"principal": who, "action": action,  # "<method>:<name>" from security
               "model": params.get("model"), "version": params.get("version"),

@@ -107,8 +107,11 @@ def _query(text: str) -> dict[str, str]:
     return dict(parse_qsl(text, keep_blank_values=True))
 
 
-def _respond(response: HttpResponse, start_response: Callable) -> list[bytes]:
+def _respond(response: HttpResponse, start_response: Callable) -> Iterable[bytes]:
     headers = list(response.headers.items())
+    if response.stream is not None:  # no Content-Length: gunicorn sends each chunk as it comes
+        start_response(STATUS_LINES.get(response.status) or f"{response.status} Unknown", headers)
+        return response.stream  # the server calls its close() when the client goes away
     headers.append(("Content-Length", str(len(response.body))))
     status = STATUS_LINES.get(response.status) or f"{response.status} Unknown"
     start_response(status, headers)

@@ -97,3 +97,20 @@ def repository_with(root: Path, models: dict[str, Path], toml: dict[str, str] | 
         if text is not None:
             (root / name / "model.toml").write_text(text)
     return root
+
+
+_exports: dict[str, tuple[Path, object]] = {}
+_work: list[Path] = []
+
+
+def cached_export(arch: str) -> tuple[Path, object]:
+    """``export_model(arch)`` once per test process (every test module shares the exports)."""
+    if arch not in _exports:
+        if not _work:
+            import atexit
+            import tempfile
+
+            _work.append(Path(tempfile.mkdtemp(prefix="shardserve-lm-")))
+            atexit.register(shutil.rmtree, _work[0], True)
+        _exports[arch] = export_model(arch, _work[0])
+    return _exports[arch]

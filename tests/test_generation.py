@@ -12,7 +12,7 @@ import time
 
 import numpy as np
 import pytest
-from generation_models import export_model, repository_with
+from generation_models import cached_export, repository_with
 
 from runtime import Runtime
 from runtime.errors import BadRequest, TooManyRequests
@@ -22,10 +22,9 @@ PROMPTS = ["def main(", "import os\nimport sys\n", "class Config:\n    def __ini
 
 
 @pytest.fixture(scope="session")
-def lm_exports(tmp_path_factory):
+def lm_exports():
     """{arch: (export folder, torch model)} for gpt2 and llama."""
-    work = tmp_path_factory.mktemp("lm")
-    return {arch: export_model(arch, work) for arch in ("gpt2", "llama")}
+    return {arch: cached_export(arch) for arch in ("gpt2", "llama")}
 
 
 def _runtime(tmp_path, exports, toml=None, archs=("gpt2", "llama")):

@@ -22,9 +22,9 @@ from runtime.errors import ConfigError
 
 log = logging.getLogger("shardserve.security")
 
-DEFAULT_ACTIONS = frozenset({"server_metadata", "metadata", "infer"})
-ALL_ACTIONS = frozenset({"server_metadata", "metadata", "infer", "repository_index", "load",
-                         "unload", "metrics"})
+DEFAULT_ACTIONS = frozenset({"server_metadata", "metadata", "infer", "generate"})
+ALL_ACTIONS = frozenset({"server_metadata", "metadata", "infer", "generate", "repository_index",
+                         "load", "unload", "metrics"})
 KNOWN_KEYS = {"enabled", "allow_disable", "keys_file", "require_signed", "trusted_keys",
               "require_encrypted", "master_key_env", "master_key_file",
               "hmac", "jwt", "limits", "models", "audit", "tensors"}

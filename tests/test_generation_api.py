@@ -1,0 +1,155 @@
+"""The generation API on every edge: the official ``openai`` client and ``curl -N`` against a
+real gunicorn server in a subprocess, Flask's test client, and the Lambda handler."""
+
+from __future__ import annotations
+
+import json
+import shutil
+import subprocess
+
+import pytest
+import requests
+from conftest import ServerProcess
+from generation_models import cached_export, repository_with
+
+from runtime import Runtime
+
+PROMPT = "def main("
+
+
+@pytest.fixture(scope="module")
+def lm_repo(tmp_path_factory):
+    folder = cached_export("gpt2")[0]
+    root = tmp_path_factory.mktemp("lmrepo")
+    return repository_with(root, {"tiny-gpt2": folder},
+                           {"tiny-gpt2": "[generation]\nmax_tokens_cap = 40\n"})
+
+
+@pytest.fixture(scope="module")
+def expected(lm_repo):
+    """Greedy answers computed in process, to compare every edge with."""
+    rt = Runtime.from_config({"repository": {"path": str(lm_repo)}}).start()
+    model = rt.get_model("tiny-gpt2").backend
+    keys = {"max_tokens", "temperature"}
+    out = {"completion": model.complete(model.parse({"max_tokens": 12, "temperature": 0},
+                                                    PROMPT, keys))}
+    chat_prompt = model.codec.render_chat([{"role": "user", "content": "hi"}])
+    out["chat"] = model.complete(model.parse({"max_tokens": 12, "temperature": 0},
+                                             chat_prompt, keys))
+    rt.close()
+    return out
+
+
+@pytest.fixture(scope="module")
+def server(lm_repo):
+    proc = ServerProcess(["serve", "--repository", str(lm_repo)])
+    yield proc
+    proc.stop()
+
+
+@pytest.mark.slow
+def test_openai_client_completions_and_chat(server, expected):
+    import openai
+
+    client = openai.OpenAI(base_url=server.base + "/v1", api_key="unused", max_retries=0)
+    assert [m.id for m in client.models.list().data] == ["tiny-gpt2"]
+
+    done = client.completions.create(model="tiny-gpt2", prompt=PROMPT, max_tokens=12,
+                                     temperature=0)
+    want = expected["completion"]
+    assert done.choices[0].text == want["text"] and want["text"]
+    assert done.choices[0].finish_reason == "length"
+    assert done.usage.completion_tokens == 12
+    assert done.usage.prompt_tokens == want["prompt_tokens"]
+
+    chunks = list(client.completions.create(model="tiny-gpt2", prompt=PROMPT, max_tokens=12,
+                                            temperature=0, stream=True))
+    assert "".join(c.choices[0].text for c in chunks) == want["text"]
+    assert chunks[-1].choices[0].finish_reason == "length"
+
+    chat = client.chat.completions.create(model="tiny-gpt2", max_tokens=12, temperature=0,
+                                          messages=[{"role": "user", "content": "hi"}])
+    assert chat.choices[0].message.content == expected["chat"]["text"]
+    assert chat.usage.total_tokens == expected["chat"]["prompt_tokens"] + 12
+    stream = client.chat.completions.create(
+        model="tiny-gpt2", max_tokens=12, temperature=0, stream=True,
+        stream_options={"include_usage": True},
+        messages=[{"role": "user", "content": "hi"}])
+    pieces = list(stream)
+    assert "".join(c.choices[0].delta.content or "" for c in pieces if c.choices) == \
+        expected["chat"]["text"]
+    assert pieces[-1].usage.completion_tokens == 12
+
+    with pytest.raises(openai.BadRequestError) as bad:
+        client.completions.create(model="tiny-gpt2", prompt="x", max_tokens=41)
+    assert "cap of 40" in bad.value.message
+    assert bad.value.body["type"] == "invalid_request_error"
+    with pytest.raises(openai.NotFoundError):
+        client.completions.create(model="nope", prompt="x", max_tokens=3)
+    with pytest.raises(openai.BadRequestError, match="temperature"):
+        client.completions.create(model="tiny-gpt2", prompt="x", temperature=7)
+
+
+@pytest.mark.slow
+def test_oip_generate_and_curl_generate_stream(server, expected):
+    url = f"{server.base}/v2/models/tiny-gpt2/generate"
+    body = {"text_input": PROMPT, "parameters": {"max_tokens": 12, "temperature": 0}}
+    answer = requests.post(url, json=body, timeout=30)
+    assert answer.status_code == 200
+    data = answer.json()
+    assert data["text_output"] == expected["completion"]["text"]
+    assert data["details"]["finish_reason"] == "length" and data["model_version"] == "1"
+
+    curl = shutil.which("curl")
+    if curl is None:
+        pytest.skip("curl is not installed")
+    out = subprocess.run([curl, "-sN", "-H", "Content-Type: application/json", "-d",
+                          json.dumps(body), url + "_stream"],
+                         capture_output=True, text=True, timeout=30, check=True).stdout
+    events = [json.loads(line[len("data: "):]) for line in out.split("\n\n") if line]
+    assert events[-1]["done"] is True and events[-1]["details"]["completion_tokens"] == 12
+    assert "".join(e["text_output"] for e in events) == expected["completion"]["text"]
+    assert all(e["done"] is False for e in events[:-1]) and len(events) > 2
+
+    for bad, status in ((b"{", 400), (b'{"text_input": "x", "nonsense": 1}', 400),
+                        (b'{"text_input": "x", "parameters": {"top_p": 2}}', 400)):
+        r = requests.post(url, data=bad, timeout=10)
+        assert r.status_code == status and "error" in r.json()
+    r = requests.post(f"{server.base}/v2/models/missing/generate", json=body, timeout=10)
+    assert r.status_code == 404
+
+
+def test_flask_streams_and_shapes_openai_errors(lm_repo, expected):
+    from handlers.flask_app import create_app
+
+    app = create_app({"repository": {"path": str(lm_repo)}})
+    client = app.test_client()
+    body = {"text_input": PROMPT, "parameters": {"max_tokens": 12, "temperature": 0}}
+    response = client.post("/v2/models/tiny-gpt2/generate_stream", json=body, buffered=False)
+    assert response.status_code == 200 and response.is_streamed
+    assert response.headers["Content-Type"].startswith("text/event-stream")
+    text = b"".join(response.response).decode()
+    events = [json.loads(chunk[6:]) for chunk in text.split("\n\n") if chunk]
+    assert "".join(e["text_output"] for e in events) == expected["completion"]["text"]
+    bad = client.post("/v1/completions", json={"model": "tiny-gpt2", "prompt": "x", "n": 2})
+    assert bad.status_code == 400
+    assert bad.get_json()["error"]["message"] == "'n' = 2 is not supported"
+
+
+def test_lambda_handler_generates_whole_answers(lm_repo, expected, monkeypatch):
+    from test_lambda_handler import http_api_event
+
+    from handlers import lambda_handler
+
+    monkeypatch.setenv("SHARDSERVE_REPOSITORY", str(lm_repo))
+    monkeypatch.delenv("SHARDSERVE_LOAD", raising=False)
+    monkeypatch.setattr(lambda_handler, "_runtime", None)
+    body = json.dumps({"text_input": PROMPT,
+                       "parameters": {"max_tokens": 12, "temperature": 0}}).encode()
+    result = lambda_handler.handler(http_api_event("POST", "/v2/models/tiny-gpt2/generate", body))
+    assert result["statusCode"] == 200
+    assert json.loads(result["body"])["text_output"] == expected["completion"]["text"]
+    streamed = lambda_handler.handler(
+        http_api_event("POST", "/v2/models/tiny-gpt2/generate_stream", body))
+    assert streamed["statusCode"] == 200 and streamed["body"].count("data: ") > 2
+    lambda_handler._runtime = None
