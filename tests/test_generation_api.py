@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import shutil
 import subprocess
+import time
 
 import pytest
 import requests
@@ -153,3 +154,51 @@ def test_lambda_handler_generates_whole_answers(lm_repo, expected, monkeypatch):
         http_api_event("POST", "/v2/models/tiny-gpt2/generate_stream", body))
     assert streamed["statusCode"] == 200 and streamed["body"].count("data: ") > 2
     lambda_handler._runtime = None
+
+
+def test_a_client_that_goes_away_frees_its_slot(lm_repo):
+    from prometheus_client import REGISTRY
+
+    from handlers.flask_app import create_app
+
+    app = create_app({"repository": {"path": str(lm_repo)}})
+    client = app.test_client()
+    engine = app.extensions["shardserve"].get_model("tiny-gpt2").backend.engine
+
+    def cancelled():
+        return REGISTRY.get_sample_value("shardserve_generation_sequences_total",
+                                         {"model": "tiny-gpt2", "version": "1",
+                                          "finish_reason": "cancelled"}) or 0
+
+    before = cancelled()
+    body = {"text_input": PROMPT, "parameters": {"max_tokens": 40, "temperature": 0}}
+    response = client.post("/v2/models/tiny-gpt2/generate_stream", json=body, buffered=False)
+    chunks = iter(response.response)
+    assert next(chunks).startswith(b"data: ")
+    response.close()  # what the WSGI server does when the socket is gone
+    assert cancelled() == before + 1
+    for _ in range(200):
+        if not engine._batch:
+            break
+        time.sleep(0.005)
+    assert not engine._batch and engine._cache.rows == 0
+
+
+def test_chat_templates_render_in_a_sandbox(lm_repo, tmp_path):
+    from plugins.generation.text import TextCodec
+    from runtime.errors import BadRequest
+
+    folder = lm_repo / "tiny-gpt2" / "1"
+    hostile = {"chat_template": "{{ messages.__class__.__mro__[1].__subclasses__() }}"}
+    (tmp_path / "tokenizer_config.json").write_text(json.dumps(hostile))
+    (tmp_path / "tokenizer.json").write_bytes((folder / "tokenizer.json").read_bytes())
+    codec = TextCodec(lambda name: (tmp_path / name).read_bytes(), "m",
+                      {"tokenizer.json", "tokenizer_config.json"})
+    with pytest.raises(BadRequest, match="SecurityError"):
+        codec.render_chat([{"role": "user", "content": "hi"}])
+    mutate = {"chat_template": "{% set _ = messages.append(1) %}x"}
+    (tmp_path / "tokenizer_config.json").write_text(json.dumps(mutate))
+    codec = TextCodec(lambda name: (tmp_path / name).read_bytes(), "m",
+                      {"tokenizer.json", "tokenizer_config.json"})
+    with pytest.raises(BadRequest, match="SecurityError"):
+        codec.render_chat([{"role": "user", "content": "hi"}])
