@@ -225,7 +225,7 @@ def shardserve_register_tensor_transforms(register: Callable[[str, Any], None]) 
 
 
 @hookspec(firstresult=True)
-def shardserve_shared_repository(runtime: Any) -> Any | None:
+def shardserve_shared_repository(runtime: Runtime) -> Any | None:
     """Return the store through which a server's worker processes share one repository
     state, or ``None`` (one process: nothing to share). Stops at first non-None result.
 
