@@ -103,8 +103,8 @@ def _check_models_in_a_child(args: argparse.Namespace) -> list[str]:
     return report["ready"]
 
 
-WORKER_CLASSES = {"gthread": "handlers.gunicorn_workers.ThreadWorker",
-                  "sync": "handlers.gunicorn_workers.SyncWorker"}
+WORKER_CLASSES = {"gthread": "handlers.gunicorn_workers.ThreadEdgeWorker",
+                  "sync": "handlers.gunicorn_workers.SyncEdgeWorker"}
 
 
 def cmd_serve(args: argparse.Namespace) -> int:
@@ -182,7 +182,7 @@ def _serve_gunicorn(args: argparse.Namespace) -> int:
             "bind": f"[{cfg.host}]:{cfg.port}" if ":" in cfg.host else f"{cfg.host}:{cfg.port}",
             "workers": worker_count(args.workers),
             "worker_class": WORKER_CLASSES[args.worker_class],
-            "threads": args.threads,
+            "threads": args.threads if args.worker_class == "gthread" else 1,
             "keepalive": 5,
             "timeout": 120,
             "graceful_timeout": 10,

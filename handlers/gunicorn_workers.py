@@ -162,7 +162,7 @@ class EdgeWorker:
                 log.debug("could not send the error: %s", type(err).__name__)
 
 
-class ThreadWorker(EdgeWorker, gthread.ThreadWorker):
+class ThreadEdgeWorker(EdgeWorker, gthread.ThreadWorker):
     """gthread with read deadlines: the wait for a first byte stays gunicorn's (after which an
     idle connection goes back to the poller), then the request's clock runs."""
 
@@ -178,9 +178,10 @@ class ThreadWorker(EdgeWorker, gthread.ThreadWorker):
             self.deadlines.disarm()
 
 
-class SyncWorker(EdgeWorker, GunicornSyncWorker):
+class SyncEdgeWorker(EdgeWorker, GunicornSyncWorker):
     """sync with read deadlines (one request at a time, so a slow client stalls the worker
-    for at most the read timeouts)."""
+    for at most the read timeouts). Its name must not end in ``SyncWorker``: gunicorn swaps
+    such a class for its own gthread worker whenever ``threads`` > 1."""
 
     def handle(self, listener: Any, client: Any, addr: Any) -> None:
         self.deadlines.arm(client, READ_TIMEOUTS["header"])
