@@ -257,6 +257,16 @@ def test_classification_parameter(server):
         assert [int(label.split(":")[1]) for label in labels] == top.tolist()
         assert [float(label.split(":")[0]) for label in labels] == pytest.approx(
             scores[top].tolist(), abs=1e-6)
+    import tritonclient.http as triton
+
+    client = triton.InferenceServerClient(server.url)
+    pixels = triton.InferInput("pixels", [1, 64], "FP32")
+    pixels.set_data_from_numpy(np.array(GOOD["inputs"][0]["data"], np.float32).reshape(1, 64))
+    result = client.infer("digits_mlp", [pixels], headers={"X-API-Key": server.key},
+                          outputs=[triton.InferRequestedOutput(output, class_count=2)])
+    top = np.argsort(-scores, kind="stable")[:2]
+    assert [int(item.split(b":")[1]) for item in result.as_numpy(output).reshape(-1)] == \
+        top.tolist()
     for wrong in ("3", 0, -1, 2.5, True, None, [3]):
         body = {**GOOD, "outputs": [{"name": output, "parameters": {"classification": wrong}}]}
         resp = requests.post(server.base + INFER, json=body, headers=headers, timeout=10)
