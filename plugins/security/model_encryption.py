@@ -294,6 +294,7 @@ def cmd_rotate(args: argparse.Namespace) -> int:
         return 1
     if pending:
         print(f"resuming the interrupted rotation to master key {target['to']}")
+    remove_stale(model_dir, temp_prefix(journal.name), ".tmp")
     write_atomically(journal, json.dumps(target), mode=0o600)
     failed: set[Path] = set()
     for dek in _targets(model_dir, "*.dek"):
