@@ -28,7 +28,7 @@ from typing import Any
 
 import numpy as np
 
-from runtime.dtypes import DATATYPES, label, to_datatype, to_numpy_dtype, wire_dtype
+from runtime.dtypes import _WIRE, DATATYPES, label, to_datatype, to_numpy_dtype, wire_dtype
 from runtime.errors import BadRequest, PayloadTooLarge, ShardserveError
 from runtime.jsonio import float_data, json_dumps, json_loads
 from runtime.messages import InferInput, InferRequest, InferResponse, RequestedOutput
@@ -50,11 +50,10 @@ _UNEXPECTED = "malformed inference request"
 # aside before parsing, and counted against the declared shape before they are parsed.
 _SPLIT_MIN, _SPAN_MIN, _SCAN = 1 << 16, 1 << 12, 1 << 20
 _DATA_KEY = re.compile(rb'"data"\s*:\s*\[')
-_FLAT = re.compile(rb'\[[^\[\]"{}]*+\]')
-_QUOTE = re.compile(rb'"')
 _STRING = rb'"(?:[^"\\]++|\\.)*+"'
 _STRINGS = re.compile(rb"\[\s*+(?:%s\s*+(?:,\s*+%s\s*+)*+)?\]" % (_STRING, _STRING))
 _ONE_STRING = re.compile(_STRING)
+_FLOATS = frozenset(("FP16", "FP32", "FP64", "BF16"))
 
 
 def check_tensor(
@@ -202,10 +201,10 @@ def _decode_request(
     batched: bool,
 ) -> InferRequest:
     header, binary = _split_body(view, header_length)
-    header, spans = _set_aside(header)
+    header, spans = _set_aside(header) if len(header) >= _SPLIT_MIN else (header, None)
     doc = _load_object(header, "inference request")
-    raw_inputs = doc.get("inputs", [])
-    if not isinstance(raw_inputs, list):  # empty: a model without inputs
+    raw_inputs = doc.get("inputs", ())
+    if raw_inputs != () and not isinstance(raw_inputs, list):  # empty: a model without inputs
         raise BadRequest('"inputs" must be a list')
     request_id = _optional_str(doc, "id")
     parameters = _parameters(doc, "request")
@@ -279,53 +278,82 @@ def _load_object(header: memoryview | bytes, what: str) -> dict:
 
 
 class _Spans:
-    """Large ``"data"`` arrays cut out of a header, each replaced by ``{key: index}``."""
+    """Large ``"data"`` arrays cut out of a header (``raw[start:end]``), each replaced by
+    ``{key: index}``."""
 
-    __slots__ = ("key", "views", "unused")
+    __slots__ = ("key", "raw", "bounds", "unused")
 
-    def __init__(self, key: str):
-        self.key, self.views, self.unused = key, [], set()
+    def __init__(self, key: str, raw: bytes):
+        self.key, self.raw, self.bounds, self.unused = key, raw, [], set()
 
-    def take(self, data: Any) -> memoryview | None:
+    def take(self, data: Any) -> tuple[int, int, bool] | None:
         index = data.get(self.key) if isinstance(data, dict) and len(data) == 1 else None
         if type(index) is not int or index not in self.unused:
             return None
         self.unused.discard(index)
-        return self.views[index]
+        return self.bounds[index]
+
+    def parse(self, bounds: tuple, datatype: str, shape: tuple[int, ...], where: str) -> Any:
+        """Parse a set-aside array once its element count can match ``shape``."""
+        (start, end, flat), raw, count = bounds, self.raw, math.prod(shape)
+        if datatype == "BYTES":
+            found = sum(1 for _ in islice(_ONE_STRING.finditer(raw, start, end), count + 1))
+            fits = found <= count
+        else:  # brackets beyond full nesting, or more commas than elements: a body of [0],...
+            brackets = _count(raw, 91, start + 1, end) + 1 if flat is False else 1
+            most = 1 + sum(math.prod(shape[:i]) for i in range(1, len(shape)))
+            fits = brackets <= most and _count(raw, 44, start, end) < count + brackets
+        if not fits:
+            raise BadRequest(f"{where}: data holds more elements than the shape's {count}")
+        try:
+            return json_loads(memoryview(raw)[start:end])
+        except (ValueError, RecursionError):
+            raise BadRequest(f"{where}: data is not valid JSON") from None
 
 
 def _set_aside(header: memoryview) -> tuple[memoryview | bytes, _Spans | None]:
     """Cut large "data" arrays out of a big header so that parsing it costs little memory."""
-    if len(header) < _SPLIT_MIN:
-        return header, None
-    spans = _Spans("#" + os.urandom(8).hex())
+    raw = header.obj if isinstance(header.obj, bytes) else bytes(header)  # header is at 0
+    size = len(header)
+    spans = _Spans("#" + os.urandom(8).hex(), raw)
     pieces, kept, pos = [], 0, 0
-    while match := _DATA_KEY.search(header, pos):
+    while match := _DATA_KEY.search(raw, pos, size):
         start = pos = match.end() - 1
-        found = _FLAT.match(header, start) or _STRINGS.match(header, start)
-        end = found.end() if found else _nested_end(header, start)
+        end = raw.find(b"]", start, size) + 1
+        flat = end > 0 and all(raw.find(c, start + 1, end) == -1 for c in (b"[", b'"', b"{"))
+        if not flat:
+            found = _STRINGS.match(raw, start, size)
+            end = found.end() if found else _nested_end(raw, start, size)
         if end is None or end - start < _SPAN_MIN:
             continue
-        pieces += (header[kept:start], b'{"%s":%d}' % (spans.key.encode(), len(spans.views)))
-        spans.unused.add(len(spans.views))
-        spans.views.append(header[start:end])
+        pieces += (raw[kept:start], b'{"%s":%d}' % (spans.key.encode(), len(spans.bounds)))
+        spans.unused.add(len(spans.bounds))
+        spans.bounds.append((start, end, flat))
         kept = pos = end
-    skeleton = b"".join([*pieces, header[kept:]]) if spans.views else header
+    skeleton = b"".join([*pieces, raw[kept:size]]) if spans.bounds else header
     # What is left parses into Python objects: refuse a header whose objects would dwarf it.
-    cost = 120 * (_count(skeleton, 91) + _count(skeleton, 123)) + 32 * _count(skeleton, 44)
-    if cost > max(4 * len(header), 64 << 20):
+    text, end = skeleton if isinstance(skeleton, bytes) else raw, len(skeleton)
+    cost = 120 * (_count(text, 91, 0, end) + _count(text, 123, 0, end))
+    if cost + 32 * _count(text, 44, 0, end) > max(4 * size, 64 << 20):
         raise PayloadTooLarge("request header holds too many JSON values outside tensor data")
-    return skeleton, spans if spans.views else None
+    return skeleton, spans if spans.bounds else None
 
 
-def _nested_end(header: memoryview, start: int) -> int | None:
+def _count(raw: bytes, byte: int, start: int, end: int) -> int:
+    """How many times ``byte`` occurs in ``raw[start:end]``, in 1 MiB SIMD steps."""
+    codes = np.frombuffer(raw, np.uint8, end - start, start)
+    return sum(int(np.count_nonzero(codes[i : i + _SCAN] == byte))
+               for i in range(0, len(codes), _SCAN))
+
+
+def _nested_end(raw: bytes, start: int, size: int) -> int | None:
     """Where the nested array at ``start`` ends, by bracket depth; None if a string comes first
     (nested BYTES are left to the JSON parser) or the array is too small to set aside."""
-    quote = _QUOTE.search(header, start)
-    limit = quote.start() if quote else len(header)
+    limit = raw.find(b'"', start, size)
+    limit = size if limit == -1 else limit
     if limit - start < _SPAN_MIN:
         return None
-    codes = np.frombuffer(header, np.uint8, limit - start, start)
+    codes = np.frombuffer(raw, np.uint8, limit - start, start)
     depth = 0
     for pos in range(0, len(codes), _SCAN):
         depths = (codes[pos : pos + _SCAN] == 91).astype(np.int32)  # [
@@ -337,30 +365,6 @@ def _nested_end(header: memoryview, start: int) -> int | None:
             return start + pos + int(closed[0]) + 1
         depth = int(depths[-1])
     return None
-
-
-def _count(view: memoryview | bytes, byte: int) -> int:
-    codes = np.frombuffer(view, np.uint8)
-    return sum(int(np.count_nonzero(codes[i : i + _SCAN] == byte))
-               for i in range(0, len(codes), _SCAN))
-
-
-def _parse_span(span: memoryview, datatype: str, shape: tuple[int, ...], where: str) -> Any:
-    """Parse a set-aside array once its element count can match ``shape``."""
-    count = math.prod(shape)
-    if datatype == "BYTES":
-        found = sum(1 for _ in islice(_ONE_STRING.finditer(span), count + 1))
-        fits = found <= count
-    else:
-        brackets = _count(span, 91)
-        most = 1 + sum(math.prod(shape[:i]) for i in range(1, len(shape)))
-        fits = brackets <= most and _count(span, 44) + 1 <= count + brackets
-    if not fits:
-        raise BadRequest(f"{where}: data holds more elements than the shape's {count}")
-    try:
-        return json_loads(span)
-    except (ValueError, RecursionError):
-        raise BadRequest(f"{where}: data is not valid JSON") from None
 
 
 def _optional_str(doc: dict, key: str) -> str | None:
@@ -456,9 +460,9 @@ def _tensor_data(
         flat = _binary_tensor(section, size, datatype, count, where)
     elif has_data:
         data = raw["data"]
-        span = spans.take(data) if spans else None
-        if span is not None:
-            data = _parse_span(span, datatype, shape, where)
+        bounds = spans.take(data) if spans else None
+        if bounds is not None:
+            data = spans.parse(bounds, datatype, shape, where)
         flat = _json_tensor(data, datatype, count, where, allow_null)
     elif "shared_memory_region" in params:
         raise BadRequest(f"{where}: shared memory tensors are not supported")
@@ -498,15 +502,13 @@ def _json_tensor(data: Any, datatype: str, count: int, where: str, allow_null: b
     if not kinds <= {int, float}:
         raise BadRequest(f"{where}: {datatype} data must be numbers")
     try:
-        wide = np.array(leaves, dtype=np.float64)
+        with np.errstate(over="ignore"):
+            array = np.array(leaves, dtype=dtype)
     except OverflowError:  # a Python int beyond float64
         raise BadRequest(f"{where}: value out of range for {datatype}") from None
-    if dtype == wide.dtype:
-        return wide
-    with np.errstate(over="ignore"):
-        array = wide.astype(dtype)
-    if np.isinf(array).any() and (np.isinf(array) & np.isfinite(wide)).any():
-        raise BadRequest(f"{where}: value out of range for {datatype}")
+    infinite = np.isinf(array)
+    if infinite.any() and not np.isinf(np.array(leaves, np.float64)[infinite]).all():
+        raise BadRequest(f"{where}: value out of range for {datatype}")  # overflow, no literal
     return array
 
 
@@ -585,7 +587,8 @@ def _binary_tensor(
     if datatype == "BOOL":
         raw = np.frombuffer(chunk, dtype=np.uint8)
         return raw.view(np.bool_) if not raw.size or raw.max() <= 1 else raw != 0
-    array = np.frombuffer(chunk, dtype=wire_dtype(datatype))
+    wire = _WIRE.get(datatype)
+    array = np.frombuffer(chunk, dtype=wire_dtype(datatype) if wire is None else wire)
     return array if array.dtype == DATATYPES[datatype] else array.astype(DATATYPES[datatype])
 
 
@@ -641,7 +644,7 @@ def _json_data(array: np.ndarray, datatype: str, where: str) -> Any:
     flat = np.ascontiguousarray(array).reshape(-1)
     if not flat.dtype.isnative:
         flat = flat.astype(flat.dtype.newbyteorder("="))
-    return float_data(flat) if datatype in ("FP16", "FP32", "FP64", "BF16") else flat
+    return flat.astype(np.float32) if datatype == "BF16" else flat  # orjson lacks bfloat16
 
 
 def _binary_chunk(array: np.ndarray, datatype: str, where: str) -> tuple[Any, int]:
@@ -656,12 +659,20 @@ def _binary_chunk(array: np.ndarray, datatype: str, where: str) -> tuple[Any, in
             raise BadRequest(f"{where} holds a string that is not valid Unicode") from None
         chunk = b"".join(parts)
         return chunk, len(chunk)
-    flat = np.ascontiguousarray(array, dtype=wire_dtype(datatype)).reshape(-1)
+    wire = _WIRE.get(datatype)
+    flat = np.ascontiguousarray(array, dtype=wire_dtype(datatype) if wire is None else wire)
+    flat = flat.reshape(-1)
     return flat, flat.nbytes
 
 
 def _frame(doc: dict, chunks: list) -> tuple[bytes, dict[str, str]]:
     header = json_dumps(doc)
+    if b"null" in header:  # orjson's NaN/inf: write them as Triton's literals instead
+        for entry in doc.get("outputs", doc.get("inputs", ())):
+            data = entry.get("data")
+            if isinstance(data, np.ndarray) and entry["datatype"] in _FLOATS:
+                entry["data"] = float_data(data)
+        header = json_dumps(doc)
     if not chunks:
         return header, {"Content-Type": "application/json"}
     headers = {

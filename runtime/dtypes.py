@@ -29,25 +29,25 @@ _EAGER = {
     "BYTES": np.dtype(object),
 }
 _NAMES = (*_EAGER, "BF16")
+_NAME_SET = frozenset(_NAMES)
 _BY_KIND_AND_SIZE = {(d.kind, d.itemsize): n for n, d in _EAGER.items() if n != "BYTES"}
 _WIRE = {n: d.newbyteorder("<") for n, d in _EAGER.items() if n != "BYTES"}
 
 
-class _Datatypes(Mapping):
-    """V2 datatype name -> numpy dtype; BF16's dtype is resolved when first looked up."""
+class _Datatypes(dict):
+    """V2 datatype name -> numpy dtype: a dict (lookups stay at C speed) that lists all 14
+    names but resolves BF16's dtype on first lookup."""
 
-    def __getitem__(self, name: str) -> np.dtype:
-        dtype = _EAGER.get(name)
-        if dtype is None:
-            if name != "BF16":
-                raise KeyError(name)
-            import ml_dtypes  # only models with bfloat16 tensors pay for the import
+    def __missing__(self, name: str) -> np.dtype:
+        if name != "BF16":
+            raise KeyError(name)
+        import ml_dtypes  # only models with bfloat16 tensors pay for the import
 
-            dtype = _EAGER["BF16"] = np.dtype(ml_dtypes.bfloat16)
+        self["BF16"] = dtype = np.dtype(ml_dtypes.bfloat16)
         return dtype
 
     def __contains__(self, name: object) -> bool:
-        return name in _NAMES
+        return isinstance(name, str) and name in _NAME_SET
 
     def __iter__(self) -> Iterator[str]:
         return iter(_NAMES)
@@ -55,13 +55,22 @@ class _Datatypes(Mapping):
     def __len__(self) -> int:
         return len(_NAMES)
 
+    def keys(self):
+        return list(_NAMES)
 
-DATATYPES: Mapping[str, np.dtype] = _Datatypes()
+    def items(self):
+        return [(name, self[name]) for name in _NAMES]
+
+    def values(self):
+        return [self[name] for name in _NAMES]
+
+
+DATATYPES: Mapping[str, np.dtype] = _Datatypes(_EAGER)
 
 
 def to_numpy_dtype(datatype: str) -> np.dtype:
     """The numpy dtype for a V2 datatype name; BadRequest if it is not one of the 14."""
-    if not isinstance(datatype, str) or datatype not in _NAMES:
+    if not isinstance(datatype, str) or datatype not in _NAME_SET:
         raise BadRequest(f"unknown datatype {label(datatype)}")
     return DATATYPES[datatype]
 
@@ -84,7 +93,8 @@ def to_datatype(dtype: Any) -> str:
 
 def wire_dtype(datatype: str) -> np.dtype:
     """The little-endian dtype of a fixed-size datatype in Triton's binary tensor layout."""
-    return _WIRE.get(datatype) or DATATYPES[datatype]  # BF16: ml_dtypes' own, little-endian
+    dtype = _WIRE.get(datatype)  # (a dtype is falsy: no `or` here)
+    return DATATYPES[datatype] if dtype is None else dtype  # BF16: ml_dtypes' own
 
 
 def label(value: object) -> str:
