@@ -179,3 +179,16 @@ def test_stop_sequences_cut_the_text(tmp_path, lm_exports):
     assert cut["finish_reason"] == "stop_sequence"
     assert cut["text"] == full["text"][:full["text"].find(stop)]
     assert np.all(cut["completion_tokens"] <= full["completion_tokens"])
+
+
+def test_a_passed_deadline_ends_the_sequence_with_its_reason(tmp_path, lm_exports):
+    from runtime.errors import GatewayTimeout
+
+    rt = _runtime(tmp_path, lm_exports, archs=("gpt2",))
+    model = rt.get_model("gpt2").backend
+    request = model.parse({"max_tokens": 50}, "def f(", {"max_tokens"})
+    events = list(model.generate(request, deadline=time.monotonic() - 1))
+    assert events[-1]["finish_reason"] == "deadline"
+    assert events[-1]["completion_tokens"] == 0
+    with pytest.raises(GatewayTimeout):  # through the core: refused before it runs
+        rt.generate("gpt2", request, deadline=time.monotonic() - 1)
