@@ -173,13 +173,14 @@ def handler(event: Any, context: Any = None) -> dict:
         request = HttpRequest("POST", "/", rejected=exc)
     except Exception:  # an event no check foresaw: still the client's, never a 500
         request = HttpRequest("POST", "/", rejected=BadRequest("malformed event"))
-    request.request_id = invocation_id(context)
+    # dispatch applies the same rule; deciding here too keeps even a failed build's log sane
+    request.request_id = request_id(request.headers.get("x-request-id"), invocation_id(context))
     request.deadline = deadline(context)
     try:
         response = dispatch(get_runtime(), request)
     except Exception as exc:  # never let an exception escape a Lambda handler
         response = error_response(exc)
-        response.headers["X-Request-Id"] = request_id(request.request_id)
+        response.headers["X-Request-Id"] = request.request_id
     try:
         result = to_lambda_response(response)
     except Exception as exc:  # e.g. a body that cannot be decoded as declared
