@@ -375,7 +375,8 @@ def test_request_limits_the_strictest_applies_and_a_past_deadline_is_504(tiny_re
 def test_disabled_builtin_is_seen_by_no_command_or_backend(tiny_repo):
     """One plugin manager per Runtime: a built-in switched off in config is gone for the
     backends, the executors a plan uses, the kernels, the tools and the CLI's commands."""
-    off = ["plugins.executors", "plugins.kernels", "plugins.partitioners"]
+    off = ["plugins.executors", "plugins.kernels", "plugins.partitioners",
+           "plugins.backends.numba_backend"]
     config = tiny_repo / "shardserve.toml"
     config.write_text(f"[repository]\npath = {str(tiny_repo)!r}\n"
                       f"[plugins]\ndisable = {json.dumps(off)}\n")
@@ -383,13 +384,14 @@ def test_disabled_builtin_is_seen_by_no_command_or_backend(tiny_repo):
     assert rt.pm.registry("executor").names() == []
     assert rt.pm.registry("kernel").names() == []
     assert rt.pm.registry("partitioner").names() == []
-    assert "onnxruntime" in rt.backends
+    assert "onnxruntime" in rt.backends and "numba" not in rt.backends
     from plugins.partitioners.build import partitioners
 
     assert partitioners(rt).names() == []
     out = subprocess.run([str(SHARDSERVE), "--help"], capture_output=True, text=True,
                          cwd=ROOT, env={**os.environ, "SHARDSERVE_CONFIG": str(config)})
-    assert "warmup" in out.stdout and "partition" not in out.stdout, out.stdout
+    assert "optimize" in out.stdout, out.stdout
+    assert "partition" not in out.stdout and "warmup" not in out.stdout, out.stdout
 
 
 # the meta-tests: every hookspec is documented and tested ---------------------
