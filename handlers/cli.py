@@ -433,7 +433,9 @@ def main(argv: list[str] | None = None) -> int:
         _check_repository(args)
         return int(args.func(args) or 0)
     except ShardserveError as exc:
-        print(f"error: {exc.message}", file=sys.stderr)
+        from .routes import clip_names  # a 100 KB input name is not repeated in full
+
+        print(f"error: {clip_names(exc.message)}", file=sys.stderr)
         return 1
     except KeyboardInterrupt:
         return 130
