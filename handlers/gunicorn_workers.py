@@ -35,8 +35,9 @@ from .wsgi import BODY_READ_CALLBACK, STATUS_LINES
 
 log = logging.getLogger("shardserve.server")
 
-# Set by the serve command in the master before the fork (workers inherit them).
-READ_TIMEOUTS = {"header": 10.0, "body": 60.0}
+# Seconds; the serve command sets them (--header-timeout, --body-timeout) in the master before
+# the fork, and the workers inherit them.
+READ_TIMEOUTS = {"header": 5.0, "body": 60.0}
 
 # gunicorn's rejections and their statuses; any other parse error is a 400.
 REJECTIONS: tuple[tuple[type, int], ...] = (
