@@ -29,16 +29,12 @@ hookimpl = pluggy.HookimplMarker(PROJECT_NAME)
 def shardserve_register_backends(register: Callable[[str, type], None]) -> None:
     """Register model backends by calling ``register(name, backend_class)``.
 
-    ``backend_class(settings)`` receives one :class:`runtime.BackendSettings`
-    and must implement ``load() -> None`` (read the model, build sessions;
-    after it returns, ``inputs`` and ``outputs`` hold lists of
-    :class:`runtime.TensorSpec`) and ``run(inputs: dict[str, ndarray],
-    outputs: list[str]) -> dict[str, ndarray]``. ``close()`` is optional.
-    A backend may stream: ``generate(request, deadline=None) -> Iterator``
-    (``Runtime.generate`` hands it the request object of the API that
-    built it and returns the iterator; raise typed errors before the first
-    item, as the answer's status is sent then).
-    (:class:`runtime.core.Backend` is the typed contract.) A model selects its
+    ``backend_class(settings)`` gets one :class:`runtime.BackendSettings` and is a
+    :class:`runtime.core.Backend`: ``load()`` (afterwards ``inputs``/``outputs`` list
+    :class:`runtime.TensorSpec`), ``run(inputs, outputs) -> dict`` of numpy arrays and
+    an optional ``close()``. A backend may stream: ``generate(request, deadline=None)
+    -> Iterator`` (``Runtime.generate`` hands it the API's request object; raise typed
+    errors before the first item, as the status is sent then). A model selects its
     backend with ``backend = "name"`` in model.toml, or a plugin claims a version
     through ``shardserve_select_backend``. Registering a name twice raises at startup.
     """
@@ -106,8 +102,8 @@ def shardserve_transform_model_bytes(
     plugin order (``tryfirst`` ones first), each seeing the previous one's
     output. Raise a :class:`runtime.errors.ShardserveError` (usually
     ``ModelLoadError``) to refuse the model; its message names the file but
-    never a path outside the repository. ``config`` is the server config. Tools
-    (partition, optimize) read files through the same chain.
+    never a path outside the repository. ``config`` is the server config.
+    ``shardserve partition`` verifies a new plan through the same chain.
     """
 
 
