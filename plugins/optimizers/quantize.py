@@ -15,6 +15,7 @@ from typing import Any
 from runtime.errors import BadRequest
 
 from .base import Calibration, Optimizer, Option, Tolerance
+from .fp16 import topological
 from .progress import progress
 
 INT_TYPES = ("int8", "uint8")
@@ -60,11 +61,28 @@ def _quiet_quantization_logs() -> Iterator[None]:
         root.setLevel(level)
 
 
+QDQ_OPSET = 13  # per-axis QuantizeLinear/DequantizeLinear
+
+
+def modern_opset(model: Any) -> Any:
+    """``model`` converted to opset 13 when older (model-zoo CNNs are opset 8-9, whose
+    DequantizeLinear has no ``axis``); unchanged if onnx's converter cannot."""
+    from onnx import version_converter
+
+    opset = next((o.version for o in model.opset_import if o.domain in ("", "ai.onnx")), None)
+    if opset is None or opset >= QDQ_OPSET:
+        return model
+    try:
+        return version_converter.convert_version(model, QDQ_OPSET)
+    except Exception:  # the converter raises assorted errors on unusual graphs
+        return model
+
+
 class _Work:
     """A temp directory holding the source model as a file (the quantizers take paths)."""
 
     def __init__(self, model: Any):
-        self.model = model
+        self.model = modern_opset(model)
 
     def __enter__(self) -> tuple[str, str]:
         import onnx
@@ -113,7 +131,7 @@ class DynamicQuantizer(Optimizer):
                 )
             except Exception as exc:
                 raise BadRequest(f"dynamic quantisation failed: {type(exc).__name__}") from None
-            result = onnx.load(target)
+            result = topological(onnx.load(target))  # QDQ nodes come appended
         calibration.notes.append(f"quantize_dynamic: {_quant_ops(result)} quantised ops")
         return result
 
@@ -186,7 +204,7 @@ class StaticQuantizer(Optimizer):
                 raise
             except Exception as exc:
                 raise BadRequest(f"static quantisation failed: {type(exc).__name__}") from None
-            result = onnx.load(target)
+            result = topological(onnx.load(target))  # QDQ nodes come appended
         calibration.notes.append(
             f"quantize_static: {_quant_ops(result)} QuantizeLinear nodes, "
             f"calibrated on {calibration.samples} samples ({calibration.source})"
