@@ -602,17 +602,21 @@ class Runtime:
         """Start a generation on a backend that may stream (``generate``) and return its event
         iterator. ``request`` is that backend's own request object: the core only finds the
         model, applies the principal's deadline, and answers 400 when the model cannot stream."""
-        model = self.get_model(name, version)
-        stream = getattr(model.backend, "generate", None)
-        if stream is None:
-            raise BadRequest(f"model {name!r} does not generate text")
-        limits = self.request_limits(principal, name)
-        limit = limits.deadline if limits is not None else None
-        if limit is not None:
-            deadline = limit if deadline is None else min(deadline, limit)
-        if deadline is not None and time.monotonic() > deadline:
-            raise GatewayTimeout(f"deadline passed before model {name!r} ran")
-        return stream(request, deadline=deadline)
+        model = self._acquire(name, version)  # held until the stream ends: reloads drain it
+        try:
+            stream = getattr(model.backend, "generate", None)
+            if stream is None:
+                raise BadRequest(f"model {name!r} does not generate text")
+            limits = self.request_limits(principal, name)
+            limit = limits.deadline if limits is not None else None
+            if limit is not None:
+                deadline = limit if deadline is None else min(deadline, limit)
+            if deadline is not None and time.monotonic() > deadline:
+                raise GatewayTimeout(f"deadline passed before model {name!r} ran")
+            return _HeldStream(stream(request, deadline=deadline), model)
+        except BaseException:
+            model.release()
+            raise
 
     def close(self) -> None:
         """Close this process's models (other workers keep theirs)."""
@@ -627,6 +631,33 @@ def _security_options(config: Config) -> dict:
     names = section.get("allow_disable", [])
     return {"allow_disable": names if isinstance(names, list) else [],
             "security_on": section.get("enabled") is True}
+
+
+class _HeldStream:
+    """A generation's events; its model version stays open until they end or are closed."""
+
+    _model: LoadedModel | None = None
+
+    def __init__(self, events: Any, model: LoadedModel):
+        self._events, self._model = iter(events), model
+
+    def __iter__(self) -> _HeldStream:
+        return self
+
+    def __next__(self) -> Any:
+        try:
+            return next(self._events)
+        except BaseException:
+            self.close()
+            raise
+
+    def close(self) -> None:
+        model, self._model = self._model, None
+        if model is not None:
+            getattr(self._events, "close", lambda: None)()
+            model.release()
+
+    __del__ = close
 
 
 def close_backend(backend: Any) -> None:

@@ -452,3 +452,46 @@ def test_each_worker_applies_a_change_in_the_background(tiny_repo, tmp_path, cap
         first.load("double")
         assert wait_for("model double loaded", 2) == 2
     assert second.ready("double")
+
+
+def test_an_unload_during_a_generation_stream_lets_the_stream_finish(tiny_repo):
+    """Runtime.generate holds the version like infer does, until its events end."""
+    from plugins.backends.onnxruntime import OnnxRuntimeBackend
+
+    class Streaming(OnnxRuntimeBackend):
+        closed = False
+
+        def generate(self, request, deadline=None):
+            for step in range(3):  # each step runs the real session
+                x = np.full((1, 4), step, np.float32)
+                yield {"text": str(self.session.run(["y"], {"x": x})[0].sum()), "token": step}
+            yield {"finish_reason": "length"}
+
+        def close(self):
+            Streaming.closed = True
+            super().close()
+
+    class StreamingPlugin:
+        @hookimpl(tryfirst=True)
+        def shardserve_register_backends(self, register):
+            register("streaming", Streaming)
+
+    (tiny_repo / "double" / "model.toml").write_text('backend = "streaming"\n')
+    rt = Runtime.from_config({"repository": {"path": str(tiny_repo)}},
+                             plugins=(StreamingPlugin(),)).start()
+    events = rt.generate("double", None)
+    first = next(events)
+    rt.unload("double")  # a new request now gets 503; this stream still runs
+    with pytest.raises(ServiceUnavailable):
+        rt.generate("double", None)
+    assert not Streaming.closed
+    rest = list(events)
+    assert [first["text"]] + [e["text"] for e in rest[:2]] == ["0.0", "8.0", "16.0"]
+    assert Streaming.closed  # closed once the stream ended
+    rt.load("double")
+    unfinished = rt.generate("double", None)
+    next(unfinished)
+    Streaming.closed = False
+    rt.unload("double")
+    unfinished.close()  # a client that hangs up mid-stream releases it too
+    assert Streaming.closed
