@@ -320,6 +320,20 @@ def match(method: str, path: str) -> tuple[Route, dict]:
     raise NotFound("no such route")
 
 
+def _audited_stream(rt: Runtime, chunks: Iterable[bytes], event: dict, started: float):
+    sent = 0
+    try:
+        for chunk in chunks:
+            sent += len(chunk)
+            yield chunk
+    finally:
+        close = getattr(chunks, "close", None)
+        if close is not None:
+            close()  # a client gone mid-stream: the generation stops too
+        event.update(bytes_out=sent, latency_ms=round((time.perf_counter() - started) * 1000, 3))
+        rt.audit(event)
+
+
 def dispatch(rt: Runtime, req: HttpRequest) -> HttpResponse:
     """Route one request and map every failure to a response; never raises.
 
@@ -344,11 +358,15 @@ def dispatch(rt: Runtime, req: HttpRequest) -> HttpResponse:
         if req.path.startswith("/v1/"):
             response = _openai_shaped(response)
     who = getattr(req.principal, "key", None) or getattr(req.principal, "name", None)
-    rt.audit({"principal": who, "action": action,  # "<method>:<name>" from security
-              "model": params.get("model"), "version": params.get("version"),
-              "served_version": call and call.version, "hops": call.hops if call else [],
-              "outcome": response.status, "bytes_in": len(req.body),
-              "bytes_out": len(response.body), "request_id": req.request_id,
-              "latency_ms": round((time.perf_counter() - started) * 1000, 3)})
+    event = {"principal": who, "action": action,  # "<method>:<name>" from security
+             "model": params.get("model"), "version": params.get("version"),
+             "served_version": call and call.version, "hops": call.hops if call else [],
+             "outcome": response.status, "bytes_in": len(req.body),
+             "bytes_out": len(response.body), "request_id": req.request_id,
+             "latency_ms": round((time.perf_counter() - started) * 1000, 3)}
+    if response.stream is None:
+        rt.audit(event)
+    else:  # a stream is audited when it ends, with its real size and duration
+        response.stream = _audited_stream(rt, response.stream, event, started)
     response.headers["X-Request-Id"] = req.request_id
     return response

@@ -202,3 +202,27 @@ def test_chat_templates_render_in_a_sandbox(lm_repo, tmp_path):
                       {"tokenizer.json", "tokenizer_config.json"})
     with pytest.raises(BadRequest, match="SecurityError"):
         codec.render_chat([{"role": "user", "content": "hi"}])
+
+
+def test_a_stream_is_audited_when_it_ends_with_its_real_size(lm_repo):
+    from handlers.flask_app import create_app
+    from runtime import hookimpl
+
+    class Recorder:
+        events: list = []
+
+        @hookimpl
+        def shardserve_audit(self, event):
+            self.events.append(event)
+
+    recorder = Recorder()
+    rt = Runtime.from_config({"repository": {"path": str(lm_repo)}}, plugins=(recorder,))
+    client = create_app(rt).test_client()
+    body = {"text_input": PROMPT, "parameters": {"max_tokens": 8, "temperature": 0}}
+    response = client.post("/v2/models/tiny-gpt2/generate_stream", json=body, buffered=False)
+    assert not [e for e in recorder.events if e["action"] == "generate"]  # not yet: streaming
+    data = b"".join(response.response)
+    response.close()
+    (event,) = [e for e in recorder.events if e["action"] == "generate"]
+    assert event["bytes_out"] == len(data) > 0 and event["outcome"] == 200
+    assert event["model"] == "tiny-gpt2"
