@@ -495,3 +495,27 @@ def test_an_unload_during_a_generation_stream_lets_the_stream_finish(tiny_repo):
     rt.unload("double")
     unfinished.close()  # a client that hangs up mid-stream releases it too
     assert Streaming.closed
+
+
+def test_statistics_in_one_process_and_with_metrics_off(tmp_path):
+    """The dev server's path (prometheus_client's own registry) and Lambda's (metrics off)."""
+    from handlers.flask_app import create_app
+
+    name = f"stats_{time.monotonic_ns()}"  # the process-wide registry outlives this test
+    write_model(tmp_path / name / "1" / "model.onnx", add_model())
+    client = create_app({"repository": {"path": str(tmp_path)}}).test_client()
+    body = {"inputs": [{"name": "x", "datatype": "FP32", "shape": [2, 4], "data": [1] * 8}]}
+    for _ in range(3):
+        assert client.post(f"/v2/models/{name}/infer", json=body).status_code == 200
+    [row] = client.get(f"/v2/models/{name}/versions/1/stats").get_json()["model_stats"]
+    assert row["inference_stats"]["success"]["count"] == 3
+    assert (row["inference_count"], row["execution_count"]) == (6, 3)  # two rows a request
+    off = create_app({"repository": {"path": str(tmp_path)}, "metrics": {"enabled": False}})
+    try:
+        answer = off.test_client().get("/v2/models/stats")
+        assert answer.status_code == 503 and "enabled = false" in answer.get_json()["error"]
+    finally:  # the switch is per process: leave it on for the tests that follow
+        from plugins.serving.metrics import configure
+        from runtime.config import load_config
+
+        configure(load_config({}, environ={}))
