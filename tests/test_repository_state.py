@@ -355,6 +355,43 @@ def test_reload_and_unload_under_load_answer_only_200_or_503(two_workers):
     assert call(two_workers, "POST", "/v2/models/double/infer", INFER_BODY)[0] == 200
 
 
+def worker_pids(server) -> set[int]:
+    """The gunicorn workers: the serve process's children."""
+    import os
+
+    pids = set()
+    for entry in os.listdir("/proc"):
+        if entry.isdigit():
+            try:
+                with open(f"/proc/{entry}/stat") as fh:
+                    fields = fh.read().rsplit(")", 1)[1].split()
+            except OSError:
+                continue
+            if int(fields[1]) == server.proc.pid:
+                pids.add(int(entry))
+    return pids
+
+
+@pytest.mark.slow
+def test_a_replaced_worker_starts_in_the_shared_state(two_workers):
+    import os
+    import signal
+
+    assert call(two_workers, "POST", "/v2/repository/models/double/unload", b"{}")[0] == 200
+    old = worker_pids(two_workers)
+    assert len(old) == 2
+    for pid in old:
+        os.kill(pid, signal.SIGKILL)
+    deadline = time.monotonic() + 30
+    while time.monotonic() < deadline and len(worker_pids(two_workers) - old) < 2:
+        time.sleep(0.1)
+    assert len(worker_pids(two_workers) - old) == 2, "gunicorn did not replace the workers"
+    statuses = {call(two_workers, "GET", "/v2/models/double/ready")[0] for _ in range(40)}
+    assert statuses == {503}  # the replacements started unloaded, as the state says
+    assert call(two_workers, "POST", "/v2/repository/models/double/load", b"{}")[0] == 200
+    assert {call(two_workers, "GET", "/v2/models/double/ready")[0] for _ in range(40)} == {200}
+
+
 # the shared state itself ---------------------------------------------------------------------
 
 
