@@ -105,7 +105,6 @@ class SharedRepositoryState:
                 apply(name, action)
             self._applied = generation
 
-
     def watch(self, runtime: Any, interval: float = WATCH_INTERVAL_S) -> None:
         """Apply changes in the background too (``runtime.ready()`` syncs), so a load asked
         through another worker is usually done before a request here has to wait for it.
