@@ -23,7 +23,7 @@ import os
 import re
 import struct
 from collections.abc import Mapping
-from itertools import chain, islice
+from itertools import chain
 from typing import Any
 
 import numpy as np
@@ -46,19 +46,14 @@ _MAX_DIMS = 32  # numpy 1.x's limit; no real model comes near it
 _MAX_DIM = 2**63 - 1  # dims are int64 in the protocol
 _MAX_EMPTY_VOLUME = 2**48  # numpy refuses absurd shapes even when a dimension is 0
 _UNEXPECTED = "malformed inference request"
-# Headers from _SPLIT_MIN bytes on have their large "data" arrays (_SPAN_MIN bytes or more) set
+# Headers from _SPLIT_MIN bytes on have their flat "data" arrays of _SPAN_MIN bytes or more set
 # aside before parsing, and counted against the declared shape before they are parsed.
 _SPLIT_MIN, _SPAN_MIN, _SCAN = 1 << 16, 1 << 12, 1 << 20
 _DATA_KEY = re.compile(rb'"data"\s*:\s*\[')
-_STRING = rb'"(?:[^"\\]++|\\.)*+"'
-_STRINGS = re.compile(rb"\[\s*+(?:%s\s*+(?:,\s*+%s\s*+)*+)?\]" % (_STRING, _STRING))
-_ONE_STRING = re.compile(_STRING)
 _FLOATS = frozenset(("FP16", "FP32", "FP64", "BF16"))
 
 
-def check_tensor(
-    specs: Mapping, name: str, datatype: str, shape: tuple[int, ...], batched: bool
-) -> tuple[int, ...]:
+def check_tensor(specs: Mapping, name: str, datatype: str, shape: tuple, batched: bool) -> tuple:
     """Check a client tensor against the model's input ``specs``; the shape the model gets.
 
     A model tensor whose dims (after the batch dim) are ``[]`` is reported as ``dims: [1]`` with
@@ -89,14 +84,9 @@ def parse_header_length(value: str | bytes | None) -> int | None:
     return int(text)
 
 
-def decode_request(
-    body: bytes | bytearray | memoryview,
-    header_length: int | None = None,
-    *,
-    max_elements: int | None = None,
-    specs: Mapping | None = None,
-    batched: bool = False,
-) -> InferRequest:
+def decode_request(body: bytes | bytearray | memoryview, header_length: int | None = None, *,
+                   max_elements: int | None = None, specs: Mapping | None = None,
+                   batched: bool = False) -> InferRequest:
     """Decode a V2 inference request body; BadRequest/PayloadTooLarge for anything malformed.
 
     Binary tensors are zero-copy views of ``body`` (read-only when ``body`` is ``bytes``).
@@ -115,25 +105,18 @@ def decode_request(
         raise BadRequest(_UNEXPECTED) from None
 
 
-def encode_response(
-    response: InferResponse, request: InferRequest | None = None
-) -> tuple[bytes, dict[str, str]]:
+def encode_response(response: InferResponse,
+                    request: InferRequest | None = None) -> tuple[bytes, dict[str, str]]:
     """Encode a response body and its HTTP headers, honouring the request's binary_data choices."""
-    binary_by_name: dict[str, bool | None] = {}
-    default_binary = False
-    if request is not None:
-        default_binary = request.binary_output_default
-        binary_by_name = {output.name: output.binary for output in request.outputs or ()}
+    default = request is not None and request.binary_output_default
+    by_name = {o.name: o.binary for o in request.outputs or ()} if request is not None else {}
     entries, chunks = [], []
     for name, value in response.outputs.items():
-        binary = binary_by_name.get(name)
-        if binary is None:
-            binary = default_binary
-        entries.append(_encode_tensor(name, value, "output", binary, chunks))
-    doc: dict[str, Any] = {
-        "model_name": response.model_name,
-        "model_version": response.model_version,
-    }
+        binary = by_name.get(name)
+        entries.append(_encode_tensor(name, value, "output",
+                                      default if binary is None else binary, chunks))
+    doc: dict[str, Any] = {"model_name": response.model_name,
+                           "model_version": response.model_version}
     if response.id is not None:
         doc["id"] = response.id
     if response.parameters:
@@ -142,27 +125,19 @@ def encode_response(
     return _frame(doc, chunks)
 
 
-def encode_request(
-    inputs: dict[str, np.ndarray],
-    *,
-    binary: bool = True,
-    outputs: list[str] | None = None,
-    binary_outputs: bool = True,
-    request_id: str | None = None,
-    parameters: dict | None = None,
-) -> tuple[bytes, dict[str, str]]:
+def encode_request(inputs: dict[str, np.ndarray], *, binary: bool = True,
+                   outputs: list[str] | None = None, binary_outputs: bool = True,
+                   request_id: str | None = None,
+                   parameters: dict | None = None) -> tuple[bytes, dict[str, str]]:
     """Encode a request body and its HTTP headers for another V2 server (client side)."""
     chunks: list = []
     entries = [_encode_tensor(n, value, "input", binary, chunks) for n, value in inputs.items()]
-    doc: dict[str, Any] = {}
-    if request_id is not None:
-        doc["id"] = request_id
+    doc: dict[str, Any] = {} if request_id is None else {"id": request_id}
     doc["inputs"] = entries
     request_parameters: dict[str, Any] = {}
     if outputs is not None:
-        doc["outputs"] = [
-            {"name": name, "parameters": {"binary_data": binary_outputs}} for name in outputs
-        ]
+        doc["outputs"] = [{"name": n, "parameters": {"binary_data": binary_outputs}}
+                          for n in outputs]
     elif binary_outputs:
         request_parameters["binary_data_output"] = True
     request_parameters.update(parameters or {})
@@ -171,9 +146,8 @@ def encode_request(
     return _frame(doc, chunks)
 
 
-def decode_response(
-    body: bytes | bytearray | memoryview, header_length: int | None = None
-) -> InferResponse:
+def decode_response(body: bytes | bytearray | memoryview,
+                    header_length: int | None = None) -> InferResponse:
     """Decode a V2 inference response (client side).
 
     A malformed response is the upstream server's fault, so errors are ShardserveError with
@@ -193,13 +167,8 @@ def decode_response(
 # --------------------------------------------------------------------------- decoding
 
 
-def _decode_request(
-    view: memoryview,
-    header_length: int | None,
-    max_elements: int | None,
-    specs: Mapping | None,
-    batched: bool,
-) -> InferRequest:
+def _decode_request(view: memoryview, header_length: int | None, max_elements: int | None,
+                    specs: Mapping | None, batched: bool) -> InferRequest:
     header, binary = _split_body(view, header_length)
     header, spans = _set_aside(header) if len(header) >= _SPLIT_MIN else (header, None)
     doc = _load_object(header, "inference request")
@@ -232,18 +201,16 @@ def _decode_response(view: memoryview, header_length: int | None) -> InferRespon
     raw_outputs = doc.get("outputs")
     if not isinstance(raw_outputs, list):
         raise BadRequest('"outputs" must be a list')
-    model_name = _optional_str(doc, "model_name") or ""
-    model_version = _optional_str(doc, "model_version") or ""
-    response_id = _optional_str(doc, "id")
-    parameters = _parameters(doc, "response")
-    section = _BinarySection(binary, len(view))
-    seen: set[str] = set()
-    outputs = {}
+    response = InferResponse(_optional_str(doc, "model_name") or "",
+                             _optional_str(doc, "model_version") or "", {},
+                             _optional_str(doc, "id"), _parameters(doc, "response"))
+    section, seen = _BinarySection(binary, len(view)), set()
     for raw in raw_outputs:
         name, datatype, shape, params, where = _tensor_header(raw, "output", seen)
-        outputs[name] = _tensor_data(raw, datatype, shape, params, where, section, None, None, True)
+        response.outputs[name] = _tensor_data(raw, datatype, shape, params, where, section, None,
+                                              None, True)
     section.finish()
-    return InferResponse(model_name, model_version, outputs, response_id, parameters)
+    return response
 
 
 def _byte_view(body: bytes | bytearray | memoryview) -> memoryview:
@@ -278,41 +245,35 @@ def _load_object(header: memoryview | bytes, what: str) -> dict:
 
 
 class _Spans:
-    """Large ``"data"`` arrays cut out of a header (``raw[start:end]``), each replaced by
-    ``{key: index}``."""
+    """Large flat ``"data"`` arrays cut out of a header (``raw[start:end]``), each replaced by
+    ``{key: index}``; nested and string arrays stay in the header, whose cost is capped."""
 
     __slots__ = ("key", "raw", "bounds", "unused")
 
     def __init__(self, key: str, raw: bytes):
         self.key, self.raw, self.bounds, self.unused = key, raw, [], set()
 
-    def take(self, data: Any) -> tuple[int, int, bool] | None:
+    def take(self, data: Any) -> tuple[int, int] | None:
         index = data.get(self.key) if isinstance(data, dict) and len(data) == 1 else None
         if type(index) is not int or index not in self.unused:
             return None
         self.unused.discard(index)
         return self.bounds[index]
 
-    def parse(self, bounds: tuple, datatype: str, shape: tuple[int, ...], where: str) -> Any:
-        """Parse a set-aside array once its element count can match ``shape``."""
-        (start, end, flat), raw, count = bounds, self.raw, math.prod(shape)
-        if datatype == "BYTES":
-            found = sum(1 for _ in islice(_ONE_STRING.finditer(raw, start, end), count + 1))
-            fits = found <= count
-        else:  # brackets beyond full nesting, or more commas than elements: a body of [0],...
-            brackets = _count(raw, 91, start + 1, end) + 1 if flat is False else 1
-            most = 1 + sum(math.prod(shape[:i]) for i in range(1, len(shape)))
-            fits = brackets <= most and _count(raw, 44, start, end) < count + brackets
-        if not fits:
+    def parse(self, bounds: tuple[int, int], count: int, where: str) -> Any:
+        """Parse a set-aside array, once its commas show it holds no more than ``count``."""
+        start, end = bounds
+        if _count(self.raw, 44, start, end) >= max(count, 1):
             raise BadRequest(f"{where}: data holds more elements than the shape's {count}")
         try:
-            return json_loads(memoryview(raw)[start:end])
+            return json_loads(memoryview(self.raw)[start:end])
         except (ValueError, RecursionError):
             raise BadRequest(f"{where}: data is not valid JSON") from None
 
 
 def _set_aside(header: memoryview) -> tuple[memoryview | bytes, _Spans | None]:
-    """Cut large "data" arrays out of a big header so that parsing it costs little memory."""
+    """Cut large flat "data" arrays out of a big header, so that what orjson turns into Python
+    objects stays small, and refuse a header whose remaining objects would dwarf it."""
     raw = header.obj if isinstance(header.obj, bytes) else bytes(header)  # header is at 0
     size = len(header)
     spans = _Spans("#" + os.urandom(8).hex(), raw)
@@ -320,22 +281,18 @@ def _set_aside(header: memoryview) -> tuple[memoryview | bytes, _Spans | None]:
     while match := _DATA_KEY.search(raw, pos, size):
         start = pos = match.end() - 1
         end = raw.find(b"]", start, size) + 1
-        flat = end > 0 and all(raw.find(c, start + 1, end) == -1 for c in (b"[", b'"', b"{"))
-        if not flat:
-            found = _STRINGS.match(raw, start, size)
-            end = found.end() if found else _nested_end(raw, start, size)
-        if end is None or end - start < _SPAN_MIN:
+        if end - start < _SPAN_MIN or any(raw.find(c, start + 1, end) != -1 for c in b'["{'):
             continue
         pieces += (raw[kept:start], b'{"%s":%d}' % (spans.key.encode(), len(spans.bounds)))
         spans.unused.add(len(spans.bounds))
-        spans.bounds.append((start, end, flat))
+        spans.bounds.append((start, end))
         kept = pos = end
     skeleton = b"".join([*pieces, raw[kept:size]]) if spans.bounds else header
-    # What is left parses into Python objects: refuse a header whose objects would dwarf it.
     text, end = skeleton if isinstance(skeleton, bytes) else raw, len(skeleton)
-    cost = 120 * (_count(text, 91, 0, end) + _count(text, 123, 0, end))
-    if cost + 32 * _count(text, 44, 0, end) > max(4 * size, 64 << 20):
-        raise PayloadTooLarge("request header holds too many JSON values outside tensor data")
+    cost = 120 * (_count(text, 91, 0, end) + _count(text, 123, 0, end))  # list, dict, str,
+    if cost + 64 * _count(text, 44, 0, end) > max(4 * size, 64 << 20):  # float: bytes each
+        raise PayloadTooLarge("request holds too many JSON values outside flat tensor data; "
+                              "send large tensors as flat lists or as binary data")
     return skeleton, spans if spans.bounds else None
 
 
@@ -344,27 +301,6 @@ def _count(raw: bytes, byte: int, start: int, end: int) -> int:
     codes = np.frombuffer(raw, np.uint8, end - start, start)
     return sum(int(np.count_nonzero(codes[i : i + _SCAN] == byte))
                for i in range(0, len(codes), _SCAN))
-
-
-def _nested_end(raw: bytes, start: int, size: int) -> int | None:
-    """Where the nested array at ``start`` ends, by bracket depth; None if a string comes first
-    (nested BYTES are left to the JSON parser) or the array is too small to set aside."""
-    limit = raw.find(b'"', start, size)
-    limit = size if limit == -1 else limit
-    if limit - start < _SPAN_MIN:
-        return None
-    codes = np.frombuffer(raw, np.uint8, limit - start, start)
-    depth = 0
-    for pos in range(0, len(codes), _SCAN):
-        depths = (codes[pos : pos + _SCAN] == 91).astype(np.int32)  # [
-        depths -= codes[pos : pos + _SCAN] == 93  # ]
-        np.cumsum(depths, out=depths)
-        depths += depth
-        closed = np.flatnonzero(depths == 0)
-        if closed.size:
-            return start + pos + int(closed[0]) + 1
-        depth = int(depths[-1])
-    return None
 
 
 def _optional_str(doc: dict, key: str) -> str | None:
@@ -408,9 +344,7 @@ def _requested_outputs(raw: Any) -> list[RequestedOutput] | None:
     return requested or None  # an empty list asks for nothing in particular: all outputs
 
 
-def _tensor_header(
-    raw: Any, kind: str, seen: set[str]
-) -> tuple[str, str, tuple[int, ...], dict, str]:
+def _tensor_header(raw: Any, kind: str, seen: set[str]) -> tuple[str, str, tuple, dict, str]:
     if not isinstance(raw, dict):
         raise BadRequest(f"each {kind} must be an object")
     name = raw.get("name")
@@ -434,17 +368,9 @@ def _tensor_header(
     return name, datatype, tuple(shape), _parameters(raw, where), where
 
 
-def _tensor_data(
-    raw: dict,
-    datatype: str,
-    shape: tuple[int, ...],
-    params: dict,
-    where: str,
-    section: _BinarySection,
-    max_elements: int | None,
-    spans: _Spans | None,
-    allow_null: bool = False,
-) -> np.ndarray:
+def _tensor_data(raw: dict, datatype: str, shape: tuple[int, ...], params: dict, where: str,
+                 section: _BinarySection, max_elements: int | None, spans: _Spans | None,
+                 allow_null: bool = False) -> np.ndarray:
     count = math.prod(shape)
     if max_elements is not None and count > max_elements:
         raise PayloadTooLarge(f"{where} has more than {max_elements} elements")
@@ -462,7 +388,7 @@ def _tensor_data(
         data = raw["data"]
         bounds = spans.take(data) if spans else None
         if bounds is not None:
-            data = spans.parse(bounds, datatype, shape, where)
+            data = spans.parse(bounds, count, where)
         flat = _json_tensor(data, datatype, count, where, allow_null)
     elif "shared_memory_region" in params:
         raise BadRequest(f"{where}: shared memory tensors are not supported")
@@ -527,15 +453,11 @@ def _flatten(data: list, where: str) -> tuple[list, set[type]]:
 def _int_array(values: list[int], datatype: str, where: str) -> np.ndarray:
     dtype = DATATYPES[datatype]
     info = np.iinfo(dtype)
-    if datatype == "UINT64":
-        # Negative values are checked here because numpy < 2 wraps them with a warning.
-        if values and min(values) < 0:
-            raise BadRequest(f"{where}: value out of range for {datatype}")
-        wide_dtype = np.uint64
-    else:
-        wide_dtype = np.int64
+    # Negative UINT64 values are checked here because numpy < 2 wraps them with a warning.
+    if datatype == "UINT64" and values and min(values) < 0:
+        raise BadRequest(f"{where}: value out of range for {datatype}")
     try:
-        wide = np.array(values, dtype=wide_dtype)
+        wide = np.array(values, dtype=np.uint64 if datatype == "UINT64" else np.int64)
     except OverflowError:
         raise BadRequest(f"{where}: value out of range for {datatype}") from None
     if datatype in ("INT64", "UINT64"):
@@ -551,16 +473,13 @@ class _BinarySection:
     __slots__ = ("view", "offset", "body_length")
 
     def __init__(self, view: memoryview, body_length: int):
-        self.view = view
-        self.offset = 0
-        self.body_length = body_length
+        self.view, self.offset, self.body_length = view, 0, body_length
 
     def take(self, size: int, where: str) -> memoryview:
         left = len(self.view) - self.offset
         if size > left:
-            raise BadRequest(
-                f"{where}: binary section is truncated ({size} bytes declared, {left} left)"
-            )
+            raise BadRequest(f"{where}: binary section is truncated ({size} bytes declared, "
+                             f"{left} left)")
         chunk = self.view[self.offset : self.offset + size]
         self.offset += size
         return chunk
@@ -571,18 +490,16 @@ class _BinarySection:
             raise BadRequest(f"binary section has {trailing} bytes that no tensor declares")
 
 
-def _binary_tensor(
-    section: _BinarySection, size: int, datatype: str, count: int, where: str
-) -> np.ndarray:
+def _binary_tensor(section: _BinarySection, size: int, datatype: str, count: int,
+                   where: str) -> np.ndarray:
     itemsize = 4 if datatype == "BYTES" else DATATYPES[datatype].itemsize  # 4: BYTES minimum
     if count * itemsize > section.body_length:
         raise BadRequest(f"{where}: shape needs more bytes than the request body holds")
     if datatype == "BYTES":
         return _bytes_elements(section.take(size, where), count, where)
     if size != count * itemsize:
-        raise BadRequest(
-            f"{where}: binary_data_size is {size} but the shape needs {count * itemsize} bytes"
-        )
+        raise BadRequest(f"{where}: binary_data_size is {size} but the shape needs "
+                         f"{count * itemsize} bytes")
     chunk = section.take(size, where)
     if datatype == "BOOL":
         raw = np.frombuffer(chunk, dtype=np.uint8)
@@ -632,15 +549,11 @@ def _json_data(array: np.ndarray, datatype: str, where: str) -> Any:
     """Flat row-major data for the JSON header: a native array, a fragment, or a list of str."""
     if datatype == "BYTES":
         try:
-            return [
-                item.decode("utf-8") if isinstance(item, bytes) else str(item)
-                for item in array.reshape(-1).tolist()
-            ]
+            return [item.decode("utf-8") if isinstance(item, bytes) else str(item)
+                    for item in array.reshape(-1).tolist()]
         except UnicodeDecodeError:
-            raise BadRequest(
-                f"{where} holds bytes that are not valid UTF-8 and cannot go in JSON;"
-                " use binary_data for it"
-            ) from None
+            raise BadRequest(f"{where} holds bytes that are not valid UTF-8 and cannot go in "
+                             "JSON; use binary_data for it") from None
     flat = np.ascontiguousarray(array).reshape(-1)
     if not flat.dtype.isnative:
         flat = flat.astype(flat.dtype.newbyteorder("="))
@@ -660,15 +573,14 @@ def _binary_chunk(array: np.ndarray, datatype: str, where: str) -> tuple[Any, in
         chunk = b"".join(parts)
         return chunk, len(chunk)
     wire = _WIRE.get(datatype)
-    flat = np.ascontiguousarray(array, dtype=wire_dtype(datatype) if wire is None else wire)
-    flat = flat.reshape(-1)
+    flat = np.ascontiguousarray(array, wire_dtype(datatype) if wire is None else wire).reshape(-1)
     return flat, flat.nbytes
 
 
 def _frame(doc: dict, chunks: list) -> tuple[bytes, dict[str, str]]:
     header = json_dumps(doc)
     if b"null" in header:  # orjson's NaN/inf: write them as Triton's literals instead
-        for entry in doc.get("outputs", doc.get("inputs", ())):
+        for entry in (*doc.get("inputs", ()), *doc.get("outputs", ())):
             data = entry.get("data")
             if isinstance(data, np.ndarray) and entry["datatype"] in _FLOATS:
                 entry["data"] = float_data(data)

@@ -1117,3 +1117,37 @@ def test_decode_request_only_raises_typed_client_errors(case, max_elements):
             assert tensor.data.shape == tensor.shape
             if max_elements is not None:
                 assert tensor.data.size <= max_elements
+
+
+# --------------------------------------------------------------------------- large bodies
+
+
+def _large(data: bytes, shape: list[int], datatype: str = "FP32", extra: bytes = b"") -> bytes:
+    head = b'{"inputs":[{"name":"x","datatype":"%s","shape":%s,"data":' % (
+        datatype.encode(), json.dumps(shape).encode())
+    return head + data + b"}]" + extra + b"}"
+
+
+def test_large_flat_data_is_set_aside_and_decoded_exactly():
+    values = np.linspace(-1, 1, 20_000).astype(np.float32)
+    values[[3, 7, 11]] = [np.nan, np.inf, -np.inf]
+    body, _ = encode_request({"x": values}, binary=False)
+    assert len(body) > codec._SPLIT_MIN
+    assert_same(decode_request(body).inputs[0].data, values)
+    nested = _large(json.dumps(values.reshape(100, 200).tolist()).encode(), [100, 200])
+    assert_same(decode_request(nested).inputs[0].data, values.reshape(100, 200))
+    words = [f"w{i},[x]" for i in range(20_000)]
+    strings = _large(json.dumps(words).encode(), [20_000], "BYTES")
+    assert decode_request(strings).inputs[0].data.tolist() == [w.encode() for w in words]
+
+
+@pytest.mark.parametrize("body, status, message", [
+    (_large(b"[" + b"0," * 40_000 + b"0]", [1, 64]), 400, "more elements than the shape's 64"),
+    (_large(b"[" + b"[0]," * 600_000 + b"[0]]", [1, 64]), 413, "too many JSON values"),
+    (_large(b"[1]", [1], extra=b',"parameters":{"data":[' + b"0," * 40_000 + b"0]}"), 400,
+     "only as an input's tensor data"),
+    (_large(b"[" + b"1," * 40_000 + b"x]", [40_001]), 400, "data is not valid JSON"),
+])
+def test_large_hostile_data_is_refused_before_it_is_parsed(body, status, message):
+    error = error_from(decode_request, body)
+    assert error.status == status and message in error.message
