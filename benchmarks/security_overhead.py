@@ -1,5 +1,6 @@
 """What security costs: per-request authentication overhead (API key, HMAC,
-JWT) against none, model decryption throughput, load time of an encrypted
+JWT) against none, the shared replay-nonce and rate-limit store (SQLite, WAL)
+against in-process dictionaries, model decryption throughput, load time of an encrypted
 versus a plain model, and signature verification time per MB.
 
 Everything runs in process through ``handlers.routes.dispatch`` (the code the
@@ -107,12 +108,16 @@ def auth_overhead(work: Path, count: int) -> None:
     def req(headers):
         return lambda: HttpRequest("POST", path, dict(headers), body)
 
+    limited = {**security, "limits": {"rate": 1e9, "burst": 1e9}}
+    limited_rt = Runtime.from_config({"repository": {"path": str(repo)},
+                                      "security": limited}).start()
     open_rt = Runtime.from_config({"repository": {"path": str(repo)}}).start()
     secure_rt = Runtime.from_config({"repository": {"path": str(repo)},
                                      "security": security}).start()
     cases = [
         ("none (security off)", open_rt, req({})),
         ("API key", secure_rt, req({"x-api-key": api_key})),
+        ("API key + rate limit", limited_rt, req({"x-api-key": api_key})),
         ("HMAC-SHA256 signed", secure_rt, lambda: HttpRequest(
             "POST", path, {k.lower(): v for k, v in sign_request(
                 hmac_secret, "bench", "POST", path, body).items()}, body)),
@@ -126,6 +131,36 @@ def auth_overhead(work: Path, count: int) -> None:
         us = per_request_us(rt, make, count)
         base = us if base is None else base
         print(f"{name:<22} {us:>11.1f} {us - base:>12.1f} {us / base:>7.2f}")
+
+
+def state_costs(work: Path, count: int) -> None:
+    """One check of the shared store (what every worker shares, kept across restarts)
+    against the per-process dictionaries it replaced."""
+    from plugins.security.hmac_signing import NonceCache
+    from plugins.security.limits import TokenBuckets
+    from plugins.security.shared_state import SharedState
+
+    work.mkdir(parents=True, exist_ok=True)
+    store, cache, buckets = SharedState(work / "state.sqlite"), NonceCache(300), TokenBuckets(
+        1e9, 1e9)
+    nonces = [secrets.token_hex(16) for _ in range(count)]
+    cases = [
+        ("nonce, shared SQLite", lambda i: store.use_nonce("c", nonces[i], time.time(),
+                                                           time.time() + 600)),
+        ("nonce, in process", lambda i: cache.use("c", nonces[i], time.time())),
+        ("token, shared SQLite", lambda i: store.take_token(f"apikey:p{i % 64}", 1e9, 1e9,
+                                                            time.time())),
+        ("token, in process", lambda i: buckets.take(f"apikey:p{i % 64}")),
+    ]
+    print(f"\nsecurity state, median of {count} checks")
+    for name, check in cases:
+        samples = []
+        for i in range(count):
+            start = time.perf_counter_ns()
+            check(i)
+            samples.append((time.perf_counter_ns() - start) / 1000)
+        print(f"{name:<22} {statistics.median(samples):>8.1f} µs "
+              f"(p99 {sorted(samples)[int(len(samples) * 0.99)]:.1f} µs)")
 
 
 def model_costs(work: Path, size_mb: int) -> None:
@@ -186,7 +221,9 @@ def main() -> None:
     parser.add_argument("--size-mb", type=int, default=64)
     args = parser.parse_args()
     with tempfile.TemporaryDirectory() as tmp:
+        os.environ["SHARDSERVE_STATE_DIR"] = str(Path(tmp) / "state")
         auth_overhead(Path(tmp) / "auth", args.requests)
+        state_costs(Path(tmp) / "state-bench", args.requests * 3)
         model_costs(Path(tmp) / "models", args.size_mb)
 
 

@@ -19,6 +19,7 @@ import os
 import stat
 import tempfile
 import threading
+import weakref
 from pathlib import Path
 from typing import Any
 
@@ -47,7 +48,8 @@ TAKE_TOKEN = ("INSERT INTO buckets VALUES (:key, :burst - 1, :now, 1) "
               f"tokens = {_FILLED} - ({_FILLED} >= 1), last = max(last, :now), "
               f"ok = ({_FILLED} >= 1) RETURNING tokens, ok")
 
-_stores: dict[Path, SharedState] = {}
+# One store per file and process, closed with the last runtime that uses it.
+_stores: weakref.WeakValueDictionary[Path, SharedState] = weakref.WeakValueDictionary()
 _stores_lock = threading.Lock()
 _inherited: list = []  # connections from before a fork: never closed in the child
 
