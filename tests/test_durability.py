@@ -31,8 +31,6 @@ from plugins.security.apikeys import KeyStore
 from runtime import Runtime
 from runtime.errors import Unauthorized
 
-pytestmark = pytest.mark.slow
-
 KILLS = 20
 X = [1.0, 2.0, 3.0, 4.0]
 
@@ -152,6 +150,7 @@ def _kill_chain(name: str, args: list[str], repo: Path, progress) -> int:
     return partial
 
 
+@pytest.mark.slow
 def test_encrypt_killed_20_times_then_rerun_encrypts_everything(tmp_path):
     master = secrets.token_bytes(32)
     key_file = _key_file(tmp_path / "master.key", master)
@@ -177,6 +176,7 @@ def test_encrypt_killed_20_times_then_rerun_encrypts_everything(tmp_path):
     _serves(repo, names, DOUBLED, {"require_encrypted": True, "master_key_file": str(key_file)})
 
 
+@pytest.mark.slow
 def test_rotate_killed_20_times_then_rerun_completes_and_old_key_is_not_needed(tmp_path):
     old, new = secrets.token_bytes(32), secrets.token_bytes(32)
     old_file, new_file = _key_file(tmp_path / "old.key", old), _key_file(tmp_path / "new.key", new)
@@ -211,6 +211,7 @@ def test_rotate_killed_20_times_then_rerun_completes_and_old_key_is_not_needed(t
 # keys create / revoke -------------------------------------------------------
 
 
+@pytest.mark.slow
 def test_keys_create_and_revoke_killed_20_times_every_printed_key_works(tmp_path):
     path = tmp_path / "keys.json"
     store = KeyStore(path)
@@ -316,6 +317,7 @@ def _publishing_tool_survives_kills(tmp_path: Path, name: str, args: list[str],
     return repo
 
 
+@pytest.mark.slow
 def test_optimize_killed_20_times_never_leaves_a_version_without_provenance(tmp_path):
     import tomllib
 
@@ -332,7 +334,92 @@ def test_optimize_killed_20_times_never_leaves_a_version_without_provenance(tmp_
     assert default_source(ModelRepository(repo), "m", toml) == 1
 
 
+@pytest.mark.slow
 def test_partition_killed_20_times_publishes_whole_versions_only(tmp_path):
     _publishing_tool_survives_kills(tmp_path, "partition",
                                     ["partition", "--strategy", "pipeline", "--shards", "6",
                                      "--model-version", "1"], "plan.toml")
+
+
+# the states a kill leaves, built by hand ------------------------------------
+
+
+def test_rotate_resumes_refuses_a_third_key_and_never_claims_success_early(tmp_path):
+    old, new, third = (secrets.token_bytes(32) for _ in range(3))
+    files = {n: _key_file(tmp_path / f"{n}.key", k) for n, k in
+             (("old", old), ("new", new), ("third", third))}
+    repo = tmp_path / "models"
+    names = _many_models(repo, 4)
+    for name in names:
+        enc.encrypt_file(repo / name / "1" / "model.onnx", old, chunk_size=64)
+    # A rotation killed half-way: two keys rewrapped, the journal written.
+    for name in names[:2]:
+        enc.rotate_file(repo / name / "1" / "model.onnx.dek", old, new)
+    enc.rotation_journal(repo).write_text(json.dumps({"from": enc.master_key_id(old),
+                                                      "to": enc.master_key_id(new)}))
+
+    def rotate(to: str) -> subprocess.CompletedProcess:
+        return _run(["rotate", str(repo), "--old-key-file", str(files["old"]),
+                     "--new-key-file", str(files[to])], _env())[0]
+
+    refused = rotate("third")
+    assert refused.returncode == 1 and "pending" in refused.stdout
+    assert sum(enc.opens_with(repo / n / "1" / "model.onnx.dek", third) for n in names) == 0
+    stranger = repo / "stranger" / "1" / "model.onnx"  # encrypted under neither key
+    write_model(stranger, add_model())
+    enc.encrypt_file(stranger, third, chunk_size=64)
+    partial = rotate("new")
+    assert partial.returncode == 1 and "rotation complete" not in partial.stdout
+    assert partial.stdout.count("already rewrapped") == 2 and "FAILED" in partial.stdout
+    assert enc.rotation_journal(repo).exists()  # still pending: keep the old key
+    shutil.rmtree(repo / "stranger")
+    done = rotate("new")
+    assert done.returncode == 0 and "rotation complete" in done.stdout
+    assert not enc.rotation_journal(repo).exists()
+    assert all(enc.opens_with(repo / n / "1" / "model.onnx.dek", new) for n in names)
+
+
+def test_encrypt_rerun_skips_what_is_done_and_refuses_another_masters_files(tmp_path):
+    master, other = secrets.token_bytes(32), secrets.token_bytes(32)
+    key_file = _key_file(tmp_path / "master.key", master)
+    repo = tmp_path / "models"
+    names = _many_models(repo, 3)
+    enc.encrypt_file(repo / names[0] / "1" / "model.onnx", master)  # done before a kill
+    (repo / names[1] / "1" / ".model.onnx.999999999-x.tmp").write_bytes(b"half")  # left
+    args = ["encrypt", str(repo), "--master-key-file", str(key_file)]
+    out, _ = _run(args, _env())
+    assert out.returncode == 0 and out.stdout.count("already encrypted") == 1, out.stdout
+    assert sum(line.startswith("encrypted ") for line in out.stdout.splitlines()) == 2
+    assert not _leftovers(repo)
+    foreign = write_model(repo / "x" / "1" / "model.onnx", add_model())
+    enc.encrypt_file(foreign, other)
+    again, _ = _run(args, _env())
+    assert again.returncode == 1 and "FAILED" in again.stdout and str(repo / "x") in again.stdout
+
+
+def test_a_version_published_before_a_kill_gets_its_provenance_on_the_next_run(tmp_path):
+    import tomllib
+
+    from plugins.optimizers.pipeline import default_source
+    from plugins.optimizers.publish import PROVENANCE_FILE, provenance_text, recover
+    from runtime.repository import ModelRepository
+
+    model_dir = tmp_path / "models" / "m"
+    write_model(model_dir / "1" / "model.onnx", add_model())
+    (model_dir / "model.toml").write_text("# mine\nmax_batch_size = 8\n")
+    # Killed after the rename, before model.toml was rewritten:
+    write_model(model_dir / "2" / "model.onnx", add_model())
+    (model_dir / "2" / PROVENANCE_FILE).write_text(
+        provenance_text(2, {"source_version": 1}).lstrip())
+    (model_dir / ".optimize-999999999-abc").mkdir()  # and a staging dir of a dead run
+    (model_dir / ".optimize-999999999-abc" / "model.onnx").write_bytes(b"partial")
+    assert ModelRepository(tmp_path / "models").versions("m") == [1, 2]
+    recover(model_dir)
+    text = (model_dir / "model.toml").read_text()
+    assert text.startswith("# mine\nmax_batch_size = 8\n")
+    raw = tomllib.loads(text)
+    assert raw["provenance"] == {"2": {"source_version": 1}}
+    assert default_source(ModelRepository(tmp_path / "models"), "m", raw) == 1
+    assert sorted(os.listdir(model_dir)) == ["1", "2", "model.toml"]
+    recover(model_dir)  # idempotent
+    assert (model_dir / "model.toml").read_text() == text
