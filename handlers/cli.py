@@ -127,10 +127,9 @@ def _warn_if_empty(args: argparse.Namespace) -> None:
     from runtime.repository import ModelRepository
 
     path = load_config(args.config, overrides=_overrides(args)).repository
-    if not ModelRepository(path).names():
-        print(f"warning: model repository {args.repository or path.name} holds no models: "
-              "the server starts with none (add models/<name>/<version>/model.onnx)",
-              file=sys.stderr)
+    if not ModelRepository(path).names():  # a JSON log line like the rest, without the path
+        log.warning("the model repository holds no models: the server starts with none "
+                    "(add <repository>/<name>/<version>/model.onnx)")
 
 
 def _serve_dev(args: argparse.Namespace) -> int:
