@@ -10,8 +10,7 @@ import logging
 import threading
 import time
 import uuid
-from collections.abc import Callable, Iterator, Mapping
-from contextlib import contextmanager
+from collections.abc import Callable, Mapping
 from contextvars import ContextVar
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -148,7 +147,7 @@ class CallContext:
     encrypted tensors to it, the deadline bounds every remote call, hops are recorded.
     After the run, ``version`` is the version that served it (for the audit event)."""
 
-    __slots__ = ("_request_id", "model", "deadline", "hops", "version")
+    __slots__ = ("_request_id", "model", "deadline", "hops", "version", "_token")
 
     def __init__(self, request_id: str | None, model: str | None = None,
                  deadline: float | None = None):
@@ -165,6 +164,13 @@ class CallContext:
             self._request_id = uuid.uuid4().hex
         return self._request_id
 
+    def __enter__(self) -> CallContext:  # a plain class: cheaper than @contextmanager
+        self._token = _call.set(self)
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        _call.reset(self._token)
+
 
 _call: ContextVar[CallContext | None] = ContextVar("shardserve_call", default=None)
 
@@ -174,16 +180,10 @@ def current_call() -> CallContext | None:
     return _call.get()
 
 
-@contextmanager
-def call_scope(request_id: str | None = None) -> Iterator[CallContext]:
-    """One request's context around an edge's dispatch: ``Runtime.infer`` records into it
-    the version that served and the hops, which the audit event then reports."""
-    call = CallContext(request_id)
-    token = _call.set(call)
-    try:
-        yield call
-    finally:
-        _call.reset(token)
+def call_scope(request_id: str | None = None) -> CallContext:
+    """One request's context around an edge's dispatch (``with call_scope(id) as call``):
+    ``Runtime.infer`` records the version that served and the hops, for the audit event."""
+    return CallContext(request_id)
 
 
 @dataclass
@@ -582,16 +582,16 @@ class Runtime:
         if limits is not None and limits.deadline is not None:
             deadline = limits.deadline if deadline is None else min(deadline, limits.deadline)
         call = _call.get()
-        if call is None or call.model is not None:  # not inside an edge's call_scope
+        scoped = call is not None and call.model is None  # inside an edge's call_scope
+        if not scoped:
             call = CallContext(None)
         call._request_id = request.id or call._request_id
-        call.model, call.deadline = name, deadline
-        call.version = str(model.version)
-        token = _call.set(call)
-        try:
+        call.model, call.deadline, call.version = name, deadline, str(model.version)
+        if scoped:
             outputs = model.backend.run(feed, wanted)
-        finally:
-            _call.reset(token)
+        else:
+            with call:
+                outputs = model.backend.run(feed, wanted)
         if limits is not None:
             limits.check_deadline()
         return InferResponse(model_name=name, model_version=str(model.version), outputs=outputs,
