@@ -1,18 +1,14 @@
 """Open Inference Protocol (KServe V2) codec, with Triton's binary tensor data extension.
 
-Turns HTTP bodies into typed requests and responses into bodies, for both the server side
-(``decode_request``, ``encode_response``) and the client side (``encode_request``,
-``decode_response``). Decoding treats every byte as hostile: any malformed body raises a
-:class:`~runtime.errors.ShardserveError` subclass whose message names the offending field but
-never echoes payload data. Given the model's input specs, a request is checked against them
-(names, datatypes, shapes, element counts) before any tensor data is materialised, so a body's
-memory cost is bounded by what the model would accept, not by what the client sent.
+Server side (``decode_request``, ``encode_response``) and client side (``encode_request``,
+``decode_response``). Decoding treats every byte as hostile: a malformed body raises a typed
+:mod:`runtime.errors` exception that names the field but never echoes payload data, and given
+the model's input specs a request is checked against them before its tensor data is
+materialised, so memory is bounded by what the model accepts, not by what the client sent.
 
-Binary layout: the JSON header comes first (its length travels in the
-``Inference-Header-Content-Length`` HTTP header); tensors whose ``parameters`` carry
-``binary_data_size`` follow it back to back, in the order they appear in the header. Fixed-size
-tensors are raw little-endian row-major bytes; each BYTES element is a 4-byte little-endian length
-followed by its bytes.
+Binary layout: the JSON header first (its length in ``Inference-Header-Content-Length``), then
+the tensors whose ``parameters`` carry ``binary_data_size``, back to back in header order:
+raw little-endian row-major bytes, or per BYTES element a 4-byte little-endian length and bytes.
 """
 
 from __future__ import annotations

@@ -13,21 +13,11 @@ import numpy as np
 
 from runtime.errors import BadRequest
 
-_EAGER = {
-    "BOOL": np.dtype(np.bool_),
-    "UINT8": np.dtype(np.uint8),
-    "UINT16": np.dtype(np.uint16),
-    "UINT32": np.dtype(np.uint32),
-    "UINT64": np.dtype(np.uint64),
-    "INT8": np.dtype(np.int8),
-    "INT16": np.dtype(np.int16),
-    "INT32": np.dtype(np.int32),
-    "INT64": np.dtype(np.int64),
-    "FP16": np.dtype(np.float16),
-    "FP32": np.dtype(np.float32),
-    "FP64": np.dtype(np.float64),
-    "BYTES": np.dtype(object),
-}
+_EAGER = {name: np.dtype(kind) for name, kind in (
+    ("BOOL", np.bool_), ("UINT8", np.uint8), ("UINT16", np.uint16), ("UINT32", np.uint32),
+    ("UINT64", np.uint64), ("INT8", np.int8), ("INT16", np.int16), ("INT32", np.int32),
+    ("INT64", np.int64), ("FP16", np.float16), ("FP32", np.float32), ("FP64", np.float64),
+    ("BYTES", object))}
 _NAMES = (*_EAGER, "BF16")
 _NAME_SET = frozenset(_NAMES)
 _BY_KIND_AND_SIZE = {(d.kind, d.itemsize): n for n, d in _EAGER.items() if n != "BYTES"}
