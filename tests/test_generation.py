@@ -137,13 +137,13 @@ def _not_streaming(tmp_path):
 
 def test_full_server_answers_429_with_retry_after(tmp_path, lm_exports):
     rt = _runtime(tmp_path, lm_exports, {"gpt2": '[generation]\nmax_batch = 1\nmax_queue = 1\n'
-                                                 'queue_timeout_s = 0.3\n'}, archs=("gpt2",))
+                                                 'queue_timeout_s = 0.05\n'}, archs=("gpt2",))
     model = rt.get_model("gpt2").backend
     allowed = {"max_tokens", "temperature"}
-    long = model.generate(model.parse({"max_tokens": 200, "temperature": 0}, "def f(", allowed))
-    next(long)  # admitted, decoding: the one batch slot is taken
+    long = model.generate(model.parse({"max_tokens": 240, "temperature": 0}, "def f(", allowed))
+    next(long)  # admitted, decoding 240 steps: the one batch slot is taken
     with pytest.raises(TooManyRequests) as caught:
-        model.generate(model.parse({"max_tokens": 5}, "x", allowed))  # waits 0.3 s, then 429
+        model.generate(model.parse({"max_tokens": 5}, "x", allowed))  # waits 0.05 s, then 429
     assert caught.value.headers["Retry-After"] == "1"
     long.close()  # the client goes away: its slot frees within a step
     deadline = time.monotonic() + 5
