@@ -270,7 +270,9 @@ class _Spans:
 def _set_aside(header: memoryview) -> tuple[memoryview | bytes, _Spans | None]:
     """Cut large flat "data" arrays out of a big header, so that what orjson turns into Python
     objects stays small, and refuse a header whose remaining objects would dwarf it."""
-    raw = header.obj if isinstance(header.obj, bytes) else bytes(header)  # header is at 0
+    raw = header.obj  # the body's bytes when the header starts them; else a copy
+    if type(raw) is not bytes or _address(raw) != _address(header):
+        raw = bytes(header)
     size = len(header)
     spans = _Spans("#" + os.urandom(8).hex(), raw)
     pieces, kept, pos = [], 0, 0
@@ -290,6 +292,10 @@ def _set_aside(header: memoryview) -> tuple[memoryview | bytes, _Spans | None]:
         raise PayloadTooLarge("request holds too many JSON values outside flat tensor data; "
                               "send large tensors as flat lists or as binary data")
     return skeleton, spans if spans.bounds else None
+
+
+def _address(buffer: Any) -> int:
+    return np.frombuffer(buffer, np.uint8, 1).ctypes.data
 
 
 def _count(raw: bytes, byte: int, start: int, end: int) -> int:
