@@ -27,13 +27,14 @@ def __getattr__(name: str) -> Any:
 def builtin_optimizers() -> tuple[type, ...]:
     """The built-in optimizer classes, imported when first asked for (not at plugin load)."""
     from .channels import ChannelPruner
+    from .distill import Distiller
     from .fp16 import Float16Converter
     from .graph import FoldOptimizer, GraphOptimizer
     from .prune import MagnitudePruner
     from .quantize import DynamicQuantizer, StaticQuantizer
 
     return (GraphOptimizer, FoldOptimizer, DynamicQuantizer, StaticQuantizer, Float16Converter,
-            MagnitudePruner, ChannelPruner)
+            MagnitudePruner, ChannelPruner, Distiller)
 
 
 @hookimpl
