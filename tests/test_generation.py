@@ -192,3 +192,26 @@ def test_a_passed_deadline_ends_the_sequence_with_its_reason(tmp_path, lm_export
     assert events[-1]["completion_tokens"] == 0
     with pytest.raises(GatewayTimeout):  # through the core: refused before it runs
         rt.generate("gpt2", request, deadline=time.monotonic() - 1)
+
+
+def test_streamed_text_equals_the_whole_decode(tmp_path):
+    """Byte-level BPE splits characters across tokens: the incremental decoder never emits half
+    a character, and its deltas add up to the whole decode, for real text and for random ids."""
+    import random
+
+    from generation_models import train_tokenizer
+
+    from plugins.generation.text import Detokenizer, TextCodec
+
+    train_tokenizer(tmp_path)
+    codec = TextCodec(lambda name: (tmp_path / name).read_bytes(), "m",
+                      {"tokenizer.json", "tokenizer_config.json"})
+    rnd = random.Random(0)
+    samples = [codec.encode("def f(x):\n    return 'héllo — ✓ 日本語' + str(x)  # ok\n")]
+    samples += [[rnd.randrange(codec.vocab_size) for _ in range(60)] for _ in range(100)]
+    for ids in samples:
+        det = Detokenizer(codec)
+        deltas = [det.add(i) for i in ids] + [det.finish()]
+        assert "".join(deltas) == codec.decode(ids)
+    det = Detokenizer(codec)
+    assert "日本語" in "".join(det.add(i) for i in samples[0])  # before finish(): no tail held

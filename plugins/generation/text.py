@@ -112,22 +112,30 @@ class Detokenizer:
         self.text = ""  # decoded so far, complete characters only
         self.sent = 0  # characters of ``text`` already handed out
         self.stopped = False
+        # Decode only a window: the tokens since the last complete text (``prefix``..``read``)
+        # give the context a decoder needs (word boundaries), so each token costs O(1).
+        self.prefix = self.read = 0
 
     def add(self, token: int) -> str:
         """The new text to emit after ``token`` (may be empty); sets ``stopped`` when a stop
         sequence appeared, in which case the text is cut just before it."""
         self.ids.append(token)
-        text = self.codec.decode(self.ids)
-        if text.endswith("\ufffd"):
+        before = self.codec.decode(self.ids[self.prefix:self.read])
+        now = self.codec.decode(self.ids[self.prefix:])
+        if len(now) <= len(before) or now.endswith("\ufffd"):
             return ""  # an incomplete UTF-8 sequence: wait for the next token
-        self.text = text
+        self.text += now[len(before):]
+        self.prefix, self.read = self.read, len(self.ids)
         return self._release(final=False)
 
     def finish(self) -> str:
         """Whatever is still held back once generation ends."""
         if self.stopped:
             return ""
-        self.text = self.codec.decode(self.ids)
+        before = self.codec.decode(self.ids[self.prefix:self.read])
+        now = self.codec.decode(self.ids[self.prefix:])
+        if len(now) > len(before):
+            self.text += now[len(before):]
         return self._release(final=True)
 
     def _release(self, final: bool) -> str:
