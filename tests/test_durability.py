@@ -224,12 +224,14 @@ def test_keys_create_and_revoke_killed_20_times_every_printed_key_works(tmp_path
     assert full.returncode == 0
     printed: dict[str, str] = {}  # key id -> key, printed by a create
     revoked, maybe_revoked = set(), set()
-    rng, kills = _rng("keys"), 0
-    for i in range(3 * KILLS):
+    rng, kills, scale = _rng("keys"), 0, 1.0
+    for i in range(4 * KILLS):
         if kills >= KILLS:
             break
-        # every third create runs to the end, so there are printed keys to revoke
-        delay = 60.0 if i % 6 == 0 else rng.uniform(0.5 * t_full, 1.05 * t_full)
+        # one create and one revoke in six run to the end: keys to revoke, and revocations
+        # that were confirmed; the rest are killed at delays that shrink when runs finish
+        full = i % 6 in (0, 3)
+        delay = 60.0 if full else scale * rng.uniform(0.5 * t_full, 1.05 * t_full)
         alive = sorted(printed.keys() - revoked - maybe_revoked)
         if i % 2 and alive:
             victim = alive[int(rng.integers(len(alive)))]
@@ -243,19 +245,22 @@ def test_keys_create_and_revoke_killed_20_times_every_printed_key_works(tmp_path
             if key:
                 printed[lines["key id"]] = key
         kills += finished is None
+        if finished is not None and not full:
+            scale *= 0.85
         keys = store.read()  # never a corrupt file, whatever the kill point
-        assert not revoked & set(keys)
-        assert all(k in keys for k in printed.keys() - revoked - maybe_revoked)
+        assert not revoked & set(keys), (i, revoked & set(keys))
+        assert all(k in keys for k in printed.keys() - revoked - maybe_revoked), i
     assert kills >= KILLS, kills
     rerun, _ = _run([*create, "last", "--models", "*"], _env())
-    assert rerun.returncode == 0 and not _leftovers(tmp_path)
+    assert rerun.returncode == 0, rerun.stderr[-500:]
+    assert not _leftovers(tmp_path), _leftovers(tmp_path)
     for key_id, key in printed.items():
         if key_id in revoked:
             with pytest.raises(Unauthorized):
                 store.check(key)
         elif key_id not in maybe_revoked:
             assert store.check(key)["name"].startswith("user")
-    assert len(printed) >= 5 and revoked
+    assert len(printed) >= 4 and revoked, (len(printed), revoked, maybe_revoked)
 
 
 # optimize and partition -----------------------------------------------------
