@@ -25,7 +25,7 @@ import numpy as np
 import onnx
 from onnx import TensorProto, helper, numpy_helper
 
-from runtime.files import write_atomically
+from plugins.atomic_files import write_atomically
 
 OPSET = 17
 IR_VERSION = 8  # onnxruntime >= 1.17 loads IR 8 / opset 17.

@@ -240,7 +240,7 @@ def _parse_input(text: str) -> tuple[str, Path]:
 def save_npy_atomically(path: Path, array: Any) -> None:
     import numpy as np
 
-    from runtime.files import atomic_file
+    from plugins.atomic_files import atomic_file
 
     path.parent.mkdir(parents=True, exist_ok=True)
     with atomic_file(path) as fh:

@@ -1,4 +1,8 @@
-"""Atomic file writes: a reader sees the old file or the new one, never half of one."""
+"""Atomic file writes: a reader sees the old file or the new one, never half of one.
+
+Shared by the key files of the security plugins, publishing tools and the CLI; the serving
+core never writes files, so this lives outside runtime/.
+"""
 
 from __future__ import annotations
 

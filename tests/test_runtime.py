@@ -271,7 +271,7 @@ def test_serve_prints_ready_line_and_a_working_sample_request(example_server):
 
 
 def test_atomic_file_replaces_whole_or_leaves_the_old_file(tmp_path):
-    from runtime.files import atomic_file, write_atomically
+    from plugins.atomic_files import atomic_file, write_atomically
 
     target = tmp_path / "weights.bin"
     write_atomically(target, b"old")

@@ -11,7 +11,7 @@ import urllib.request
 from pathlib import Path
 from typing import Any
 
-from runtime.files import atomic_file
+from plugins.atomic_files import atomic_file
 
 from .loadgen import LoadResult, run_load
 

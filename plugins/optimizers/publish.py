@@ -22,8 +22,8 @@ import tempfile
 from pathlib import Path
 from typing import Any
 
+from plugins.atomic_files import remove_stale, write_atomically
 from runtime.errors import Conflict, ShardserveError
-from runtime.files import remove_stale, write_atomically
 from runtime.repository import CONFIG_FILE, VERSION
 
 if sys.version_info >= (3, 11):

@@ -21,9 +21,9 @@ import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
+from plugins.atomic_files import remove_stale
 from plugins.shard_plan import PLAN_FILE, PLAN_FORMAT, parse_plan
 from runtime.errors import BadRequest, NotFound, ShardserveError
-from runtime.files import remove_stale
 from runtime.repository import ModelRepository
 
 from .costs import CostTable, file_sha256, measured_costs, static_costs

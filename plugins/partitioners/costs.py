@@ -29,8 +29,8 @@ import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from plugins.atomic_files import write_atomically
 from runtime.errors import BadRequest
-from runtime.files import write_atomically
 
 STATIC_FLOPS_PER_SECOND = 2e10
 STATIC_BYTES_PER_SECOND = 1e10

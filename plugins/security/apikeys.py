@@ -22,9 +22,9 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from plugins.atomic_files import remove_stale, temp_prefix, write_atomically
 from runtime import hookimpl
 from runtime.errors import ConfigError, ServiceUnavailable, Unauthorized
-from runtime.files import remove_stale, temp_prefix, write_atomically
 
 from .settings import ALL_ACTIONS, DEFAULT_ACTIONS, SecuritySettings, settings
 

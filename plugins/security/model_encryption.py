@@ -27,9 +27,9 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, BinaryIO
 
+from plugins.atomic_files import atomic_file, remove_stale, temp_prefix, write_atomically
 from runtime import hookimpl
 from runtime.errors import ConfigError, ModelLoadError
-from runtime.files import atomic_file, remove_stale, temp_prefix, write_atomically
 
 from .settings import read_key_material, settings
 

@@ -25,9 +25,9 @@ import threading
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from plugins.atomic_files import write_atomically
 from runtime import hookimpl
 from runtime.errors import ConfigError, ModelLoadError
-from runtime.files import write_atomically
 
 from .settings import settings
 
