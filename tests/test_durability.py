@@ -155,7 +155,7 @@ def test_encrypt_killed_20_times_then_rerun_encrypts_everything(tmp_path):
     master = secrets.token_bytes(32)
     key_file = _key_file(tmp_path / "master.key", master)
     repo = tmp_path / "models"
-    names = _many_models(repo, 40)
+    names = _many_models(repo, 30)
     plain = (repo / names[0] / "1" / "model.onnx").read_bytes()
     args = ["encrypt", str(repo), "--master-key-file", str(key_file), "--chunk-size", "64"]
 
@@ -181,7 +181,7 @@ def test_rotate_killed_20_times_then_rerun_completes_and_old_key_is_not_needed(t
     old, new = secrets.token_bytes(32), secrets.token_bytes(32)
     old_file, new_file = _key_file(tmp_path / "old.key", old), _key_file(tmp_path / "new.key", new)
     repo = tmp_path / "models"
-    names = _many_models(repo, 60)
+    names = _many_models(repo, 40)
     for name in names:
         enc.encrypt_file(repo / name / "1" / "model.onnx", old, chunk_size=64)
     args = ["rotate", str(repo), "--old-key-file", str(old_file), "--new-key-file", str(new_file)]
