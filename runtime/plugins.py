@@ -50,6 +50,7 @@ DEFAULT_PLUGINS: tuple[str, ...] = (
     "plugins.optimizers",
     "plugins.executors",
     "plugins.generation",
+    "plugins.packaging",
     *SECURITY_PLUGINS,
 )
 

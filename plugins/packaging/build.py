@@ -1,0 +1,162 @@
+"""Build one Lambda zip: project code, the function's models, its platform wheels, trimmed.
+
+Wheels are installed for the Lambda platform (``pip install --platform ... --only-binary=:all:
+--target``) at the versions this environment runs, so the package answers exactly as the dev
+server does. They are kept in a wheelhouse (``~/.cache/shardserve/wheels`` or
+``SHARDSERVE_WHEELHOUSE``): a second build needs no network.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import stat
+import subprocess
+import sys
+import zipfile
+from collections.abc import Iterable
+from dataclasses import dataclass
+from importlib import metadata
+from pathlib import Path
+
+from runtime.errors import ConfigError
+
+# AWS Lambda: the deployment package (function code and layers), unzipped.
+LAMBDA_UNZIPPED_LIMIT = 262_144_000  # 250 MiB as AWS counts it
+PROJECT_PACKAGES = ("runtime", "handlers", "plugins")
+# Amazon Linux 2023 (python3.12+) has glibc 2.34: every wheel tag up to manylinux_2_34 runs.
+PLATFORM_TAGS = ("manylinux2014_{arch}", "manylinux_2_28_{arch}", "manylinux_2_34_{arch}")
+ARCHES = {"x86_64": "x86_64", "arm64": "aarch64"}
+# What the serving path never imports: removed from installed distributions.
+TRIM_DIRS = {"__pycache__", "tests", "test", "include", "_pyinstaller", "f2py", "benchmarks",
+             "transformers", "quantization", "tools", "datasets"}
+TRIM_DIRS_UNDER = {"transformers": "onnxruntime", "quantization": "onnxruntime",
+                   "tools": "onnxruntime", "datasets": "onnxruntime"}
+TRIM_SUFFIXES = (".pyc", ".pyi", ".h", ".hpp", ".c", ".cpp", ".pxd", ".pyx")
+
+
+@dataclass
+class Contents:
+    """Unzipped bytes of a staged package, per top-level entry (a distribution, a model)."""
+
+    sizes: dict[str, int]
+
+    @property
+    def total(self) -> int:
+        return sum(self.sizes.values())
+
+    def biggest(self, count: int = 5) -> list[tuple[str, int]]:
+        return sorted(self.sizes.items(), key=lambda kv: -kv[1])[:count]
+
+
+def wheelhouse() -> Path:
+    default = Path.home() / ".cache" / "shardserve" / "wheels"
+    return Path(os.environ.get("SHARDSERVE_WHEELHOUSE", default))
+
+
+def pinned(names: Iterable[str]) -> list[str]:
+    """Each distribution at the version installed here (so the package computes the same)."""
+    pins = []
+    for name in names:
+        try:
+            pins.append(f"{name}=={metadata.version(name)}")
+        except metadata.PackageNotFoundError:
+            pins.append(name)
+    return pins
+
+
+def _pip(args: list[str]) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "pip", *args, "--disable-pip-version-check",
+                           "--quiet"], capture_output=True, text=True)
+
+
+def install_dependencies(requirements: list[str], target: Path, python_version: str,
+                         architecture: str, house: Path | None = None) -> None:
+    """Install ``requirements`` (no dependencies of theirs: the list is the closure) for the
+    Lambda platform into ``target``, from the wheelhouse, downloading what it lacks."""
+    if architecture not in ARCHES:
+        raise ConfigError(f"architecture must be one of {sorted(ARCHES)}")
+    house = house or wheelhouse()
+    house.mkdir(parents=True, exist_ok=True)
+    platform = [a for tag in PLATFORM_TAGS for a in ("--platform",
+                                                     tag.format(arch=ARCHES[architecture]))]
+    common = ["--no-deps", "--only-binary=:all:", "--python-version", python_version,
+              "--implementation", "cp", *platform]
+    pins = pinned(requirements)
+    local = ["install", "--no-index", "--find-links", str(house), "--no-compile",
+             "--target", str(target), *common, *pins]
+    if _pip(local).returncode == 0:
+        return
+    fetched = _pip(["download", "--dest", str(house), *common, *pins])
+    if fetched.returncode != 0:
+        raise ConfigError("cannot fetch the Lambda platform wheels: "
+                          + (fetched.stderr.strip().splitlines() or ["pip failed"])[-1])
+    done = _pip(local)
+    if done.returncode != 0:
+        raise ConfigError("cannot install the Lambda platform wheels: "
+                          + (done.stderr.strip().splitlines() or ["pip failed"])[-1])
+
+
+def trim(target: Path) -> None:
+    """Remove what the serving path never imports: caches, tests, headers, stubs, scripts,
+    and onnxruntime's tooling (transformers, quantization, tools)."""
+    shutil.rmtree(target / "bin", ignore_errors=True)
+    for root, dirs, files in os.walk(target, topdown=True):
+        here = Path(root)
+        for name in list(dirs):
+            owner = TRIM_DIRS_UNDER.get(name)
+            if name in TRIM_DIRS and (owner is None or here.name == owner):
+                shutil.rmtree(here / name)
+                dirs.remove(name)
+        for name in files:
+            if name.endswith(TRIM_SUFFIXES):
+                (here / name).unlink()
+
+
+def copy_project(project: Path, stage: Path) -> None:
+    """The project's own packages, without caches."""
+    ignore = shutil.ignore_patterns("__pycache__", "*.pyc")
+    for name in PROJECT_PACKAGES:
+        shutil.copytree(project / name, stage / name, ignore=ignore)
+
+
+def copy_models(repository: Path, models: list[str], stage: Path, inside: str) -> None:
+    """Only the function's models, at ``inside`` (the repository path the function reads)."""
+    ignore = shutil.ignore_patterns("__pycache__", "*.pyc", ".*")
+    for name in models:
+        shutil.copytree(repository / name, stage / inside / name, ignore=ignore)
+
+
+def measure(stage: Path, models_at: str) -> Contents:
+    """Unzipped size per contributor: each model, the project's code, each distribution (its
+    ``.libs`` and ``.dist-info`` counted with it)."""
+    inside = Path(models_at).parts
+    sizes: dict[str, int] = {}
+    for path in stage.rglob("*"):
+        if not path.is_file():
+            continue
+        parts = path.relative_to(stage).parts
+        if parts[:len(inside)] == inside and len(parts) > len(inside) + 1:
+            key = f"model {parts[len(inside)]}"
+        elif parts[0] in PROJECT_PACKAGES:
+            key = "shardserve code"
+        else:
+            key = parts[0].split("-")[0] if parts[0].endswith(".dist-info") else parts[0]
+            key = key.removesuffix(".libs").split(".")[0].lower()
+        sizes[key] = sizes.get(key, 0) + path.stat().st_size
+    return Contents(sizes)
+
+
+def write_zip(stage: Path, out: Path) -> None:
+    """A reproducible zip: sorted entries, fixed times, permissions kept (Lambda needs r-x)."""
+    out.parent.mkdir(parents=True, exist_ok=True)
+    temp = out.with_suffix(".zip.part")
+    with zipfile.ZipFile(temp, "w", zipfile.ZIP_DEFLATED, compresslevel=6) as zf:
+        for path in sorted(p for p in stage.rglob("*") if p.is_file()):
+            info = zipfile.ZipInfo(path.relative_to(stage).as_posix(), (1980, 1, 1, 0, 0, 0))
+            mode = path.stat().st_mode
+            info.external_attr = ((stat.S_IFREG | (0o755 if mode & 0o111 else 0o644)) << 16)
+            info.compress_type = zipfile.ZIP_DEFLATED
+            with path.open("rb") as src, zf.open(info, "w") as dst:
+                shutil.copyfileobj(src, dst, 1 << 20)
+    temp.replace(out)

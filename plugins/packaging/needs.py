@@ -1,0 +1,104 @@
+"""What a Lambda function needs at run time, read from the models it serves.
+
+The serving path is pluggy, numpy, onnxruntime and orjson; everything else is added only when
+a model asks for it (a numba shard, a tokenizer, a remote shard over HTTP, encrypted or signed
+files, a BF16 tensor), so a function carries nothing it never imports.
+"""
+
+from __future__ import annotations
+
+import sys
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from runtime.errors import ConfigError
+
+if sys.version_info >= (3, 11):
+    import tomllib
+else:  # pragma: no cover
+    import tomli as tomllib
+
+CORE = ("pluggy", "numpy", "orjson")
+# import name -> distributions to install (--no-deps: the closure is spelled out, so no unused
+# extras such as onnxruntime's protobuf/sympy or tokenizers' huggingface_hub come along)
+FEATURES: dict[str, tuple[str, ...]] = {
+    "onnxruntime": ("onnxruntime",),
+    "numba": ("numba", "llvmlite"),
+    "generate": ("tokenizers", "jinja2", "MarkupSafe"),
+    "http": ("urllib3",),
+    "cryptography": ("cryptography", "cffi", "pycparser"),
+    "bf16": ("ml_dtypes",),
+    "jwt": ("PyJWT",),
+}
+# boto3 and botocore ship with every AWS Lambda Python runtime: a lambda: placement adds none.
+
+
+@dataclass
+class FunctionNeeds:
+    """The distributions a function needs and, per feature, the model that asked for it."""
+
+    models: list[str]
+    features: dict[str, str] = field(default_factory=dict)  # feature -> first model needing it
+
+    @property
+    def container(self) -> bool:
+        """numba (llvmlite alone is 173 MB) ships as a container image, not a zip."""
+        return "numba" in self.features
+
+    def requirements(self) -> list[str]:
+        names = list(CORE)
+        for feature in sorted(self.features):
+            names += [n for n in FEATURES[feature] if n not in names]
+        return names
+
+
+def _toml(path: Path) -> dict:
+    try:
+        with path.open("rb") as f:
+            return tomllib.load(f)
+    except (OSError, tomllib.TOMLDecodeError) as exc:
+        raise ConfigError(f"cannot read {path.parent.name}/{path.name}: {exc}") from None
+
+
+def _version_needs(model: str, config: dict, version: Path, found: dict[str, str]) -> None:
+    plan = version / "plan.toml"
+    if plan.is_file():
+        for shard in _toml(plan).get("shards", []):
+            backend = str(shard.get("backend", "onnxruntime"))
+            found.setdefault("numba" if backend == "numba" else "onnxruntime", model)
+            placement = str(shard.get("placement", "local"))
+            if placement.startswith(("http:", "https:")):
+                found.setdefault("http", model)
+        if any(p.name.endswith((".dek", ".sig")) for p in version.iterdir()):
+            found.setdefault("cryptography", model)
+        return
+    backend = str(config.get("backend", "onnxruntime"))
+    found.setdefault("numba" if backend == "numba" else "onnxruntime", model)
+    names = {p.name for p in version.iterdir()}
+    if any(n.endswith((".dek", ".sig")) for n in names):  # encrypted or signed files
+        found.setdefault("cryptography", model)
+
+
+def function_needs(repository: Path, models: list[str] | None = None) -> FunctionNeeds:
+    """What serving ``models`` (all of the repository's when None) from ``repository`` needs."""
+    if not repository.is_dir():
+        raise ConfigError("the model repository does not exist or is not a directory")
+    available = sorted(p.name for p in repository.iterdir() if (p / "model.toml").is_file())
+    chosen = available if not models else list(models)
+    for name in chosen:
+        if name not in available:
+            raise ConfigError(f"model {name!r} is not in the repository")
+    found: dict[str, str] = {}
+    for name in chosen:
+        config = _toml(repository / name / "model.toml")
+        text = (repository / name / "model.toml").read_text(errors="replace")
+        if config.get("task") == "text-generation" or any(
+                (repository / name).rglob("tokenizer.json")):
+            found.setdefault("generate", name)
+        if "BF16" in text:
+            found.setdefault("bf16", name)
+        if "preprocess" in config or "postprocess" in config:
+            found.setdefault("numba", name)
+        for version in sorted(p for p in (repository / name).iterdir() if p.is_dir()):
+            _version_needs(name, config, version, found)
+    return FunctionNeeds(chosen, found)
