@@ -83,7 +83,7 @@ class GenerateRequest:
     """One generation request, whichever API it came through (validated)."""
 
     prompt: str
-    max_tokens: int
+    max_tokens: int | None  # None: the default, shortened to fit the context
     sampling: SamplingParams = field(default_factory=SamplingParams)
     stop: tuple[str, ...] = ()
 
@@ -210,7 +210,7 @@ class GenerationModel:
         if len(stop) > MAX_STOP or any(not s or len(s) > 256 for s in stop):
             raise BadRequest(f"'stop' takes at most {MAX_STOP} non-empty strings of up to 256 "
                              "characters")
-        return GenerateRequest(prompt, max_tokens or self.default_max_tokens, sampling, stop)
+        return GenerateRequest(prompt, max_tokens, sampling, stop)
 
     def generate(self, request: GenerateRequest, deadline: float | None = None
                  ) -> Iterator[dict]:
@@ -219,7 +219,11 @@ class GenerationModel:
         get wrong (and a full server: 429) raises here, before the first event."""
         started = time.monotonic()
         prompt = self.codec.encode(request.prompt)
-        seq = Sequence(prompt, request.max_tokens, request.sampling, self.eos_ids, deadline)
+        max_tokens = request.max_tokens
+        if max_tokens is None:  # not asked for: the default, within what the context leaves
+            room = self.engine.limits.max_context - len(prompt)
+            max_tokens = max(1, min(self.default_max_tokens, room))
+        seq = Sequence(prompt, max_tokens, request.sampling, self.eos_ids, deadline)
         self.engine.submit(seq)
         events = self.engine.events(seq)
         try:
