@@ -238,3 +238,134 @@ def test_model_zoo_cnns_partition_and_quantise(tmp_path, monkeypatch, model):
                                  budget={"min_cosine": 0.9, "min_top1": 0.0}),
                         out=lambda line: None)
     onnx.checker.check_model(str(tmp_path / model / str(outcome.version) / "model.onnx"))
+
+
+@pytest.fixture(scope="module")
+def numba_runtime(tmp_path_factory):
+    """The real-world models served by the numba backend (compiles its kernels once)."""
+    import os
+
+    pytest.importorskip("numba")
+    if "NUMBA_CACHE_DIR" not in os.environ:
+        os.environ["NUMBA_CACHE_DIR"] = str(tmp_path_factory.getbasetemp() / "numba-cache")
+    from runtime import Runtime
+
+    root = rw.write_repository(tmp_path_factory.mktemp("numba"),
+                               ["ir3_cnn", "paddle_cnn", "bert_encoder", "gru"])
+    for name in ("ir3_cnn", "paddle_cnn", "bert_encoder", "gru"):
+        (root / name / "model.toml").write_text('backend = "numba"\n')
+    rt = Runtime.from_config({"repository": {"path": str(root)}}).start()
+    yield root, rt
+    rt.close()
+
+
+@pytest.mark.slow  # compiles the numba kernels these models use
+@pytest.mark.parametrize("name", ["ir3_cnn", "paddle_cnn", "bert_encoder", "gru"])
+def test_numba_lowers_the_model_and_matches_onnxruntime(numba_runtime, name):
+    from runtime.codec import InferInput, InferRequest
+
+    root, rt = numba_runtime
+    assert rt.metadata(name)["platform"] == "shardserve_numba"
+    feed = dict(np.load(root / name / "sample.npz"))
+    names, want = _run_original(root, name, feed)
+    kinds = {np.dtype(np.float32): "FP32", np.dtype(np.int64): "INT64"}
+    request = InferRequest(inputs=[InferInput(k, kinds[v.dtype], list(v.shape), v)
+                                   for k, v in feed.items()])
+    got = rt.infer(name, request).outputs
+    for out, expected in zip(names, want):
+        np.testing.assert_allclose(got[out], expected, rtol=1e-4, atol=1e-4)
+
+
+def test_numba_names_the_op_it_cannot_lower(tmp_path):
+    from plugins.backends.numba_backend import kernel_registry
+    from plugins.backends.numba_lowering import lower
+    from runtime.errors import ModelLoadError
+
+    model, _ = rw.voice_model()
+    kernels = kernel_registry(PluginManager().load_plugins())
+    with pytest.raises(ModelLoadError, match=r"Pad \(node .*If \(node"):
+        lower("voice", model.SerializeToString(), kernels)
+
+
+def test_numba_folds_batch_norm_into_the_conv_before_it():
+    from plugins.backends.numba_backend import kernel_registry
+    from plugins.backends.numba_lowering import lower
+
+    model, sample = rw.ir3_cnn()
+    graph = lower("ir3_cnn", model.SerializeToString(),
+                  kernel_registry(PluginManager().load_plugins()))
+    assert "BatchNormalization" not in graph.ops() and "Conv" in graph.ops()
+
+
+def _lower_and_compare(model, feed: dict) -> list[str]:
+    from plugins.backends.numba_backend import kernel_registry
+    from plugins.backends.numba_lowering import lower
+
+    graph = lower("m", model.SerializeToString(), kernel_registry(PluginManager().load_plugins()))
+    sess = ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"])
+    names = [o.name for o in sess.get_outputs()]
+    got = graph.run(feed, names)
+    for name, want in zip(names, sess.run(names, feed)):
+        assert got[name].shape == want.shape
+        np.testing.assert_allclose(got[name], want, rtol=1e-4, atol=1e-4)
+    return graph.ops()
+
+
+@pytest.mark.parametrize("direction", ["forward", "reverse", "bidirectional"])
+@pytest.mark.parametrize("linear_before_reset", [0, 1])
+def test_numba_gru_variants_match_onnxruntime(direction, linear_before_reset):
+    from onnx import TensorProto, helper, numpy_helper
+
+    rng = np.random.default_rng(3)
+    dirs, hidden, features = (2 if direction == "bidirectional" else 1), 5, 3
+    inits = [numpy_helper.from_array((rng.standard_normal(shape) * 0.4).astype(np.float32), n)
+             for n, shape in (("W", (dirs, 3 * hidden, features)),
+                              ("R", (dirs, 3 * hidden, hidden)), ("B", (dirs, 6 * hidden)))]
+    node = helper.make_node("GRU", ["x", "W", "R", "B", "", "h0"], ["y", "y_h"],
+                            hidden_size=hidden, direction=direction,
+                            linear_before_reset=linear_before_reset)
+    graph = helper.make_graph(
+        [node], "g", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [6, 2, features]),
+                      helper.make_tensor_value_info("h0", TensorProto.FLOAT, [dirs, 2, hidden])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, None),
+         helper.make_tensor_value_info("y_h", TensorProto.FLOAT, None)], inits)
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 14)])
+    model.ir_version = 8
+    feed = {"x": rng.standard_normal((6, 2, features)).astype(np.float32),
+            "h0": rng.standard_normal((dirs, 2, hidden)).astype(np.float32)}
+    assert _lower_and_compare(model, feed) == ["GRU"]
+
+
+def test_numba_activations_and_shape_ops_match_onnxruntime():
+    from onnx import TensorProto, helper, numpy_helper
+
+    i64 = lambda name, *v: numpy_helper.from_array(np.array(v, np.int64), name)  # noqa: E731
+    nodes = [
+        helper.make_node("Clip", ["x", "lo", "hi"], ["clipped"]),
+        helper.make_node("HardSigmoid", ["x"], ["hs"], alpha=0.3, beta=0.4),
+        helper.make_node("HardSwish", ["x"], ["hw"]),
+        helper.make_node("Sigmoid", ["x"], ["sg"]),
+        helper.make_node("Add", ["clipped", "hs"], ["a1"]),
+        helper.make_node("Add", ["hw", "sg"], ["a2"]),
+        helper.make_node("Shape", ["x"], ["shp"]),
+        helper.make_node("Gather", ["shp", "last"], ["width"], axis=0),
+        helper.make_node("ConstantOfShape", ["width"], ["ones"],
+                         value=helper.make_tensor("v", TensorProto.FLOAT, [1], [1.0])),
+        helper.make_node("Equal", ["x_int", "zero"], ["is_zero"]),
+        helper.make_node("Where", ["is_zero", "a1", "a2"], ["picked"]),
+        helper.make_node("Expand", ["ones", "shp"], ["ones_full"]),
+        helper.make_node("Mul", ["picked", "ones_full"], ["y"]),
+        helper.make_node("Cast", ["x"], ["x_int"], to=TensorProto.INT64),
+    ]
+    nodes = nodes[-1:] + nodes[:-1]
+    inits = [numpy_helper.from_array(np.float32(-0.5), "lo"),
+             numpy_helper.from_array(np.float32(0.7), "hi"), i64("last", 1),
+             numpy_helper.from_array(np.int64(0), "zero")]
+    graph = helper.make_graph(nodes, "g", [helper.make_tensor_value_info(
+        "x", TensorProto.FLOAT, ["n", 4])], [helper.make_tensor_value_info(
+            "y", TensorProto.FLOAT, ["n", 4])], inits)
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 14)])
+    model.ir_version = 8
+    feed = {"x": (np.random.default_rng(4).standard_normal((3, 4)) * 3).astype(np.float32)}
+    ops = _lower_and_compare(model, feed)
+    assert {"Clip", "HardSigmoid", "HardSwish", "Where", "Expand", "Shape"} <= set(ops)

@@ -100,9 +100,56 @@ def _constant_value(node: Node) -> np.ndarray:
     raise ValueError("Constant without a numeric value")
 
 
+# attributes that newer opsets turned into inputs: the kernels take the attribute form
+# under another name, so the input keeps its position
+ATTRIBUTE_ALIASES = {("Unsqueeze", "axes"): "axes_attr", ("Squeeze", "axes"): "axes_attr",
+                     ("ReduceMean", "axes"): "axes_attr", ("Dropout", "ratio"): "ratio_attr"}
+
+
+def fold_batch_norms(nodes: list[Node], constants: dict, outputs: set[str]) -> list[Node]:
+    """Conv -> BatchNormalization with constant weights and statistics becomes one Conv
+    with scaled weights and a shifted bias (inference mode), as exporters' fusers do."""
+    readers: dict[str, int] = {}
+    for node in nodes:
+        for name in node.inputs:
+            readers[name] = readers.get(name, 0) + 1
+    producer = {o: node for node in nodes for o in node.outputs}
+    out = []
+    dropped: set[int] = set()
+    for node in nodes:
+        conv = producer.get(node.inputs[0]) if node.op == "BatchNormalization" else None
+        if (conv is None or conv.op != "Conv" or readers.get(node.inputs[0]) != 1
+                or node.inputs[0] in outputs or len(node.outputs) != 1
+                or node.attrs.get("training_mode", 0)
+                or not all(n in constants for n in node.inputs[1:5])
+                or conv.inputs[1] not in constants
+                or (len(conv.inputs) > 2 and conv.inputs[2] and conv.inputs[2] not in constants)):
+            out.append(node)
+            continue
+        scale, bias, mean, var = (constants[n].astype(np.float64) for n in node.inputs[1:5])
+        weight = constants[conv.inputs[1]]
+        factor = scale / np.sqrt(var + node.attrs.get("epsilon", 1e-5))
+        old_bias = (constants[conv.inputs[2]].astype(np.float64)
+                    if len(conv.inputs) > 2 and conv.inputs[2] else 0.0)
+        folded_w, folded_b = f"{conv.name}/bn_weight", f"{conv.name}/bn_bias"
+        constants[folded_w] = (weight * factor.reshape(-1, *[1] * (weight.ndim - 1))
+                               ).astype(weight.dtype)
+        constants[folded_b] = ((old_bias - mean) * factor + bias).astype(weight.dtype)
+        conv.inputs = [conv.inputs[0], folded_w, folded_b]
+        conv.outputs = list(node.outputs)
+        dropped.add(id(node))
+    return [n for n in out if id(n) not in dropped]
+
+
+def _coerced_softmax(softmax: Callable, axis: int, x: np.ndarray) -> tuple:
+    axis = axis % x.ndim if x.ndim else 0
+    flat = np.ascontiguousarray(x).reshape(int(np.prod(x.shape[:axis])), -1)
+    return (softmax(flat, axis=-1)[0].reshape(x.shape),)
+
+
 def _bind(node: Node, kernel, opset: int) -> Callable:
-    if node.op == "Softmax" and opset < 13:
-        raise ValueError("Softmax before opset 13 (2-D coercion) is not supported")
+    if node.op == "Softmax" and opset < 13:  # softmax of the input coerced to 2-D at axis
+        return functools.partial(_coerced_softmax, kernel.resolve(), node.attrs.get("axis", 1))
     n_inputs = len(kernel.inputs)
     if len(node.inputs) > n_inputs or len(node.inputs) < kernel.required_inputs:
         raise ValueError(f"{len(node.inputs)} inputs, the kernel takes {n_inputs}")
@@ -136,7 +183,8 @@ def lower(model: str, data: bytes, kernels: Any) -> LoweredGraph:
     for proto_node in graph.node:
         node = Node(proto_node.op_type, proto_node.name or proto_node.op_type,
                     list(proto_node.input), list(proto_node.output),
-                    {a.name: attribute_value(a) for a in proto_node.attribute})
+                    {ATTRIBUTE_ALIASES.get((proto_node.op_type, a.name), a.name):
+                     attribute_value(a) for a in proto_node.attribute})
         if node.op == "Constant":
             try:
                 constants[node.outputs[0]] = _constant_value(node)
@@ -146,6 +194,7 @@ def lower(model: str, data: bytes, kernels: Any) -> LoweredGraph:
         if proto_node.domain not in ("", "ai.onnx"):
             node.op = f"{proto_node.domain}.{node.op}"
         nodes.append(node)
+    nodes = fold_batch_norms(nodes, constants, {o.name for o in outputs})
     nodes, fused = fuse(nodes, constants, {o.name for o in outputs})
 
     missing = [f"{n.op} (node {n.name!r})" for n in nodes if n.op not in kernels]

@@ -17,7 +17,9 @@ from .contract import REQUIRED, Kernel, Required, Shape, parse_stage, same_shape
 __all__ = ["BUILTIN_KERNELS", "REQUIRED", "Kernel", "Required", "parse_stage", "same_shape"]
 
 P = "plugins.kernels."
+S = P + "shape_ops:"
 NUMERIC = ("FP32", "FP64", "INT32", "INT64")
+ANY = ("FP32", "FP64", "FP16", "INT8", "UINT8", "INT16", "INT32", "INT64", "BOOL")
 
 
 def _allowed(name: str, values: tuple) -> callable:
@@ -178,6 +180,59 @@ BUILTIN_KERNELS: dict[str, Kernel] = {
         outputs=("selected_indices",), output_dtypes=("INT64",),
         params={"center_point_box": 0}, shape=lambda shapes, params: [[-1, 3]],
         doc="ONNX NonMaxSuppression"),
+    "GRU": Kernel(P + "gru:gru", inputs=("x", "w", "r", "b?", "sequence_lens?", "initial_h?"),
+                  outputs=("y", "y_h"),
+                  params={"direction": "forward", "hidden_size": 0, "layout": 0,
+                          "linear_before_reset": 0, "clip": None},
+                  validate=_all(_allowed("layout", (0,)), _allowed("clip", (None,)),
+                                _allowed("direction", ("forward", "reverse", "bidirectional"))),
+                  doc="GRU, default activations, both linear_before_reset forms (numpy)"),
+    # the shape subgraph and small element-wise ops (numpy, no numba) ---------------
+    "Shape": Kernel(S + "shape", dtypes=ANY, output_dtypes=("INT64",),
+                    params={"start": 0, "end": None}, doc="the input's shape"),
+    "Gather": Kernel(S + "gather", inputs=("data", "indices"), dtypes=ANY, params={"axis": 0},
+                     doc="np.take along axis (an embedding lookup, a shape entry)"),
+    "Unsqueeze": Kernel(S + "unsqueeze", inputs=("data", "axes?"), dtypes=ANY,
+                        params={"axes_attr": None}, doc="insert size-1 axes"),
+    "Squeeze": Kernel(S + "squeeze", inputs=("data", "axes?"), dtypes=ANY,
+                      params={"axes_attr": None}, doc="drop size-1 axes"),
+    "Concat": Kernel(S + "concat", inputs=("x0",) + tuple(f"x{i}?" for i in range(1, 1024)),
+                     dtypes=ANY, params={"axis": Required(0)}, doc="join along axis"),
+    "Cast": Kernel(S + "cast", dtypes=ANY, params={"to": Required(1), "saturate": 1},
+                   doc="numpy astype"),
+    "Range": Kernel(S + "range_", inputs=("start", "limit", "delta"), dtypes=ANY,
+                    doc="np.arange"),
+    "ConstantOfShape": Kernel(S + "constant_of_shape", inputs=("shape",), dtypes=ANY,
+                              params={"value": None}, doc="a filled tensor of a given shape"),
+    "Equal": Kernel(S + "equal", inputs=("a", "b"), dtypes=ANY, output_dtypes=("BOOL",),
+                    doc="element-wise ==, broadcasting"),
+    "Where": Kernel(S + "where", inputs=("condition", "x", "y"), dtypes=ANY,
+                    doc="np.where, broadcasting"),
+    "Expand": Kernel(S + "expand", inputs=("data", "shape"), dtypes=ANY,
+                     doc="broadcast to a shape"),
+    "Slice": Kernel(S + "slice_", inputs=("data", "starts", "ends", "axes?", "steps?"),
+                    dtypes=ANY, doc="ONNX Slice (opset 10+)"),
+    "Clip": Kernel(S + "clip", inputs=("x", "low?", "high?"), dtypes=NUMERIC,
+                   params={"min": None, "max": None}, doc="clamp (ReLU6 and friends)"),
+    "HardSigmoid": Kernel(S + "hard_sigmoid", params={"alpha": 0.2, "beta": 0.5},
+                          doc="clip(alpha * x + beta, 0, 1)"),
+    "HardSwish": Kernel(S + "hard_swish", doc="x * hard_sigmoid(x, 1/6, 1/2)"),
+    "BatchNormalization": Kernel(
+        S + "batch_normalization", inputs=("x", "scale", "bias", "mean", "var"),
+        params={"epsilon": 1e-5, "momentum": 0.9, "training_mode": 0, "spatial": 1},
+        validate=_all(_allowed("training_mode", (0,)), _allowed("spatial", (1,))),
+        doc="inference BatchNormalization (folded into the Conv before it at load)"),
+    "ReduceMean": Kernel(S + "reduce_mean", inputs=("data", "axes?"),
+                         params={"axes_attr": None, "keepdims": 1, "noop_with_empty_axes": 0},
+                         doc="mean over axes"),
+    "Dropout": Kernel(S + "dropout", inputs=("data", "ratio?", "training_mode?"),
+                      outputs=("output", "mask"), dtypes=ANY, output_dtypes=(None, "BOOL"),
+                      params={"seed": None, "is_test": 1, "ratio_attr": None},
+                      doc="inference: the identity"),
+    "Sum": Kernel(S + "sum_", inputs=("x0",) + tuple(f"x{i}?" for i in range(1, 1024)),
+                  dtypes=NUMERIC, doc="element-wise sum of the inputs, broadcasting"),
+    "LRN": Kernel(S + "lrn", params={"size": Required(1), "alpha": 1e-4, "beta": 0.75,
+                                     "bias": 1.0}, doc="local response normalisation"),
     # pipeline stages ------------------------------------------------------------
     "softmax": Kernel(P + "reductions:softmax", params={"axis": -1, "parallel": False},
                       doc="softmax along axis"),
