@@ -295,3 +295,27 @@ def test_concurrent_streams_with_random_disconnects(server):
     after = requests.post(server.base + "/v2/models/tiny-gpt2/generate", timeout=30,
                           json={"text_input": PROMPT, "parameters": {"max_tokens": 3}})
     assert after.status_code == 200
+
+
+@pytest.mark.slow
+def test_generate_routes_under_serverless_offline(lm_repo, expected, tmp_path, monkeypatch):
+    """serverless.yml's routes for text generation, through the real ``serverless offline``."""
+    from test_serverless_offline import OfflineService
+
+    monkeypatch.setenv("SHARDSERVE_REPOSITORY", str(lm_repo))
+    service = OfflineService(tmp_path / "offline.log")
+    try:
+        body = {"text_input": PROMPT, "parameters": {"max_tokens": 12, "temperature": 0}}
+        r = requests.post(service.base + "/v2/models/tiny-gpt2/generate", json=body, timeout=60)
+        assert r.status_code == 200, r.text
+        assert r.json()["text_output"] == expected["completion"]["text"]
+        r = requests.post(service.base + "/v1/completions", timeout=60,
+                          json={"model": "tiny-gpt2", "prompt": PROMPT, "max_tokens": 12,
+                                "temperature": 0})
+        assert r.status_code == 200, r.text
+        assert r.json()["choices"][0]["text"] == expected["completion"]["text"]
+        r = requests.post(service.base + "/v1/completions", timeout=60,
+                          json={"model": "tiny-gpt2", "prompt": PROMPT, "max_tokens": 99})
+        assert r.status_code == 400 and "cap of 40" in r.json()["error"]["message"]
+    finally:
+        service.stop()
