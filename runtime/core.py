@@ -199,8 +199,8 @@ def _check_inputs(model: LoadedModel, request: InferRequest) -> dict:
     batched = bool(model.config.max_batch_size)
     feed = {}
     for item in request.inputs:
-        shape = check_tensor(specs, item.name, item.datatype, tuple(item.shape), batched)
-        feed[item.name] = item.data if item.data.shape == shape else item.data.reshape(shape)
+        shape = check_tensor(specs, item.name, item.datatype, item.shape, batched)
+        feed[item.name] = item.data if shape is item.shape else item.data.reshape(shape)
     if len(feed) != len(specs):
         missing = sorted(set(specs) - set(feed))
         raise BadRequest(f"missing inputs for model {model.name!r}: {', '.join(missing)}")
