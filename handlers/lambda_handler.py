@@ -27,6 +27,7 @@ from urllib.parse import parse_qsl, unquote
 from runtime import Runtime
 from runtime.errors import BadRequest, PayloadTooLarge, ShardserveError
 
+from . import snapstart
 from .direct_invoke import is_direct_invoke
 from .routes import HttpRequest, HttpResponse, dispatch, error_response, request_id
 
@@ -39,14 +40,16 @@ OFFLINE_REQUEST_ID = "1234567890"  # serverless-offline's constant placeholder
 _runtime: Runtime | None = None
 
 
-def get_runtime() -> Runtime:
-    """The container's runtime, built on first use. Models load lazily unless
+def get_runtime(load: str | None = None) -> Runtime:
+    """The container's runtime, built on first use. Models load lazily unless ``load`` or
     ``SHARDSERVE_LOAD`` says otherwise, so a cold start loads only what it serves;
     Prometheus metrics are off unless ``SHARDSERVE_METRICS`` turns them on."""
     global _runtime
     if _runtime is None:
         overrides: dict = {}
-        if "SHARDSERVE_LOAD" not in os.environ:
+        if load is not None:
+            overrides["repository"] = {"load": load}
+        elif "SHARDSERVE_LOAD" not in os.environ:
             overrides["repository"] = {"load": "lazy"}
         if "SHARDSERVE_METRICS" not in os.environ:  # no one scrapes a function's container
             overrides["metrics"] = {"enabled": False}
@@ -192,3 +195,19 @@ def handler(event: Any, context: Any = None) -> dict:
 
 # The shard function is the same code: a direct invoke is just another event.
 shard_handler = handler
+
+
+def prepare_snapshot() -> None:
+    """SnapStart: every model loads into the snapshot, and restored copies re-seed their random
+    sources (handlers/snapstart.py). A failed load is logged; invocations then load lazily."""
+    snapstart.install()
+    try:
+        get_runtime(load="all")
+    except Exception as exc:
+        global _runtime
+        _runtime = None
+        log.error("loading models for the snapshot failed: %s", type(exc).__name__)
+
+
+if snapstart.is_snapstart():
+    prepare_snapshot()
