@@ -89,13 +89,10 @@ class RequestLimits:
     deadline: float | None = None  # time.monotonic(); past it the request gets 504
 
     def check_request(self, request: InferRequest) -> None:
-        if self.deadline is not None and time.monotonic() > self.deadline:
-            raise GatewayTimeout("request deadline passed before the model ran")
-        if self.max_batch_size:
-            for item in request.inputs:
-                if item.shape and item.shape[0] > self.max_batch_size:
-                    raise PayloadTooLarge(f"batch size {item.shape[0]} is over the server "
-                                          f"limit {self.max_batch_size}")
+        for item in request.inputs if self.max_batch_size else ():
+            if item.shape and item.shape[0] > self.max_batch_size:
+                raise PayloadTooLarge(f"batch size {item.shape[0]} is over the server "
+                                      f"limit {self.max_batch_size}")
 
     def check_deadline(self) -> None:
         if self.deadline is not None and time.monotonic() > self.deadline:
@@ -193,8 +190,8 @@ class ModelStatus:
     versions: dict[int, LoadedModel] = field(default_factory=dict)
 
 
-def _check_inputs(model: LoadedModel, request: InferRequest) -> dict:
-    """Inputs as a feed dict, after checking names, datatypes and shapes."""
+def _check_request(model: LoadedModel, request: InferRequest) -> tuple[dict, list[str]]:
+    """The feed dict and the output names wanted, after checking names, datatypes and shapes."""
     specs = model.input_specs
     batched = bool(model.config.max_batch_size)
     feed = {}
@@ -207,7 +204,15 @@ def _check_inputs(model: LoadedModel, request: InferRequest) -> dict:
     limit = model.config.max_batch_size
     if limit and request.inputs and request.inputs[0].shape and request.inputs[0].shape[0] > limit:
         raise BadRequest(f"batch size {request.inputs[0].shape[0]} is over max_batch_size {limit}")
-    return feed
+    if request.outputs is None:
+        return feed, model.output_names
+    wanted = [o.name for o in request.outputs]
+    unknown = [n for n in wanted if n not in model.output_names]
+    if unknown:
+        raise BadRequest(f"unknown output {unknown[0]!r} for model {model.name!r}")
+    if len(set(wanted)) != len(wanted):
+        raise BadRequest("an output is requested twice")
+    return feed, wanted
 
 
 class Runtime:
@@ -319,13 +324,20 @@ class Runtime:
 
     def load(self, name: str) -> None:
         """(Re)load every version the model's policy selects, in every worker."""
+        self._publish(name, "load")
+
+    def unload(self, name: str) -> None:
+        """Unload in every worker: new requests get 503, running ones finish first."""
+        self._publish(name, "unload")
+
+    def _publish(self, name: str, action: str) -> None:
         validate_model_name(name)
-        if not self.repository.exists(name):
+        if not self.repository.exists(name) and (action == "load" or name not in self._models):
             raise NotFound(f"unknown model {name!r}")
         with self._model_lock(name):  # other models keep serving and loading meanwhile
             if self._shared is not None:
-                self._shared.publish(name, "load")
-            self._load(name)
+                self._shared.publish(name, action)
+            self._load(name) if action == "load" else self._unload(name)
 
     def _load(self, name: str) -> None:
         """The old versions serve until the new ones are ready, then close once idle."""
@@ -387,16 +399,6 @@ class Runtime:
         return LoadedModel(cfg.name, version, backend, cfg, list(backend.inputs),
                            list(backend.outputs))
 
-    def unload(self, name: str) -> None:
-        """Unload in every worker: new requests get 503, running ones finish first."""
-        validate_model_name(name)
-        if name not in self._models and not self.repository.exists(name):
-            raise NotFound(f"unknown model {name!r}")
-        with self._model_lock(name):
-            if self._shared is not None:
-                self._shared.publish(name, "unload")
-            self._unload(name)
-
     def _unload(self, name: str) -> None:
         with self._model_lock(name):
             if name not in self._models and not self.repository.exists(name):
@@ -414,26 +416,23 @@ class Runtime:
     def get_model(self, name: str, version: str | int | None = None) -> LoadedModel:
         """The loaded model version (the newest when ``version`` is None)."""
         self._sync()
-        status = self._models.get(name)
-        if status is None or not status.versions:
-            status = self._lazy_load(name)
+        versions = self._status(name).versions
         wanted = validate_version(version)
-        versions = status.versions
-        if wanted is None:
-            try:
-                return versions[max(versions)]
-            except ValueError:  # unloaded meanwhile
-                raise ServiceUnavailable(f"model {name!r} is not loaded") from None
-        model = versions.get(wanted)
+        if wanted is None and not versions:  # unloaded meanwhile
+            raise ServiceUnavailable(f"model {name!r} is not loaded")
+        model = versions.get(max(versions) if wanted is None else wanted)
         if model is None:
             raise NotFound(f"version {wanted} of model {name!r} is not available")
         return model
 
-    def _lazy_load(self, name: str) -> ModelStatus:
+    def _status(self, name: str) -> ModelStatus:
+        """The model's status with versions loaded: loaded now in "lazy" mode, else 503."""
+        status = self._models.get(name)
+        if status is not None and status.versions:
+            return status
         validate_model_name(name)
         if not self.repository.exists(name):
             raise NotFound(f"unknown model {name!r}")
-        status = self._models.get(name)
         reason = status.reason if status else "not loaded"
         if self.config.load != "lazy" or reason == UNLOADED:  # an unload holds in lazy mode too
             raise ServiceUnavailable(f"model {name!r} is not ready: {reason or 'not loaded'}")
@@ -457,9 +456,7 @@ class Runtime:
         validate_model_name(name)
         wanted = validate_version(version)
         try:
-            status = self._models.get(name)
-            if status is None or not status.versions:
-                status = self._lazy_load(name)  # loads in "lazy" mode, else 503
+            status = self._status(name)  # loads in "lazy" mode, else 503
         except NotFound:
             raise
         except ShardserveError:
@@ -543,17 +540,21 @@ class Runtime:
         finally:
             model.release()
 
-    def request_limits(self, principal: Any, model: str) -> RequestLimits | None:
-        """The strictest of the limits plugins set for ``principal`` (None: no principal)."""
-        if principal is None:
-            return None
-        found = self.pm.hook.shardserve_request_limits(principal=principal, model=model)
-        if not found:
-            return None
-        sizes = [lim.max_batch_size for lim in found if lim.max_batch_size]
-        return RequestLimits(min(sizes, default=0),
-                             min((lim.deadline for lim in found if lim.deadline is not None),
-                                 default=None))
+    def request_limits(self, principal: Any, model: str,
+                       deadline: float | None = None) -> tuple[RequestLimits | None, float | None]:
+        """The strictest limits plugins set for ``principal`` (None without one) and the earlier
+        of their deadline and the caller's ``deadline``: 504 once that has passed."""
+        found = principal is not None and self.pm.hook.shardserve_request_limits(
+            principal=principal, model=model)
+        limits = RequestLimits(
+            min((lim.max_batch_size for lim in found if lim.max_batch_size), default=0),
+            min((lim.deadline for lim in found if lim.deadline is not None), default=None),
+        ) if found else None
+        if limits is not None and limits.deadline is not None:
+            deadline = limits.deadline if deadline is None else min(deadline, limits.deadline)
+        if deadline is not None and time.monotonic() > deadline:
+            raise GatewayTimeout(f"deadline passed before model {model!r} ran")
+        return limits, deadline
 
     def _acquire(self, name: str, version: str | int | None) -> LoadedModel:
         for _ in range(100):  # a miss means a reload swapped the version meanwhile
@@ -564,27 +565,13 @@ class Runtime:
 
     def _infer(self, model: LoadedModel, name: str, request: InferRequest, principal: Any,
                deadline: float | None) -> InferResponse:
-        feed = _check_inputs(model, request)
-        if request.outputs is None:
-            wanted = model.output_names
-        else:
-            wanted = [o.name for o in request.outputs]
-            for out_name in wanted:
-                if out_name not in model.output_names:
-                    raise BadRequest(f"unknown output {out_name!r} for model {name!r}")
-            if len(set(wanted)) != len(wanted):
-                raise BadRequest("an output is requested twice")
-        limits = self.request_limits(principal, name)
+        feed, wanted = _check_request(model, request)
+        limits, deadline = self.request_limits(principal, name, deadline)
         if limits is not None:
             limits.check_request(request)
-        if deadline is not None and time.monotonic() > deadline:
-            raise GatewayTimeout(f"deadline passed before model {name!r} ran")
-        if limits is not None and limits.deadline is not None:
-            deadline = limits.deadline if deadline is None else min(deadline, limits.deadline)
         call = _call.get()
         scoped = call is not None and call.model is None  # inside an edge's call_scope
-        if not scoped:
-            call = CallContext(None)
+        call = call if scoped else CallContext(None)
         call._request_id = request.id or call._request_id
         call.model, call.deadline, call.version = name, deadline, str(model.version)
         if scoped:
@@ -607,12 +594,7 @@ class Runtime:
             stream = getattr(model.backend, "generate", None)
             if stream is None:
                 raise BadRequest(f"model {name!r} does not generate text")
-            limits = self.request_limits(principal, name)
-            limit = limits.deadline if limits is not None else None
-            if limit is not None:
-                deadline = limit if deadline is None else min(deadline, limit)
-            if deadline is not None and time.monotonic() > deadline:
-                raise GatewayTimeout(f"deadline passed before model {name!r} ran")
+            _, deadline = self.request_limits(principal, name, deadline)
             return _HeldStream(stream(request, deadline=deadline), model)
         except BaseException:
             model.release()
