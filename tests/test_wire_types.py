@@ -236,6 +236,21 @@ def test_tritonclient_through_gunicorn(server, model, binary):
         assert_outputs({name: result.as_numpy(name) for name in expected}, expected)
 
 
+def test_raw_bodies_through_gunicorn(server):
+    import requests
+
+    infer = server.base + "/v2/models/{}/infer"
+    response = requests.post(infer.format("echo"), data=b"", timeout=30)
+    assert response.status_code == 400 and "body is empty" in response.json()["error"]
+    body = b'{"inputs":[{"name":"x","datatype":"FP32","shape":[2],"data":[NaN,-Infinity]}]}'
+    response = requests.post(infer.format("echo"), data=body, timeout=30)
+    assert response.status_code == 200 and b'"data":[NaN,-Infinity]' in response.content
+    for _ in range(4):  # both workers
+        assert requests.post(infer.format("constant"), data=b"{}", timeout=30).status_code == 200
+        config = requests.get(server.base + "/v2/models/scalar/config", timeout=30).json()
+        assert config["input"][0]["dims"] == [1] and config["input"][0]["reshape"] == {"shape": []}
+
+
 # --------------------------------------------------------------------------- Lambda
 
 
