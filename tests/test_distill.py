@@ -260,13 +260,18 @@ def test_bad_sample_sets_are_refused_before_training(repo, monkeypatch, arrays, 
 
 
 def test_bad_labels_and_generated_inputs_are_refused(repo, monkeypatch):
-    import plugins.optimizers.distill as distill
+    import torch
 
-    monkeypatch.setattr(distill, "_train", lambda *a, **k: pytest.fail("training started"))
+    # no optimiser step may run: every refusal comes before training
+    monkeypatch.setattr(torch.optim.Adam, "step", lambda *a, **k: pytest.fail("trained"))
     short = repo.parent / "short.npy"
     np.save(short, np.zeros(5, np.int64))
     with pytest.raises(BadRequest, match="5 labels for 1347 samples"):
         _run(repo, "digits_mlp", f"distill:labels={short}", [repo.parent / "train.npz"])
+    wrong = repo.parent / "wrong.npy"
+    np.save(wrong, np.full(1347, 10, np.int64))
+    with pytest.raises(BadRequest, match="labels must lie in 0..9"):
+        _run(repo, "digits_mlp", f"distill:labels={wrong}", [repo.parent / "train.npz"])
     with pytest.raises(BadRequest, match="not generated noise"):
         _run(repo, "digits_mlp", "distill", [])
 
@@ -287,3 +292,18 @@ def test_cli_refuses_an_unsupported_teacher_in_one_line(tmp_path):
     assert done.returncode != 0
     assert "distill supports MLP" in done.stderr and "Traceback" not in done.stderr
     assert str(tmp_path) not in done.stderr
+
+
+def test_cnn_teacher_gets_a_narrower_channel_pruned_student(tmp_path):
+    root = tmp_path / "repo"
+    shutil.copytree(EXAMPLES / "cnn_skip", root / "cnn_skip")
+    rng = np.random.default_rng(2)
+    np.savez(tmp_path / "images.npz", image=rng.standard_normal((40, 3, 32, 32))
+             .astype(np.float32))
+    outcome, out = _run(root, "cnn_skip", "distill:width=0.5,epochs=2", [tmp_path / "images.npz"],
+                        min_top1=0.0, min_cosine=0.0)
+    assert outcome.version == 2 and "channel-pruned teacher" in out
+    teacher, student = root / "cnn_skip/1/model.onnx", root / "cnn_skip/2/model.onnx"
+    assert _params(student) < 0.5 * _params(teacher)
+    convs = [n for n in onnx.load(student).graph.node if n.op_type == "Conv"]
+    assert len(convs) == 4  # as deep as the teacher, only narrower

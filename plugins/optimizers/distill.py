@@ -215,14 +215,18 @@ class Distiller(Optimizer):
 
         order = np.random.default_rng(options["seed"]).permutation(count)
         train_idx, held_idx = np.sort(order[held:]), np.sort(order[:held])
-        _check_teacher(model, teacher_graph,
-                       {k: np.ascontiguousarray(v[held_idx[:EVAL_CHUNK]]) for k, v in
-                        data.items()})
         threads = torch.get_num_threads()
         torch.set_num_threads(options["threads"])
         try:
+            _check_teacher(model, teacher_graph,
+                           {k: np.ascontiguousarray(v[held_idx[:EVAL_CHUNK]]) for k, v in
+                            data.items()})
             result = _train(torch, teacher_graph, student_graph, t_targets, s_targets, data,
                             labels, train_idx, held_idx, options)
+        except (RuntimeError, ValueError, IndexError, TypeError) as exc:
+            # torch's own errors on a graph it cannot run: one line, never a traceback
+            first = (str(exc).strip().splitlines() or [type(exc).__name__])[0][:200]
+            raise BadRequest(f"distill could not run this model in torch: {first}") from None
         finally:
             torch.set_num_threads(threads)
         out = student.model
@@ -280,6 +284,11 @@ def _train(torch: Any, teacher: Any, student: Any, t_targets: list, s_targets: l
             for j, name in enumerate(t_names):
                 soft[j].append(outs[name].float())
         targets = [torch.cat(parts) for parts in soft]
+    if y is not None:
+        classes = targets[kinds.index("logits")].shape[-1]
+        if int(y.min()) < 0 or int(y.max()) >= classes:
+            raise BadRequest(f"distill labels must lie in 0..{classes - 1} (the teacher has "
+                             f"{classes} classes), got {int(y.min())}..{int(y.max())}")
     T, alpha = options["temperature"], options["alpha"]
 
     def loss_of(idx: Any) -> tuple[Any, list]:
