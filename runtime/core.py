@@ -238,16 +238,14 @@ class Runtime:
     ) -> Runtime:
         """Build a runtime from a TOML path, a dict or a :class:`Config`."""
         config = load_config(source, overrides)
-        return cls(config, PluginManager(disable=config.disable_plugins, plugins=plugins,
-                                         **_security_options(config)))
+        return cls(config, PluginManager.for_config(config, plugins))
 
     # plugins ----------------------------------------------------------------
 
     @property
     def pm(self) -> PluginManager:
         if self._pm is None:
-            self._pm = PluginManager(disable=self.config.disable_plugins,
-                                     **_security_options(self.config))
+            self._pm = PluginManager.for_config(self.config)
         return self._pm.load_plugins()
 
     # security ---------------------------------------------------------------
@@ -604,15 +602,6 @@ class Runtime:
         """Close this process's models (other workers keep theirs)."""
         for name in list(self._models):
             self._unload(name)
-
-
-def _security_options(config: Config) -> dict:
-    """Security plugins load whatever the allow-list says once security is on,
-    and are disabled only when ``[security] allow_disable`` names them."""
-    section = config.section("security")
-    names = section.get("allow_disable", [])
-    return {"allow_disable": names if isinstance(names, list) else [],
-            "security_on": section.get("enabled") is True}
 
 
 class _HeldStream:

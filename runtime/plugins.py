@@ -1,14 +1,8 @@
-"""The plugin manager: built-ins and entry points, loaded lazily.
+"""The plugin manager: ``DEFAULT_PLUGINS`` and ``shardserve`` entry points, registered alike
+and imported only by :meth:`PluginManager.load_plugins`, so importing ``runtime`` stays cheap.
 
-Built-in plugins are listed in ``DEFAULT_PLUGINS`` by module path and
-registered exactly like third-party ones (entry points in the ``shardserve``
-group). Nothing is imported until the first accessor calls
-:func:`load_plugins`, so importing ``runtime`` stays cheap.
-
-``SHARDSERVE_LOAD_PLUGINS`` (comma separated names) is an allow-list: only
-those plugins load. ``[plugins] disable = [...]`` in the config, or
-``SHARDSERVE_DISABLE_PLUGINS``, switches plugins off by name.
-``SHARDSERVE_TRACE_PLUGINS=1`` logs every hook call.
+``SHARDSERVE_LOAD_PLUGINS`` is a comma-separated allow-list; ``[plugins] disable`` or
+``SHARDSERVE_DISABLE_PLUGINS`` switch plugins off; ``SHARDSERVE_TRACE_PLUGINS=1`` logs hook calls.
 """
 
 from __future__ import annotations
@@ -20,12 +14,15 @@ import re
 import sys
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import pluggy
 
 from . import hookspecs
 from .errors import ConfigError
+
+if TYPE_CHECKING:
+    from .config import Config
 
 log = logging.getLogger("shardserve.plugins")
 
@@ -86,12 +83,9 @@ def _dist_field(info_dir: str, field: str, default: str) -> str:
 
 
 def entry_points(group: str = ENTRY_POINT_GROUP) -> list[EntryPoint]:
-    """The ``group`` entry points of every distribution on ``sys.path``.
-
-    Reads each ``*.dist-info/entry_points.txt`` directly: importing
-    ``importlib.metadata`` alone would cost a cold start more than all of this.
-    As there, the first distribution of a name on ``sys.path`` wins.
-    """
+    """The ``group`` entry points of every distribution on ``sys.path`` (the first of a name
+    wins), read from ``*.dist-info/entry_points.txt``: importing ``importlib.metadata`` alone
+    would cost a cold start more than all of this."""
     found: list[EntryPoint] = []
     seen: set[str] = set()
     header = f"[{group}]"
@@ -134,12 +128,8 @@ def _names(value: str | None) -> set[str]:
 
 
 class PluginManager(pluggy.PluginManager):
-    """pluggy's manager with shardserve's lazy loading and filters.
-
-    ``disable`` and ``allow`` decide which plugins :meth:`load_plugins` will
-    register; ``plugins`` are extra objects registered at once (tests,
-    embedding applications).
-    """
+    """pluggy's manager with lazy loading: ``disable`` and ``allow`` filter what
+    :meth:`load_plugins` registers; ``plugins`` are registered at once (tests, embedding)."""
 
     def __init__(
         self,
@@ -163,6 +153,16 @@ class PluginManager(pluggy.PluginManager):
         if os.environ.get("SHARDSERVE_TRACE_PLUGINS"):
             self.trace.root.setwriter(lambda msg: log.info("hook %s", msg.rstrip()))
             self.enable_tracing()
+
+    @classmethod
+    def for_config(cls, config: Config, plugins: Iterable[Any] = ()) -> PluginManager:
+        """The manager a server config asks for. Once ``[security] enabled``, security plugins
+        load whatever the allow-list says; they go off only if ``allow_disable`` names them."""
+        security = config.section("security")
+        names = security.get("allow_disable", [])
+        return cls(config.disable_plugins, plugins=plugins,
+                   allow_disable=names if isinstance(names, list) else [],
+                   security_on=security.get("enabled") is True)
 
     def register(self, plugin: Any, name: str | None = None) -> str | None:
         self._registries.clear()  # a new plugin may register more things
@@ -206,9 +206,8 @@ class PluginManager(pluggy.PluginManager):
             try:
                 plugin = ep.load()
             except Exception as exc:  # name the plugin, not the traceback
-                raise ConfigError(
-                    f"plugin {ep.name!r} failed to import: {type(exc).__name__}"
-                ) from exc
+                raise ConfigError(f"plugin {ep.name!r} failed to import: "
+                                  f"{type(exc).__name__}") from exc
             self.register(plugin, ep.name)
             self.distributions[ep.name] = (ep.distribution, ep.version)
         self.check_pending()
@@ -216,12 +215,9 @@ class PluginManager(pluggy.PluginManager):
 
 
 def each_implementation(pm: pluggy.PluginManager, hook_name: str) -> list[tuple[str, Any]]:
-    """``(plugin name, caller)`` per implementation of a hook, in pluggy's call order.
-
-    Each caller is pluggy's own ``HookCaller`` narrowed to one plugin
-    (``subset_hook_caller``), so an implementation still takes only the
-    arguments it names and ``SHARDSERVE_TRACE_PLUGINS`` still shows the call.
-    """
+    """``(plugin name, caller)`` per implementation of a hook, in pluggy's call order: pluggy's
+    own caller narrowed to one plugin, so an implementation takes only the arguments it names
+    and ``SHARDSERVE_TRACE_PLUGINS`` shows the call."""
     impls = getattr(pm.hook, hook_name).get_hookimpls()[::-1]  # tryfirst ones first
     plugins = [impl.plugin for impl in impls]
     return [(impl.plugin_name, pm.subset_hook_caller(
@@ -238,11 +234,8 @@ def call_chain(pm: pluggy.PluginManager, hook_name: str, key: str, value: Any, *
 
 
 class Registry:
-    """Named things collected through a ``shardserve_register_*`` hook.
-
-    One duplicate policy (raise), one type check, and it remembers which
-    plugin registered each name.
-    """
+    """Named things collected through a ``shardserve_register_*`` hook: one duplicate policy
+    (raise), one type check, and which plugin registered each name."""
 
     def __init__(self, kind: str, check: Callable[[Any], bool] | None = None):
         self.kind = kind
@@ -260,14 +253,11 @@ class Registry:
             if not isinstance(name, str) or not name:
                 raise ConfigError(f"plugin {plugin_name!r} registered a {self.kind} without a name")
             if name in self._items:
-                raise ConfigError(
-                    f"{self.kind} {name!r} registered twice "
-                    f"(by {self.sources[name]!r} and {plugin_name!r})"
-                )
+                raise ConfigError(f"{self.kind} {name!r} registered twice "
+                                  f"(by {self.sources[name]!r} and {plugin_name!r})")
             if self._check is not None and not self._check(item):
-                raise ConfigError(
-                    f"plugin {plugin_name!r} registered an invalid {self.kind} {name!r}"
-                )
+                raise ConfigError(f"plugin {plugin_name!r} registered an invalid {self.kind} "
+                                  f"{name!r}")
             self._items[name] = item
             self.sources[name] = plugin_name
 
