@@ -198,6 +198,13 @@ def _names(text: str | None) -> list[str]:
 
 
 def cmd_keys(args: argparse.Namespace) -> int:
+    try:
+        return _keys_command(args)
+    except OSError as exc:  # an unwritable directory, a full disk: one line, no traceback
+        raise SystemExit(f"error: the keys file cannot be changed ({exc.strerror})") from None
+
+
+def _keys_command(args: argparse.Namespace) -> int:
     store = _store(args)
     if args.keys_command == "create":
         actions = sorted(DEFAULT_ACTIONS) if args.actions is None else _names(args.actions)
