@@ -259,6 +259,7 @@ def _ready(server: ServerProcess) -> None:
 def test_gunicorn_workers_share_replay_and_rate_state_across_kill_9(tiny_repo, tmp_path):
     keys = KeyStore(tmp_path / "keys.json")
     _, key = keys.create("alice", ["double"], ["infer"])
+    _, flood = keys.create("flood", ["double"], ["infer"])
     config = tmp_path / "shardserve.toml"
     config.write_text(f"""
 [repository]
@@ -298,6 +299,13 @@ models = ["double"]
                 _ready(server)
                 assert _post(server, captured) == 401
                 assert _post(server, signed()) == 429
+        # 40 concurrent requests of one principal over both workers' 16 threads: exactly
+        # the burst passes, whatever worker and thread takes each.
+        from concurrent.futures import ThreadPoolExecutor
+
+        with ThreadPoolExecutor(8) as pool:
+            statuses = list(pool.map(lambda _: _post(server, {"X-API-Key": flood}), range(40)))
+        assert sorted(statuses) == [200] * 4 + [429] * 36
         assert server.proc.poll() is None
     finally:
         log = server.stop()
