@@ -231,16 +231,6 @@ def test_layer_dropped_encoder_keeps_cosine_098(tmp_path):
     assert cosine.mean() >= 0.98
 
 
-def test_distill_chains_with_quantize_dynamic(repo):
-    outcome, out = _run(repo, "digits_mlp", f"distill:width=0.25,{FAST};quantize_dynamic",
-                        [repo.parent / "train.npz"])
-    assert outcome.version == 2
-    record = tomllib.loads((repo / "digits_mlp/model.toml").read_text())["provenance"]["2"]
-    assert [o["name"] for o in record["optimizers"]] == ["distill", "quantize_dynamic"]
-    ops = {n.op_type for n in onnx.load(repo / "digits_mlp/2/model.onnx").graph.node}
-    assert "MatMulInteger" in ops or "DynamicQuantizeMatMul" in ops
-
-
 @pytest.mark.parametrize("arrays, message", [
     ({"image": np.zeros((40, 64), np.float32)}, "array 'image' is not a model input"),
     ({"pixels": np.zeros((40, 63), np.float32)}, "has shape \\[40, 63\\]"),
@@ -307,3 +297,17 @@ def test_cnn_teacher_gets_a_narrower_channel_pruned_student(tmp_path):
     assert _params(student) < 0.5 * _params(teacher)
     convs = [n for n in onnx.load(student).graph.node if n.op_type == "Conv"]
     assert len(convs) == 4  # as deep as the teacher, only narrower
+
+
+def test_cli_with_a_comma_chain_publishes_one_version_with_both_steps(repo):
+    done = subprocess.run(
+        [str(SHARDSERVE), "optimize", "digits_mlp", "-r", str(repo), "--with",
+         f"distill:width=0.25,{FAST},quantize_dynamic", "--sample",
+         str(repo.parent / "train.npz"), "--latency-runs", "3"],
+        capture_output=True, text=True, timeout=300,
+        env={**os.environ, "SHARDSERVE_PROGRESS": "0"})
+    assert done.returncode == 0, done.stderr
+    assert "-> quantize_dynamic(" in done.stdout and "published digits_mlp version 2" in done.stdout
+    record = tomllib.loads((repo / "digits_mlp/model.toml").read_text())["provenance"]["2"]
+    assert [o["name"] for o in record["optimizers"]] == ["distill", "quantize_dynamic"]
+    assert record["optimizers"][0]["options"]["lr"] == 0.01

@@ -18,11 +18,19 @@ def _runtime(args: argparse.Namespace) -> Any:
 
 
 def cmd_optimize(args: argparse.Namespace) -> int:
-    from .pipeline import Settings, chain_from_config, optimizer_registry, parse_step, run_chain
+    from .pipeline import (
+        Settings,
+        chain_from_config,
+        optimizer_registry,
+        parse_step,
+        run_chain,
+        split_chain,
+    )
 
     rt = _runtime(args)
     registry = optimizer_registry(rt.pm)
-    steps = [parse_step(registry, spec) for spec in args.with_]
+    steps = [parse_step(registry, spec) for value in args.with_
+             for spec in split_chain(value, registry.names())]
     if not steps:
         steps = chain_from_config(registry, rt.repository.config(args.model).raw)
     budget = {key: getattr(args, key) for key in ("max_abs_diff", "min_cosine", "min_top1")

@@ -76,6 +76,18 @@ def parse_step(registry: Registry, spec: str | Mapping) -> Step:
     return Step(optimizer, optimizer.validate(options))
 
 
+def split_chain(value: str, names: list[str]) -> list[str]:
+    """``--with a,b:k=v`` as ``["a", "b:k=v"]``: a comma piece that starts with an optimizer
+    name (an option is always ``key=value``) begins the next step."""
+    steps: list[str] = []
+    for piece in value.split(","):
+        if steps and piece.split(":", 1)[0].strip() not in names:
+            steps[-1] += "," + piece
+        else:
+            steps.append(piece)
+    return steps
+
+
 @dataclass
 class Settings:
     """How to run one chain (command-line flags, or test arguments)."""
