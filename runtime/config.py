@@ -1,26 +1,8 @@
-"""Server configuration: a TOML file (``shardserve.toml``), then ``SHARDSERVE_*``
-environment variables, then explicit overrides (CLI flags, tests).
+"""Server configuration (docs/configuration.md): a TOML file (``shardserve.toml``), then
+``SHARDSERVE_*`` environment variables, then explicit overrides (CLI flags, tests).
 
-```toml
-[server]
-host = "127.0.0.1"
-port = 8080
-max_body_bytes = 67108864     # 64 MiB; larger bodies get 413
-max_tensor_elements = 0       # 0 = only the body limit applies
-state_dir = "/var/lib/shardserve"  # shared by workers (replay nonces, rate limits);
-                              # default $XDG_STATE_HOME/shardserve or ~/.local/state/shardserve
-
-[repository]
-path = "models"               # relative to this file
-load = "all"                  # "all" at startup, "lazy" on first request,
-                              # "none" (repository API only) or a list of names
-
-[plugins]
-disable = []                  # plugin names to switch off
-```
-
-Other top-level sections (``[security]`` ...) belong to plugins and are kept
-as given in ``Config.sections``.
+``[server]``, ``[repository]`` and ``[plugins]`` are the core's; other sections (``[security]``
+...) belong to plugins and are kept as given in ``Config.sections``.
 """
 
 from __future__ import annotations
@@ -65,7 +47,7 @@ def _parse_bool(raw: str) -> bool:
 @dataclass
 class Config:
     repository: Path = Path("models")
-    load: str | list[str] = "all"
+    load: str | list[str] = "all"  # "all" at startup, "lazy" on first request, "none", names
     host: str = "127.0.0.1"
     port: int = 8080
     max_body_bytes: int = DEFAULT_MAX_BODY_BYTES
@@ -151,41 +133,38 @@ def _expect(value: Any, kind: type | tuple, what: str) -> Any:
     return value
 
 
+def _path(value: Any, base_dir: Path, what: str) -> Path:
+    path = Path(_expect(value, (str, os.PathLike), what))
+    return path if path.is_absolute() else base_dir / path
+
+
+def _names(value: Any) -> bool:
+    return isinstance(value, list) and all(isinstance(n, str) for n in value)
+
+
 def _build(raw: dict, base_dir: Path) -> Config:
-    server = _expect(raw.get("server", {}), dict, "[server]")
-    repo = _expect(raw.get("repository", {}), dict, "[repository]")
-    plugins = _expect(raw.get("plugins", {}), dict, "[plugins]")
-    known_server = {"host", "port", "max_body_bytes", "max_tensor_elements", "state_dir"}
-    unknown = set(server) - known_server
+    server, repo, plugins = (_expect(raw.get(name, {}), dict, f"[{name}]")
+                             for name in ("server", "repository", "plugins"))
+    unknown = set(server) - {"host", "port", "max_body_bytes", "max_tensor_elements", "state_dir"}
     if unknown:
         raise ConfigError(f"config: unknown [server] keys: {', '.join(sorted(unknown))}")
     cfg = Config()
-    cfg.host = _expect(server.get("host", cfg.host), str, "server.host")
-    cfg.port = _expect(server.get("port", cfg.port), int, "server.port")
+    for key, kind in (("host", str), ("port", int), ("max_body_bytes", int),
+                      ("max_tensor_elements", int)):
+        setattr(cfg, key, _expect(server.get(key, getattr(cfg, key)), kind, f"server.{key}"))
     if not 0 <= cfg.port <= 65535:
         raise ConfigError("config: server.port must be 0..65535")
-    cfg.max_body_bytes = _expect(
-        server.get("max_body_bytes", cfg.max_body_bytes), int, "server.max_body_bytes"
-    )
-    cfg.max_tensor_elements = _expect(
-        server.get("max_tensor_elements", 0), int, "server.max_tensor_elements"
-    )
     if cfg.max_body_bytes <= 0 or cfg.max_tensor_elements < 0:
         raise ConfigError("config: server limits must be positive")
     if "state_dir" in server:
-        state = Path(_expect(server["state_dir"], (str, os.PathLike), "server.state_dir"))
-        cfg.state_dir = state if state.is_absolute() else base_dir / state
-    path = Path(_expect(repo.get("path", "models"), (str, os.PathLike), "repository.path"))
-    cfg.repository = path if path.is_absolute() else base_dir / path
-    load = repo.get("load", "all")
-    if isinstance(load, str):
-        if load not in LOAD_MODES:
-            raise ConfigError(f"config: repository.load must be one of {LOAD_MODES} or a list")
-    elif not (isinstance(load, list) and all(isinstance(n, str) for n in load)):
+        cfg.state_dir = _path(server["state_dir"], base_dir, "server.state_dir")
+    cfg.repository = _path(repo.get("path", "models"), base_dir, "repository.path")
+    cfg.load = repo.get("load", "all")
+    if isinstance(cfg.load, str) and cfg.load not in LOAD_MODES:
+        raise ConfigError(f"config: repository.load must be one of {LOAD_MODES} or a list")
+    if not isinstance(cfg.load, str) and not _names(cfg.load):
         raise ConfigError("config: repository.load must be a mode or a list of model names")
-    cfg.load = load
-    disable = plugins.get("disable", [])
-    if not (isinstance(disable, list) and all(isinstance(n, str) for n in disable)):
+    if not _names(disable := plugins.get("disable", [])):
         raise ConfigError("config: plugins.disable must be a list of plugin names")
     cfg.disable_plugins = list(disable)
     cfg.sections = {k: v for k, v in raw.items() if k not in ("server", "repository", "plugins")}
