@@ -96,6 +96,20 @@ def test_state_dir_setting(tmp_path, tiny_repo, monkeypatch):
     assert store.path.stat().st_mode & 0o777 == 0o600
     monkeypatch.setenv("SHARDSERVE_STATE_DIR", str(tmp_path / "from-env"))
     assert load_config({}).state_dir == tmp_path / "from-env"
+    from plugins.security.shared_state import state_dir
+    from runtime.errors import ConfigError
+
+    (tmp_path / "a-file").write_text("")
+    monkeypatch.setenv("XDG_STATE_HOME", str(tmp_path / "a-file"))  # cannot hold a directory
+    cfg.state_dir = None
+    fallback = state_dir(cfg)
+    assert fallback.name == f"shardserve-state-{os.getuid()}" and fallback.is_dir()
+    if os.getuid() == 0:  # a state dir another user controls is refused, never used
+        (tmp_path / "theirs").mkdir()
+        os.chown(tmp_path / "theirs", 65534, -1)
+        cfg.state_dir = tmp_path / "theirs"
+        with pytest.raises(ConfigError, match="state_dir"):
+            state_dir(cfg)
 
 
 # principals -----------------------------------------------------------------

@@ -54,10 +54,15 @@ _stores_lock = threading.Lock()
 _inherited: list = []  # connections from before a fork: never closed in the child
 
 
-def default_state_dir() -> Path:
-    """``$XDG_STATE_HOME/shardserve``, else ``~/.local/state/shardserve``."""
-    base = os.environ.get("XDG_STATE_HOME") or os.path.join(os.path.expanduser("~"), ".local",
-                                                            "state")
+def default_state_dir() -> Path | None:
+    """``$XDG_STATE_HOME/shardserve``, else ``~/.local/state/shardserve`` (None without a
+    home directory, as on Lambda: never a literal ``~`` in the working directory)."""
+    base = os.environ.get("XDG_STATE_HOME")
+    if not base:
+        home = os.path.expanduser("~")
+        if home.startswith("~"):
+            return None
+        base = os.path.join(home, ".local", "state")
     return Path(base) / "shardserve"
 
 
@@ -82,6 +87,8 @@ def state_dir(config: Any) -> Path:
                               "this user's directory") from None
     for candidate in (default_state_dir(),
                       Path(tempfile.gettempdir()) / f"shardserve-state-{os.getuid()}"):
+        if candidate is None:
+            continue
         try:
             return _private_dir(candidate)
         except OSError:
