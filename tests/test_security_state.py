@@ -101,9 +101,10 @@ def test_state_dir_setting(tmp_path, tiny_repo, monkeypatch):
 
     (tmp_path / "a-file").write_text("")
     monkeypatch.setenv("XDG_STATE_HOME", str(tmp_path / "a-file"))  # cannot hold a directory
+    monkeypatch.setattr("tempfile.tempdir", str(tmp_path))
     cfg.state_dir = None
     fallback = state_dir(cfg)
-    assert fallback.name == f"shardserve-state-{os.getuid()}" and fallback.is_dir()
+    assert fallback == tmp_path / f"shardserve-state-{os.getuid()}" and fallback.is_dir()
     if os.getuid() == 0:  # a state dir another user controls is refused, never used
         (tmp_path / "theirs").mkdir()
         os.chown(tmp_path / "theirs", 65534, -1)
