@@ -90,15 +90,22 @@ def recover(model_dir: Path) -> None:
     remove_stale(model_dir, TEMP_PREFIX)
     config_path = model_dir / CONFIG_FILE
     text = config_path.read_text(encoding="utf-8") if config_path.is_file() else ""
-    known = tomllib.loads(text).get("provenance", {})
+    try:
+        known = tomllib.loads(text).get("provenance", {})
+    except tomllib.TOMLDecodeError:
+        return  # reported, with its reason, when the model's config is read
+
     missing = [p for p in sorted(model_dir.iterdir(), key=lambda p: p.name)
                if VERSION.fullmatch(p.name) and (p / PROVENANCE_FILE).is_file()
                and str(p.name) not in (known if isinstance(known, dict) else {})]
     for version_dir in missing:
         extra = (version_dir / PROVENANCE_FILE).read_text(encoding="utf-8")
-        if tomllib.loads(extra).get("provenance", {}).keys() != {version_dir.name}:
-            continue  # not this version's record: leave it to a human
-        text = _with_provenance(text, extra)
+        try:
+            if tomllib.loads(extra).get("provenance", {}).keys() != {version_dir.name}:
+                continue  # not this version's record: leave it to a human
+            text = _with_provenance(text, extra)
+        except (tomllib.TOMLDecodeError, ShardserveError):
+            continue
     if missing:
         write_atomically(config_path, text.encode("utf-8"))
 
