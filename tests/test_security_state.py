@@ -70,6 +70,18 @@ def test_shared_store_token_bucket_and_nonces_are_exact(tmp_path):
     assert again.take_token("k", 2, 2, 100.5) == pytest.approx(0.5)
 
 
+def test_a_broken_store_answers_503_never_a_pass(tmp_path, caplog):
+    from runtime.errors import ServiceUnavailable
+
+    store = SharedState(tmp_path / "s.sqlite")
+    store._db.close()  # what a vanished file system or a full disk looks like from here
+    with pytest.raises(ServiceUnavailable) as err:
+        store.use_nonce("c", "n", 1, 2)
+    assert err.value.headers == {"Retry-After": "1"} and str(tmp_path) not in caplog.text
+    with pytest.raises(ServiceUnavailable):
+        store.take_token("k", 1, 1, 1)
+
+
 def test_a_forked_worker_shares_the_parents_store(tmp_path):
     store = SharedState(tmp_path / "s.sqlite")
     assert store.use_nonce("c", "before-fork", 1, 1e12)
