@@ -186,6 +186,9 @@ class Distiller(Optimizer):
         from . import distill_students as students
         from .distill_torch import TorchGraph
 
+        if calibration.source.endswith("through the source plan"):  # shards.py, per shard
+            raise BadRequest("distill trains whole models, not shards: distill an unpartitioned "
+                             "version (--source-version), then partition the student")
         if calibration.source.split(" ", 2)[1:2] == ["generated"]:
             raise BadRequest("distill needs representative inputs, not generated noise: give "
                              "--sample FILE.npz (or a directory of them) or --calibration DIR")
