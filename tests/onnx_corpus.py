@@ -80,6 +80,8 @@ def node_corpus_dir() -> Path:
             raise CorpusUnavailable(
                 f"building the onnx {onnx.__version__} node-test corpus from its case modules "
                 f"failed (exit {done.returncode}): " + " | ".join(tail))
+        if target.exists() and not (target / "COMPLETE").is_file():
+            shutil.rmtree(target, ignore_errors=True)  # a copy someone cut short by hand
         try:
             os.replace(building, target)
         except OSError:  # another run finished first: keep its copy
