@@ -1,12 +1,6 @@
-"""The model repository: Triton's layout with TOML configuration.
-
-```
-<root>/<model>/model.toml          optional; defaults below
-<root>/<model>/<version>/model.onnx
-```
-
-Versions are positive integers (directory names). Model names match
-``[A-Za-z0-9_.-]{1,128}`` and may not be ``.`` or ``..``; files are only ever
+"""The model repository (docs/repository.md): Triton's layout, ``<root>/<model>/model.toml``
+(optional) and ``<root>/<model>/<version>/model.onnx``, versions being positive integers.
+Model names match ``[A-Za-z0-9_.-]{1,128}`` and are not ``.`` or ``..``; files are only ever
 read from inside the repository root.
 """
 
@@ -41,6 +35,7 @@ def validate_model_name(name: str) -> str:
 
 
 def validate_version(version: str | int | None) -> int | None:
+    """The version as an int (None: the newest), else 400."""
     if version is None or version == "":
         return None
     text = str(version)
@@ -75,19 +70,15 @@ def _type_error(name: str, key: str, expected: str) -> ModelLoadError:
 
 def parse_model_config(name: str, raw: dict) -> ModelConfig:
     cfg = ModelConfig(name=name, raw=raw)
-    for key, kind, expected in (
-        ("backend", str, "a string"),
-        ("filename", str, "a string"),
-        ("description", str, "a string"),
-        ("max_batch_size", int, f"an integer from 0 to {MAX_INT32}"),
-    ):
-        if key in raw:
-            value = raw[key]
-            if not isinstance(value, kind) or isinstance(value, bool):
-                raise _type_error(name, key, expected)
-            setattr(cfg, key, value)
+    batch = f"an integer from 0 to {MAX_INT32}"
+    for key, kind, expected in (("backend", str, "a string"), ("filename", str, "a string"),
+                                ("description", str, "a string"), ("max_batch_size", int, batch)):
+        value = raw.get(key, getattr(cfg, key))
+        if not isinstance(value, kind) or isinstance(value, bool):
+            raise _type_error(name, key, expected)
+        setattr(cfg, key, value)
     if not 0 <= cfg.max_batch_size <= MAX_INT32:
-        raise _type_error(name, "max_batch_size", f"an integer from 0 to {MAX_INT32}")
+        raise _type_error(name, "max_batch_size", batch)
     for key in {cfg.backend, *BACKEND_SECTIONS}:  # `onnxruntime = "x"` must not vanish
         if key in raw and not isinstance(raw[key], dict):
             raise _type_error(name, key, f"a table ([{key}])")
@@ -167,17 +158,11 @@ class ModelRepository:
     def select_versions(self, cfg: ModelConfig) -> list[int]:
         """The versions the policy serves, oldest first."""
         available = self.versions(cfg.name)
-        if cfg.version_policy == "all":
-            chosen = available
-        elif cfg.version_policy == "specific":
-            missing = [v for v in cfg.versions if v not in available]
-            if missing:
-                raise ModelLoadError(
-                    f"model {cfg.name!r}: versions {missing} not in the repository"
-                )
-            chosen = sorted(cfg.versions)
-        else:
-            chosen = available[-cfg.num_versions:]
+        chosen = {"all": available, "specific": sorted(cfg.versions)}.get(
+            cfg.version_policy, available[-cfg.num_versions:])
+        missing = [v for v in chosen if v not in available]
+        if missing:
+            raise ModelLoadError(f"model {cfg.name!r}: versions {missing} not in the repository")
         if not chosen:
             raise ModelLoadError(f"model {cfg.name!r} has no version directories")
         return chosen
@@ -194,13 +179,10 @@ class ModelRepository:
         path = (base / filename).resolve()
         if base not in path.parents:
             raise ModelLoadError(f"model {name!r}: file {filename!r} is outside its version")
+        where = f"model {name!r} version {version}"
         try:
             return path.read_bytes()
         except FileNotFoundError:
-            raise ModelLoadError(
-                f"model {name!r} version {version}: {filename} is missing"
-            ) from None
+            raise ModelLoadError(f"{where}: {filename} is missing") from None
         except OSError as exc:
-            raise ModelLoadError(
-                f"model {name!r} version {version}: cannot read {filename} ({exc.strerror})"
-            ) from None
+            raise ModelLoadError(f"{where}: cannot read {filename} ({exc.strerror})") from None
