@@ -64,10 +64,14 @@ class TorchGraph:
         self.nodes = list(model.graph.node)
         self.params: dict[str, Any] = {}
         self.consts: dict[str, Any] = {}
+        # statistics, not weights: BatchNormalization's running mean and variance
+        frozen = {name for n in self.nodes if n.op_type == "BatchNormalization"
+                  for name in n.input[3:5]}
         for init in model.graph.initializer:
             array = numpy_helper.to_array(init)
             tensor = torch.from_numpy(array.copy())
-            if array.dtype.kind == "f" and array.ndim >= 1 and array.size > 1:
+            if array.dtype.kind == "f" and array.ndim >= 1 and array.size > 1 and \
+                    init.name not in frozen:
                 self.params[init.name] = tensor.float().requires_grad_(True)
             else:
                 self.consts[init.name] = tensor
