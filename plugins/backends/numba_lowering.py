@@ -100,6 +100,10 @@ def _constant_value(node: Node) -> np.ndarray:
     raise ValueError("Constant without a numeric value")
 
 
+# kernels that only fusion produces; an ONNX node of the same name (opset 23 Attention)
+# means something else and is refused as an operator without a kernel
+FUSED_ONLY = {"Attention", "SelfAttention", "Linear"}
+
 # attributes that newer opsets turned into inputs: the kernels take the attribute form
 # under another name, so the input keeps its position
 ATTRIBUTE_ALIASES = {("Unsqueeze", "axes"): "axes_attr", ("Squeeze", "axes"): "axes_attr",
@@ -150,6 +154,13 @@ def _coerced_softmax(softmax: Callable, axis: int, x: np.ndarray) -> tuple:
 def _bind(node: Node, kernel, opset: int) -> Callable:
     if node.op == "Softmax" and opset < 13:  # softmax of the input coerced to 2-D at axis
         return functools.partial(_coerced_softmax, kernel.resolve(), node.attrs.get("axis", 1))
+    spatial = node.attrs.get("kernel_shape")
+    if node.op in ("Conv", "MaxPool", "AveragePool") and spatial is not None and len(spatial) > 2:
+        raise ValueError(f"{len(spatial)}-D {node.op} is not supported (1-D and 2-D are)")
+    if node.op == "LSTM" and len(node.inputs) > 7 and node.inputs[7]:
+        raise ValueError("peephole weights (input P) are not supported")
+    if node.op == "Dropout" and len(node.inputs) > 2 and node.inputs[2]:
+        raise ValueError("training-mode Dropout (input training_mode) is not supported")
     n_inputs = len(kernel.inputs)
     if len(node.inputs) > n_inputs or len(node.inputs) < kernel.required_inputs:
         raise ValueError(f"{len(node.inputs)} inputs, the kernel takes {n_inputs}")
@@ -193,6 +204,8 @@ def lower(model: str, data: bytes, kernels: Any) -> LoweredGraph:
             continue
         if proto_node.domain not in ("", "ai.onnx"):
             node.op = f"{proto_node.domain}.{node.op}"
+        elif node.op in FUSED_ONLY:  # ONNX's own op of that name is not the fused kernel
+            node.op = f"ai.onnx.{node.op}"
         nodes.append(node)
     nodes = fold_batch_norms(nodes, constants, {o.name for o in outputs})
     nodes, fused = fuse(nodes, constants, {o.name for o in outputs})
