@@ -311,3 +311,63 @@ def test_cli_with_a_comma_chain_publishes_one_version_with_both_steps(repo):
     record = tomllib.loads((repo / "digits_mlp/model.toml").read_text())["provenance"]["2"]
     assert [o["name"] for o in record["optimizers"]] == ["distill", "quantize_dynamic"]
     assert record["optimizers"][0]["options"]["lr"] == 0.01
+
+
+def test_layers_are_found_in_a_pre_ln_classifier_encoder():
+    """Token ids in, an embedding Gather, pre-LN layers, a final LayerNorm, mean pooling and a
+    classifier head: the repeated block is found without names and every other one dropped."""
+    from plugins.optimizers.distill_students import choose_kind, layer_student
+
+    rng = np.random.default_rng(0)
+    inits, nodes = [], []
+
+    def const(name, array):
+        inits.append(numpy_helper.from_array(np.asarray(array), name))
+        return name
+
+    def node(op, inputs, output, **attrs):
+        nodes.append(helper.make_node(op, inputs, [output], **attrs))
+        return output
+
+    def dense(x, name, n_in, n_out):
+        w = const(name + ".w", rng.standard_normal((n_in, n_out)).astype(np.float32))
+        mm = node("MatMul", [x, w], name + ".mm")
+        return node("Add", [mm, const(name + ".b", np.zeros(n_out, np.float32))], name + ".o")
+
+    def norm(x, name):
+        return node("LayerNormalization", [x, const(name + ".g", np.ones(16, np.float32)),
+                                           const(name + ".b", np.zeros(16, np.float32))], name)
+
+    x = node("Gather", [const("emb", rng.standard_normal((50, 16)).astype(np.float32)), "ids"],
+             "x0")
+    for i in range(6):
+        mix = dense(node("Relu", [dense(norm(x, f"l{i}.n1"), f"l{i}.a", 16, 16)], f"l{i}.r"),
+                    f"l{i}.b", 16, 16)
+        x = node("Add", [x, mix], f"l{i}.res")
+    pooled = node("ReduceMean", [norm(x, "final"), const("axes", np.array([1], np.int64))],
+                  "pooled", keepdims=0)
+    node("Softmax", [dense(pooled, "head", 16, 3)], "probs", axis=-1)
+    graph = helper.make_graph(
+        nodes, "g", [helper.make_tensor_value_info("ids", TensorProto.INT64, ["batch", 8])],
+        [helper.make_tensor_value_info("probs", TensorProto.FLOAT, ["batch", 3])], inits)
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 18)], ir_version=8)
+
+    assert choose_kind(model, "auto") == "layers"
+    student = layer_student(model, every=3).model
+    onnx.checker.check_model(student, full_check=True)
+    assert sum(n.op_type == "Relu" for n in student.graph.node) == 2  # layers 1 and 4 of 6
+    kept = {i.name.split(".")[0] for i in student.graph.initializer}
+    assert {"l0", "l3"} <= kept and not {"l1", "l2", "l4", "l5"} & kept
+    ids = {"ids": rng.integers(0, 50, (2, 8)).astype(np.int64)}
+    assert ort.InferenceSession(student.SerializeToString()).run(None, ids)[0].shape == (2, 3)
+
+
+def test_split_chain_starts_a_step_at_each_optimizer_name():
+    from plugins.optimizers.pipeline import split_chain
+
+    names = ["distill", "quantize_dynamic", "fold"]
+    assert split_chain("distill,quantize_dynamic", names) == ["distill", "quantize_dynamic"]
+    assert split_chain("distill:width=0.25,epochs=3,quantize_dynamic:per_channel=true,fold",
+                       names) == ["distill:width=0.25,epochs=3",
+                                  "quantize_dynamic:per_channel=true", "fold"]
+    assert split_chain("fold:data_prop=false", names) == ["fold:data_prop=false"]
