@@ -1,7 +1,6 @@
-"""The ``Runtime`` facade: the one object every handler calls.
-
-It owns the config, the plugin manager, the model repository and the loaded
-models. It knows nothing of HTTP: failures are :mod:`runtime.errors`.
+"""The ``Runtime`` facade, the one object every handler calls: it owns the config, the plugin
+manager, the model repository and the loaded models, and knows nothing of HTTP (failures are
+:mod:`runtime.errors`).
 """
 
 from __future__ import annotations
@@ -101,20 +100,18 @@ class RequestLimits:
 
 @dataclass
 class LoadedModel:
+    """A served model version (a wrapped, loaded backend) and the requests running on it."""
+
     name: str
     version: int
     backend: Any
     config: ModelConfig
-    inputs: list[TensorSpec]
-    outputs: list[TensorSpec]
-    input_specs: dict[str, TensorSpec] = field(default_factory=dict)
-    output_names: list[str] = field(default_factory=list)
-
     users: int = 0  # requests running on it; a retired version closes when the last ends
     retired: bool = False
     guard: threading.Lock = field(default_factory=threading.Lock, repr=False)
 
     def __post_init__(self) -> None:
+        self.inputs, self.outputs = list(self.backend.inputs), list(self.backend.outputs)
         self.input_specs = {spec.name: spec for spec in self.inputs}
         self.output_names = [spec.name for spec in self.outputs]
 
@@ -229,13 +226,8 @@ class Runtime:
         self._started = False
 
     @classmethod
-    def from_config(
-        cls,
-        source: str | Path | Mapping | Config | None = None,
-        *,
-        overrides: Mapping | None = None,
-        plugins: tuple = (),
-    ) -> Runtime:
+    def from_config(cls, source: str | Path | Mapping | Config | None = None, *,
+                    overrides: Mapping | None = None, plugins: tuple = ()) -> Runtime:
         """Build a runtime from a TOML path, a dict or a :class:`Config`."""
         config = load_config(source, overrides)
         return cls(config, PluginManager.for_config(config, plugins))
@@ -310,14 +302,10 @@ class Runtime:
         self._sync()
         out = []
         for name in self.repository.names():
-            status = self._models.get(name)
-            if status and status.versions:
-                for version in sorted(status.versions):
-                    out.append({"name": name, "version": str(version), "state": status.state,
-                                "reason": status.reason})
-            else:
-                out.append({"name": name, "state": status.state if status else "UNAVAILABLE",
-                            "reason": status.reason if status else ""})
+            status = self._models.get(name) or ModelStatus()
+            state = {"state": status.state, "reason": status.reason}
+            out += [{"name": name, "version": str(v), **state} for v in sorted(status.versions)
+                    ] or [{"name": name, **state}]
         return out
 
     def load(self, name: str) -> None:
@@ -346,7 +334,8 @@ class Runtime:
             try:
                 cfg = self.repository.config(name)
                 chosen = self.repository.select_versions(cfg)
-                loaded = {v: self._load_version(cfg, v) for v in chosen}
+                loaded = {v: LoadedModel(name, v, self.open_version(cfg, v, wrap=True), cfg)
+                          for v in chosen}
             except ShardserveError as exc:
                 status.state, status.reason = "UNAVAILABLE", exc.message
                 if old:  # keep serving what was there
@@ -392,11 +381,6 @@ class Runtime:
                                  settings=settings)
         return backend
 
-    def _load_version(self, cfg: ModelConfig, version: int) -> LoadedModel:
-        backend = self.open_version(cfg, version, wrap=True)
-        return LoadedModel(cfg.name, version, backend, cfg, list(backend.inputs),
-                           list(backend.outputs))
-
     def _unload(self, name: str) -> None:
         with self._model_lock(name):
             if name not in self._models and not self.repository.exists(name):
@@ -441,11 +425,8 @@ class Runtime:
             return self._models[name]
 
     def ready(self, name: str | None = None, version: str | int | None = None) -> bool:
-        """Server readiness, or one model's.
-
-        The server is ready once started and every model it tried to load is
-        READY; a model unloaded on request does not count against it.
-        """
+        """One model's readiness, or the server's: started, and every model it tried to load
+        READY (a model unloaded on request does not count against it)."""
         self._sync()
         if name is None:
             return self._started and all(
@@ -484,24 +465,20 @@ class Runtime:
         cfg = model.config
 
         def tensors(specs: list[TensorSpec]) -> list[dict]:
-            dims = slice(1, None) if cfg.max_batch_size else slice(None)
             out = [{"name": s.name, "data_type": "TYPE_" + s.datatype.replace("BYTES", "STRING"),
-                    "dims": s.shape[dims]} for s in specs]
+                    "dims": s.shape[1 if cfg.max_batch_size else 0:]} for s in specs]
             for entry in out:  # scalars as Triton shows them: clients send [1], the model gets []
                 if not entry["dims"]:
                     entry.update(dims=[1], reshape={"shape": []})
             return out
 
-        policy: dict[str, Any] = {"latest": {"num_versions": cfg.num_versions}}
-        if cfg.version_policy == "all":
-            policy = {"all": {}}
-        elif cfg.version_policy == "specific":
-            policy = {"specific": {"versions": cfg.versions}}
+        policy = {"latest": {"num_versions": cfg.num_versions}, "all": {},
+                  "specific": {"versions": cfg.versions}}[cfg.version_policy]
         return {
             "name": name,
             "platform": getattr(model.backend, "platform", cfg.backend),
             "backend": cfg.backend,
-            "version_policy": policy,
+            "version_policy": {cfg.version_policy: policy},
             "max_batch_size": cfg.max_batch_size,
             "input": tensors(model.inputs),
             "output": tensors(model.outputs),
@@ -519,24 +496,33 @@ class Runtime:
             version = "0"
         return {"name": SERVER_NAME, "version": version, "extensions": list(EXTENSIONS)}
 
-    def infer(
-        self,
-        name: str,
-        request: InferRequest,
-        version: str | int | None = None,
-        principal: Any = None,
-        deadline: float | None = None,
-    ) -> InferResponse:
-        """Run one inference request; raises typed errors for bad requests.
-
-        ``deadline`` is a ``time.monotonic()`` value (a Lambda's remaining time):
-        past it, the model is not run and the caller gets 504.
-        """
+    def infer(self, name: str, request: InferRequest, version: str | int | None = None,
+              principal: Any = None, deadline: float | None = None) -> InferResponse:
+        """Run one inference request; raises typed errors for bad requests. ``deadline`` is a
+        ``time.monotonic()`` value (a Lambda's remaining time): past it the model does not run
+        and the caller gets 504."""
         model = self._acquire(name, version)  # a reload or unload closes it only after this
         try:
-            return self._infer(model, name, request, principal, deadline)
+            feed, wanted = _check_request(model, request)
+            limits, deadline = self.request_limits(principal, name, deadline)
+            if limits is not None:
+                limits.check_request(request)
+            call = _call.get()
+            scoped = call is not None and call.model is None  # inside an edge's call_scope
+            call = call if scoped else CallContext(None)
+            call._request_id = request.id or call._request_id
+            call.model, call.deadline, call.version = name, deadline, str(model.version)
+            if scoped:
+                outputs = model.backend.run(feed, wanted)
+            else:
+                with call:
+                    outputs = model.backend.run(feed, wanted)
+            if limits is not None:
+                limits.check_deadline()
         finally:
             model.release()
+        return InferResponse(model_name=name, model_version=str(model.version), outputs=outputs,
+                             id=request.id)
 
     def request_limits(self, principal: Any, model: str,
                        deadline: float | None = None) -> tuple[RequestLimits | None, float | None]:
@@ -560,27 +546,6 @@ class Runtime:
             if model.acquire():
                 return model
         raise ServiceUnavailable(f"model {name!r} is reloading")
-
-    def _infer(self, model: LoadedModel, name: str, request: InferRequest, principal: Any,
-               deadline: float | None) -> InferResponse:
-        feed, wanted = _check_request(model, request)
-        limits, deadline = self.request_limits(principal, name, deadline)
-        if limits is not None:
-            limits.check_request(request)
-        call = _call.get()
-        scoped = call is not None and call.model is None  # inside an edge's call_scope
-        call = call if scoped else CallContext(None)
-        call._request_id = request.id or call._request_id
-        call.model, call.deadline, call.version = name, deadline, str(model.version)
-        if scoped:
-            outputs = model.backend.run(feed, wanted)
-        else:
-            with call:
-                outputs = model.backend.run(feed, wanted)
-        if limits is not None:
-            limits.check_deadline()
-        return InferResponse(model_name=name, model_version=str(model.version), outputs=outputs,
-                             id=request.id)
 
     def generate(self, name: str, request: Any, version: str | int | None = None,
                  principal: Any = None, deadline: float | None = None) -> Any:
