@@ -68,6 +68,7 @@ PENDING: dict[str, set[str]] = {
 PENDING_CASES = {case: item for item, cases in PENDING.items() for case in cases}
 
 ABSOLUTE_PATH = re.compile(r"(^|[\s:'\"(=])/[\w.+-]+/")
+SOURCE_PATH = re.compile(r"[\w.+-]+/[\w.+-]+/[\w.+-]+\.(h|cc|cpp|py)\b")  # ".../reshape_helper.h"
 OP_IN_MESSAGE = re.compile(r"([a-z_][\w.:]*)\(-?\d+\)")  # "expand(13)", "...:adagrad(-1)"
 
 
@@ -161,8 +162,9 @@ def _serve_check(clients: Clients, case, verdict, mode: str) -> str | None:
         actual = _infer(clients, case, mode)
     except InferenceServerException as exc:
         if verdict.status == "run_error" and str(exc.status()).startswith("4"):
-            return f"error shows a path: {exc.message()[:200]}" \
-                if ABSOLUTE_PATH.search(exc.message() or "") else None
+            text = exc.message() or ""
+            shows_path = ABSOLUTE_PATH.search(text) or SOURCE_PATH.search(text)
+            return f"error shows a path: {text[:200]}" if shows_path else None
         return f"HTTP {exc.status()}: {exc.message()[:200]}"
     except Exception as exc:  # the client could not even encode or decode it
         return f"client: {type(exc).__name__}: {str(exc)[:200]}"
@@ -296,3 +298,23 @@ def test_a_kernel_refusing_its_input_is_a_clear_400(tmp_path):
     error = answer.get_json()["error"]
     assert "ReduceMax" in error and "empty set" in error
     assert not ABSOLUTE_PATH.search(error), error
+
+    # INVALID_ARGUMENT from a kernel (a runtime shape Reshape cannot take): 400, no path of
+    # onnxruntime's sources either.
+    node = helper.make_node("Reshape", ["x", "shape"], ["y"])
+    graph = helper.make_graph(
+        [node], "reshape",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, [2, 3]),
+         helper.make_tensor_value_info("shape", TensorProto.INT64, [1])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, None)])
+    (tmp_path / "r" / "1").mkdir(parents=True)
+    save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 14)]),
+         str(tmp_path / "r" / "1" / "model.onnx"))
+    client = create_app({"repository": {"path": str(tmp_path)}}).test_client()
+    body = {"inputs": [{"name": "x", "datatype": "FP32", "shape": [2, 3], "data": [0.0] * 6},
+                       {"name": "shape", "datatype": "INT64", "shape": [1], "data": [7]}]}
+    answer = client.post("/v2/models/r/infer", json=body)
+    assert answer.status_code == 400, answer.get_json()
+    error = answer.get_json()["error"]
+    assert "Reshape" in error and "cannot be reshaped" in error, error
+    assert not ABSOLUTE_PATH.search(error) and not SOURCE_PATH.search(error), error

@@ -154,7 +154,8 @@ class OnnxRuntimeBackend:
         except Exception as exc:
             message = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
             if "INVALID_ARGUMENT" in message or "Invalid" in message:
-                raise BadRequest(f"model rejected the input: {message[-300:]}") from exc
+                raise BadRequest(f"model rejected the input: {load_error_reason(exc)[-300:]}") \
+                    from exc
             if "Non-zero status code returned while running" in message:
                 # A kernel refused this input (ReduceMax of an empty bool set, a mask shape
                 # its implementation does not take): the client's answer, not a server bug.
