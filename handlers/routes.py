@@ -32,6 +32,7 @@ from runtime.errors import (
 )
 
 from .classification import apply_classification, requested_classes
+from .model_configuration import model_config as triton_model_config
 
 log = logging.getLogger("shardserve.http")
 
@@ -139,7 +140,7 @@ def model_ready(rt: Runtime, req: HttpRequest, model: str, version: str | None =
 
 
 def model_config(rt: Runtime, req: HttpRequest, model: str, version: str | None = None):
-    return json_response(rt.model_config(model, version))
+    return json_response(triton_model_config(rt, model, version))
 
 
 def infer(rt: Runtime, req: HttpRequest, model: str, version: str | None = None):

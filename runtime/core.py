@@ -459,34 +459,6 @@ class Runtime:
                if isinstance(getattr(model.backend, "task", None), str) else {}),
         }
 
-    def model_config(self, name: str, version: str | int | None = None) -> dict:
-        """The model's configuration in Triton's JSON shape, plus model.toml."""
-        model = self.get_model(name, version)
-        cfg = model.config
-
-        def tensors(specs: list[TensorSpec]) -> list[dict]:
-            out = [{"name": s.name, "data_type": "TYPE_" + s.datatype.replace("BYTES", "STRING"),
-                    "dims": s.shape[1 if cfg.max_batch_size else 0:]} for s in specs]
-            for entry in out:  # scalars as Triton shows them: clients send [1], the model gets []
-                if not entry["dims"]:
-                    entry.update(dims=[1], reshape={"shape": []})
-            return out
-
-        policy = {"latest": {"num_versions": cfg.num_versions}, "all": {},
-                  "specific": {"versions": cfg.versions}}[cfg.version_policy]
-        return {
-            "name": name,
-            "platform": getattr(model.backend, "platform", cfg.backend),
-            "backend": cfg.backend,
-            "version_policy": {cfg.version_policy: policy},
-            "max_batch_size": cfg.max_batch_size,
-            "input": tensors(model.inputs),
-            "output": tensors(model.outputs),
-            "default_model_filename": cfg.filename,
-            "parameters": {k: v for k, v in cfg.raw.items() if not isinstance(v, dict)},
-            "backend_options": cfg.backend_options(),
-        }
-
     def server_metadata(self) -> dict:
         from importlib import metadata as importlib_metadata  # only here: its import is slow
 
