@@ -6,21 +6,33 @@ Each run is a fresh Python process, timed from spawn to exit:
 - bare:    import onnxruntime, load the same model file, run it once.
 
 Runs are interleaved (handler, bare, handler, ...) and the median is reported,
-with the ratio. Then the warm per-invocation cost of the handler against a raw
+with the ratio, in wall time and in CPU time (user + system: steadier when other work
+loads the machine). The project's bytecode is compiled first, as it is in a package.
+
+``--packaged`` does the same for the function's zip (``shardserve package``, for this
+Python): unzipped into a temporary directory and run by the bare interpreter with
+``-I -S`` and only that directory on ``sys.path``; the bare script then imports the
+package's own numpy and onnxruntime, so both sides load the same files.
+
+Then the warm per-invocation cost of the handler against a raw
 ``InferenceSession.run`` in one process, and the modules the cold path imports.
 
-    python benchmarks/coldstart.py [--runs 15] [--model digits_mlp]
+    python benchmarks/coldstart.py [--runs 15] [--model digits_mlp] [--packaged]
 """
 
 from __future__ import annotations
 
 import argparse
+import compileall
 import json
 import os
+import resource
 import statistics
 import subprocess
 import sys
+import tempfile
 import time
+import zipfile
 from pathlib import Path
 
 from interleave import interleaved  # benchmarks/interleave.py
@@ -74,40 +86,87 @@ def infer_event(model: str) -> dict:
             "body": json.dumps(body), "isBase64Encoded": False}
 
 
-def timed(args: list[str], env: dict) -> float:
+def timed(args: list[str], env: dict, cwd: Path = ROOT) -> tuple[float, float]:
+    """Wall and CPU (user + system) seconds of one fresh process."""
+    before = resource.getrusage(resource.RUSAGE_CHILDREN)
     start = time.perf_counter()
-    subprocess.run(args, env=env, check=True, cwd=ROOT, stdout=subprocess.DEVNULL)
-    return time.perf_counter() - start
+    subprocess.run(args, env=env, check=True, cwd=cwd, stdout=subprocess.DEVNULL)
+    wall = time.perf_counter() - start
+    after = resource.getrusage(resource.RUSAGE_CHILDREN)
+    return wall, (after.ru_utime - before.ru_utime) + (after.ru_stime - before.ru_stime)
+
+
+def compare(label: str, handler: list[str], bare: list[str], env: dict, runs: int,
+            cwd: Path = ROOT) -> dict:
+    """Interleaved fresh processes; the medians of both clocks and their ratios."""
+    timed(handler, env, cwd)  # page cache warm-up for both
+    timed(bare, env, cwd)
+    h_runs, b_runs = [], []
+    for _ in range(runs):
+        h_runs.append(timed(handler, env, cwd))
+        b_runs.append(timed(bare, env, cwd))
+    out = {}
+    print(f"cold start, {label}, median of {runs} interleaved fresh processes:")
+    for i, clock in enumerate(("wall", "cpu")):
+        h = statistics.median(r[i] for r in h_runs) * 1e3
+        b = statistics.median(r[i] for r in b_runs) * 1e3
+        out[clock] = (h, b, h / b)
+        print(f"  {clock:<4}  handler {h:7.1f} ms  bare {b:7.1f} ms  "
+              f"ratio {h / b:6.3f}  (+{h - b:.1f} ms)")
+    return out
+
+
+def packaged(model: str, event: str, runs: int) -> None:
+    """The same comparison for the function's zip, run by the bare interpreter."""
+    version = f"{sys.version_info[0]}.{sys.version_info[1]}"
+    base = Path(sys.base_prefix) / "bin" / f"python{version}"
+    with tempfile.TemporaryDirectory(prefix="coldstart-") as temp:
+        out = Path(temp) / "out"
+        subprocess.run([sys.executable, "-m", "handlers.cli", "package", f"infer={model}",
+                        "--repository", str(REPOSITORY), "--out", str(out),
+                        "--runtime", f"python{version}"],
+                       check=True, cwd=ROOT, stdout=subprocess.DEVNULL)
+        root = Path(temp) / "task"
+        with zipfile.ZipFile(out / "infer.zip") as zf:
+            zf.extractall(root)
+            size = sum(i.file_size for i in zf.infolist())
+        print(f"package: {size / 2**20:.1f} MiB unzipped, run by {base.name} -I -S")
+        prefix = f"import sys; sys.path.insert(0, {str(root)!r})\n"
+        env = {"SHARDSERVE_REPOSITORY": "examples/models", "SHARDSERVE_LOG_LEVEL": "WARNING",
+               "PATH": "/usr/bin:/bin"}
+        packaged_model = str(root / "examples" / "models" / model / "1" / "model.onnx")
+        compare(f"packaged, {model}", [str(base), "-I", "-S", "-c", prefix + HANDLER, event],
+                [str(base), "-I", "-S", "-c", prefix + BARE, packaged_model], env, runs,
+                cwd=root)
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--runs", type=int, default=15)
     parser.add_argument("--model", default="digits_mlp")
+    parser.add_argument("--packaged", action="store_true",
+                        help="also measure the function's zip (builds it: needs the wheels)")
+    parser.add_argument("--no-warm", action="store_true", help="skip the warm comparison")
     args = parser.parse_args()
 
+    print(f"load average {os.getloadavg()[0]:.1f} on {os.cpu_count()} CPUs")
+    for name in ("runtime", "handlers", "plugins"):  # as a package ships it
+        compileall.compile_dir(str(ROOT / name), quiet=1)
     event = json.dumps(infer_event(args.model))
     model_file = str(REPOSITORY / args.model / "1" / "model.onnx")
     env = {**os.environ, "SHARDSERVE_REPOSITORY": str(REPOSITORY),
            "SHARDSERVE_LOG_LEVEL": "WARNING"}
     env.pop("SHARDSERVE_LOAD", None)
-    handler_times, bare_times = [], []
-    timed([sys.executable, "-c", HANDLER, event], env)  # page cache warm-up for both
-    timed([sys.executable, "-c", BARE, model_file], env)
-    for _ in range(args.runs):
-        handler_times.append(timed([sys.executable, "-c", HANDLER, event], env))
-        bare_times.append(timed([sys.executable, "-c", BARE, model_file], env))
-    h, b = statistics.median(handler_times) * 1e3, statistics.median(bare_times) * 1e3
-    print(f"cold start, {args.model}, median of {args.runs} interleaved fresh processes:")
-    print(f"  handler  {h:8.1f} ms")
-    print(f"  bare     {b:8.1f} ms")
-    print(f"  ratio    {h / b:8.3f}  (+{h - b:.1f} ms)")
+    compare(f"source tree, {args.model}", [sys.executable, "-c", HANDLER, event],
+            [sys.executable, "-c", BARE, model_file], env, args.runs)
+    if args.packaged:
+        packaged(args.model, event, args.runs)
 
     imported = subprocess.run([sys.executable, "-c", IMPORTS, event], env=env, check=True,
                               cwd=ROOT, capture_output=True, text=True).stdout.strip()
     print(f"heavy modules imported on the cold path: {imported}")
-
-    warm(args.model, json.loads(event))
+    if not args.no_warm:
+        warm(args.model, json.loads(event))
 
 
 def warm(model: str, event: dict, rounds: int = 2000) -> None:

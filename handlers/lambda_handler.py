@@ -27,7 +27,6 @@ from urllib.parse import parse_qsl, unquote
 from runtime import Runtime
 from runtime.errors import BadRequest, PayloadTooLarge, ShardserveError
 
-from . import snapstart
 from .direct_invoke import is_direct_invoke
 from .routes import HttpRequest, HttpResponse, dispatch, error_response, request_id
 
@@ -200,6 +199,8 @@ shard_handler = handler
 def prepare_snapshot() -> None:
     """SnapStart: every model loads into the snapshot, and restored copies re-seed their random
     sources (handlers/snapstart.py). A failed load is logged; invocations then load lazily."""
+    from . import snapstart
+
     snapstart.install()
     try:
         get_runtime(load="all")
@@ -209,5 +210,5 @@ def prepare_snapshot() -> None:
         log.error("loading models for the snapshot failed: %s", type(exc).__name__)
 
 
-if snapstart.is_snapstart():
+if os.environ.get("AWS_LAMBDA_INITIALIZATION_TYPE") == "snap-start":  # SnapStart's init
     prepare_snapshot()

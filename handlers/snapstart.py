@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import logging
 import os
-import random
 import sys
 from collections.abc import Callable
 
@@ -35,9 +34,12 @@ def on_restore(callback: Callable[[], None]) -> Callable[[], None]:
 
 
 def reseed() -> None:
-    """Renew every user-space random source from the kernel's entropy."""
-    random.seed(os.urandom(32))
-    numpy = sys.modules.get("numpy")  # reseed only what was imported: no import cost here
+    """Renew every user-space random source from the kernel's entropy (only those imported:
+    a module imported after the restore seeds itself then)."""
+    random = sys.modules.get("random")
+    if random is not None:
+        random.seed(os.urandom(32))
+    numpy = sys.modules.get("numpy")
     if numpy is not None:
         numpy.random.seed(int.from_bytes(os.urandom(4), "little"))
     for callback in list(_callbacks):
@@ -45,11 +47,6 @@ def reseed() -> None:
             callback()
         except Exception:  # one plugin's failure must not leave the others unseeded
             log.exception("after-restore callback %s failed", getattr(callback, "__name__", "?"))
-
-
-def is_snapstart() -> bool:
-    """True while a SnapStart function is being initialised for its snapshot."""
-    return os.environ.get("AWS_LAMBDA_INITIALIZATION_TYPE") == "snap-start"
 
 
 def install() -> bool:

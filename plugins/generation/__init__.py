@@ -18,10 +18,12 @@ from runtime.errors import ModelLoadError
 
 @hookimpl(tryfirst=True)
 def shardserve_wrap_backend(settings: Any, backend: Any) -> Any:
-    from .model import TASK, is_text_generation
-
     task = settings.config.raw.get("task")
     names_in = [s.name for s in getattr(backend, "inputs", ())]
+    if task is None and "input_ids" not in names_in:  # not a decoder: no import (cold starts)
+        return None
+    from .model import TASK, is_text_generation
+
     names_out = [s.name for s in getattr(backend, "outputs", ())]
     if task is None and not is_text_generation(names_in, names_out):
         return None

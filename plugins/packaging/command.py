@@ -23,6 +23,7 @@ from runtime.errors import ConfigError
 from .build import (
     LAMBDA_UNZIPPED_LIMIT,
     Contents,
+    compile_bytecode,
     copy_models,
     copy_project,
     install_dependencies,
@@ -107,6 +108,9 @@ def package_function(function: str, models: list[str] | None, repository: Path, 
         copy_models(repository, needs.models, stage, at)
         install_dependencies(requirements, stage, version, architecture)
         trim(stage)
+        if not compile_bytecode(stage, version):
+            print(f"{function}: no python{version} here to compile bytecode: the function "
+                  "will compile its modules at each cold start (build where it is installed)")
         contents = measure(stage, at)
         if contents.total > LAMBDA_UNZIPPED_LIMIT:
             report(function, contents, None)

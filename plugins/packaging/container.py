@@ -26,6 +26,8 @@ COPY runtime "$LAMBDA_TASK_ROOT/runtime"
 COPY handlers "$LAMBDA_TASK_ROOT/handlers"
 COPY plugins "$LAMBDA_TASK_ROOT/plugins"
 {model_copies}
+# bytecode now: /var/task is read-only, so a cold start could not cache it
+RUN python -m compileall -q --invalidation-mode unchecked-hash "$LAMBDA_TASK_ROOT"
 ENV SHARDSERVE_REPOSITORY="$LAMBDA_TASK_ROOT/models" \\
     SHARDSERVE_LOAD=lazy \\
     NUMBA_CACHE_DIR=/opt/shardserve/numba-cache \\
