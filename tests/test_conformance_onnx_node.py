@@ -182,7 +182,7 @@ def _serve_check(clients: Clients, case, verdict, mode: str) -> str | None:
 def _refusal_check(clients: Clients, case, verdict, obstacle, index: dict,
                    forbidden: list[str]) -> str | None:
     entry = index.get(model_name(case.name), {})
-    if entry.get("state") == "READY":
+    if entry.get("state") == "READY" or clients.client.is_model_ready(model_name(case.name)):
         return "loaded and READY, should be refused"
     try:
         clients.client.load_model(model_name(case.name))
