@@ -67,10 +67,11 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--steps", type=int, default=600)
     p.add_argument("--batch", type=int, default=16)
     p.add_argument("--context", type=int, default=128)
-    p.add_argument("--vocab", type=int, default=2048)
+    p.add_argument("--vocab", type=int, default=1024)
     p.add_argument("--width", type=int, default=128)
     p.add_argument("--layers", type=int, default=4)
     p.add_argument("--threads", type=int, default=1)
+    p.add_argument("--lr", type=float, default=3e-3)
     p.add_argument("--out", type=Path, default=ROOT / "models")
     args = p.parse_args(argv)
 
@@ -89,13 +90,13 @@ def main(argv: list[str] | None = None) -> int:
     config = GPT2Config(vocab_size=args.vocab, n_positions=256, n_embd=args.width,
                         n_layer=args.layers, n_head=4, bos_token_id=eos, eos_token_id=eos)
     model = GPT2LMHeadModel(config)
-    optimizer = torch.optim.AdamW(model.parameters(), lr=2e-3, weight_decay=0.01)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=args.lr, weight_decay=0.01)
     rng = np.random.default_rng(0)
     warmup = max(1, args.steps // 20)
     started = time.perf_counter()
     model.train()
     for step in range(args.steps):
-        lr = 2e-3 * min(1.0, (step + 1) / warmup) * (
+        lr = args.lr * min(1.0, (step + 1) / warmup) * (
             0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * step / args.steps)))
         for group in optimizer.param_groups:
             group["lr"] = lr
