@@ -66,11 +66,9 @@ class BackendSettings:
 
 
 class Backend(Protocol):
-    """What ``backend_class(settings)`` returns (``shardserve_register_backends``).
-
-    ``load()`` reads the model; afterwards ``inputs``/``outputs`` describe it.
-    ``run`` gets checked inputs and the output names wanted. ``close()`` is optional.
-    """
+    """What ``backend_class(settings)`` returns (``shardserve_register_backends``): ``load()``
+    reads the model, then ``inputs``/``outputs`` describe it; ``run`` gets checked inputs and
+    the output names wanted. ``close()`` is optional."""
 
     inputs: list[TensorSpec]
     outputs: list[TensorSpec]
@@ -250,9 +248,8 @@ class Runtime:
 
     def authorize(self, principal: Any, action: str, model: str | None) -> None:
         """Raise unless every plugin allows ``action``; any denial wins."""
-        answers = self.pm.hook.shardserve_authorize(principal=principal, action=action,
-                                                    model=model)
-        if any(answer is False for answer in answers):
+        hook = self.pm.hook.shardserve_authorize
+        if any(answer is False for answer in hook(principal=principal, action=action, model=model)):
             target = f" model {model[:128]!r}" if model else ""
             raise Forbidden(f"not allowed to {action}{target}")
 

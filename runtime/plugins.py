@@ -131,14 +131,9 @@ class PluginManager(pluggy.PluginManager):
     """pluggy's manager with lazy loading: ``disable`` and ``allow`` filter what
     :meth:`load_plugins` registers; ``plugins`` are registered at once (tests, embedding)."""
 
-    def __init__(
-        self,
-        disable: Iterable[str] = (),
-        allow: Iterable[str] | None = None,
-        plugins: Iterable[Any] = (),
-        allow_disable: Iterable[str] = (),
-        security_on: bool = False,
-    ):
+    def __init__(self, disable: Iterable[str] = (), allow: Iterable[str] | None = None,
+                 plugins: Iterable[Any] = (), allow_disable: Iterable[str] = (),
+                 security_on: bool = False):
         super().__init__(hookspecs.PROJECT_NAME)
         self.add_hookspecs(hookspecs)
         env_allow = _names(os.environ.get("SHARDSERVE_LOAD_PLUGINS"))
