@@ -371,3 +371,43 @@ def test_split_chain_starts_a_step_at_each_optimizer_name():
                        names) == ["distill:width=0.25,epochs=3",
                                   "quantize_dynamic:per_channel=true", "fold"]
     assert split_chain("fold:data_prop=false", names) == ["fold:data_prop=false"]
+
+
+def test_a_resnet_like_cnn_gets_a_shallower_student_with_student_layers():
+    """Identical residual blocks are layers too: student=layers drops every other one."""
+    rng = np.random.default_rng(0)
+    inits, nodes = [], []
+
+    def node(op, inputs, output, **attrs):
+        nodes.append(helper.make_node(op, inputs, [output], **attrs))
+        return output
+
+    def conv(x, name, c_in, c_out):
+        w = (rng.standard_normal((c_out, c_in, 3, 3)) * 0.3 / np.sqrt(c_in)).astype(np.float32)
+        inits.extend([numpy_helper.from_array(w, name + ".w"),
+                      numpy_helper.from_array(np.zeros(c_out, np.float32), name + ".b")])
+        return node("Conv", [x, name + ".w", name + ".b"], name, kernel_shape=[3, 3],
+                    pads=[1, 1, 1, 1])
+
+    x = node("Relu", [conv("image", "stem", 3, 8)], "stem.r")
+    for i in range(4):
+        h = node("Relu", [conv(x, f"b{i}.c1", 8, 8)], f"b{i}.r")
+        x = node("Relu", [node("Add", [conv(h, f"b{i}.c2", 8, 8), x], f"b{i}.add")], f"b{i}.o")
+    flat = node("Flatten", [node("GlobalAveragePool", [x], "gap")], "flat")
+    inits.extend([numpy_helper.from_array(rng.standard_normal((10, 8)).astype(np.float32), "fc.w"),
+                  numpy_helper.from_array(np.zeros(10, np.float32), "fc.b")])
+    node("Gemm", [flat, "fc.w", "fc.b"], "logits", transB=1)
+    graph = helper.make_graph(
+        nodes, "resnet",
+        [helper.make_tensor_value_info("image", TensorProto.FLOAT, ["batch", 3, 16, 16])],
+        [helper.make_tensor_value_info("logits", TensorProto.FLOAT, ["batch", 10])], inits)
+    teacher = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)], ir_version=8)
+    calibration = Calibration([{"image": rng.standard_normal((40, 3, 16, 16)).astype(np.float32)}],
+                              "40 samples from files")
+    optimizer = Distiller()
+    student = optimizer.apply(teacher, optimizer.validate({"student": "layers", "epochs": 2}),
+                              calibration)
+    onnx.checker.check_model(student, full_check=True)
+    assert sum(n.op_type == "Conv" for n in student.graph.node) == 5  # stem + 2 of 4 blocks
+    assert "2 of 4 repeated layers" in calibration.notes[0]
+    assert sum(len(b["image"]) for b in calibration.batches) == 8  # the held-out fifth
