@@ -24,62 +24,11 @@ from onnx_corpus import write_repository as write_corpus_repository
 
 pytest.importorskip("numba")
 
-# Exact cases (by test name) the numba work of issue #17 item 7 still has to fix (measured
-# 2026-12-07), listed instead of failing the test; a listed case that passes fails it, so the
-# list is trimmed as kernels land.
-PENDING: dict[str, set[str]] = {
-    # "tensor 'X' has an unsupported element type" (numba_lowering): BYTES and BF16 tensors
-    # are refused without naming the type.
-    "#17 item 7: refusals name the element type": {
-        "test_ai_onnx_ml_label_encoder_string_int",
-        "test_ai_onnx_ml_label_encoder_string_int_no_default",
-        "test_ai_onnx_ml_label_encoder_tensor_mapping",
-        "test_ai_onnx_ml_label_encoder_tensor_value_only_mapping", "test_attention_3d_causal_bf16",
-        "test_attention_3d_causal_bf16_expanded", "test_attention_4d_attn_mask_causal_bf16",
-        "test_attention_4d_attn_mask_causal_bf16_expanded", "test_attention_4d_causal_bf16",
-        "test_attention_4d_causal_bf16_expanded", "test_attention_4d_causal_padded_kv_bf16",
-        "test_attention_4d_causal_padded_kv_bf16_expanded", "test_attention_4d_padded_kv_bf16",
-        "test_attention_4d_padded_kv_bf16_expanded", "test_cast_BFLOAT16_to_FLOAT",
-        "test_cast_FLOAT_to_BFLOAT16", "test_castlike_BFLOAT16_to_FLOAT",
-        "test_castlike_BFLOAT16_to_FLOAT_expanded", "test_castlike_FLOAT_to_BFLOAT16",
-        "test_castlike_FLOAT_to_BFLOAT16_expanded", "test_celu_bfloat16",
-        "test_celu_bfloat16_expanded", "test_compress_bfloat16",
-        "test_einsum_batch_matmul_bfloat16", "test_einsum_sum_bfloat16",
-        "test_einsum_transpose_bfloat16", "test_equal_string", "test_equal_string_broadcast",
-        "test_onehot_with_bfloat16_values", "test_range_bfloat16_type_positive_delta",
-        "test_range_bfloat16_type_positive_delta_expanded", "test_regex_full_match_basic",
-        "test_regex_full_match_email_domain", "test_regex_full_match_empty",
-        "test_reversesequence_bfloat16", "test_string_concat", "test_string_concat_broadcasting",
-        "test_string_concat_empty_string", "test_string_concat_utf8",
-        "test_string_concat_zero_dimensional", "test_string_split_basic",
-        "test_string_split_consecutive_delimiters", "test_string_split_empty_string_delimiter",
-        "test_string_split_empty_tensor", "test_string_split_maxsplit",
-        "test_string_split_no_delimiter", "test_strnormalizer_export_monday_casesensintive_lower",
-        "test_strnormalizer_export_monday_casesensintive_nochangecase",
-        "test_strnormalizer_export_monday_casesensintive_upper",
-        "test_strnormalizer_export_monday_empty_output",
-        "test_strnormalizer_export_monday_insensintive_upper_twodim",
-        "test_strnormalizer_nostopwords_nochangecase", "test_unique_bfloat16_sorted_without_axis",
-    },
-    # "<Op> (node ...) failed on a warm-up input (ValueError)".
-    "#17 item 7: no warm-up errors, the refusal names the op or attribute": {
-        "test_attention_4d", "test_attention_4d_diff_heads_sizes",
-        "test_attention_4d_diff_heads_sizes_scaled", "test_attention_4d_fp16",
-        "test_attention_4d_gqa", "test_attention_4d_gqa_scaled", "test_attention_4d_scaled",
-        "test_expand_dim_changed", "test_expand_dim_unchanged",
-        "test_flexattention_fp16_expanded_ver26", "test_range_float16_type_positive_delta",
-        "test_range_float_type_positive_delta", "test_range_int32_type_negative_delta",
-        "test_reshape_extended_dims", "test_reshape_negative_extended_dims",
-        "test_reshape_one_dim", "test_reshape_reduced_dims", "test_reshape_zero_and_negative_dim",
-        "test_reshape_zero_dim", "test_slice", "test_slice_end_out_of_bounds", "test_slice_neg",
-        "test_slice_neg_steps", "test_slice_start_out_of_bounds",
-    },
-    # Dropout with training_mode = true lowers to the identity: a wrong answer, not a refusal.
-    "#17 item 7: Dropout in training mode is refused, not answered as the identity": {
-        "test_training_dropout", "test_training_dropout_default",
-        "test_training_dropout_default_mask", "test_training_dropout_mask",
-    },
-}
+# Exact cases (by test name) the numba work of issue #17 item 7 still has to fix, listed
+# instead of failing the test; a listed case that passes fails it, so the list is trimmed as
+# kernels land. Empty since the shape-subgraph kernels, named element types, training-mode
+# Dropout and float16 refusals landed (2026-12-07).
+PENDING: dict[str, set[str]] = {}
 PENDING_CASES = {case: item for item, cases in PENDING.items() for case in cases}
 
 

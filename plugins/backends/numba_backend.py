@@ -107,6 +107,15 @@ class NumbaBackend:
         if warm:
             try:
                 self.run(zeros_for(self.inputs), [o.name for o in self.outputs])
+            except BadRequest as exc:
+                if not self.graph.value_inputs:
+                    where = getattr(exc.__cause__ or exc, "shardserve_step", "a kernel")
+                    raise ModelLoadError(f"model {s.model!r}: {where} failed on a warm-up input "
+                                         f"({type(exc.__cause__ or exc).__name__})") from exc
+                # zeros are no shape, range or slice bound: the rest compiles on first use
+                log.info("model %s: warm-up stopped at %s (inputs %s set shapes by value)",
+                         s.model, getattr(exc.__cause__, "shardserve_step", "a kernel"),
+                         ", ".join(self.graph.value_inputs))
             except Exception as exc:
                 where = getattr(exc.__cause__ or exc, "shardserve_step", "a kernel")
                 raise ModelLoadError(f"model {s.model!r}: {where} failed on a warm-up input "

@@ -47,6 +47,9 @@ class LoweredGraph:
     constants: dict[str, np.ndarray]
     steps: list[Step]
     fused: Counter = field(default_factory=Counter)
+    # inputs whose values (not only shapes) set a shape, a range or slice bounds: a
+    # warm-up on zeros cannot stand for them
+    value_inputs: list[str] = field(default_factory=list)
     _program: list = field(default_factory=list, repr=False)
 
     def __post_init__(self) -> None:
@@ -84,7 +87,14 @@ def _spec(value_info) -> TensorSpec:
     tensor = value_info.type.tensor_type
     datatype = ONNX_DATATYPES.get(tensor.elem_type)
     if datatype is None:
-        raise ModelLoadError(f"tensor {value_info.name!r} has an unsupported element type")
+        from onnx import TensorProto
+
+        try:
+            kind = TensorProto.DataType.Name(tensor.elem_type)
+        except ValueError:
+            kind = f"number {tensor.elem_type}"
+        raise ModelLoadError(f"tensor {value_info.name!r} has element type {kind}, which the "
+                             "numba kernels do not take")
     shape = [d.dim_value if d.HasField("dim_value") else -1 for d in tensor.shape.dim]
     return TensorSpec(value_info.name, datatype, shape)
 
@@ -232,6 +242,14 @@ def lower(model: str, data: bytes, kernels: Any) -> LoweredGraph:
                 constants[name] = value
         else:
             steps.append(step)
+    halves = [s.name for s in (*inputs, *outputs) if s.datatype == "FP16"] + [
+        name for name, value in constants.items() if getattr(value, "dtype", None) == np.float16]
+    jitted = [step for step in steps
+              if not kernels[step.op].function.startswith(NUMPY_KERNEL_MODULES)]
+    if halves and jitted:
+        raise ModelLoadError(f"model {model!r}: float16 tensor {halves[0]!r} would reach "
+                             f"{jitted[0].op} (node {jitted[0].node!r}), whose numba kernel "
+                             "takes no float16; use backend 'onnxruntime'")
     known = set(constants) | {i.name for i in inputs} | {o for s in steps for o in s.outputs}
     absent = [o.name for o in outputs if o.name not in known]
     if absent:
@@ -244,7 +262,33 @@ def lower(model: str, data: bytes, kernels: Any) -> LoweredGraph:
         names = [n for n in (*step.inputs, *step.outputs) if n and n not in keep]
         step.release = tuple(dict.fromkeys(n for n in names if n not in seen))
         seen.update(names)
-    return LoweredGraph(inputs, outputs, constants, steps, +fused)
+    return LoweredGraph(inputs, outputs, constants, steps, +fused,
+                        _value_inputs(steps, [i.name for i in inputs]))
+
+
+# kernels in plain numpy (any dtype numpy has); the others are numba-jitted (no float16)
+NUMPY_KERNEL_MODULES = ("plugins.kernels.layout:", "plugins.kernels.shape_ops:",
+                        "plugins.kernels.gru:")
+
+# (op, positions of the inputs whose values shape the result)
+SHAPE_VALUED = {"Reshape": (1,), "Expand": (1,), "Range": (0, 1, 2), "Slice": (1, 2, 3, 4),
+                "ConstantOfShape": (0,), "Tile": (1,), "TopK": (1,), "Gather": (1,)}
+
+
+def _value_inputs(steps: list[Step], inputs: list[str]) -> list[str]:
+    """Graph inputs whose values reach a shape-valued argument (not through ``Shape``)."""
+    reach: dict[str, set[str]] = {name: {name} for name in inputs}
+    found: set[str] = set()
+    for step in steps:
+        for position in SHAPE_VALUED.get(step.op, ()):
+            if position < len(step.inputs):
+                found |= reach.get(step.inputs[position], set())
+        if step.op == "Shape":
+            continue
+        sources = set().union(*(reach.get(n, set()) for n in step.inputs))
+        for out in step.outputs:
+            reach[out] = sources
+    return [name for name in inputs if name in found]
 
 
 def _live(nodes: list[Node], wanted: set[str]) -> list[Node]:
