@@ -319,3 +319,85 @@ def test_generate_routes_under_serverless_offline(lm_repo, expected, tmp_path, m
         assert r.status_code == 400 and "cap of 40" in r.json()["error"]["message"]
     finally:
         service.stop()
+
+
+def _dispatch(rt, method, path, body=b"", headers=None):
+    from handlers.routes import HttpRequest, dispatch
+
+    response = dispatch(rt, HttpRequest(method, path, headers or {}, body))
+    data = b"".join(response.stream) if response.stream is not None else response.body
+    return response.status, data
+
+
+GEN = "/v2/models/tiny-gpt2/generate"
+HOSTILE = [
+    (GEN, b"", 400, "JSON object"),
+    (GEN, b"[1]", 400, "JSON object"),
+    (GEN, b'{"parameters": {}}', 400, "text_input"),
+    (GEN, b'{"text_input": 5}', 400, "prompt must be a string"),
+    (GEN, b'{"text_input": "x", "parameters": []}', 400, "parameters"),
+    (GEN, b'{"text_input": "x", "parameters": {"max_tokens": 1e9}}', 400, "max_tokens"),
+    (GEN, b'{"text_input": "x", "parameters": {"max_tokens": 41}}', 400, "cap of 40"),
+    (GEN, b'{"text_input": "x", "parameters": {"temperature": NaN}}', 400, "temperature"),
+    (GEN, b'{"text_input": "x", "parameters": {"top_k": -1}}', 400, "top_k"),
+    (GEN, b'{"text_input": "x", "parameters": {"stop": "a", "logprobs": 3}}', 400, "logprobs"),
+    (GEN, b'{"text_input": "x", "parameters": {"stop": ["a", 3]}}', 400, "stop"),
+    (GEN, b'{"text_input": "' + b"word " * 300 + b'"}', 400, "context of 256 tokens"),
+    ("/v2/models/tiny-gpt2/generate_stream", b'{"text_input": ""}', 400, "prompt is empty"),
+    ("/v1/completions", b'{"prompt": "x"}', 400, "'model' is required"),
+    ("/v1/completions", b'{"model": "tiny-gpt2", "prompt": ["a", "b"]}', 400, "prompt"),
+    ("/v1/completions", b'{"model": "tiny-gpt2", "prompt": "x", "stream": "yes"}', 400,
+     "stream"),
+    ("/v1/completions", b'{"model": "tiny-gpt2", "prompt": "x", "frequency_penalty": 1}', 400,
+     "repetition_penalty"),
+    ("/v1/completions", b'{"model": "tiny-gpt2", "prompt": "x", "tools": []}', 400, "tools"),
+    ("/v1/chat/completions", b'{"model": "tiny-gpt2", "messages": []}', 400, "messages"),
+    ("/v1/chat/completions", b'{"model": "tiny-gpt2", "messages": [{"role": "user"}]}', 400,
+     "content"),
+    ("/v1/chat/completions", b'{"model": "tiny-gpt2", "messages": [{"role": "user", '
+     b'"content": [{"type": "image_url"}]}]}', 400, "text content"),
+    ("/v1/chat/completions", b'{"model": "../etc", "messages": [{"role": "u", "content": "x"}]}',
+     400, "invalid model name"),
+    ("/v1/completions", b'{"model": "absent", "prompt": "x"}', 404, "unknown model"),
+]
+
+
+@pytest.mark.parametrize("path,body,status,words", HOSTILE)
+def test_hostile_generation_requests_get_clear_4xx(lm_repo, path, body, status, words):
+    rt = _hostile_runtime(lm_repo)
+    got, data = _dispatch(rt, "POST", path, body)
+    error = json.loads(data)["error"]
+    message = error["message"] if path.startswith("/v1/") else error
+    assert got == status and words in message, message
+    assert "Traceback" not in message and str(lm_repo) not in message
+
+
+_runtimes: dict = {}
+
+
+def _hostile_runtime(lm_repo):
+    if str(lm_repo) not in _runtimes:
+        _runtimes[str(lm_repo)] = Runtime.from_config({"repository": {"path": str(lm_repo)},
+                                                       "metrics": {"enabled": False}}).start()
+    return _runtimes[str(lm_repo)]
+
+
+def test_generate_is_an_action_granted_per_model(lm_repo, tmp_path):
+    from plugins.security.apikeys import KeyStore
+
+    keys = KeyStore(tmp_path / "keys.json")
+    _, reader = keys.create("reader", ["tiny-gpt2"], ["infer", "metadata"])
+    _, writer = keys.create("writer", ["tiny-gpt2"], ["generate", "metadata"])
+    _, other = keys.create("other", ["somebody-else"], ["generate"])
+    rt = Runtime.from_config({"repository": {"path": str(lm_repo)},
+                              "security": {"enabled": True, "keys_file": str(keys.path)}}).start()
+    oip = json.dumps({"text_input": PROMPT, "parameters": {"max_tokens": 3}}).encode()
+    openai_body = json.dumps({"model": "tiny-gpt2", "prompt": PROMPT, "max_tokens": 3}).encode()
+    assert _dispatch(rt, "POST", GEN, oip)[0] == 401
+    assert _dispatch(rt, "POST", GEN, oip, {"x-api-key": reader})[0] == 403
+    assert _dispatch(rt, "POST", GEN, oip, {"x-api-key": writer})[0] == 200
+    assert _dispatch(rt, "POST", "/v1/completions", openai_body, {"x-api-key": writer})[0] == 200
+    status, data = _dispatch(rt, "POST", "/v1/completions", openai_body, {"x-api-key": other})
+    assert status == 403 and json.loads(data)["error"]["type"] == "permission_error"
+    status, data = _dispatch(rt, "POST", "/v1/completions", openai_body)
+    assert status == 401 and json.loads(data)["error"]["type"] == "authentication_error"

@@ -83,7 +83,8 @@ def oip_generate(rt, req, model: str, version: str | None = None, stream: bool =
     unknown = set(body) - OIP_FIELDS
     if unknown:
         raise BadRequest(f"unknown fields: {', '.join(sorted(unknown))}")
-    params = body.get("parameters") or {}
+    params = body.get("parameters")
+    params = {} if params is None else params
     if not isinstance(params, dict):
         raise BadRequest("'parameters' must be a JSON object")
     if "text_input" not in body:
@@ -153,7 +154,8 @@ def _openai_request(rt, req, chat: bool):
     stream = body.get("stream", False)
     if not isinstance(stream, bool):
         raise BadRequest("'stream' must be a boolean")
-    options = body.get("stream_options") or {}
+    options = body.get("stream_options")
+    options = {} if options is None else options
     if not isinstance(options, dict) or set(options) - {"include_usage"}:
         raise BadRequest("'stream_options' takes only include_usage")
     if chat:
