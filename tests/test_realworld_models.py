@@ -376,3 +376,24 @@ def test_numba_activations_and_shape_ops_match_onnxruntime():
     feed = {"x": (np.random.default_rng(4).standard_normal((3, 4)) * 3).astype(np.float32)}
     ops = _lower_and_compare(model, feed)
     assert {"Clip", "HardSigmoid", "HardSwish", "Where", "Expand", "Shape"} <= set(ops)
+
+
+def test_numba_specialises_the_shape_subgraph_per_input_shape():
+    """The BERT encoder's Shape/Gather/Concat/ConstantOfShape chain runs once per distinct
+    input shape; later calls at that shape skip it and still match onnxruntime."""
+    from plugins.backends.numba_backend import kernel_registry
+    from plugins.backends.numba_lowering import lower
+
+    model, sample = rw.bert_encoder()
+    graph = lower("bert", model.SerializeToString(),
+                  kernel_registry(PluginManager().load_plugins()))
+    sess = ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"])
+    rng = np.random.default_rng(7)
+    for length in (16, 5, 16, 5, 9):
+        feed = {"input_ids": rng.integers(1, 300, (2, length)).astype(np.int64),
+                "attention_mask": np.ones((2, length), np.int64)}
+        got = graph.run(feed, ["last_hidden_state"])["last_hidden_state"]
+        np.testing.assert_allclose(got, sess.run(None, feed)[0], rtol=1e-4, atol=1e-4)
+    assert len(graph._specialised) == 3
+    program, _, _ = next(iter(graph._specialised.values()))
+    assert "Shape" in graph.ops() and len(program) < len(graph.steps) - 10

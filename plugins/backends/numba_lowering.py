@@ -57,13 +57,53 @@ class LoweredGraph:
         self._program = [(step.call, tuple(step.inputs), tuple(step.outputs),
                           step.release) for step in self.steps]
         self.constants = {**self.constants, "": None}  # "": an absent optional input
+        self._shape_only = self._shape_steps()
+        self._specialised: dict[tuple, tuple] = {}  # input shapes -> (program, steps, consts)
+
+    def _shape_steps(self) -> set[int]:
+        """Steps computing only from input *shapes* (Shape and what follows only from it
+        and constants): constant for one set of input shapes. Empty when some shape in
+        the graph depends on values (then nothing may be cached per shape)."""
+        if self.value_inputs or any(s.op in VALUE_SHAPED for s in self.steps):
+            return set()
+        derived: set[str] = set()
+        out = set()
+        for index, step in enumerate(self.steps):
+            if step.op == "Shape" or all(not n or n in self.constants or n in derived
+                                         for n in step.inputs):
+                derived.update(o for o in step.outputs if o)
+                out.add(index)
+        return out
 
     def run(self, feed: Mapping[str, np.ndarray], wanted: list[str]) -> dict[str, np.ndarray]:
-        values = self.constants.copy()
+        """Run the kernel sequence. A graph with a shape subgraph is specialised per
+        distinct set of input shapes: the first run records the subgraph's values, later
+        runs at those shapes skip it (at most ``SPECIALISED`` shape sets are kept)."""
+        if not self._shape_only:
+            return self._execute(self._program, self.steps, self.constants, feed, wanted)
+        key = tuple(np.shape(feed[i.name]) for i in self.inputs if i.name in feed)
+        cached = self._specialised.get(key)
+        if cached is not None:
+            return self._execute(*cached, feed, wanted)
+        record: dict[str, np.ndarray] = {}
+        result = self._execute(self._program, self.steps, self.constants, feed, wanted, record)
+        keep = [i for i in range(len(self.steps)) if i not in self._shape_only]
+        program = [self._program[i][:3] + (tuple(n for n in self._program[i][3]
+                                                 if n not in record),) for i in keep]
+        if len(self._specialised) >= SPECIALISED:
+            self._specialised.pop(next(iter(self._specialised)))
+        self._specialised[key] = (program, [self.steps[i] for i in keep],
+                                  {**self.constants, **record})
+        return result
+
+    def _execute(self, program, steps, constants, feed, wanted, record=None) -> dict:
+        values = constants.copy()
         values.update(feed)
         position = 0
+        shape_outputs = {o for i in self._shape_only for o in self.steps[i].outputs if o} \
+            if record is not None else ()
         try:
-            for position, (call, names, outs, release) in enumerate(self._program):  # noqa: B007
+            for position, (call, names, outs, release) in enumerate(program):  # noqa: B007
                 results = call(*[values[n] for n in names])
                 if len(outs) == 1:
                     values[outs[0]] = results[0]
@@ -71,10 +111,12 @@ class LoweredGraph:
                     for name, value in zip(outs, results):
                         if name:
                             values[name] = value
+                if record is not None:
+                    record.update((n, values[n]) for n in outs if n in shape_outputs)
                 for name in release:
                     del values[name]
         except Exception as exc:  # say where, for load-time errors (no paths, no values)
-            step = self.steps[position]
+            step = steps[position]
             exc.shardserve_step = f"{step.op} (node {step.node!r})"
             raise
         return {name: values[name] for name in wanted}
@@ -266,13 +308,18 @@ def lower(model: str, data: bytes, kernels: Any) -> LoweredGraph:
                         _value_inputs(steps, [i.name for i in inputs]))
 
 
+# ops whose output shape depends on input values: no per-shape specialisation with them
+VALUE_SHAPED = {"NonZero", "NonMaxSuppression", "Unique", "Compress", "TopK", "nms",
+                "ctc_greedy", "topk", "softmax_topk"}
+SPECIALISED = 8  # input-shape sets whose shape-subgraph values are kept
+
 # kernels in plain numpy (any dtype numpy has); the others are numba-jitted (no float16)
 NUMPY_KERNEL_MODULES = ("plugins.kernels.layout:", "plugins.kernels.shape_ops:",
                         "plugins.kernels.gru:")
 
 # (op, positions of the inputs whose values shape the result)
 SHAPE_VALUED = {"Reshape": (1,), "Expand": (1,), "Range": (0, 1, 2), "Slice": (1, 2, 3, 4),
-                "ConstantOfShape": (0,), "Tile": (1,), "TopK": (1,), "Gather": (1,)}
+                "ConstantOfShape": (0,), "Tile": (1,), "TopK": (1,)}
 
 
 def _value_inputs(steps: list[Step], inputs: list[str]) -> list[str]:
