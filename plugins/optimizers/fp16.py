@@ -18,7 +18,11 @@ put back into topological order before it is checked.
 
 from __future__ import annotations
 
+import contextlib
+import os
+import tempfile
 import warnings
+from collections.abc import Iterator
 from typing import Any
 
 from runtime.errors import BadRequest
@@ -117,6 +121,16 @@ def fence_control_flow(model: Any) -> list[str]:
     return keep
 
 
+@contextlib.contextmanager
+def _working_directory(path: str) -> Iterator[None]:
+    before = os.getcwd()
+    os.chdir(path)
+    try:
+        yield
+    finally:
+        os.chdir(before)
+
+
 def with_types(model: Any) -> Any:
     """``model`` with value_info for every tensor onnxruntime's symbolic shape inference can
     type, contrib (com.microsoft) ops included: the converters cast a kept-fp32 node's
@@ -127,7 +141,10 @@ def with_types(model: Any) -> Any:
     try:
         from onnxruntime.tools.symbolic_shape_infer import SymbolicShapeInference
 
-        inferred = SymbolicShapeInference.infer_shapes(model, auto_merge=True)
+        # On a partial inference it dumps sym_shape_infer_temp.onnx (+ .data files) into
+        # the working directory: give it a throwaway one (optimize is a one-thread CLI tool).
+        with tempfile.TemporaryDirectory() as scratch, _working_directory(scratch):
+            inferred = SymbolicShapeInference.infer_shapes(model, auto_merge=True)
         if inferred is not None:
             return inferred
     except Exception:  # old onnxruntime, or an op it cannot infer (FusedConv, ...)
