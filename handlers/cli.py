@@ -132,6 +132,16 @@ def _warn_if_empty(args: argparse.Namespace) -> None:
                     "(add <repository>/<name>/<version>/model.onnx)")
 
 
+def start_registration(config: Any, host: str, port: int) -> Any:
+    from plugins.registry.agent import start_registration as start
+
+    return start(config, host, port)
+
+
+def _interrupt(signum: int, frame: Any) -> None:
+    raise KeyboardInterrupt
+
+
 def _serve_dev(args: argparse.Namespace) -> int:
     from .dev_server import make_dev_server
     from .flask_app import create_app
@@ -141,11 +151,16 @@ def _serve_dev(args: argparse.Namespace) -> int:
     cfg = rt.config
     server = make_dev_server(cfg.host, cfg.port, app)
     _print_ready(rt, cfg.host, server.server_port)
+    agent = start_registration(rt.config, cfg.host, server.server_port)  # docs/registry.md
+    if agent is not None:  # SIGTERM: deregister on the way out
+        signal.signal(signal.SIGTERM, _interrupt)
     try:
         server.serve_forever()
     except KeyboardInterrupt:
         pass
     finally:
+        if agent is not None:
+            agent.stop()
         server.server_close()
         rt.close()
     return 0
@@ -165,6 +180,7 @@ def _serve_gunicorn(args: argparse.Namespace) -> int:
     if not os.environ.get("PROMETHEUS_MULTIPROC_DIR"):  # before prometheus_client is imported
         own_metrics_dir = tempfile.mkdtemp(prefix="shardserve-metrics-")
         os.environ["PROMETHEUS_MULTIPROC_DIR"] = own_metrics_dir
+    agents: list = []  # the registration agent, started once the socket is bound
     own_state_dir = None  # the workers' one repository state, reset each run (repository.md)
     if not os.environ.get("SHARDSERVE_REPOSITORY_STATE"):
         own_state_dir = tempfile.mkdtemp(prefix="shardserve-repository-")
@@ -176,6 +192,7 @@ def _serve_gunicorn(args: argparse.Namespace) -> int:
 
         def on_ready(host: str, port: int) -> None:
             _print_ready(rt, host, port, ready)
+            agents.append(start_registration(cfg, host, port))  # docs/registry.md
 
         options = {
             "bind": f"[{cfg.host}]:{cfg.port}" if ":" in cfg.host else f"{cfg.host}:{cfg.port}",
@@ -197,6 +214,8 @@ def _serve_gunicorn(args: argparse.Namespace) -> int:
             options["max_requests_jitter"] = max(1, args.max_requests // 10)
         gunicorn_application(args.config, _overrides(args), options, on_ready).run()
     finally:
+        for agent in filter(None, agents):
+            agent.stop()
         for own in (own_metrics_dir, own_state_dir):
             if own is not None:
                 shutil.rmtree(own, ignore_errors=True)

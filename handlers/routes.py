@@ -216,6 +216,24 @@ def metrics(rt: Runtime, req: HttpRequest) -> HttpResponse:
     return HttpResponse(200, generate_latest(registry), {"Content-Type": CONTENT_TYPE_LATEST})
 
 
+def registry_view(rt: Runtime, req: HttpRequest) -> HttpResponse:
+    from plugins.registry import views  # docs/registry.md
+
+    return json_response(views.registry_view(rt, req))
+
+
+def register_node(rt: Runtime, req: HttpRequest, node: str) -> HttpResponse:
+    from plugins.registry import views
+
+    return json_response(views.register_node(rt, req, node))
+
+
+def deregister_node(rt: Runtime, req: HttpRequest, node: str) -> HttpResponse:
+    from plugins.registry import views
+
+    return json_response(views.deregister_node(rt, req, node))
+
+
 def _generation(result: tuple) -> HttpResponse:
     """A generation view's ``(status, headers, bytes | iterator)`` as a response."""
     status, headers, body = result
@@ -303,6 +321,10 @@ ROUTES: list[Route] = [
     _route("POST", rf"/v2/repository/models/{SEGMENT}/load", repository_load, "load"),
     _route("POST", rf"/v2/repository/models/{SEGMENT}/unload", repository_unload, "unload"),
     _route("GET", r"/metrics", metrics, "metrics"),
+    _route("GET", r"/v2/shardserve/registry", registry_view, "metadata"),
+    _route("PUT", r"/v2/shardserve/registry/nodes/(?P<node>[^/]+)", register_node, "register"),
+    _route("DELETE", r"/v2/shardserve/registry/nodes/(?P<node>[^/]+)", deregister_node,
+           "register"),
 ]
 
 

@@ -127,6 +127,17 @@ def shardserve_register_executors(register: Callable[[str, Any], None]) -> None:
 
 
 @hookspec
+def shardserve_register_registries(register: Callable[[str, Any], None]) -> None:
+    """Register node registry stores by calling ``register(name, factory)``.
+
+    ``factory(config, settings)`` returns a store with ``heartbeat(node, record, owner, ttl_s)``
+    (register or refresh under a lease), ``deregister(node, owner)``, ``nodes() -> list[dict]``
+    and ``close()``; a live node written by another owner raises ``Forbidden``, an unreachable
+    store ``ServiceUnavailable``. ``[registry] store`` picks one (docs/registry.md).
+    """
+
+
+@hookspec
 def shardserve_startup(runtime: Runtime) -> None:
     """Called once when a :class:`runtime.Runtime` is built, after its plugins are loaded and
     before any model loads. Use it to validate this plugin's section of the config (raise

@@ -46,6 +46,7 @@ DEFAULT_PLUGINS: tuple[str, ...] = (
     "plugins.partitioners",
     "plugins.optimizers",
     "plugins.executors",
+    "plugins.registry",
     "plugins.generation",
     "plugins.packaging",
     *SECURITY_PLUGINS,

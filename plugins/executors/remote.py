@@ -89,9 +89,14 @@ class RemoteExecutor(Executor):
                                   f"({self.scheme}) is unavailable: {why}")
 
     def run_shard(self, index: int, inputs: dict, outputs: list[str]) -> dict:
+        endpoint, remote = self.targets[index]
+        return self.run_on(index, endpoint, remote, inputs, outputs)
+
+    def run_on(self, index: int, endpoint: str, remote: str, inputs: dict,
+               outputs: list[str]) -> dict:
+        """One call of shard ``index`` on ``endpoint`` (a pool executor picks it per call)."""
         import numpy as np
 
-        endpoint, remote = self.targets[index]
         breaker = self.breakers[endpoint]
         if not breaker.allow():
             raise self.unavailable(index, "circuit open after repeated failures")

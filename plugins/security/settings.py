@@ -24,7 +24,7 @@ log = logging.getLogger("shardserve.security")
 
 DEFAULT_ACTIONS = frozenset({"server_metadata", "metadata", "infer", "generate"})
 ALL_ACTIONS = frozenset({"server_metadata", "metadata", "infer", "generate", "repository_index",
-                         "load", "unload", "metrics"})
+                         "load", "unload", "metrics", "register"})
 KNOWN_KEYS = {"enabled", "allow_disable", "keys_file", "require_signed", "trusted_keys",
               "require_encrypted", "master_key_env", "master_key_file",
               "hmac", "jwt", "limits", "models", "audit", "tensors"}

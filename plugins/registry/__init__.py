@@ -1,0 +1,87 @@
+"""Service registration and discovery (docs/registry.md).
+
+Two registry stores with one contract: ``embedded`` (SQLite in the state directory, one
+host) and ``etcd`` (leases through etcd's JSON gateway). A node serving with ``[registry]
+enabled`` registers itself and heartbeats; a plan placement ``pool:NAME`` resolves through
+the registry to healthy replicas (the ``pool`` executor); ``shardserve nodes`` and ``GET
+/v2/shardserve/registry`` show the nodes and their states.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+from typing import Any
+
+from runtime import hookimpl
+
+
+def embedded_store(config: Any, settings: Any) -> Any:
+    from .settings import embedded_path
+    from .stores import EmbeddedRegistry
+
+    return EmbeddedRegistry(embedded_path(config))
+
+
+def etcd_store(config: Any, settings: Any) -> Any:
+    from .stores import EtcdRegistry
+
+    return EtcdRegistry(list(settings.etcd_endpoints), settings.prefix)
+
+
+@hookimpl(trylast=True)
+def shardserve_register_registries(register: Any) -> None:
+    register("embedded", embedded_store)
+    register("etcd", etcd_store)
+
+
+def pool_executor(backend: Any, options: dict) -> Any:
+    from .pool import PoolExecutor
+
+    return PoolExecutor(backend, options)
+
+
+@hookimpl
+def shardserve_register_executors(register: Any) -> None:
+    register("pool", pool_executor)
+
+
+@hookimpl
+def shardserve_startup(runtime: Any) -> None:
+    from .settings import registry_settings
+
+    registry_settings(runtime.config)  # a bad [registry] fails at startup
+
+
+def cmd_nodes(args: argparse.Namespace) -> int:
+    """Read the configured store once and print its nodes."""
+    from runtime.config import load_config
+
+    from .directory import Directory
+    from .settings import open_store, registry_settings
+
+    config = load_config(getattr(args, "config", None))
+    settings = registry_settings(config)
+    directory = Directory(open_store(config, settings), settings.ttl_s, settings.refresh_s)
+    directory.refresh()
+    view = {"store": settings.store, **directory.view()}
+    if directory.read_at is None:
+        view["error"] = "the registry store cannot be reached"
+    if args.json:
+        print(json.dumps(view, indent=2))
+    else:
+        print(f"{'NODE':24} {'STATE':9} {'URL':28} {'POOLS':12} MODELS")
+        for node in view["nodes"]:
+            models = ",".join(f"{m['name']}/{m['version']}" for m in node["models"])
+            print(f"{node['id']:24} {node['state']:9} {node['url'] or '-':28} "
+                  f"{','.join(node['pools']):12} {models or '-'}")
+        if "error" in view:
+            print(view["error"])
+    return 1 if "error" in view else 0
+
+
+@hookimpl
+def shardserve_register_commands(subparsers: Any) -> None:
+    p = subparsers.add_parser("nodes", help="list registered nodes, their state and shards")
+    p.add_argument("--json", action="store_true", help="the view as JSON")
+    p.set_defaults(func=cmd_nodes)

@@ -1,0 +1,193 @@
+"""The two built-in registry stores, with one contract (docs/registry.md).
+
+``heartbeat(node, record, owner, ttl_s)`` registers a node or refreshes it under a lease of
+``ttl_s`` seconds; ``deregister(node, owner)`` removes it; ``nodes()`` lists the live
+records. A live record belongs to the principal that wrote it: a write or a delete by any
+other principal raises ``Forbidden`` (so a node cannot claim another's id); once the lease
+has expired the id is free again. Both raise ``ServiceUnavailable`` when the store cannot
+be reached, so callers can keep their last known view.
+
+``embedded``: one SQLite file in ``[server] state_dir`` (one host: every process that
+shares the directory sees the same nodes; expiry is a timestamp checked on read).
+``etcd``: etcd v3 through its JSON gateway (``/v3/kv``, ``/v3/lease``): one lease per
+node, refreshed with ``keepalive``; the owner check is one ``txn`` comparing the key's
+``mod_revision`` with the one read, so two writers cannot both win.
+"""
+
+from __future__ import annotations
+
+import base64
+import json
+import threading
+import time
+import urllib.error
+import urllib.request
+from pathlib import Path
+from typing import Any
+
+from runtime.errors import Forbidden, ServiceUnavailable
+
+SCHEMA = ("CREATE TABLE IF NOT EXISTS nodes (id TEXT PRIMARY KEY, owner TEXT NOT NULL, "
+          "record TEXT NOT NULL, expires REAL NOT NULL) WITHOUT ROWID")
+
+
+def _claimed(node: str) -> Forbidden:
+    return Forbidden(f"node id {node!r} is registered by another principal")
+
+
+class EmbeddedRegistry:
+    """Nodes of one host in a SQLite file; a lease is an expiry time, checked on read."""
+
+    name = "embedded"
+
+    def __init__(self, path: Path):
+        import sqlite3
+
+        from plugins.security.shared_state import BUSY_TIMEOUT_S
+
+        self.path = path
+        self._lock = threading.Lock()
+        self._db = sqlite3.connect(path, timeout=BUSY_TIMEOUT_S, isolation_level=None,
+                                   check_same_thread=False)
+        self._db.execute("PRAGMA journal_mode=WAL")
+        self._db.execute(SCHEMA)
+
+    def _write(self, node: str, owner: str, change: Any) -> None:
+        import sqlite3
+
+        with self._lock:
+            try:
+                self._db.execute("BEGIN IMMEDIATE")  # one writer at a time across processes
+                try:
+                    row = self._db.execute("SELECT owner, expires FROM nodes WHERE id = ?",
+                                           (node,)).fetchone()
+                    if row is not None and row[0] != owner and row[1] > time.time():
+                        raise _claimed(node)
+                    change(self._db)
+                    self._db.execute("COMMIT")
+                except BaseException:
+                    self._db.execute("ROLLBACK")
+                    raise
+            except sqlite3.Error as exc:
+                raise ServiceUnavailable(f"registry store unavailable: "
+                                         f"{type(exc).__name__}") from None
+
+    def heartbeat(self, node: str, record: dict, owner: str, ttl_s: float) -> None:
+        row = (node, owner, json.dumps(record), time.time() + ttl_s)
+        self._write(node, owner, lambda db: db.execute(
+            "INSERT OR REPLACE INTO nodes VALUES (?, ?, ?, ?)", row))
+
+    def deregister(self, node: str, owner: str) -> None:
+        self._write(node, owner, lambda db: db.execute("DELETE FROM nodes WHERE id = ?",
+                                                       (node,)))
+
+    def nodes(self) -> list[dict]:
+        import sqlite3
+
+        with self._lock:
+            try:
+                rows = self._db.execute("SELECT owner, record FROM nodes WHERE expires > ?",
+                                        (time.time(),)).fetchall()
+            except sqlite3.Error as exc:
+                raise ServiceUnavailable(f"registry store unavailable: "
+                                         f"{type(exc).__name__}") from None
+        return [{**json.loads(record), "owner": owner} for owner, record in rows]
+
+    def close(self) -> None:
+        with self._lock:
+            self._db.close()
+
+
+def _b64(text: str) -> str:
+    return base64.b64encode(text.encode()).decode()
+
+
+def _prefix_end(prefix: str) -> str:
+    """etcd's range end for a prefix: the prefix with its last byte incremented."""
+    raw = prefix.encode()
+    return base64.b64encode(raw[:-1] + bytes([raw[-1] + 1])).decode()
+
+
+class EtcdRegistry:
+    """Nodes under ``<prefix>nodes/<id>`` in etcd, each bound to its own lease."""
+
+    name = "etcd"
+
+    def __init__(self, endpoints: list[str], prefix: str = "/shardserve/",
+                 timeout_s: float = 1.0):
+        self.endpoints = [e.rstrip("/") for e in endpoints]
+        self.prefix = prefix
+        self.timeout_s = timeout_s
+
+    def _post(self, path: str, body: dict) -> dict:
+        data = json.dumps(body).encode()
+        failure: BaseException | None = None
+        for endpoint in self.endpoints:
+            request = urllib.request.Request(endpoint + path, data=data,
+                                             headers={"Content-Type": "application/json"})
+            try:
+                with urllib.request.urlopen(request, timeout=self.timeout_s) as response:
+                    return json.loads(response.read() or b"{}")
+            except (OSError, ValueError) as exc:  # refused, timed out, 5xx, garbage
+                failure = exc
+        raise ServiceUnavailable(f"registry store (etcd) unavailable: "
+                                 f"{type(failure).__name__}")
+
+    def _key(self, node: str) -> str:
+        return f"{self.prefix}nodes/{node}"
+
+    def _read(self, node: str) -> tuple[dict | None, int, int]:
+        """(stored value, mod_revision, lease id) of one node's key; (None, 0, 0) if absent."""
+        kvs = self._post("/v3/kv/range", {"key": _b64(self._key(node))}).get("kvs") or []
+        if not kvs:
+            return None, 0, 0
+        kv = kvs[0]
+        value = json.loads(base64.b64decode(kv.get("value", "")) or b"{}")
+        return value, int(kv.get("mod_revision", 0)), int(kv.get("lease", 0))
+
+    def heartbeat(self, node: str, record: dict, owner: str, ttl_s: float) -> None:
+        stored, revision, lease = self._read(node)
+        if stored is not None and stored.get("owner") != owner:
+            raise _claimed(node)
+        alive = False
+        if lease:
+            answer = self._post("/v3/lease/keepalive", {"ID": str(lease)})
+            alive = int(answer.get("result", {}).get("TTL", 0) or 0) > 0
+        if not alive:
+            granted = self._post("/v3/lease/grant", {"TTL": max(2, round(ttl_s))})
+            lease = int(granted["ID"])
+        key = _b64(self._key(node))
+        put = {"request_put": {"key": key, "value": _b64(json.dumps({**record, "owner": owner})),
+                               "lease": str(lease)}}
+        compare = {"key": key, "target": "MOD", "result": "EQUAL", "mod_revision": str(revision)}
+        answer = self._post("/v3/kv/txn", {"compare": [compare], "success": [put]})
+        if not answer.get("succeeded"):
+            raise _claimed(node)  # someone wrote it between our read and our write
+
+    def deregister(self, node: str, owner: str) -> None:
+        stored, revision, lease = self._read(node)
+        if stored is None:
+            return
+        if stored.get("owner") != owner:
+            raise _claimed(node)
+        key = _b64(self._key(node))
+        compare = {"key": key, "target": "MOD", "result": "EQUAL", "mod_revision": str(revision)}
+        answer = self._post("/v3/kv/txn", {"compare": [compare],
+                                           "success": [{"request_delete_range": {"key": key}}]})
+        if answer.get("succeeded") and lease:
+            self._post("/v3/lease/revoke", {"ID": str(lease)})
+
+    def nodes(self) -> list[dict]:
+        prefix = f"{self.prefix}nodes/"
+        answer = self._post("/v3/kv/range", {"key": _b64(prefix),
+                                             "range_end": _prefix_end(prefix)})
+        out = []
+        for kv in answer.get("kvs") or []:
+            try:
+                out.append(json.loads(base64.b64decode(kv["value"])))
+            except (KeyError, ValueError):
+                continue
+        return out
+
+    def close(self) -> None:
+        """Nothing held: every call is one HTTP request."""

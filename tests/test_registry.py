@@ -1,0 +1,381 @@
+"""Registration and discovery (docs/registry.md) against a real etcd on loopback and the
+embedded SQLite store: the store contract (leases, owners), the authenticated registration
+route, and three ``shardserve serve`` nodes behind a ``pool:`` placement that lose one node
+to SIGKILL, lose the store, and get both back."""
+
+from __future__ import annotations
+
+import base64
+import json
+import os
+import shutil
+import signal
+import subprocess
+import threading
+import time
+import urllib.request
+from pathlib import Path
+
+import numpy as np
+import pytest
+from conftest import ROOT, SHARDSERVE, add_model, write_model
+from executor_support import free_port
+
+from plugins.security.hmac_signing import sign_request
+from runtime import Runtime
+from runtime.codec import InferInput, InferRequest
+from runtime.errors import ConfigError, Forbidden, ServiceUnavailable
+
+TTL = 3.0
+SECRETS = {"node-a": b"a" * 32, "node-b": b"b" * 32, "node-c": b"c" * 32}
+
+
+class Etcd:
+    """A single-member etcd on free loopback ports with a temp data dir."""
+
+    def __init__(self, data: Path):
+        self.data, self.port, self.peer = data, free_port(), free_port()
+        self.proc: subprocess.Popen | None = None
+        self.start()
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.port}"
+
+    def start(self) -> None:
+        peer = f"http://127.0.0.1:{self.peer}"
+        self.proc = subprocess.Popen(
+            ["etcd", "--name", "t", "--data-dir", str(self.data),
+             "--listen-client-urls", self.url, "--advertise-client-urls", self.url,
+             "--listen-peer-urls", peer, "--initial-advertise-peer-urls", peer,
+             "--initial-cluster", f"t={peer}", "--log-level", "error"],
+            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        deadline = time.monotonic() + 30
+        while time.monotonic() < deadline:
+            try:
+                with urllib.request.urlopen(self.url + "/health", timeout=1) as answer:
+                    if json.loads(answer.read()).get("health") == "true":
+                        return
+            except OSError:
+                pass
+            time.sleep(0.1)
+        self.stop()
+        raise RuntimeError("etcd did not start")
+
+    def stop(self) -> None:
+        if self.proc is not None and self.proc.poll() is None:
+            self.proc.kill()
+            self.proc.wait(10)
+
+
+@pytest.fixture(scope="module")
+def etcd(tmp_path_factory):
+    if shutil.which("etcd") is None:
+        pytest.skip("etcd is not installed (`make etcd` installs Debian's etcd-server)")
+    server = Etcd(tmp_path_factory.mktemp("etcd") / "data")
+    yield server
+    server.stop()
+
+
+def registry_config(kind: str, etcd_url: str | None, tmp: Path) -> dict:
+    section = {"enabled": True, "store": kind, "ttl_s": TTL}
+    if kind == "etcd":
+        section.update(etcd_endpoints=[etcd_url], prefix=f"/t{free_port()}/")
+    return {"registry": section, "server": {"state_dir": str(tmp / "state")}}
+
+
+@pytest.fixture(params=["embedded", "etcd"])
+def store(request, tmp_path):
+    from plugins.registry.settings import open_store, registry_settings
+    from runtime.config import load_config
+
+    url = request.getfixturevalue("etcd").url if request.param == "etcd" else None
+    (tmp_path / "repo").mkdir()
+    config = load_config({"repository": {"path": str(tmp_path / "repo")},
+                          **registry_config(request.param, url, tmp_path)})
+    return open_store(config, registry_settings(config))
+
+
+# --------------------------------------------------------------------------- the store
+
+
+def test_a_store_keeps_a_node_while_its_lease_lives_and_its_owner_alone_writes(store):
+    store.heartbeat("n1", {"id": "n1", "url": "http://a"}, "hmac:node-a", TTL)
+    assert [(r["id"], r["owner"]) for r in store.nodes()] == [("n1", "hmac:node-a")]
+    with pytest.raises(Forbidden):  # another principal cannot claim the id
+        store.heartbeat("n1", {"id": "n1", "url": "http://evil"}, "hmac:node-b", TTL)
+    with pytest.raises(Forbidden):
+        store.deregister("n1", "hmac:node-b")
+    assert [r["url"] for r in store.nodes()] == ["http://a"]
+    store.heartbeat("n1", {"id": "n1", "url": "http://a2"}, "hmac:node-a", TTL)  # refresh
+    assert [r["url"] for r in store.nodes()] == ["http://a2"]
+    store.deregister("n1", "hmac:node-a")
+    assert store.nodes() == []
+
+
+@pytest.mark.slow
+def test_an_expired_lease_removes_the_node_and_frees_its_id(store):
+    store.heartbeat("n2", {"id": "n2", "url": "http://a"}, "hmac:node-a", 2)
+    start = time.monotonic()
+    while store.nodes() and time.monotonic() - start < 10:
+        time.sleep(0.1)
+    assert store.nodes() == [] and time.monotonic() - start <= 4
+    store.heartbeat("n2", {"id": "n2", "url": "http://b"}, "hmac:node-b", TTL)
+    assert [r["owner"] for r in store.nodes()] == ["hmac:node-b"]
+    store.deregister("n2", "hmac:node-b")
+
+
+def test_an_unreachable_etcd_is_a_503_not_a_hang():
+    from plugins.registry.stores import EtcdRegistry
+
+    start = time.monotonic()
+    with pytest.raises(ServiceUnavailable) as caught:
+        EtcdRegistry([f"http://127.0.0.1:{free_port()}"]).nodes()
+    assert time.monotonic() - start < 2 and "127.0.0.1" not in caught.value.message
+
+
+@pytest.mark.parametrize("section, message", [
+    ({"ttl_s": 1}, "ttl_s"), ({"pools": "cloud"}, "pools"), ({"node_id": "a/b"}, "node_id"),
+    ({"enabled": "yes"}, "enabled"), ({"colour": 1}, "unknown keys"),
+])
+def test_a_bad_registry_section_fails_at_startup(tmp_path, section, message):
+    (tmp_path / "repo").mkdir()
+    with pytest.raises(ConfigError, match=message):
+        Runtime.from_config({"repository": {"path": str(tmp_path / "repo")},
+                             "registry": section}).start()
+
+
+# --------------------------------------------------------------------------- the route
+
+
+def secured(base: dict) -> dict:
+    clients = {name: {"secret_env": f"REG_{name.upper().replace('-', '_')}",
+                      "actions": ["register", "metadata", "infer"], "models": ["*"]}
+               for name in SECRETS}
+    return {**base, "security": {"enabled": True, "hmac": {"clients": clients}}}
+
+
+@pytest.fixture
+def secret_env(monkeypatch):
+    for name, secret in SECRETS.items():
+        monkeypatch.setenv(f"REG_{name.upper().replace('-', '_')}",
+                           base64.b64encode(secret).decode())
+
+
+@pytest.mark.parametrize("kind", ["embedded", "etcd"])
+def test_registration_needs_the_owners_credentials(request, kind, tmp_path, secret_env):
+    from handlers.flask_app import create_app
+
+    url = request.getfixturevalue("etcd").url if kind == "etcd" else None
+    write_model(tmp_path / "repo" / "double" / "1" / "model.onnx", add_model())
+    config = secured({"repository": {"path": str(tmp_path / "repo")},
+                      **registry_config(kind, url, tmp_path)})
+    client = create_app(Runtime.from_config(config)).test_client()
+    path = "/v2/shardserve/registry/nodes/n1"
+    body = json.dumps({"url": "http://127.0.0.1:1", "pools": ["cloud"],
+                       "models": [{"name": "double", "version": "1", "sha256": "ab"}]}).encode()
+
+    def send(method, who=None, data=body, secret=None, node_path=path):
+        headers = {}
+        if who:
+            headers = sign_request(secret or SECRETS[who], who, method, node_path, data)
+        return client.open(node_path, method=method, data=data, headers=headers)
+
+    assert send("PUT").status_code == 401  # no credentials
+    assert send("PUT", "node-a", secret=b"x" * 32).status_code == 401  # wrong secret
+    answer = send("PUT", "node-a")
+    assert answer.status_code == 200 and answer.get_json() == {"id": "n1", "ttl_s": TTL}
+    assert send("PUT", "node-b").status_code == 403  # another node's id
+    assert send("DELETE", "node-b", data=b"").status_code == 403
+    assert send("DELETE", None, data=b"").status_code == 401
+    assert send("PUT", "node-a", data=b"{nope").status_code == 400
+    assert send("PUT", "node-a", data=b'{"url": "file:///etc"}').status_code == 400
+    bad_id = "/v2/shardserve/registry/nodes/.."
+    assert send("PUT", "node-a", node_path=bad_id).status_code in (400, 404)
+    view = client.get("/v2/shardserve/registry", headers=sign_request(
+        SECRETS["node-c"], "node-c", "GET", "/v2/shardserve/registry"))
+    assert view.status_code == 200
+    nodes = view.get_json()["nodes"]
+    assert [(n["id"], n["state"], n["pools"]) for n in nodes] == [("n1", "passing", ["cloud"])]
+    assert nodes[0]["models"] == [{"name": "double", "version": "1", "sha256": "ab"}]
+    assert send("DELETE", "node-a", data=b"").status_code == 200
+    nodes = client.get("/v2/shardserve/registry", headers=sign_request(
+        SECRETS["node-c"], "node-c", "GET", "/v2/shardserve/registry")).get_json()["nodes"]
+    assert [(n["id"], n["state"], n.get("expired")) for n in nodes] == [("n1", "critical", True)]
+
+
+def test_the_registry_route_is_404_when_the_registry_is_off(tiny_repo):
+    from handlers.flask_app import create_app
+
+    client = create_app(Runtime.from_config({"repository": {"path": str(tiny_repo)}}))
+    answer = client.test_client().get("/v2/shardserve/registry")
+    assert answer.status_code == 404 and "not enabled" in answer.get_json()["error"]
+
+
+# --------------------------------------------------------------------------- three nodes
+
+
+class Node:
+    """``shardserve serve --dev`` on a fixed port, registering itself as ``node_id``."""
+
+    def __init__(self, node_id: str, repo: Path, config: Path):
+        self.node_id, self.repo, self.config, self.port = node_id, repo, config, free_port()
+        self.proc: subprocess.Popen | None = None
+        self.start()
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.port}"
+
+    def start(self) -> None:
+        env = {**os.environ, "SHARDSERVE_LOG_LEVEL": "WARNING",
+               **{f"REG_{n.upper().replace('-', '_')}": base64.b64encode(s).decode()
+                  for n, s in SECRETS.items()}}
+        self.proc = subprocess.Popen(
+            [str(SHARDSERVE), "--config", str(self.config), "serve", "--dev", "--repository",
+             str(self.repo), "--host", "127.0.0.1", "--port", str(self.port)],
+            cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=env)
+
+    def kill(self) -> None:
+        if self.proc is not None and self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGKILL)
+            self.proc.wait(10)
+
+    def terminate(self) -> None:
+        if self.proc is not None and self.proc.poll() is None:
+            self.proc.terminate()
+            try:
+                self.proc.wait(10)
+            except subprocess.TimeoutExpired:
+                self.kill()
+
+
+def node_config(path: Path, base: dict, node_id: str, client: str, tmp: Path) -> Path:
+    lines = ["[registry]", *(f"{k} = {json.dumps(v)}" for k, v in base.items()),
+             f'node_id = "{node_id}"', 'pools = ["cloud"]', f'hmac_client = "{client}"',
+             f'hmac_secret_env = "REG_{client.upper().replace("-", "_")}"',
+             "[server]", f'state_dir = "{tmp / "state"}"',
+             "[security]", "enabled = true"]
+    for name in SECRETS:
+        lines += [f"[security.hmac.clients.{name}]",
+                  f'secret_env = "REG_{name.upper().replace("-", "_")}"',
+                  'actions = ["register", "metadata", "infer"]', 'models = ["*"]']
+    path.write_text("\n".join(lines) + "\n")
+    return path
+
+
+def front_repo(root: Path) -> Path:
+    """A one-shard plan whose shard runs on any replica of pool ``cloud`` (y = x + x)."""
+    version = root / "front" / "1"
+    write_model(version / "s0.onnx", add_model())
+    (version / "plan.toml").write_text(
+        'format = 1\ninputs = [{name = "x", datatype = "FP32", shape = [-1, 4]}]\n'
+        'outputs = [{name = "y", datatype = "FP32", shape = [-1, 4]}]\n'
+        '[[shards]]\nname = "s0"\nfile = "s0.onnx"\nplacement = "pool:cloud/double"\n'
+        'inputs = ["x"]\noutputs = ["y"]\n')
+    (root / "front" / "model.toml").write_text("")
+    return root
+
+
+def wait_for(condition, timeout: float, step: float = 0.05):
+    start = time.monotonic()
+    while time.monotonic() - start < timeout:
+        value = condition()
+        if value:
+            return time.monotonic() - start
+        time.sleep(step)
+    raise AssertionError(f"not within {timeout} s")
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("kind", ["embedded", "etcd"])
+def test_three_nodes_register_fail_over_and_come_back(request, kind, tmp_path):
+    url = request.getfixturevalue("etcd").url if kind == "etcd" else None
+    cloud = tmp_path / "cloud"
+    write_model(cloud / "double" / "1" / "model.onnx", add_model())
+    nodes = []
+    config = registry_config(kind, url, tmp_path)  # one etcd prefix for all
+    try:
+        for i, client in enumerate(SECRETS):
+            conf = node_config(tmp_path / f"n{i}.toml", config["registry"], f"n{i}", client,
+                               tmp_path)
+            nodes.append(Node(f"n{i}", cloud, conf))
+        front = Runtime.from_config({"repository": {"path": str(front_repo(tmp_path / "f"))},
+                                     **config}).start()
+        from plugins.registry.directory import Directory
+        from plugins.registry.settings import open_store, registry_settings
+
+        settings = registry_settings(front.config)
+        view = Directory(open_store(front.config, settings), TTL, 0.1)
+
+        def states() -> dict:
+            view.refresh()
+            return {n["id"]: n["state"] for n in view.view()["nodes"]}
+
+        # registration visible within 1 s of the node serving
+        for node in nodes:
+            wait_for(lambda n=node: _serving(n.url), 60)
+        took = wait_for(lambda: states() == {"n0": "passing", "n1": "passing",
+                                            "n2": "passing"}, 1.0)
+        assert took <= 1.0
+        x = np.arange(8, dtype=np.float32).reshape(2, 4)
+        errors: list = []
+        done = []
+        stop = threading.Event()
+
+        def client():
+            while not stop.is_set():
+                try:
+                    out = front.infer("front", InferRequest(
+                        inputs=[InferInput("x", "FP32", x.shape, x)]),
+                        deadline=time.monotonic() + 3).outputs
+                    np.testing.assert_allclose(out["y"], x + x)
+                    done.append(time.monotonic())
+                except Exception as exc:  # noqa: BLE001 - every failure counts
+                    errors.append(exc)
+
+        workers = [threading.Thread(target=client) for _ in range(2)]
+        for worker in workers:
+            worker.start()
+        wait_for(lambda: len(done) > 20, 30)
+        killed_at = time.monotonic()
+        nodes[1].kill()
+        critical_s = wait_for(lambda: states().get("n1") == "critical", 10)
+        routed = front_directory(front)
+        wait_for(lambda: nodes[1].url not in routed.replicas("cloud", "double"), TTL)
+        assert all(nodes[1].url not in routed.replicas("cloud", "double") for _ in range(6))
+        after = len(done)
+        wait_for(lambda: len(done) > after + 20, 30)
+        stop.set()
+        for worker in workers:
+            worker.join(30)
+        assert errors == []  # a replica remained: no request failed
+        assert critical_s <= TTL, f"critical after {critical_s:.2f} s"
+        print(f"\n{kind}: SIGKILL -> critical {time.monotonic() - killed_at:.2f} s")
+        # the node comes back and registers again
+        nodes[1].start()
+        wait_for(lambda: states().get("n1") == "passing", 60)
+        # a clean stop deregisters at once
+        nodes[2].terminate()
+        wait_for(lambda: "n2" not in {n["id"] for n in view.view()["nodes"]
+                                      if not n.get("expired")} or states() is None, 5)
+        front.close()
+    finally:
+        for node in nodes:
+            node.kill()
+
+
+def _serving(url: str) -> bool:
+    try:
+        with urllib.request.urlopen(url + "/v2/health/ready", timeout=1) as answer:
+            return answer.status == 200
+    except OSError:
+        return False
+
+
+def front_directory(front: Runtime):
+    from plugins.registry.directory import directory_for
+    from plugins.registry.settings import open_store, registry_settings
+
+    settings = registry_settings(front.config)
+    return directory_for(open_store(front.config, settings), settings.ttl_s, settings.refresh_s)
