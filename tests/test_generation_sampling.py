@@ -79,3 +79,15 @@ def test_greedy_and_repetition_penalty():
     apply_repetition_penalty(logits, np.array([1, 2, 1]), 2.0)
     assert logits.tolist() == [1.0, 1.5, -4.0, 2.9000000953674316]
     assert sample(logits, SamplingParams(temperature=0.0), None) == 3
+
+
+@pytest.mark.parametrize("temperature,top_k,top_p", [(0.8, 0, 0.9), (1.5, 0, 0.95),
+                                                      (1.0, 0, 1.0), (0.8, 50, 0.9)])
+def test_kernel_and_numpy_pick_the_same_token_for_each_draw(temperature, top_k, top_p):
+    """At a real vocabulary size, where the kernel avoids sorting (narrow nucleus, no filter)
+    and where it falls back to a sort (wide nucleus)."""
+    kernel = _numba_kernel()
+    logits = np.random.default_rng(0).normal(0, 3, 49152).astype(np.float32)
+    params = SamplingParams(temperature, top_k, top_p)
+    for u in np.linspace(0.0, 0.999, 40):
+        assert kernel(logits, temperature, top_k, top_p, u) == sample_numpy(logits, params, u)

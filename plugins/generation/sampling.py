@@ -2,8 +2,9 @@
 
 Every sequence owns a ``numpy.random.Generator`` seeded from its request, and draws exactly one
 uniform number per token, so a seeded request gives the same text alone or batched with others.
-The draw is an inverse-CDF lookup over the kept tokens sorted by probability, which is what the
-numba kernel computes too: both paths return the same token for the same uniform number.
+The draw is an inverse-CDF lookup over the kept tokens sorted by probability (over the whole
+vocabulary in index order when nothing is filtered), which is what the numba kernel computes
+too: both paths return the same token for the same uniform number.
 The numba kernel is used when numba is installed (``shardserve[numba]``) and compiled on the
 first sampled (non-greedy) token, never at import; the numpy path serves a slim Lambda zip.
 """
@@ -64,6 +65,11 @@ def filtered_distribution(logits: np.ndarray, temperature: float, top_k: int, to
 
 
 def sample_numpy(logits: np.ndarray, params: SamplingParams, u: float) -> int:
+    if not 0 < params.top_k < logits.size and params.top_p >= 1.0:
+        # no filter: the draw runs in vocabulary order, nothing to sort (as the kernel does)
+        x = logits.astype(np.float64) / params.temperature
+        cdf = np.cumsum(np.exp(x - x.max()))
+        return int(min(np.searchsorted(cdf, u * cdf[-1], side="right"), x.size - 1))
     order, p = filtered_distribution(logits, params.temperature, params.top_k, params.top_p)
     cdf = np.cumsum(p)
     index = int(np.searchsorted(cdf, u * cdf[-1], side="right"))

@@ -3,7 +3,8 @@ first sampled token, and the kernel compiles then (cached on disk).
 
 Same algorithm as :func:`plugins.generation.sampling.filtered_distribution` followed by an
 inverse-CDF draw: with top-k it selects the k best tokens with a bounded insertion pass over the
-vocabulary instead of sorting all of it, which is where numpy spends its time.
+vocabulary instead of sorting all of it, which is where numpy spends its time; with top-p alone
+it grows such a selection until it holds the nucleus.
 """
 
 from __future__ import annotations
@@ -39,18 +40,47 @@ def _top_k_sorted(x, k):
 
 
 @jit
+def _nucleus_candidates(x, top_p, m, total):
+    """The best tokens, sorted, enough of them to hold ``top_p`` of the mass: grow a top-k
+    selection (64, 256, ...) until it does, instead of sorting the whole vocabulary."""
+    k = 64
+    while k <= 256 and k < x.size // 4:  # beyond that the insertion costs more than a sort
+        order = _top_k_sorted(x, k)
+        mass = 0.0
+        for i in range(k):
+            mass += math.exp(x[order[i]] - m)
+        if mass >= top_p * total:
+            return order
+        k *= 4
+    return np.argsort(-x, kind="mergesort")
+
+
+@jit
 def sample_filtered(logits, temperature, top_k, top_p, u):
     x = logits.astype(np.float64) / temperature
     if 0 < top_k < x.size:
         order = _top_k_sorted(x, top_k)
+        m = x[order[0]]
+        total = 0.0
+        for i in range(order.size):
+            total += math.exp(x[order[i]] - m)
     else:
-        order = np.argsort(-x, kind="mergesort")
-    m = x[order[0]]
+        m = x.max()
+        total = 0.0
+        for i in range(x.size):
+            total += math.exp(x[i] - m)
+        if top_p >= 1.0:  # no filter: draw in vocabulary order, nothing to sort
+            target = u * total
+            acc = 0.0
+            for i in range(x.size):
+                acc += math.exp(x[i] - m)
+                if acc > target:
+                    return i
+            return x.size - 1
+        order = _nucleus_candidates(x, top_p, m, total)
     p = np.empty(order.size, dtype=np.float64)
-    total = 0.0
     for i in range(order.size):
         p[i] = math.exp(x[order[i]] - m)
-        total += p[i]
     keep = order.size
     if top_p < 1.0:
         before = 0.0
