@@ -83,15 +83,17 @@ def function_needs(repository: Path, models: list[str] | None = None) -> Functio
     """What serving ``models`` (all of the repository's when None) from ``repository`` needs."""
     if not repository.is_dir():
         raise ConfigError("the model repository does not exist or is not a directory")
-    available = sorted(p.name for p in repository.iterdir() if (p / "model.toml").is_file())
+    available = sorted(p.name for p in repository.iterdir() if p.is_dir() and (
+        (p / "model.toml").is_file() or any(v.name.isdigit() for v in p.iterdir())))
     chosen = available if not models else list(models)
     for name in chosen:
         if name not in available:
             raise ConfigError(f"model {name!r} is not in the repository")
     found: dict[str, str] = {}
     for name in chosen:
-        config = _toml(repository / name / "model.toml")
-        text = (repository / name / "model.toml").read_text(errors="replace")
+        toml = repository / name / "model.toml"
+        config = _toml(toml) if toml.is_file() else {}
+        text = toml.read_text(errors="replace") if toml.is_file() else ""
         if config.get("task") == "text-generation" or any(
                 (repository / name).rglob("tokenizer.json")):
             found.setdefault("generate", name)
