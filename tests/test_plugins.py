@@ -17,6 +17,7 @@ import pytest
 from conftest import ROOT, SHARDSERVE
 
 from handlers.cli import describe_plugins
+from plugins.registry.settings import store_factories
 from runtime import Runtime, hookspecs
 from runtime.codec import InferInput, InferRequest
 from runtime.errors import ConfigError, ModelLoadError
@@ -255,6 +256,10 @@ class SubsetPlugin:
         self.calls["shardserve_register_tensor_transforms"] = True
 
     @hookspecs.hookimpl
+    def shardserve_register_registries(self):
+        self.calls["shardserve_register_registries"] = True
+
+    @hookspecs.hookimpl
     def shardserve_select_backend(self, path):
         self.calls["shardserve_select_backend"] = path.name
 
@@ -313,6 +318,7 @@ def test_every_hook_called_through_pluggy_with_argument_subsets(tiny_repo, monke
     assert rt.ready("double")
     for kind in ("kernel", "optimizer", "partitioner", "executor", "tensor transform"):
         rt.pm.registry(kind)
+    store_factories(rt.pm)  # "registries": not the registry(kind) plural
     rt.pm.hook.shardserve_register_commands(subparsers=argparse.ArgumentParser()
                                             .add_subparsers())
 

@@ -23,6 +23,12 @@ def _lazy(module: str, name: str) -> Any:
     return build
 
 
+def pool_executor(backend: Any, options: dict) -> Any:
+    from plugins.registry.pool import PoolExecutor
+
+    return PoolExecutor(backend, options)
+
+
 @hookimpl(trylast=True)
 def shardserve_register_executors(register: Any) -> None:
     register("local", _lazy("local", "LocalExecutor"))
@@ -30,6 +36,7 @@ def shardserve_register_executors(register: Any) -> None:
     register("http", _lazy("http", "HttpExecutor"))
     register("lambda", _lazy("aws_lambda", "LambdaExecutor"))
     register("dask", _lazy("dask_executor", "DaskExecutor"))
+    register("pool", pool_executor)  # pool:NAME through the registry (docs/registry.md)
 
 
 @hookimpl

@@ -4,7 +4,8 @@ Two registry stores with one contract: ``embedded`` (SQLite in the state directo
 host) and ``etcd`` (leases through etcd's JSON gateway). A node serving with ``[registry]
 enabled`` registers itself and heartbeats; a plan placement ``pool:NAME`` resolves through
 the registry to healthy replicas (the ``pool`` executor); ``shardserve nodes`` and ``GET
-/v2/shardserve/registry`` show the nodes and their states.
+/v2/shardserve/registry`` show the nodes and their states. The ``pool`` executor is
+registered by ``plugins.executors`` (off with it).
 """
 
 from __future__ import annotations
@@ -33,17 +34,6 @@ def etcd_store(config: Any, settings: Any) -> Any:
 def shardserve_register_registries(register: Any) -> None:
     register("embedded", embedded_store)
     register("etcd", etcd_store)
-
-
-def pool_executor(backend: Any, options: dict) -> Any:
-    from .pool import PoolExecutor
-
-    return PoolExecutor(backend, options)
-
-
-@hookimpl
-def shardserve_register_executors(register: Any) -> None:
-    register("pool", pool_executor)
 
 
 @hookimpl

@@ -85,16 +85,21 @@ _stores: dict[tuple, Any] = {}
 _stores_lock = threading.Lock()
 
 
-def open_store(config: Any, settings: RegistrySettings, plugins: Any = None) -> Any:
-    """The registry store this server's config names (one per process and location)."""
+def store_factories(plugins: Any) -> Any:
+    """What ``shardserve_register_registries`` collects: store name -> factory."""
     from runtime.plugins import Registry
 
+    return Registry("registry", callable).collect(plugins.load_plugins(),
+                                                  "shardserve_register_registries")
+
+
+def open_store(config: Any, settings: RegistrySettings, plugins: Any = None) -> Any:
+    """The registry store this server's config names (one per process and location)."""
     if plugins is None:
         from runtime.plugins import PluginManager
 
         plugins = PluginManager.for_config(config)
-    factories = Registry("registry", callable).collect(plugins.load_plugins(),
-                                                       "shardserve_register_registries")
+    factories = store_factories(plugins)
     if settings.store not in factories:
         raise ConfigError(f"[registry] store names unknown registry {settings.store!r} "
                           f"(available: {', '.join(factories.names())})")
