@@ -191,6 +191,8 @@ class Engine:
         rows = len(self._batch) + 1
         if rows > self.limits.max_batch:
             return False
+        if rows > 1 and not self.graph.has_position_ids:
+            return False  # the graph counts positions from the cache's width: no padding, alone
         longest = max([s.final_length for s in self._batch] + [seq.final_length])
         return rows * longest * self.graph.bytes_per_token <= self.limits.kv_cache_bytes
 
