@@ -37,6 +37,9 @@ from .model_configuration import model_config as triton_model_config
 log = logging.getLogger("shardserve.http")
 
 JSON = {"Content-Type": "application/json"}
+SERVER_NAME = "shardserve"
+EXTENSIONS = ("binary_tensor_data", "classification", "model_repository", "model_configuration",
+              "statistics")  # the protocol extensions the route table below serves
 
 
 @dataclass(slots=True)
@@ -127,7 +130,13 @@ def health_ready(rt: Runtime, req: HttpRequest) -> HttpResponse:
 
 
 def server_metadata(rt: Runtime, req: HttpRequest) -> HttpResponse:
-    return json_response(rt.server_metadata())
+    from importlib import metadata  # only here: its import is slow
+
+    try:
+        version = metadata.version(SERVER_NAME)
+    except metadata.PackageNotFoundError:
+        version = "0"
+    return json_response({"name": SERVER_NAME, "version": version, "extensions": list(EXTENSIONS)})
 
 
 def model_metadata(rt: Runtime, req: HttpRequest, model: str, version: str | None = None):

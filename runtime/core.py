@@ -32,10 +32,7 @@ from .repository import ModelConfig, ModelRepository, validate_model_name, valid
 
 log = logging.getLogger("shardserve.runtime")
 
-SERVER_NAME = "shardserve"
 UNLOADED = "unloaded"
-EXTENSIONS = ("binary_tensor_data", "classification", "model_repository", "model_configuration",
-              "statistics")
 
 
 @dataclass(slots=True)
@@ -455,15 +452,6 @@ class Runtime:
             **({"parameters": {"task": model.backend.task}}
                if isinstance(getattr(model.backend, "task", None), str) else {}),
         }
-
-    def server_metadata(self) -> dict:
-        from importlib import metadata as importlib_metadata  # only here: its import is slow
-
-        try:
-            version = importlib_metadata.version(SERVER_NAME)
-        except importlib_metadata.PackageNotFoundError:
-            version = "0"
-        return {"name": SERVER_NAME, "version": version, "extensions": list(EXTENSIONS)}
 
     def infer(self, name: str, request: InferRequest, version: str | int | None = None,
               principal: Any = None, deadline: float | None = None) -> InferResponse:
