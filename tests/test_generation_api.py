@@ -401,3 +401,18 @@ def test_generate_is_an_action_granted_per_model(lm_repo, tmp_path):
     assert status == 403 and json.loads(data)["error"]["type"] == "permission_error"
     status, data = _dispatch(rt, "POST", "/v1/completions", openai_body)
     assert status == 401 and json.loads(data)["error"]["type"] == "authentication_error"
+
+
+def test_generate_command_streams_to_stdout(lm_repo, expected):
+    from conftest import SHARDSERVE
+
+    done = subprocess.run([str(SHARDSERVE), "generate", "tiny-gpt2", PROMPT, "-r", str(lm_repo),
+                           "--max-tokens", "12", "--temperature", "0"],
+                          capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr
+    assert done.stdout == expected["completion"]["text"] + "\n"
+    assert "[length: " in done.stderr
+    bad = subprocess.run([str(SHARDSERVE), "generate", "tiny-gpt2", "x", "-r", str(lm_repo),
+                          "--top-p", "3"], capture_output=True, text=True, timeout=120)
+    assert bad.returncode == 1 and bad.stderr.strip().endswith("'top_p' must be a number > 0.0 "
+                                                               "and <= 1.0")

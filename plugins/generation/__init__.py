@@ -41,3 +41,10 @@ def shardserve_wrap_backend(settings: Any, backend: Any) -> Any:
     from .model import GenerationModel
 
     return GenerationModel(settings, backend)
+
+
+@hookimpl
+def shardserve_register_commands(subparsers: Any) -> None:
+    from .command import add_generate_command
+
+    add_generate_command(subparsers)
