@@ -8,9 +8,11 @@ latency all run the model on the same, realistic inputs. Inventing inputs
 ``If`` on a sample-rate input crash, and costs come out 10-200x off.
 
 Without samples or shapes, dynamic dims are sized from the model's own hints:
-the dim's name (batch, sequence, height, width, channels, ...) or its
-position (the first dim of a rank >= 1 input is the batch). A dynamic dim
-with no usable hint stops the command with a message naming it. Negative
+the dim's name (batch, sequence, height, width, channels, ...), its
+position (the first dim of a rank >= 1 input is the batch) or the layout
+(224 for the spatial dims of a float [N, 3, H, W] or [N, H, W, 3] input, 128
+for the second dim of integer [N, S] token ids). A dynamic dim with no usable
+hint stops the command with a message naming it. Negative
 ``dim_value`` (Paddle exports) counts as dynamic.
 
 Only numpy is imported at module level; onnx only by :func:`onnx_signature`.
@@ -276,6 +278,8 @@ class Samples:
                     continue
                 size = _hinted(names[i], i, self.batch)
                 if size is None:
+                    size = _convention(spec, i)
+                if size is None:
                     missing.append(f"{spec.name}[{i}]" + (f" ({names[i]})" if names[i] else ""))
                     size = 1
                 else:
@@ -376,6 +380,20 @@ def _hinted(name: str | None, position: int, batch: int) -> int | None:
                 if pattern.search(lowered):
                     return batch if size is None else size
     return batch if position == 0 else None
+
+
+def _convention(spec: InputSignature, position: int) -> int | None:
+    """Sizes from the layout alone: the spatial dims of an image batch ([N, 3, H, W] or
+    [N, H, W, 3], float) and the sequence of token ids ([N, S], integer)."""
+    shape = spec.shape
+    if len(shape) == 4 and spec.dtype.kind == "f":
+        if shape[1] in (1, 3) and position in (2, 3):
+            return IMAGE_SIDE
+        if shape[3] in (1, 3) and position in (1, 2):
+            return IMAGE_SIDE
+    if len(shape) == 2 and spec.dtype.kind in "iu" and position == 1:
+        return SEQUENCE_LENGTH
+    return None
 
 
 def _resized(template: Any, shape: list[int]) -> Any:

@@ -397,3 +397,15 @@ def test_numba_specialises_the_shape_subgraph_per_input_shape():
     assert len(graph._specialised) == 3
     program, _, _ = next(iter(graph._specialised.values()))
     assert "Shape" in graph.ops() and len(program) < len(graph.steps) - 10
+
+
+def test_unnamed_dims_are_sized_by_layout_conventions():
+    from plugins.sample_inputs import InputSignature, Samples
+
+    image = InputSignature("img", np.dtype(np.float32), (None, 3, None, None), (None,) * 4)
+    ids = InputSignature("ids", np.dtype(np.int64), (None, None), (None, None))
+    odd = InputSignature("x", np.dtype(np.float32), (None, 7, None), (None,) * 3)
+    samples = Samples([image, ids], batch=2)
+    assert samples.shapes == {"img": [2, 3, 224, 224], "ids": [2, 128]}
+    with pytest.raises(BadRequest, match=r"x\[2\]"):
+        Samples([odd])
