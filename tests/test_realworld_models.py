@@ -409,3 +409,19 @@ def test_unnamed_dims_are_sized_by_layout_conventions():
     assert samples.shapes == {"img": [2, 3, 224, 224], "ids": [2, 128]}
     with pytest.raises(BadRequest, match=r"x\[2\]"):
         Samples([odd])
+
+
+@pytest.mark.parametrize("chain", [["graph:level=extended", "fp16"], ["quantize_dynamic", "fp16"]])
+@pytest.mark.parametrize("name", ["bert_encoder", "gru"])
+def test_fp16_after_contrib_or_quantised_ops_publishes_a_valid_model(root, name, chain):
+    """com.microsoft fused ops (graph extended) and quantised ops stay float32 under fp16."""
+    registry = optimizer_registry(PluginManager())
+    outcome = run_chain(root, name, [parse_step(registry, spec) for spec in chain],
+                        Settings(source_version=1, sample=[str(root / name / "sample.npz")],
+                                 latency_runs=0, budget={"min_cosine": 0.99, "min_top1": 0.0}),
+                        out=lambda line: None)
+    path = root / name / str(outcome.version) / "model.onnx"
+    sess = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    feed = dict(np.load(root / name / "sample.npz"))
+    assert sess.run(None, feed)[0].dtype == np.float32
+    assert outcome.report.cosine > 0.99
