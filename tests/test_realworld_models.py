@@ -425,3 +425,19 @@ def test_fp16_after_contrib_or_quantised_ops_publishes_a_valid_model(root, name,
     feed = dict(np.load(root / name / "sample.npz"))
     assert sess.run(None, feed)[0].dtype == np.float32
     assert outcome.report.cosine > 0.99
+
+
+def test_numba_folds_a_constant_of_shape_fed_by_a_constant():
+    from onnx import TensorProto, helper, numpy_helper
+
+    nodes = [helper.make_node("ConstantOfShape", ["dims"], ["fill"],
+                              value=helper.make_tensor("v", TensorProto.FLOAT, [1], [0.5])),
+             helper.make_node("Add", ["x", "fill"], ["y"])]
+    graph = helper.make_graph(
+        nodes, "g", [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["n", 4])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["n", 4])],
+        [numpy_helper.from_array(np.array([1, 4], np.int64), "dims")])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 14)])
+    model.ir_version = 8
+    ops = _lower_and_compare(model, {"x": np.ones((3, 4), np.float32)})
+    assert ops == ["Add"]
