@@ -26,6 +26,7 @@ import argparse
 import compileall
 import json
 import os
+import platform
 import resource
 import statistics
 import subprocess
@@ -122,10 +123,12 @@ def packaged(model: str, event: str, runs: int) -> None:
     base = Path(sys.base_prefix) / "bin" / f"python{version}"
     with tempfile.TemporaryDirectory(prefix="coldstart-") as temp:
         out = Path(temp) / "out"
+        glibc = platform.libc_ver()[1] or "2.28"  # run here: this machine's glibc
         subprocess.run([sys.executable, "-m", "handlers.cli", "package", f"infer={model}",
                         "--repository", str(REPOSITORY), "--out", str(out),
                         "--runtime", f"python{version}"],
-                       check=True, cwd=ROOT, stdout=subprocess.DEVNULL)
+                       check=True, cwd=ROOT, stdout=subprocess.DEVNULL,
+                       env={**os.environ, "SHARDSERVE_LAMBDA_GLIBC": glibc})
         root = Path(temp) / "task"
         with zipfile.ZipFile(out / "infer.zip") as zf:
             zf.extractall(root)

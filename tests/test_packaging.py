@@ -7,6 +7,7 @@ from __future__ import annotations
 import base64
 import json
 import os
+import platform
 import re
 import shutil
 import signal
@@ -28,6 +29,8 @@ from runtime.codec import decode_response, encode_request
 # the interpreter under the venv: no site-packages of the venv, wheels built for its Python
 BASE_PYTHON = Path(sys.base_prefix) / "bin" / f"python{sys.version_info[0]}.{sys.version_info[1]}"
 RUNTIME = f"python{sys.version_info[0]}.{sys.version_info[1]}"
+# the wheels run here, not on Lambda: this machine's glibc decides which manylinux tags fit
+LOCAL_GLIBC = platform.libc_ver()[1] or "2.28"
 SLS_ENV = {"SLS_TELEMETRY_DISABLED": "1", "SLS_NOTIFICATIONS_MODE": "off",
            "SLS_DEPRECATION_DISABLE": "*", "CI": "true"}
 
@@ -67,7 +70,7 @@ def packaged(tmp_path_factory):
         pytest.fail("node_modules is missing: run `make test`, which runs `npm ci`")
     out = tmp_path_factory.mktemp("lambda")
     env = {**os.environ, **SLS_ENV, "SHARDSERVE_LAMBDA_RUNTIME": RUNTIME,
-           "SHARDSERVE_PACKAGE_OUT": str(out),
+           "SHARDSERVE_LAMBDA_GLIBC": LOCAL_GLIBC, "SHARDSERVE_PACKAGE_OUT": str(out),
            "PATH": str(Path(sys.executable).parent) + os.pathsep + os.environ["PATH"]}
     env.pop("SHARDSERVE_REPOSITORY", None)
     done = subprocess.run([str(SERVERLESS), "package", "--package", str(out / "sls")], cwd=ROOT,
@@ -88,9 +91,19 @@ def test_serverless_package_prints_sizes_under_the_limit(packaged):
             names = zf.namelist()
         assert abs(unzipped / 2**20 - float(match[1])) < 0.1
         assert unzipped < 250 * 2**20
-        # trimmed: no caches, tests, headers; no build-time or dev dependencies
-        assert not [n for n in names if "__pycache__" in n or n.endswith((".pyc", ".h"))]
-        assert not [n for n in names if "/tests/" in n]
+        # trimmed: no tests, headers; no build-time or dev dependencies
+        assert not [n for n in names if n.endswith(".h") or "/tests/" in n]
+        # bytecode for this Python, unchecked-hash (a zip loses source times), none stale
+        tag = f"cpython-{sys.version_info[0]}{sys.version_info[1]}"
+        pycs = [n for n in names if n.endswith(".pyc")]
+        assert "runtime/__pycache__/core." + tag + ".pyc" in pycs
+        assert all(f".{tag}." in n for n in pycs)
+        sources = {n for n in names if n.endswith(".py")}
+        assert all(n.replace("__pycache__/", "").replace(f".{tag}.pyc", ".py") in sources
+                   for n in pycs)
+        with zipfile.ZipFile(out / f"{function}.zip") as zf:
+            header = zf.read(f"runtime/__pycache__/core.{tag}.pyc")[:8]
+        assert int.from_bytes(header[4:8], "little") == 0b01  # hash-based, never checked
         tops = {n.split("/")[0] for n in names}
         assert {"onnxruntime", "numpy", "pluggy", "orjson", "runtime", "handlers"} <= tops
         assert not tops & {"onnx", "numba", "llvmlite", "flask", "dask", "torch", "bin"}
@@ -203,7 +216,17 @@ def test_serverless_offline_runs_the_packaged_artifact(packaged, tmp_path):
 
 
 def test_needs_follow_the_models(tmp_path):
+    from plugins.packaging.build import platform_tags
+    from plugins.packaging.command import python_version
     from plugins.packaging.needs import function_needs
+    from runtime.errors import ConfigError
+
+    assert python_version("python3.12") == "3.12"
+    with pytest.raises(ConfigError, match="python3.12"):
+        python_version("python2; rm -rf /")
+    # python3.11's Amazon Linux 2 has glibc 2.26: no manylinux_2_28 wheel may ship there
+    assert platform_tags("x86_64", 26)[-1] == "manylinux_2_26_x86_64"
+    assert "manylinux_2_34_aarch64" in platform_tags("arm64", 34)
 
     needs = function_needs(EXAMPLES, ["digits_mlp"])
     assert needs.requirements() == ["pluggy", "numpy", "orjson", "onnxruntime"]
@@ -214,8 +237,6 @@ def test_needs_follow_the_models(tmp_path):
     toml.write_text(toml.read_text().replace('backend = "onnxruntime"', 'backend = "numba"'))
     needs = function_needs(repo, None)
     assert needs.container and needs.features["numba"] == "kern"
-    from runtime.errors import ConfigError
-
     with pytest.raises(ConfigError, match="not in the repository"):
         function_needs(repo, ["../etc"])
 
@@ -245,6 +266,7 @@ def test_package_over_the_limit_is_refused_naming_the_biggest(tmp_path, monkeypa
     from plugins.packaging import build, command
 
     monkeypatch.setattr(command, "LAMBDA_UNZIPPED_LIMIT", 20 * 2**20)
+    monkeypatch.setenv("SHARDSERVE_LAMBDA_GLIBC", LOCAL_GLIBC)
     status = command.package_function("infer", ["digits_mlp"], EXAMPLES, RUNTIME, "x86_64",
                                       tmp_path, [])
     printed = capsys.readouterr().out

@@ -24,8 +24,6 @@ from runtime.errors import ConfigError
 # AWS Lambda: the deployment package (function code and layers), unzipped.
 LAMBDA_UNZIPPED_LIMIT = 262_144_000  # 250 MiB as AWS counts it
 PROJECT_PACKAGES = ("runtime", "handlers", "plugins")
-# Amazon Linux 2023 (python3.12+) has glibc 2.34: every wheel tag up to manylinux_2_34 runs.
-PLATFORM_TAGS = ("manylinux2014_{arch}", "manylinux_2_28_{arch}", "manylinux_2_34_{arch}")
 ARCHES = {"x86_64": "x86_64", "arm64": "aarch64"}
 # What the serving path never imports: removed from installed distributions.
 TRIM_DIRS = {"__pycache__", "tests", "test", "include", "_pyinstaller", "f2py", "benchmarks",
@@ -70,6 +68,26 @@ def _pip(args: list[str]) -> subprocess.CompletedProcess:
                            "--quiet"], capture_output=True, text=True)
 
 
+def lambda_glibc(python_version: str) -> int:
+    """The glibc minor of the runtime's OS: Amazon Linux 2023 (2.34) from python3.12, Amazon
+    Linux 2 (2.26) before. ``SHARDSERVE_LAMBDA_GLIBC`` overrides it (a test running the
+    package on its own machine)."""
+    given = os.environ.get("SHARDSERVE_LAMBDA_GLIBC")
+    if given:
+        major, _, minor = given.partition(".")
+        if major != "2" or not minor.isdigit():
+            raise ConfigError("SHARDSERVE_LAMBDA_GLIBC must look like 2.34")
+        return int(minor)
+    return 34 if tuple(int(p) for p in python_version.split(".")) >= (3, 12) else 26
+
+
+def platform_tags(architecture: str, glibc_minor: int) -> list[str]:
+    """Every manylinux tag a wheel may carry and still run on that glibc."""
+    arch = ARCHES[architecture]
+    return [f"manylinux2014_{arch}"] + [f"manylinux_2_{m}_{arch}"
+                                        for m in range(17, glibc_minor + 1)]
+
+
 def install_dependencies(requirements: list[str], target: Path, python_version: str,
                          architecture: str, house: Path | None = None) -> None:
     """Install ``requirements`` (no dependencies of theirs: the list is the closure) for the
@@ -78,8 +96,8 @@ def install_dependencies(requirements: list[str], target: Path, python_version: 
         raise ConfigError(f"architecture must be one of {sorted(ARCHES)}")
     house = house or wheelhouse()
     house.mkdir(parents=True, exist_ok=True)
-    platform = [a for tag in PLATFORM_TAGS for a in ("--platform",
-                                                     tag.format(arch=ARCHES[architecture]))]
+    tags = platform_tags(architecture, lambda_glibc(python_version))
+    platform = [a for tag in tags for a in ("--platform", tag)]
     common = ["--no-deps", "--only-binary=:all:", "--python-version", python_version,
               "--implementation", "cp", *platform]
     pins = pinned(requirements)
