@@ -79,9 +79,14 @@ def test_greedy_tokens_equal_transformers_generate(tmp_path, lm_exports, arch):
 
 @pytest.mark.slow
 def test_continuous_batching_gives_each_stream_its_alone_tokens(tmp_path, lm_exports):
-    rt = _runtime(tmp_path, lm_exports, archs=("llama",))
+    """Staggered streams share decode steps while prompts are prefilled 4 tokens at a time
+    between them (chunked prefill); each stream's tokens equal the request served alone with
+    its prompt in one piece."""
+    single = _runtime(tmp_path / "alone", lm_exports, archs=("llama",))
+    rt = _runtime(tmp_path, lm_exports, {"llama": "[generation]\nprefill_chunk = 4\n"},
+                  archs=("llama",))
     jobs = [(PROMPTS[i % len(PROMPTS)], n) for i, n in enumerate((5, 30, 12, 3, 22, 17, 9, 26))]
-    alone = [_greedy(rt, "llama", p, n)[0] for p, n in jobs]
+    alone = [_greedy(single, "llama", p, n)[0] for p, n in jobs]
     engine = rt.get_model("llama").backend.engine
     engine.max_rows_seen = 0
     results: dict[int, list[int]] = {}
@@ -97,6 +102,7 @@ def test_continuous_batching_gives_each_stream_its_alone_tokens(tmp_path, lm_exp
         t.join(60)
     assert [results[i] for i in range(len(jobs))] == alone
     assert engine.max_rows_seen >= 3  # they really shared decode steps
+    assert engine.prefill_runs >= len(jobs) + 10  # and long prompts went in several chunks
 
 
 def test_hostile_parameters_get_clear_400s(tmp_path, lm_exports):

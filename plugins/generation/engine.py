@@ -60,6 +60,7 @@ class EngineLimits:
     max_batch: int = 16
     max_queue: int = 64
     queue_timeout_s: float = 10.0
+    prefill_chunk: int = 256  # prompt tokens run between two decode steps of the batch
 
 
 class Sequence:
@@ -81,6 +82,8 @@ class Sequence:
         self.admitted_at: float | None = None
         self.rng = np.random.default_rng(sampling.seed)
         self.next_token = -1  # sampled, not yet in the cache
+        self.prefilled = 0  # prompt tokens already in ``own_cache`` (chunked prefill)
+        self.own_cache: list[np.ndarray] | None = None
 
     @property
     def final_length(self) -> int:
@@ -103,10 +106,12 @@ class Engine:
         self._cond = threading.Condition()
         self._pending: deque[Sequence] = deque()
         self._batch: list[Sequence] = []
+        self._prefilling: list[Sequence] = []  # admitted, prompt not yet fully run
         self._cache = BatchCache(graph.past_names, graph.dtype)
         self._thread: threading.Thread | None = None
         self._closed = False
         self.steps = 0  # decode steps run (tests and metrics)
+        self.prefill_runs = 0  # prompt chunks run
         self.max_rows_seen = 0
         self._outputs = ["logits", *graph.present_names]
 
@@ -188,48 +193,43 @@ class Engine:
     # scheduler side -----------------------------------------------------------------------
 
     def _fits(self, seq: Sequence) -> bool:
-        rows = len(self._batch) + 1
+        members = self._batch + self._prefilling
+        rows = len(members) + 1
         if rows > self.limits.max_batch:
             return False
         if rows > 1 and not self.graph.has_position_ids:
             return False  # the graph counts positions from the cache's width: no padding, alone
-        longest = max([s.final_length for s in self._batch] + [seq.final_length])
+        longest = max([s.final_length for s in members] + [seq.final_length])
         return rows * longest * self.graph.bytes_per_token <= self.limits.kv_cache_bytes
 
     def _loop(self) -> None:
         while True:
             with self._cond:
-                while not self._closed and not self._pending and not self._batch:
+                while (not self._closed and not self._pending and not self._batch
+                       and not self._prefilling):
                     self._cond.wait()
                 if self._closed:
                     self._fail_all(ServiceUnavailable(f"model {self.name!r} was unloaded"))
                     return
-                admitted = []
                 while self._pending and self._fits(self._pending[0]):
                     seq = self._pending.popleft()
-                    seq.admitted = True
-                    admitted.append(seq)
+                    seq.admitted, seq.admitted_at = True, time.monotonic()
+                    self._prefilling.append(seq)
             try:
-                for seq in admitted:
-                    if not seq.cancelled:
-                        self._prefill(seq)
+                self._prefill_some()
                 if self._batch:
                     self._decode()
             except Exception as exc:  # a failed run ends the batch's requests, not the thread
                 log.error("model %s: generation step failed: %s", self.name, type(exc).__name__)
-                error = ServiceUnavailable(f"model {self.name!r} failed to generate")
-                for seq in admitted:
-                    if seq.finish_reason is None and seq not in self._batch:
-                        seq.finish_reason = "error"
-                        seq.events.put(("error", error))
-                self._fail_all(error)
+                self._fail_all(ServiceUnavailable(f"model {self.name!r} failed to generate"))
             self._leave()
 
     def _fail_all(self, error: Exception) -> None:
-        for seq in [*self._batch]:
-            seq.finish_reason = "error"
-            seq.events.put(("error", error))
-        self._batch = []
+        for seq in [*self._batch, *self._prefilling]:
+            if seq.finish_reason is None:
+                seq.finish_reason = "error"
+                seq.events.put(("error", error))
+        self._batch, self._prefilling = [], []
         self._cache.drop([])
         if self._closed:
             for seq in self._pending:
@@ -240,21 +240,46 @@ class Engine:
         results = self.session.run(self._outputs, feed)
         return results[0], results[1:]
 
-    def _prefill(self, seq: Sequence) -> None:
+    def _prefill_some(self) -> None:
+        """Run up to ``prefill_chunk`` prompt tokens of the waiting sequences, oldest first, so
+        a long prompt delays the running batch by one chunk per decode step, not by all of it
+        (chunked prefill). A sequence whose prompt is done samples its first token and joins."""
+        budget = self.limits.prefill_chunk
+        for seq in list(self._prefilling):
+            if budget <= 0:
+                break
+            if seq.cancelled:
+                seq.finish_reason = "cancelled"
+                self._prefilling.remove(seq)
+                continue
+            start = seq.prefilled
+            n = min(len(seq.prompt) - start, budget)
+            budget -= n
+            logits, presents = self._prefill_chunk(seq, start, n)
+            seq.prefilled, seq.own_cache = start + n, presents
+            if seq.prefilled < len(seq.prompt):
+                continue
+            self._prefilling.remove(seq)
+            seq.own_cache = None
+            if self._emit(seq, logits[0, -1]):
+                self._batch.append(seq)
+                self._cache.join(presents)
+
+    def _prefill_chunk(self, seq: Sequence, start: int, n: int):
         g = self.graph
-        seq.admitted_at = time.monotonic()
-        n = len(seq.prompt)
-        feed = {"input_ids": np.asarray([seq.prompt], dtype=np.int64),
-                "attention_mask": np.ones((1, n), np.int64)}
+        self.prefill_runs += 1
+        feed = {"input_ids": np.asarray([seq.prompt[start:start + n]], dtype=np.int64),
+                "attention_mask": np.ones((1, start + n), np.int64)}
         if g.has_position_ids:
-            feed["position_ids"] = np.arange(n, dtype=np.int64)[None]
-        empty = np.zeros((1, g.kv_heads, 0, g.head_dim), dtype=g.dtype)
-        for name in g.past_names:
-            feed[name] = empty
-        logits, presents = self._run(feed)
-        if self._emit(seq, logits[0, -1]):
-            self._batch.append(seq)
-            self._cache.join(presents)
+            feed["position_ids"] = np.arange(start, start + n, dtype=np.int64)[None]
+        if seq.own_cache is None:
+            empty = np.zeros((1, g.kv_heads, 0, g.head_dim), dtype=g.dtype)
+            for name in g.past_names:
+                feed[name] = empty
+        else:
+            for name, array in zip(g.past_names, seq.own_cache):
+                feed[name] = array
+        return self._run(feed)
 
     def _decode(self) -> None:
         g, batch, cache = self.graph, self._batch, self._cache

@@ -16,6 +16,7 @@ kv_cache_bytes = 268435456  # KV-cache budget of the running batch
 max_batch = 16              # sequences decoded together
 max_queue = 64              # waiting requests before an immediate 429
 queue_timeout_s = 10        # waiting longer than this answers 429 with Retry-After
+prefill_chunk = 256         # prompt tokens run between two decode steps (chunked prefill)
 ```
 """
 
@@ -41,7 +42,8 @@ from .text import Detokenizer, TextCodec
 TASK = "text-generation"
 PAST = re.compile(r"past_key_values\.(\d+)\.(key|value)")
 SETTINGS = {"max_context": int, "max_tokens_cap": int, "default_max_tokens": int,
-            "kv_cache_bytes": int, "max_batch": int, "max_queue": int, "queue_timeout_s": float}
+            "kv_cache_bytes": int, "max_batch": int, "max_queue": int, "queue_timeout_s": float,
+            "prefill_chunk": int}
 MAX_STOP = 16
 
 
@@ -147,7 +149,8 @@ class GenerationModel:
             kv_cache_bytes=int(options.get("kv_cache_bytes", 256 << 20)),
             max_batch=int(options.get("max_batch", 16)),
             max_queue=int(options.get("max_queue", 64)),
-            queue_timeout_s=float(options.get("queue_timeout_s", 10.0))), s.model)
+            queue_timeout_s=float(options.get("queue_timeout_s", 10.0)),
+            prefill_chunk=int(options.get("prefill_chunk", 256))), s.model)
         self.eos_ids = self._eos_ids(hf_config, gen_config)
 
     def _json(self, name: str, files: set[str]) -> dict:
