@@ -35,6 +35,7 @@ class ShardservePackage {
     const args = ['package', '--runtime', String(provider.runtime),
       '--architecture', String(provider.architecture || 'x86_64'), '--out', settings.out];
     if (settings.repository) args.push('--repository', String(settings.repository));
+    for (const dist of settings.extra || []) args.push('--extra', String(dist));
     const selected = this.selected(only);
     if (selected.length === 0) return;
     for (const [name, fn] of selected) {

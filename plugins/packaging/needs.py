@@ -23,7 +23,7 @@ CORE = ("pluggy", "numpy", "orjson")
 # extras such as onnxruntime's protobuf/sympy or tokenizers' huggingface_hub come along)
 FEATURES: dict[str, tuple[str, ...]] = {
     "onnxruntime": ("onnxruntime",),
-    "numba": ("numba", "llvmlite"),
+    "numba": ("numba", "llvmlite", "scipy"),  # scipy: numba's BLAS for np.dot
     "generate": ("tokenizers", "jinja2", "MarkupSafe"),
     "http": ("urllib3",),
     "cryptography": ("cryptography", "cffi", "pycparser"),
