@@ -269,6 +269,12 @@ def openai_models(rt: Runtime, req: HttpRequest) -> HttpResponse:
     return _generation(api.openai_models(rt, req))
 
 
+def openai_model(rt: Runtime, req: HttpRequest, model: str) -> HttpResponse:
+    from plugins.generation import api
+
+    return _generation(api.openai_model(rt, req, model))
+
+
 def openai_completions(rt: Runtime, req: HttpRequest) -> HttpResponse:
     from plugins.generation import api
 
@@ -324,6 +330,7 @@ ROUTES: list[Route] = [
     _route("POST", rf"/v2/models/{SEGMENT}{VERSION}/generate_stream", generate_stream,
            "generate"),
     _route("GET", r"/v1/models", openai_models, "metadata"),
+    _route("GET", rf"/v1/models/{SEGMENT}", openai_model, "metadata"),
     _route("POST", r"/v1/completions", openai_completions, "generate"),  # model: in the body
     _route("POST", r"/v1/chat/completions", openai_chat, "generate"),
     _route("POST", r"/v2/repository/index", repository_index, "repository_index"),

@@ -54,6 +54,9 @@ def test_openai_client_completions_and_chat(server, expected):
 
     client = openai.OpenAI(base_url=server.base + "/v1", api_key="unused", max_retries=0)
     assert [m.id for m in client.models.list().data] == ["tiny-gpt2"]
+    assert client.models.retrieve("tiny-gpt2").id == "tiny-gpt2"
+    with pytest.raises(openai.NotFoundError):
+        client.models.retrieve("absent")
 
     done = client.completions.create(model="tiny-gpt2", prompt=PROMPT, max_tokens=12,
                                      temperature=0)

@@ -21,7 +21,7 @@ from collections.abc import Iterator
 from typing import Any
 
 from runtime.codec import json_dumps, json_loads
-from runtime.errors import BadRequest, ShardserveError
+from runtime.errors import BadRequest, NotFound, ShardserveError
 
 SAMPLING = {"max_tokens", "temperature", "top_p", "top_k", "seed", "stop", "repetition_penalty"}
 OIP_FIELDS = {"text_input", "parameters", "id"}
@@ -131,6 +131,14 @@ def openai_models(rt, req):
             data.append({"id": entry["name"], "object": "model", "created": 0,
                          "owned_by": "shardserve"})
     return 200, dict(JSON_HEADERS), json_dumps({"object": "list", "data": data})
+
+
+def openai_model(rt, req, model: str):
+    backend = rt.get_model(model).backend
+    if getattr(backend, "task", None) != "text-generation":
+        raise NotFound(f"model {model!r} does not generate text")
+    return 200, dict(JSON_HEADERS), json_dumps({"id": model, "object": "model", "created": 0,
+                                                "owned_by": "shardserve"})
 
 
 def _openai_request(rt, req, chat: bool):
