@@ -147,7 +147,7 @@ def test_max_abs_diff_and_top1_budgets(tmp_path, registry):
 
 
 @pytest.mark.parametrize("spec, message", [
-    ("no_such_optimizer", r"unknown optimizer 'no_such_optimizer' \(available: fold, fp16"),
+    ("no_such_optimizer", r"unknown optimizer 'no_such_optimizer' \(available: .*fold, fp16"),
     ("prune_channels:amount=1.5", r"'amount' of optimizer 'prune_channels' must be between"),
     ("prune_magnitude:amount=-0.1", "must be between 0.0 and 0.95"),
     ("graph:level=fastest", "must be one of basic, extended, all"),
