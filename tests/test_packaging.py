@@ -114,10 +114,11 @@ def test_serverless_package_prints_sizes_under_the_limit(packaged):
 
 
 @pytest.mark.slow
+@pytest.mark.parametrize("function", ["infer", "shard"])
 def test_packaged_handler_runs_alone_and_answers_as_the_dev_server(packaged, tmp_path,
-                                                                   example_server):
+                                                                   example_server, function):
     out, _ = packaged
-    with zipfile.ZipFile(out / "infer.zip") as zf:
+    with zipfile.ZipFile(out / f"{function}.zip") as zf:
         zf.extractall(tmp_path)
     events, wanted = [], []
     for name in EXAMPLE_MODELS:
