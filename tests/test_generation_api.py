@@ -419,3 +419,18 @@ def test_generate_command_streams_to_stdout(lm_repo, expected):
                           "--top-p", "3"], capture_output=True, text=True, timeout=120)
     assert bad.returncode == 1 and bad.stderr.strip().endswith("'top_p' must be a number > 0.0 "
                                                                "and <= 1.0")
+
+
+@pytest.mark.slow
+def test_gunicorn_sends_events_as_they_are_made(server):
+    """Not buffered: the first event arrives long before the last one."""
+    url = f"{server.base}/v2/models/tiny-gpt2/generate_stream"
+    body = {"text_input": PROMPT, "parameters": {"max_tokens": 40, "temperature": 0}}
+    gaps = []
+    for _ in range(3):
+        start = time.perf_counter()
+        with requests.post(url, json=body, stream=True, timeout=30) as r:
+            times = [time.perf_counter() - start for line in r.iter_lines(chunk_size=1) if line]
+        gaps.append((times[0], times[-1], len(times)))
+    first, last, count = min(gaps, key=lambda g: g[0] / g[1])
+    assert count > 10 and first < 0.5 * last, gaps
