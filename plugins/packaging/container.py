@@ -22,19 +22,20 @@ COPY {requirements} /tmp/requirements.txt
 RUN pip install --no-cache-dir --no-deps -r /tmp/requirements.txt --target "$LAMBDA_TASK_ROOT" \\
  && rm /tmp/requirements.txt
 
-COPY runtime "$LAMBDA_TASK_ROOT/runtime"
-COPY handlers "$LAMBDA_TASK_ROOT/handlers"
-COPY plugins "$LAMBDA_TASK_ROOT/plugins"
+COPY runtime ${{LAMBDA_TASK_ROOT}}/runtime
+COPY handlers ${{LAMBDA_TASK_ROOT}}/handlers
+COPY plugins ${{LAMBDA_TASK_ROOT}}/plugins
 {model_copies}
 # bytecode now: /var/task is read-only, so a cold start could not cache it
 RUN python -m compileall -q --invalidation-mode unchecked-hash "$LAMBDA_TASK_ROOT"
-ENV SHARDSERVE_REPOSITORY="$LAMBDA_TASK_ROOT/models" \\
+ENV SHARDSERVE_REPOSITORY=${{LAMBDA_TASK_ROOT}}/models \\
     SHARDSERVE_LOAD=lazy \\
     NUMBA_CACHE_DIR=/opt/shardserve/numba-cache \\
-    PYTHONPATH="$LAMBDA_TASK_ROOT"
+    PYTHONPATH=${{LAMBDA_TASK_ROOT}}
 
 # numba's cache compiled now, read-only at run time (copied to /tmp on first use).
-RUN python -m handlers.cli warmup --repository "$LAMBDA_TASK_ROOT/models" \\
+RUN mkdir -p /opt/shardserve/numba-cache \\
+ && python -m handlers.cli warmup --repository "$LAMBDA_TASK_ROOT/models" \\
  && chmod -R a-w /opt/shardserve/numba-cache
 
 CMD ["handlers.lambda_handler.handler"]
@@ -45,7 +46,7 @@ def render_dockerfile(function: str, python_version: str, architecture: str,
                       models_at: str, models: list[str], requirements: str,
                       dockerfile: str) -> str:
     """The Dockerfile text; paths are relative to the project root (the build context)."""
-    copies = "\n".join(f'COPY {Path(models_at, m).as_posix()} "$LAMBDA_TASK_ROOT/models/{m}"'
+    copies = "\n".join(f"COPY {Path(models_at, m).as_posix()} ${{LAMBDA_TASK_ROOT}}/models/{m}"
                        for m in models)
     return DOCKERFILE.format(
         function=function, base=BASE_IMAGE.format(version=python_version),
