@@ -250,12 +250,20 @@ class Node:
                 self.kill()
 
 
-def node_config(path: Path, base: dict, node_id: str, client: str, tmp: Path) -> Path:
-    lines = ["[registry]", *(f"{k} = {json.dumps(v)}" for k, v in base.items()),
-             f'node_id = "{node_id}"', 'pools = ["cloud"]', f'hmac_client = "{client}"',
-             f'hmac_secret_env = "REG_{client.upper().replace("-", "_")}"',
-             "[server]", f'state_dir = "{tmp / "state"}"',
-             "[security]", "enabled = true"]
+def node_config(path: Path, base: dict, tmp: Path, node_id: str | None = None,
+                client: str | None = None, endpoint: str | None = None) -> Path:
+    """A worker node (``node_id``: registers through ``endpoint`` as HMAC ``client``,
+    serves without security) or, without ``node_id``, the secured registration endpoint."""
+    lines = ["[registry]", *(f"{k} = {json.dumps(v)}" for k, v in base.items())]
+    if node_id:
+        lines += [f'node_id = "{node_id}"', 'pools = ["cloud"]', f'hmac_client = "{client}"',
+                  f'hmac_secret_env = "REG_{client.upper().replace("-", "_")}"',
+                  f'endpoint = "{endpoint}"']
+    lines += ["[server]", f'state_dir = "{tmp / "state"}"']
+    if node_id:
+        path.write_text("\n".join(lines) + "\n")
+        return path
+    lines += ["[security]", "enabled = true"]
     for name in SECRETS:
         lines += [f"[security.hmac.clients.{name}]",
                   f'secret_env = "REG_{name.upper().replace("-", "_")}"',
@@ -295,11 +303,16 @@ def test_three_nodes_register_fail_over_and_come_back(request, kind, tmp_path):
     write_model(cloud / "double" / "1" / "model.onnx", add_model())
     nodes = []
     config = registry_config(kind, url, tmp_path)  # one etcd prefix for all
+    (tmp_path / "empty").mkdir()
     try:
+        endpoint = Node("registry", tmp_path / "empty",
+                        node_config(tmp_path / "registry.toml", config["registry"], tmp_path))
+        nodes.append(endpoint)
         for i, client in enumerate(SECRETS):
-            conf = node_config(tmp_path / f"n{i}.toml", config["registry"], f"n{i}", client,
-                               tmp_path)
+            conf = node_config(tmp_path / f"n{i}.toml", config["registry"], tmp_path, f"n{i}",
+                               client, endpoint.url)
             nodes.append(Node(f"n{i}", cloud, conf))
+        replicas = nodes[1:]
         front = Runtime.from_config({"repository": {"path": str(front_repo(tmp_path / "f"))},
                                      **config}).start()
         from plugins.registry.directory import Directory
@@ -313,7 +326,7 @@ def test_three_nodes_register_fail_over_and_come_back(request, kind, tmp_path):
             return {n["id"]: n["state"] for n in view.view()["nodes"]}
 
         # registration visible within 1 s of the node serving
-        for node in nodes:
+        for node in replicas:
             wait_for(lambda n=node: _serving(n.url), 60)
         took = wait_for(lambda: states() == {"n0": "passing", "n1": "passing",
                                             "n2": "passing"}, 1.0)
@@ -325,25 +338,18 @@ def test_three_nodes_register_fail_over_and_come_back(request, kind, tmp_path):
 
         def client():
             while not stop.is_set():
-                try:
-                    out = front.infer("front", InferRequest(
-                        inputs=[InferInput("x", "FP32", x.shape, x)]),
-                        deadline=time.monotonic() + 3).outputs
-                    np.testing.assert_allclose(out["y"], x + x)
-                    done.append(time.monotonic())
-                except Exception as exc:  # noqa: BLE001 - every failure counts
-                    errors.append(exc)
+                client_once(front, x, done, errors)
 
         workers = [threading.Thread(target=client) for _ in range(2)]
         for worker in workers:
             worker.start()
         wait_for(lambda: len(done) > 20, 30)
         killed_at = time.monotonic()
-        nodes[1].kill()
+        replicas[1].kill()
         critical_s = wait_for(lambda: states().get("n1") == "critical", 10)
         routed = front_directory(front)
-        wait_for(lambda: nodes[1].url not in routed.replicas("cloud", "double"), TTL)
-        assert all(nodes[1].url not in routed.replicas("cloud", "double") for _ in range(6))
+        wait_for(lambda: replicas[1].url not in routed.replicas("cloud", "double"), TTL)
+        assert all(replicas[1].url not in routed.replicas("cloud", "double") for _ in range(6))
         after = len(done)
         wait_for(lambda: len(done) > after + 20, 30)
         stop.set()
@@ -353,16 +359,41 @@ def test_three_nodes_register_fail_over_and_come_back(request, kind, tmp_path):
         assert critical_s <= TTL, f"critical after {critical_s:.2f} s"
         print(f"\n{kind}: SIGKILL -> critical {time.monotonic() - killed_at:.2f} s")
         # the node comes back and registers again
-        nodes[1].start()
+        replicas[1].start()
         wait_for(lambda: states().get("n1") == "passing", 60)
-        # a clean stop deregisters at once
-        nodes[2].terminate()
-        wait_for(lambda: "n2" not in {n["id"] for n in view.view()["nodes"]
-                                      if not n.get("expired")} or states() is None, 5)
+        if kind == "etcd":  # the store stops: serving goes on from the last view
+            etcd = request.getfixturevalue("etcd")
+            etcd.stop()
+            wait_for(lambda: routed.view()["stale"], 2)
+            before, errors_before = len(done), len(errors)
+            for _ in range(20):
+                client_once(front, x, done, errors)
+            assert len(done) == before + 20 and len(errors) == errors_before
+            view.refresh()
+            assert view.view()["stale"] and states()["n0"] == "passing"
+            etcd.start()  # back: the view reconciles, the nodes heartbeat again
+            wait_for(lambda: not routed.view()["stale"], 5)
+            wait_for(lambda: states() == {"n0": "passing", "n1": "passing",
+                                          "n2": "passing"}, 5)
+        # a clean stop deregisters at once (well before the lease would expire)
+        replicas[2].terminate()
+        wait_for(lambda: states().get("n2") == "critical"
+                 and any(n["id"] == "n2" and n.get("expired") for n in view.view()["nodes"]),
+                 TTL / 2)
         front.close()
     finally:
         for node in nodes:
             node.kill()
+
+
+def client_once(front: Runtime, x: np.ndarray, done: list, errors: list) -> None:
+    try:
+        out = front.infer("front", InferRequest(inputs=[InferInput("x", "FP32", x.shape, x)]),
+                          deadline=time.monotonic() + 3).outputs
+        np.testing.assert_allclose(out["y"], x + x)
+        done.append(time.monotonic())
+    except Exception as exc:  # noqa: BLE001 - every failure counts
+        errors.append(exc)
 
 
 def _serving(url: str) -> bool:

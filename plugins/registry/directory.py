@@ -47,6 +47,7 @@ class Directory:
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
         self._pid = 0
+        self._tried_at: float | None = None
 
     def refresh(self) -> None:
         try:
@@ -70,6 +71,16 @@ class Directory:
             if self.stale_since is not None:
                 log.warning("registry store reachable again: view reconciled")
             self.nodes, self.read_at, self.stale_since = fresh, now, None
+
+    def refresh_if_older(self, seconds: float) -> None:
+        """Read the store now unless a read succeeded in the last ``seconds`` (a caller that
+        found no replica asks before failing; the bound keeps a stampede off the store)."""
+        with self._lock:
+            last = self._tried_at
+            if last is not None and time.monotonic() - last < seconds:
+                return
+            self._tried_at = time.monotonic()
+        self.refresh()
 
     def _run(self) -> None:
         while not self._stop.wait(self.refresh_s):

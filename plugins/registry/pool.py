@@ -62,6 +62,9 @@ class PoolExecutor(HttpExecutor):
         failure: ServiceUnavailable | None = None
         while True:
             candidates = [u for u in self.directory.replicas(pool, remote) if u not in tried]
+            if not candidates and not tried:  # maybe registered since the last refresh
+                self.directory.refresh_if_older(0.2)
+                candidates = self.directory.replicas(pool, remote)
             if not candidates:
                 break
             url = candidates[0]
