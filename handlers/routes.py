@@ -398,7 +398,8 @@ def dispatch(rt: Runtime, req: HttpRequest) -> HttpResponse:
             response = _openai_shaped(response)
     who = getattr(req.principal, "key", None) or getattr(req.principal, "name", None)
     event = {"principal": who, "action": action,  # "<method>:<name>" from security
-             "model": params.get("model"), "version": params.get("version"),
+             "model": params.get("model") or (call and call.model),  # /v1: from the body
+             "version": params.get("version"),
              "served_version": call and call.version, "hops": call.hops if call else [],
              "outcome": response.status, "bytes_in": len(req.body),
              "bytes_out": len(response.body), "request_id": req.request_id,

@@ -236,6 +236,8 @@ def test_a_stream_is_audited_when_it_ends_with_its_real_size(lm_repo):
     (event,) = [e for e in recorder.events if e["action"] == "generate"]
     assert event["bytes_out"] == len(data) > 0 and event["outcome"] == 200
     assert event["model"] == "tiny-gpt2"
+    client.post("/v1/completions", json={"model": "tiny-gpt2", "prompt": "x", "max_tokens": 2})
+    assert recorder.events[-1]["model"] == "tiny-gpt2"  # named in the body, audited all the same
 
 
 @pytest.mark.slow

@@ -20,6 +20,7 @@ import uuid
 from collections.abc import Iterator
 from typing import Any
 
+from runtime import current_call
 from runtime.codec import json_dumps, json_loads
 from runtime.errors import BadRequest, NotFound, ShardserveError
 
@@ -150,6 +151,9 @@ def _openai_request(rt, req, chat: bool):
     if not isinstance(model, str) or not model:
         raise BadRequest("'model' is required")
     rt.authorize(req.principal, "generate", model)
+    call = current_call()
+    if call is not None and call.model is None:  # the audit event names the model
+        call.model = model
     backend = _backend(rt, model)
     for key, ok in (("n", (None, 1)), ("best_of", (None, 1)), ("echo", (None, False)),
                     ("logprobs", (None, False)), ("suffix", (None,)),
