@@ -6,7 +6,7 @@ HOST   ?= 127.0.0.1
 PORT   ?= 8080
 REPOSITORY ?= examples/models
 
-.PHONY: run test venv lint bench examples clean
+.PHONY: run test venv lint bench examples clean etcd
 
 # Re-install only when the dependency list changes.
 $(VENV)/.installed: pyproject.toml
@@ -25,10 +25,17 @@ node_modules/.installed: package.json package-lock.json
 	npm ci --no-audit --no-fund --loglevel=error
 	touch $@
 
+# etcd for the registry tests (docs/registry.md): Debian's etcd-server, installed only when
+# `etcd` is missing and apt-get is there (as root); elsewhere those tests are skipped.
+etcd:
+	@command -v etcd >/dev/null 2>&1 || ! command -v apt-get >/dev/null 2>&1 || \
+	  [ "$$(id -u)" != 0 ] || { apt-get update -qq && DEBIAN_FRONTEND=noninteractive \
+	  apt-get install -y -qq --no-install-recommends etcd-server >/dev/null; }
+
 run: venv
 	$(BIN)/shardserve serve --repository $(REPOSITORY) --host $(HOST) --port $(PORT)
 
-test: venv node_modules/.installed
+test: venv node_modules/.installed etcd
 	$(BIN)/python -m pytest -q
 
 lint: venv
