@@ -96,7 +96,8 @@ def install_dependencies(requirements: list[str], target: Path, python_version: 
         raise ConfigError(f"architecture must be one of {sorted(ARCHES)}")
     house = house or wheelhouse()
     house.mkdir(parents=True, exist_ok=True)
-    tags = platform_tags(architecture, lambda_glibc(python_version))
+    glibc = lambda_glibc(python_version)
+    tags = platform_tags(architecture, glibc)
     platform = [a for tag in tags for a in ("--platform", tag)]
     common = ["--no-deps", "--only-binary=:all:", "--python-version", python_version,
               "--implementation", "cp", *platform]
@@ -107,8 +108,11 @@ def install_dependencies(requirements: list[str], target: Path, python_version: 
         return
     fetched = _pip(["download", "--dest", str(house), *common, *pins])
     if fetched.returncode != 0:
-        raise ConfigError("cannot fetch the Lambda platform wheels: "
-                          + (fetched.stderr.strip().splitlines() or ["pip failed"])[-1])
+        raise ConfigError(
+            f"cannot fetch the Lambda platform wheels (Python {python_version}, {architecture}, "
+            f"glibc 2.{glibc}): "
+            + (fetched.stderr.strip().splitlines() or ["pip failed"])[-1].removeprefix("ERROR: ")
+            + "; a newer runtime (python3.12+ runs glibc 2.34) or an older pin may have one")
     done = _pip(local)
     if done.returncode != 0:
         raise ConfigError("cannot install the Lambda platform wheels: "

@@ -94,8 +94,8 @@ def package_function(function: str, models: list[str] | None, repository: Path, 
     needs = function_needs(repository, models)
     requirements = needs.requirements() + [e for e in extra if e not in needs.requirements()]
     at = models_path(repository)
-    print(f"{function}: {len(needs.models)} model(s) ({', '.join(needs.models)}), "
-          f"{runtime} {architecture}, needs {', '.join(requirements)}")
+    print(f"{function}: {len(needs.models)} model(s) ({', '.join(needs.models)}) at {at} "
+          f"(SHARDSERVE_REPOSITORY), {runtime} {architecture}, needs {', '.join(requirements)}")
     if needs.container:
         dockerfile = write_container(function, out, version, architecture, at, needs.models,
                                      requirements)
@@ -104,10 +104,10 @@ def package_function(function: str, models: list[str] | None, repository: Path, 
         return 0
     with tempfile.TemporaryDirectory(prefix="shardserve-package-") as temp:
         stage = Path(temp)
+        install_dependencies(requirements, stage, version, architecture)
+        trim(stage)  # the wheels only: a model may well be called "tests"
         copy_project(PROJECT, stage)
         copy_models(repository, needs.models, stage, at)
-        install_dependencies(requirements, stage, version, architecture)
-        trim(stage)
         if not compile_bytecode(stage, version):
             print(f"{function}: no python{version} here to compile bytecode: the function "
                   "will compile its modules at each cold start (build where it is installed)")
