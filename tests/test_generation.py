@@ -221,3 +221,30 @@ def test_streamed_text_equals_the_whole_decode(tmp_path):
         assert "".join(deltas) == codec.decode(ids)
     det = Detokenizer(codec)
     assert "日本語" in "".join(det.add(i) for i in samples[0])  # before finish(): no tail held
+
+
+def test_an_export_with_int32_indices_serves_the_same_tokens(tmp_path, lm_exports):
+    """Some exporters declare input_ids/attention_mask/position_ids as int32."""
+    import shutil
+
+    import onnx
+    from onnx import TensorProto, helper
+
+    folder = tmp_path / "int32"
+    shutil.copytree(lm_exports["gpt2"][0], folder)
+    model = onnx.load(str(folder / "model.onnx"))
+    for graph_input in model.graph.input:
+        if graph_input.name in ("input_ids", "attention_mask", "position_ids"):
+            graph_input.type.tensor_type.elem_type = TensorProto.INT32
+            wide = graph_input.name + "_int64"
+            for node in model.graph.node:
+                node.input[:] = [wide if x == graph_input.name else x for x in node.input]
+            model.graph.node.insert(0, helper.make_node("Cast", [graph_input.name], [wide],
+                                                        to=TensorProto.INT64))
+    onnx.save(model, str(folder / "model.onnx"))
+    root = repository_with(tmp_path / "models", {"narrow": folder})
+    rt = Runtime.from_config({"repository": {"path": str(root)}}).start()
+    assert rt.get_model("narrow").backend.graph.int32_inputs == (
+        "input_ids", "attention_mask", "position_ids")
+    reference = _runtime(tmp_path / "ref", lm_exports, archs=("gpt2",))
+    assert _greedy(rt, "narrow", PROMPTS[1], 16) == _greedy(reference, "gpt2", PROMPTS[1], 16)

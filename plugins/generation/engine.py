@@ -41,6 +41,7 @@ class GraphInfo:
     kv_heads: int
     head_dim: int
     dtype: type
+    int32_inputs: tuple[str, ...] = ()  # index inputs the export declares as int32
 
     @property
     def layers(self) -> int:
@@ -237,6 +238,9 @@ class Engine:
             self._pending.clear()
 
     def _run(self, feed: dict) -> tuple[np.ndarray, list[np.ndarray]]:
+        for name in self.graph.int32_inputs:
+            if name in feed:
+                feed[name] = feed[name].astype(np.int32)
         results = self.session.run(self._outputs, feed)
         return results[0], results[1:]
 

@@ -77,7 +77,10 @@ def graph_info(session, model: str, hf_config: dict) -> GraphInfo:
         dim = hf_config.get("head_dim") or (width // n_heads if width and n_heads else None)
     if dtype is None or not isinstance(heads, int) or not isinstance(dim, int):
         raise ModelLoadError(f"model {model!r}: cannot tell the KV cache's shape or type")
-    return GraphInfo(tuple(inputs), past, present, "position_ids" in inputs, heads, dim, dtype)
+    int32 = tuple(n for n in ("input_ids", "attention_mask", "position_ids")
+                  if n in inputs and inputs[n].type == "tensor(int32)")
+    return GraphInfo(tuple(inputs), past, present, "position_ids" in inputs, heads, dim, dtype,
+                     int32)
 
 
 @dataclass
