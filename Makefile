@@ -6,7 +6,7 @@ HOST   ?= 127.0.0.1
 PORT   ?= 8080
 REPOSITORY ?= examples/models
 
-.PHONY: run test venv lint bench examples clean etcd
+.PHONY: run test package venv lint bench examples clean etcd
 
 # Re-install only when the dependency list changes.
 $(VENV)/.installed: pyproject.toml
@@ -37,6 +37,10 @@ run: venv
 
 test: venv node_modules/.installed etcd
 	$(BIN)/python -m pytest -q
+
+# One self-contained zip per Lambda function in build/lambda (docs/serverless.md#deploying).
+package: venv node_modules/.installed
+	SLS_TELEMETRY_DISABLED=1 PATH="$(abspath $(BIN)):$$PATH" npx serverless package
 
 lint: venv
 	$(BIN)/ruff check runtime plugins handlers tests benchmarks examples
