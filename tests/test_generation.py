@@ -248,3 +248,28 @@ def test_an_export_with_int32_indices_serves_the_same_tokens(tmp_path, lm_export
         "input_ids", "attention_mask", "position_ids")
     reference = _runtime(tmp_path / "ref", lm_exports, archs=("gpt2",))
     assert _greedy(rt, "narrow", PROMPTS[1], 16) == _greedy(reference, "gpt2", PROMPTS[1], 16)
+
+
+def test_generation_config_gives_the_sampling_defaults(tmp_path, lm_exports):
+    import json
+    import shutil
+
+    folder = tmp_path / "greedy"
+    shutil.copytree(lm_exports["gpt2"][0], folder)
+    config = json.loads((folder / "generation_config.json").read_text())
+    (folder / "generation_config.json").write_text(json.dumps({**config, "temperature": 0.0,
+                                                              "top_k": 5}))
+    root = repository_with(tmp_path / "models", {"greedy": folder})
+    rt = Runtime.from_config({"repository": {"path": str(root)}}).start()
+    model = rt.get_model("greedy").backend
+    request = model.parse({"max_tokens": 12}, PROMPTS[0], {"max_tokens"})
+    assert (request.sampling.temperature, request.sampling.top_k) == (0.0, 5)
+    tokens = [e["token"] for e in model.generate(request) if e.get("token") is not None]
+    reference = _runtime(tmp_path / "ref", lm_exports, archs=("gpt2",))
+    assert tokens == _greedy(reference, "gpt2", PROMPTS[0], 12)[0]
+    assert model.parse({"temperature": 0.7}, "x", {"temperature"}).sampling.temperature == 0.7
+    (folder / "generation_config.json").write_text(json.dumps({**config, "top_p": 7}))
+    broken = repository_with(tmp_path / "broken", {"broken": folder})
+    rt = Runtime.from_config({"repository": {"path": str(broken)}}).start()
+    assert rt.models()[0]["state"] == "UNAVAILABLE"
+    assert "generation_config.json top_p is out of range" in rt.models()[0]["reason"]

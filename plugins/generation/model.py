@@ -45,6 +45,8 @@ SETTINGS = {"max_context": int, "max_tokens_cap": int, "default_max_tokens": int
             "kv_cache_bytes": int, "max_batch": int, "max_queue": int, "queue_timeout_s": float,
             "prefill_chunk": int}
 MAX_STOP = 16
+SAMPLING_RANGES = {"temperature": (0.0, 2.0), "top_k": (0, 1 << 20), "top_p": (0.0, 1.0),
+                   "repetition_penalty": (0.0, 10.0)}
 
 
 def is_text_generation(input_names: list[str], output_names: list[str]) -> bool:
@@ -155,6 +157,18 @@ class GenerationModel:
             queue_timeout_s=float(options.get("queue_timeout_s", 10.0)),
             prefill_chunk=int(options.get("prefill_chunk", 256))), s.model)
         self.eos_ids = self._eos_ids(hf_config, gen_config)
+        # The model's own sampling defaults (as vLLM reads them), for what a request leaves out.
+        self.defaults = {"temperature": 1.0, "top_k": 0, "top_p": 1.0, "repetition_penalty": 1.0}
+        for key in self.defaults:
+            value = gen_config.get(key)
+            try:
+                self.defaults[key] = _number({key: value}, key, *SAMPLING_RANGES[key], None,
+                                             integer=key == "top_k",
+                                             low_open=key in ("top_p", "repetition_penalty")
+                                             ) if value is not None else self.defaults[key]
+            except BadRequest:
+                raise ModelLoadError(f"model {s.model!r}: generation_config.json {key} is out "
+                                     "of range") from None
 
     def _json(self, name: str, files: set[str]) -> dict:
         if name not in files:
@@ -197,11 +211,15 @@ class GenerationModel:
         if max_tokens is not None and max_tokens > cap:
             raise BadRequest(f"'max_tokens' is {max_tokens}, over this model's cap of {cap}")
         sampling = SamplingParams(
-            temperature=_number(params, "temperature", 0.0, 2.0, 1.0),
-            top_k=_number(params, "top_k", 0, 1 << 20, 0, integer=True),
-            top_p=_number(params, "top_p", 0.0, 1.0, 1.0, low_open=True),
-            repetition_penalty=_number(params, "repetition_penalty", 0.0, 10.0, 1.0,
-                                       low_open=True),
+            temperature=_number(params, "temperature", *SAMPLING_RANGES["temperature"],
+                                self.defaults["temperature"]),
+            top_k=_number(params, "top_k", *SAMPLING_RANGES["top_k"], self.defaults["top_k"],
+                          integer=True),
+            top_p=_number(params, "top_p", *SAMPLING_RANGES["top_p"], self.defaults["top_p"],
+                          low_open=True),
+            repetition_penalty=_number(params, "repetition_penalty",
+                                       *SAMPLING_RANGES["repetition_penalty"],
+                                       self.defaults["repetition_penalty"], low_open=True),
             seed=_number(params, "seed", 0, (1 << 63) - 1, None, integer=True),
         )
         stop = params.get("stop")
