@@ -68,6 +68,12 @@ class Etcd:
             self.proc.wait(10)
 
 
+@pytest.fixture(autouse=True)
+def _own_state_dir(tmp_path, monkeypatch):
+    """Each test its own embedded store (SHARDSERVE_STATE_DIR beats the config file)."""
+    monkeypatch.setenv("SHARDSERVE_STATE_DIR", str(tmp_path / "state"))
+
+
 @pytest.fixture(scope="module")
 def etcd(tmp_path_factory):
     if shutil.which("etcd") is None:
@@ -410,3 +416,55 @@ def front_directory(front: Runtime):
 
     settings = registry_settings(front.config)
     return directory_for(open_store(front.config, settings), settings.ttl_s, settings.refresh_s)
+
+
+@pytest.mark.slow
+def test_a_gunicorn_node_registers_through_itself_and_leaves_on_sigterm(tmp_path):
+    """The default single-host setup: embedded store, security off, `shardserve serve`
+    (gunicorn; the agent in its master); `shardserve nodes` reads the same store."""
+    import hashlib
+
+    from conftest import ServerProcess
+
+    repo = tmp_path / "repo"
+    model = write_model(repo / "double" / "1" / "model.onnx", add_model())
+    config = tmp_path / "node.toml"
+    config.write_text(f'[registry]\nenabled = true\npools = ["edge"]\n'
+                      f'[server]\nstate_dir = "{tmp_path / "state"}"\n')
+
+    def nodes() -> dict:
+        out = subprocess.run([str(SHARDSERVE), "--config", str(config), "nodes", "--json"],
+                             capture_output=True, text=True, cwd=ROOT, timeout=60)
+        assert out.returncode == 0, out.stderr
+        return {n["id"]: n for n in json.loads(out.stdout)["nodes"]}
+
+    server = ServerProcess(["--config", str(config), "serve", "--repository", str(repo)])
+    try:
+        node_id = f"127.0.0.1:{server.port}"
+        wait_for(lambda: node_id in nodes(), 10, step=0.2)
+        node = nodes()[node_id]
+        assert node["state"] == "passing" and node["url"] == server.base
+        assert node["pools"] == ["edge"] and node["capabilities"]["memory_bytes"] > 0
+        assert node["models"] == [{"name": "double", "version": "1",
+                                   "sha256": hashlib.sha256(model.read_bytes()).hexdigest()}]
+        table = subprocess.run([str(SHARDSERVE), "--config", str(config), "nodes"],
+                               capture_output=True, text=True, cwd=ROOT, timeout=60).stdout
+        assert node_id in table and "passing" in table and "double/1" in table
+    finally:
+        stopped = time.monotonic()
+        server.stop()
+    from plugins.registry.stores import EmbeddedRegistry
+
+    # a heartbeat every TTL/3 leaves any lease at least 2 s to live: gone sooner is a DELETE
+    left = EmbeddedRegistry(tmp_path / "state" / "registry.sqlite").nodes()
+    assert time.monotonic() - stopped < 2 and [n["id"] for n in left] == []
+
+
+def test_nodes_says_when_the_store_cannot_be_reached(tmp_path):
+    config = tmp_path / "c.toml"
+    config.write_text(f'[registry]\nstore = "etcd"\n'
+                      f'etcd_endpoints = ["http://127.0.0.1:{free_port()}"]\n')
+    out = subprocess.run([str(SHARDSERVE), "--config", str(config), "nodes"],
+                         capture_output=True, text=True, cwd=ROOT, timeout=60)
+    assert out.returncode == 1 and "cannot be reached" in out.stdout
+    assert "Traceback" not in out.stderr

@@ -28,9 +28,15 @@ def _enabled(rt: Any):
     return settings, open_store(rt.config, settings, rt.pm)
 
 
-def _owner(principal: Any) -> str:
+def _owner(rt: Any, principal: Any) -> str:
+    """Who writes: the authenticated principal; ``anonymous`` only on a server whose
+    security is off (one host, nothing authenticated: no identity to protect)."""
+    from plugins.security.settings import settings
+
     owner = getattr(principal, "key", None) or getattr(principal, "name", None)
-    if principal is None or not owner:
+    if principal is None and not settings(rt.config).enabled:
+        return "anonymous"
+    if not owner:
         raise Unauthorized("registering a node needs credentials (HMAC or JWT)")
     return str(owner)
 
@@ -69,7 +75,7 @@ def register_node(rt: Any, req: Any, node: str) -> dict:
     if not valid_node_id(node):
         raise BadRequest("node id may hold letters, digits, '_.:-' (128 at most)")
     settings, store = _enabled(rt)
-    owner = _owner(req.principal)
+    owner = _owner(rt, req.principal)
     store.heartbeat(node, _record(node, req.body), owner, settings.ttl_s)
     return {"id": node, "ttl_s": settings.ttl_s}
 
@@ -78,7 +84,7 @@ def deregister_node(rt: Any, req: Any, node: str) -> dict:
     if not valid_node_id(node):
         raise BadRequest("node id may hold letters, digits, '_.:-' (128 at most)")
     _, store = _enabled(rt)
-    store.deregister(node, _owner(req.principal))
+    store.deregister(node, _owner(rt, req.principal))
     return {}
 
 
