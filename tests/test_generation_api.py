@@ -206,6 +206,13 @@ def test_chat_templates_render_in_a_sandbox(lm_repo, tmp_path):
                       {"tokenizer.json", "tokenizer_config.json"})
     with pytest.raises(BadRequest, match="SecurityError"):
         codec.render_chat([{"role": "user", "content": "hi"}])
+    huge = {"chat_template": "{% for i in range(100000) %}{% for j in range(100000) %}xxxxxxxxxx"
+                             "{% endfor %}{% endfor %}"}
+    (tmp_path / "tokenizer_config.json").write_text(json.dumps(huge))
+    codec = TextCodec(lambda name: (tmp_path / name).read_bytes(), "m",
+                      {"tokenizer.json", "tokenizer_config.json"})
+    with pytest.raises(BadRequest, match="too long"):  # stops at 1 M characters, not at OOM
+        codec.render_chat([{"role": "user", "content": "hi"}])
     mutate = {"chat_template": "{% set _ = messages.append(1) %}x"}
     (tmp_path / "tokenizer_config.json").write_text(json.dumps(mutate))
     codec = TextCodec(lambda name: (tmp_path / name).read_bytes(), "m",

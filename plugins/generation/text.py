@@ -82,18 +82,21 @@ class TextCodec:
                 self._compiled = env.from_string(self.chat_template)
             except TemplateError:
                 raise BadRequest("the model's chat template does not compile") from None
-        try:
-            text = self._compiled.render(messages=messages, add_generation_prompt=True,
-                                         bos_token=self.bos_token or "",
-                                         eos_token=self.eos_token or "")
+        parts, size = [], 0
+        try:  # rendered piece by piece, so a runaway template stops at the cap, not at OOM
+            for piece in self._compiled.generate(messages=messages, add_generation_prompt=True,
+                                                 bos_token=self.bos_token or "",
+                                                 eos_token=self.eos_token or ""):
+                size += len(piece)
+                if size > MAX_TEMPLATE_OUTPUT:
+                    raise BadRequest("the rendered chat prompt is too long")
+                parts.append(piece)
         except BadRequest:
             raise
         except Exception as exc:  # SecurityError, TemplateError, type errors in the template
             raise BadRequest(f"the chat template could not render these messages "
                              f"({type(exc).__name__})") from None
-        if len(text) > MAX_TEMPLATE_OUTPUT:
-            raise BadRequest("the rendered chat prompt is too long")
-        return text
+        return "".join(parts)
 
 
 def _raise_template_error(message: str) -> None:
