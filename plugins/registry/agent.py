@@ -110,12 +110,18 @@ class RegistrationAgent:
         return self._send("PUT", json.dumps(record).encode())
 
     def _run(self) -> None:
+        from runtime.errors import ShardserveError
+
         while True:
-            self.beat()
+            try:
+                self.beat()
+            except ShardserveError as exc:  # never let the heartbeat thread die
+                log.error("registration of node %s failed: %s", self.node_id, exc.message)
             if self._stop.wait(self.settings.ttl_s / 3):
                 return
 
     def start(self) -> RegistrationAgent:
+        self._headers("PUT", b"")  # missing credentials fail here, at startup
         self._thread = threading.Thread(target=self._run, name="shardserve-registration",
                                         daemon=True)
         self._thread.start()
