@@ -141,6 +141,19 @@ def _not_streaming(tmp_path):
     rt.generate("add", None)
 
 
+def test_kv_budget_in_tokens_bounds_the_batch(tmp_path, lm_exports):
+    rt = _runtime(tmp_path, lm_exports, {"gpt2": "[generation]\nkv_cache_tokens = 100\n"},
+                  archs=("gpt2",))
+    model = rt.get_model("gpt2").backend
+    per_token = 2 * 2 * 4 * 16 * 4  # layers x (key, value) x heads x head_dim x float32
+    assert model.graph.bytes_per_token == per_token
+    assert model.engine.limits.kv_cache_bytes == 100 * per_token
+    request = model.parse({"max_tokens": 120}, "def main(", {"max_tokens"})
+    with pytest.raises(BadRequest, match=f"bytes of KV cache, over this model's budget of "
+                                         f"{100 * per_token} bytes"):
+        model.generate(request)
+
+
 def test_full_server_answers_429_with_retry_after(tmp_path, lm_exports):
     rt = _runtime(tmp_path, lm_exports, {"gpt2": '[generation]\nmax_batch = 1\nmax_queue = 1\n'
                                                  'queue_timeout_s = 0.05\n'}, archs=("gpt2",))

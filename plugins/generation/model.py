@@ -12,7 +12,8 @@ tokenizer_config.json. It is recognised by its graph signature (``input_ids``,
 max_context = 1024          # tokens; default: config.json's max_position_embeddings
 max_tokens_cap = 512        # the most a request may ask for
 default_max_tokens = 64
-kv_cache_bytes = 268435456  # KV-cache budget of the running batch
+kv_cache_bytes = 268435456  # KV-cache budget of the running batch (default 256 MiB),
+# or kv_cache_tokens = 8192 # the same budget in tokens (bytes per token from the graph)
 max_batch = 16              # sequences decoded together
 max_queue = 64              # waiting requests before an immediate 429
 queue_timeout_s = 10        # waiting longer than this answers 429 with Retry-After
@@ -42,8 +43,8 @@ from .text import Detokenizer, TextCodec
 TASK = "text-generation"
 PAST = re.compile(r"past_key_values\.(\d+)\.(key|value)")
 SETTINGS = {"max_context": int, "max_tokens_cap": int, "default_max_tokens": int,
-            "kv_cache_bytes": int, "max_batch": int, "max_queue": int, "queue_timeout_s": float,
-            "prefill_chunk": int}
+            "kv_cache_bytes": int, "kv_cache_tokens": int, "max_batch": int, "max_queue": int,
+            "queue_timeout_s": float, "prefill_chunk": int}
 MAX_STOP = 16
 SAMPLING_RANGES = {"temperature": (0.0, 2.0), "top_k": (0, 1 << 20), "top_p": (0.0, 1.0),
                    "repetition_penalty": (0.0, 10.0)}
@@ -151,7 +152,7 @@ class GenerationModel:
                                                   min(64, self.max_tokens_cap)))
         self.engine = Engine(session, self.graph, EngineLimits(
             max_context=int(context),
-            kv_cache_bytes=int(options.get("kv_cache_bytes", 256 << 20)),
+            kv_cache_bytes=self._kv_budget(options),
             max_batch=int(options.get("max_batch", 16)),
             max_queue=int(options.get("max_queue", 64)),
             queue_timeout_s=float(options.get("queue_timeout_s", 10.0)),
@@ -169,6 +170,14 @@ class GenerationModel:
             except BadRequest:
                 raise ModelLoadError(f"model {s.model!r}: generation_config.json {key} is out "
                                      "of range") from None
+
+    def _kv_budget(self, options: dict) -> int:
+        if "kv_cache_bytes" in options and "kv_cache_tokens" in options:
+            raise ModelLoadError(f"model {self.settings.model!r}: [generation] takes "
+                                 "kv_cache_bytes or kv_cache_tokens, not both")
+        if "kv_cache_tokens" in options:
+            return int(options["kv_cache_tokens"]) * self.graph.bytes_per_token
+        return int(options.get("kv_cache_bytes", 256 << 20))
 
     def _json(self, name: str, files: set[str]) -> dict:
         if name not in files:
