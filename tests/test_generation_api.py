@@ -443,3 +443,27 @@ def test_gunicorn_sends_events_as_they_are_made(server):
         gaps.append((times[0], times[-1], len(times)))
     first, last, count = min(gaps, key=lambda g: g[0] / g[1])
     assert count > 10 and first < 0.5 * last, gaps
+
+
+def test_a_signed_language_model_loads_and_a_swapped_tokenizer_does_not(lm_repo, tmp_path):
+    """tokenizer.json and the chat template are model files like model.onnx: they go through
+    the model-bytes hooks, so signing covers them."""
+    from cryptography.hazmat.primitives import serialization
+    from cryptography.hazmat.primitives.asymmetric import ec
+
+    from plugins.security.model_signing import sign_directory
+
+    root = tmp_path / "signed"
+    shutil.copytree(lm_repo, root)
+    key = ec.generate_private_key(ec.SECP256R1())
+    (tmp_path / "pub.pem").write_bytes(key.public_key().public_bytes(
+        serialization.Encoding.PEM, serialization.PublicFormat.SubjectPublicKeyInfo))
+    sign_directory(root / "tiny-gpt2" / "1", key)
+    security = {"require_signed": True, "trusted_keys": [str(tmp_path / "pub.pem")]}
+    rt = Runtime.from_config({"repository": {"path": str(root)}, "security": security}).start()
+    assert rt.models()[0]["state"] == "READY"
+    config = root / "tiny-gpt2" / "1" / "tokenizer_config.json"
+    config.write_text(config.read_text().replace("<|", "<"))  # a swapped chat template
+    rt = Runtime.from_config({"repository": {"path": str(root)}, "security": security}).start()
+    state = rt.models()[0]
+    assert state["state"] == "UNAVAILABLE" and "tokenizer_config.json" in state["reason"]
