@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import base64
 import json
+import os
 import threading
 import time
 import urllib.error
@@ -41,16 +42,35 @@ class EmbeddedRegistry:
     name = "embedded"
 
     def __init__(self, path: Path):
+        self.path = path
+        self._lock = threading.Lock()
+        self._conn: Any = None
+        self._pid = 0
+        with self._lock:
+            self._connection()  # a bad state dir fails at startup, not on a request
+
+    def _connection(self) -> Any:
+        """This process's connection (a forked worker opens its own, as SQLite requires)."""
         import sqlite3
 
         from plugins.security.shared_state import BUSY_TIMEOUT_S
 
-        self.path = path
-        self._lock = threading.Lock()
-        self._db = sqlite3.connect(path, timeout=BUSY_TIMEOUT_S, isolation_level=None,
-                                   check_same_thread=False)
-        self._db.execute("PRAGMA journal_mode=WAL")
-        self._db.execute(SCHEMA)
+        if self._conn is None or self._pid != os.getpid():
+            try:
+                os.close(os.open(self.path, os.O_RDWR | os.O_CREAT, 0o600))
+                conn = sqlite3.connect(self.path, timeout=BUSY_TIMEOUT_S, isolation_level=None,
+                                       check_same_thread=False)
+                conn.execute("PRAGMA journal_mode=WAL")
+                conn.execute(SCHEMA)
+            except (OSError, sqlite3.Error) as exc:
+                raise ServiceUnavailable(f"registry store unavailable: "
+                                         f"{type(exc).__name__}") from None
+            self._conn, self._pid = conn, os.getpid()
+        return self._conn
+
+    @property
+    def _db(self) -> Any:
+        return self._connection()
 
     def _write(self, node: str, owner: str, change: Any) -> None:
         import sqlite3
@@ -95,7 +115,9 @@ class EmbeddedRegistry:
 
     def close(self) -> None:
         with self._lock:
-            self._db.close()
+            if self._conn is not None and self._pid == os.getpid():
+                self._conn.close()
+            self._conn = None
 
 
 def _b64(text: str) -> str:
@@ -151,8 +173,11 @@ class EtcdRegistry:
             raise _claimed(node)
         alive = False
         if lease:
-            answer = self._post("/v3/lease/keepalive", {"ID": str(lease)})
-            alive = int(answer.get("result", {}).get("TTL", 0) or 0) > 0
+            try:
+                answer = self._post("/v3/lease/keepalive", {"ID": str(lease)})
+                alive = int(answer.get("result", {}).get("TTL", 0) or 0) > 0
+            except ServiceUnavailable:  # e.g. the lease expired just now: grant a new one
+                alive = False
         if not alive:
             granted = self._post("/v3/lease/grant", {"TTL": max(2, round(ttl_s))})
             lease = int(granted["ID"])
