@@ -231,6 +231,12 @@ def registry_view(rt: Runtime, req: HttpRequest) -> HttpResponse:
     return json_response(views.registry_view(rt, req))
 
 
+def registry_echo(rt: Runtime, req: HttpRequest) -> HttpResponse:
+    from plugins.registry import views
+
+    return HttpResponse(200, views.echo(rt, req), {"Content-Type": "application/octet-stream"})
+
+
 def register_node(rt: Runtime, req: HttpRequest, node: str) -> HttpResponse:
     from plugins.registry import views
 
@@ -338,6 +344,7 @@ ROUTES: list[Route] = [
     _route("POST", rf"/v2/repository/models/{SEGMENT}/unload", repository_unload, "unload"),
     _route("GET", r"/metrics", metrics, "metrics"),
     _route("GET", r"/v2/shardserve/registry", registry_view, "metadata"),
+    _route("POST", r"/v2/shardserve/registry/echo", registry_echo, "metadata"),
     _route("PUT", r"/v2/shardserve/registry/nodes/(?P<node>[^/]+)", register_node, "register"),
     _route("DELETE", r"/v2/shardserve/registry/nodes/(?P<node>[^/]+)", deregister_node,
            "register"),

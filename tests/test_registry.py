@@ -314,6 +314,7 @@ def test_three_nodes_register_fail_over_and_come_back(request, kind, tmp_path):
         endpoint = Node("registry", tmp_path / "empty",
                         node_config(tmp_path / "registry.toml", config["registry"], tmp_path))
         nodes.append(endpoint)
+        wait_for(lambda: _serving(endpoint.url), 60)
         for i, client in enumerate(SECRETS):
             conf = node_config(tmp_path / f"n{i}.toml", config["registry"], tmp_path, f"n{i}",
                                client, endpoint.url)
@@ -471,3 +472,82 @@ def test_nodes_says_when_the_store_cannot_be_reached(tmp_path):
                          capture_output=True, text=True, cwd=ROOT, timeout=60)
     assert out.returncode == 1 and "cannot be reached" in out.stdout
     assert "Traceback" not in out.stderr
+
+
+# --------------------------------------------------------------------------- measured links
+
+
+@pytest.mark.parametrize("bandwidth, rtt", [("20Mbps", "20ms"), ("100Mbps", "10ms")])
+def test_a_link_probe_measures_the_emulated_link_within_10_percent(bandwidth, rtt):
+    """An echo server behind the executors' link emulator (one RTT plus both payloads over
+    the bandwidth): the probe recovers the configured RTT and bandwidth."""
+    from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+    from plugins.executors.base import EmulatedLink
+    from plugins.registry.links import LinkTable, probe
+
+    link = EmulatedLink({"link_bandwidth": bandwidth, "link_rtt": rtt})
+
+    class Echo(BaseHTTPRequestHandler):
+        protocol_version = "HTTP/1.1"  # keep-alive, as shardserve's servers
+        disable_nagle_algorithm = True
+
+        def do_POST(self):  # noqa: N802 - http.server's name
+            body = self.rfile.read(int(self.headers["Content-Length"]))
+            time.sleep(link.delay(2 * len(body)))
+            self.send_response(200)
+            self.send_header("Content-Length", str(len(body)))
+            self.end_headers()
+            self.wfile.write(body)
+
+        def log_message(self, *args):
+            pass
+
+    server = ThreadingHTTPServer(("127.0.0.1", 0), Echo)
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    try:
+        table = LinkTable()
+        for _ in range(2):
+            entry = table.update("peer", probe(f"http://127.0.0.1:{server.server_port}",
+                                               lambda path, body: {}))
+    finally:
+        server.shutdown()
+        server.server_close()
+        thread.join(5)
+    assert entry["samples"] == 2
+    assert entry["rtt_s"] == pytest.approx(link.link.rtt_s, rel=0.10)
+    assert entry["bandwidth_bps"] == pytest.approx(link.link.bandwidth_bps, rel=0.10)
+
+
+@pytest.mark.slow
+def test_nodes_probe_each_other_and_publish_their_links(tmp_path):
+    repo = tmp_path / "repo"
+    write_model(repo / "double" / "1" / "model.onnx", add_model())
+    base = {"enabled": True, "ttl_s": TTL, "probe_s": 0.3}
+    nodes = []
+    try:
+        for i in range(2):
+            conf = tmp_path / f"n{i}.toml"
+            conf.write_text("[registry]\n" + "".join(f"{k} = {json.dumps(v)}\n"
+                                                     for k, v in base.items())
+                            + f'node_id = "n{i}"\n')
+            nodes.append(Node(f"n{i}", repo, conf))
+
+        def links() -> dict:
+            from plugins.registry.stores import EmbeddedRegistry
+
+            try:
+                store = EmbeddedRegistry(tmp_path / "state" / "registry.sqlite")
+            except ServiceUnavailable:  # no node has created the state dir yet
+                return {}
+            return {r["id"]: r.get("links", {}) for r in store.nodes()}
+
+        wait_for(lambda: all(links().get(f"n{i}", {}).get(f"n{1 - i}") for i in range(2)),
+                 30, step=0.2)
+        for i in range(2):
+            seen = links()[f"n{i}"][f"n{1 - i}"]
+            assert 0 < seen["rtt_s"] < 0.1 and seen["bandwidth_bps"] > 1e7  # loopback
+    finally:
+        for node in nodes:
+            node.kill()

@@ -22,6 +22,7 @@ import urllib.request
 from pathlib import Path
 from typing import Any
 
+from .links import LinkTable, probe
 from .settings import RegistrySettings, registry_settings
 
 log = logging.getLogger("shardserve.registry")
@@ -69,8 +70,9 @@ class RegistrationAgent:
         self.latency_ms: float | None = None
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
+        self.links = LinkTable()
 
-    def _headers(self, method: str, body: bytes) -> dict:
+    def _headers(self, method: str, body: bytes, path: str | None = None) -> dict:
         from plugins.security.settings import read_key_material
 
         headers = {"Content-Type": "application/json"}
@@ -79,7 +81,8 @@ class RegistrationAgent:
             from plugins.security.hmac_signing import sign_request
 
             secret = read_key_material("[registry] hmac_secret_env", s.hmac_secret_env)
-            headers.update(sign_request(secret, s.hmac_client, method, self.path, body))
+            headers.update(sign_request(secret, s.hmac_client, method, path or self.path,
+                                        body))
         elif s.token_env:
             headers["Authorization"] = f"Bearer {os.environ.get(s.token_env, '')}"
         return headers
@@ -89,7 +92,7 @@ class RegistrationAgent:
                                          method=method, headers=self._headers(method, body))
         start = time.perf_counter()
         try:
-            with urllib.request.urlopen(request, timeout=self.settings.ttl_s / 3) as answer:
+            with urllib.request.urlopen(request, timeout=self.settings.ttl_s / 2) as answer:
                 status = answer.status
         except urllib.error.HTTPError as exc:
             status = exc.code
@@ -106,25 +109,64 @@ class RegistrationAgent:
     def beat(self) -> int:
         record = {"url": self.url, "pools": list(self.settings.pools), "models": self.models,
                   "capabilities": self.capabilities,
-                  "load": {"heartbeat_latency_ms": self.latency_ms}}
+                  "load": {"heartbeat_latency_ms": self.latency_ms},
+                  "links": dict(self.links.links)}
         return self._send("PUT", json.dumps(record).encode())
 
     def _run(self) -> None:
         from runtime.errors import ShardserveError
 
+        period = self.settings.ttl_s / 3
+        due, registered = time.monotonic(), False
         while True:
             try:
-                self.beat()
+                registered = self.beat() == 200 or registered
             except ShardserveError as exc:  # never let the heartbeat thread die
                 log.error("registration of node %s failed: %s", self.node_id, exc.message)
-            if self._stop.wait(self.settings.ttl_s / 3):
+            # a fixed cadence (a slow beat does not delay the next one); until the first
+            # registration succeeds (the endpoint still starting), retry sooner
+            due = max(due + (period if registered else min(period, 0.2)), time.monotonic())
+            if self._stop.wait(due - time.monotonic()):
                 return
+
+    def peers(self) -> list[dict]:
+        """Other live nodes, as the registry endpoint shows them."""
+        path = "/v2/shardserve/registry"
+        request = urllib.request.Request(self.endpoint + path,
+                                         headers=self._headers("GET", b"", path))
+        with urllib.request.urlopen(request, timeout=self.settings.ttl_s) as answer:
+            nodes = json.loads(answer.read())["nodes"]
+        return [n for n in nodes if n["id"] != self.node_id and n["state"] != "critical"
+                and not n.get("expired") and n.get("url")]
+
+    def probe_peers(self) -> None:
+        """Measure the link to every peer once and smooth it into the published table."""
+        try:
+            peers = self.peers()
+        except (OSError, ValueError, KeyError):
+            return  # the endpoint is down: probe next time
+        self.links.forget({p["id"] for p in peers})
+        for peer in peers:
+            if self._stop.is_set():
+                return
+            try:
+                link = probe(peer["url"], lambda path, body: self._headers("POST", body, path))
+            except OSError:
+                continue  # unreachable now: its entry keeps the last estimate
+            self.links.update(peer["id"], link)
+
+    def _probe_loop(self) -> None:
+        while not self._stop.wait(self.settings.probe_s):
+            self.probe_peers()
 
     def start(self) -> RegistrationAgent:
         self._headers("PUT", b"")  # missing credentials fail here, at startup
         self._thread = threading.Thread(target=self._run, name="shardserve-registration",
                                         daemon=True)
         self._thread.start()
+        if self.settings.probe_s:
+            threading.Thread(target=self._probe_loop, name="shardserve-link-probe",
+                             daemon=True).start()
         return self
 
     def stop(self) -> None:

@@ -48,6 +48,7 @@ class Directory:
         self._thread: threading.Thread | None = None
         self._pid = 0
         self._tried_at: float | None = None
+        self._refresh_lock = threading.Lock()
 
     def refresh(self) -> None:
         try:
@@ -75,12 +76,12 @@ class Directory:
     def refresh_if_older(self, seconds: float) -> None:
         """Read the store now unless a read succeeded in the last ``seconds`` (a caller that
         found no replica asks before failing; the bound keeps a stampede off the store)."""
-        with self._lock:
+        with self._refresh_lock:  # callers arriving meanwhile wait, then see its result
             last = self._tried_at
             if last is not None and time.monotonic() - last < seconds:
                 return
+            self.refresh()
             self._tried_at = time.monotonic()
-        self.refresh()
 
     def _run(self) -> None:
         while not self._stop.wait(self.refresh_s):
@@ -122,12 +123,15 @@ class Directory:
 
     def replicas(self, pool: str, model: str) -> list[str]:
         """URLs of the nodes in ``pool`` serving ``model``: passing ones (warning ones only
-        when none passes), rotated so that calls spread over them."""
+        when none passes, critical ones still leased only when no other is left: on an
+        overloaded host late heartbeats must not fail every call), rotated so that calls
+        spread over them."""
         view = self.view()
         fits = [n for n in view["nodes"] if pool in n["pools"] and not n.get("expired")
                 and any(m.get("name") == model for m in n["models"])]
         chosen = [n["url"] for n in fits if n["state"] == "passing"] or \
-                 [n["url"] for n in fits if n["state"] == "warning"]
+                 [n["url"] for n in fits if n["state"] == "warning"] or \
+                 [n["url"] for n in fits]
         if not chosen:
             return []
         start = next(self._turn) % len(chosen)
@@ -138,7 +142,8 @@ def _public(record: dict, state: str, age: float, expired: bool = False) -> dict
     row = {"id": record.get("id"), "url": record.get("url"), "state": state,
            "heartbeat_age_s": round(age, 3), "pools": list(record.get("pools", [])),
            "models": list(record.get("models", [])),
-           "capabilities": record.get("capabilities", {}), "load": record.get("load", {})}
+           "capabilities": record.get("capabilities", {}), "load": record.get("load", {}),
+           "links": record.get("links", {})}
     if expired:
         row["expired"] = True
     return row

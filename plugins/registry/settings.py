@@ -11,7 +11,7 @@ from runtime.errors import ConfigError
 
 KNOWN_KEYS = {"enabled", "store", "ttl_s", "node_id", "url", "endpoint", "pools",
               "etcd_endpoints", "prefix", "hmac_client", "hmac_secret_env", "token_env",
-              "poll_s"}
+              "poll_s", "probe_s"}
 NAME_CHARS = set("abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789_.:-")
 
 
@@ -30,6 +30,7 @@ class RegistrySettings:
     hmac_secret_env: str | None = None
     token_env: str | None = None
     poll_s: float = field(default=0.0)  # 0: ttl_s / 6
+    probe_s: float = 30.0  # link probes to every peer this often; 0: never
 
     @property
     def refresh_s(self) -> float:
@@ -49,6 +50,12 @@ def parse(raw: dict) -> RegistrySettings:
         if not isinstance(raw["enabled"], bool):
             raise ConfigError("[registry] enabled must be true or false")
         out["enabled"] = raw["enabled"]
+    if "probe_s" in raw:
+        value = raw["probe_s"]
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or \
+                not (value == 0 or 0.1 <= value <= 86400):
+            raise ConfigError("[registry] probe_s must be 0 (off) or 0.1 to 86400 seconds")
+        out["probe_s"] = float(value)
     for key in ("ttl_s", "poll_s"):
         if key in raw:
             value = raw[key]

@@ -62,9 +62,9 @@ def _record(node: str, body: bytes) -> dict:
     models = [{"name": m["name"][:128], "version": str(m.get("version", ""))[:32],
                "sha256": str(m.get("sha256", ""))[:64]} for m in models]
     extra = {}
-    for key in ("capabilities", "load"):
+    for key, most in (("capabilities", 4096), ("load", 4096), ("links", 65536)):
         value = raw.get(key, {})
-        if not isinstance(value, dict) or len(json.dumps(value)) > 4096:
+        if not isinstance(value, dict) or len(json.dumps(value)) > most:
             raise BadRequest(f"registration {key!r} must be a small JSON object")
         extra[key] = value
     return {"id": node, "url": url.rstrip("/"), "pools": pools, "models": models, **extra,
@@ -95,3 +95,9 @@ def registry_view(rt: Any, req: Any) -> dict:
     directory = directory_for(store, settings.ttl_s, settings.refresh_s)
     directory.refresh()  # a person asking sees the store now, not half a refresh ago
     return {"store": settings.store, **directory.view()}
+
+
+def echo(rt: Any, req: Any) -> bytes:
+    """The body back: what a peer's link probe times (plugins/registry/links.py)."""
+    _enabled(rt)
+    return req.body

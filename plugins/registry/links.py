@@ -1,0 +1,85 @@
+"""Measured links: RTT and bandwidth to each peer, from a small and a large echo.
+
+The small echo (``SMALL_BYTES``) costs about one round trip; the large one
+(``LARGE_BYTES`` each way) one round trip plus twice its bytes over the link. The fastest
+of ``repeats`` tries of each is kept (queueing only ever adds time), so
+``rtt = t_small`` and ``bandwidth = 2 * 8 * (LARGE - SMALL) / (t_large - t_small)``. Each
+probe is smoothed into the last estimate (EWMA, ``ALPHA``) before it is published in the
+node's record as ``links: {peer_id: {rtt_s, bandwidth_bps, samples}}`` (docs/registry.md).
+"""
+
+from __future__ import annotations
+
+import http.client
+import math
+import os
+import socket
+import time
+import urllib.parse
+from collections.abc import Callable
+
+from plugins.links import Link
+
+SMALL_BYTES = 64
+LARGE_BYTES = 256 * 1024
+ALPHA = 0.5
+ECHO_PATH = "/v2/shardserve/registry/echo"
+
+
+def _echo(connection: http.client.HTTPConnection, path: str, body: bytes,
+          sign: Callable[[str, bytes], dict]) -> float:
+    headers = {"Content-Type": "application/octet-stream", **sign(path, body)}
+    start = time.perf_counter()
+    connection.request("POST", path, body=body, headers=headers)
+    answer = connection.getresponse()
+    data = answer.read()
+    took = time.perf_counter() - start
+    if answer.status != 200 or len(data) != len(body):
+        raise OSError(f"echo answered {answer.status}")
+    return took
+
+
+def probe(url: str, sign: Callable[[str, bytes], dict], repeats: int = 3,
+          large: int = LARGE_BYTES, timeout_s: float = 5.0) -> Link:
+    """One measurement of the link to the shardserve at ``url`` over one kept-alive
+    connection (no handshake in the figures); raises ``OSError``."""
+    parts = urllib.parse.urlsplit(url)
+    kind = http.client.HTTPSConnection if parts.scheme == "https" else http.client.HTTPConnection
+    connection = kind(parts.hostname, parts.port, timeout=timeout_s)
+    path = parts.path.rstrip("/") + ECHO_PATH
+    small_body, large_body = os.urandom(SMALL_BYTES), os.urandom(large)
+    try:
+        connection.connect()  # small writes go out at once (no Nagle / delayed-ACK stall)
+        connection.sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        _echo(connection, path, small_body, sign)  # warm up
+        t_small = min(_echo(connection, path, small_body, sign) for _ in range(repeats))
+        t_large = min(_echo(connection, path, large_body, sign) for _ in range(repeats))
+    except http.client.HTTPException as exc:
+        raise OSError(type(exc).__name__) from None
+    finally:
+        connection.close()
+    spread = t_large - t_small
+    bandwidth = 2 * 8 * (large - SMALL_BYTES) / spread if spread > 0 else math.inf
+    return Link(bandwidth_bps=bandwidth, rtt_s=t_small)
+
+
+class LinkTable:
+    """Smoothed estimates per peer, as published."""
+
+    def __init__(self, alpha: float = ALPHA):
+        self.alpha = alpha
+        self.links: dict[str, dict] = {}
+
+    def update(self, peer: str, link: Link) -> dict:
+        old = self.links.get(peer)
+        rtt, bandwidth = link.rtt_s, min(link.bandwidth_bps, 1e12)
+        if old is not None:
+            rtt = self.alpha * rtt + (1 - self.alpha) * old["rtt_s"]
+            bandwidth = self.alpha * bandwidth + (1 - self.alpha) * old["bandwidth_bps"]
+        entry = {"rtt_s": round(rtt, 6), "bandwidth_bps": round(bandwidth),
+                 "samples": (old or {}).get("samples", 0) + 1}
+        self.links[peer] = entry
+        return entry
+
+    def forget(self, keep: set[str]) -> None:
+        self.links = {peer: v for peer, v in self.links.items() if peer in keep}
