@@ -551,3 +551,41 @@ def test_nodes_probe_each_other_and_publish_their_links(tmp_path):
     finally:
         for node in nodes:
             node.kill()
+
+
+@pytest.mark.slow
+def test_plan_takes_its_link_from_the_registry(tmp_path):
+    """`shardserve plan --links registry:edge,cloud` plans exactly as with the published
+    figures given by hand (the mean over the pool's nodes the edge measured)."""
+    from plugins.registry.stores import EmbeddedRegistry
+
+    config = tmp_path / "c.toml"
+    config.write_text("[registry]\nenabled = true\n")
+    store = EmbeddedRegistry(_state_file(tmp_path))
+    links = {"c1": {"rtt_s": 0.02, "bandwidth_bps": 8e6, "samples": 3},
+             "c2": {"rtt_s": 0.04, "bandwidth_bps": 12e6, "samples": 3}}
+    store.heartbeat("edge", {"id": "edge", "url": "http://e", "pools": ["edge"],
+                             "links": links, "heartbeat": time.time()}, "anonymous", 60)
+    for peer in ("c1", "c2"):
+        store.heartbeat(peer, {"id": peer, "url": f"http://{peer}", "pools": ["cloud"],
+                               "heartbeat": time.time()}, "anonymous", 60)
+
+    def plan(*flags):
+        out = subprocess.run([str(SHARDSERVE), "--config", str(config), "plan", "digits_mlp",
+                              "-r", str(ROOT / "examples" / "models"), "--strategy",
+                              "edge-cloud", "--json", *flags],
+                             capture_output=True, text=True, cwd=ROOT, timeout=120)
+        return out.returncode, out.stdout, out.stderr
+
+    code, by_registry, err = plan("--links", "registry:edge,cloud")
+    assert code == 0, err
+    assert plan("--bandwidth", "10000000", "--rtt", "0.03")[1] == by_registry
+    assert plan("--bandwidth", "1000", "--rtt", "0.5")[1] != by_registry  # it can differ
+    code, _, err = plan("--links", "registry:nobody,cloud")
+    assert code != 0 and "not registered" in err and "Traceback" not in err
+
+
+def _state_file(tmp_path: Path) -> Path:
+    state = tmp_path / "state"
+    state.mkdir(mode=0o700, exist_ok=True)
+    return state / "registry.sqlite"

@@ -50,6 +50,9 @@ def _common(p: argparse.ArgumentParser) -> None:
         p.add_argument(flag, dest=f"opt_{key}", help=text)
     p.add_argument("--option", "-o", action="append", default=[], metavar="KEY=VALUE",
                    help="a strategy option (repeatable), for plugin strategies")
+    p.add_argument("--links", metavar="registry:NODE,PEER",
+                   help="bandwidth and RTT as NODE measured them to PEER (a node or a pool), "
+                        "from the registry (docs/registry.md)")
 
 
 def add_commands(subparsers) -> None:
@@ -78,6 +81,12 @@ def _options(args: argparse.Namespace) -> dict:
         if not sep or not key:
             raise BadRequest(f"--option expects KEY=VALUE, got {text!r}")
         options[key.replace("-", "_")] = value
+    if getattr(args, "links", None):
+        if "bandwidth" in options or "rtt" in options:
+            raise BadRequest("--links and --bandwidth/--rtt exclude each other")
+        from plugins.registry.links import registry_link
+
+        options["bandwidth"], options["rtt"] = registry_link(args.config, args.links)
     return options
 
 

@@ -83,3 +83,31 @@ class LinkTable:
 
     def forget(self, keep: set[str]) -> None:
         self.links = {peer: v for peer, v in self.links.items() if peer in keep}
+
+
+def registry_link(config_source: object, spec: str) -> tuple[float, float]:
+    """``registry:NODE,PEER`` -> (bits/s, seconds) that NODE last published for PEER (a node
+    id, or a pool: the mean over its nodes NODE measured), for ``--links`` of the planners."""
+    from runtime.config import load_config
+    from runtime.errors import BadRequest
+
+    from .directory import Directory
+    from .settings import open_store, registry_settings
+
+    kind, _, rest = spec.partition(":")
+    node, _, peer = rest.partition(",")
+    if kind != "registry" or not node or not peer:
+        raise BadRequest("--links expects registry:NODE,PEER (PEER a node id or a pool)")
+    config = load_config(config_source)
+    settings = registry_settings(config)
+    directory = Directory(open_store(config, settings), settings.ttl_s, settings.refresh_s)
+    directory.refresh()
+    nodes = {n["id"]: n for n in directory.view()["nodes"] if not n.get("expired")}
+    if node not in nodes:
+        raise BadRequest(f"--links: node {node!r} is not registered")
+    peers = {peer} if peer in nodes else {i for i, n in nodes.items() if peer in n["pools"]}
+    measured = [v for p, v in nodes[node].get("links", {}).items() if p in peers]
+    if not measured:
+        raise BadRequest(f"--links: node {node!r} has published no link to {peer!r} yet")
+    return (sum(m["bandwidth_bps"] for m in measured) / len(measured),
+            sum(m["rtt_s"] for m in measured) / len(measured))
