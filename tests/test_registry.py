@@ -589,3 +589,30 @@ def _state_file(tmp_path: Path) -> Path:
     state = tmp_path / "state"
     state.mkdir(mode=0o700, exist_ok=True)
     return state / "registry.sqlite"
+
+
+def test_jwt_principals_own_their_nodes_too(tmp_path, monkeypatch):
+    import jwt
+
+    from handlers.flask_app import create_app
+
+    secret = b"j" * 32
+    monkeypatch.setenv("REG_JWT", base64.b64encode(secret).decode())
+    (tmp_path / "repo").mkdir()
+    config = {"repository": {"path": str(tmp_path / "repo")},
+              **registry_config("embedded", None, tmp_path),
+              "security": {"enabled": True, "jwt": {"keys": {"k1": {
+                  "algorithm": "HS256", "secret_env": "REG_JWT"}}}}}
+    client = create_app(Runtime.from_config(config)).test_client()
+
+    def token(sub: str, exp: float = 60) -> dict:
+        claims = {"sub": sub, "exp": int(time.time() + exp), "actions": ["register"]}
+        return {"Authorization": "Bearer " + jwt.encode(claims, secret, "HS256",
+                                                        headers={"kid": "k1"})}
+
+    path, body = "/v2/shardserve/registry/nodes/n9", json.dumps({"url": "http://a:1"})
+    assert client.put(path, data=body, headers=token("edge-a")).status_code == 200
+    assert client.put(path, data=body, headers=token("edge-b")).status_code == 403
+    assert client.delete(path, headers=token("edge-b")).status_code == 403
+    assert client.put(path, data=body, headers=token("edge-a", exp=-120)).status_code == 401
+    assert client.delete(path, headers=token("edge-a")).status_code == 200
