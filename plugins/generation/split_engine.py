@@ -1,0 +1,274 @@
+"""Generation over a decoder split into layer stages, each keeping its own layers' KV cache.
+
+The scheduler (:class:`SplitEngine`, the same continuous-batching loop as
+:class:`~.engine.Engine`) drives the stages in order and holds no key or value: per decode step
+it hands each stage the row ids of the running batch and the carried tensor (stage 0: the
+next tokens; then one hidden state per sequence), and gets the next carried tensor back. A
+stage (:class:`LayerStage`) owns a :class:`~.kv_cache.BatchCache` of its layers and derives
+the attention mask and position ids from it, so nothing but the hidden state crosses a cut.
+
+The stage protocol is three calls, ``prefill(seq, start, carry)``, ``decode(rows, carry)`` and
+``release(seqs)``, keyed by sequence id, so a stage can live in another process: a stage
+reconciles its batch with ``rows`` on every decode (rows that left are dropped, prefilled
+sequences named at the end join), and a sequence it does not know is a clear error the
+caller can answer by rebuilding the cache from the tokens so far.
+"""
+
+from __future__ import annotations
+
+import itertools
+import threading
+from collections import deque
+from dataclasses import dataclass
+
+import numpy as np
+
+from runtime.errors import ServiceUnavailable
+
+from .engine import ORT_FLOAT, Engine, EngineLimits, GraphInfo
+from .kv_cache import BatchCache
+
+
+class UnknownSequence(ServiceUnavailable):
+    """A stage was asked to decode a sequence whose cache it does not hold."""
+
+
+@dataclass(frozen=True)
+class Hop:
+    """One carried tensor crossing into a stage: what a cut costs per step."""
+
+    stage: int
+    phase: str  # "prefill" or "decode"
+    rows: int
+    tokens: int  # positions per row (1 when decoding)
+    nbytes: int  # the tensor's payload, without framing
+
+
+class LayerStage:
+    """One stage in process: an onnxruntime session over its sub-model and its layers' cache."""
+
+    def __init__(self, spec, session=None, intra_op_threads: int = 0):
+        if session is None:
+            import onnxruntime as ort
+
+            options = ort.SessionOptions()
+            if intra_op_threads:
+                options.intra_op_num_threads = intra_op_threads
+            session = ort.InferenceSession(spec.model.SerializeToString(), options,
+                                           providers=["CPUExecutionProvider"])
+        self.spec = spec
+        self.index = spec.index
+        self.session = session
+        self.inputs = {a.name: a for a in session.get_inputs()}
+        self.past_names = spec.past_names
+        self.present_names = spec.present_names
+        self.outputs = [spec.carry_out, *self.present_names]
+        dtype = np.float32
+        self.kv_shape = None
+        if self.past_names:
+            first = self.inputs[self.past_names[0]]
+            dtype = ORT_FLOAT.get(first.type, np.float32)
+            self.kv_shape = (first.shape[1], first.shape[3])
+        self.dtype = dtype
+        self.cache = BatchCache(self.past_names, dtype)
+        self.rows: list[str] = []
+        self.lengths: list[int] = []  # cached positions per row (the next position id)
+        self.prefilling: dict[str, tuple[int, list[np.ndarray]]] = {}
+        self.lock = threading.Lock()
+
+    def _feed(self, carry: np.ndarray, mask: np.ndarray, positions: np.ndarray) -> dict:
+        feed = {self.spec.carry_in: carry}
+        if "attention_mask" in self.inputs:
+            feed["attention_mask"] = mask
+        if "position_ids" in self.inputs:
+            feed["position_ids"] = positions
+        for name in ("input_ids", "attention_mask", "position_ids"):
+            if name in feed and self.inputs[name].type == "tensor(int32)":
+                feed[name] = feed[name].astype(np.int32)
+        return feed
+
+    def _empty(self) -> list[np.ndarray]:
+        heads, dim = self.kv_shape or (1, 1)
+        empty = np.zeros((1, heads, 0, dim), self.dtype)
+        return [empty for _ in self.past_names]
+
+    def prefill(self, seq: str, start: int, carry: np.ndarray) -> np.ndarray:
+        """Run prompt positions ``start..start+n`` of one sequence (``carry``: batch 1)."""
+        with self.lock:
+            n = carry.shape[1]
+            held = self.prefilling.get(seq) if start else None
+            if start and (held is None or held[0] != start):
+                raise UnknownSequence(f"stage {self.index} holds no cache for this sequence")
+            past = held[1] if held else None
+            feed = self._feed(carry, np.ones((1, start + n), np.int64),
+                              np.arange(start, start + n, dtype=np.int64)[None])
+            for name, array in zip(self.past_names, past or self._empty()):
+                feed[name] = array
+            out = self.session.run(self.outputs, feed)
+            self.prefilling[seq] = (start + n, out[1:])
+            return out[0]
+
+    def decode(self, rows: list[str], carry: np.ndarray) -> np.ndarray:
+        """One decode step of the running batch, rows in ``rows`` order."""
+        with self.lock:
+            self._reconcile(rows)
+            cache = self.cache
+            positions = np.asarray(self.lengths, np.int64)[:, None]
+            if self.past_names:
+                mask = np.concatenate([cache.mask, np.ones((len(rows), 1), np.int64)], axis=1)
+            else:  # no layers, no cache: the mask a cache would have (right-aligned)
+                width = int(positions.max()) + 1
+                mask = (np.arange(width)[None] >= width - positions - 1).astype(np.int64)
+            feed = self._feed(carry, mask, positions)
+            cache.feed(feed)
+            out = self.session.run(self.outputs, feed)
+            if self.past_names:
+                cache.step(out[1:])
+            self.lengths = [n + 1 for n in self.lengths]
+            return out[0]
+
+    def _reconcile(self, rows: list[str]) -> None:
+        wanted = set(rows)
+        keep = [i for i, r in enumerate(self.rows) if r in wanted]
+        if len(keep) != len(self.rows):
+            self._drop(keep)
+        joining = rows[len(self.rows):]
+        if rows[:len(self.rows)] != self.rows or any(r not in self.prefilling for r in joining):
+            raise UnknownSequence(f"stage {self.index} holds no cache for a sequence of this "
+                                  "batch")
+        for seq in joining:
+            length, presents = self.prefilling.pop(seq)
+            if self.past_names:
+                self.cache.join(presents)
+            self.rows.append(seq)
+            self.lengths.append(length)
+
+    def _drop(self, keep: list[int]) -> None:
+        if self.past_names:
+            self.cache.drop(keep)
+        self.rows = [self.rows[i] for i in keep]
+        self.lengths = [self.lengths[i] for i in keep]
+
+    def release(self, seqs: list[str]) -> None:
+        """Forget sequences that finished or left (their prefill or batch cache)."""
+        with self.lock:
+            gone = set(seqs)
+            for seq in gone:
+                self.prefilling.pop(seq, None)
+            if gone & set(self.rows):
+                self._drop([i for i, r in enumerate(self.rows) if r not in gone])
+
+    def reset(self) -> None:
+        with self.lock:
+            self.cache = BatchCache(self.past_names, self.dtype)
+            self.rows, self.lengths, self.prefilling = [], [], {}
+
+    def cache_bytes(self) -> int:
+        with self.lock:
+            return self.cache.nbytes() + sum(a.nbytes for _, p in self.prefilling.values()
+                                             for a in p)
+
+
+class _NoCache:
+    """The scheduler's cache slot: with split stages it holds nothing."""
+
+    def join(self, presents) -> None:
+        pass
+
+    def drop(self, keep) -> None:
+        pass
+
+
+class SplitEngine(Engine):
+    """Continuous batching over stages that each keep their own layers' KV cache."""
+
+    def __init__(self, stages: list, graph: GraphInfo, limits: EngineLimits, name: str,
+                 hop_records: int = 4096):
+        super().__init__(None, graph, limits, name)
+        self.stages = stages
+        self._cache = _NoCache()
+        self._ids: dict[object, str] = {}
+        self._counter = itertools.count()
+        self.hops: deque[Hop] = deque(maxlen=hop_records)
+
+    def _id(self, seq) -> str:
+        key = self._ids.get(seq)
+        if key is None:
+            key = self._ids[seq] = f"s{next(self._counter)}"
+        return key
+
+    def _through(self, carry: np.ndarray, phase: str, call) -> np.ndarray:
+        for stage in self.stages:
+            if stage.index:  # what crosses the cut into this stage
+                self.hops.append(Hop(stage.index, phase, carry.shape[0], carry.shape[1],
+                                     int(carry.nbytes)))
+            carry = call(stage, carry)
+        return carry
+
+    def _prefill_chunk(self, seq, start: int, n: int):
+        self.prefill_runs += 1
+        key = self._id(seq)
+        ids = np.asarray([seq.prompt[start:start + n]], dtype=np.int64)
+        logits = self._through(ids, "prefill", lambda st, c: st.prefill(key, start, c))
+        return logits, ()
+
+    def _decode(self) -> None:
+        batch = self._batch
+        self.max_rows_seen = max(self.max_rows_seen, len(batch))
+        rows = [self._id(s) for s in batch]
+        ids = np.asarray([[s.next_token] for s in batch], dtype=np.int64)
+        logits = self._through(ids, "decode", lambda st, c: st.decode(rows, c))
+        self.steps += 1
+        for seq, row in zip(batch, logits[:, -1]):
+            if seq.finish_reason is None:
+                self._emit(seq, row)
+
+    def _leave(self) -> None:
+        super()._leave()
+        live = set(self._batch) | set(self._prefilling)
+        gone = [s for s in self._ids if s not in live and s.finish_reason is not None]
+        if gone:
+            keys = [self._ids.pop(s) for s in gone]
+            for stage in self.stages:
+                stage.release(keys)
+
+    def _fail_all(self, error: Exception) -> None:
+        super()._fail_all(error)
+        self._ids.clear()
+        for stage in self.stages:
+            stage.reset()
+
+
+def graph_info_of(stages: list) -> GraphInfo:
+    """The scheduler's view of the whole decoder, from its stages' inputs."""
+    past, present, heads, dim, dtype = [], [], None, None, np.float32
+    for stage in stages:
+        past += stage.past_names
+        present += stage.present_names
+        if stage.kv_shape is not None:
+            heads, dim = stage.kv_shape
+            dtype = stage.dtype
+    names = tuple(n for s in stages for n in s.inputs)
+    return GraphInfo(names, past, present, True, heads, dim, dtype)
+
+
+def split_engine(stages: list, limits: EngineLimits, name: str) -> SplitEngine:
+    return SplitEngine(stages, graph_info_of(stages), limits, name)
+
+
+def split_generation_model(model, cuts: list[int], intra_op_threads: int = 0) -> SplitEngine:
+    """Swap a loaded :class:`~.model.GenerationModel`'s engine for one over in-process stages
+    of its own graph cut at boundaries ``cuts`` (read through the model-bytes hooks)."""
+    import onnx
+
+    from .split import split_decoder
+
+    while "engine" not in vars(model) and "backend" in vars(model):  # serving wrappers
+        model = model.backend
+    proto = onnx.load_from_string(model.settings.read_bytes(model.settings.config.filename))
+    stages = [LayerStage(spec, intra_op_threads=intra_op_threads)
+              for spec in split_decoder(proto, cuts)]
+    old = model.engine
+    old.close()
+    model.engine = SplitEngine(stages, graph_info_of(stages), old.limits, old.name)
+    return model.engine

@@ -1,0 +1,117 @@
+"""A decoder split between its layers (issue #23): stages with their own KV caches.
+
+Real exports (tests/generation_models.py: random-weight GPT-2 and Llama, optimum's
+text-generation-with-past exporter, unmodified) are cut on the residual stream; greedy tokens
+over the in-process stages equal the unsplit model's under continuous batching, and per decode
+step exactly one hidden state per sequence crosses each cut.
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+
+import numpy as np
+import onnx
+import pytest
+from generation_models import cached_export, repository_with
+
+from plugins.generation.split import DecoderGraph, split_decoder
+from plugins.generation.split_engine import split_generation_model
+from runtime import Runtime
+
+PROMPTS = ["def main(", "import os\nimport sys\n", "class Config:\n    def __init__(self",
+           "x = 1", "for i in range(10):\n    print(i)\n# done"]
+WIDTH = 64  # the test models' hidden size
+
+
+@pytest.fixture(scope="module")
+def lm_exports():
+    return {arch: cached_export(arch)[0] for arch in ("gpt2", "llama")}
+
+
+_RUNTIMES: list = []  # kept alive: a collected Runtime unloads its models
+
+
+def _runtime(tmp_path, folder, arch, toml=None):
+    root = repository_with(tmp_path / "models", {arch: folder}, {arch: toml} if toml else None)
+    rt = Runtime.from_config({"repository": {"path": str(root), "load": "all"}}).start()
+    _RUNTIMES.append(rt)
+    return rt
+
+
+def _greedy(model, prompt, max_tokens):
+    request = model.parse({"max_tokens": max_tokens, "temperature": 0}, prompt,
+                          {"max_tokens", "temperature"})
+    return [e["token"] for e in model.generate(request)
+            if "finish_reason" not in e and e["token"] is not None]
+
+
+@pytest.mark.parametrize("arch", ["gpt2", "llama"])
+def test_cuts_sit_on_the_residual_stream(lm_exports, arch):
+    """Boundaries are found for every layer; a stage reads only its carried tensor, the mask
+    and positions and its own layers' pasts, never token ids after the first stage."""
+    proto = onnx.load(str(lm_exports[arch] / "model.onnx"))
+    bounds = DecoderGraph(proto).find_boundaries()
+    assert sorted(bounds) == [0, 1, 2] and len(set(bounds.values())) == 3
+    stages = split_decoder(proto, [0, 1, 2])  # embedding | layer 0 | layer 1 | head
+    assert [s.layers for s in stages] == [[], [0], [1], []]
+    assert stages[0].inputs[0] == "input_ids" and stages[-1].outputs == ["logits"]
+    for before, stage in zip(stages, stages[1:]):
+        assert stage.inputs[0] == before.outputs[0] == before.carry_out
+        assert "input_ids" not in stage.inputs
+        assert set(stage.inputs) <= {stage.carry_in, "attention_mask", "position_ids",
+                                     *stage.past_names}
+        assert [o for o in stage.outputs[1:]] == stage.present_names
+    with pytest.raises(Exception, match="cuts must be increasing"):
+        split_decoder(proto, [2, 1])
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("arch", ["gpt2", "llama"])
+@pytest.mark.parametrize("cuts", [[1], [1, 2]], ids=["2-shards", "3-shards"])
+def test_split_greedy_equals_unsplit_under_continuous_batching(tmp_path, lm_exports, arch,
+                                                               cuts):
+    """Staggered streams of different lengths join and leave the split model's batch (prompts
+    prefilled 4 tokens at a time); every stream's tokens equal the unsplit model's alone."""
+    toml = "[generation]\nprefill_chunk = 4\n"
+    whole = _runtime(tmp_path / "whole", lm_exports[arch], arch).get_model(arch).backend
+    model = _runtime(tmp_path / "split", lm_exports[arch], arch, toml).get_model(arch).backend
+    engine = split_generation_model(model, cuts)
+    assert len(engine.stages) == len(cuts) + 1
+    jobs = [(PROMPTS[i % len(PROMPTS)], n) for i, n in enumerate((5, 24, 12, 3, 20, 9))]
+    alone = [_greedy(whole, p, n) for p, n in jobs]
+    results: dict[int, list[int]] = {}
+
+    def client(i, prompt, n):
+        time.sleep(0.002 * (i % 3))
+        results[i] = _greedy(model, prompt, n)
+
+    threads = [threading.Thread(target=client, args=(i, p, n)) for i, (p, n) in enumerate(jobs)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(60)
+    assert [results.get(i) for i in range(len(jobs))] == alone
+    assert engine.max_rows_seen >= 2  # streams really shared decode steps
+    decode = [h for h in engine.hops if h.phase == "decode"]
+    assert decode and {h.stage for h in decode} == set(range(1, len(cuts) + 1))
+    for hop in decode:  # one hidden state per sequence per cut: batch x width x 4 bytes
+        assert hop.tokens == 1 and hop.nbytes == hop.rows * WIDTH * 4
+    prefill = [h for h in engine.hops if h.phase == "prefill"]
+    assert all(h.nbytes == h.tokens * WIDTH * 4 for h in prefill)
+    # every finished sequence's cache is gone from every stage
+    assert all(not s.rows and not s.prefilling and s.cache_bytes() == 0 for s in engine.stages)
+
+
+@pytest.mark.slow
+def test_embedding_and_head_alone_are_stages(tmp_path, lm_exports):
+    """Cuts at boundaries 0 and L: the embedding and the LM head are shards of their own."""
+    for arch in ("gpt2", "llama"):
+        whole = _runtime(tmp_path / f"w{arch}", lm_exports[arch], arch).get_model(arch).backend
+        model = _runtime(tmp_path / f"s{arch}", lm_exports[arch], arch).get_model(arch).backend
+        engine = split_generation_model(model, [0, 1, 2])
+        assert [s.spec.layers for s in engine.stages] == [[], [0], [1], []]
+        for prompt in PROMPTS[:2]:
+            assert _greedy(model, prompt, 16) == _greedy(whole, prompt, 16), (arch, prompt)
+        assert np.all([h.nbytes == h.rows * h.tokens * WIDTH * 4 for h in engine.hops])
