@@ -616,3 +616,73 @@ def test_jwt_principals_own_their_nodes_too(tmp_path, monkeypatch):
     assert client.delete(path, headers=token("edge-b")).status_code == 403
     assert client.put(path, data=body, headers=token("edge-a", exp=-120)).status_code == 401
     assert client.delete(path, headers=token("edge-a")).status_code == 200
+
+
+# --------------------------------------------------------------------------- re-planning
+
+
+@pytest.fixture(scope="module")
+def cnn_repo(tmp_path_factory):
+    from conftest import EXAMPLES
+
+    root = tmp_path_factory.mktemp("replan")
+    shutil.copytree(EXAMPLES / "cnn_skip", root / "cnn_skip")
+    return root
+
+
+DEPLOYED = {"bandwidth": "100Mbps", "rtt": "1ms", "edge_factor": "20"}
+
+
+def test_replanning_needs_a_confirmed_gain_and_is_rate_limited(cnn_repo):
+    from plugins.links import Link
+    from plugins.partitioners.build import analyse
+    from plugins.registry.replan import Replanner
+
+    analysis = analyse(cnn_repo, "cnn_skip")
+    r = Replanner(analysis, dict(DEPLOYED), threshold=0.2, confirm=2, min_interval_s=60)
+    slow, fast = Link(1e6, 0.001), Link(100e6, 0.001)
+    first = r.check(slow, now=0)
+    assert first["gain"] > 0.2 and not first["replan"] and "1 of 2" in first["why"]
+    second = r.check(slow, now=1)
+    assert second["replan"] and r.options["bandwidth"] == 1e6
+    # the new cut is the best one: no prefix of the graph does better under that link
+    model, _ = r._edge(r.options)
+    prefixes = [model.latency(set(range(k))) for k in range(len(analysis.graph) + 1)]
+    assert second["best_s"] <= min(prefixes) + 1e-12 < second["deployed_s"]
+    assert not r.check(slow, now=2)["replan"]  # deployed is best now: gain 0
+    # a link that flickers back and forth never confirms
+    assert not r.check(fast, now=3)["replan"]
+    assert not r.check(slow, now=4)["replan"]
+    assert not r.check(fast, now=5)["replan"]
+    limited = r.check(fast, now=6)  # confirmed, but 5 s after the last re-plan
+    assert not limited["replan"] and "last re-plan" in limited["why"]
+    assert r.check(fast, now=100)["replan"] and r.options["bandwidth"] == 100e6
+
+
+@pytest.mark.slow
+def test_replan_command_writes_a_new_version_from_the_registry_link(cnn_repo, tmp_path):
+    from plugins.registry.stores import EmbeddedRegistry
+
+    subprocess.run([str(SHARDSERVE), "partition", "cnn_skip", "-r", str(cnn_repo),
+                    "--strategy", "edge-cloud", *[f"--{k.replace('_', '-')}={v}"
+                                                  for k, v in DEPLOYED.items()]],
+                   check=True, capture_output=True, cwd=ROOT, timeout=300)
+    versions = sorted(int(p.name) for p in (cnn_repo / "cnn_skip").iterdir()
+                      if p.name.isdigit())
+    config = tmp_path / "c.toml"
+    config.write_text("[registry]\nenabled = true\n")
+    store = EmbeddedRegistry(_state_file(tmp_path))
+    store.heartbeat("edge", {"id": "edge", "url": "http://e", "pools": ["edge"], "links": {
+        "c1": {"rtt_s": 0.001, "bandwidth_bps": 1e6, "samples": 5}},
+        "heartbeat": time.time()}, "anonymous", 60)
+    store.heartbeat("c1", {"id": "c1", "url": "http://c1", "pools": ["cloud"],
+                           "heartbeat": time.time()}, "anonymous", 60)
+    out = subprocess.run([str(SHARDSERVE), "--config", str(config), "replan", "cnn_skip",
+                          "-r", str(cnn_repo), "--links", "registry:edge,cloud",
+                          "--confirm", "1", "--once"],
+                         capture_output=True, text=True, cwd=ROOT, timeout=300)
+    assert out.returncode == 0, out.stderr
+    decision = json.loads(out.stdout.splitlines()[-1])
+    assert decision["replan"] and decision["version"] == versions[-1] + 1
+    plan = (cnn_repo / "cnn_skip" / str(decision["version"]) / "plan.toml").read_text()
+    assert 'strategy = "edge-cloud"' in plan and "bandwidth = 1000000.0" in plan

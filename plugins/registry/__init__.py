@@ -75,3 +75,6 @@ def shardserve_register_commands(subparsers: Any) -> None:
     p = subparsers.add_parser("nodes", help="list registered nodes, their state and shards")
     p.add_argument("--json", action="store_true", help="the view as JSON")
     p.set_defaults(func=cmd_nodes)
+    from .replan import add_command
+
+    add_command(subparsers)
