@@ -115,3 +115,32 @@ def test_embedding_and_head_alone_are_stages(tmp_path, lm_exports):
         for prompt in PROMPTS[:2]:
             assert _greedy(model, prompt, 16) == _greedy(whole, prompt, 16), (arch, prompt)
         assert np.all([h.nbytes == h.rows * h.tokens * WIDTH * 4 for h in engine.hops])
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("arch,argv,stages", [
+    ("gpt2", ["--strategy", "pipeline", "--shards", "3"], [[0], [1], []]),
+    ("llama", ["--strategy", "edge-cloud", "-o", "cut=1"], [[0], [1]]),
+])
+def test_partition_command_writes_a_plan_that_generates_the_same_tokens(
+        tmp_path, lm_exports, arch, argv, stages):
+    """``shardserve partition LM`` cuts the export by layers into a verified plan version
+    (tokenizer beside it); served, that version generates the unsplit version's tokens and
+    its engine drives the stages, each with its own layers' cache."""
+    from handlers.cli import main
+    from plugins.shard_plan import parse_plan
+
+    root = repository_with(tmp_path / "models", {arch: lm_exports[arch]},
+                           {arch: 'version_policy = "all"\n'})
+    assert main(["partition", arch, "--repository", str(root), *argv]) == 0
+    plan = parse_plan(arch, (root / arch / "2" / "plan.toml").read_bytes())
+    assert [t["layers"] for t in plan.raw["shards"]] == stages
+    assert (root / arch / "2" / "tokenizer.json").is_file()
+    rt = Runtime.from_config({"repository": {"path": str(root), "load": "all"}}).start()
+    _RUNTIMES.append(rt)
+    whole, split = rt.get_model(arch, 1).backend, rt.get_model(arch, 2).backend
+    engine = split.engine
+    assert [s.spec.layers for s in engine.stages] == stages
+    for prompt in PROMPTS[:3]:
+        assert _greedy(split, prompt, 16) == _greedy(whole, prompt, 16), prompt
+    assert rt.metadata(arch)["parameters"] == {"task": "text-generation"}

@@ -124,6 +124,12 @@ class GenerationModel:
         self.outputs = [TensorSpec("text_output", "BYTES", [1])]
         s = settings
         session = getattr(backend, "session", None)
+        stages = None
+        if session is None and getattr(backend, "plan", None) is not None:
+            from .split_engine import StageSignature, stages_of_plan  # a decoder cut by layers
+
+            stages = stages_of_plan(s)
+            session = StageSignature(stages)
         if session is None:
             raise ModelLoadError(f"model {s.model!r}: text generation needs the onnxruntime "
                                  "backend")
@@ -150,7 +156,13 @@ class GenerationModel:
         self.max_tokens_cap = int(options.get("max_tokens_cap", min(context, 1024)))
         self.default_max_tokens = int(options.get("default_max_tokens",
                                                   min(64, self.max_tokens_cap)))
-        self.engine = Engine(session, self.graph, EngineLimits(
+        if stages is None:
+            make_engine = Engine
+        else:
+            from .split_engine import stages_engine
+
+            make_engine = stages_engine(stages)
+        self.engine = make_engine(session, self.graph, EngineLimits(
             max_context=int(context),
             kv_cache_bytes=self._kv_budget(options),
             max_batch=int(options.get("max_batch", 16)),

@@ -216,10 +216,14 @@ def plan_stages(layers: int, shards: int | None = None, cuts: list[int] | None =
     if cuts is None:
         if shards is None or shards < 2 or shards > layers + 2:
             raise BadRequest(f"a decoder of {layers} layers splits into 2 to {layers + 2} shards")
-        # Spread the cuts over the L + 1 boundaries, keeping layers together.
-        cuts = sorted({round(k * layers / shards) for k in range(1, shards)})
-        if len(cuts) != shards - 1:
-            cuts = list(range(shards - 1))
+        # Spread the layers evenly; with more shards than that gives, the LM head (a
+        # vocabulary-wide matmul) goes alone first, then the embedding (a lookup).
+        chosen = {round(k * layers / shards) for k in range(1, shards)}
+        for extra in [layers, 0, *range(1, layers)]:
+            if len(chosen) >= shards - 1:
+                break
+            chosen.add(extra)
+        cuts = sorted(chosen)
     if sorted(set(cuts)) != list(cuts) or not cuts or cuts[0] < 0 or cuts[-1] > layers:
         raise BadRequest(f"cuts must be increasing boundaries between 0 and {layers}")
     return list(cuts)

@@ -249,7 +249,8 @@ def graph_info_of(stages: list) -> GraphInfo:
             heads, dim = stage.kv_shape
             dtype = stage.dtype
     names = tuple(n for s in stages for n in s.inputs)
-    return GraphInfo(names, past, present, True, heads, dim, dtype)
+    # Without position ids a stage counts positions from its cache's width: no padded batch.
+    return GraphInfo(names, past, present, "position_ids" in names, heads, dim, dtype)
 
 
 def split_engine(stages: list, limits: EngineLimits, name: str) -> SplitEngine:
@@ -272,3 +273,76 @@ def split_generation_model(model, cuts: list[int], intra_op_threads: int = 0) ->
     old.close()
     model.engine = SplitEngine(stages, graph_info_of(stages), old.limits, old.name)
     return model.engine
+
+
+class PlanStageSpec:
+    """A stage as a plan.toml shard describes it (its first input and output are the carried
+    tensors, its other outputs its layers' presents)."""
+
+    def __init__(self, index: int, shard):
+        self.index = index
+        self.inputs, self.outputs = list(shard.inputs), list(shard.outputs)
+        self.carry_in, self.carry_out = shard.inputs[0], shard.outputs[0]
+        self.present_names = [n for n in shard.outputs[1:] if n.startswith("present.")]
+        self.past_names = ["past_key_values." + n[len("present."):] for n in self.present_names]
+        self.layers = sorted({int(n.split(".")[1]) for n in self.present_names})
+        self.model = None
+
+
+def stages_of_plan(settings) -> list[LayerStage]:
+    """In-process stages over a decoder plan's shard files, as plan.toml lists them (the plan
+    backend may have fused them), read through the model-bytes hooks so signatures and
+    encryption apply to every shard."""
+    import onnxruntime as ort
+
+    from plugins.shard_plan import PLAN_FILE, parse_plan
+    from runtime.errors import ModelLoadError
+
+    plan = parse_plan(settings.model, settings.read_bytes(PLAN_FILE))
+    stages = []
+    for index, shard in enumerate(plan.shards):
+        if shard.placement != "local" or shard.backend != "onnxruntime":
+            raise ModelLoadError(f"model {settings.model!r}: decoder stages run in process "
+                                 "with onnxruntime so far (placement 'local')")
+        spec = PlanStageSpec(index, shard)
+        session = ort.InferenceSession(settings.read_bytes(shard.file),
+                                       providers=["CPUExecutionProvider"])
+        stages.append(LayerStage(spec, session))
+    return stages
+
+
+class _Arg:
+    def __init__(self, name: str, type_: str, shape: list):
+        self.name, self.type, self.shape = name, type_, shape
+
+
+class StageSignature:
+    """The whole decoder's inputs and outputs as an onnxruntime session would list them, read
+    from its stages (what the generation model checks a graph by)."""
+
+    def __init__(self, stages: list[LayerStage]):
+        carried = {s.spec.carry_in for s in stages[1:]}
+        self._inputs, self._outputs, seen = [], [], set()
+        for stage in stages:
+            for arg in stage.session.get_inputs():
+                if arg.name not in carried and arg.name not in seen:
+                    seen.add(arg.name)
+                    self._inputs.append(_Arg(arg.name, arg.type, arg.shape))
+            for arg in stage.session.get_outputs():
+                if arg.name == "logits" or arg.name.startswith("present."):
+                    self._outputs.append(_Arg(arg.name, arg.type, arg.shape))
+
+    def get_inputs(self) -> list:
+        return self._inputs
+
+    def get_outputs(self) -> list:
+        return self._outputs
+
+
+def stages_engine(stages: list[LayerStage]):
+    """An engine factory with :class:`~.engine.Engine`'s signature, over ``stages``."""
+
+    def make(session, graph: GraphInfo, limits: EngineLimits, name: str) -> SplitEngine:
+        return SplitEngine(stages, graph, limits, name)
+
+    return make

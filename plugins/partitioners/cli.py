@@ -117,8 +117,16 @@ def _analyse(args: argparse.Namespace):
 
 
 def cmd_partition(args: argparse.Namespace) -> int:
+    from plugins.generation.split_plan import decoder_source, partition_decoder
+
     from .build import plan_partition, write_partition
 
+    source = decoder_source(_repository(args), args.model, args.model_version)
+    if source is not None:  # a text-generation export: cut between layers (docs/partitioning)
+        target = partition_decoder(source, args.strategy, _options(args),
+                                   args.target_version, verify=not args.no_verify)
+        print(f"wrote {args.model} version {target.name} (decoder split by layers)")
+        return 0
     options, rt = _options(args), _runtime(args)
     analysis = _analyse(args)
     part = plan_partition(analysis, args.strategy, options, runtime=rt)

@@ -1,0 +1,176 @@
+"""``shardserve partition LM --strategy pipeline|edge-cloud`` for a text-generation export.
+
+A decoder is cut between its layers (:mod:`.split`), never inside one: the plan is an ordinary
+``plan.toml`` DAG whose tensors are the original graph's (a stage reads the boundary tensor the
+previous one writes, plus ``attention_mask`` / ``position_ids`` and its own pasts), so the
+plan backend can still run it one-shot, and the generation plugin drives it as stages that each
+keep their own KV cache. The tokenizer and config files are copied beside the shards.
+
+- ``--strategy pipeline --shards K``: K stages of near-equal layer counts (boundary 0 puts the
+  embedding alone, boundary L the LM head alone).
+- ``--strategy edge-cloud -o cut=B``: two stages cut at boundary B (0..L), placed at
+  ``--edge-placement`` (default local) and ``--cloud-placement`` (default local).
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import tempfile
+from pathlib import Path
+
+import numpy as np
+
+from runtime.errors import BadRequest
+
+STRATEGIES = ("pipeline", "edge-cloud")
+SIDE_FILES = ("config.json", "generation_config.json", "tokenizer.json", "tokenizer_config.json",
+              "special_tokens_map.json")
+VERIFY_TOLERANCE = 1e-4
+
+
+def decoder_source(repository: Path, model: str, version: int | None) -> Path | None:
+    """The version folder to cut when ``model`` is a text-generation export, else None."""
+    from runtime.repository import ModelRepository
+
+    try:
+        versions = ModelRepository(repository).versions(model)
+    except Exception:
+        return None
+    for v in sorted(versions, reverse=True) if version is None else [version]:
+        folder = repository / model / str(v)
+        path = folder / "model.onnx"
+        if not path.is_file() or (folder / "plan.toml").exists():
+            continue
+        if not (folder / "tokenizer.json").is_file():  # not served as a language model: cheap
+            return None
+        import onnx
+
+        proto = onnx.load(str(path), load_external_data=False)
+        names = {i.name for i in proto.graph.input}
+        from .model import is_text_generation
+
+        outs = [o.name for o in proto.graph.output]
+        return folder if is_text_generation(list(names), outs) else None
+    return None
+
+
+def _int(options: dict, key: str) -> int | None:
+    value = options.get(key)
+    if value is None:
+        return None
+    try:
+        return int(value)
+    except (TypeError, ValueError):
+        raise BadRequest(f"{key} must be an integer") from None
+
+
+def partition_decoder(source: Path, strategy: str, options: dict,
+                      target_version: int | None = None, verify: bool = True) -> Path:
+    """Cut the export in ``source`` and publish the plan as a new version; returns its folder."""
+    import onnx
+
+    from plugins.partitioners.build import dump_plan, io_specs
+    from plugins.partitioners.costs import file_sha256
+    from plugins.partitioners.extract import save_shard
+    from plugins.shard_plan import PLAN_FILE, PLAN_FORMAT, parse_plan
+
+    from .split import DecoderGraph, plan_stages, split_decoder
+
+    if strategy not in STRATEGIES:
+        raise BadRequest(f"a text-generation model is cut with --strategy "
+                         f"{' or '.join(STRATEGIES)}")
+    path = source / "model.onnx"
+    proto = onnx.load(str(path))
+    layers = len(DecoderGraph(proto).layers)
+    placements: list[str]
+    if strategy == "pipeline":
+        shards = _int(options, "shards") or 2
+        cuts = plan_stages(layers, shards=shards)
+        placements = [str(options.get("placement") or "local")] * (len(cuts) + 1)
+    else:
+        cut = _int(options, "cut")
+        if cut is None:
+            cut = layers // 2
+        cuts = plan_stages(layers, cuts=[cut])
+        placements = [str(options.get("edge_placement") or "local"),
+                      str(options.get("cloud_placement") or "local")]
+    stages = split_decoder(proto, cuts)
+    model_dir = source.parent
+    versions = [int(p.name) for p in model_dir.iterdir() if p.name.isdigit()]
+    version = target_version or max(versions) + 1
+    target = model_dir / str(version)
+    if target.exists():
+        raise BadRequest(f"version {version} already exists")
+    inputs, outputs = io_specs(path)
+    tmp = Path(tempfile.mkdtemp(prefix=f".partition-{os.getpid()}-", dir=model_dir))
+    try:
+        shard_tables = []
+        for stage, placement in zip(stages, placements):
+            filename = f"shard_{stage.index}.onnx"
+            size = save_shard(stage.model, tmp, filename, source)
+            shard_tables.append({"name": f"stage_{stage.index}", "file": filename,
+                                 "inputs": stage.inputs, "outputs": stage.outputs,
+                                 "layers": stage.layers, "file_bytes": size,
+                                 "backend": "onnxruntime", "placement": placement})
+        plan = {"format": PLAN_FORMAT, "strategy": strategy, "mode": "dag",
+                "source_version": int(source.name), "source_file": path.name,
+                "source_sha256": file_sha256(path), "inputs": inputs, "outputs": outputs,
+                "decoder": {"layers": layers, "cuts": cuts},
+                "options": {k: v for k, v in options.items() if v is not None},
+                "shards": shard_tables}
+        text = dump_plan(plan)
+        parse_plan(model_dir.name, text.encode())
+        (tmp / PLAN_FILE).write_text(text)
+        for name in SIDE_FILES:
+            if (source / name).is_file():
+                shutil.copy(source / name, tmp / name)
+        if verify:
+            verify_stages(path, tmp, stages)
+        tmp.chmod(0o755)
+        tmp.rename(target)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return target
+
+
+def probe_feed(session, batch: int = 2, seq: int = 3, past: int = 4, seed: int = 0) -> dict:
+    """Seeded inputs for a decoder session: a prefill over a random past."""
+    rng = np.random.default_rng(seed)
+    feed = {}
+    for arg in session.get_inputs():
+        int_type = np.int32 if arg.type == "tensor(int32)" else np.int64
+        if arg.name == "input_ids":
+            feed[arg.name] = rng.integers(0, 16, (batch, seq)).astype(int_type)
+        elif arg.name == "attention_mask":
+            feed[arg.name] = np.ones((batch, past + seq), int_type)
+        elif arg.name == "position_ids":
+            feed[arg.name] = np.tile(np.arange(past, past + seq, dtype=int_type), (batch, 1))
+        else:
+            dtype = np.float16 if arg.type == "tensor(float16)" else np.float32
+            feed[arg.name] = rng.standard_normal((batch, arg.shape[1], past, arg.shape[3])
+                                                 ).astype(dtype)
+    return feed
+
+
+def verify_stages(path: Path, folder: Path, stages: list) -> None:
+    """Chain the written stages on seeded inputs; logits and presents must equal the
+    original's (within 1e-4), or nothing is published."""
+    import onnxruntime as ort
+
+    whole = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    names = [o.name for o in whole.get_outputs()]
+    feed = probe_feed(whole)
+    expected = dict(zip(names, whole.run(names, feed)))
+    tensors = dict(feed)
+    for stage in stages:
+        sess = ort.InferenceSession(str(folder / f"shard_{stage.index}.onnx"),
+                                    providers=["CPUExecutionProvider"])
+        out = sess.run(stage.outputs, {n: tensors[n] for n in stage.inputs})
+        tensors.update(zip(stage.outputs, out))
+    for name in names:
+        if not np.allclose(expected[name], tensors[name], rtol=VERIFY_TOLERANCE,
+                           atol=VERIFY_TOLERANCE):
+            raise BadRequest(f"the split's output {name!r} differs from the original model's; "
+                             "nothing was written")
