@@ -68,6 +68,16 @@ class Etcd:
             self.proc.wait(10)
 
 
+@pytest.fixture(autouse=True, scope="module")
+def _no_refresh_threads_left():
+    """No directory keeps polling (a stopped etcd) after this module's tests."""
+    from plugins.registry.directory import close_all
+
+    yield
+    close_all()
+    assert not [t for t in threading.enumerate() if t.name == "shardserve-registry"]
+
+
 @pytest.fixture(autouse=True)
 def _own_state_dir(tmp_path, monkeypatch):
     """Each test its own embedded store (SHARDSERVE_STATE_DIR beats the config file)."""

@@ -161,3 +161,12 @@ def directory_for(store: Any, ttl_s: float, refresh_s: float) -> Directory:
             found = _directories[id(store)] = Directory(store, ttl_s, refresh_s)
     found.ensure_running()
     return found
+
+
+def close_all() -> None:
+    """Stop every directory's refresh thread in this process (tests, embedding tools)."""
+    with _directories_lock:
+        found = list(_directories.values())
+        _directories.clear()
+    for directory in found:
+        directory.close()
