@@ -144,3 +144,61 @@ def test_partition_command_writes_a_plan_that_generates_the_same_tokens(
     for prompt in PROMPTS[:3]:
         assert _greedy(split, prompt, 16) == _greedy(whole, prompt, 16), prompt
     assert rt.metadata(arch)["parameters"] == {"task": "text-generation"}
+
+
+@pytest.mark.slow
+def test_a_stage_on_a_second_shardserve_over_loopback_http(tmp_path, lm_exports):
+    """Llama cut edge-cloud at layer 1: stage 1 (layer 1 + head) is served by another
+    shardserve process as a ``decoder-stage`` model and keeps its KV cache there. Greedy
+    tokens of concurrent streams equal the unsplit model's; each decode hop carries exactly
+    rows x width x 4 bytes of hidden state plus a small framing."""
+    import shutil
+
+    from conftest import ServerProcess
+
+    from handlers.cli import main
+
+    arch = "llama"
+    root = repository_with(tmp_path / "edge", {arch: lm_exports[arch]},
+                           {arch: 'version_policy = "all"\n'})
+    assert main(["partition", arch, "--repository", str(root), "--strategy", "edge-cloud",
+                 "-o", "cut=1"]) == 0
+    remote = tmp_path / "cloud" / f"{arch}.stage_1"
+    (remote / "1").mkdir(parents=True)
+    shutil.copy(root / arch / "2" / "shard_1.onnx", remote / "1" / "model.onnx")
+    (remote / "model.toml").write_text('task = "decoder-stage"\n')
+    server = ServerProcess(["serve", "--dev", "--repository", str(tmp_path / "cloud")])
+    try:
+        plan = root / arch / "2" / "plan.toml"
+        text = plan.read_text()
+        head, sep, tail = text.partition('name = "stage_1"')
+        plan.write_text(head + sep + tail.replace('placement = "local"',
+                                                  f'placement = "{server.base}"', 1))
+        rt = Runtime.from_config({"repository": {"path": str(root), "load": "all"}}).start()
+        _RUNTIMES.append(rt)
+        whole, split = rt.get_model(arch, 1).backend, rt.get_model(arch, 2).backend
+        engine = split.engine
+        assert type(engine.stages[1]).__name__ == "RemoteStage"
+        jobs = [(PROMPTS[i], n) for i, n in enumerate((12, 20, 6, 16))]
+        alone = [_greedy(whole, p, n) for p, n in jobs]
+        results: dict[int, list[int]] = {}
+
+        def client(i, prompt, n):
+            time.sleep(0.003 * i)
+            results[i] = _greedy(split, prompt, n)
+
+        threads = [threading.Thread(target=client, args=(i, p, n))
+                   for i, (p, n) in enumerate(jobs)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join(60)
+        assert [results.get(i) for i in range(len(jobs))] == alone
+        decode = [h for h in engine.hops if h.phase == "decode"]
+        assert decode and engine.max_rows_seen >= 2
+        for hop in decode:
+            assert hop.nbytes == hop.rows * WIDTH * 4
+            assert hop.nbytes < hop.wire_sent <= hop.nbytes + 1024  # V2 JSON header, ids
+    finally:
+        err = server.stop()
+    assert "Traceback" not in err

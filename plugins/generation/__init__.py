@@ -19,6 +19,10 @@ from runtime.errors import ModelLoadError
 @hookimpl(tryfirst=True)
 def shardserve_wrap_backend(settings: Any, backend: Any) -> Any:
     task = settings.config.raw.get("task")
+    if task == "decoder-stage":  # one stage of a decoder split by layers, KV cache kept here
+        from .stage_server import StageBackend
+
+        return StageBackend(settings, backend)
     names_in = [s.name for s in getattr(backend, "inputs", ())]
     if task is None and "input_ids" not in names_in:  # not a decoder: no import (cold starts)
         return None

@@ -42,6 +42,8 @@ class Hop:
     rows: int
     tokens: int  # positions per row (1 when decoding)
     nbytes: int  # the tensor's payload, without framing
+    wire_sent: int = 0  # bytes of the whole request on the wire (remote stages: + framing)
+    wire_received: int = 0
 
 
 class LayerStage:
@@ -199,10 +201,12 @@ class SplitEngine(Engine):
 
     def _through(self, carry: np.ndarray, phase: str, call) -> np.ndarray:
         for stage in self.stages:
-            if stage.index:  # what crosses the cut into this stage
-                self.hops.append(Hop(stage.index, phase, carry.shape[0], carry.shape[1],
-                                     int(carry.nbytes)))
+            sent = carry
             carry = call(stage, carry)
+            if stage.index:  # what crossed the cut into this stage
+                wire = getattr(stage, "last_wire", (0, 0))
+                self.hops.append(Hop(stage.index, phase, sent.shape[0], sent.shape[1],
+                                     int(sent.nbytes), *wire))
         return carry
 
     def _prefill_chunk(self, seq, start: int, n: int):
@@ -301,10 +305,14 @@ def stages_of_plan(settings) -> list[LayerStage]:
     plan = parse_plan(settings.model, settings.read_bytes(PLAN_FILE))
     stages = []
     for index, shard in enumerate(plan.shards):
+        spec = PlanStageSpec(index, shard)
+        if shard.placement.startswith(("http://", "https://")):
+            stages.append(remote_stage(settings.model, plan, shard, spec))
+            continue
         if shard.placement != "local" or shard.backend != "onnxruntime":
             raise ModelLoadError(f"model {settings.model!r}: decoder stages run in process "
-                                 "with onnxruntime so far (placement 'local')")
-        spec = PlanStageSpec(index, shard)
+                                 "or on another shardserve (placement 'local' or "
+                                 "'http://...') so far")
         session = ort.InferenceSession(settings.read_bytes(shard.file),
                                        providers=["CPUExecutionProvider"])
         stages.append(LayerStage(spec, session))
@@ -346,3 +354,33 @@ def stages_engine(stages: list[LayerStage]):
         return SplitEngine(stages, graph, limits, name)
 
     return make
+
+
+def remote_stage(model: str, plan, shard, spec):
+    """A stage on another shardserve; its signature comes from plan.toml's ``[decoder]``."""
+    from plugins.executors.remote import _split_placement
+    from runtime.errors import ModelLoadError
+
+    from .stage_client import RemoteStage
+
+    decoder = plan.raw.get("decoder", {})
+    heads, dim = decoder.get("kv_heads"), decoder.get("head_dim")
+    if not isinstance(heads, int) or not isinstance(dim, int):
+        raise ModelLoadError(f"model {model!r}: plan.toml [decoder] needs kv_heads and head_dim "
+                             "for a remote stage (re-run shardserve partition)")
+    kv_type = str(decoder.get("kv_type", "tensor(float)"))
+    int32 = set(decoder.get("int32_inputs", []))
+    inputs = []
+    for name in spec.inputs:
+        if name.startswith("past_key_values."):
+            inputs.append(_Arg(name, kv_type, [-1, heads, -1, dim]))
+        elif name in ("input_ids", "attention_mask", "position_ids"):
+            inputs.append(_Arg(name, "tensor(int32)" if name in int32 else "tensor(int64)",
+                               [-1, -1]))
+    outputs = [_Arg(n, kv_type, [-1, heads, -1, dim]) for n in spec.present_names]
+    if spec.carry_out == "logits":
+        outputs.insert(0, _Arg("logits", kv_type, [-1, -1, -1]))
+    endpoint, remote = _split_placement(shard.placement)
+    options = shard.options
+    return RemoteStage(spec, endpoint, remote or f"{model}.{shard.name}", inputs, outputs,
+                       timeout_s=float(options.get("timeout_s", 10.0)))

@@ -116,7 +116,7 @@ def partition_decoder(source: Path, strategy: str, options: dict,
         plan = {"format": PLAN_FORMAT, "strategy": strategy, "mode": "dag",
                 "source_version": int(source.name), "source_file": path.name,
                 "source_sha256": file_sha256(path), "inputs": inputs, "outputs": outputs,
-                "decoder": {"layers": layers, "cuts": cuts},
+                "decoder": {"layers": layers, "cuts": cuts, **kv_signature(path)},
                 "options": {k: v for k, v in options.items() if v is not None},
                 "shards": shard_tables}
         text = dump_plan(plan)
@@ -174,3 +174,15 @@ def verify_stages(path: Path, folder: Path, stages: list) -> None:
                            atol=VERIFY_TOLERANCE):
             raise BadRequest(f"the split's output {name!r} differs from the original model's; "
                              "nothing was written")
+
+
+def kv_signature(path: Path) -> dict:
+    """What a scheduler needs to drive a remote stage without its file: the KV heads, head
+    size and type, and which index inputs the export declares as int32."""
+    import onnxruntime as ort
+
+    session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    args = session.get_inputs()
+    past = next(a for a in args if a.name.startswith("past_key_values."))
+    return {"kv_heads": int(past.shape[1]), "head_dim": int(past.shape[3]), "kv_type": past.type,
+            "int32_inputs": [a.name for a in args if a.type == "tensor(int32)"]}

@@ -1,0 +1,107 @@
+"""A decoder stage on another shardserve (``placement = "http://host:port[/model]"``).
+
+It speaks the stage protocol of :mod:`.stage_server` as V2 ``infer`` calls with the binary
+tensor extension, so a decode step sends rows x width x dtype size bytes of hidden state plus
+the JSON header and the row ids (framing) and gets the same back. The remote keeps the
+stage's KV cache keyed by this scheduler's client id and the sequence ids; this side keeps
+nothing. A remote that cannot be reached or answers 5xx is a 503 naming the stage, within the
+per-call timeout, never a hang.
+"""
+
+from __future__ import annotations
+
+import uuid
+
+import numpy as np
+
+from runtime.codec import decode_response, encode_request
+from runtime.errors import GatewayTimeout, ServiceUnavailable, ShardserveError
+
+
+class RemoteStage:
+    """The :class:`~.split_engine.LayerStage` API, over HTTP."""
+
+    def __init__(self, spec, endpoint: str, remote_model: str, inputs: list, outputs: list,
+                 timeout_s: float = 10.0, connect_timeout_s: float = 1.0):
+        import urllib3
+
+        self.spec = spec
+        self.index = spec.index
+        self.past_names, self.present_names = spec.past_names, spec.present_names
+        self.endpoint, self.remote = endpoint, remote_model
+        self.session = _Signature(inputs, outputs)
+        kv = [a for a in inputs if a.name.startswith("past_key_values.")]
+        self._carry = next((a for a in inputs if a.name == spec.carry_in), None)
+        self.kv_shape = (kv[0].shape[1], kv[0].shape[3]) if kv else None
+        self.dtype = np.float16 if kv and kv[0].type == "tensor(float16)" else np.float32
+        self.client = uuid.uuid4().hex
+        self.timeout = urllib3.Timeout(connect=connect_timeout_s, read=timeout_s)
+        self.pool = urllib3.connection_from_url(endpoint, maxsize=2, block=False, retries=False)
+        self.last_wire = (0, 0)  # bytes sent and received by the latest call
+
+    def _call(self, op: str, rows: list[str], carry: np.ndarray, start: int = 0) -> np.ndarray:
+        from urllib3.exceptions import HTTPError
+
+        inputs = {self.spec.carry_in: carry,
+                  "stage_op": np.array([op.encode()], dtype=object),
+                  "sequence_ids": np.array([r.encode() for r in rows], dtype=object),
+                  "start": np.array([start], np.int64),
+                  "client": np.array([self.client.encode()], dtype=object)}
+        body, headers = encode_request(inputs, outputs=[self.spec.carry_out])
+        what = f"stage {self.index} ({self.endpoint})"
+        try:
+            response = self.pool.urlopen("POST", f"/v2/models/{self.remote}/infer", body=body,
+                                         headers=headers, timeout=self.timeout, retries=False)
+        except HTTPError as exc:
+            if "timed out" in str(exc).lower():
+                raise GatewayTimeout(f"{what} did not answer in time") from None
+            raise ServiceUnavailable(f"{what} is unavailable: connection failed") from None
+        self.last_wire = (len(body), len(response.data))
+        if response.status != 200:
+            if response.status in (502, 503, 504):
+                raise ServiceUnavailable(f"{what} is unavailable: it answered "
+                                         f"{response.status}")
+            raise ShardserveError(f"{what} answered {response.status}", status=502)
+        length = response.headers.get("Inference-Header-Content-Length")
+        out = decode_response(response.data, int(length) if length else None).outputs
+        if self.spec.carry_out not in out:
+            raise ShardserveError(f"{what} did not return its output", status=502)
+        return np.asarray(out[self.spec.carry_out])
+
+    def prefill(self, seq: str, start: int, carry: np.ndarray) -> np.ndarray:
+        return self._call("prefill", [seq], carry, start)
+
+    def decode(self, rows: list[str], carry: np.ndarray) -> np.ndarray:
+        return self._call("decode", rows, carry)
+
+    def release(self, seqs: list[str]) -> None:
+        if seqs:
+            if self._carry is not None:  # token ids: int64 or int32, as the export declares
+                carry = np.zeros((len(seqs), 1), np.int32 if self._carry.type == "tensor(int32)"
+                                 else np.int64)
+            else:
+                carry = np.zeros((len(seqs), 1, 1), self.dtype)
+            try:
+                self._call("release", seqs, carry)
+            except ShardserveError:
+                pass  # the remote forgets it anyway (TTL)
+
+    def reset(self) -> None:
+        self.client = uuid.uuid4().hex  # a fresh batch: the old one expires remotely
+
+    def cache_bytes(self) -> int:
+        return 0  # held remotely
+
+    def close(self) -> None:
+        self.pool.close()
+
+
+class _Signature:
+    def __init__(self, inputs: list, outputs: list):
+        self._inputs, self._outputs = inputs, outputs
+
+    def get_inputs(self) -> list:
+        return self._inputs
+
+    def get_outputs(self) -> list:
+        return self._outputs

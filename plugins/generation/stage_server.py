@@ -1,0 +1,161 @@
+"""A decoder stage served by another shardserve: its KV cache lives where it runs.
+
+A version whose model.toml says ``task = "decoder-stage"`` holds one stage of a decoder split
+by layers (a ``shard_k.onnx`` of ``shardserve partition LM``, as ``model.onnx``). It is served
+through the standard V2 ``infer`` route, so no new endpoint and the same authentication,
+authorisation, limits and audit apply. A call carries the stage protocol as tensors:
+
+- the carried tensor (the stage's first input: ``input_ids`` or a hidden state),
+- ``stage_op`` (BYTES [1]): ``prefill``, ``decode`` or ``release``,
+- ``sequence_ids`` (BYTES [rows]): the sequence of each row,
+- ``start`` (INT64 [1]): the first prompt position of a prefill chunk,
+- ``client`` (BYTES [1]): the calling scheduler, so two callers never share a batch.
+
+Caches are kept per client and sequence, bounded: a client idle for ``ttl_s`` is forgotten,
+and above ``cache_bytes`` the least recently used other clients are evicted; a call that still
+does not fit gets 503. A sequence the stage no longer holds gets a clear 503 naming the stage
+(the caller may rebuild it from the tokens so far). ``[stage]`` in model.toml::
+
+    [stage]
+    ttl_s = 300
+    cache_bytes = 268435456
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+
+import numpy as np
+
+from runtime import TensorSpec
+from runtime.errors import BadRequest, ModelLoadError, ServiceUnavailable
+
+from .split_engine import LayerStage
+
+TASK = "decoder-stage"
+OPS = ("prefill", "decode", "release")
+MAX_ID = 128
+
+
+class _ServedSpec:
+    """A stage's names, read from its own graph."""
+
+    def __init__(self, inputs: list[str], outputs: list[str]):
+        self.index = 0
+        self.carry_in = inputs[0]
+        self.carry_out = next(o for o in outputs if not o.startswith("present."))
+        self.present_names = [o for o in outputs if o.startswith("present.")]
+        self.past_names = ["past_key_values." + n[len("present."):] for n in self.present_names]
+        self.layers = sorted({int(n.split(".")[1]) for n in self.present_names})
+        self.inputs, self.outputs = inputs, [self.carry_out, *self.present_names]
+        self.model = None
+
+
+def _text(value) -> str:
+    return value.decode("utf-8", "replace") if isinstance(value, bytes) else str(value)
+
+
+class StageBackend:
+    """Serves one decoder stage with per-client, per-sequence KV caches."""
+
+    def __init__(self, settings, backend):
+        self.settings = settings
+        self.inner = backend
+        self.platform = getattr(backend, "platform", "onnxruntime_onnx")
+        session = getattr(backend, "session", None)
+        if session is None:
+            raise ModelLoadError(f"model {settings.model!r}: a decoder stage needs the "
+                                 "onnxruntime backend")
+        names_in = [a.name for a in session.get_inputs()]
+        names_out = [a.name for a in session.get_outputs()]
+        spec = _ServedSpec(names_in, names_out)
+        if spec.carry_in in ("attention_mask", "position_ids") or spec.carry_in.startswith(
+                "past_key_values."):
+            raise ModelLoadError(f"model {settings.model!r}: the stage's first input must be "
+                                 "the carried tensor")
+        self.spec, self.session = spec, session
+        options = settings.config.raw.get("stage", {})
+        if not isinstance(options, dict):
+            raise ModelLoadError(f"model {settings.model!r}: [stage] must be a table")
+        self.ttl_s = float(options.get("ttl_s", 300.0))
+        self.cache_bytes = int(options.get("cache_bytes", 256 << 20))
+        carry = next(s for s in backend.inputs if s.name == spec.carry_in)
+        out = next(s for s in backend.outputs if s.name == spec.carry_out)
+        self.inputs = [TensorSpec(spec.carry_in, carry.datatype, [-1] * len(carry.shape)),
+                       TensorSpec("stage_op", "BYTES", [1]),
+                       TensorSpec("sequence_ids", "BYTES", [-1]),
+                       TensorSpec("start", "INT64", [1]),
+                       TensorSpec("client", "BYTES", [1])]
+        self.outputs = [TensorSpec(spec.carry_out, out.datatype, [-1] * len(out.shape))]
+        self._clients: dict[str, tuple[LayerStage, float]] = {}
+        self._lock = threading.Lock()
+
+    def _stage(self, client: str) -> LayerStage:
+        now = time.monotonic()
+        with self._lock:
+            for key, (_, used) in list(self._clients.items()):
+                if now - used > self.ttl_s:
+                    del self._clients[key]
+            stage = self._clients.get(client, (None, 0))[0]
+            if stage is None:
+                stage = LayerStage(self.spec, self.session)
+            self._clients[client] = (stage, now)
+            return stage
+
+    def _bound(self, client: str) -> None:
+        """Evict least recently used other clients while over the cache budget."""
+        with self._lock:
+            total = sum(s.cache_bytes() for s, _ in self._clients.values())
+            for key, (stage, _) in sorted(self._clients.items(), key=lambda kv: kv[1][1]):
+                if total <= self.cache_bytes:
+                    break
+                if key != client:
+                    total -= stage.cache_bytes()
+                    del self._clients[key]
+        if total > self.cache_bytes:
+            self.release_client(client)
+            raise ServiceUnavailable(f"model {self.settings.model!r}: the stage's KV-cache "
+                                     "budget is full", headers={"Retry-After": "1"})
+
+    def release_client(self, client: str) -> None:
+        with self._lock:
+            self._clients.pop(client, None)
+
+    def clients(self) -> int:
+        with self._lock:
+            return len(self._clients)
+
+    def run(self, inputs: dict, outputs: list[str]) -> dict:
+        op = _text(np.asarray(inputs["stage_op"]).reshape(-1)[0])
+        client = _text(np.asarray(inputs["client"]).reshape(-1)[0])
+        rows = [_text(v) for v in np.asarray(inputs["sequence_ids"]).reshape(-1)]
+        start = int(np.asarray(inputs["start"]).reshape(-1)[0])
+        carry = np.asarray(inputs[self.spec.carry_in])
+        if op not in OPS:
+            raise BadRequest(f"stage_op must be one of {', '.join(OPS)}")
+        if not client or len(client) > MAX_ID or any(not r or len(r) > MAX_ID for r in rows):
+            raise BadRequest(f"client and sequence ids must be 1 to {MAX_ID} characters")
+        stage = self._stage(client)
+        if op == "release":
+            stage.release(rows)
+            return {self.spec.carry_out: carry}
+        if carry.ndim < 2 or carry.shape[0] != len(rows) or carry.shape[1] < 1:
+            raise BadRequest("the carried tensor must have one row per sequence id")
+        if op == "prefill":
+            if len(rows) != 1 or start < 0:
+                raise BadRequest("a prefill takes one sequence and a start >= 0")
+            out = stage.prefill(rows[0], start, carry)
+        else:
+            if carry.shape[1] != 1 or len(set(rows)) != len(rows):
+                raise BadRequest("a decode takes one position per distinct sequence")
+            out = stage.decode(rows, carry)
+        self._bound(client)
+        return {self.spec.carry_out: out}
+
+    def close(self) -> None:
+        with self._lock:
+            self._clients.clear()
+        close = getattr(self.inner, "close", None)
+        if close is not None:
+            close()
