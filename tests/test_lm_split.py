@@ -157,6 +157,7 @@ def test_a_stage_on_a_second_shardserve_over_loopback_http(tmp_path, lm_exports)
     from conftest import ServerProcess
 
     from handlers.cli import main
+    from runtime.errors import ServiceUnavailable
 
     arch = "llama"
     root = repository_with(tmp_path / "edge", {arch: lm_exports[arch]},
@@ -202,3 +203,69 @@ def test_a_stage_on_a_second_shardserve_over_loopback_http(tmp_path, lm_exports)
     finally:
         err = server.stop()
     assert "Traceback" not in err
+    # the cloud node is gone: the next request fails promptly with a 503 naming the stage
+    started = time.monotonic()
+    with pytest.raises(ServiceUnavailable, match="stage 1 .*unavailable"):
+        _greedy(split, PROMPTS[0], 8)
+    assert time.monotonic() - started < 5
+
+
+def _stage_request(carry, op, rows, start=0, client="c1"):
+    from runtime.messages import InferInput, InferRequest
+
+    tensors = {"/model/layers.0/Add_1_output_0": (carry, "FP32"),
+               "stage_op": (np.array([op.encode()], dtype=object), "BYTES"),
+               "sequence_ids": (np.array([r.encode() for r in rows], dtype=object), "BYTES"),
+               "start": (np.array([start], np.int64), "INT64"),
+               "client": (np.array([client.encode()], dtype=object), "BYTES")}
+    return InferRequest([InferInput(n, dt, tuple(a.shape), a) for n, (a, dt) in
+                         tensors.items()])
+
+
+@pytest.mark.slow
+def test_a_served_stage_bounds_its_caches_and_refuses_bad_calls(tmp_path, lm_exports):
+    """A ``decoder-stage`` model: caches per client and sequence, forgotten after the TTL,
+    other clients evicted above the byte budget, unknown sequences and malformed calls
+    answered 4xx/503 with clear messages (never a 500)."""
+    from runtime.errors import BadRequest, ServiceUnavailable
+
+    proto = onnx.load(str(lm_exports["llama"] / "model.onnx"))
+    stage = split_decoder(proto, [1])[1]
+    folder = tmp_path / "cloud" / "tail" / "1"
+    folder.mkdir(parents=True)
+    onnx.save(stage.model, str(folder / "model.onnx"))
+    per_token = 2 * 2 * 16 * 4  # one layer: key + value, 2 KV heads x 16 dims, fp32
+    (folder.parent / "model.toml").write_text(
+        f'task = "decoder-stage"\n[stage]\nttl_s = 0.5\ncache_bytes = {per_token * 12}\n')
+    rt = Runtime.from_config({"repository": {"path": str(tmp_path / "cloud"),
+                                             "load": "all"}}).start()
+    _RUNTIMES.append(rt)
+    served = rt.get_model("tail").backend
+    while not hasattr(served, "clients"):
+        served = served.backend
+    hidden = np.random.default_rng(0).standard_normal((1, 5, WIDTH)).astype(np.float32)
+    out = rt.infer("tail", _stage_request(hidden, "prefill", ["a"])).outputs["logits"]
+    assert out.shape == (1, 5, 384)
+    # the next chunk continues the same sequence's cache: equal to one 8-token prefill
+    more = hidden[:, :3]
+    chunked = rt.infer("tail", _stage_request(more, "prefill", ["a"], start=5)).outputs
+    whole = rt.infer("tail", _stage_request(np.concatenate([hidden, more], 1), "prefill",
+                                            ["b"], client="c0")).outputs
+    np.testing.assert_allclose(chunked["logits"][0], whole["logits"][0, 5:], atol=1e-4)
+    # over the budget (a's 8 tokens + b's 8 > 12): the least recently used other client goes
+    assert served.clients() == 1
+    with pytest.raises(ServiceUnavailable, match="holds no cache"):
+        rt.infer("tail", _stage_request(hidden[:, :1], "decode", ["a"]))
+    step = rt.infer("tail", _stage_request(hidden[:, :1], "decode", ["b"], client="c0"))
+    assert step.outputs["logits"].shape == (1, 1, 384)
+    bad = [(_stage_request(hidden[:, :1], "explode", ["a"]), "stage_op"),
+           (_stage_request(hidden[:, :1], "decode", ["a", "b"]), "one row per sequence"),
+           (_stage_request(hidden, "prefill", ["x" * 200]), "1 to 128"),
+           (_stage_request(hidden, "prefill", ["a"], start=-1), "start >= 0"),
+           (_stage_request(hidden[:, :, :32], "prefill", ["w"]), "shape")]
+    for request, words in bad:
+        with pytest.raises(BadRequest, match=words):
+            rt.infer("tail", request)
+    time.sleep(0.6)  # past the TTL: an idle client's caches are forgotten
+    rt.infer("tail", _stage_request(hidden, "prefill", ["n"], client="c2"))
+    assert served.clients() == 1

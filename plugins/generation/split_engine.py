@@ -23,7 +23,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from runtime.errors import ServiceUnavailable
+from runtime.errors import ServiceUnavailable, ShardserveError
 
 from .engine import ORT_FLOAT, Engine, EngineLimits, GraphInfo
 from .kv_cache import BatchCache
@@ -192,6 +192,7 @@ class SplitEngine(Engine):
         self._ids: dict[object, str] = {}
         self._counter = itertools.count()
         self.hops: deque[Hop] = deque(maxlen=hop_records)
+        self._stage_error: ShardserveError | None = None
 
     def _id(self, seq) -> str:
         key = self._ids.get(seq)
@@ -202,7 +203,11 @@ class SplitEngine(Engine):
     def _through(self, carry: np.ndarray, phase: str, call) -> np.ndarray:
         for stage in self.stages:
             sent = carry
-            carry = call(stage, carry)
+            try:
+                carry = call(stage, carry)
+            except ShardserveError as exc:  # its message names the stage and is safe to show
+                self._stage_error = exc
+                raise
             if stage.index:  # what crossed the cut into this stage
                 wire = getattr(stage, "last_wire", (0, 0))
                 self.hops.append(Hop(stage.index, phase, sent.shape[0], sent.shape[1],
@@ -237,6 +242,8 @@ class SplitEngine(Engine):
                 stage.release(keys)
 
     def _fail_all(self, error: Exception) -> None:
+        if self._stage_error is not None and not self._closed:
+            error, self._stage_error = self._stage_error, None
         super()._fail_all(error)
         self._ids.clear()
         for stage in self.stages:

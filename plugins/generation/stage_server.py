@@ -75,6 +75,8 @@ class StageBackend:
             raise ModelLoadError(f"model {settings.model!r}: the stage's first input must be "
                                  "the carried tensor")
         self.spec, self.session = spec, session
+        carry_arg = next(a for a in session.get_inputs() if a.name == spec.carry_in)
+        self.carry_dims = list(carry_arg.shape)  # static trailing dims (width) are checked
         options = settings.config.raw.get("stage", {})
         if not isinstance(options, dict):
             raise ModelLoadError(f"model {settings.model!r}: [stage] must be a table")
@@ -142,6 +144,11 @@ class StageBackend:
             return {self.spec.carry_out: carry}
         if carry.ndim < 2 or carry.shape[0] != len(rows) or carry.shape[1] < 1:
             raise BadRequest("the carried tensor must have one row per sequence id")
+        if carry.ndim != len(self.carry_dims) or any(
+                isinstance(d, int) and d != n for d, n in zip(self.carry_dims[2:],
+                                                               carry.shape[2:])):
+            raise BadRequest(f"the carried tensor must have shape [rows, positions"
+                             f"{''.join(f', {d}' for d in self.carry_dims[2:])}]")
         if op == "prefill":
             if len(rows) != 1 or start < 0:
                 raise BadRequest("a prefill takes one sequence and a start >= 0")
