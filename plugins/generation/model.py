@@ -130,6 +130,7 @@ class GenerationModel:
 
             stages = stages_of_plan(s)
             session = StageSignature(stages)
+            backend.close()  # the stages hold their own sessions: no weights twice in memory
         if session is None:
             raise ModelLoadError(f"model {s.model!r}: text generation needs the onnxruntime "
                                  "backend")
