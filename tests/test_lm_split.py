@@ -269,3 +269,73 @@ def test_a_served_stage_bounds_its_caches_and_refuses_bad_calls(tmp_path, lm_exp
     time.sleep(0.6)  # past the TTL: an idle client's caches are forgotten
     rt.infer("tail", _stage_request(hidden, "prefill", ["n"], client="c2"))
     assert served.clients() == 1
+
+
+@pytest.mark.slow
+def test_private_split_sends_only_hidden_states(tmp_path, lm_exports):
+    """``edge-cloud -o private=true``: embedding, layer 0 and the LM head stay on the edge,
+    layer 1 runs on a second shardserve. Every byte sent to and received from it is captured:
+    only hidden-state tensors and opaque ids, no token id and no prompt text; the tokens equal
+    the unsplit model's."""
+    import json
+    import shutil
+
+    from conftest import ServerProcess
+
+    from handlers.cli import main
+
+    arch = "gpt2"
+    root = repository_with(tmp_path / "edge", {arch: lm_exports[arch]},
+                           {arch: 'version_policy = "all"\n'})
+    assert main(["partition", arch, "--repository", str(root), "--strategy", "edge-cloud",
+                 "-o", "private=true", "-o", "cut=1"]) == 0
+    plan = root / arch / "2" / "plan.toml"
+    from plugins.shard_plan import parse_plan
+
+    parsed = parse_plan(arch, plan.read_bytes())
+    assert [t["layers"] for t in parsed.raw["shards"]] == [[0], [1], []]
+    remote = tmp_path / "cloud" / f"{arch}.stage_1"
+    (remote / "1").mkdir(parents=True)
+    shutil.copy(root / arch / "2" / "shard_1.onnx", remote / "1" / "model.onnx")
+    (remote / "model.toml").write_text('task = "decoder-stage"\n')
+    server = ServerProcess(["serve", "--dev", "--repository", str(tmp_path / "cloud")])
+    try:
+        text = plan.read_text()
+        head, sep, tail = text.partition('name = "stage_1"')
+        plan.write_text(head + sep + tail.replace('placement = "local"',
+                                                  f'placement = "{server.base}"', 1))
+        rt = Runtime.from_config({"repository": {"path": str(root), "load": "all"}}).start()
+        _RUNTIMES.append(rt)
+        whole, split = rt.get_model(arch, 1).backend, rt.get_model(arch, 2).backend
+        engine = split.engine
+        cloud = engine.stages[1]
+        captured: list[tuple[bytes, int, bytes]] = []
+        urlopen = cloud.pool.urlopen
+
+        def spy(method, url, body=None, headers=None, **kw):
+            response = urlopen(method, url, body=body, headers=headers, **kw)
+            captured.append((body, int(headers["Inference-Header-Content-Length"]),
+                             response.data))
+            return response
+
+        cloud.pool.urlopen = spy
+        prompts = PROMPTS[1:4]
+        for prompt in prompts:
+            assert _greedy(split, prompt, 12) == _greedy(whole, prompt, 12), prompt
+    finally:
+        server.stop()
+    assert len(captured) > 12
+    codec = whole.codec
+    secrets = [prompt.encode() for prompt in prompts]
+    for prompt in prompts:
+        ids = codec.encode(prompt)
+        secrets += [np.asarray(ids, np.int64).tobytes(), np.asarray(ids, np.int32).tobytes()]
+    carry_in, carry_out = cloud.spec.carry_in, cloud.spec.carry_out
+    for body, header_length, answer in captured:
+        header = json.loads(body[:header_length])
+        kinds = {t["name"]: t["datatype"] for t in header["inputs"]}
+        assert kinds == {carry_in: "FP32", "stage_op": "BYTES", "sequence_ids": "BYTES",
+                         "start": "INT64", "client": "BYTES"}
+        assert b'"logits"' not in answer and carry_out.encode() in answer
+        for secret in secrets:
+            assert secret not in body and secret not in answer

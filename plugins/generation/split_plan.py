@@ -10,6 +10,8 @@ keep their own KV cache. The tokenizer and config files are copied beside the sh
   embedding alone, boundary L the LM head alone).
 - ``--strategy edge-cloud -o cut=B``: two stages cut at boundary B (0..L), placed at
   ``--edge-placement`` (default local) and ``--cloud-placement`` (default local).
+- ``--strategy edge-cloud -o private=true [-o cut=k]``: the embedding, the first k layers and
+  the LM head on the edge, the rest in the cloud (three stages), so no token id crosses.
 """
 
 from __future__ import annotations
@@ -90,11 +92,20 @@ def partition_decoder(source: Path, strategy: str, options: dict,
         placements = [str(options.get("placement") or "local")] * (len(cuts) + 1)
     else:
         cut = _int(options, "cut")
-        if cut is None:
-            cut = layers // 2
-        cuts = plan_stages(layers, cuts=[cut])
-        placements = [str(options.get("edge_placement") or "local"),
-                      str(options.get("cloud_placement") or "local")]
+        edge = str(options.get("edge_placement") or "local")
+        cloud = str(options.get("cloud_placement") or "local")
+        if str(options.get("private", "")).lower() in ("1", "true", "yes", "on"):
+            # The embedding, layers 0..cut-1 and the LM head stay on the edge: token ids and
+            # text never leave it, only hidden states cross (both ways).
+            cut = max(1, layers // 4) if cut is None else cut
+            if not 1 <= cut < layers:
+                raise BadRequest(f"a private split keeps 1 to {layers - 1} layers on the edge "
+                                 "(with none, the cloud would see the token embeddings)")
+            cuts = plan_stages(layers, cuts=[cut, layers])
+            placements = [edge, cloud, edge]
+        else:
+            cuts = plan_stages(layers, cuts=[layers // 2 if cut is None else cut])
+            placements = [edge, cloud]
     stages = split_decoder(proto, cuts)
     model_dir = source.parent
     versions = [int(p.name) for p in model_dir.iterdir() if p.name.isdigit()]
