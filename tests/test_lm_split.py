@@ -271,18 +271,26 @@ def test_a_served_stage_bounds_its_caches_and_refuses_bad_calls(tmp_path, lm_exp
     assert served.clients() == 1
 
 
+KEY = "c" * 43 + "="  # base64 of 32 bytes: the tensor key of both nodes in the test
+
+
 @pytest.mark.slow
-def test_private_split_sends_only_hidden_states(tmp_path, lm_exports):
+@pytest.mark.parametrize("encrypted", [False, True], ids=["plain", "aes-gcm"])
+def test_private_split_sends_only_hidden_states(tmp_path, lm_exports, monkeypatch, encrypted):
     """``edge-cloud -o private=true``: embedding, layer 0 and the LM head stay on the edge,
     layer 1 runs on a second shardserve. Every byte sent to and received from it is captured:
-    only hidden-state tensors and opaque ids, no token id and no prompt text; the tokens equal
-    the unsplit model's."""
+    only hidden-state tensors and opaque ids, no token id and no prompt text; with
+    ``aes-gcm`` every tensor is an encrypted blob that decrypts to exactly that. The tokens
+    equal the unsplit model's."""
     import json
     import shutil
 
     from conftest import ServerProcess
 
     from handlers.cli import main
+    from plugins.executors.base import decode_blob
+    from plugins.shard_plan import parse_plan
+    from runtime.codec import decode_request
 
     arch = "gpt2"
     root = repository_with(tmp_path / "edge", {arch: lm_exports[arch]},
@@ -290,25 +298,33 @@ def test_private_split_sends_only_hidden_states(tmp_path, lm_exports):
     assert main(["partition", arch, "--repository", str(root), "--strategy", "edge-cloud",
                  "-o", "private=true", "-o", "cut=1"]) == 0
     plan = root / arch / "2" / "plan.toml"
-    from plugins.shard_plan import parse_plan
-
     parsed = parse_plan(arch, plan.read_bytes())
     assert [t["layers"] for t in parsed.raw["shards"]] == [[0], [1], []]
     remote = tmp_path / "cloud" / f"{arch}.stage_1"
     (remote / "1").mkdir(parents=True)
     shutil.copy(root / arch / "2" / "shard_1.onnx", remote / "1" / "model.onnx")
-    (remote / "model.toml").write_text('task = "decoder-stage"\n')
-    server = ServerProcess(["serve", "--dev", "--repository", str(tmp_path / "cloud")])
+    toml, args, env, edge_config = 'task = "decoder-stage"\n', [], {}, {}
+    if encrypted:
+        toml += 'backend = "wire"\n[wire]\ninner = "onnxruntime"\n'
+        (tmp_path / "cloud.toml").write_text('[executors]\ntransforms = ["aes-gcm"]\n')
+        args, env = ["--config", str(tmp_path / "cloud.toml")], {"SHARDSERVE_TENSOR_KEY": KEY}
+        monkeypatch.setenv("SHARDSERVE_TENSOR_KEY", KEY)
+        edge_config = {"executors": {"transforms": ["aes-gcm"]}}
+    (remote / "model.toml").write_text(toml)
+    server = ServerProcess([*args, "serve", "--dev", "--repository", str(tmp_path / "cloud")],
+                           env=env)
     try:
         text = plan.read_text()
         head, sep, tail = text.partition('name = "stage_1"')
         plan.write_text(head + sep + tail.replace('placement = "local"',
                                                   f'placement = "{server.base}"', 1))
-        rt = Runtime.from_config({"repository": {"path": str(root), "load": "all"}}).start()
+        rt = Runtime.from_config({"repository": {"path": str(root), "load": "all"},
+                                  **edge_config}).start()
         _RUNTIMES.append(rt)
         whole, split = rt.get_model(arch, 1).backend, rt.get_model(arch, 2).backend
         engine = split.engine
         cloud = engine.stages[1]
+        assert (cloud.chain is not None) == encrypted
         captured: list[tuple[bytes, int, bytes]] = []
         urlopen = cloud.pool.urlopen
 
@@ -331,11 +347,25 @@ def test_private_split_sends_only_hidden_states(tmp_path, lm_exports):
         ids = codec.encode(prompt)
         secrets += [np.asarray(ids, np.int64).tobytes(), np.asarray(ids, np.int32).tobytes()]
     carry_in, carry_out = cloud.spec.carry_in, cloud.spec.carry_out
+    wire = "BYTES" if encrypted else None
     for body, header_length, answer in captured:
         header = json.loads(body[:header_length])
         kinds = {t["name"]: t["datatype"] for t in header["inputs"]}
-        assert kinds == {carry_in: "FP32", "stage_op": "BYTES", "sequence_ids": "BYTES",
-                         "start": "INT64", "client": "BYTES"}
+        assert kinds == {carry_in: wire or "FP32", "stage_op": "BYTES",
+                         "sequence_ids": "BYTES", "start": wire or "INT64",
+                         "client": "BYTES"}
         assert b'"logits"' not in answer and carry_out.encode() in answer
         for secret in secrets:
             assert secret not in body and secret not in answer
+        if encrypted:  # decrypted, the request holds a hidden state and the protocol ids
+            request = decode_request(body, header_length)
+            plain = {t.name: decode_blob(t.data.reshape(-1)[0], cloud.chain,
+                                         {"request_id": request.id, "shard": cloud.remote,
+                                          "tensor": t.name}) for t in request.inputs
+                     if t.name in (carry_in, "start")}
+            op = next(t for t in request.inputs if t.name == "stage_op").data.reshape(-1)[0]
+            hidden = plain[carry_in]
+            assert hidden.dtype == np.float32
+            assert hidden.shape[-1] == (1 if op == b"release" else WIDTH)
+            assert hidden.tobytes() not in body  # on the wire only as ciphertext
+            assert plain["start"].dtype == np.int64 and plain["start"].shape == (1,)

@@ -311,10 +311,17 @@ def stages_of_plan(settings) -> list[LayerStage]:
 
     plan = parse_plan(settings.model, settings.read_bytes(PLAN_FILE))
     stages = []
+    chain = None
     for index, shard in enumerate(plan.shards):
         spec = PlanStageSpec(index, shard)
         if shard.placement.startswith(("http://", "https://")):
-            stages.append(remote_stage(settings.model, plan, shard, spec))
+            if chain is None:
+                from plugins.executors.base import TransformChain
+
+                names = settings.server.section("executors").get("transforms", []) \
+                    if settings.server else []
+                chain = TransformChain(names, settings.plugins, settings.server)
+            stages.append(remote_stage(settings.model, plan, shard, spec, chain))
             continue
         if shard.placement != "local" or shard.backend != "onnxruntime":
             raise ModelLoadError(f"model {settings.model!r}: decoder stages run in process "
@@ -363,7 +370,7 @@ def stages_engine(stages: list[LayerStage]):
     return make
 
 
-def remote_stage(model: str, plan, shard, spec):
+def remote_stage(model: str, plan, shard, spec, chain=None):
     """A stage on another shardserve; its signature comes from plan.toml's ``[decoder]``."""
     from plugins.executors.remote import _split_placement
     from runtime.errors import ModelLoadError
@@ -390,4 +397,4 @@ def remote_stage(model: str, plan, shard, spec):
     endpoint, remote = _split_placement(shard.placement)
     options = shard.options
     return RemoteStage(spec, endpoint, remote or f"{model}.{shard.name}", inputs, outputs,
-                       timeout_s=float(options.get("timeout_s", 10.0)))
+                       timeout_s=float(options.get("timeout_s", 10.0)), chain=chain)

@@ -1,7 +1,8 @@
 """A decoder stage on another shardserve (``placement = "http://host:port[/model]"``).
 
 It speaks the stage protocol of :mod:`.stage_server` as V2 ``infer`` calls with the binary
-tensor extension, so a decode step sends rows x width x dtype size bytes of hidden state plus
+tensor extension (or, with ``[executors] transforms``, as wire blobs: AES-GCM encrypted), so a
+decode step sends rows x width x dtype size bytes of hidden state plus
 the JSON header and the row ids (framing) and gets the same back. The remote keeps the
 stage's KV cache keyed by this scheduler's client id and the sequence ids; this side keeps
 nothing. A remote that cannot be reached or answers 5xx is a 503 naming the stage, within the
@@ -22,7 +23,7 @@ class RemoteStage:
     """The :class:`~.split_engine.LayerStage` API, over HTTP."""
 
     def __init__(self, spec, endpoint: str, remote_model: str, inputs: list, outputs: list,
-                 timeout_s: float = 10.0, connect_timeout_s: float = 1.0):
+                 timeout_s: float = 10.0, connect_timeout_s: float = 1.0, chain=None):
         import urllib3
 
         self.spec = spec
@@ -38,6 +39,7 @@ class RemoteStage:
         self.timeout = urllib3.Timeout(connect=connect_timeout_s, read=timeout_s)
         self.pool = urllib3.connection_from_url(endpoint, maxsize=2, block=False, retries=False)
         self.last_wire = (0, 0)  # bytes sent and received by the latest call
+        self.chain = chain if chain else None  # [executors] transforms: wire blobs
 
     def _call(self, op: str, rows: list[str], carry: np.ndarray, start: int = 0) -> np.ndarray:
         from urllib3.exceptions import HTTPError
@@ -47,7 +49,14 @@ class RemoteStage:
                   "sequence_ids": np.array([r.encode() for r in rows], dtype=object),
                   "start": np.array([start], np.int64),
                   "client": np.array([self.client.encode()], dtype=object)}
-        body, headers = encode_request(inputs, outputs=[self.spec.carry_out])
+        rid = uuid.uuid4().hex
+        if self.chain is not None:
+            from plugins.executors.base import encode_blob
+
+            inputs = {name: np.array([encode_blob(value, self.chain, self._ctx(rid, name))],
+                                     dtype=object) if value.dtype != object else value
+                      for name, value in inputs.items()}  # ids stay plain BYTES
+        body, headers = encode_request(inputs, outputs=[self.spec.carry_out], request_id=rid)
         what = f"stage {self.index} ({self.endpoint})"
         try:
             response = self.pool.urlopen("POST", f"/v2/models/{self.remote}/infer", body=body,
@@ -66,7 +75,15 @@ class RemoteStage:
         out = decode_response(response.data, int(length) if length else None).outputs
         if self.spec.carry_out not in out:
             raise ShardserveError(f"{what} did not return its output", status=502)
+        if self.chain is not None:
+            from plugins.executors.base import decode_blob
+
+            return decode_blob(np.asarray(out[self.spec.carry_out]).reshape(-1)[0], self.chain,
+                               self._ctx(rid, self.spec.carry_out))
         return np.asarray(out[self.spec.carry_out])
+
+    def _ctx(self, rid: str, tensor: str) -> dict:
+        return {"request_id": rid, "shard": self.remote, "tensor": tensor}
 
     def prefill(self, seq: str, start: int, carry: np.ndarray) -> np.ndarray:
         return self._call("prefill", [seq], carry, start)

@@ -11,6 +11,11 @@ authorisation, limits and audit apply. A call carries the stage protocol as tens
 - ``start`` (INT64 [1]): the first prompt position of a prefill chunk,
 - ``client`` (BYTES [1]): the calling scheduler, so two callers never share a batch.
 
+With ``backend = "wire"`` (``[wire] inner = "onnxruntime"``) the carried tensors and ``start``
+travel as blobs through the ``[executors] transforms`` chain (``aes-gcm``: encrypted and bound
+to the request id, the model and the tensor name), as for any exported shard; the opaque ids
+stay plain.
+
 Caches are kept per client and sequence, bounded: a client idle for ``ttl_s`` is forgotten,
 and above ``cache_bytes`` the least recently used other clients are evicted; a call that still
 does not fit gets 503. A sequence the stage no longer holds gets a clear 503 naming the stage
@@ -63,6 +68,11 @@ class StageBackend:
         self.settings = settings
         self.inner = backend
         self.platform = getattr(backend, "platform", "onnxruntime_onnx")
+        # backend = "wire": every tensor arrives as one transformed (e.g. AES-GCM) blob
+        self.chain = getattr(backend, "chain", None) if type(backend).__name__ == \
+            "WireBackend" else None
+        if self.chain is not None:
+            backend = backend.inner
         session = getattr(backend, "session", None)
         if session is None:
             raise ModelLoadError(f"model {settings.model!r}: a decoder stage needs the "
@@ -90,6 +100,11 @@ class StageBackend:
                        TensorSpec("start", "INT64", [1]),
                        TensorSpec("client", "BYTES", [1])]
         self.outputs = [TensorSpec(spec.carry_out, out.datatype, [-1] * len(out.shape))]
+        self.wire_names = {spec.carry_in, "start"} if self.chain is not None else set()
+        if self.chain is not None:  # the ids stay plain BYTES: opaque, and not numeric
+            self.inputs = [TensorSpec(t.name, "BYTES", [1]) if t.name in self.wire_names
+                           else t for t in self.inputs]
+            self.outputs = [TensorSpec(t.name, "BYTES", [1]) for t in self.outputs]
         self._clients: dict[str, tuple[LayerStage, float]] = {}
         self._lock = threading.Lock()
 
@@ -129,6 +144,21 @@ class StageBackend:
             return len(self._clients)
 
     def run(self, inputs: dict, outputs: list[str]) -> dict:
+        if self.chain is None:
+            return self._run(inputs)
+        from plugins.executors.base import decode_blob, encode_blob
+        from runtime.core import current_call
+
+        call = current_call()
+        ctx = {"request_id": call.request_id if call else "no-request",
+               "shard": self.settings.model}
+        feed = {name: decode_blob(np.asarray(value).reshape(-1)[0], self.chain,
+                                  {**ctx, "tensor": name}) if name in self.wire_names else value
+                for name, value in inputs.items()}
+        return {name: np.array([encode_blob(value, self.chain, {**ctx, "tensor": name})],
+                               dtype=object) for name, value in self._run(feed).items()}
+
+    def _run(self, inputs: dict) -> dict:
         op = _text(np.asarray(inputs["stage_op"]).reshape(-1)[0])
         client = _text(np.asarray(inputs["client"]).reshape(-1)[0])
         rows = [_text(v) for v in np.asarray(inputs["sequence_ids"]).reshape(-1)]
