@@ -369,3 +369,52 @@ def test_private_split_sends_only_hidden_states(tmp_path, lm_exports, monkeypatc
             assert hidden.shape[-1] == (1 if op == b"release" else WIDTH)
             assert hidden.tobytes() not in body  # on the wire only as ciphertext
             assert plain["start"].dtype == np.int64 and plain["start"].shape == (1,)
+
+
+def test_planner_prices_prefill_and_decode_apart():
+    """The LM edge-cloud planner's arithmetic, on given unit costs: a slow edge sends
+    everything past the embedding to the cloud, a slow cloud keeps all layers on the edge,
+    the private split keeps the head home and returns hidden states; one row by hand."""
+    from plugins.generation.split_planner import FRAMING_BYTES, UnitCosts, plan_cut
+
+    costs = UnitCosts(prefill=[0.001, 0.04, 0.04, 0.04, 0.04, 0.01],
+                      decode=[0.0001, 0.002, 0.002, 0.002, 0.002, 0.001], width=64, vocab=384)
+    fast_link = {"bandwidth_bps": 1e9, "rtt_s": 0.001, "prompt": 32, "output": 16}
+    assert plan_cut(costs, edge_factor=10, cloud_factor=1, **fast_link)["cut"] == 0
+    assert plan_cut(costs, edge_factor=1, cloud_factor=10, **fast_link)["cut"] == 4
+    private = plan_cut(costs, edge_factor=10, cloud_factor=1, private=True, **fast_link)
+    assert private["cut"] == 1 and [r["cut"] for r in private["candidates"]] == [1, 2, 3]
+    plan = plan_cut(costs, edge_factor=4, cloud_factor=1, bandwidth_bps=8e6, rtt_s=0.02,
+                    prompt=10, output=5)
+    row = next(r for r in plan["candidates"] if r["cut"] == 2)
+    up, down = 64 * 4 + FRAMING_BYTES, 384 * 4 + FRAMING_BYTES  # bytes: 8e6 bps = 1 B/us
+    token = 4 * (0.0001 + 0.002 * 2) + (0.002 * 2 + 0.001) + 0.02 + (up + down) / 1e6
+    ttft = 4 * (0.001 + 0.04 * 2) + (0.04 * 2 + 0.01) + 0.02 + (10 * 64 * 4 + FRAMING_BYTES
+                                                               + down) / 1e6
+    assert row["token_s"] == pytest.approx(token) and row["ttft_s"] == pytest.approx(ttft)
+    assert row["total_s"] == pytest.approx(ttft + 4 * token)
+    assert plan["predicted"]["tokens_per_s"] == pytest.approx(
+        1 / min(plan["candidates"], key=lambda r: r["total_s"])["token_s"])
+
+
+@pytest.mark.slow
+def test_edge_cloud_without_a_cut_is_planned_from_measured_units(tmp_path, lm_exports):
+    """Measured unit costs of the Llama export (embedding, 2 layers, head); with a very slow
+    edge the planner puts both layers in the cloud and writes its prediction to plan.toml."""
+    from handlers.cli import main
+    from plugins.generation.split_planner import measure_units
+    from plugins.shard_plan import parse_plan
+
+    costs = measure_units(onnx.load(str(lm_exports["llama"] / "model.onnx")), prompt=16,
+                          runs=1)
+    assert costs.layers == 2 and costs.width == WIDTH and costs.vocab == 384
+    assert all(t > 0 for t in costs.prefill + costs.decode)
+    root = repository_with(tmp_path / "models", {"llama": lm_exports["llama"]})
+    assert main(["partition", "llama", "--repository", str(root), "--strategy", "edge-cloud",
+                 "--edge-factor", "1000", "--bandwidth", "1Gbps", "--rtt", "1ms",
+                 "-o", "prompt_tokens=16"]) == 0
+    plan = parse_plan("llama", (root / "llama" / "2" / "plan.toml").read_bytes())
+    assert plan.raw["decoder"]["cuts"] == [0]
+    predicted = plan.raw["predicted"]
+    assert predicted["cut"] == 0 and predicted["tokens_per_s"] > 0
+    assert predicted["edge_only_token_s"] > predicted["token_s"]

@@ -108,6 +108,8 @@ class LayerStage:
                 feed[name] = array
             out = self.session.run(self.outputs, feed)
             self.prefilling[seq] = (start + n, out[1:])
+            if self.spec.carry_out == "logits":  # only the last position is sampled from
+                return out[0][:, -1:]
             return out[0]
 
     def decode(self, rows: list[str], carry: np.ndarray) -> np.ndarray:

@@ -8,8 +8,11 @@ keep their own KV cache. The tokenizer and config files are copied beside the sh
 
 - ``--strategy pipeline --shards K``: K stages of near-equal layer counts (boundary 0 puts the
   embedding alone, boundary L the LM head alone).
-- ``--strategy edge-cloud -o cut=B``: two stages cut at boundary B (0..L), placed at
-  ``--edge-placement`` (default local) and ``--cloud-placement`` (default local).
+- ``--strategy edge-cloud [-o cut=B]``: two stages cut at boundary B (0..L), placed at
+  ``--edge-placement`` (default local) and ``--cloud-placement`` (default local); without
+  ``cut`` the planner (:mod:`.split_planner`) picks it from measured unit costs,
+  ``--edge-factor``, ``--cloud-factor``, ``--bandwidth``, ``--rtt``, ``-o prompt_tokens=``
+  and ``-o output_tokens=``.
 - ``--strategy edge-cloud -o private=true [-o cut=k]``: the embedding, the first k layers and
   the LM head on the edge, the rest in the cloud (three stages), so no token id crosses.
 """
@@ -86,6 +89,7 @@ def partition_decoder(source: Path, strategy: str, options: dict,
     proto = onnx.load(str(path))
     layers = len(DecoderGraph(proto).layers)
     placements: list[str]
+    predicted: dict = {}
     if strategy == "pipeline":
         shards = _int(options, "shards") or 2
         cuts = plan_stages(layers, shards=shards)
@@ -97,14 +101,16 @@ def partition_decoder(source: Path, strategy: str, options: dict,
         if str(options.get("private", "")).lower() in ("1", "true", "yes", "on"):
             # The embedding, layers 0..cut-1 and the LM head stay on the edge: token ids and
             # text never leave it, only hidden states cross (both ways).
-            cut = max(1, layers // 4) if cut is None else cut
+            if cut is None:
+                cut = choose_cut(proto, options, private=True, report=predicted)
             if not 1 <= cut < layers:
                 raise BadRequest(f"a private split keeps 1 to {layers - 1} layers on the edge "
                                  "(with none, the cloud would see the token embeddings)")
             cuts = plan_stages(layers, cuts=[cut, layers])
             placements = [edge, cloud, edge]
         else:
-            cuts = plan_stages(layers, cuts=[layers // 2 if cut is None else cut])
+            cuts = plan_stages(layers, cuts=[cut if cut is not None else choose_cut(
+                proto, options, private=False, report=predicted)])
             placements = [edge, cloud]
     stages = split_decoder(proto, cuts)
     model_dir = source.parent
@@ -129,6 +135,7 @@ def partition_decoder(source: Path, strategy: str, options: dict,
                 "source_sha256": file_sha256(path), "inputs": inputs, "outputs": outputs,
                 "decoder": {"layers": layers, "cuts": cuts, **kv_signature(path)},
                 "options": {k: v for k, v in options.items() if v is not None},
+                **({"predicted": predicted} if predicted else {}),
                 "shards": shard_tables}
         text = dump_plan(plan)
         parse_plan(model_dir.name, text.encode())
@@ -197,3 +204,22 @@ def kv_signature(path: Path) -> dict:
     past = next(a for a in args if a.name.startswith("past_key_values."))
     return {"kv_heads": int(past.shape[1]), "head_dim": int(past.shape[3]), "kv_type": past.type,
             "int32_inputs": [a.name for a in args if a.type == "tensor(int32)"]}
+
+
+def choose_cut(proto, options: dict, private: bool, report: dict) -> int:
+    """The edge-cloud planner's cut (docs/partitioning.md), from unit costs measured here;
+    ``report`` receives the prediction written to plan.toml."""
+    from plugins.partitioners.partition import option
+
+    from .split_planner import measure_units, plan_cut
+
+    prompt = int(option(options, "prompt_tokens", 64))
+    costs = measure_units(proto, prompt=prompt)
+    plan = plan_cut(costs, edge_factor=float(option(options, "edge_factor", 4.0)),
+                    cloud_factor=float(option(options, "cloud_factor", 1.0)),
+                    bandwidth_bps=float(option(options, "bandwidth", 10e6, "bps")),
+                    rtt_s=float(option(options, "rtt", 0.02, "s")), prompt=prompt,
+                    output=int(option(options, "output_tokens", 64)), private=private)
+    report.update({"cut": plan["cut"], **plan["predicted"],
+                   "edge_only_token_s": plan["edge_only"]["token_s"]})
+    return plan["cut"]
