@@ -259,6 +259,7 @@ def lower(model: str, data: bytes, kernels: Any) -> LoweredGraph:
         elif node.op in FUSED_ONLY:  # ONNX's own op of that name is not the fused kernel
             node.op = f"ai.onnx.{node.op}"
         nodes.append(node)
+    nodes = _fold_constant_nodes(model, nodes, constants, kernels, opset)
     nodes = fold_batch_norms(nodes, constants, {o.name for o in outputs})
     nodes, fused = fuse(nodes, constants, {o.name for o in outputs})
 
@@ -336,6 +337,30 @@ def _value_inputs(steps: list[Step], inputs: list[str]) -> list[str]:
         for out in step.outputs:
             reach[out] = sources
     return [name for name in inputs if name in found]
+
+
+def _fold_constant_nodes(model: str, nodes: list[Node], constants: dict, kernels: Any,
+                         opset: int) -> list[Node]:
+    """Evaluate, before fusion, the nodes computed only from constants (weights made by
+    ConstantOfShape, shapes of constants), so the Conv+BatchNormalization fold and the
+    fused patterns see constant weights. Nodes without a usable kernel are left for
+    the main pass to report."""
+    out = []
+    for node in nodes:
+        if node.op in kernels and node.inputs and all(
+                not n or n in constants for n in node.inputs):
+            try:
+                call = _bind(node, kernels[node.op], opset)
+                values = call(*[constants.get(n) for n in node.inputs])
+            except Exception:  # the main pass names the op and the reason
+                out.append(node)
+                continue
+            for name, value in zip(node.outputs, values):
+                if name:
+                    constants[name] = value
+            continue
+        out.append(node)
+    return out
 
 
 def _live(nodes: list[Node], wanted: set[str]) -> list[Node]:
