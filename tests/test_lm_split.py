@@ -418,3 +418,100 @@ def test_edge_cloud_without_a_cut_is_planned_from_measured_units(tmp_path, lm_ex
     predicted = plan.raw["predicted"]
     assert predicted["cut"] == 0 and predicted["tokens_per_s"] > 0
     assert predicted["edge_only_token_s"] > predicted["token_s"]
+
+
+@pytest.mark.slow
+def test_a_stage_that_forgets_its_caches_is_rebuilt_from_tokens(tmp_path, lm_exports):
+    """A stage that loses every cache mid-generation (a cold serverless function, a
+    restarted node) is rebuilt from the tokens so far; the streams go on with the same
+    tokens."""
+    arch = "llama"
+    whole = _runtime(tmp_path / "whole", lm_exports[arch], arch).get_model(arch).backend
+    model = _runtime(tmp_path / "split", lm_exports[arch], arch).get_model(arch).backend
+    engine = split_generation_model(model, [1, 2])
+    stage = engine.stages[1]
+    decode, calls = stage.decode, []
+
+    def forgetful(rows, carry):
+        calls.append(len(rows))
+        if len(calls) in (4, 9):
+            stage.reset()
+        return decode(rows, carry)
+
+    stage.decode = forgetful
+    jobs = [(PROMPTS[i], n) for i, n in enumerate((14, 20, 10))]
+    results: dict[int, list[int]] = {}
+
+    def client(i, prompt, n):
+        results[i] = _greedy(model, prompt, n)
+
+    threads = [threading.Thread(target=client, args=(i, p, n)) for i, (p, n) in enumerate(jobs)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(60)
+    assert [results.get(i) for i in range(len(jobs))] == [_greedy(whole, p, n) for p, n in jobs]
+    assert engine.rebuilds == 2
+
+
+@pytest.mark.slow
+def test_a_killed_cloud_node_fails_over_to_its_replica_with_the_same_tokens(tmp_path,
+                                                                           lm_exports):
+    """The cloud stage has a replica: its node is killed in the middle of the streams; the
+    sequences move to the replica, whose caches are rebuilt from the tokens, and every
+    stream's tokens equal the unsplit model's."""
+    import shutil
+
+    from conftest import ServerProcess
+
+    from handlers.cli import main
+
+    arch = "gpt2"
+    root = repository_with(tmp_path / "edge", {arch: lm_exports[arch]},
+                           {arch: 'version_policy = "all"\n'})
+    assert main(["partition", arch, "--repository", str(root), "--strategy", "edge-cloud",
+                 "-o", "cut=1"]) == 0
+    remote = tmp_path / "cloud" / f"{arch}.stage_1"
+    (remote / "1").mkdir(parents=True)
+    shutil.copy(root / arch / "2" / "shard_1.onnx", remote / "1" / "model.onnx")
+    (remote / "model.toml").write_text('task = "decoder-stage"\n')
+    first = ServerProcess(["serve", "--dev", "--repository", str(tmp_path / "cloud")])
+    second = ServerProcess(["serve", "--dev", "--repository", str(tmp_path / "cloud")])
+    try:
+        plan = root / arch / "2" / "plan.toml"
+        head, sep, tail = plan.read_text().partition('name = "stage_1"')
+        tail = tail.replace('placement = "local"', f'placement = "{first.base}"\n'
+                            f'options = {{replicas = ["{second.base}"]}}', 1)
+        plan.write_text(head + sep + tail)
+        rt = Runtime.from_config({"repository": {"path": str(root), "load": "all"}}).start()
+        _RUNTIMES.append(rt)
+        whole, split = rt.get_model(arch, 1).backend, rt.get_model(arch, 2).backend
+        engine = split.engine
+        cloud = engine.stages[1]
+        decode, calls = cloud.decode, []
+
+        def killing(rows, carry):
+            calls.append(len(rows))
+            if len(calls) == 5:
+                first.stop()  # the primary dies between two decode steps
+            return decode(rows, carry)
+
+        cloud.decode = killing
+        jobs = [(PROMPTS[i], n) for i, n in enumerate((16, 12, 20))]
+        results: dict[int, list[int]] = {}
+
+        def client(i, prompt, n):
+            results[i] = _greedy(split, prompt, n)
+
+        threads = [threading.Thread(target=client, args=(i, p, n))
+                   for i, (p, n) in enumerate(jobs)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join(60)
+        assert [results.get(i) for i in range(len(jobs))] == [_greedy(whole, p, n)
+                                                              for p, n in jobs]
+        assert engine.rebuilds == 1 and cloud.endpoint == second.base
+    finally:
+        first.stop()
+        second.stop()

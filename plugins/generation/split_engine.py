@@ -33,6 +33,10 @@ class UnknownSequence(ServiceUnavailable):
     """A stage was asked to decode a sequence whose cache it does not hold."""
 
 
+class StageLost(UnknownSequence):
+    """A stage's node failed and a replica took over: it holds no cache yet."""
+
+
 @dataclass(frozen=True)
 class Hop:
     """One carried tensor crossing into a stage: what a cut costs per step."""
@@ -162,6 +166,17 @@ class LayerStage:
             if gone & set(self.rows):
                 self._drop([i for i, r in enumerate(self.rows) if r not in gone])
 
+    def compute(self, carry: np.ndarray) -> np.ndarray:
+        """Positions ``0..n`` of one sequence from scratch, storing nothing (a rebuild's
+        way to a later stage's input)."""
+        with self.lock:
+            n = carry.shape[1]
+            feed = self._feed(carry, np.ones((1, n), np.int64),
+                              np.arange(n, dtype=np.int64)[None])
+            for name, array in zip(self.past_names, self._empty()):
+                feed[name] = array
+            return self.session.run(self.outputs, feed)[0]
+
     def reset(self) -> None:
         with self.lock:
             self.cache = BatchCache(self.past_names, self.dtype)
@@ -195,6 +210,9 @@ class SplitEngine(Engine):
         self._counter = itertools.count()
         self.hops: deque[Hop] = deque(maxlen=hop_records)
         self._stage_error: ShardserveError | None = None
+        self.rebuilds = 0  # times the stages' caches were rebuilt from tokens
+        self._failed_stage = 0
+        self._failed_carry: np.ndarray | None = None
 
     def _id(self, seq) -> str:
         key = self._ids.get(seq)
@@ -202,13 +220,14 @@ class SplitEngine(Engine):
             key = self._ids[seq] = f"s{next(self._counter)}"
         return key
 
-    def _through(self, carry: np.ndarray, phase: str, call) -> np.ndarray:
-        for stage in self.stages:
+    def _through(self, carry: np.ndarray, phase: str, call, first: int = 0) -> np.ndarray:
+        for stage in self.stages[first:]:
             sent = carry
             try:
                 carry = call(stage, carry)
             except ShardserveError as exc:  # its message names the stage and is safe to show
-                self._stage_error = exc
+                self._stage_error, self._failed_stage = exc, stage.index
+                self._failed_carry = sent
                 raise
             if stage.index:  # what crossed the cut into this stage
                 wire = getattr(stage, "last_wire", (0, 0))
@@ -220,7 +239,13 @@ class SplitEngine(Engine):
         self.prefill_runs += 1
         key = self._id(seq)
         ids = np.asarray([seq.prompt[start:start + n]], dtype=np.int64)
-        logits = self._through(ids, "prefill", lambda st, c: st.prefill(key, start, c))
+        try:
+            logits = self._through(ids, "prefill", lambda st, c: st.prefill(key, start, c))
+        except UnknownSequence:  # a stage lost its caches: rebuild, then this prompt from 0
+            self._stage_error = None
+            self._rebuild()
+            ids = np.asarray([seq.prompt[:start + n]], dtype=np.int64)
+            logits = self._through(ids, "prefill", lambda st, c: st.prefill(key, 0, c))
         return logits, ()
 
     def _decode(self) -> None:
@@ -228,11 +253,34 @@ class SplitEngine(Engine):
         self.max_rows_seen = max(self.max_rows_seen, len(batch))
         rows = [self._id(s) for s in batch]
         ids = np.asarray([[s.next_token] for s in batch], dtype=np.int64)
-        logits = self._through(ids, "decode", lambda st, c: st.decode(rows, c))
+        try:
+            logits = self._through(ids, "decode", lambda st, c: st.decode(rows, c))
+        except UnknownSequence:  # a replica took over, or a stateless node forgot: rebuild
+            # The stages before the lost one have run this step already: resume at it.
+            self._stage_error = None
+            lost, carry = self._failed_stage, self._failed_carry
+            self._rebuild()
+            logits = self._through(carry, "decode", lambda st, c: st.decode(rows, c), lost)
         self.steps += 1
         for seq, row in zip(batch, logits[:, -1]):
             if seq.finish_reason is None:
                 self._emit(seq, row)
+
+    def _rebuild(self) -> None:
+        """Give every stage's caches back the running batch, from the tokens so far.
+
+        Each sequence's cached tokens (its prompt and all but its newest token) run through the
+        stages before the one that lost its caches without storing anything (``compute``), and
+        are prefilled on that one, where they join its batch at the next decode. Correct and
+        slower: one prefill per running sequence (docs/partitioning.md).
+        """
+        self.rebuilds += 1
+        lost = self._failed_stage
+        for seq in self._batch:
+            carry = np.asarray([(seq.prompt + seq.generated)[:seq.cached]], dtype=np.int64)
+            for stage in self.stages[:lost]:
+                carry = stage.compute(carry)
+            self.stages[lost].prefill(self._id(seq), 0, carry)
 
     def _leave(self) -> None:
         super()._leave()
@@ -398,5 +446,11 @@ def remote_stage(model: str, plan, shard, spec, chain=None):
         outputs.insert(0, _Arg("logits", kv_type, [-1, -1, -1]))
     endpoint, remote = _split_placement(shard.placement)
     options = shard.options
+    replicas = options.get("replicas", [])
+    if not isinstance(replicas, list) or not all(
+            isinstance(r, str) and r.startswith(("http://", "https://")) for r in replicas):
+        raise ModelLoadError(f"model {model!r}: shard {shard.name!r} options.replicas must be "
+                             "a list of http(s):// endpoints")
     return RemoteStage(spec, endpoint, remote or f"{model}.{shard.name}", inputs, outputs,
-                       timeout_s=float(options.get("timeout_s", 10.0)), chain=chain)
+                       timeout_s=float(options.get("timeout_s", 10.0)), chain=chain,
+                       replicas=tuple(replicas))

@@ -18,14 +18,18 @@ import numpy as np
 from runtime.codec import decode_response, encode_request
 from runtime.errors import GatewayTimeout, ServiceUnavailable, ShardserveError
 
+from .split_engine import StageLost, UnknownSequence
+
 
 class RemoteStage:
     """The :class:`~.split_engine.LayerStage` API, over HTTP."""
 
     def __init__(self, spec, endpoint: str, remote_model: str, inputs: list, outputs: list,
-                 timeout_s: float = 10.0, connect_timeout_s: float = 1.0, chain=None):
+                 timeout_s: float = 10.0, connect_timeout_s: float = 1.0, chain=None,
+                 replicas: tuple[str, ...] = ()):
         import urllib3
 
+        self.replicas = list(replicas)  # endpoints to fail over to, in order
         self.spec = spec
         self.index = spec.index
         self.past_names, self.present_names = spec.past_names, spec.present_names
@@ -62,12 +66,18 @@ class RemoteStage:
             response = self.pool.urlopen("POST", f"/v2/models/{self.remote}/infer", body=body,
                                          headers=headers, timeout=self.timeout, retries=False)
         except HTTPError as exc:
+            if self._fail_over():
+                raise StageLost(f"{what} failed; now on {self.endpoint}") from None
             if "timed out" in str(exc).lower():
                 raise GatewayTimeout(f"{what} did not answer in time") from None
             raise ServiceUnavailable(f"{what} is unavailable: connection failed") from None
         self.last_wire = (len(body), len(response.data))
         if response.status != 200:
+            if response.status == 503 and b"holds no cache" in response.data:
+                raise UnknownSequence(f"{what} holds no cache for a sequence of this batch")
             if response.status in (502, 503, 504):
+                if self._fail_over():
+                    raise StageLost(f"{what} failed; now on {self.endpoint}")
                 raise ServiceUnavailable(f"{what} is unavailable: it answered "
                                          f"{response.status}")
             raise ShardserveError(f"{what} answered {response.status}", status=502)
@@ -82,6 +92,19 @@ class RemoteStage:
                                self._ctx(rid, self.spec.carry_out))
         return np.asarray(out[self.spec.carry_out])
 
+    def _fail_over(self) -> bool:
+        """Switch to the next replica (its caches start empty: the caller rebuilds them)."""
+        import urllib3
+
+        if not self.replicas:
+            return False
+        self.pool.close()
+        self.endpoint = self.replicas.pop(0)
+        self.pool = urllib3.connection_from_url(self.endpoint, maxsize=2, block=False,
+                                                retries=False)
+        self.client = uuid.uuid4().hex
+        return True
+
     def _ctx(self, rid: str, tensor: str) -> dict:
         return {"request_id": rid, "shard": self.remote, "tensor": tensor}
 
@@ -90,6 +113,9 @@ class RemoteStage:
 
     def decode(self, rows: list[str], carry: np.ndarray) -> np.ndarray:
         return self._call("decode", rows, carry)
+
+    def compute(self, carry: np.ndarray) -> np.ndarray:
+        return self._call("compute", ["-"], carry)
 
     def release(self, seqs: list[str]) -> None:
         if seqs:

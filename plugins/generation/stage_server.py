@@ -6,7 +6,8 @@ through the standard V2 ``infer`` route, so no new endpoint and the same authent
 authorisation, limits and audit apply. A call carries the stage protocol as tensors:
 
 - the carried tensor (the stage's first input: ``input_ids`` or a hidden state),
-- ``stage_op`` (BYTES [1]): ``prefill``, ``decode`` or ``release``,
+- ``stage_op`` (BYTES [1]): ``prefill``, ``decode``, ``release`` or ``compute`` (a rebuild
+  passing through: the positions from scratch, nothing stored),
 - ``sequence_ids`` (BYTES [rows]): the sequence of each row,
 - ``start`` (INT64 [1]): the first prompt position of a prefill chunk,
 - ``client`` (BYTES [1]): the calling scheduler, so two callers never share a batch.
@@ -39,7 +40,7 @@ from runtime.errors import BadRequest, ModelLoadError, ServiceUnavailable
 from .split_engine import LayerStage
 
 TASK = "decoder-stage"
-OPS = ("prefill", "decode", "release")
+OPS = ("prefill", "decode", "release", "compute")
 MAX_ID = 128
 
 
@@ -179,6 +180,10 @@ class StageBackend:
                                                                carry.shape[2:])):
             raise BadRequest(f"the carried tensor must have shape [rows, positions"
                              f"{''.join(f', {d}' for d in self.carry_dims[2:])}]")
+        if op == "compute":  # a rebuild passing through: nothing stored
+            if len(rows) != 1:
+                raise BadRequest("a compute takes one sequence")
+            return {self.spec.carry_out: stage.compute(carry)}
         if op == "prefill":
             if len(rows) != 1 or start < 0:
                 raise BadRequest("a prefill takes one sequence and a start >= 0")
