@@ -515,3 +515,54 @@ def test_a_killed_cloud_node_fails_over_to_its_replica_with_the_same_tokens(tmp_
     finally:
         first.stop()
         second.stop()
+
+
+@pytest.mark.slow
+def test_a_stage_in_a_dask_actor_keeps_its_cache_on_the_worker(tmp_path, lm_exports):
+    """Llama in 3 stages, the middle one (layer 1) in a Dask actor on a LocalCluster worker
+    process: greedy tokens of concurrent streams equal the unsplit model's, and the worker's
+    caches are empty once the streams are done."""
+    from distributed import LocalCluster
+
+    from handlers.cli import main
+
+    arch = "llama"
+    root = repository_with(tmp_path / "edge", {arch: lm_exports[arch]},
+                           {arch: 'version_policy = "all"\n'})
+    assert main(["partition", arch, "--repository", str(root), "--strategy", "pipeline",
+                 "--shards", "3"]) == 0
+    plan = root / arch / "2" / "plan.toml"
+    head, sep, tail = plan.read_text().partition('name = "stage_1"')
+    plan.write_text(head + sep + tail.replace('placement = "local"', 'placement = "dask"', 1))
+    with LocalCluster(n_workers=1, threads_per_worker=1, processes=True,
+                      dashboard_address=None, host="127.0.0.1") as cluster:
+        rt = Runtime.from_config({"repository": {"path": str(root), "load": "all"},
+                                  "executors": {"dask": {"scheduler":
+                                                         cluster.scheduler_address}}}).start()
+        try:
+            whole, split = rt.get_model(arch, 1).backend, rt.get_model(arch, 2).backend
+            engine = split.engine
+            assert type(engine.stages[1]).__name__ == "DaskStage"
+            jobs = [(PROMPTS[i], n) for i, n in enumerate((10, 16, 6))]
+            results: dict[int, list[int]] = {}
+
+            def client(i, prompt, n):
+                time.sleep(0.003 * i)
+                results[i] = _greedy(split, prompt, n)
+
+            threads = [threading.Thread(target=client, args=(i, p, n))
+                       for i, (p, n) in enumerate(jobs)]
+            for t in threads:
+                t.start()
+            for t in threads:
+                t.join(60)
+            assert [results.get(i) for i in range(len(jobs))] == [
+                _greedy(whole, p, n) for p, n in jobs]
+            assert engine.max_rows_seen >= 2
+            assert all(h.nbytes == h.rows * h.tokens * WIDTH * 4 for h in engine.hops)
+            deadline = time.monotonic() + 5
+            while engine.stages[1].cache_bytes() and time.monotonic() < deadline:
+                time.sleep(0.05)  # the last release runs after the last event
+            assert engine.stages[1].cache_bytes() == 0
+        finally:
+            rt.close()

@@ -291,6 +291,13 @@ class SplitEngine(Engine):
             for stage in self.stages:
                 stage.release(keys)
 
+    def close(self) -> None:
+        super().close()
+        for stage in self.stages:  # pools, Dask clients
+            close = getattr(stage, "close", None)
+            if close is not None:
+                close()
+
     def _fail_all(self, error: Exception) -> None:
         if self._stage_error is not None and not self._closed:
             error, self._stage_error = self._stage_error, None
@@ -364,6 +371,9 @@ def stages_of_plan(settings) -> list[LayerStage]:
     chain = None
     for index, shard in enumerate(plan.shards):
         spec = PlanStageSpec(index, shard)
+        if shard.placement == "dask" or shard.placement.startswith("dask:"):
+            stages.append(dask_stage(settings, plan, shard, spec))
+            continue
         if shard.placement.startswith(("http://", "https://")):
             if chain is None:
                 from plugins.executors.base import TransformChain
@@ -374,9 +384,9 @@ def stages_of_plan(settings) -> list[LayerStage]:
             stages.append(remote_stage(settings.model, plan, shard, spec, chain))
             continue
         if shard.placement != "local" or shard.backend != "onnxruntime":
-            raise ModelLoadError(f"model {settings.model!r}: decoder stages run in process "
-                                 "or on another shardserve (placement 'local' or "
-                                 "'http://...') so far")
+            raise ModelLoadError(f"model {settings.model!r}: decoder stages run in process, "
+                                 "on another shardserve or in a Dask actor (placement "
+                                 "'local', 'http://...' or 'dask[:worker]') so far")
         session = ort.InferenceSession(settings.read_bytes(shard.file),
                                        providers=["CPUExecutionProvider"])
         stages.append(LayerStage(spec, session))
@@ -427,11 +437,48 @@ def remote_stage(model: str, plan, shard, spec, chain=None):
 
     from .stage_client import RemoteStage
 
+    inputs, outputs = plan_signature(model, plan, spec)
+    endpoint, remote = _split_placement(shard.placement)
+    options = shard.options
+    replicas = options.get("replicas", [])
+    if not isinstance(replicas, list) or not all(
+            isinstance(r, str) and r.startswith(("http://", "https://")) for r in replicas):
+        raise ModelLoadError(f"model {model!r}: shard {shard.name!r} options.replicas must be "
+                             "a list of http(s):// endpoints")
+    return RemoteStage(spec, endpoint, remote or f"{model}.{shard.name}", inputs, outputs,
+                       timeout_s=float(options.get("timeout_s", 10.0)), chain=chain,
+                       replicas=tuple(replicas))
+
+
+def dask_stage(settings, plan, shard, spec):
+    """A stage in a Dask actor on the ``[executors.dask] scheduler`` cluster."""
+    from runtime.errors import ModelLoadError
+
+    from .stage_client import _Signature
+    from .stage_dask import DaskStage
+
+    section = settings.server.section("executors") if settings.server else {}
+    dask = section.get("dask", {}) if isinstance(section, dict) else {}
+    scheduler = dask.get("scheduler") if isinstance(dask, dict) else None
+    if not isinstance(scheduler, str) or not scheduler:
+        raise ModelLoadError(f"model {settings.model!r}: a decoder stage on Dask needs "
+                             "[executors.dask] scheduler")
+    worker = shard.placement.partition(":")[2] or None
+    signature = _Signature(*plan_signature(settings.model, plan, spec))
+    return DaskStage(spec, settings.read_bytes(shard.file), scheduler, worker, signature,
+                     timeout_s=float(shard.options.get("timeout_s", 10.0)))
+
+
+def plan_signature(model: str, plan, spec) -> tuple[list, list]:
+    """A stage's inputs and outputs as onnxruntime would list them, from plan.toml's
+    ``[decoder]`` (the scheduler need not have the stage's file or weights)."""
+    from runtime.errors import ModelLoadError
+
     decoder = plan.raw.get("decoder", {})
     heads, dim = decoder.get("kv_heads"), decoder.get("head_dim")
     if not isinstance(heads, int) or not isinstance(dim, int):
         raise ModelLoadError(f"model {model!r}: plan.toml [decoder] needs kv_heads and head_dim "
-                             "for a remote stage (re-run shardserve partition)")
+                             "for a stage placed elsewhere (re-run shardserve partition)")
     kv_type = str(decoder.get("kv_type", "tensor(float)"))
     int32 = set(decoder.get("int32_inputs", []))
     inputs = []
@@ -444,13 +491,4 @@ def remote_stage(model: str, plan, shard, spec, chain=None):
     outputs = [_Arg(n, kv_type, [-1, heads, -1, dim]) for n in spec.present_names]
     if spec.carry_out == "logits":
         outputs.insert(0, _Arg("logits", kv_type, [-1, -1, -1]))
-    endpoint, remote = _split_placement(shard.placement)
-    options = shard.options
-    replicas = options.get("replicas", [])
-    if not isinstance(replicas, list) or not all(
-            isinstance(r, str) and r.startswith(("http://", "https://")) for r in replicas):
-        raise ModelLoadError(f"model {model!r}: shard {shard.name!r} options.replicas must be "
-                             "a list of http(s):// endpoints")
-    return RemoteStage(spec, endpoint, remote or f"{model}.{shard.name}", inputs, outputs,
-                       timeout_s=float(options.get("timeout_s", 10.0)), chain=chain,
-                       replicas=tuple(replicas))
+    return inputs, outputs
