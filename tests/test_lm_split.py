@@ -566,3 +566,24 @@ def test_a_stage_in_a_dask_actor_keeps_its_cache_on_the_worker(tmp_path, lm_expo
             assert engine.stages[1].cache_bytes() == 0
         finally:
             rt.close()
+
+
+@pytest.mark.slow
+def test_partition_command_refuses_bad_decoder_cuts_clearly(tmp_path, lm_exports, capsys):
+    """Bad shard counts, cuts and strategies for a language model: one clear error line,
+    no version written."""
+    from handlers.cli import main
+
+    root = repository_with(tmp_path / "models", {"gpt2": lm_exports["gpt2"]})
+    cases = [(["-s", "pipeline", "--shards", "1"], "splits into 2 to 4 shards"),
+             (["-s", "pipeline", "--shards", "9"], "splits into 2 to 4 shards"),
+             (["-s", "edge-cloud", "-o", "cut=7"], "cuts must be increasing"),
+             (["-s", "edge-cloud", "-o", "cut=x"], "cut must be an integer"),
+             (["-s", "edge-cloud", "-o", "private=true", "-o", "cut=0"],
+              "private split keeps 1 to 1 layers"),
+             (["-s", "memory"], "--strategy pipeline or edge-cloud")]
+    for argv, words in cases:
+        assert main(["partition", "gpt2", "--repository", str(root), *argv]) == 1, argv
+        err = capsys.readouterr().err
+        assert words in err and "Traceback" not in err, (argv, err)
+    assert sorted(p.name for p in (root / "gpt2").iterdir()) == ["1"]
