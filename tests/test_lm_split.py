@@ -587,3 +587,25 @@ def test_partition_command_refuses_bad_decoder_cuts_clearly(tmp_path, lm_exports
         err = capsys.readouterr().err
         assert words in err and "Traceback" not in err, (argv, err)
     assert sorted(p.name for p in (root / "gpt2").iterdir()) == ["1"]
+
+
+@pytest.mark.slow
+def test_plan_command_prints_the_decoder_cuts(tmp_path, lm_exports, capsys):
+    """``shardserve plan LM -s edge-cloud`` prints every cut's TTFT, ms/token, tokens/s and
+    bytes per token from measured units, marks the chosen one, and writes nothing."""
+    import json
+
+    from handlers.cli import main
+
+    root = repository_with(tmp_path / "models", {"gpt2": lm_exports["gpt2"]})
+    base = ["plan", "gpt2", "--repository", str(root), "-s", "edge-cloud", "--bandwidth",
+            "1Mbps", "-o", "prompt_tokens=8"]
+    assert main(base) == 0
+    out = capsys.readouterr().out.splitlines()
+    assert out[0].split() == ["cut", "TTFT", "ms", "ms/token", "tokens/s", "bytes/token"]
+    assert len(out) == 1 + 3 + 1 and sum("<- chosen" in line for line in out) == 1
+    assert main([*base, "--json", "-o", "private=true"]) == 0
+    plan = json.loads(capsys.readouterr().out)
+    assert [r["cut"] for r in plan["candidates"]] == [1]
+    assert plan["candidates"][0]["bytes_per_token"] == 2 * (WIDTH * 4 + 640)
+    assert sorted(p.name for p in (root / "gpt2").iterdir()) == ["1"]

@@ -223,3 +223,36 @@ def choose_cut(proto, options: dict, private: bool, report: dict) -> int:
     report.update({"cut": plan["cut"], **plan["predicted"],
                    "edge_only_token_s": plan["edge_only"]["token_s"]})
     return plan["cut"]
+
+
+def plan_decoder(source: Path, strategy: str, options: dict) -> dict:
+    """``shardserve plan LM -s edge-cloud``: the planner's candidate cuts, nothing written."""
+    import onnx
+
+    from plugins.partitioners.partition import option
+
+    from .split_planner import measure_units, plan_cut
+
+    if strategy != "edge-cloud":
+        raise BadRequest("shardserve plan prices a language model's cuts with "
+                         "--strategy edge-cloud")
+    prompt = int(option(options, "prompt_tokens", 64))
+    costs = measure_units(onnx.load(str(source / "model.onnx")), prompt=prompt)
+    private = str(options.get("private", "")).lower() in ("1", "true", "yes", "on")
+    return plan_cut(costs, edge_factor=float(option(options, "edge_factor", 4.0)),
+                    cloud_factor=float(option(options, "cloud_factor", 1.0)),
+                    bandwidth_bps=float(option(options, "bandwidth", 10e6, "bps")),
+                    rtt_s=float(option(options, "rtt", 0.02, "s")), prompt=prompt,
+                    output=int(option(options, "output_tokens", 64)), private=private)
+
+
+def format_decoder_plan(plan: dict) -> str:
+    lines = [f"{'cut':>4} {'TTFT ms':>9} {'ms/token':>9} {'tokens/s':>9} {'bytes/token':>12}"]
+    for row in plan["candidates"]:
+        mark = " <- chosen" if row["cut"] == plan["cut"] else ""
+        lines.append(f"{row['cut']:>4} {1e3 * row['ttft_s']:>9.2f} {1e3 * row['token_s']:>9.3f} "
+                     f"{row['tokens_per_s']:>9.1f} {row['bytes_per_token']:>12}{mark}")
+    edge = plan["edge_only"]
+    lines.append(f"edge only: TTFT {1e3 * edge['ttft_s']:.2f} ms, "
+                 f"{1e3 * edge['token_s']:.3f} ms/token")
+    return "\n".join(lines)

@@ -142,8 +142,15 @@ def cmd_partition(args: argparse.Namespace) -> int:
 
 
 def cmd_plan(args: argparse.Namespace) -> int:
+    from plugins.generation.split_plan import decoder_source, format_decoder_plan, plan_decoder
+
     from .build import plan_partition
 
+    source = decoder_source(_repository(args), args.model, args.model_version)
+    if source is not None:  # a text-generation export: cuts between layers (docs/partitioning)
+        plan = plan_decoder(source, args.strategy, _options(args))
+        print(json.dumps(plan, indent=2) if args.json else format_decoder_plan(plan))
+        return 0
     options, rt = _options(args), _runtime(args)
     analysis = _analyse(args)
     part = plan_partition(analysis, args.strategy, options, runtime=rt)
