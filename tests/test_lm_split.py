@@ -609,3 +609,24 @@ def test_plan_command_prints_the_decoder_cuts(tmp_path, lm_exports, capsys):
     assert [r["cut"] for r in plan["candidates"]] == [1]
     assert plan["candidates"][0]["bytes_per_token"] == 2 * (WIDTH * 4 + 640)
     assert sorted(p.name for p in (root / "gpt2").iterdir()) == ["1"]
+
+
+@pytest.mark.slow
+def test_a_plan_without_a_decoder_split_does_not_generate(tmp_path, lm_exports):
+    """A plan over a decoder's signature that was not cut between layers (no ``[decoder]``
+    table) refuses to load as a language model, with a message saying what to do."""
+    import re
+
+    from handlers.cli import main
+    from runtime.errors import ShardserveError
+
+    root = repository_with(tmp_path / "models", {"gpt2": lm_exports["gpt2"]})
+    assert main(["partition", "gpt2", "--repository", str(root), "-s", "pipeline",
+                 "--shards", "2"]) == 0
+    plan = root / "gpt2" / "2" / "plan.toml"
+    plan.write_text(re.sub(r"\n\[decoder\]\n(?:[^\n\[]+\n)+", "\n", plan.read_text()))
+    assert "[decoder]" not in plan.read_text()
+    rt = Runtime.from_config({"repository": {"path": str(root), "load": "all"}}).start()
+    _RUNTIMES.append(rt)
+    with pytest.raises(ShardserveError, match="does not cut the decoder between its layers"):
+        rt.get_model("gpt2", 2)

@@ -367,6 +367,10 @@ def stages_of_plan(settings) -> list[LayerStage]:
     from runtime.errors import ModelLoadError
 
     plan = parse_plan(settings.model, settings.read_bytes(PLAN_FILE))
+    if not isinstance(plan.raw.get("decoder"), dict):
+        raise ModelLoadError(f"model {settings.model!r}: this plan does not cut the decoder "
+                             "between its layers; generating needs shardserve partition's "
+                             "decoder split (docs/partitioning.md)")
     stages = []
     chain = None
     for index, shard in enumerate(plan.shards):
