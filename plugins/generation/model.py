@@ -126,7 +126,7 @@ class GenerationModel:
         session = getattr(backend, "session", None)
         stages = None
         if session is None and getattr(backend, "plan", None) is not None:
-            from .split_engine import StageSignature, stages_of_plan  # a decoder cut by layers
+            from .split_loading import StageSignature, stages_of_plan  # a decoder cut by layers
 
             stages = stages_of_plan(s)
             session = StageSignature(stages)
@@ -160,7 +160,7 @@ class GenerationModel:
         if stages is None:
             make_engine = Engine
         else:
-            from .split_engine import stages_engine
+            from .split_loading import stages_engine
 
             make_engine = stages_engine(stages)
         self.engine = make_engine(session, self.graph, EngineLimits(
