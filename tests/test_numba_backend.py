@@ -84,7 +84,7 @@ def test_lowering_uses_the_fused_kernels(lowered):
                                                  "SelfAttention"]
     assert graphs["digits_mlp"].ops() == ["ArgMax", "Linear", "Softmax"]  # input scale folded
     assert graphs["digits_mlp"].fused == {"Linear": 2, "scale into Linear": 1}
-    assert graphs["cnn_skip"].fused == {"Linear": 1, "Conv+Relu": 3}
+    assert graphs["cnn_skip"].fused == {"Linear": 1, "Conv+Relu": 3, "Conv+Add+Relu": 1}
     assert "Conv" in graphs["cnn_skip"].ops() and "MaxPool" in graphs["cnn_skip"].ops()
 
 

@@ -318,6 +318,50 @@ def _lower_and_compare(model, feed: dict) -> list[str]:
     return graph.ops()
 
 
+def _residual_cnn(residual_shape: tuple, op: str, relu: bool):
+    """x -> Conv 3x3 (pad 1, bias) -> Relu -> Conv 1x1 (no bias) -> op(·, skip) (-> Relu),
+    skip a graph input of ``residual_shape``; plus a strided padded Conv on the output."""
+    from onnx import TensorProto, helper, numpy_helper
+
+    rng = np.random.default_rng(7)
+    w1 = numpy_helper.from_array(rng.standard_normal((8, 4, 3, 3)).astype(np.float32), "w1")
+    b1 = numpy_helper.from_array(rng.standard_normal(8).astype(np.float32), "b1")
+    w2 = numpy_helper.from_array(rng.standard_normal((8, 8, 1, 1)).astype(np.float32), "w2")
+    w3 = numpy_helper.from_array(rng.standard_normal((6, 8, 3, 3)).astype(np.float32), "w3")
+    nodes = [helper.make_node("Conv", ["x", "w1", "b1"], ["c1"], pads=[1, 1, 1, 1]),
+             helper.make_node("Relu", ["c1"], ["r1"]),
+             helper.make_node("Conv", ["r1", "w2"], ["c2"]),
+             helper.make_node(op, ["skip", "c2"], ["s" if relu else "y"])]
+    if relu:
+        nodes.append(helper.make_node("Relu", ["s"], ["y"]))
+    nodes.append(helper.make_node("Conv", ["y", "w3"], ["z"], pads=[1, 0, 1, 2], strides=[2, 2]))
+    graph = helper.make_graph(
+        nodes, "residual", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 4, 9, 9]),
+                            helper.make_tensor_value_info("skip", TensorProto.FLOAT,
+                                                          list(residual_shape))],
+        [helper.make_tensor_value_info("z", TensorProto.FLOAT, None)], [w1, b1, w2, w3])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 13)])
+    feed = {"x": rng.standard_normal((1, 4, 9, 9)).astype(np.float32),
+            "skip": rng.standard_normal(residual_shape).astype(np.float32)}
+    return model, feed
+
+
+@pytest.mark.parametrize("residual_shape,op,relu", [((1, 8, 9, 9), "Add", True),
+                                                    ((1, 8, 9, 9), "Sum", False),
+                                                    ((1, 8, 1, 9), "Add", True)])
+def test_numba_fuses_the_residual_add_and_relu_into_the_conv(residual_shape, op, relu):
+    from plugins.backends.numba_backend import kernel_registry
+    from plugins.backends.numba_lowering import lower
+
+    model, feed = _residual_cnn(residual_shape, op, relu)
+    assert _lower_and_compare(model, feed) == ["Conv"]  # no Add, Sum or Relu step left
+    graph = lower("m", model.SerializeToString(), kernel_registry(PluginManager().load_plugins()))
+    assert graph.fused == ({"Conv+Relu": 1, "Conv+Add+Relu": 1} if relu
+                           else {"Conv+Relu": 1, "Conv+Add": 1})
+    fused = [s for s in graph.steps if len(s.inputs) == 4]
+    assert [s.inputs for s in fused] == [["r1", "w2", "", "skip"]]
+
+
 @pytest.mark.parametrize("direction", ["forward", "reverse", "bidirectional"])
 @pytest.mark.parametrize("linear_before_reset", [0, 1])
 def test_numba_gru_variants_match_onnxruntime(direction, linear_before_reset):

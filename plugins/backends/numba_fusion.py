@@ -11,6 +11,9 @@ These patterns are fused because they dominate transformer, MLP and CNN time:
 - the whole exported multi-head self-attention block (q/k/v dense layers,
   head split, attention, head merge) -> ``SelfAttention`` with one packed QKV
   weight;
+- ``Conv`` followed by a residual ``Add`` (or two-input ``Sum``) and a ``Relu``
+  -> one ``Conv`` adding the residual and clamping in its output pass (ResNet's
+  block ends);
 - ``Conv`` followed by ``Relu`` -> one ``Conv`` with the Relu in its epilogue,
   and a scalar ``Mul`` feeding a dense layer is folded into its weights.
 
@@ -47,6 +50,7 @@ class _Graph:
         self.nodes = nodes
         self.constants = constants
         self.graph_outputs = outputs
+        self.fused_relu = 0  # Conv+Add fusions that took a Relu too
 
     def producer(self, name: str) -> Node | None:
         for node in self.nodes:
@@ -168,6 +172,33 @@ def _fuse_conv_relu(g: _Graph) -> int:
     return fused
 
 
+def _fuse_conv_residual(g: _Graph) -> int:
+    """``Conv`` -> ``Add``/two-input ``Sum`` with another tensor (a residual branch)
+    (-> ``Relu``) -> one ``Conv`` that adds the residual (and clamps) as it writes its
+    output. The residual is the Conv's fourth input; one that broadcasts (not the
+    Conv's shape) is added by numpy in the kernel instead."""
+    fused = 0
+    for conv in [n for n in g.nodes if n.op == "Conv"]:
+        if conv not in g.nodes or conv.attrs.get("activation", "none") != "none":
+            continue
+        add = g.only_consumer(conv.outputs[0], ("Add", "Sum"))
+        if add is None or len(add.inputs) != 2 or add.inputs[0] == add.inputs[1]:
+            continue
+        residual = g.other(add, conv.outputs[0])
+        if residual in g.constants:
+            continue
+        old, out, activation = [conv, add], add.outputs[0], "none"
+        relu = g.only_consumer(out, "Relu")
+        if relu is not None:
+            old, out, activation = old + [relu], relu.outputs[0], "relu"
+        bias = conv.inputs[2] if len(conv.inputs) > 2 else ""
+        g.replace(old, Node("Conv", conv.name, [*conv.inputs[:2], bias, residual], [out],
+                            {**conv.attrs, "activation": activation}))
+        fused += 1 if relu is None else 0
+        g.fused_relu += 1 if relu is not None else 0
+    return fused
+
+
 def _fold_input_scale(g: _Graph) -> int:
     """``Linear(x * c)`` with a scalar constant c -> ``Linear(x)`` with c folded into W."""
     fused = 0
@@ -278,6 +309,8 @@ def fuse(nodes: list[Node], constants: dict, outputs: set[str]) -> tuple[list[No
     fused = Counter({"Gelu": _fuse_gelu(g)})
     fused["Linear"] = _fuse_linear(g)
     fused["Attention"] = _fuse_attention(g)
+    fused["Conv+Add"] = _fuse_conv_residual(g)
+    fused["Conv+Add+Relu"] = g.fused_relu
     fused["Conv+Relu"] = _fuse_conv_relu(g)
     fused["scale into Linear"] = _fold_input_scale(g)
     fused["SelfAttention"] = _fuse_self_attention(g)

@@ -143,10 +143,11 @@ BUILTIN_KERNELS: dict[str, Kernel] = {
     "ArgMax": Kernel(P + "reductions:argmax", dtypes=NUMERIC, output_dtypes=("INT64",),
                      params={"axis": 0, "keepdims": 1, "select_last_index": 0},
                      shape=_reduce_axis, doc="index of the maximum along axis"),
-    "Conv": Kernel(P + "conv:conv", inputs=("x", "w", "b?"),
+    "Conv": Kernel(P + "conv:conv", inputs=("x", "w", "b?", "residual?"),
                    params={**CONV_PARAMS, "activation": "none"},
                    validate=_all(AUTO_PAD, _allowed("activation", ("none", "relu"))),
-                   doc="1-D/2-D convolution, groups, dilations, pads (+ fused Relu)"),
+                   doc="1-D/2-D convolution, groups, dilations, pads (+ fused residual "
+                       "Add and Relu)"),
     "MaxPool": Kernel(P + "conv:max_pool", params={**POOL_PARAMS, "storage_order": 0},
                       validate=_all(AUTO_PAD, NO_CEIL), doc="1-D/2-D max pooling"),
     "AveragePool": Kernel(P + "conv:average_pool",

@@ -7,6 +7,7 @@ treated as images of height 1. Pads follow ONNX: ``[top, left, bottom, right]``.
 from __future__ import annotations
 
 import math
+import threading
 
 import numpy as np
 
@@ -14,9 +15,9 @@ from .numba_env import jit
 
 
 @jit
-def _im2col(x, kh, kw, sh, sw, pt, pl, dh, dw, oh, ow):
+def _im2col(x, cols, kh, kw, sh, sw, pt, pl, dh, dw, oh, ow):
+    """Fill ``cols`` (reused between calls: every element is written, pads as zeros)."""
     channels, height, width = x.shape
-    cols = np.zeros((channels * kh * kw, oh * ow), x.dtype)
     for c in range(channels):
         for i in range(kh):
             for j in range(kw):
@@ -24,11 +25,17 @@ def _im2col(x, kh, kw, sh, sw, pt, pl, dh, dw, oh, ow):
                 offset = j * dw - pl
                 for y in range(oh):
                     iy = y * sh - pt + i * dh
-                    if iy < 0 or iy >= height:
-                        continue
                     base = y * ow
+                    if iy < 0 or iy >= height:
+                        for z in range(ow):
+                            cols[row, base + z] = 0
+                        continue
                     if sw == 1:  # one contiguous run per output row
-                        z0, z1 = max(0, -offset), min(ow, width - offset)
+                        z0, z1 = min(max(0, -offset), ow), max(min(ow, width - offset), 0)
+                        for z in range(z0):
+                            cols[row, base + z] = 0
+                        for z in range(max(z0, z1), ow):
+                            cols[row, base + z] = 0
                         if z1 > z0:
                             # views indexed from 0: no negative-index checks, so it vectorises
                             src = x[c, iy, z0 + offset:z1 + offset]
@@ -38,30 +45,65 @@ def _im2col(x, kh, kw, sh, sw, pt, pl, dh, dw, oh, ow):
                         continue
                     for z in range(ow):
                         ix = z * sw + offset
-                        if 0 <= ix < width:
-                            cols[row, base + z] = x[c, iy, ix]
-    return cols
+                        cols[row, base + z] = x[c, iy, ix] if 0 <= ix < width else 0
 
 
 @jit
-def _conv2d(x, w2d, bias, group, kh, kw, sh, sw, pt, pl, dh, dw, oh, ow, relu):
+def _conv2d(x, w2d, bias, residual, cols, group, kh, kw, sh, sw, pt, pl, dh, dw, oh, ow,
+            relu, direct):
+    """One BLAS product per image and group written straight into the output, then one
+    epilogue pass: bias, the fused residual (when ``residual`` has elements) and Relu.
+    ``direct``: a 1x1 stride-1 unpadded kernel reads the image itself, no im2col."""
     batch, channels = x.shape[0], x.shape[1]
     out_channels = w2d.shape[0]
     cg, mg = channels // group, out_channels // group
-    out = np.empty((batch, out_channels, oh * ow), x.dtype)
+    spatial = oh * ow
+    out = np.empty((batch, out_channels, spatial), x.dtype)
+    add = residual.size > 0
     for n in range(batch):
         for g in range(group):
             image = np.ascontiguousarray(x[n, g * cg:(g + 1) * cg])
-            cols = _im2col(image, kh, kw, sh, sw, pt, pl, dh, dw, oh, ow)
+            if direct:
+                flat = image.reshape(cg, spatial)
+            else:
+                _im2col(image, cols, kh, kw, sh, sw, pt, pl, dh, dw, oh, ow)
+                flat = cols
             weights = np.ascontiguousarray(w2d[g * mg:(g + 1) * mg])
-            out[n, g * mg:(g + 1) * mg] = np.dot(weights, cols)
+            np.dot(weights, flat, out[n, g * mg:(g + 1) * mg])
         for m in range(out_channels):
-            for p in range(oh * ow):
-                v = out[n, m, p] + bias[m]
-                if relu and v < 0:
-                    v = 0
-                out[n, m, p] = v
+            row = out[n, m]
+            b = bias[m]
+            if add:
+                skip = residual[n, m]
+                for p in range(spatial):
+                    v = row[p] + b + skip[p]
+                    row[p] = v if not relu or v > 0 else 0
+            else:
+                for p in range(spatial):
+                    v = row[p] + b
+                    row[p] = v if not relu or v > 0 else 0
     return out
+
+
+_scratch = threading.local()  # per thread: the im2col buffer of each shape, reused
+
+
+def _cols_buffer(shape: tuple, dtype) -> np.ndarray:
+    """An im2col buffer kept per (shape, dtype) and thread, so a model run does not
+    allocate (and page-fault) a fresh one per convolution."""
+    buffers = getattr(_scratch, "buffers", None)
+    if buffers is None:
+        buffers = _scratch.buffers = {}
+    key = (shape, np.dtype(dtype).str)
+    buffer = buffers.get(key)
+    if buffer is None:
+        if len(buffers) >= SCRATCH_BUFFERS:
+            buffers.pop(next(iter(buffers)))
+        buffer = buffers[key] = np.empty(shape, dtype)
+    return buffer
+
+
+SCRATCH_BUFFERS = 64  # im2col shapes kept per thread (ResNet-50 uses 8)
 
 
 def _same_pads(size, kernel, stride, dilation, upper):
@@ -111,21 +153,39 @@ def _as_2d_geometry(x, kernel, strides, dilations, pads):
     return x, kernel, strides, dilations, pads
 
 
-def conv(x, w, b=None, auto_pad="NOTSET", dilations=None, group=1, kernel_shape=None,
-         pads=None, strides=None, activation="none"):
-    """ONNX Conv; ``activation="relu"`` is a following Relu fused by the lowering."""
+def conv(x, w, b=None, residual=None, auto_pad="NOTSET", dilations=None, group=1,
+         kernel_shape=None, pads=None, strides=None, activation="none"):
+    """ONNX Conv; ``residual`` (a following Add's other operand) and
+    ``activation="relu"`` (a following Relu) are fused by the lowering and applied in
+    the output pass."""
     one_d = x.ndim == 3
     x, kernel, strides, dilations, pads = _as_2d_geometry(
         x, tuple(kernel_shape or ()) or tuple(w.shape[2:]), strides, dilations, pads)
     w = w[:, :, None, :] if one_d else w
     (pt, oh), (pl, ow) = _geometry(x.shape[2:], kernel, strides, pads, dilations, auto_pad)
     out_channels = w.shape[0]
-    bias = np.zeros(out_channels, x.dtype) if b is None else np.ascontiguousarray(b)
+    bias = np.zeros(out_channels, x.dtype) if b is None else np.ascontiguousarray(b, x.dtype)
     w2d = np.ascontiguousarray(w).reshape(out_channels, -1)
-    out = _conv2d(np.ascontiguousarray(x), w2d, bias, group, kernel[0], kernel[1], strides[0],
-                  strides[1], pt, pl, dilations[0], dilations[1], oh, ow, activation == "relu")
-    out = out.reshape(x.shape[0], out_channels, oh, ow)
-    return (out[:, :, 0, :] if one_d else out,)
+    shape = (x.shape[0], out_channels, oh, ow)
+    written = shape[:2] + ((ow,) if one_d else (oh, ow))
+    fused = residual is not None and residual.shape == written and residual.dtype == x.dtype
+    relu = activation == "relu"
+    skip = (np.ascontiguousarray(residual).reshape(shape[0], out_channels, oh * ow) if fused
+            else np.empty((0, 0, 0), x.dtype))
+    direct = (kernel == (1, 1) and strides == (1, 1) and pt == pl == 0 and oh == x.shape[2]
+              and ow == x.shape[3])
+    cols = (np.empty((0, 0), x.dtype) if direct else
+            _cols_buffer((x.shape[1] // group * kernel[0] * kernel[1], oh * ow), x.dtype))
+    out = _conv2d(np.ascontiguousarray(x), w2d, bias, skip, cols, group, kernel[0], kernel[1],
+                  strides[0], strides[1], pt, pl, dilations[0], dilations[1], oh, ow,
+                  relu and (fused or residual is None), direct)
+    out = out.reshape(shape)
+    out = out[:, :, 0, :] if one_d else out
+    if residual is not None and not fused:  # broadcasting operand: numpy's Add, then Relu
+        out = (out + residual).astype(x.dtype)
+        if relu:
+            np.maximum(out, 0, out=out)
+    return (out,)
 
 
 @jit
