@@ -30,22 +30,22 @@ def _im2col(x, cols, kh, kw, sh, sw, pt, pl, dh, dw, oh, ow):
                         for z in range(ow):
                             cols[row, base + z] = 0
                         continue
-                    if sw == 1:  # one contiguous run per output row
-                        z0, z1 = min(max(0, -offset), ow), max(min(ow, width - offset), 0)
-                        for z in range(z0):
-                            cols[row, base + z] = 0
-                        for z in range(max(z0, z1), ow):
-                            cols[row, base + z] = 0
-                        if z1 > z0:
-                            # views indexed from 0: no negative-index checks, so it vectorises
-                            src = x[c, iy, z0 + offset:z1 + offset]
-                            dst = cols[row, base + z0:base + z1]
-                            for t in range(z1 - z0):
-                                dst[t] = src[t]
-                        continue
-                    for z in range(ow):
-                        ix = z * sw + offset
-                        cols[row, base + z] = x[c, iy, ix] if 0 <= ix < width else 0
+                    # the output columns whose input column is inside the image
+                    z0 = min(max(0, (sw - 1 - offset) // sw), ow)
+                    z1 = max(min(ow, (width - 1 - offset) // sw + 1), z0)
+                    for z in range(z0):
+                        cols[row, base + z] = 0
+                    for z in range(z1, ow):
+                        cols[row, base + z] = 0
+                    # views indexed from 0: no negative-index checks, so it vectorises
+                    dst = cols[row, base + z0:base + z1]
+                    src = x[c, iy, z0 * sw + offset:]
+                    if sw == 1:
+                        for t in range(z1 - z0):
+                            dst[t] = src[t]
+                    else:
+                        for t in range(z1 - z0):
+                            dst[t] = src[t * sw]
 
 
 @jit
