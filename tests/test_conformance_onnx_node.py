@@ -55,16 +55,7 @@ CLIENT_THREADS = 4
 # Issue #16 items other engineers are fixing while this test is written: the exact cases
 # (test [mode]) each one still fails, listed instead of failing the test. Any other failure
 # fails it, and so does a listed case that passes (trim the list as fixes land).
-PENDING: dict[str, set[str]] = {
-    "#16 item 6: BF16": {
-        # rank-0 BF16 inputs reach onnxruntime as shape [1]
-        # (OrtValue.ortvalue_from_numpy_with_onnx_type drops rank 0), so Range answers [2, 1]
-        "test_range_bfloat16_type_positive_delta [binary]",
-        "test_range_bfloat16_type_positive_delta_expanded [binary]",
-        "test_range_bfloat16_type_positive_delta [json]",
-        "test_range_bfloat16_type_positive_delta_expanded [json]",
-    },
-}
+PENDING: dict[str, set[str]] = {}  # issue item -> cases known to fail until it lands
 PENDING_CASES = {case: item for item, cases in PENDING.items() for case in cases}
 
 ABSOLUTE_PATH = re.compile(r"(^|[\s:'\"(=])/[\w.+-]+/")

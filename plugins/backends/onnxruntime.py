@@ -194,7 +194,7 @@ def run_ort_values(session, inputs: dict, outputs: list[str]) -> list:
 
     feed = {}
     for name, array in inputs.items():
-        array = np.ascontiguousarray(array)
+        array = np.require(array, requirements="C")  # ascontiguousarray would make rank 0 [1]
         if array.dtype == ml_dtypes.bfloat16:
             feed[name] = ort.OrtValue.ortvalue_from_numpy_with_onnx_type(array.view(np.uint16),
                                                                          BFLOAT16)
