@@ -13,6 +13,17 @@ from pathlib import Path
 from typing import BinaryIO
 
 
+def file_sha256(path: str | os.PathLike) -> str:
+    """sha256 of a file read in 1 MiB blocks: a multi-GB model is never held in memory."""
+    import hashlib
+
+    digest = hashlib.sha256()
+    with open(path, "rb") as fh:
+        for block in iter(lambda: fh.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
 def temp_prefix(name: str) -> str:
     """Temp files for ``name`` are ``.<name>.<pid>-<random>.tmp`` (see remove_stale)."""
     return f".{name}."

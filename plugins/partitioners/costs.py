@@ -29,7 +29,7 @@ import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from plugins.atomic_files import write_atomically
+from plugins.atomic_files import file_sha256, write_atomically
 from runtime.errors import BadRequest
 
 STATIC_FLOPS_PER_SECOND = 2e10
@@ -101,14 +101,6 @@ def sample_inputs(model, batch: int, seed: int = 0) -> dict:
         else:
             feeds[vi.name] = np.zeros(shape, dtype=dtype)
     return feeds
-
-
-def file_sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as fh:
-        for block in iter(lambda: fh.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
 
 
 def cache_dir() -> Path:

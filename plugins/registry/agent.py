@@ -10,7 +10,6 @@ logged once and retried on the next beat (the store may be down: the node keeps 
 
 from __future__ import annotations
 
-import hashlib
 import importlib.util
 import json
 import logging
@@ -21,6 +20,8 @@ import urllib.error
 import urllib.request
 from pathlib import Path
 from typing import Any
+
+from plugins.atomic_files import file_sha256
 
 from .links import LinkTable, probe
 from .settings import RegistrySettings, registry_settings
@@ -40,7 +41,7 @@ def repository_models(repository: Path) -> list[dict]:
             for name in MODEL_FILES:
                 path = version / name
                 if path.is_file():
-                    digest = hashlib.sha256(path.read_bytes()).hexdigest()
+                    digest = file_sha256(path)  # streamed: models can be GBs
                     found.append({"name": model_dir.name, "version": version.name,
                                   "sha256": digest})
                     break
