@@ -696,3 +696,34 @@ def test_replan_command_writes_a_new_version_from_the_registry_link(cnn_repo, tm
     assert decision["replan"] and decision["version"] == versions[-1] + 1
     plan = (cnn_repo / "cnn_skip" / str(decision["version"]) / "plan.toml").read_text()
     assert 'strategy = "edge-cloud"' in plan and "bandwidth = 1000000.0" in plan
+
+
+def test_repository_models_streams_each_model_file(tmp_path, monkeypatch):
+    """The startup digest reads models in blocks: a multi-GB model is never loaded whole."""
+    import hashlib
+
+    from plugins.registry.agent import repository_models
+
+    version = tmp_path / "big" / "1"
+    version.mkdir(parents=True)
+    data = os.urandom(3 << 20)
+    (version / "model.onnx").write_bytes(data)
+
+    def whole_file(self):
+        raise AssertionError("read_bytes loads the whole model")
+
+    monkeypatch.setattr(Path, "read_bytes", whole_file)
+    assert repository_models(tmp_path) == [
+        {"name": "big", "version": "1", "sha256": hashlib.sha256(data).hexdigest()}]
+
+
+@pytest.mark.parametrize("raw", [b"{not json", b"[1, 2]", b"\xff\xfe"])
+def test_a_corrupt_etcd_entry_is_absent_not_a_500(etcd, tmp_path, raw):
+    from plugins.registry.stores import EtcdRegistry
+
+    store = EtcdRegistry([etcd.url], f"/t{free_port()}/")
+    store._post("/v3/kv/put", {"key": base64.b64encode(store._key("node-a").encode()).decode(),
+                               "value": base64.b64encode(raw).decode()})
+    assert store._read("node-a")[0] is None
+    store.heartbeat("node-a", {"id": "node-a"}, "node-a", TTL)  # overwrites the corrupt value
+    assert [n["id"] for n in store.nodes()] == ["node-a"]

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import base64
 import json
+import logging
 import os
 import threading
 import time
@@ -27,6 +28,8 @@ from pathlib import Path
 from typing import Any
 
 from runtime.errors import Forbidden, ServiceUnavailable
+
+log = logging.getLogger("shardserve.registry")
 
 SCHEMA = ("CREATE TABLE IF NOT EXISTS nodes (id TEXT PRIMARY KEY, owner TEXT NOT NULL, "
           "record TEXT NOT NULL, expires REAL NOT NULL) WITHOUT ROWID")
@@ -124,6 +127,13 @@ def _b64(text: str) -> str:
     return base64.b64encode(text.encode()).decode()
 
 
+def _int(value: Any) -> int:
+    try:
+        return int(value or 0)
+    except (TypeError, ValueError):
+        return 0
+
+
 def _prefix_end(prefix: str) -> str:
     """etcd's range end for a prefix: the prefix with its last byte incremented."""
     raw = prefix.encode()
@@ -164,8 +174,16 @@ class EtcdRegistry:
         if not kvs:
             return None, 0, 0
         kv = kvs[0]
-        value = json.loads(base64.b64decode(kv.get("value", "")) or b"{}")
-        return value, int(kv.get("mod_revision", 0)), int(kv.get("lease", 0))
+        try:
+            value = json.loads(base64.b64decode(kv.get("value", "")) or b"{}")
+            revision, lease = int(kv.get("mod_revision", 0)), int(kv.get("lease", 0))
+        except (ValueError, TypeError) as exc:  # a corrupt key is absent, not a 500
+            log.warning("registry: ignoring a corrupt etcd entry (%s)", type(exc).__name__)
+            return None, _int(kv.get("mod_revision")), _int(kv.get("lease"))
+        if not isinstance(value, dict):
+            log.warning("registry: ignoring a corrupt etcd entry (%s)", type(value).__name__)
+            return None, revision, lease
+        return value, revision, lease
 
     def heartbeat(self, node: str, record: dict, owner: str, ttl_s: float) -> None:
         stored, revision, lease = self._read(node)
