@@ -172,6 +172,39 @@ def test_full_server_answers_429_with_retry_after(tmp_path, lm_exports):
     assert len(tokens) == 5 and end["finish_reason"] == "length"
 
 
+class _SlowFirstRun:
+    """The real session, its first run held back: a first token after the queue timeout."""
+
+    def __init__(self, session, delay_s: float):
+        self.session, self.delay_s, self.runs = session, delay_s, 0
+
+    def run(self, outputs, feed):
+        self.runs += 1
+        if self.runs == 1:
+            time.sleep(self.delay_s)
+        return self.session.run(outputs, feed)
+
+
+def test_an_admitted_sequence_slower_than_the_queue_timeout_still_completes(tmp_path,
+                                                                             lm_exports):
+    """The queue timeout is for waiting to be admitted: a running sequence whose first token
+    comes later is neither cancelled nor left waiting forever, and the batch serves again."""
+    rt = _runtime(tmp_path, lm_exports, {"gpt2": "[generation]\nqueue_timeout_s = 0.05\n"},
+                  archs=("gpt2",))
+    engine = rt.get_model("gpt2").backend.engine
+    alone, _ = _greedy(rt, "gpt2", "def f(", 6)
+    engine.session = _SlowFirstRun(engine.session, 0.5)
+    results: list = []
+    worker = threading.Thread(target=lambda: results.append(_greedy(rt, "gpt2", "def f(", 6)),
+                              daemon=True)
+    worker.start()
+    worker.join(20)
+    assert not worker.is_alive(), "the consumer hung on an admitted sequence"
+    tokens, end = results[0]
+    assert tokens == alone and end["finish_reason"] == "length"
+    assert engine.session.runs > 1
+
+
 def test_seeded_sampling_is_reproducible_and_seed_dependent(tmp_path, lm_exports):
     rt = _runtime(tmp_path, lm_exports, archs=("gpt2",))
     model = rt.get_model("gpt2").backend

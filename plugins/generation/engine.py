@@ -158,6 +158,16 @@ class Engine:
                 return True
             return False
 
+    def _withdraw_waiting(self, seq: Sequence) -> bool:
+        """Take a sequence off the queue only if it was never admitted (True); an admitted one
+        is left running, so its consumer still gets its events."""
+        with self._cond:
+            if not seq.admitted and seq in self._pending:
+                seq.cancelled = True
+                self._pending.remove(seq)
+                return True
+            return False
+
     def events(self, seq: Sequence):
         """Yield ``("token", id)`` events then one ``("end", reason)``; 429 (Retry-After) if
         not admitted within the queue timeout. Closing the generator cancels the sequence."""
@@ -168,7 +178,7 @@ class Engine:
                     try:
                         event = seq.events.get(timeout=self.limits.queue_timeout_s)
                     except queue.Empty:
-                        if self.withdraw(seq):
+                        if self._withdraw_waiting(seq):
                             raise TooManyRequests(
                                 f"model {self.name!r} is at capacity, retry later",
                                 headers={"Retry-After": str(max(1, int(
@@ -253,7 +263,7 @@ class Engine:
             if budget <= 0:
                 break
             if seq.cancelled:
-                seq.finish_reason = "cancelled"
+                self._cancelled(seq)
                 self._prefilling.remove(seq)
                 continue
             start = seq.prefilled
@@ -306,7 +316,7 @@ class Engine:
         """Sample and hand out one token; False when the sequence is finished."""
         now = time.monotonic()
         if seq.cancelled:
-            seq.finish_reason = "cancelled"
+            self._cancelled(seq)
             return False
         if seq.deadline is not None and now > seq.deadline:
             return self._end(seq, "deadline")
@@ -330,6 +340,10 @@ class Engine:
         seq.events.put(("end", reason))
         return False
 
+    def _cancelled(self, seq: Sequence) -> None:
+        """A cancelled sequence leaves with an end event, so nothing can wait on it forever."""
+        self._end(seq, "cancelled")
+
     def _leave(self) -> None:
         """Drop finished and cancelled sequences from the batch and its cache."""
         keep = [i for i, s in enumerate(self._batch)
@@ -337,6 +351,6 @@ class Engine:
         if len(keep) != len(self._batch):
             for s in self._batch:
                 if s.cancelled and s.finish_reason is None:
-                    s.finish_reason = "cancelled"
+                    self._cancelled(s)
             self._batch = [self._batch[i] for i in keep]
             self._cache.drop(keep)
