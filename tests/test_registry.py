@@ -727,3 +727,28 @@ def test_a_corrupt_etcd_entry_is_absent_not_a_500(etcd, tmp_path, raw):
     assert store._read("node-a")[0] is None
     store.heartbeat("node-a", {"id": "node-a"}, "node-a", TTL)  # overwrites the corrupt value
     assert [n["id"] for n in store.nodes()] == ["node-a"]
+
+
+def test_a_pool_drops_the_connections_of_nodes_that_left(tmp_path, monkeypatch):
+    """Node churn must not accumulate urllib3 pools and breakers for URLs long gone."""
+    from plugins.registry import directory as directory_module
+    from plugins.registry.directory import Directory
+    from plugins.registry.pool import PoolExecutor
+    from plugins.registry.stores import EmbeddedRegistry
+
+    monkeypatch.setattr(directory_module, "GONE_KEPT_S", 0)  # a node that left is gone at once
+    store = EmbeddedRegistry(tmp_path / "registry.db")
+    executor = PoolExecutor.__new__(PoolExecutor)  # just the bookkeeping under test
+    executor.options, executor.pools, executor.breakers, executor._in_use = {}, {}, {}, {}
+    executor._endpoints_lock = threading.Lock()
+    executor.directory = Directory(store, TTL, 60)
+    for i in range(5):
+        url = f"http://127.0.0.1:{9000 + i}"
+        store.heartbeat(f"n{i}", {"id": f"n{i}", "url": url, "pools": ["p"], "models": []},
+                        f"hmac:n{i}", TTL)
+        if i:
+            store.deregister(f"n{i - 1}", f"hmac:n{i - 1}")
+        executor.directory.refresh_if_older(0)
+        executor._endpoint(url)
+        executor._in_use.clear()
+        assert sorted(executor.pools) == sorted(executor.breakers) == [url]

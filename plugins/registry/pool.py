@@ -35,6 +35,7 @@ class PoolExecutor(HttpExecutor):
         store = open_store(config, settings, backend.settings.plugins)
         self.directory = directory_for(store, settings.ttl_s, settings.refresh_s)
         self._endpoints_lock = threading.Lock()
+        self._in_use: dict[str, int] = {}  # url -> calls running on it (never pruned then)
 
     def prepare(self, index: int) -> None:
         shard = self.shard(index)
@@ -45,10 +46,18 @@ class PoolExecutor(HttpExecutor):
         self.targets[index] = (pool, remote or f"{self.model}.{shard.name}")
 
     def _endpoint(self, url: str) -> None:
+        """A pool and a breaker for ``url``; adding one drops those of URLs the directory no
+        longer lists (and no call is using), so node churn does not accumulate them."""
         import urllib3
 
         with self._endpoints_lock:
+            self._in_use[url] = self._in_use.get(url, 0) + 1
             if url not in self.pools:
+                live = {n.get("url") for n in self.directory.view()["nodes"]}
+                for gone in [u for u in self.pools if u not in live and u != url
+                             and not self._in_use.get(u)]:
+                    self.pools.pop(gone).close()
+                    self.breakers.pop(gone, None)
                 self.pools[url] = urllib3.connection_from_url(
                     url, maxsize=int(self.options.get("pool_size", 8)), block=False,
                     retries=False)
@@ -74,6 +83,11 @@ class PoolExecutor(HttpExecutor):
                 return self.run_on(index, url, remote, inputs, outputs)
             except ServiceUnavailable as exc:  # idempotent: the next replica runs it
                 failure = exc
+            finally:
+                with self._endpoints_lock:
+                    self._in_use[url] -= 1
+                    if not self._in_use[url]:
+                        del self._in_use[url]
         if failure is not None:
             raise failure
         raise self.unavailable(index, f"no healthy replica in pool {pool!r}")
