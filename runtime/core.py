@@ -180,6 +180,17 @@ class ModelStatus:
     state: str = "UNAVAILABLE"  # READY, UNAVAILABLE, LOADING
     reason: str = ""
     versions: dict[int, LoadedModel] = field(default_factory=dict)
+    failed: tuple | None = None  # the files' stamp when a load failed: lazy mode waits for news
+
+
+def _stamp(path: Path, depth: int = 2) -> tuple:
+    """Names and mtimes of a model's files (model.toml, versions and their files): a cheap
+    sign that they changed since a load failed."""
+    try:
+        return tuple((p.name, p.stat().st_mtime_ns, _stamp(p, depth - 1) if depth and p.is_dir()
+                      else ()) for p in sorted(path.iterdir()))
+    except OSError:
+        return ()
 
 
 def _check_request(model: LoadedModel, request: InferRequest) -> tuple[dict, list[str]]:
@@ -325,11 +336,20 @@ class Runtime:
             status = self._models.setdefault(name, ModelStatus())
             old = dict(status.versions)
             status.state, status.reason = "LOADING", ""
+            status.failed, stamp = None, _stamp(self.repository.root / name)
+            opened: list = []  # closed again if a later version fails
             try:
-                cfg = self.repository.config(name)
-                chosen = self.repository.select_versions(cfg)
-                loaded = {v: LoadedModel(name, v, self.open_version(cfg, v, wrap=True), cfg)
-                          for v in chosen}
+                loaded = {}
+                try:
+                    cfg = self.repository.config(name)
+                    for v in self.repository.select_versions(cfg):
+                        opened.append(self.open_version(cfg, v, wrap=True))
+                        loaded[v] = LoadedModel(name, v, opened[-1], cfg)
+                except BaseException:
+                    for backend in opened:
+                        close_backend(backend)
+                    status.failed = stamp
+                    raise
             except ShardserveError as exc:
                 status.state, status.reason = "UNAVAILABLE", exc.message
                 if old:  # keep serving what was there
@@ -370,10 +390,12 @@ class Runtime:
             plugins=self.pm)
         backend = self.backends[name](settings)
         backend.load()
-        if wrap:  # serving: pipeline stages, batching, metrics...
-            backend = call_chain(self.pm, "shardserve_wrap_backend", "backend", backend,
-                                 settings=settings)
-        return backend
+        try:
+            return call_chain(self.pm, "shardserve_wrap_backend", "backend", backend,
+                              settings=settings) if wrap else backend  # batching, metrics...
+        except BaseException:
+            close_backend(backend)
+            raise
 
     def _unload(self, name: str) -> None:
         with self._model_lock(name):
@@ -415,6 +437,8 @@ class Runtime:
         with self._model_lock(name):
             status = self._models.get(name)
             if status is None or not status.versions:
+                if status is not None and status.failed == _stamp(self.repository.root / name):
+                    raise ServiceUnavailable(f"model {name!r} is not ready: {status.reason}")
                 self._load(name)
             return self._models[name]
 

@@ -10,7 +10,7 @@ import pytest
 from conftest import EXAMPLES, ROOT, SHARDSERVE, add_model, write_model
 from onnx import TensorProto
 
-from runtime import Runtime
+from runtime import Runtime, hookimpl
 from runtime.codec import InferInput, InferRequest, RequestedOutput
 from runtime.config import load_config
 from runtime.errors import (
@@ -204,6 +204,81 @@ def test_reload_failure_keeps_serving_the_old_version(tiny_repo):
     assert "reload failed" in rt.models()[0]["reason"]
     assert rt.infer("double", request(np.ones((1, 4), np.float32))).outputs["y"].sum() == 8
 
+
+
+class CloseCounter:
+    """A "counting" backend (onnxruntime underneath) that records closes and model reads;
+    its wrap hook fails for the versions listed in ``bad_wrap``."""
+
+    def __init__(self):
+        from plugins.backends.onnxruntime import OnnxRuntimeBackend
+
+        self.closed, self.reads, self.bad_wrap = [], 0, set()
+        counter = self
+
+        class Counting(OnnxRuntimeBackend):
+            def close(self):
+                counter.closed.append(self.settings.version)
+                super().close()
+
+        self.backend_class = Counting
+
+    @hookimpl
+    def shardserve_register_backends(self, register):
+        register("counting", self.backend_class)
+
+    @hookimpl
+    def shardserve_transform_model_bytes(self, model, version, filename, data, config):
+        self.reads += 1
+
+    @hookimpl
+    def shardserve_wrap_backend(self, settings, backend):
+        if settings.version in self.bad_wrap:
+            raise ModelLoadError("wrap refused")
+
+
+def test_failed_version_closes_the_versions_already_opened(tiny_repo):
+    write_model(tiny_repo / "double" / "2" / "model.onnx", add_model())
+    (tiny_repo / "double" / "model.toml").write_text('backend = "counting"\n'
+                                                     'version_policy = "all"\n')
+    counter = CloseCounter()
+    rt = Runtime.from_config({"repository": {"path": str(tiny_repo), "load": "none"}},
+                             plugins=(counter,)).start()
+    counter.bad_wrap = {2}  # version 2 loads, then its wrapping fails
+    with pytest.raises(ModelLoadError, match="wrap refused"):
+        rt.load("double")
+    assert sorted(counter.closed) == [1, 2]
+    counter.bad_wrap, counter.closed = set(), []
+    (tiny_repo / "double" / "2" / "model.onnx").write_bytes(b"\x08\x07garbage")
+    with pytest.raises(ModelLoadError, match="could not load"):
+        rt.load("double")
+    assert counter.closed == [1]  # version 1 was open when version 2 failed
+    assert not rt.ready("double")
+
+
+def test_lazy_load_failure_is_remembered_until_files_change_or_load(tiny_repo):
+    model = tiny_repo / "double" / "1" / "model.onnx"
+    good = model.read_bytes()
+    model.write_bytes(b"\x08\x07garbage")
+    (tiny_repo / "double" / "model.toml").write_text('backend = "counting"\n')
+    counter = CloseCounter()
+    rt = Runtime.from_config({"repository": {"path": str(tiny_repo), "load": "lazy"}},
+                             plugins=(counter,)).start()
+    x = request(np.ones((1, 4), np.float32))
+    with pytest.raises(ModelLoadError, match="could not load"):
+        rt.infer("double", x)
+    assert counter.reads == 1
+    for _ in range(3):  # answered from the stored failure, the file is not read again
+        with pytest.raises(ServiceUnavailable, match="could not load model.onnx"):
+            rt.infer("double", x)
+        assert not rt.ready("double")
+    assert counter.reads == 1
+    with pytest.raises(ModelLoadError):  # a load call always tries again
+        rt.load("double")
+    assert counter.reads == 2
+    model.write_bytes(good)  # the files changed: the next request loads them
+    assert rt.infer("double", x).outputs["y"].sum() == 8
+    assert counter.reads == 3 and rt.ready("double")
 
 def test_execution_provider_options(tiny_repo):
     (tiny_repo / "double" / "model.toml").write_text(
