@@ -358,3 +358,39 @@ def test_snapstart_without_the_hook_the_copies_repeat_their_random_state():
     assert len({c["random"] for c in copies}) == 1
     nonces = [n for c in copies for n in c["nonces"]]
     assert len(set(nonces)) == len(nonces)  # os.urandom per message: never shared
+
+
+def test_needs_see_pool_placements_bf16_graphs_and_encrypted_transforms(tmp_path):
+    """A zip must carry urllib3 for pool: shards, ml_dtypes for a bfloat16 graph whatever
+    model.toml says, and cryptography when the server's transforms name aes-gcm."""
+    import onnx
+    from onnx import TensorProto, helper
+
+    from plugins.packaging.needs import function_needs
+    from runtime.config import load_config
+
+    repo = tmp_path / "models"
+    (repo / "split" / "1").mkdir(parents=True)
+    (repo / "split" / "model.toml").write_text('backend = "onnxruntime"\n')
+    (repo / "split" / "1" / "plan.toml").write_text(
+        '[[shards]]\nname = "s0"\nfile = "s0.onnx"\nplacement = "pool:cloud"\n')
+    bf16 = helper.make_model(helper.make_graph(
+        [helper.make_node("Identity", ["x"], ["y"])], "g",
+        [helper.make_tensor_value_info("x", TensorProto.BFLOAT16, [2])],
+        [helper.make_tensor_value_info("y", TensorProto.BFLOAT16, [2])]))
+    (repo / "half" / "1").mkdir(parents=True)
+    (repo / "half" / "model.toml").write_text('backend = "onnxruntime"\n')
+    onnx.save(bf16, str(repo / "half" / "1" / "model.onnx"))
+
+    needs = function_needs(repo, ["split"])
+    assert needs.features == {"onnxruntime": "split", "http": "split"}
+    assert "urllib3" in needs.requirements()
+    needs = function_needs(repo, ["half"])
+    assert needs.features == {"onnxruntime": "half", "bf16": "half"}
+    assert "ml_dtypes" in needs.requirements()
+    config = load_config({"repository": {"path": str(repo)},
+                          "executors": {"transforms": ["zlib", "aes-gcm"]}})
+    needs = function_needs(repo, ["split"], config)
+    assert needs.features["cryptography"] == "[executors] transforms"
+    assert "cryptography" not in function_needs(repo, ["split"], load_config(
+        {"repository": {"path": str(repo)}})).features

@@ -89,9 +89,9 @@ def report(function: str, contents: Contents, zip_path: Path | None) -> None:
 
 
 def package_function(function: str, models: list[str] | None, repository: Path, runtime: str,
-                     architecture: str, out: Path, extra: list[str]) -> int:
+                     architecture: str, out: Path, extra: list[str], config: Any = None) -> int:
     version = python_version(runtime)
-    needs = function_needs(repository, models)
+    needs = function_needs(repository, models, config)
     requirements = needs.requirements() + [e for e in extra if e not in needs.requirements()]
     at = models_path(repository)
     print(f"{function}: {len(needs.models)} model(s) ({', '.join(needs.models)}) at {at} "
@@ -130,14 +130,15 @@ def package_function(function: str, models: list[str] | None, repository: Path, 
 def cmd_package(args: argparse.Namespace) -> int:
     from runtime.config import load_config
 
-    repository = Path(args.repository).resolve() if args.repository else \
-        load_config(args.config).repository
+    named = getattr(args, "config", None) or os.environ.get("SHARDSERVE_CONFIG")
+    config = load_config(args.config) if named or not args.repository else None
+    repository = Path(args.repository).resolve() if args.repository else config.repository
     out = Path(args.out)
     status = 0
     for spec in args.functions or ["infer"]:
         name, models = parse_function(spec)
         status |= package_function(name, models, repository, args.runtime, args.architecture,
-                                   out, args.extra)
+                                   out, args.extra, config)
     return status
 
 

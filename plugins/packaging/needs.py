@@ -10,6 +10,7 @@ from __future__ import annotations
 import sys
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 from runtime.errors import ConfigError
 
@@ -60,14 +61,35 @@ def _toml(path: Path) -> dict:
         raise ConfigError(f"cannot read {path.parent.name}/{path.name}: {exc}") from None
 
 
+def _has_bf16(version: Path) -> bool:
+    """Whether any ONNX file of ``version`` takes or returns a bfloat16 tensor (which the
+    function reads through ml_dtypes); the graph's declared types, not the model.toml text."""
+    try:
+        import onnx  # package time only (the build extra): never shipped to the function
+    except ImportError:  # pragma: no cover - then only model.toml's "BF16" text is read
+        return False
+
+    bf16 = onnx.TensorProto.BFLOAT16
+    for path in sorted(version.glob("*.onnx")):
+        try:
+            graph = onnx.load(str(path), load_external_data=False).graph
+        except Exception:  # noqa: BLE001 - encrypted or not ONNX: nothing to read here
+            continue
+        if any(v.type.tensor_type.elem_type == bf16 for v in [*graph.input, *graph.output]):
+            return True
+    return False
+
+
 def _version_needs(model: str, config: dict, version: Path, found: dict[str, str]) -> None:
+    if "bf16" not in found and _has_bf16(version):
+        found.setdefault("bf16", model)
     plan = version / "plan.toml"
     if plan.is_file():
         for shard in _toml(plan).get("shards", []):
             backend = str(shard.get("backend", "onnxruntime"))
             found.setdefault("numba" if backend == "numba" else "onnxruntime", model)
             placement = str(shard.get("placement", "local"))
-            if placement.startswith(("http:", "https:")):
+            if placement.startswith(("http:", "https:", "pool:")):  # pool: runs over http
                 found.setdefault("http", model)
         if any(p.name.endswith((".dek", ".sig")) for p in version.iterdir()):
             found.setdefault("cryptography", model)
@@ -79,8 +101,18 @@ def _version_needs(model: str, config: dict, version: Path, found: dict[str, str
         found.setdefault("cryptography", model)
 
 
-def function_needs(repository: Path, models: list[str] | None = None) -> FunctionNeeds:
-    """What serving ``models`` (all of the repository's when None) from ``repository`` needs."""
+def _server_needs(config: Any, found: dict[str, str]) -> None:
+    """The server config's own needs: an ``aes-gcm`` tensor transform imports cryptography."""
+    section = config.section("executors") if hasattr(config, "section") else {}
+    transforms = section.get("transforms", [])
+    if isinstance(transforms, list) and "aes-gcm" in transforms:
+        found.setdefault("cryptography", "[executors] transforms")
+
+
+def function_needs(repository: Path, models: list[str] | None = None,
+                   server_config: Any = None) -> FunctionNeeds:
+    """What serving ``models`` (all of the repository's when None) from ``repository``
+    needs, under ``server_config`` (a :class:`runtime.config.Config`) when given."""
     if not repository.is_dir():
         raise ConfigError("the model repository does not exist or is not a directory")
     available = sorted(p.name for p in repository.iterdir() if p.is_dir() and (
@@ -103,4 +135,6 @@ def function_needs(repository: Path, models: list[str] | None = None) -> Functio
             found.setdefault("numba", name)
         for version in sorted(p for p in (repository / name).iterdir() if p.is_dir()):
             _version_needs(name, config, version, found)
+    if server_config is not None:
+        _server_needs(server_config, found)
     return FunctionNeeds(chosen, found)
