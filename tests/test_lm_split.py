@@ -454,6 +454,48 @@ def test_a_stage_that_forgets_its_caches_is_rebuilt_from_tokens(tmp_path, lm_exp
     assert engine.rebuilds == 2
 
 
+def test_a_stage_whose_release_and_reset_fail_does_not_stop_the_model(tmp_path, lm_exports):
+    """A stage that cannot release or reset (a dead Dask worker answers 503) is skipped and
+    logged: the scheduler thread lives on, and a dead thread is replaced on the next request."""
+    from runtime.errors import ServiceUnavailable
+
+    arch = "llama"
+    model = _runtime(tmp_path, lm_exports[arch], arch).get_model(arch).backend
+    engine = split_generation_model(model, [1])
+    expected = _greedy(model, PROMPTS[0], 6)
+    stage = engine.stages[1]
+
+    def dead(*args):
+        raise ServiceUnavailable("stage 1 (dask) is unavailable: CommClosedError")
+
+    stage.release = stage.reset = dead
+    assert _greedy(model, PROMPTS[0], 6) == expected  # its release failed when it finished
+    decode, calls = stage.decode, []
+
+    def fails_once(rows, carry):
+        calls.append(rows)
+        if len(calls) == 1:
+            dead()
+        return decode(rows, carry)
+
+    stage.decode = fails_once
+    with pytest.raises(ServiceUnavailable, match="stage 1"):  # then its reset failed too
+        _greedy(model, PROMPTS[0], 6)
+    thread = engine._thread
+    assert thread is not None and thread.is_alive()
+    stage.reset = type(stage).reset.__get__(stage)  # the stage is back, with no cache
+    stage.reset()
+    assert _greedy(model, PROMPTS[0], 6) == expected
+    with engine._cond:  # end the scheduler thread as a crash would: its slot stays set
+        engine._closed = True
+        engine._cond.notify()
+    thread.join(10)
+    assert not thread.is_alive() and engine._thread is thread
+    engine._closed = False
+    assert _greedy(model, PROMPTS[0], 6) == expected
+    assert engine._thread is not thread and engine._thread.is_alive()
+
+
 @pytest.mark.slow
 def test_a_killed_cloud_node_fails_over_to_its_replica_with_the_same_tokens(tmp_path,
                                                                            lm_exports):

@@ -142,7 +142,7 @@ class Engine:
                 raise TooManyRequests(f"model {self.name!r} is at capacity, retry later",
                                       headers={"Retry-After": "1"})
             self._pending.append(seq)
-            if self._thread is None:
+            if self._thread is None or not self._thread.is_alive():  # none yet, or it died
                 self._thread = threading.Thread(target=self._loop, daemon=True,
                                                 name=f"shardserve-generate-{self.name}")
                 self._thread.start()
@@ -230,10 +230,15 @@ class Engine:
                 self._prefill_some()
                 if self._batch:
                     self._decode()
-            except Exception as exc:  # a failed run ends the batch's requests, not the thread
+                self._leave()
+            except Exception as exc:  # a failed step ends the batch's requests, not the thread
                 log.error("model %s: generation step failed: %s", self.name, type(exc).__name__)
-                self._fail_all(ServiceUnavailable(f"model {self.name!r} failed to generate"))
-            self._leave()
+                try:
+                    self._fail_all(ServiceUnavailable(f"model {self.name!r} failed to generate"))
+                except Exception as again:  # never let the scheduler thread die
+                    log.error("model %s: failing the batch failed: %s", self.name,
+                              type(again).__name__)
+                    self._batch, self._prefilling = [], []
 
     def _fail_all(self, error: Exception) -> None:
         for seq in [*self._batch, *self._prefilling]:

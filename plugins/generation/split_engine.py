@@ -17,6 +17,7 @@ caller can answer by rebuilding the cache from the tokens so far.
 from __future__ import annotations
 
 import itertools
+import logging
 import threading
 from collections import deque
 from dataclasses import dataclass
@@ -27,6 +28,8 @@ from runtime.errors import ServiceUnavailable, ShardserveError
 
 from .engine import ORT_FLOAT, Engine, EngineLimits, GraphInfo
 from .kv_cache import BatchCache
+
+log = logging.getLogger("shardserve.generation")
 
 
 class UnknownSequence(ServiceUnavailable):
@@ -289,7 +292,7 @@ class SplitEngine(Engine):
         if gone:
             keys = [self._ids.pop(s) for s in gone]
             for stage in self.stages:
-                stage.release(keys)
+                _guarded(stage, "release", keys)
 
     def close(self) -> None:
         super().close()
@@ -304,7 +307,18 @@ class SplitEngine(Engine):
         super()._fail_all(error)
         self._ids.clear()
         for stage in self.stages:
-            stage.reset()
+            _guarded(stage, "reset")
+
+
+def _guarded(stage, method: str, *args) -> None:
+    """Call a stage's housekeeping (``release``, ``reset``): a stage that cannot answer (a dead
+    Dask worker, a remote that is down) is logged and skipped, so the scheduler thread keeps
+    serving; a stage that forgot sequences is rebuilt or answers 503 on its next real call."""
+    try:
+        getattr(stage, method)(*args)
+    except Exception as exc:
+        log.warning("stage %s: %s failed: %s", getattr(stage, "index", "?"), method,
+                    type(exc).__name__)
 
 
 def graph_info_of(stages: list) -> GraphInfo:
