@@ -292,9 +292,10 @@ class Runtime:
         except ShardserveError as exc:
             log.error("model %s failed to %s: %s", name, action, exc.message)
 
-    def _sync(self) -> None:
+    def _sync(self, name: str | None = None, background: bool = False) -> None:
+        """Apply other workers' changes; ``background``: wait only for ``name``'s."""
         if self._shared is not None:
-            self._shared.sync(self._apply)
+            self._shared.sync(self._apply, name, background)
 
     def _model_lock(self, name: str) -> threading.RLock:
         with self._lock:
@@ -413,7 +414,7 @@ class Runtime:
 
     def get_model(self, name: str, version: str | int | None = None) -> LoadedModel:
         """The loaded model version (the newest when ``version`` is None)."""
-        self._sync()
+        self._sync(name, background=True)
         versions = self._status(name).versions
         wanted = validate_version(version)
         if wanted is None and not versions:  # unloaded meanwhile
@@ -445,7 +446,7 @@ class Runtime:
     def ready(self, name: str | None = None, version: str | int | None = None) -> bool:
         """One model's readiness, or the server's: started, and every model it tried to load
         READY (a model unloaded on request does not count against it)."""
-        self._sync()
+        self._sync(name, background=True)
         if name is None:
             return self._started and all(
                 s.state == "READY" or s.reason == UNLOADED for s in list(self._models.values())

@@ -430,6 +430,73 @@ def test_runtimes_sharing_a_state_directory_agree_and_a_late_one_catches_up(tiny
         first.unload("nope")
 
 
+
+def test_a_load_applied_from_another_worker_blocks_only_that_model(tiny_repo, tmp_path):
+    """While a worker applies another worker's load of "slow", its health probes and the
+    requests for other models answer at once; only the requests for "slow" wait."""
+    from plugins.backends.onnxruntime import OnnxRuntimeBackend
+
+    write_model(tiny_repo / "slow" / "1" / "model.onnx", add_model())
+    (tiny_repo / "slow" / "model.toml").write_text('backend = "gated"\n')
+    state = tmp_path / "state"
+
+    class GatedPlugin:  # one per runtime: the second's loads wait for its gate
+        def __init__(self):
+            self.gate, self.entered = threading.Event(), threading.Event()
+            self.gate.set()
+            plugin = self
+
+            class Gated(OnnxRuntimeBackend):
+                def load(self):
+                    plugin.entered.set()
+                    assert plugin.gate.wait(10)
+                    super().load()
+
+            self.backend = Gated
+
+        @hookimpl
+        def shardserve_register_backends(self, register):
+            register("gated", self.backend)
+
+        @hookimpl(tryfirst=True)
+        def shardserve_shared_repository(self, runtime):
+            return SharedRepositoryState(state)
+
+    plugins = GatedPlugin(), GatedPlugin()
+    first, second = (Runtime.from_config({"repository": {"path": str(tiny_repo)}},
+                                         plugins=(p,)).start() for p in plugins)
+    gated = plugins[1]
+
+    def within(seconds: float, call) -> list:
+        out: list = []
+        worker = threading.Thread(target=lambda: out.append(call()), daemon=True)
+        worker.start()
+        worker.join(seconds)
+        return out
+
+    try:
+        for starter in ("slow request", "health probe"):  # who reads the change first
+            gated.gate.clear()
+            gated.entered.clear()
+            first.load("slow")
+            slow = []
+            if starter == "slow request":
+                waiter = threading.Thread(target=lambda out=slow: out.append(
+                    second.infer("slow", ONES).outputs["y"].sum()), daemon=True)
+                waiter.start()
+            assert len(within(5, second.ready)) == 1, starter  # answered ("slow" is LOADING)
+            assert gated.entered.wait(5), starter  # the load of "slow" is under way
+            assert within(5, lambda: second.ready("double")) == [True], starter
+            assert within(5, lambda: second.infer("double", ONES).outputs["y"].sum()) == [8]
+            assert within(0.3, lambda: second.ready("slow")) == [], starter  # it waits
+            gated.gate.set()
+            assert within(10, lambda: second.infer("slow", ONES).outputs["y"].sum()) == [8]
+            if starter == "slow request":
+                waiter.join(10)
+                assert slow == [8]
+    finally:
+        gated.gate.set()
+
 def test_an_unload_holds_in_lazy_mode_until_the_next_load(tiny_repo):
     rt = runtime(tiny_repo, load="lazy")
     assert rt.infer("double", ONES).outputs["y"].sum() == 8  # loaded on first use

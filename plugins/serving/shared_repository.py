@@ -6,7 +6,7 @@ through any worker is recorded there before it is applied; every worker applies 
 seen before it answers a request, and a worker started later (a crashed one's replacement)
 applies it at startup. So a request that follows a finished load/unload call sees its result in
 every worker. A background thread per worker also applies changes within a quarter second, so
-requests seldom wait for a load asked elsewhere.
+requests seldom wait for a load asked elsewhere; one that does waits only for its own model's.
 
 ``state.json`` holds ``{model: [action, sequence]}``; it is replaced atomically under an
 exclusive ``flock``, then one byte is appended to ``generation``, whose size (with its inode) is a
@@ -26,6 +26,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+from plugins.atomic_files import write_atomically
 from runtime.errors import ServiceUnavailable
 
 ENVIRONMENT = "SHARDSERVE_REPOSITORY_STATE"
@@ -46,7 +47,10 @@ class SharedRepositoryState:
         self._seen: dict[str, int] = {}  # model -> the sequence number applied here
         self._applied = (-1, -1)  # the generation every change up to which is applied here
         self._seen_lock = threading.Lock()  # record reads and writes against _seen
-        self._sync_lock = threading.Lock()  # one thread applies; the others wait for it
+        self._sync_lock = threading.Lock()  # one thread reads what to apply; never held to apply
+        self._model_locks: dict[str, threading.Lock] = {}  # one model's changes apply in turn
+        self._pending: dict[str, int] = {}  # model -> changes read but not yet applied
+        self._applying = threading.Condition()  # guards the two above; notified when one is done
 
     def _generation_now(self) -> tuple[int, int]:
         """The generation: the file's size, with its inode in case it was ever recreated."""
@@ -81,29 +85,61 @@ class SharedRepositoryState:
             record = self._read()
             sequence = record.get(model, ("", 0))[1] + 1
             record[model] = (action, sequence)
-            tmp = self._state.with_name(f"state.{os.getpid()}.{threading.get_ident()}.tmp")
-            tmp.write_text(json.dumps(record), encoding="utf-8")
-            os.replace(tmp, self._state)
+            write_atomically(self._state, json.dumps(record), 0o600)
             with open(self._generation, "ab") as fh:
                 fh.write(b".")
             self._seen[model] = sequence
 
-    def sync(self, apply: Callable[[str, str], None]) -> None:
-        """Apply every action published since the last call; return once applied."""
-        if self._generation_now() == self._applied:
-            return
-        with self._sync_lock:
-            generation = self._generation_now()
-            if generation == self._applied:
-                return  # another thread applied it while this one waited
-            with self._seen_lock:
-                record = self._read()
-                todo = [(name, action) for name, (action, sequence) in record.items()
-                        if self._seen.get(name) != sequence]
-                self._seen.update((name, sequence) for name, (_, sequence) in record.items())
-            for name, action in todo:
-                apply(name, action)
-            self._applied = generation
+    def sync(self, apply: Callable[[str, str], None], model: str | None = None,
+             background: bool = False) -> None:
+        """Apply every action published since the last call; return once applied, or with
+        ``background``, once ``model``'s are (the others apply in a thread): a request waits
+        only for its own model's load, a readiness probe (``model`` None) for none."""
+        todo: list[tuple[str, str, int]] = []
+        if self._generation_now() != self._applied:
+            with self._sync_lock:  # held only to read the to-do list, never during a load
+                generation = self._generation_now()
+                if generation != self._applied:  # else another thread took it meanwhile
+                    with self._seen_lock:
+                        record = self._read()
+                        todo = [(name, action, sequence) for name, (action, sequence)
+                                in record.items() if self._seen.get(name) != sequence]
+                        self._seen.update((name, seq) for name, (_, seq) in record.items())
+                    with self._applying:
+                        for name, *_ in todo:
+                            self._pending[name] = self._pending.get(name, 0) + 1
+                    self._applied = generation
+        later = [item for item in todo if background and item[0] != model]
+        for item in todo:
+            if item not in later:
+                self._apply_one(apply, *item)
+        if later:
+            threading.Thread(target=self._apply_all, args=(apply, later),
+                             name="shardserve-repository-apply", daemon=True).start()
+        if model is not None:
+            with self._applying:  # a change another thread is applying to this model
+                self._applying.wait_for(lambda: not self._pending.get(model))
+
+    def _apply_all(self, apply: Callable[[str, str], None], todo: list) -> None:
+        for item in todo:
+            try:
+                self._apply_one(apply, *item)
+            except Exception as exc:  # noqa: BLE001 - logged by type: no trace reaches a log
+                log.warning("background repository apply failed: %s", type(exc).__name__)
+
+    def _apply_one(self, apply: Callable[[str, str], None], name: str, action: str,
+                   sequence: int) -> None:
+        """Apply one model's change under that model's lock, unless a newer one superseded it."""
+        with self._applying:
+            lock = self._model_locks.setdefault(name, threading.Lock())
+        try:
+            with lock:
+                if self._seen.get(name) == sequence:
+                    apply(name, action)
+        finally:
+            with self._applying:
+                self._pending[name] -= 1
+                self._applying.notify_all()
 
     def watch(self, runtime: Any, interval: float = WATCH_INTERVAL_S) -> None:
         """Apply changes in the background too (``runtime.ready()`` syncs), so a load asked
