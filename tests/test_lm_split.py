@@ -222,6 +222,23 @@ def _stage_request(carry, op, rows, start=0, client="c1"):
                          tensors.items()])
 
 
+def _served_stage(tmp_path, lm_exports, options: str):
+    """Llama's stage 1 served as a ``decoder-stage`` model ``tail``: (runtime, its backend)."""
+    proto = onnx.load(str(lm_exports["llama"] / "model.onnx"))
+    stage = split_decoder(proto, [1])[1]
+    folder = tmp_path / "cloud" / "tail" / "1"
+    folder.mkdir(parents=True)
+    onnx.save(stage.model, str(folder / "model.onnx"))
+    (folder.parent / "model.toml").write_text(f'task = "decoder-stage"\n[stage]\n{options}')
+    rt = Runtime.from_config({"repository": {"path": str(tmp_path / "cloud"),
+                                             "load": "all"}}).start()
+    _RUNTIMES.append(rt)
+    served = rt.get_model("tail").backend
+    while not hasattr(served, "clients"):
+        served = served.backend
+    return rt, served
+
+
 @pytest.mark.slow
 def test_a_served_stage_bounds_its_caches_and_refuses_bad_calls(tmp_path, lm_exports):
     """A ``decoder-stage`` model: caches per client and sequence, forgotten after the TTL,
@@ -229,20 +246,9 @@ def test_a_served_stage_bounds_its_caches_and_refuses_bad_calls(tmp_path, lm_exp
     answered 4xx/503 with clear messages (never a 500)."""
     from runtime.errors import BadRequest, ServiceUnavailable
 
-    proto = onnx.load(str(lm_exports["llama"] / "model.onnx"))
-    stage = split_decoder(proto, [1])[1]
-    folder = tmp_path / "cloud" / "tail" / "1"
-    folder.mkdir(parents=True)
-    onnx.save(stage.model, str(folder / "model.onnx"))
     per_token = 2 * 2 * 16 * 4  # one layer: key + value, 2 KV heads x 16 dims, fp32
-    (folder.parent / "model.toml").write_text(
-        f'task = "decoder-stage"\n[stage]\nttl_s = 0.5\ncache_bytes = {per_token * 12}\n')
-    rt = Runtime.from_config({"repository": {"path": str(tmp_path / "cloud"),
-                                             "load": "all"}}).start()
-    _RUNTIMES.append(rt)
-    served = rt.get_model("tail").backend
-    while not hasattr(served, "clients"):
-        served = served.backend
+    rt, served = _served_stage(tmp_path, lm_exports,
+                               f"ttl_s = 0.5\ncache_bytes = {per_token * 12}\n")
     hidden = np.random.default_rng(0).standard_normal((1, 5, WIDTH)).astype(np.float32)
     out = rt.infer("tail", _stage_request(hidden, "prefill", ["a"])).outputs["logits"]
     assert out.shape == (1, 1, 384)  # a prefill returns the last position's logits only
@@ -269,6 +275,32 @@ def test_a_served_stage_bounds_its_caches_and_refuses_bad_calls(tmp_path, lm_exp
     time.sleep(0.6)  # past the TTL: an idle client's caches are forgotten
     rt.infer("tail", _stage_request(hidden, "prefill", ["n"], client="c2"))
     assert served.clients() == 1
+
+
+def test_a_served_stage_opens_clients_only_on_prefill_and_caps_them(tmp_path, lm_exports):
+    """Random client ids cannot grow a stage: release, compute and decode for an unknown
+    client keep nothing, and over ``max_clients`` a new client evicts the least recently used
+    one holding no cache, else gets 503."""
+    from runtime.errors import ServiceUnavailable
+
+    rt, served = _served_stage(tmp_path, lm_exports, "max_clients = 2\n")
+    hidden = np.random.default_rng(0).standard_normal((1, 3, WIDTH)).astype(np.float32)
+    for i in range(50):
+        rt.infer("tail", _stage_request(hidden[:, :1], "release", ["a"], client=f"r{i}"))
+    out = rt.infer("tail", _stage_request(hidden, "compute", ["-"], client="x")).outputs
+    assert out["logits"].shape == (1, 3, 384)
+    with pytest.raises(ServiceUnavailable, match="holds no cache"):
+        rt.infer("tail", _stage_request(hidden[:, :1], "decode", ["a"], client="y"))
+    assert served.clients() == 0
+    rt.infer("tail", _stage_request(hidden, "prefill", ["a"], client="c1"))
+    rt.infer("tail", _stage_request(hidden, "prefill", ["a"], client="c2"))
+    rt.infer("tail", _stage_request(hidden[:, :1], "release", ["a"], client="c1"))
+    rt.infer("tail", _stage_request(hidden, "prefill", ["a"], client="c3"))  # c1 goes: empty
+    assert served.clients() == 2
+    with pytest.raises(ServiceUnavailable, match="maximum number of clients"):
+        rt.infer("tail", _stage_request(hidden, "prefill", ["a"], client="c4"))
+    step = rt.infer("tail", _stage_request(hidden[:, :1], "decode", ["a"], client="c2"))
+    assert step.outputs["logits"].shape == (1, 1, 384)  # the held clients still serve
 
 
 KEY = "c" * 43 + "="  # base64 of 32 bytes: the tensor key of both nodes in the test
@@ -672,3 +704,20 @@ def test_a_plan_without_a_decoder_split_does_not_generate(tmp_path, lm_exports):
     _RUNTIMES.append(rt)
     with pytest.raises(ShardserveError, match="does not cut the decoder between its layers"):
         rt.get_model("gpt2", 2)
+
+
+@pytest.mark.slow
+def test_a_decoder_split_publishes_like_any_partition(tmp_path, lm_exports):
+    """The split goes through the partitioners' one publish path: a killed run's staging
+    folder is removed, the number is one past the served versions (a stray numbered file
+    is no version), and the folder is a whole version only once it is renamed into place."""
+    from plugins.generation.split_plan import partition_decoder
+
+    root = repository_with(tmp_path / "models", {"gpt2": lm_exports["gpt2"]})
+    stale = root / "gpt2" / ".partition-999999999-killed"  # no such pid: a killed run's
+    stale.mkdir()
+    (root / "gpt2" / "7").write_text("not a version")
+    target = partition_decoder(root / "gpt2" / "1", "pipeline", {"shards": 2}, verify=False)
+    assert target == root / "gpt2" / "2" and (target / "plan.toml").is_file()
+    assert oct(target.stat().st_mode & 0o777) == "0o755"
+    assert sorted(p.name for p in (root / "gpt2").iterdir()) == ["1", "2", "7"]

@@ -19,25 +19,31 @@ stay plain.
 
 Caches are kept per client and sequence, bounded: a client idle for ``ttl_s`` is forgotten,
 and above ``cache_bytes`` the least recently used other clients are evicted; a call that still
-does not fit gets 503. A sequence the stage no longer holds gets a clear 503 naming the stage
-(the caller may rebuild it from the tokens so far). ``[stage]`` in model.toml::
+does not fit gets 503. Only a ``prefill`` from 0 opens a client (``release``, ``compute`` and
+``decode`` for an unknown one only look up), and at most ``max_clients`` are held: a new one
+over it evicts the least recently used client that holds no cache, else gets 503, so random
+client ids cannot grow memory or per-call work. A sequence the stage no longer holds gets a
+clear 503 naming the stage (the caller may rebuild it from the tokens so far). ``[stage]`` in
+model.toml::
 
     [stage]
     ttl_s = 300
     cache_bytes = 268435456
+    max_clients = 1024
 """
 
 from __future__ import annotations
 
 import threading
 import time
+from collections import OrderedDict
 
 import numpy as np
 
 from runtime import TensorSpec
 from runtime.errors import BadRequest, ModelLoadError, ServiceUnavailable
 
-from .split_engine import LayerStage
+from .split_engine import LayerStage, UnknownSequence
 
 TASK = "decoder-stage"
 OPS = ("prefill", "decode", "release", "compute")
@@ -93,6 +99,9 @@ class StageBackend:
             raise ModelLoadError(f"model {settings.model!r}: [stage] must be a table")
         self.ttl_s = float(options.get("ttl_s", 300.0))
         self.cache_bytes = int(options.get("cache_bytes", 256 << 20))
+        self.max_clients = int(options.get("max_clients", 1024))
+        if self.max_clients < 1:
+            raise ModelLoadError(f"model {settings.model!r}: [stage] max_clients must be >= 1")
         carry = next(s for s in backend.inputs if s.name == spec.carry_in)
         out = next(s for s in backend.outputs if s.name == spec.carry_out)
         self.inputs = [TensorSpec(spec.carry_in, carry.datatype, [-1] * len(carry.shape)),
@@ -106,19 +115,34 @@ class StageBackend:
             self.inputs = [TensorSpec(t.name, "BYTES", [1]) if t.name in self.wire_names
                            else t for t in self.inputs]
             self.outputs = [TensorSpec(t.name, "BYTES", [1]) for t in self.outputs]
-        self._clients: dict[str, tuple[LayerStage, float]] = {}
+        # least recently used first: expiry sweeps pop from the front, cost = what expired
+        self._clients: OrderedDict[str, tuple[LayerStage, float]] = OrderedDict()
         self._lock = threading.Lock()
 
-    def _stage(self, client: str) -> LayerStage:
+    def _stage(self, client: str, create: bool) -> LayerStage | None:
+        """The client's stage (now its most recent), a new one if ``create``, else None."""
         now = time.monotonic()
         with self._lock:
-            for key, (_, used) in list(self._clients.items()):
-                if now - used > self.ttl_s:
-                    del self._clients[key]
+            while self._clients:
+                oldest, (_, used) = next(iter(self._clients.items()))
+                if now - used <= self.ttl_s:
+                    break
+                del self._clients[oldest]
             stage = self._clients.get(client, (None, 0))[0]
             if stage is None:
+                if not create:
+                    return None
+                if len(self._clients) >= self.max_clients:
+                    idle = next((key for key, (held, _) in self._clients.items()
+                                 if held.cache_bytes() == 0), None)
+                    if idle is None:
+                        raise ServiceUnavailable(
+                            f"model {self.settings.model!r}: the stage serves its maximum "
+                            "number of clients", headers={"Retry-After": "1"})
+                    del self._clients[idle]
                 stage = LayerStage(self.spec, self.session)
             self._clients[client] = (stage, now)
+            self._clients.move_to_end(client)
             return stage
 
     def _bound(self, client: str) -> None:
@@ -169,9 +193,10 @@ class StageBackend:
             raise BadRequest(f"stage_op must be one of {', '.join(OPS)}")
         if not client or len(client) > MAX_ID or any(not r or len(r) > MAX_ID for r in rows):
             raise BadRequest(f"client and sequence ids must be 1 to {MAX_ID} characters")
-        stage = self._stage(client)
+        stage = self._stage(client, create=op == "prefill" and start == 0)
         if op == "release":
-            stage.release(rows)
+            if stage is not None:
+                stage.release(rows)
             return {self.spec.carry_out: carry}
         if carry.ndim < 2 or carry.shape[0] != len(rows) or carry.shape[1] < 1:
             raise BadRequest("the carried tensor must have one row per sequence id")
@@ -183,10 +208,15 @@ class StageBackend:
         if op == "compute":  # a rebuild passing through: nothing stored
             if len(rows) != 1:
                 raise BadRequest("a compute takes one sequence")
+            if stage is None:  # stores nothing: a stage of its own, not kept
+                stage = LayerStage(self.spec, self.session)
             return {self.spec.carry_out: stage.compute(carry)}
+        if op == "prefill" and (len(rows) != 1 or start < 0):
+            raise BadRequest("a prefill takes one sequence and a start >= 0")
+        if stage is None:  # a decode or a later chunk for a client this stage does not hold
+            raise UnknownSequence(f"stage {self.spec.index} holds no cache for a sequence of "
+                                  "this batch")
         if op == "prefill":
-            if len(rows) != 1 or start < 0:
-                raise BadRequest("a prefill takes one sequence and a start >= 0")
             out = stage.prefill(rows[0], start, carry)
         else:
             if carry.shape[1] != 1 or len(set(rows)) != len(rows):
