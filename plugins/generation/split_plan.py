@@ -19,9 +19,7 @@ keep their own KV cache. The tokenizer and config files are copied beside the sh
 
 from __future__ import annotations
 
-import os
 import shutil
-import tempfile
 from pathlib import Path
 
 import numpy as np
@@ -75,7 +73,7 @@ def partition_decoder(source: Path, strategy: str, options: dict,
     """Cut the export in ``source`` and publish the plan as a new version; returns its folder."""
     import onnx
 
-    from plugins.partitioners.build import dump_plan, io_specs
+    from plugins.partitioners.build import dump_plan, io_specs, next_version, publish_version
     from plugins.partitioners.costs import file_sha256
     from plugins.partitioners.extract import save_shard
     from plugins.shard_plan import PLAN_FILE, PLAN_FORMAT, parse_plan
@@ -114,14 +112,12 @@ def partition_decoder(source: Path, strategy: str, options: dict,
             placements = [edge, cloud]
     stages = split_decoder(proto, cuts)
     model_dir = source.parent
-    versions = [int(p.name) for p in model_dir.iterdir() if p.name.isdigit()]
-    version = target_version or max(versions) + 1
+    version = target_version or next_version(model_dir.parent, model_dir.name)
     target = model_dir / str(version)
     if target.exists():
         raise BadRequest(f"version {version} already exists")
     inputs, outputs = io_specs(path)
-    tmp = Path(tempfile.mkdtemp(prefix=f".partition-{os.getpid()}-", dir=model_dir))
-    try:
+    with publish_version(model_dir, target, f"version {version}") as tmp:
         shard_tables = []
         for stage, placement in zip(stages, placements):
             filename = f"shard_{stage.index}.onnx"
@@ -145,11 +141,6 @@ def partition_decoder(source: Path, strategy: str, options: dict,
                 shutil.copy(source / name, tmp / name)
         if verify:
             verify_stages(path, tmp, stages)
-        tmp.chmod(0o755)
-        tmp.rename(target)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     return target
 
 

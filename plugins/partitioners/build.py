@@ -18,6 +18,8 @@ import re
 import shutil
 import sys
 import tempfile
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -216,6 +218,31 @@ def io_specs(path: Path) -> tuple[list[dict], list[dict]]:
             [_spec(a).to_dict() for a in sess.get_outputs()])
 
 
+def next_version(repository: Path, name: str) -> int:
+    """The number a new version of ``name`` gets: one past the repository's newest (the
+    versions the runtime serves, not whatever numbered entries the folder holds)."""
+    return max(ModelRepository(repository).versions(name)) + 1
+
+
+@contextmanager
+def publish_version(model_dir: Path, target: Path, what: str) -> Iterator[Path]:
+    """A private staging folder beside ``target``, renamed into place when the block ends
+    without error (readers see no version or a whole one, never half); removed on any error.
+    A killed run's staging folder is removed here, and a version that appeared meanwhile is
+    never overwritten (``what`` names it in the 400)."""
+    remove_stale(model_dir, STAGING_PREFIX)  # what a killed run left
+    tmp = Path(tempfile.mkdtemp(prefix=f"{STAGING_PREFIX}{os.getpid()}-", dir=model_dir))
+    try:
+        yield tmp
+        tmp.chmod(0o755)  # mkdtemp makes it private; a version directory is not
+        if target.exists():
+            raise BadRequest(f"{what} appeared meanwhile")
+        tmp.rename(target)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+
+
 def write_partition(analysis: Analysis, strategy: str, options: dict, part: Partition,
                     repository: Path, backend: str = "onnxruntime",
                     target_version: int | None = None, verify: bool = True,
@@ -225,15 +252,13 @@ def write_partition(analysis: Analysis, strategy: str, options: dict, part: Part
 
     graph = analysis.graph
     model_dir = analysis.path.parent.parent
-    repo = ModelRepository(repository)
-    version = target_version or max(repo.versions(analysis.name)) + 1
+    version = target_version or next_version(repository, analysis.name)
     target = model_dir / str(version)
     if target.exists():
         raise BadRequest(f"version {version} of model {analysis.name!r} already exists")
     inputs, outputs = io_specs(analysis.path)
-    remove_stale(model_dir, STAGING_PREFIX)  # what a killed run left
-    tmp = Path(tempfile.mkdtemp(prefix=f"{STAGING_PREFIX}{os.getpid()}-", dir=model_dir))
-    try:
+    with publish_version(model_dir, target,
+                         f"version {version} of model {analysis.name!r}") as tmp:
         extractor = make_extractor(analysis.model, graph.elem_types, graph.ranks)
         shards = []
         if part.replicas:
@@ -282,13 +307,6 @@ def write_partition(analysis: Analysis, strategy: str, options: dict, part: Part
         (tmp / PLAN_FILE).write_text(text)
         if verify:
             verify_plan(analysis, tmp, part.replicas, runtime)
-        tmp.chmod(0o755)  # mkdtemp makes it private; a version directory is not
-        if target.exists():
-            raise BadRequest(f"version {version} of model {analysis.name!r} appeared meanwhile")
-        tmp.rename(target)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     return target
 
 
