@@ -303,6 +303,37 @@ def test_a_served_stage_opens_clients_only_on_prefill_and_caps_them(tmp_path, lm
     assert step.outputs["logits"].shape == (1, 1, 384)  # the held clients still serve
 
 
+def test_a_remote_stage_error_names_the_stage_and_scheme_not_its_url(caplog):
+    """A remote stage's 503s and fail-overs reach clients (503 bodies, SSE errors): they name
+    the stage index and scheme only; the endpoint is logged server-side, without credentials."""
+    import logging
+    import socket
+    from types import SimpleNamespace
+
+    from plugins.generation.split_engine import StageLost
+    from plugins.generation.stage_client import RemoteStage
+    from runtime.errors import ServiceUnavailable
+
+    ports = []
+    for _ in range(2):  # two loopback ports nothing listens on
+        with socket.socket() as sock:
+            sock.bind(("127.0.0.1", 0))
+            ports.append(sock.getsockname()[1])
+    spec = SimpleNamespace(index=1, past_names=[], present_names=[], carry_in="h",
+                           carry_out="logits")
+    stage = RemoteStage(spec, f"http://edge:s3cret@127.0.0.1:{ports[0]}", "tail", [], [],
+                        timeout_s=2, replicas=(f"http://127.0.0.1:{ports[1]}",))
+    carry = np.zeros((1, 1, WIDTH), np.float32)
+    with caplog.at_level(logging.WARNING, logger="shardserve.generation"):
+        with pytest.raises(StageLost) as lost:
+            stage.decode(["a"], carry)
+    with pytest.raises(ServiceUnavailable) as down:
+        stage.decode(["a"], carry)
+    assert str(lost.value) == "stage 1 (http) failed; now on replica 1"
+    assert str(down.value) == "stage 1 (http) is unavailable: connection failed"
+    assert f"127.0.0.1:{ports[0]}" in caplog.text and "s3cret" not in caplog.text
+
+
 KEY = "c" * 43 + "="  # base64 of 32 bytes: the tensor key of both nodes in the test
 
 

@@ -11,6 +11,7 @@ per-call timeout, never a hang.
 
 from __future__ import annotations
 
+import logging
 import uuid
 
 import numpy as np
@@ -19,6 +20,22 @@ from runtime.codec import decode_response, encode_request
 from runtime.errors import GatewayTimeout, ServiceUnavailable, ShardserveError
 
 from .split_engine import StageLost, UnknownSequence
+
+log = logging.getLogger("shardserve.generation")
+
+
+def _scheme(endpoint: str) -> str:
+    from urllib3.util import parse_url
+
+    return parse_url(endpoint).scheme or "http"
+
+
+def _where(endpoint: str) -> str:
+    """``scheme://host:port`` of an endpoint, for server-side logs only (no credentials)."""
+    from urllib3.util import parse_url
+
+    url = parse_url(endpoint)
+    return f"{url.scheme or 'http'}://{url.host}" + (f":{url.port}" if url.port else "")
 
 
 class RemoteStage:
@@ -44,6 +61,7 @@ class RemoteStage:
         self.pool = urllib3.connection_from_url(endpoint, maxsize=2, block=False, retries=False)
         self.last_wire = (0, 0)  # bytes sent and received by the latest call
         self.chain = chain if chain else None  # [executors] transforms: wire blobs
+        self.replica = 0  # which endpoint serves now: 0 the first, then its replicas in order
 
     def _call(self, op: str, rows: list[str], carry: np.ndarray, start: int = 0) -> np.ndarray:
         from urllib3.exceptions import HTTPError
@@ -61,13 +79,14 @@ class RemoteStage:
                                      dtype=object) if value.dtype != object else value
                       for name, value in inputs.items()}  # ids stay plain BYTES
         body, headers = encode_request(inputs, outputs=[self.spec.carry_out], request_id=rid)
-        what = f"stage {self.index} ({self.endpoint})"
+        # Messages reach clients (503 bodies, SSE errors): the stage and scheme, never its URL.
+        what = f"stage {self.index} ({_scheme(self.endpoint)})"
         try:
             response = self.pool.urlopen("POST", f"/v2/models/{self.remote}/infer", body=body,
                                          headers=headers, timeout=self.timeout, retries=False)
         except HTTPError as exc:
             if self._fail_over():
-                raise StageLost(f"{what} failed; now on {self.endpoint}") from None
+                raise StageLost(f"{what} failed; now on replica {self.replica}") from None
             if "timed out" in str(exc).lower():
                 raise GatewayTimeout(f"{what} did not answer in time") from None
             raise ServiceUnavailable(f"{what} is unavailable: connection failed") from None
@@ -77,7 +96,7 @@ class RemoteStage:
                 raise UnknownSequence(f"{what} holds no cache for a sequence of this batch")
             if response.status in (502, 503, 504):
                 if self._fail_over():
-                    raise StageLost(f"{what} failed; now on {self.endpoint}")
+                    raise StageLost(f"{what} failed; now on replica {self.replica}")
                 raise ServiceUnavailable(f"{what} is unavailable: it answered "
                                          f"{response.status}")
             raise ShardserveError(f"{what} answered {response.status}", status=502)
@@ -99,7 +118,10 @@ class RemoteStage:
         if not self.replicas:
             return False
         self.pool.close()
-        self.endpoint = self.replicas.pop(0)
+        failed, self.endpoint = self.endpoint, self.replicas.pop(0)
+        self.replica += 1
+        log.warning("stage %s: %s failed; now on replica %s, %s", self.index, _where(failed),
+                    self.replica, _where(self.endpoint))
         self.pool = urllib3.connection_from_url(self.endpoint, maxsize=2, block=False,
                                                 retries=False)
         self.client = uuid.uuid4().hex
