@@ -82,6 +82,28 @@ def test_a_broken_store_answers_503_never_a_pass(tmp_path, caplog):
         store.take_token("k", 1, 1, 1)
 
 
+
+def test_threads_have_their_own_connections_and_a_nonce_is_taken_once(tmp_path):
+    """No Python lock serialises the store: each thread writes through its own connection
+    while SQLite keeps every check atomic."""
+    import threading
+
+    store = SharedState(tmp_path / "s.sqlite")
+    connections, taken, start = [], [], threading.Barrier(4)
+
+    def worker() -> None:
+        start.wait()
+        connections.append(store._db)  # held: no id is reused
+        taken.extend(n for n in range(50) if store.use_nonce("c", str(n), 1, 1e12))
+
+    threads = [threading.Thread(target=worker) for _ in range(4)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(30)
+    assert len({id(db) for db in connections + [store._db]}) == 5
+    assert sorted(taken) == list(range(50))  # each nonce accepted by exactly one thread
+
 def test_a_forked_worker_shares_the_parents_store(tmp_path):
     store = SharedState(tmp_path / "s.sqlite")
     assert store.use_nonce("c", "before-fork", 1, 1e12)

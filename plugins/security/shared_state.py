@@ -27,6 +27,9 @@ from runtime.errors import ConfigError, ServiceUnavailable
 
 log = logging.getLogger("shardserve.security")
 
+# How long a write waits for another connection's write (another thread's or process's)
+# before the request gets 503 "busy, retry"; each thread has its own connection, so only
+# SQLite serialises writes and no Python lock is held while it waits.
 BUSY_TIMEOUT_S = 5.0
 SWEEP_EVERY = 1000  # writes between deletions of expired rows
 
@@ -114,20 +117,24 @@ class SharedState:
 
     def __init__(self, path: Path):
         self.path = path
-        self._lock = threading.Lock()
-        self._db: Any = None
-        self._pid = 0
-        self._writes = 0
-        with self._lock:
-            self._connection()  # a bad path fails at startup, not on a request
+        self._local = threading.local()  # one connection per thread (closed when it ends)
+        self._writes = 0  # paces the sweep only: a lost update between threads is harmless
+        self._connection()  # a bad path fails at startup, not on a request
+
+    @property
+    def _db(self) -> Any:
+        return self._connection()
 
     def _connection(self) -> Any:
+        """This thread's connection; a forked child opens its own, as SQLite requires."""
         import sqlite3
 
-        if self._db is not None and self._pid == os.getpid():
-            return self._db
-        if self._db is not None:  # forked: the parent's connection must not be touched
-            _inherited.append(self._db)
+        local = self._local
+        db = getattr(local, "db", None)
+        if db is not None and local.pid == os.getpid():
+            return db
+        if db is not None:  # forked: the parent's connection must not be touched
+            _inherited.append(db)
         try:
             os.close(os.open(self.path, os.O_RDWR | os.O_CREAT, 0o600))
             db = sqlite3.connect(self.path, timeout=BUSY_TIMEOUT_S, isolation_level=None,
@@ -139,23 +146,22 @@ class SharedState:
         except (OSError, sqlite3.Error) as exc:
             raise ConfigError("the shared security state (server.state_dir) cannot be "
                               f"opened: {type(exc).__name__}") from None
-        self._db, self._pid = db, os.getpid()
+        local.db, local.pid = db, os.getpid()
         return db
 
     def _run(self, sql: str, params: dict, sweep: tuple[str, dict]) -> tuple | None:
         import sqlite3
 
-        with self._lock:
-            try:
-                db = self._connection()
-                self._writes += 1
-                if self._writes % SWEEP_EVERY == 0:
-                    db.execute(*sweep)
-                return db.execute(sql, params).fetchone()
-            except sqlite3.Error as exc:  # locked past busy_timeout, disk full ...
-                log.error("shared security state unavailable: %s", type(exc).__name__)
-                raise ServiceUnavailable("security state is busy, retry",
-                                         headers={"Retry-After": "1"}) from None
+        try:
+            db = self._connection()
+            self._writes += 1
+            if self._writes % SWEEP_EVERY == 0:
+                db.execute(*sweep)
+            return db.execute(sql, params).fetchone()
+        except (sqlite3.Error, ConfigError) as exc:  # locked past busy_timeout, disk full
+            log.error("shared security state unavailable: %s", type(exc).__name__)
+            raise ServiceUnavailable("security state is busy, retry",
+                                     headers={"Retry-After": "1"}) from None
 
     def use_nonce(self, client: str, nonce: str, now: float, expires: float) -> bool:
         """True when ``nonce`` is fresh for ``client`` (now remembered until ``expires``)."""
