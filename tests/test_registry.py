@@ -443,7 +443,8 @@ def test_a_gunicorn_node_registers_through_itself_and_leaves_on_sigterm(tmp_path
     repo = tmp_path / "repo"
     model = write_model(repo / "double" / "1" / "model.onnx", add_model())
     config = tmp_path / "node.toml"
-    config.write_text(f'[registry]\nenabled = true\npools = ["edge"]\n'
+    # a lease far longer than the test: an empty store after the stop can only be a DELETE
+    config.write_text(f'[registry]\nenabled = true\npools = ["edge"]\nttl_s = 600\n'
                       f'[server]\nstate_dir = "{tmp_path / "state"}"\n')
 
     def nodes() -> dict:
@@ -465,13 +466,11 @@ def test_a_gunicorn_node_registers_through_itself_and_leaves_on_sigterm(tmp_path
                                capture_output=True, text=True, cwd=ROOT, timeout=60).stdout
         assert node_id in table and "passing" in table and "double/1" in table
     finally:
-        stopped = time.monotonic()
         server.stop()
     from plugins.registry.stores import EmbeddedRegistry
 
-    # a heartbeat every TTL/3 leaves any lease at least 2 s to live: gone sooner is a DELETE
     left = EmbeddedRegistry(tmp_path / "state" / "registry.sqlite").nodes()
-    assert time.monotonic() - stopped < 2 and [n["id"] for n in left] == []
+    assert [n["id"] for n in left] == []
 
 
 def test_nodes_says_when_the_store_cannot_be_reached(tmp_path):
