@@ -17,7 +17,11 @@ package's own numpy and onnxruntime, so both sides load the same files.
 Then the warm per-invocation cost of the handler against a raw
 ``InferenceSession.run`` in one process, and the modules the cold path imports.
 
+``--previous TREE`` adds another checkout's handler to the same interleaved runs, so a
+change is measured against the code before it on the same machine at the same load.
+
     python benchmarks/coldstart.py [--runs 15] [--model digits_mlp] [--packaged]
+                                   [--previous TREE]
 """
 
 from __future__ import annotations
@@ -97,23 +101,28 @@ def timed(args: list[str], env: dict, cwd: Path = ROOT) -> tuple[float, float]:
     return wall, (after.ru_utime - before.ru_utime) + (after.ru_stime - before.ru_stime)
 
 
-def compare(label: str, handler: list[str], bare: list[str], env: dict, runs: int,
-            cwd: Path = ROOT) -> dict:
-    """Interleaved fresh processes; the medians of both clocks and their ratios."""
-    timed(handler, env, cwd)  # page cache warm-up for both
-    timed(bare, env, cwd)
-    h_runs, b_runs = [], []
+def compare(label: str, commands: dict[str, list[str]], env: dict, runs: int,
+            cwd: Path = ROOT, cwds: dict[str, Path] | None = None) -> dict:
+    """Interleaved fresh processes of each command (one of them "bare"); the medians of both
+    clocks and each command's ratio to the bare one."""
+    where = {name: (cwds or {}).get(name, cwd) for name in commands}
+    for name, args in commands.items():  # page cache warm-up for all
+        timed(args, env, where[name])
+    results: dict[str, list[tuple[float, float]]] = {name: [] for name in commands}
     for _ in range(runs):
-        h_runs.append(timed(handler, env, cwd))
-        b_runs.append(timed(bare, env, cwd))
+        for name, args in commands.items():
+            results[name].append(timed(args, env, where[name]))
     out = {}
     print(f"cold start, {label}, median of {runs} interleaved fresh processes:")
     for i, clock in enumerate(("wall", "cpu")):
-        h = statistics.median(r[i] for r in h_runs) * 1e3
-        b = statistics.median(r[i] for r in b_runs) * 1e3
-        out[clock] = (h, b, h / b)
-        print(f"  {clock:<4}  handler {h:7.1f} ms  bare {b:7.1f} ms  "
-              f"ratio {h / b:6.3f}  (+{h - b:.1f} ms)")
+        med = {name: statistics.median(r[i] for r in rows) * 1e3 for name, rows in results.items()}
+        b = med["bare"]
+        for name, h in med.items():
+            if name == "bare":
+                continue
+            out[(name, clock)] = (h, b, h / b)
+            print(f"  {clock:<4}  {name:<8} {h:7.1f} ms  bare {b:7.1f} ms  "
+                  f"ratio {h / b:6.3f}  (+{h - b:.1f} ms)")
     return out
 
 
@@ -138,9 +147,10 @@ def packaged(model: str, event: str, runs: int) -> None:
         env = {"SHARDSERVE_REPOSITORY": "examples/models", "SHARDSERVE_LOG_LEVEL": "WARNING",
                "PATH": "/usr/bin:/bin"}
         packaged_model = str(root / "examples" / "models" / model / "1" / "model.onnx")
-        compare(f"packaged, {model}", [str(base), "-I", "-S", "-c", prefix + HANDLER, event],
-                [str(base), "-I", "-S", "-c", prefix + BARE, packaged_model], env, runs,
-                cwd=root)
+        compare(f"packaged, {model}",
+                {"handler": [str(base), "-I", "-S", "-c", prefix + HANDLER, event],
+                 "bare": [str(base), "-I", "-S", "-c", prefix + BARE, packaged_model]},
+                env, runs, cwd=root)
 
 
 def main() -> None:
@@ -150,6 +160,9 @@ def main() -> None:
     parser.add_argument("--packaged", action="store_true",
                         help="also measure the function's zip (builds it: needs the wheels)")
     parser.add_argument("--no-warm", action="store_true", help="skip the warm comparison")
+    parser.add_argument("--previous", metavar="TREE",
+                        help="also time the handler of another checkout of the project (e.g. "
+                             "`git worktree add /tmp/prev HEAD~3`) in the same interleaved runs")
     args = parser.parse_args()
 
     print(f"load average {os.getloadavg()[0]:.1f} on {os.cpu_count()} CPUs")
@@ -160,8 +173,15 @@ def main() -> None:
     env = {**os.environ, "SHARDSERVE_REPOSITORY": str(REPOSITORY),
            "SHARDSERVE_LOG_LEVEL": "WARNING"}
     env.pop("SHARDSERVE_LOAD", None)
-    compare(f"source tree, {args.model}", [sys.executable, "-c", HANDLER, event],
-            [sys.executable, "-c", BARE, model_file], env, args.runs)
+    commands = {"handler": [sys.executable, "-c", HANDLER, event],
+                "bare": [sys.executable, "-c", BARE, model_file]}
+    cwds = {}
+    if args.previous:  # another checkout's handler in the same interleaved runs
+        previous = Path(args.previous).resolve()
+        for name in ("runtime", "handlers", "plugins"):
+            compileall.compile_dir(str(previous / name), quiet=1)
+        commands["previous"], cwds["previous"] = [sys.executable, "-c", HANDLER, event], previous
+    compare(f"source tree, {args.model}", commands, env, args.runs, cwds=cwds)
     if args.packaged:
         packaged(args.model, event, args.runs)
 

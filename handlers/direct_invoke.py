@@ -8,7 +8,6 @@ and the answer API Gateway's ``{"statusCode", "headers", "body", "isBase64Encode
 
 from __future__ import annotations
 
-import base64
 from typing import Any
 
 MARKER = "shardserve"
@@ -17,6 +16,8 @@ VERSION = "v2"
 
 def make_event(method: str, path: str, headers: dict[str, str], body: bytes) -> dict:
     """The event that invokes ``path`` on another shardserve function."""
+    import base64  # here: a handler's cold start only asks is_direct_invoke
+
     return {MARKER: VERSION, "method": method, "path": path, "headers": dict(headers),
             "body": base64.b64encode(body).decode("ascii"), "isBase64Encoded": True}
 
@@ -28,6 +29,8 @@ def is_direct_invoke(event: dict) -> bool:
 def read_answer(answer: Any) -> tuple[int, bytes, dict[str, str]]:
     """Status, body and lower-cased headers of a handler's answer; ValueError, KeyError or
     TypeError when it is not one."""
+    import base64
+
     data = answer.get("body") or ""
     if not isinstance(data, str):
         raise TypeError("body must be a string")

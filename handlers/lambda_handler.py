@@ -15,7 +15,6 @@ an opaque 502 (API Gateway).
 
 from __future__ import annotations
 
-import base64
 import binascii
 import logging
 import math
@@ -69,6 +68,8 @@ def _body(event: dict) -> bytes:
             "(application/octet-stream) instead of JSON"
         )
     if event.get("isBase64Encoded"):
+        import base64  # here: a JSON request's cold start does not import it
+
         try:
             return base64.b64decode(body, validate=True)
         except (binascii.Error, ValueError):
@@ -133,6 +134,8 @@ def to_lambda_response(response: HttpResponse) -> dict:
     if _is_text(response):
         body, encoded = response.body.decode("utf-8"), False
     else:
+        import base64
+
         body, encoded = base64.b64encode(response.body).decode("ascii"), True
     if len(body) > LAMBDA_PAYLOAD_LIMIT:
         return to_lambda_response(error_response(PayloadTooLarge(

@@ -9,12 +9,9 @@ takes effect without a restart. ``shardserve keys create`` prints a key once.
 
 from __future__ import annotations
 
-import hashlib
-import hmac
 import json
 import logging
 import os
-import secrets
 import threading
 import time
 from collections.abc import Iterator
@@ -37,6 +34,8 @@ _DUMMY = {"salt": "00" * 16, "hash": "00" * 32}
 
 
 def hash_secret(salt: bytes, secret: str) -> bytes:
+    import hashlib  # here, not at import: a cold start without API keys skips OpenSSL
+
     return hashlib.sha256(salt + secret.encode()).digest()
 
 
@@ -115,6 +114,8 @@ class KeyStore:
 
     def create(self, name: str, models: list[str], actions: list[str]) -> tuple[str, str]:
         """Add a key; returns (key id, the full key, shown only now)."""
+        import secrets
+
         secret = secrets.token_urlsafe(32)
         salt = secrets.token_bytes(16)
         with self._changing() as keys:
@@ -133,6 +134,8 @@ class KeyStore:
 
     def check(self, presented: str) -> dict:
         """The key's record, or Unauthorized; the comparison is constant-time."""
+        import hmac
+
         parts = presented.split("_", 2)
         key_id, secret = (parts[1], parts[2]) if len(parts) == 3 and parts[0] == PREFIX else (
             "", presented)

@@ -20,9 +20,6 @@ worker process on the host refuses a replay, also after a worker restart;
 
 from __future__ import annotations
 
-import hashlib
-import hmac
-import secrets
 import threading
 import time
 from collections import OrderedDict
@@ -42,6 +39,8 @@ MAX_NONCES = 1_000_000
 
 def string_to_sign(method: str, path: str, query: dict, body: bytes, timestamp: str,
                    nonce: str) -> bytes:
+    import hashlib  # here: a cold start without HMAC clients skips OpenSSL
+
     canonical_query = "&".join(f"{quote(k, safe='')}={quote(str(v), safe='')}"
                                for k, v in sorted(query.items()))
     return "\n".join([SCHEME, method.upper(), path, canonical_query,
@@ -52,6 +51,10 @@ def sign_request(secret: bytes, client: str, method: str, path: str, body: bytes
                  query: dict | None = None, timestamp: int | None = None,
                  nonce: str | None = None) -> dict[str, str]:
     """The ``Authorization`` header a client sends (used by tests and benchmarks)."""
+    import hashlib
+    import hmac
+    import secrets
+
     ts = str(int(time.time()) if timestamp is None else timestamp)
     nonce = nonce or secrets.token_hex(16)
     sig = hmac.new(secret, string_to_sign(method, path, query or {}, body, ts, nonce),
@@ -117,6 +120,9 @@ class HmacAuthenticator:
 
     @hookimpl(tryfirst=True)
     def shardserve_authenticate(self, request: Any):
+        import hashlib
+        import hmac
+
         header = request.headers.get("authorization", "")
         if not header.startswith(SCHEME + " "):
             return None

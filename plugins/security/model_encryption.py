@@ -17,11 +17,8 @@ rename it) or ``[security] master_key_file``. Plaintext exists only in memory.
 
 from __future__ import annotations
 
-import base64
-import hashlib
 import json
 import os
-import secrets
 import struct
 from collections.abc import Iterator
 from pathlib import Path
@@ -48,6 +45,8 @@ class DecryptionError(Exception):
 
 
 def master_key_id(master: bytes) -> str:
+    import hashlib  # here, not at import: a cold start that decrypts nothing skips OpenSSL
+
     return hashlib.sha256(b"shardserve-master-key-id" + master).hexdigest()[:16]
 
 
@@ -58,9 +57,11 @@ def _check_master(master: bytes) -> bytes:
 
 
 def wrap_key(master: bytes, data_key: bytes, filename: str) -> dict:
+    import base64
+
     from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 
-    nonce = secrets.token_bytes(12)
+    nonce = os.urandom(12)
     wrapped = AESGCM(master).encrypt(nonce, data_key, b"shardserve-dek:" + filename.encode())
     return {"version": 1, "master_key_id": master_key_id(master),
             "nonce": base64.b64encode(nonce).decode(),
@@ -68,6 +69,8 @@ def wrap_key(master: bytes, data_key: bytes, filename: str) -> dict:
 
 
 def unwrap_key(master: bytes, doc: dict, filename: str) -> bytes:
+    import base64
+
     from cryptography.exceptions import InvalidTag
     from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 
@@ -92,7 +95,9 @@ def encrypt_stream(src: BinaryIO, dst: BinaryIO, size: int, data_key: bytes, fil
     """Encrypt ``size`` bytes from ``src`` to ``dst``, one chunk in memory at a time."""
     from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 
-    prefix = secrets.token_bytes(8)
+    import hashlib
+
+    prefix = os.urandom(8)  # what secrets.token_bytes returns, without importing it
     header = json.dumps({"alg": "AES-256-GCM", "chunk_size": chunk_size, "size": size,
                          "nonce_prefix": prefix.hex(), "file": filename}).encode()
     digest = hashlib.sha256(header).digest()
@@ -115,6 +120,8 @@ def _header(data: memoryview | bytes) -> tuple[dict, bytes, int]:
     if not 0 < length <= MAX_HEADER or start + length > len(data):
         raise DecryptionError("encrypted file header is malformed")
     raw = bytes(data[start:start + length])
+    import hashlib
+
     try:
         header = json.loads(raw)
         if header["alg"] != "AES-256-GCM" or int(header["chunk_size"]) <= 0:
@@ -158,6 +165,8 @@ def master_key(sec: Any, env_override: str | None = None) -> bytes:
     path = sec.raw.get("master_key_file")
     if not path or os.environ.get(env):
         return _check_master(read_key_material("master key", env, None))
+    import base64
+
     return _check_master(base64.b64decode(read_key_material("master key", None, path).strip()))
 
 
@@ -187,7 +196,7 @@ def encrypt_file(path: Path, master: bytes, chunk_size: int = DEFAULT_CHUNK) -> 
     """
     if is_encrypted(path):
         raise ConfigError(f"{path.name} is already encrypted")
-    data_key = secrets.token_bytes(32)
+    data_key = os.urandom(32)
     with atomic_file(path) as dst, open(path, "rb") as src:
         encrypt_stream(src, dst, path.stat().st_size, data_key, path.name, chunk_size)
         write_atomically(dek_path(path), json.dumps(wrap_key(master, data_key, path.name)),
@@ -245,6 +254,8 @@ def _targets(model_dir: Path, pattern: str) -> list[Path]:
 
 def _cli_master(args: argparse.Namespace, env_name: str, file_arg: str | None) -> bytes:
     if file_arg:
+        import base64
+
         return _check_master(base64.b64decode(Path(file_arg).read_bytes().strip()))
     return _check_master(read_key_material("master key", env_name, None))
 

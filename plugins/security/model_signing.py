@@ -17,8 +17,6 @@ every file's digest; the error names the file that failed.
 
 from __future__ import annotations
 
-import base64
-import hashlib
 import json
 import os
 import threading
@@ -53,8 +51,16 @@ def pae(payload_type: str, payload: bytes) -> bytes:
     return b"DSSEv1 %d %s %d %s" % (len(kind), kind, len(payload), payload)
 
 
+def _sha256(data: bytes = b"") -> Any:
+    """``hashlib.sha256``, imported on first use: a cold start that verifies nothing skips
+    loading OpenSSL."""
+    import hashlib
+
+    return hashlib.sha256(data)
+
+
 def file_digest(path: Path) -> str:
-    h = hashlib.sha256()
+    h = _sha256()
     with open(path, "rb") as fh:
         while chunk := fh.read(CHUNK):
             h.update(chunk)
@@ -75,7 +81,7 @@ def model_files(root: Path, ignore: str = SIGNATURE_FILE) -> list[str]:
 
 def statement(root: Path, digests: dict[str, str]) -> dict:
     resources = [{"name": n, "algorithm": "sha256", "digest": digests[n]} for n in sorted(digests)]
-    root_digest = hashlib.sha256(b"".join(bytes.fromhex(r["digest"]) for r in resources))
+    root_digest = _sha256(b"".join(bytes.fromhex(r["digest"]) for r in resources))
     return {
         "_type": STATEMENT_TYPE,
         "subject": [{"name": root.name, "digest": {"sha256": root_digest.hexdigest()}}],
@@ -128,10 +134,12 @@ def _verify_bytes(public_key: Any, signature: bytes, data: bytes) -> bool:
 
 def sign_directory(root: Path, private_key: Any) -> Path:
     """Write ``root/model.sig`` over every file in ``root``."""
+    import base64
+
     digests = {name: file_digest(root / name) for name in model_files(root)}
     payload = json.dumps(statement(root, digests), separators=(",", ":")).encode()
     signature = _sign_bytes(private_key, pae(PAYLOAD_TYPE, payload))
-    hint = hashlib.sha256(_public_pem(private_key.public_key())).hexdigest()
+    hint = _sha256(_public_pem(private_key.public_key())).hexdigest()
     bundle = {
         "mediaType": BUNDLE_MEDIA_TYPE,
         "verificationMaterial": {
@@ -151,6 +159,8 @@ def sign_directory(root: Path, private_key: Any) -> Path:
 
 def verified_manifest(bundle_bytes: bytes, public_keys: list) -> dict[str, str]:
     """name -> sha256 hex from a bundle whose signature one trusted key verifies."""
+    import base64
+
     try:
         bundle = json.loads(bundle_bytes)
         envelope = bundle["dsseEnvelope"]
@@ -163,7 +173,7 @@ def verified_manifest(bundle_bytes: bytes, public_keys: list) -> dict[str, str]:
     if payload_type != PAYLOAD_TYPE:
         raise SignatureError(f"{SIGNATURE_FILE} has an unexpected payload type")
     candidates = [k for k in public_keys
-                  if not hint or hashlib.sha256(_public_pem(k)).hexdigest() == hint] or public_keys
+                  if not hint or _sha256(_public_pem(k)).hexdigest() == hint] or public_keys
     if not any(_verify_bytes(k, sig, pae(payload_type, payload)) for k in candidates):
         raise SignatureError(f"{SIGNATURE_FILE} is not signed by a trusted key")
     try:
@@ -172,7 +182,7 @@ def verified_manifest(bundle_bytes: bytes, public_keys: list) -> dict[str, str]:
             raise ValueError
         resources = doc["predicate"]["resources"]
         manifest = {r["name"]: r["digest"] for r in resources if r["algorithm"] == "sha256"}
-        root = hashlib.sha256(b"".join(bytes.fromhex(r["digest"]) for r in resources))
+        root = _sha256(b"".join(bytes.fromhex(r["digest"]) for r in resources))
         if root.hexdigest() != doc["subject"][0]["digest"]["sha256"]:
             raise ValueError
     except (ValueError, KeyError, IndexError, TypeError):
@@ -197,7 +207,7 @@ def verify_directory(root: Path, public_keys: list, first: tuple[str, bytes] | N
         if name not in manifest:
             raise SignatureError(f"{name} is not covered by the signature")
         if first is not None and name == first[0]:
-            digest = hashlib.sha256(first[1]).hexdigest()
+            digest = _sha256(first[1]).hexdigest()
         else:
             digest = file_digest(root / name)
         if digest != manifest[name]:

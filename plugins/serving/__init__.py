@@ -9,6 +9,7 @@ request (the ``shardserve_audit`` event dispatch emits) into metrics and one JSO
 from __future__ import annotations
 
 import logging
+import os
 import time
 from typing import Any
 
@@ -19,6 +20,8 @@ from .logs import log_request
 from .metrics import configure, enabled, metrics
 
 log = logging.getLogger("shardserve.serving")
+# the state directory `shardserve serve` gives its workers (.shared_repository)
+STATE_ENVIRONMENT = "SHARDSERVE_REPOSITORY_STATE"
 
 
 @hookimpl
@@ -31,6 +34,8 @@ def shardserve_wrap_backend(settings: Any, backend: Any) -> Any:
 
 @hookimpl
 def shardserve_shared_repository(runtime: Any) -> Any:
+    if not os.environ.get(STATE_ENVIRONMENT):  # not a gunicorn worker: a Lambda, a test
+        return None
     from .shared_repository import shared_state
 
     return shared_state(runtime)

@@ -29,7 +29,8 @@ from typing import Any
 from plugins.atomic_files import write_atomically
 from runtime.errors import ServiceUnavailable
 
-ENVIRONMENT = "SHARDSERVE_REPOSITORY_STATE"
+from . import STATE_ENVIRONMENT as ENVIRONMENT
+
 ACTIONS = ("load", "unload")
 WATCH_INTERVAL_S = 0.25
 
