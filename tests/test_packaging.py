@@ -21,7 +21,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import requests
-from conftest import EXAMPLE_MODELS, EXAMPLES, ROOT, example_inputs
+from conftest import ALL_EXAMPLES, EXAMPLE_MODELS, EXAMPLES, ROOT, example_inputs
 from test_serverless_offline import SERVERLESS, free_port
 
 from runtime.codec import decode_response, encode_request
@@ -76,7 +76,7 @@ def packaged(tmp_path_factory):
     done = subprocess.run([str(SERVERLESS), "package", "--package", str(out / "sls")], cwd=ROOT,
                           env=env, capture_output=True, text=True, timeout=600)
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
-    return out, done.stdout
+    return out, done.stdout + done.stderr
 
 
 @pytest.mark.slow
@@ -110,7 +110,11 @@ def test_serverless_package_prints_sizes_under_the_limit(packaged):
     template = json.loads((out / "sls" / "cloudformation-template-update-stack.json").read_text())
     infer = template["Resources"]["InferLambdaFunction"]["Properties"]
     assert infer["Runtime"] == RUNTIME and infer["Code"]["S3Key"].endswith("/infer.zip")
-    assert infer["SnapStart"] == {"ApplyOn": "PublishedVersions"}
+    if sys.version_info >= (3, 12):
+        assert infer["SnapStart"] == {"ApplyOn": "PublishedVersions"}
+    else:  # serverless.yml asks for SnapStart; this runtime has none, so it is off, loudly
+        assert "SnapStart" not in infer
+        assert f"function infer: SnapStart switched off: runtime {RUNTIME}" in printed
 
 
 @pytest.mark.slow
@@ -212,6 +216,41 @@ def test_serverless_offline_runs_the_packaged_artifact(packaged, tmp_path):
                 proc.wait(5)
         log.close()
 
+
+
+SNAPSTART_CHECK = r"""
+const Plugin = require(process.argv[1]);
+const warnings = [];
+const service = {provider: {runtime: process.argv[2]},
+                 functions: {infer: {snapStart: true}, shard: {snapStart: true, runtime: 'python3.13'},
+                             plain: {}}};
+const plugin = new Plugin({service, cli: {}}, {}, {log: {warning: (m) => warnings.push(m)}});
+plugin.hooks.initialize();
+console.log(JSON.stringify({functions: service.functions, warnings}));
+"""
+
+
+@pytest.mark.parametrize("runtime", ["python3.11", "python3.12"])
+def test_snapstart_is_switched_off_loudly_on_a_python_without_it(runtime):
+    """serverless.yml's runtime comes from SHARDSERVE_LAMBDA_RUNTIME; SnapStart needs
+    python3.12+, so on python3.11 the deploy plugin drops it (saying so) rather than leave a
+    stack that CloudFormation refuses at deploy time; a function's own runtime counts."""
+    node = shutil.which("node")
+    if node is None:
+        pytest.fail("node is missing: the serverless tooling needs it (`make test` runs npm ci)")
+    done = subprocess.run([node, "-e", SNAPSTART_CHECK, str(ROOT / "deploy" / "shardserve-package.js"),
+                           runtime], capture_output=True, text=True, timeout=60, check=True)
+    result = json.loads(done.stdout)
+    assert result["functions"]["shard"] == {"snapStart": True, "runtime": "python3.13"}
+    assert result["functions"]["plain"] == {}
+    if runtime == "python3.12":
+        assert result["functions"]["infer"] == {"snapStart": True} and not result["warnings"]
+    else:
+        assert result["functions"]["infer"] == {}
+        assert result["warnings"] == [
+            "function infer: SnapStart switched off: runtime python3.11 has no SnapStart "
+            "(python3.12 or later); set provider.runtime (SHARDSERVE_LAMBDA_RUNTIME) to "
+            "python3.12+ to keep it"]
 
 # Over the limit, numba, needs ------------------------------------------------------------
 
@@ -340,7 +379,7 @@ def snapstart_copies(mode: str) -> dict:
 
 def test_snapstart_restored_copies_never_repeat_after_the_hook():
     result = snapstart_copies("hook")
-    assert result["loaded"] == sorted(EXAMPLE_MODELS)  # loaded before the snapshot
+    assert result["loaded"] == list(ALL_EXAMPLES)  # loaded before the snapshot
     copies = result["copies"]
     nonces = [n for c in copies for n in c["nonces"]]
     assert len(set(nonces)) == len(nonces) == 12
