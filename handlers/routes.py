@@ -8,14 +8,13 @@ status code or rule lives anywhere else.
 from __future__ import annotations
 
 import logging
-import os
 import re
 import time
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from typing import Any
 
-from runtime import Runtime, call_scope
+from runtime import CallContext, Runtime
 from runtime.codec import (
     decode_request,
     encode_response,
@@ -23,6 +22,7 @@ from runtime.codec import (
     json_loads,
     parse_header_length,
 )
+from runtime.core import new_request_id
 from runtime.errors import (
     BadRequest,
     MethodNotAllowed,
@@ -76,11 +76,13 @@ _LONG_QUOTED = re.compile(rf"(['\"])([^'\"]{{{NAME_SHOWN}}})[^'\"]+\1")
 
 
 def request_id(*supplied: Any) -> str:
-    """The first supplied id that is 1-64 plain characters (no log injection), else a new one."""
+    """The first supplied id that is 1-64 plain characters (no log injection), else a new one.
+    ``dispatch`` decides every request's id with it; edges call it only for the few answers
+    they give without dispatch (a connection refused before routing)."""
     for value in supplied:
         if isinstance(value, str) and REQUEST_ID.fullmatch(value):
             return value
-    return os.urandom(8).hex()
+    return new_request_id()
 
 
 def body_too_large(limit: int, size: int | None = None) -> PayloadTooLarge:
@@ -153,16 +155,15 @@ def model_config(rt: Runtime, req: HttpRequest, model: str, version: str | None 
 
 
 def infer(rt: Runtime, req: HttpRequest, model: str, version: str | None = None):
-    loaded = rt.get_model(model, version)  # an unknown model is 404 whatever the body holds
-    request = decode_request(  # checked against the model's inputs before data is read
-        req.body,
-        parse_header_length(req.headers.get("inference-header-content-length")),
-        max_elements=rt.config.max_tensor_elements or None,
-        specs=loaded.input_specs, batched=bool(loaded.config.max_batch_size),
-    )
-    classes = requested_classes(request)  # Triton's classification extension
-    response = rt.infer(model, request, version=version, principal=req.principal,
-                        deadline=req.deadline)
+    with rt.acquire(model, version) as loaded:  # unknown model: 404 whatever the body holds
+        request = decode_request(  # checked against the model's inputs before data is read
+            req.body,
+            parse_header_length(req.headers.get("inference-header-content-length")),
+            max_elements=rt.config.max_tensor_elements or None,
+            specs=loaded.input_specs, batched=loaded.batched,
+        )
+        classes = requested_classes(request)  # Triton's classification extension
+        response = rt.run(loaded, request, req.principal, req.deadline)
     if classes:
         apply_classification(response, classes)
     body, headers = encode_response(response, request)
@@ -397,7 +398,7 @@ def dispatch(rt: Runtime, req: HttpRequest) -> HttpResponse:
         # security guard: 401/403/429 before any view runs (plugins/security)
         req.principal = rt.authenticate(req) if action != "health" else None
         rt.authorize(req.principal, action, params.get("model"))
-        with call_scope(req.request_id) as call:  # infer records the served version, hops
+        with CallContext(req.request_id) as call:  # run records the served version, hops
             response = route.view(rt, req, **params)
     except Exception as exc:  # the one place errors become responses
         response = error_response(exc)

@@ -1,7 +1,7 @@
 """shardserve's tiny core: hookspecs, plugins, repository, codec and the Runtime."""
 
-from .core import BackendSettings, CallContext, Runtime, TensorSpec, call_scope, current_call
+from .core import BackendSettings, CallContext, Runtime, TensorSpec, current_call
 from .hookspecs import hookimpl
 
-__all__ = ["BackendSettings", "CallContext", "Runtime", "TensorSpec", "call_scope",
-           "current_call", "hookimpl"]
+__all__ = ["BackendSettings", "CallContext", "Runtime", "TensorSpec", "current_call",
+           "hookimpl"]

@@ -6,9 +6,9 @@ manager, the model repository and the loaded models, and knows nothing of HTTP (
 from __future__ import annotations
 
 import logging
+import os
 import threading
 import time
-import uuid
 from collections.abc import Callable, Mapping
 from contextvars import ContextVar
 from dataclasses import dataclass, field
@@ -93,64 +93,109 @@ class RequestLimits:
             raise GatewayTimeout("request deadline passed")
 
 
-@dataclass
 class LoadedModel:
-    """A served model version (a wrapped, loaded backend) and the requests running on it."""
+    """A served model version (a wrapped, loaded backend) and the requests running on it.
 
-    name: str
-    version: int
-    backend: Any
-    config: ModelConfig
-    users: int = 0  # requests running on it; a retired version closes when the last ends
-    retired: bool = False
-    guard: threading.Lock = field(default_factory=threading.Lock, repr=False)
+    ``with model:`` (after :meth:`Runtime.acquire`) counts a request in; a retired version
+    closes when its last request ends. The count is a list, whose append and pop are atomic:
+    no lock on the request path."""
 
-    def __post_init__(self) -> None:
-        self.inputs, self.outputs = list(self.backend.inputs), list(self.backend.outputs)
+    def __init__(self, name: str, version: int, backend: Any, config: ModelConfig):
+        self.name, self.version, self.backend, self.config = name, version, backend, config
+        self.inputs, self.outputs = list(backend.inputs), list(backend.outputs)
         self.input_specs = {spec.name: spec for spec in self.inputs}
         self.output_names = [spec.name for spec in self.outputs]
+        self.batched = bool(config.max_batch_size)
+        self._running: list = []  # one entry per request running on it
+        self._retired = False
+        self._closed = threading.Lock()  # taken once: by whoever closes the backend
 
-    def acquire(self) -> bool:
+    def hold(self) -> bool:
         """Count a request in; False once a reload or unload retired this version."""
-        with self.guard:
-            self.users += not self.retired
-            return not self.retired
+        self._running.append(None)
+        if not self._retired:
+            return True
+        self.release()
+        return False
 
     def release(self) -> None:
-        with self.guard:
-            self.users -= 1
-            last = self.retired and self.users == 0
-        if last:
-            close_backend(self.backend)
+        self._running.pop()
+        if self._retired and not self._running:
+            self._close()
+
+    def __enter__(self) -> LoadedModel:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.release()
 
     def retire(self) -> None:
         """Close the backend now, or when the requests still running on it finish."""
-        with self.guard:
-            idle, self.retired = self.users == 0 and not self.retired, True
-        if idle:
+        self._retired = True
+        if not self._running:
+            self._close()
+
+    def _close(self) -> None:
+        if self._closed.acquire(blocking=False):
             close_backend(self.backend)
+
+    def check(self, request: InferRequest) -> tuple[dict, list[str]]:
+        """The feed dict and the output names wanted, after checking names, datatypes and
+        shapes (each input's already when ``decode_request`` checked it against this version)."""
+        specs = self.input_specs
+        if request.checked is specs:
+            feed = {item.name: item.data for item in request.inputs}
+        else:
+            feed = {}
+            for item in request.inputs:
+                shape = check_tensor(specs, item.name, item.datatype, item.shape, self.batched)
+                feed[item.name] = item.data if shape is item.shape else item.data.reshape(shape)
+        if len(feed) != len(specs):
+            missing = sorted(set(specs) - set(feed))
+            raise BadRequest(f"missing inputs for model {self.name!r}: {', '.join(missing)}")
+        limit = self.config.max_batch_size
+        batch = request.inputs[0].shape[:1] if limit and request.inputs else ()
+        if batch and batch[0] > limit:
+            raise BadRequest(f"batch size {batch[0]} is over max_batch_size {limit}")
+        if request.outputs is None:
+            return feed, self.output_names
+        wanted = [o.name for o in request.outputs]
+        unknown = [n for n in wanted if n not in self.output_names]
+        if unknown:
+            raise BadRequest(f"unknown output {unknown[0]!r} for model {self.name!r}")
+        if len(set(wanted)) != len(wanted):
+            raise BadRequest("an output is requested twice")
+        return feed, wanted
+
+
+def new_request_id() -> str:
+    """A fresh request id, 16 hex digits: dispatch's for a request that brings no sane one,
+    and the id of a call made without an edge and without a V2 ``id``."""
+    return os.urandom(8).hex()
 
 
 class CallContext:
     """The request a backend run serves, for executors (docs/executors.md): the id binds
     encrypted tensors to it, the deadline bounds every remote call, hops are recorded.
-    After the run, ``version`` is the version that served it (for the audit event)."""
+    ``handlers.routes.dispatch`` opens one per request with its request id (``with
+    CallContext(id) as call``); ``Runtime.run`` fills in the model, the deadline and the
+    version that served, which reach the audit event."""
 
     __slots__ = ("_request_id", "model", "deadline", "hops", "version", "_token")
 
-    def __init__(self, request_id: str | None, model: str | None = None,
-                 deadline: float | None = None):
+    def __init__(self, request_id: str | None = None, model: str | None = None,
+                 deadline: float | None = None, version: str | None = None):
         self._request_id = request_id
         self.model = model
         self.deadline = deadline  # time.monotonic(); the earlier of caller's and limits'
         self.hops: list[dict] = []  # executors append one dict per remote hop
-        self.version: str | None = None
+        self.version = version
 
     @property
     def request_id(self) -> str:
-        """The request's id, made up on first use when the client sent none."""
+        """The request's id, made up on first use when nobody gave one."""
         if self._request_id is None:
-            self._request_id = uuid.uuid4().hex
+            self._request_id = new_request_id()
         return self._request_id
 
     def __enter__(self) -> CallContext:  # a plain class: cheaper than @contextmanager
@@ -165,14 +210,8 @@ _call: ContextVar[CallContext | None] = ContextVar("shardserve_call", default=No
 
 
 def current_call() -> CallContext | None:
-    """The request being served in this context (set by ``Runtime.infer``), or None."""
+    """The request being served in this context (set by ``Runtime.run``), or None."""
     return _call.get()
-
-
-def call_scope(request_id: str | None = None) -> CallContext:
-    """One request's context around an edge's dispatch (``with call_scope(id) as call``):
-    ``Runtime.infer`` records the version that served and the hops, for the audit event."""
-    return CallContext(request_id)
 
 
 @dataclass
@@ -191,31 +230,6 @@ def _stamp(path: Path, depth: int = 2) -> tuple:
                       else ()) for p in sorted(path.iterdir()))
     except OSError:
         return ()
-
-
-def _check_request(model: LoadedModel, request: InferRequest) -> tuple[dict, list[str]]:
-    """The feed dict and the output names wanted, after checking names, datatypes and shapes."""
-    specs = model.input_specs
-    batched = bool(model.config.max_batch_size)
-    feed = {}
-    for item in request.inputs:
-        shape = check_tensor(specs, item.name, item.datatype, item.shape, batched)
-        feed[item.name] = item.data if shape is item.shape else item.data.reshape(shape)
-    if len(feed) != len(specs):
-        missing = sorted(set(specs) - set(feed))
-        raise BadRequest(f"missing inputs for model {model.name!r}: {', '.join(missing)}")
-    limit = model.config.max_batch_size
-    if limit and request.inputs and request.inputs[0].shape and request.inputs[0].shape[0] > limit:
-        raise BadRequest(f"batch size {request.inputs[0].shape[0]} is over max_batch_size {limit}")
-    if request.outputs is None:
-        return feed, model.output_names
-    wanted = [o.name for o in request.outputs]
-    unknown = [n for n in wanted if n not in model.output_names]
-    if unknown:
-        raise BadRequest(f"unknown output {unknown[0]!r} for model {model.name!r}")
-    if len(set(wanted)) != len(wanted):
-        raise BadRequest("an output is requested twice")
-    return feed, wanted
 
 
 class Runtime:
@@ -414,12 +428,18 @@ class Runtime:
 
     def get_model(self, name: str, version: str | int | None = None) -> LoadedModel:
         """The loaded model version (the newest when ``version`` is None)."""
-        self._sync(name, background=True)
-        versions = self._status(name).versions
-        wanted = validate_version(version)
-        if wanted is None and not versions:  # unloaded meanwhile
-            raise ServiceUnavailable(f"model {name!r} is not loaded")
-        model = versions.get(max(versions) if wanted is None else wanted)
+        if self._shared is not None:
+            self._shared.sync(self._apply, name, True)
+        status = self._models.get(name)
+        versions = (status if status is not None and status.versions else self._status(name)
+                    ).versions
+        wanted = validate_version(version) if version is not None else None
+        if wanted is None:
+            try:
+                return versions[max(versions)]
+            except ValueError:  # unloaded meanwhile
+                raise ServiceUnavailable(f"model {name!r} is not loaded") from None
+        model = versions.get(wanted)
         if model is None:
             raise NotFound(f"version {wanted} of model {name!r} is not available")
         return model
@@ -478,33 +498,49 @@ class Runtime:
                if isinstance(getattr(model.backend, "task", None), str) else {}),
         }
 
+    def acquire(self, name: str, version: str | int | None = None) -> LoadedModel:
+        """The served version, counted in until released (``with rt.acquire(name) as model``):
+        a reload or unload closes it only after that."""
+        for _ in range(100):  # a miss means a reload swapped the version meanwhile
+            model = self.get_model(name, version)
+            if model.hold():
+                return model
+        raise ServiceUnavailable(f"model {name!r} is reloading")
+
     def infer(self, name: str, request: InferRequest, version: str | int | None = None,
               principal: Any = None, deadline: float | None = None) -> InferResponse:
         """Run one inference request; raises typed errors for bad requests. ``deadline`` is a
         ``time.monotonic()`` value (a Lambda's remaining time): past it the model does not run
         and the caller gets 504."""
-        model = self._acquire(name, version)  # a reload or unload closes it only after this
+        model = self.acquire(name, version)
         try:
-            feed, wanted = _check_request(model, request)
-            limits, deadline = self.request_limits(principal, name, deadline)
-            if limits is not None:
-                limits.check_request(request)
-            call = _call.get()
-            scoped = call is not None and call.model is None  # inside an edge's call_scope
-            call = call if scoped else CallContext(None)
-            call._request_id = request.id or call._request_id
-            call.model, call.deadline, call.version = name, deadline, str(model.version)
-            if scoped:
-                outputs = model.backend.run(feed, wanted)
-            else:
-                with call:
-                    outputs = model.backend.run(feed, wanted)
-            if limits is not None:
-                limits.check_deadline()
+            return self.run(model, request, principal, deadline)
         finally:
             model.release()
-        return InferResponse(model_name=name, model_version=str(model.version), outputs=outputs,
-                             id=request.id)
+
+    def run(self, model: LoadedModel, request: InferRequest, principal: Any = None,
+            deadline: float | None = None) -> InferResponse:
+        """:meth:`infer` on a version already held with :meth:`acquire` (the infer route:
+        one lookup for decoding and running)."""
+        feed, wanted = model.check(request)
+        limits = None
+        if principal is not None or deadline is not None:
+            limits, deadline = self.request_limits(principal, model.name, deadline)
+            if limits is not None:
+                limits.check_request(request)
+        version, call = str(model.version), _call.get()
+        if call is not None and call.model is None:  # dispatch's context: its request id
+            call.model, call.deadline, call.version = model.name, deadline, version
+            outputs = model.backend.run(feed, wanted)
+        else:  # called without an edge: the V2 id, if any, names the call
+            token = _call.set(CallContext(request.id, model.name, deadline, version))
+            try:
+                outputs = model.backend.run(feed, wanted)
+            finally:
+                _call.reset(token)
+        if limits is not None:
+            limits.check_deadline()
+        return InferResponse(model.name, version, outputs, request.id)
 
     def request_limits(self, principal: Any, model: str,
                        deadline: float | None = None) -> tuple[RequestLimits | None, float | None]:
@@ -522,19 +558,12 @@ class Runtime:
             raise GatewayTimeout(f"deadline passed before model {model!r} ran")
         return limits, deadline
 
-    def _acquire(self, name: str, version: str | int | None) -> LoadedModel:
-        for _ in range(100):  # a miss means a reload swapped the version meanwhile
-            model = self.get_model(name, version)
-            if model.acquire():
-                return model
-        raise ServiceUnavailable(f"model {name!r} is reloading")
-
     def generate(self, name: str, request: Any, version: str | int | None = None,
                  principal: Any = None, deadline: float | None = None) -> Any:
         """Start a generation on a backend that may stream (``generate``) and return its event
         iterator. ``request`` is that backend's own request object: the core only finds the
         model, applies the principal's deadline, and answers 400 when the model cannot stream."""
-        model = self._acquire(name, version)  # held until the stream ends: reloads drain it
+        model = self.acquire(name, version)  # held until the stream ends: reloads drain it
         try:
             stream = getattr(model.backend, "generate", None)
             if stream is None:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -32,12 +33,15 @@ class RequestedOutput:
 
 @dataclass(slots=True)
 class InferRequest:
-    """A decoded inference request. ``outputs`` None means every model output."""
+    """A decoded inference request. ``outputs`` None means every model output. ``checked``:
+    the input specs ``decode_request`` checked the inputs against (their shapes are then the
+    model's), so the runtime does not check them again."""
 
     inputs: list[InferInput]
     outputs: list[RequestedOutput] | None = None
     id: str | None = None
     parameters: dict = field(default_factory=dict)
+    checked: Mapping | None = None
 
     @property
     def binary_output_default(self) -> bool:

@@ -22,7 +22,7 @@ from executor_support import (
     place,
 )
 
-from runtime import Runtime, call_scope
+from runtime import Runtime
 from runtime.core import CallContext, _call
 from runtime.errors import GatewayTimeout, ServiceUnavailable
 
@@ -67,7 +67,7 @@ def test_planner_and_link_emulator_agree_on_one_link(cluster, bandwidth, rtt):
     rt = edge_runtime(edge, executors={"link_bandwidth": bandwidth, "link_rtt": rtt})
     planned = link_from({"bandwidth": bandwidth, "rtt": rtt}, 1e9, 0.0)
     try:
-        with call_scope() as call:
+        with CallContext() as call:
             infer(rt, "cnn_skip", example_inputs("cnn_skip", batch=2), version=2)
         [hop] = call.hops
         predicted = planned.delay_s(hop["bytes_sent"] + hop["bytes_received"])

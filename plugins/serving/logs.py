@@ -1,7 +1,7 @@
 """Structured JSON logs: one object per line, one line per request on ``shardserve.access``.
 
-Request lines carry the request id (dispatch's: ``X-Request-Id`` when the client sent a sane
-one, else the edge's or a new one; :func:`handlers.routes.request_id`), action, model,
+Request lines carry the request id (the audit event's, which dispatch decided: ``X-Request-Id``
+when the client sent a sane one, else the edge's or a new one), action, model,
 version, status, latency and byte counts; never payloads, headers or credentials. Other
 records keep their message; stack traces are never written.
 """
@@ -13,8 +13,6 @@ import os
 import sys
 import time
 from typing import Any
-
-from handlers.routes import REQUEST_ID, request_id  # noqa: F401 - the one sanitiser
 
 access_log = logging.getLogger("shardserve.access")
 
@@ -76,7 +74,7 @@ def log_request(event: dict, model: str, version: str, hops: list | None = None)
     if not access_log.isEnabledFor(level):
         return
     fields = {
-        "request_id": request_id(event.get("request_id")),
+        "request_id": event.get("request_id"),
         "action": event.get("action"),
         "model": model or None,
         "version": version or None,
