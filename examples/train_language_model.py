@@ -6,9 +6,12 @@ byte-level BPE tokenizer is trained with ``tokenizers``, the model with PyTorch 
 dependency: ``shardserve[lm-dev]``), and the result is exported with optimum's
 ``text-generation-with-past`` exporter, unmodified, into ``examples/models/<name>/1/``:
 
-    .venv/bin/python examples/train_language_model.py --steps 600
+    .venv/bin/python examples/train_language_model.py
 
-It prints the held-out perplexity. Nothing of torch is needed to serve the result.
+Deterministic: seeded, one thread by default (the result is the same on every run with the
+same library versions). It prints its progress every 50 steps and the held-out perplexity, and
+writes model.toml and TRAINING.json beside the version. Nothing of torch is needed to serve the
+result.
 """
 
 from __future__ import annotations
@@ -31,6 +34,21 @@ EOS = "<|endoftext|>"
 # Chat over a code model: each message becomes a comment, the answer starts on a fresh line.
 CHAT_TEMPLATE = ("{% for m in messages %}# {{ m['role'] }}: {{ m['content'] }}\n{% endfor %}"
                  "{% if add_generation_prompt %}{% endif %}")
+
+
+MODEL_TOML = """\
+# shardserve model configuration (see docs/repository.md, docs/generation.md)
+# Written by examples/train_language_model.py.
+description = "GPT-2 ({layers} x {width}) on Python's stdlib source, held-out perplexity {ppl:.1f}"
+backend = "onnxruntime"
+task = "text-generation"
+[onnxruntime]
+intra_op_threads = 1
+[generation]
+max_tokens_cap = {cap}
+default_max_tokens = 64
+max_batch = 32
+"""
 
 
 def corpus() -> tuple[list[str], list[str]]:
@@ -64,7 +82,7 @@ def encode(tok, files: list[str]) -> np.ndarray:
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--name", default="stdlib_gpt")
-    p.add_argument("--steps", type=int, default=600)
+    p.add_argument("--steps", type=int, default=1000)
     p.add_argument("--batch", type=int, default=16)
     p.add_argument("--context", type=int, default=128)
     p.add_argument("--vocab", type=int, default=1024)
@@ -77,10 +95,11 @@ def main(argv: list[str] | None = None) -> int:
 
     import torch
     from optimum.exporters.onnx import main_export
-    from transformers import GPT2Config, GPT2LMHeadModel
+    from transformers import GenerationConfig, GPT2Config, GPT2LMHeadModel
 
     torch.manual_seed(0)
-    torch.set_num_threads(args.threads)
+    torch.set_num_threads(args.threads)  # the machine is shared; one thread is the default
+    torch.use_deterministic_algorithms(True)
     train_files, held_files = corpus()
     tok = train_tokenizer(train_files, args.vocab)
     train_ids, held_ids = encode(tok, train_files), encode(tok, held_files)
@@ -90,6 +109,13 @@ def main(argv: list[str] | None = None) -> int:
     config = GPT2Config(vocab_size=args.vocab, n_positions=256, n_embd=args.width,
                         n_layer=args.layers, n_head=4, bos_token_id=eos, eos_token_id=eos)
     model = GPT2LMHeadModel(config)
+    # The served defaults (a request may override each): light sampling, no loops on a small model.
+    model.generation_config = GenerationConfig(
+        bos_token_id=eos, eos_token_id=eos, do_sample=True, temperature=0.7, top_k=40,
+        repetition_penalty=1.1)
+    print(f"model: GPT-2, {args.layers} layers, width {args.width}, vocabulary {args.vocab}, "
+          f"{sum(p.numel() for p in model.parameters()):,} parameters; {args.steps} steps of "
+          f"{args.batch} x {args.context} tokens on {args.threads} thread(s)", flush=True)
     optimizer = torch.optim.AdamW(model.parameters(), lr=args.lr, weight_decay=0.01)
     rng = np.random.default_rng(0)
     warmup = max(1, args.steps // 20)
@@ -129,6 +155,8 @@ def main(argv: list[str] | None = None) -> int:
         for name in ("model.onnx", "config.json", "generation_config.json"):
             shutil.copy(Path(tmp) / "onnx" / name, target / name)
     tok.save(str(target / "tokenizer.json"))
+    (target.parent / "model.toml").write_text(MODEL_TOML.format(
+        layers=args.layers, width=args.width, ppl=ppl, cap=min(192, config.n_positions - 16)))
     (target / "tokenizer_config.json").write_text(json.dumps(
         {"eos_token": EOS, "bos_token": EOS, "chat_template": CHAT_TEMPLATE}, indent=1) + "\n")
     (target.parent / "TRAINING.json").write_text(json.dumps(

@@ -15,7 +15,9 @@ import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
 EXAMPLES = ROOT / "examples" / "models"
-EXAMPLE_MODELS = ("cnn_skip", "digits_mlp", "transformer_block")
+EXAMPLE_MODELS = ("cnn_skip", "digits_mlp", "transformer_block")  # the tensor models
+EXAMPLE_LM = "stdlib_gpt"  # the example language model (examples/train_language_model.py)
+ALL_EXAMPLES = tuple(sorted((*EXAMPLE_MODELS, EXAMPLE_LM)))
 SHARDSERVE = Path(sys.executable).with_name("shardserve")
 
 

@@ -333,8 +333,8 @@ def test_cli_models_and_infer(tmp_path):
 def test_serve_prints_ready_line_and_a_working_sample_request(example_server):
     import requests
 
-    assert "serving 3 model(s): cnn_skip, digits_mlp, transformer_block" in \
-        example_server.ready_line
+    assert ("serving 4 model(s): cnn_skip, digits_mlp, stdlib_gpt, transformer_block"
+            in example_server.ready_line)
     line = example_server.sample_line
     assert line.startswith("sample request: curl -s -X POST ")
     assert "/v2/models/digits_mlp/infer" in line

@@ -16,7 +16,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import requests
-from conftest import EXAMPLE_MODELS, ROOT, example_inputs, reference_outputs
+from conftest import ALL_EXAMPLES, EXAMPLE_MODELS, ROOT, example_inputs, reference_outputs
 from test_hostile_input import CASES
 
 from runtime.codec import decode_response, encode_request
@@ -138,7 +138,7 @@ def test_health_and_repository_routes(offline):
     assert requests.get(offline.base + "/v2/health/ready", timeout=30).json() == {"ready": True}
     assert requests.get(offline.base + "/v2", timeout=30).json()["name"] == "shardserve"
     index = requests.post(offline.base + "/v2/repository/index", json={}, timeout=30).json()
-    assert {m["name"] for m in index} == set(EXAMPLE_MODELS)
+    assert {m["name"] for m in index} == set(ALL_EXAMPLES)
 
 
 def test_direct_invoke_of_the_shard_function(offline):

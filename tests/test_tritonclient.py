@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import tritonclient.http as httpclient
-from conftest import EXAMPLE_MODELS, example_inputs, reference_outputs
+from conftest import ALL_EXAMPLES, EXAMPLE_MODELS, example_inputs, reference_outputs
 from tritonclient.utils import InferenceServerException, np_to_triton_dtype
 
 EXPECTED_SIGNATURES = {
@@ -84,7 +84,7 @@ def test_only_requested_outputs_are_returned(client):
 
 def test_repository_extension_and_config(client):
     index = client.get_model_repository_index()
-    assert {(m["name"], m["state"]) for m in index} == {(n, "READY") for n in EXAMPLE_MODELS}
+    assert {(m["name"], m["state"]) for m in index} == {(n, "READY") for n in ALL_EXAMPLES}
     config = client.get_model_config("digits_mlp")
     assert config["max_batch_size"] == 64
     assert config["input"] == [{"name": "pixels", "data_type": "TYPE_FP32", "dims": [64]}]
