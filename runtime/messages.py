@@ -8,7 +8,7 @@ from dataclasses import dataclass, field
 import numpy as np
 
 
-@dataclass(slots=True)
+@dataclass
 class InferInput:
     """One decoded input tensor; ``data`` has ``DATATYPES[datatype]`` and ``shape``.
 
@@ -22,7 +22,7 @@ class InferInput:
     parameters: dict = field(default_factory=dict)
 
 
-@dataclass(slots=True)
+@dataclass
 class RequestedOutput:
     """An output the client asked for; ``binary`` None means the request-level default."""
 
@@ -31,7 +31,7 @@ class RequestedOutput:
     parameters: dict = field(default_factory=dict)
 
 
-@dataclass(slots=True)
+@dataclass
 class InferRequest:
     """A decoded inference request. ``outputs`` None means every model output. ``checked``:
     the input specs ``decode_request`` checked the inputs against (their shapes are then the
@@ -53,7 +53,7 @@ class InferRequest:
         return {tensor.name: tensor.data for tensor in self.inputs}
 
 
-@dataclass(slots=True)
+@dataclass
 class InferResponse:
     """A model's result; ``outputs`` is encoded in its iteration order."""
 

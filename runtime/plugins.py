@@ -92,12 +92,11 @@ def entry_points(group: str = ENTRY_POINT_GROUP) -> list[EntryPoint]:
     header = f"[{group}]"
     for base in sys.path:
         try:
-            entries = sorted(e.name for e in os.scandir(base or "."))
+            entries = sorted(e.name for e in os.scandir(base or ".")
+                             if e.name.endswith((".dist-info", ".egg-info")))
         except OSError:
             continue
         for entry in entries:
-            if not entry.endswith((".dist-info", ".egg-info")):
-                continue
             dist_name, _, dist_version = entry.rsplit(".", 1)[0].partition("-")
             key = re.sub(r"[-_.]+", "-", dist_name).lower()
             if key in seen:
@@ -159,6 +158,12 @@ class PluginManager(pluggy.PluginManager):
         return cls(config.disable_plugins, plugins=plugins,
                    allow_disable=names if isinstance(names, list) else [],
                    security_on=security.get("enabled") is True)
+
+    def parse_hookimpl_opts(self, plugin: Any, name: str) -> Any:
+        """Only ``shardserve_*`` attributes can be hook implementations (hookspecs.py): pluggy
+        need not inspect every other attribute of every plugin module on a cold start."""
+        return super().parse_hookimpl_opts(plugin, name) if name.startswith(
+            hookspecs.PROJECT_NAME + "_") else None
 
     def register(self, plugin: Any, name: str | None = None) -> str | None:
         self._registries.clear()  # a new plugin may register more things
