@@ -8,7 +8,9 @@ attribute, a wrong result, or a failure at run time (which the backend's
 warm-up turns into a load error; the goal is none). Prints the counts and the
 cases in the last two groups.
 
-    python benchmarks/numba_node_corpus.py
+    python benchmarks/numba_node_corpus.py [NAME_PART ...]
+
+With name parts, only the cases whose name contains one of them (e.g. ``conv``).
 """
 
 from __future__ import annotations
@@ -42,7 +44,10 @@ def main() -> int:
     known = set(kernels.names())
     counts: collections.Counter = collections.Counter()
     problems = []
+    only = [part.lower() for part in sys.argv[1:]]
     for case in collect_testcases(None):
+        if only and not any(part in case.name.lower() for part in only):
+            continue
         model = case.model
         if not {n.op_type for n in model.graph.node} & known:
             continue

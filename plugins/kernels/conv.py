@@ -1,7 +1,10 @@
 """Convolution and pooling kernels over NCHW (imports numba: load lazily).
 
-Conv is im2col plus one BLAS product per image and group; 1-D inputs are
-treated as images of height 1. Pads follow ONNX: ``[top, left, bottom, right]``.
+Conv is im2col plus one matrix product per image and group; 1-D inputs are
+treated as images of height 1. float32 writes the im2col rows into 32-column
+panels multiplied by :func:`plugins.kernels.gemm.gemm_panels` (2-3x OpenBLAS's
+one-thread SGEMM on ResNet-50's shapes); other dtypes use BLAS through ``np.dot``.
+Pads follow ONNX: ``[top, left, bottom, right]``.
 """
 
 from __future__ import annotations
@@ -11,55 +14,101 @@ import threading
 
 import numpy as np
 
+from .gemm import gemm_panels
+from .layout import PANEL
 from .numba_env import jit
+
+
+@jit
+def _im2col_row(x, dst_row, c, i, j, sh, sw, pt, pl, dh, dw, oh, ow):
+    """``dst_row[:oh * ow]`` = the im2col row of input channel ``c``, kernel tap
+    ``(i, j)``: every element written, pads as zeros."""
+    height, width = x.shape[1], x.shape[2]
+    offset = j * dw - pl
+    # the output columns whose input column is inside the image
+    z0 = min(max(0, (sw - 1 - offset) // sw), ow)
+    z1 = max(min(ow, (width - 1 - offset) // sw + 1), z0)
+    for y in range(oh):
+        iy = y * sh - pt + i * dh
+        base = y * ow
+        if iy < 0 or iy >= height:
+            for z in range(ow):
+                dst_row[base + z] = 0
+            continue
+        for z in range(z0):
+            dst_row[base + z] = 0
+        for z in range(z1, ow):
+            dst_row[base + z] = 0
+        # views indexed from 0: no negative-index checks, so it vectorises
+        dst = dst_row[base + z0:base + z1]
+        src = x[c, iy, z0 * sw + offset:]
+        if sw == 1:
+            for t in range(z1 - z0):
+                dst[t] = src[t]
+        else:
+            for t in range(z1 - z0):
+                dst[t] = src[t * sw]
 
 
 @jit
 def _im2col(x, cols, kh, kw, sh, sw, pt, pl, dh, dw, oh, ow):
     """Fill ``cols`` (reused between calls: every element is written, pads as zeros)."""
-    channels, height, width = x.shape
-    for c in range(channels):
+    for c in range(x.shape[0]):
         for i in range(kh):
             for j in range(kw):
-                row = (c * kh + i) * kw + j
-                offset = j * dw - pl
-                for y in range(oh):
-                    iy = y * sh - pt + i * dh
-                    base = y * ow
-                    if iy < 0 or iy >= height:
-                        for z in range(ow):
-                            cols[row, base + z] = 0
-                        continue
-                    # the output columns whose input column is inside the image
-                    z0 = min(max(0, (sw - 1 - offset) // sw), ow)
-                    z1 = max(min(ow, (width - 1 - offset) // sw + 1), z0)
-                    for z in range(z0):
-                        cols[row, base + z] = 0
-                    for z in range(z1, ow):
-                        cols[row, base + z] = 0
-                    # views indexed from 0: no negative-index checks, so it vectorises
-                    dst = cols[row, base + z0:base + z1]
-                    src = x[c, iy, z0 * sw + offset:]
-                    if sw == 1:
-                        for t in range(z1 - z0):
-                            dst[t] = src[t]
-                    else:
-                        for t in range(z1 - z0):
-                            dst[t] = src[t * sw]
+                _im2col_row(x, cols[(c * kh + i) * kw + j], c, i, j, sh, sw, pt, pl, dh, dw,
+                            oh, ow)
+
+
+@jit
+def _pack_row(line, panels, row):
+    """Column block ``p`` of the im2col row ``line`` -> ``panels[p, row]`` (the layout
+    ``gemm_panels`` multiplies by); the last block's missing columns become zeros."""
+    spatial = line.shape[0]
+    full = spatial // PANEL
+    for p in range(full):
+        dst = panels[p, row]
+        src = line[p * PANEL:]
+        for t in range(PANEL):
+            dst[t] = src[t]
+    if full < panels.shape[0]:
+        dst = panels[full, row]
+        rest = spatial - full * PANEL
+        for t in range(rest):
+            dst[t] = line[full * PANEL + t]
+        for t in range(rest, PANEL):
+            dst[t] = 0
+
+
+@jit
+def _epilogue(out, bias, residual, n, relu):
+    """Image ``n`` of ``out`` [N, M, spatial] in one pass: + bias, + the fused residual
+    (when ``residual`` has elements), then Relu."""
+    add = residual.size > 0
+    for m in range(out.shape[1]):
+        row = out[n, m]
+        b = bias[m]
+        if add:
+            skip = residual[n, m]
+            for p in range(row.shape[0]):
+                v = row[p] + b + skip[p]
+                row[p] = v if not relu or v > 0 else 0
+        else:
+            for p in range(row.shape[0]):
+                v = row[p] + b
+                row[p] = v if not relu or v > 0 else 0
 
 
 @jit
 def _conv2d(x, w2d, bias, residual, cols, group, kh, kw, sh, sw, pt, pl, dh, dw, oh, ow,
             relu, direct):
-    """One BLAS product per image and group written straight into the output, then one
-    epilogue pass: bias, the fused residual (when ``residual`` has elements) and Relu.
-    ``direct``: a 1x1 stride-1 unpadded kernel reads the image itself, no im2col."""
+    """Any dtype: one BLAS product per image and group written straight into the output,
+    then the epilogue. ``direct``: a 1x1 stride-1 unpadded kernel reads the image itself."""
     batch, channels = x.shape[0], x.shape[1]
     out_channels = w2d.shape[0]
     cg, mg = channels // group, out_channels // group
     spatial = oh * ow
     out = np.empty((batch, out_channels, spatial), x.dtype)
-    add = residual.size > 0
     for n in range(batch):
         for g in range(group):
             image = np.ascontiguousarray(x[n, g * cg:(g + 1) * cg])
@@ -70,18 +119,35 @@ def _conv2d(x, w2d, bias, residual, cols, group, kh, kw, sh, sw, pt, pl, dh, dw,
                 flat = cols
             weights = np.ascontiguousarray(w2d[g * mg:(g + 1) * mg])
             np.dot(weights, flat, out[n, g * mg:(g + 1) * mg])
-        for m in range(out_channels):
-            row = out[n, m]
-            b = bias[m]
-            if add:
-                skip = residual[n, m]
-                for p in range(spatial):
-                    v = row[p] + b + skip[p]
-                    row[p] = v if not relu or v > 0 else 0
+        _epilogue(out, bias, residual, n, relu)
+    return out
+
+
+@jit
+def _conv2d_panels(x, x_flat, w2d, bias, residual, line, panels, group, kh, kw, sh, sw, pt,
+                   pl, dh, dw, oh, ow, relu, direct):
+    """float32: the im2col rows go straight into 32-column panels and
+    :func:`~plugins.kernels.gemm.gemm_panels` multiplies the weights by them (AVX-512
+    tiles, whatever BLAS kernels the environment selects); then the epilogue.
+    ``direct``: a 1x1 stride-1 unpadded kernel packs the image's rows themselves."""
+    batch, channels = x.shape[0], x.shape[1]
+    out_channels = w2d.shape[0]
+    cg, mg = channels // group, out_channels // group
+    out = np.empty((batch, out_channels, oh * ow), x.dtype)
+    for n in range(batch):
+        for g in range(group):
+            if direct:
+                for c in range(cg):
+                    _pack_row(x_flat[n, g * cg + c], panels, c)
             else:
-                for p in range(spatial):
-                    v = row[p] + b
-                    row[p] = v if not relu or v > 0 else 0
+                image = x[n, g * cg:(g + 1) * cg]
+                for c in range(cg):
+                    for i in range(kh):
+                        for j in range(kw):
+                            _im2col_row(image, line, c, i, j, sh, sw, pt, pl, dh, dw, oh, ow)
+                            _pack_row(line, panels, (c * kh + i) * kw + j)
+            gemm_panels(w2d[g * mg:(g + 1) * mg], panels, out[n, g * mg:(g + 1) * mg])
+        _epilogue(out, bias, residual, n, relu)
     return out
 
 
@@ -174,11 +240,20 @@ def conv(x, w, b=None, residual=None, auto_pad="NOTSET", dilations=None, group=1
             else np.empty((0, 0, 0), x.dtype))
     direct = (kernel == (1, 1) and strides == (1, 1) and pt == pl == 0 and oh == x.shape[2]
               and ow == x.shape[3])
-    cols = (np.empty((0, 0), x.dtype) if direct else
-            _cols_buffer((x.shape[1] // group * kernel[0] * kernel[1], oh * ow), x.dtype))
-    out = _conv2d(np.ascontiguousarray(x), w2d, bias, skip, cols, group, kernel[0], kernel[1],
-                  strides[0], strides[1], pt, pl, dilations[0], dilations[1], oh, ow,
-                  relu and (fused or residual is None), direct)
+    x = np.ascontiguousarray(x)
+    taps = x.shape[1] // group * kernel[0] * kernel[1]
+    clamp = relu and (fused or residual is None)  # else Relu comes after numpy's Add
+    if x.dtype == w2d.dtype == np.float32:
+        panels = _cols_buffer((-(-oh * ow // PANEL), taps, PANEL), x.dtype)
+        line = _cols_buffer((0 if direct else oh * ow,), x.dtype)
+        out = _conv2d_panels(x, x.reshape(x.shape[0], x.shape[1], -1), w2d, bias, skip, line,
+                             panels, group, kernel[0], kernel[1], strides[0], strides[1], pt,
+                             pl, dilations[0], dilations[1], oh, ow, clamp, direct)
+    else:
+        cols = (np.empty((0, 0), x.dtype) if direct else
+                _cols_buffer((taps, oh * ow), x.dtype))
+        out = _conv2d(x, w2d, bias, skip, cols, group, kernel[0], kernel[1], strides[0],
+                      strides[1], pt, pl, dilations[0], dilations[1], oh, ow, clamp, direct)
     out = out.reshape(shape)
     out = out[:, :, 0, :] if one_d else out
     if residual is not None and not fused:  # broadcasting operand: numpy's Add, then Relu
