@@ -200,8 +200,8 @@ def warm(model: str, event: dict, rounds: int = 2000) -> None:
     import onnxruntime as ort
 
     os.environ["SHARDSERVE_REPOSITORY"] = str(REPOSITORY)
+    from handlers.codec import encode_request
     from handlers.lambda_handler import handler
-    from runtime.codec import encode_request
 
     opts = ort.SessionOptions()
     opts.intra_op_num_threads = 1

@@ -1,83 +1,250 @@
-"""Text generation in process: decode rate, time to first token, batching gain, KV cache gain.
+"""Text generation: shardserve's engine against onnxruntime-genai on the same exported model.
 
 Builds a random-weight Llama-architecture model (by default the public SmolLM-135M shape: 30
-layers, width 576, 9 heads, 3 KV heads, vocabulary 49,152; fp32), exports it with optimum's
-``text-generation-with-past`` exporter, and serves it with the generation plugin's engine:
+layers, width 576, 9 heads, 3 KV heads, vocabulary 49,152; fp32), exports it once with optimum's
+``text-generation-with-past`` exporter (cached in build/bench-generation/), and runs, in one run,
+with the same prompts (token ids) and the same thread counts:
 
-* decode tokens/s of one greedy stream;
-* time to first token for a prompt of ``--prompt`` tokens;
-* aggregate tokens/s of 4 and 8 concurrent streams (continuous batching) against batch 1;
-* the KV cache against recomputing the whole prefix every step (same graph, empty past).
+* decode tokens/s of one greedy stream at 1 and 2 threads, shardserve in process against
+  onnxruntime-genai (the onnxruntime team's C++ generation loop) on the *same* model.onnx, read
+  through a genai_config.json written here; greedy tokens are checked to be identical;
+* time to first token for a 128-token prompt, both;
+* aggregate tokens/s of 4 and 8 concurrent streams through shardserve's HTTP server
+  (``/generate_stream``, one gunicorn worker) against shardserve's own batch 1 and against
+  onnxruntime-genai's static batch of 4 and 8 in process (its best case);
+* effective weight bandwidth (model.onnx bytes x decode tokens/s) against this machine's
+  memory-copy bandwidth measured with numpy;
+* the KV cache against recomputing the prefix every step, at 256 generated tokens;
+* streaming overhead: one stream's tokens/s through ``/generate_stream`` over loopback against
+  the same stream in process;
+* the numba sampling kernels against the numpy path at the model's vocabulary.
 
-Needs ``shardserve[lm-dev]`` (torch, transformers, optimum) to build the model only.
+onnxruntime-genai is a benchmark-only peer: ``--setup`` creates build/genai-venv and pip-installs
+``onnxruntime-genai`` there (never into shardserve's environment); its side runs in that venv
+(benchmarks/generation_genai.py). torch, transformers and optimum (``shardserve[lm-dev]``) build
+the model only. Run it alone on the machine and report the load average:
 
-    python benchmarks/generation.py [--layers 30 --width 576 ...] [--threads 1] [--tokens 64]
+    flock /tmp/shardserve-bench.lock .venv/bin/python benchmarks/generation.py [--setup]
 
-A small shape (``--layers 2 --width 64 --heads 4 --kv-heads 2 --vocab 512``) checks the
-script in seconds; the figures worth reporting take the default shape and a quiet machine.
+A small shape (``--layers 2 --width 64 --heads 4 --kv-heads 2 --vocab 512 --intermediate 128``)
+checks the script in a minute.
 """
 
 from __future__ import annotations
 
 import argparse
-import tempfile
+import hashlib
+import json
+import os
+import re
+import shutil
+import statistics
+import subprocess
+import sys
 import threading
 import time
 from pathlib import Path
 
 import numpy as np
 
+ROOT = Path(__file__).resolve().parents[1]
+WORK = ROOT / "build" / "bench-generation"
+GENAI_VENV = ROOT / "build" / "genai-venv"
+GENAI_PYTHON = GENAI_VENV / "bin" / "python"
+SHARDSERVE = Path(sys.executable).with_name("shardserve")
+EOS = 2
 
-def build(args, work: Path) -> Path:
+
+# the model -------------------------------------------------------------------------------
+
+def export(args) -> Path:
+    """The optimum export of the random-weight model, built once per shape."""
+    shape = f"{args.layers}-{args.width}-{args.intermediate}-{args.heads}-{args.kv_heads}-" \
+            f"{args.vocab}"
+    folder = WORK / f"export-{hashlib.sha256(shape.encode()).hexdigest()[:10]}"
+    if (folder / "done").exists():
+        return folder
     import torch
     from optimum.exporters.onnx import main_export
+    from tokenizers import Tokenizer, models, pre_tokenizers
     from transformers import LlamaConfig, LlamaForCausalLM
 
+    shutil.rmtree(folder, ignore_errors=True)
     torch.manual_seed(0)
     cfg = LlamaConfig(vocab_size=args.vocab, hidden_size=args.width,
-                      intermediate_size=args.intermediate or args.width * 8 // 3,
-                      num_hidden_layers=args.layers, num_attention_heads=args.heads,
-                      num_key_value_heads=args.kv_heads, max_position_embeddings=2048,
-                      tie_word_embeddings=True, bos_token_id=1, eos_token_id=2)
-    LlamaForCausalLM(cfg).eval().save_pretrained(work / "hf")
-    version = work / "repo" / "lm" / "1"
-    main_export(str(work / "hf"), output=str(version), task="text-generation-with-past",
-                device="cpu")
-    from tokenizers import Tokenizer, models, pre_tokenizers
-
+                      intermediate_size=args.intermediate, num_hidden_layers=args.layers,
+                      num_attention_heads=args.heads, num_key_value_heads=args.kv_heads,
+                      max_position_embeddings=2048, tie_word_embeddings=True,
+                      bos_token_id=1, eos_token_id=EOS)
+    LlamaForCausalLM(cfg).eval().save_pretrained(folder / "hf")
+    main_export(str(folder / "hf"), output=str(folder / "onnx"),
+                task="text-generation-with-past", device="cpu")
+    shutil.rmtree(folder / "hf")
     vocab = {f"<{i}>": i for i in range(args.vocab)}  # one token per id: prompts are ids
     tok = Tokenizer(models.WordLevel(vocab, unk_token="<0>"))
     tok.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
-    tok.save(str(version / "tokenizer.json"))
-    (work / "repo" / "lm" / "model.toml").write_text(
-        f"[onnxruntime]\nintra_op_threads = {args.threads}\n"
-        f"[generation]\nmax_batch = 16\nmax_tokens_cap = 2048\n")
-    return work / "repo"
+    tok.save(str(folder / "onnx" / "tokenizer.json"))
+    (folder / "done").write_text(shape)
+    return folder
 
 
-def prompt_text(n: int, seed: int) -> str:
-    rng = np.random.default_rng(seed)
-    return " ".join(f"<{i}>" for i in rng.integers(3, 500, n))
+def link_tree(source: Path, target: Path) -> None:
+    target.mkdir(parents=True, exist_ok=True)
+    for path in source.iterdir():
+        if path.is_file():
+            try:
+                os.link(path, target / path.name)
+            except OSError:
+                shutil.copy(path, target / path.name)
 
 
-def stream(model, text: str, tokens: int) -> tuple[float, float, int]:
-    """(time to first token, total seconds, tokens generated) for one greedy stream."""
-    request = model.parse({"max_tokens": tokens, "temperature": 0}, text,
+def shardserve_repo(onnx: Path, threads: int) -> Path:
+    repo = WORK / f"repo-t{threads}"
+    shutil.rmtree(repo, ignore_errors=True)
+    link_tree(onnx, repo / "lm" / "1")
+    (repo / "lm" / "model.toml").write_text(
+        f"[onnxruntime]\nintra_op_threads = {threads}\n"
+        "[generation]\nmax_batch = 16\nmax_tokens_cap = 1024\nmax_context = 2048\n")
+    return repo
+
+
+def genai_folder(onnx: Path, args) -> Path:
+    folder = WORK / "genai"
+    shutil.rmtree(folder, ignore_errors=True)
+    folder.mkdir(parents=True)
+    os.link(onnx / "model.onnx", folder / "model.onnx") if not (
+        onnx / "model.onnx_data").exists() else link_tree(onnx, folder)
+    head = args.width // args.heads
+    config = {"model": {
+        "bos_token_id": 1, "eos_token_id": EOS, "pad_token_id": EOS, "context_length": 2048,
+        "vocab_size": args.vocab, "type": "llama",
+        "decoder": {
+            "session_options": {"log_id": "onnxruntime-genai", "provider_options": []},
+            "filename": "model.onnx", "head_size": head, "hidden_size": args.width,
+            "num_attention_heads": args.heads, "num_hidden_layers": args.layers,
+            "num_key_value_heads": args.kv_heads,
+            "inputs": {"input_ids": "input_ids", "attention_mask": "attention_mask",
+                       "position_ids": "position_ids",
+                       "past_key_names": "past_key_values.%d.key",
+                       "past_value_names": "past_key_values.%d.value"},
+            "outputs": {"logits": "logits", "present_key_names": "present.%d.key",
+                        "present_value_names": "present.%d.value"}}},
+        # optimum's graph concatenates past and new keys itself: no shared buffer
+        "search": {"do_sample": False, "max_length": 2048, "min_length": 0, "num_beams": 1,
+                   "num_return_sequences": 1, "past_present_share_buffer": False,
+                   "repetition_penalty": 1.0, "temperature": 1.0, "top_k": 1, "top_p": 1.0}}
+    (folder / "genai_config.json").write_text(json.dumps(config, indent=1))
+    return folder
+
+
+def setup_genai() -> None:
+    if not GENAI_PYTHON.exists():
+        subprocess.run([sys.executable, "-m", "venv", str(GENAI_VENV)], check=True)
+    subprocess.run([str(GENAI_PYTHON), "-m", "pip", "install", "--quiet", "onnxruntime-genai",
+                    "numpy"], check=True)
+
+
+# prompts and engines ---------------------------------------------------------------------
+
+def prompt_ids(n: int, seed: int) -> list[int]:
+    return [int(i) for i in np.random.default_rng(seed).integers(3, 500, n)]
+
+
+def as_text(ids: list[int]) -> str:
+    return " ".join(f"<{i}>" for i in ids)
+
+
+def ours_stream(model, ids: list[int], tokens: int) -> dict:
+    """Time to first token, decode-only tokens/s and the tokens of one greedy stream."""
+    request = model.parse({"max_tokens": tokens, "temperature": 0}, as_text(ids),
                           {"max_tokens", "temperature"})
     start = time.perf_counter()
-    first, count = None, 0
+    first, out = None, []
     for event in model.generate(request):
-        if "token" in event and event["token"] is not None:
-            count += 1
+        if event.get("token") is not None:
+            out.append(event["token"])
             if first is None:
-                first = time.perf_counter() - start
-    return first or 0.0, time.perf_counter() - start, count
+                first = time.perf_counter()
+    end = time.perf_counter()
+    return {"ttft": first - start, "seconds": end - start, "decode_seconds": end - first,
+            "tokens": out}
 
 
-def recompute_rate(model, text: str, tokens: int) -> float:
-    """Tokens/s when every step runs the whole prefix again (no KV cache)."""
+def genai(job: dict) -> dict:
+    done = subprocess.run([str(GENAI_PYTHON), str(ROOT / "benchmarks" / "generation_genai.py")],
+                          input=json.dumps(job), capture_output=True, text=True, timeout=1800)
+    if done.returncode != 0:
+        raise RuntimeError(f"onnxruntime-genai failed: {done.stderr[-2000:]}")
+    return json.loads(done.stdout.strip().splitlines()[-1])
+
+
+def decode_rate(run: dict, first_token_s: float) -> float:
+    """Tokens/s after the first: the stream's time less the prompt's time to first token
+    (measured alone), so tokens that queue up before the reader wakes are not miscounted."""
+    return (len(run["tokens"]) - 1) / (run["seconds"] - first_token_s)
+
+
+class Server:
+    """``shardserve serve`` (one gunicorn worker) on a free loopback port."""
+
+    def __init__(self, repo: Path, threads: int = 16):
+        self.proc = subprocess.Popen(
+            [str(SHARDSERVE), "serve", "--repository", str(repo), "--host", "127.0.0.1",
+             "--port", "0", "--workers", "1", "--threads", str(threads)],
+            stdout=subprocess.PIPE, stderr=open(WORK / "server.log", "w"), text=True)
+        deadline = time.monotonic() + 300
+        while time.monotonic() < deadline:
+            found = re.search(r"ready on (http://[\d.]+:\d+)", self.proc.stdout.readline())
+            if found:
+                self.base = found.group(1)
+                return
+            if self.proc.poll() is not None:
+                break
+        self.stop()
+        raise RuntimeError(f"the server did not start: see {WORK / 'server.log'}")
+
+    def stream(self, ids: list[int], tokens: int) -> tuple[float, int]:
+        """(seconds, completion tokens) of one greedy /generate_stream request."""
+        import requests
+
+        body = {"text_input": as_text(ids), "parameters": {"max_tokens": tokens,
+                                                           "temperature": 0}}
+        start = time.perf_counter()
+        count = 0
+        with requests.post(f"{self.base}/v2/models/lm/generate_stream", json=body, stream=True,
+                           timeout=600) as r:
+            r.raise_for_status()
+            for line in r.iter_lines():
+                if line:
+                    event = json.loads(line[6:])
+                    if event.get("done"):
+                        count = event["details"]["completion_tokens"]
+        return time.perf_counter() - start, count
+
+    def concurrent(self, streams: int, tokens: int) -> float:
+        results: list = []
+        threads = [threading.Thread(target=lambda s=s: results.append(
+            self.stream(prompt_ids(8, 100 + s), tokens))) for s in range(streams)]
+        start = time.perf_counter()
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+        return sum(r[1] for r in results) / (time.perf_counter() - start)
+
+    def stop(self) -> None:
+        if self.proc.poll() is None:
+            self.proc.terminate()
+            try:
+                self.proc.wait(30)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+
+
+def recompute_rate(model, ids: list[int], tokens: int) -> float:
+    """Tokens/s when every step runs the whole prefix again (no KV cache), same graph."""
     g, session = model.graph, model.engine.session
-    ids = model.codec.encode(text)
+    ids = list(ids)
     empty = np.zeros((1, g.kv_heads, 0, g.head_dim), dtype=g.dtype)
     start = time.perf_counter()
     for _ in range(tokens):
@@ -91,6 +258,42 @@ def recompute_rate(model, text: str, tokens: int) -> float:
     return tokens / (time.perf_counter() - start)
 
 
+def copy_bandwidth() -> float:
+    """Bytes per second numpy copies one 256 MiB buffer into another (read + write counted
+    once, as memcpy figures are), best of 5, one thread."""
+    src = np.ones(64 << 20, np.float32)
+    dst = np.empty_like(src)
+    best = min(timed(lambda: np.copyto(dst, src)) for _ in range(5))
+    return src.nbytes / best
+
+
+def timed(fn) -> float:
+    start = time.perf_counter()
+    fn()
+    return time.perf_counter() - start
+
+
+def sampling_figures(vocab: int) -> list[tuple[str, float, float]]:
+    sys.path.insert(0, str(ROOT / "benchmarks"))
+    from interleave import interleaved
+
+    from plugins.generation.sampling import SamplingParams, sample
+
+    logits = (np.random.default_rng(0).standard_normal(vocab) * 3).astype(np.float32)
+    rng = np.random.default_rng(1)
+    rows = []
+    for label, params in (("top-k 50, temperature 0.8", SamplingParams(0.8, top_k=50)),
+                          ("top-p 0.9, temperature 0.8", SamplingParams(0.8, top_p=0.9)),
+                          ("no filter, temperature 1", SamplingParams(1.0))):
+        times = interleaved({"numba": lambda p=params: sample(logits, p, rng),
+                             "numpy": lambda p=params: sample(logits, p, rng, use_numba=False)},
+                            rounds=30, warmup=3)
+        rows.append((label, times["numba"], times["numpy"]))
+    return rows
+
+
+# the run ---------------------------------------------------------------------------------
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--layers", type=int, default=30)
@@ -99,40 +302,125 @@ def main() -> None:
     p.add_argument("--heads", type=int, default=9)
     p.add_argument("--kv-heads", type=int, default=3)
     p.add_argument("--vocab", type=int, default=49152)
-    p.add_argument("--threads", type=int, default=1)
-    p.add_argument("--tokens", type=int, default=64)
-    p.add_argument("--prompt", type=int, default=128)
+    p.add_argument("--threads", default="1,2", help="thread counts for batch-1 decode")
+    p.add_argument("--tokens", type=int, default=64, help="tokens per stream")
+    p.add_argument("--prompt", type=int, default=128, help="prompt tokens for the TTFT figure")
+    p.add_argument("--kv-tokens", type=int, default=256)
+    p.add_argument("--setup", action="store_true", help="create build/genai-venv first")
+    p.add_argument("--json", type=Path, help="also write the figures here")
     args = p.parse_args()
 
+    if args.setup:
+        setup_genai()
+    if not GENAI_PYTHON.exists():
+        raise SystemExit("onnxruntime-genai is not set up: rerun with --setup")
     from runtime import Runtime
 
-    with tempfile.TemporaryDirectory() as tmp:
-        repo = build(args, Path(tmp))
-        rt = Runtime.from_config({"repository": {"path": str(repo)},
+    print(f"load average at start: {os.getloadavg()[0]:.2f} {os.getloadavg()[1]:.2f}")
+    onnx = export(args) / "onnx"
+    weight_bytes = sum(f.stat().st_size for f in onnx.glob("model.onnx*"))
+    gfolder = genai_folder(onnx, args)
+    figures: dict = {"shape": vars(args) | {"json": None}, "weight_bytes": weight_bytes}
+    decode_prompts = [prompt_ids(8, s) for s in range(3)]
+    ttft_prompts = [prompt_ids(args.prompt, 10 + s) for s in range(3)]
+    print(f"model: Llama {args.layers} layers, width {args.width}, {args.heads} heads, "
+          f"{args.kv_heads} KV heads, vocabulary {args.vocab}, fp32, "
+          f"{weight_bytes / 1e6:.0f} MB of weights; {args.tokens} tokens per stream")
+
+    runtimes = {}
+    for threads in [int(t) for t in args.threads.split(",")]:
+        rt = Runtime.from_config({"repository": {"path": str(shardserve_repo(onnx, threads))},
                                   "metrics": {"enabled": False}}).start()
         model = rt.get_model("lm").backend
-        stream(model, prompt_text(8, 0), 4)  # warm-up
-        ttft = min(stream(model, prompt_text(args.prompt, s), 1)[0] for s in range(3))
-        _, seconds, count = stream(model, prompt_text(8, 1), args.tokens)
-        single = count / seconds
-        print(f"threads {args.threads}: batch-1 decode {single:.1f} tokens/s; time to first "
-              f"token ({args.prompt}-token prompt) {ttft * 1e3:.1f} ms")
+        runtimes[threads] = (rt, model)
+        ours_stream(model, decode_prompts[0], 4)  # warm-up
+        mine, theirs = [], []
+        for _ in range(2):  # alternate the two engines, keep each one's best
+            mine += [ours_stream(model, ids, args.tokens) for ids in decode_prompts]
+            theirs += genai({"folder": str(gfolder), "threads": threads, "mode": "decode",
+                             "streams": [[ids, args.tokens] for ids in decode_prompts]}
+                            )["result"]
+        same = all(a["tokens"] == b["tokens"] for a, b in zip(mine, theirs))
+        # each engine's time to first token for these short prompts, to take off
+        ours_first = [min(ours_stream(model, ids, 1)["ttft"] for _ in range(3))
+                      for ids in decode_prompts]
+        genai_first = [r["ttft"] for r in genai({
+            "folder": str(gfolder), "threads": threads, "mode": "decode",
+            "streams": [[ids, 1] for ids in decode_prompts]})["result"]]
+        ours_rate = max(decode_rate(r, ours_first[i % 3]) for i, r in enumerate(mine))
+        genai_rate = max(decode_rate(r, genai_first[i % 3]) for i, r in enumerate(theirs))
+        ours_ttft = min(ours_stream(model, ids, 1)["ttft"] for ids in ttft_prompts)
+        genai_ttft = min(r["ttft"] for r in genai({
+            "folder": str(gfolder), "threads": threads, "mode": "decode",
+            "streams": [[ids, 1] for ids in ttft_prompts]})["result"])
+        figures[f"threads_{threads}"] = {
+            "decode_tps": ours_rate, "genai_decode_tps": genai_rate,
+            "ttft_s": ours_ttft, "genai_ttft_s": genai_ttft, "same_tokens": same,
+            "weight_gbps": weight_bytes * ours_rate / 1e9}
+        print(f"{threads} thread(s): batch-1 decode {ours_rate:.1f} tokens/s, "
+              f"onnxruntime-genai {genai_rate:.1f} ({ours_rate / genai_rate:.2f}x; greedy "
+              f"tokens {'identical' if same else 'DIFFER'}); time to first token "
+              f"({args.prompt}-token prompt) {ours_ttft * 1e3:.0f} ms, onnxruntime-genai "
+              f"{genai_ttft * 1e3:.0f} ms ({ours_ttft / genai_ttft:.2f}x)")
+
+    rt1, model1 = runtimes[1]
+    for threads, (rt, _) in runtimes.items():
+        if threads != 1:
+            rt.close()
+    copy = copy_bandwidth()
+    figures["copy_gbps"] = copy / 1e9
+    for threads in runtimes:
+        gbps = figures[f"threads_{threads}"]["weight_gbps"]
+        print(f"{threads} thread(s): effective weight bandwidth {gbps:.2f} GB/s "
+              f"({weight_bytes / 1e6:.0f} MB x {figures[f'threads_{threads}']['decode_tps']:.1f}"
+              f" tokens/s), {gbps * 1e9 / copy:.0%} of numpy's one-thread copy bandwidth "
+              f"{copy / 1e9:.2f} GB/s")
+
+    server = Server(WORK / "repo-t1")
+    try:
+        server.stream(decode_prompts[0], 4)  # warm-up
+        http_runs, local_runs = [], []
+        for ids in decode_prompts:  # alternate in process and over HTTP
+            run = ours_stream(model1, ids, args.tokens)
+            local_runs.append(len(run["tokens"]) / run["seconds"])
+            seconds, count = server.stream(ids, args.tokens)
+            http_runs.append(count / seconds)
+        local, http = statistics.median(local_runs), statistics.median(http_runs)
+        figures["streaming"] = {"in_process_tps": local, "http_tps": http}
+        print(f"streaming: one stream through /generate_stream {http:.1f} tokens/s against "
+              f"{local:.1f} in process ({http / local:.2f}x)")
+        single = figures["threads_1"]["decode_tps"]
         for streams in (4, 8):
-            results: list = []
-            threads = [threading.Thread(target=lambda s=s, out=results: out.append(
-                stream(model, prompt_text(8, 10 + s), args.tokens))) for s in range(streams)]
-            start = time.perf_counter()
-            for t in threads:
-                t.start()
-            for t in threads:
-                t.join()
-            total = sum(r[2] for r in results) / (time.perf_counter() - start)
-            print(f"{streams} concurrent streams: {total:.1f} tokens/s aggregate "
-                  f"({total / single:.2f}x batch 1)")
-        plain = recompute_rate(model, prompt_text(8, 2), args.tokens)
-        print(f"KV cache {single:.1f} tokens/s against recomputing the prefix {plain:.1f} "
-              f"tokens/s ({single / plain:.1f}x over {args.tokens} tokens)")
-        rt.close()
+            total = server.concurrent(streams, args.tokens)
+            batch = genai({"folder": str(gfolder), "threads": 1, "mode": "batch",
+                           "prompts": [prompt_ids(8, 100 + s) for s in range(streams)],
+                           "tokens": args.tokens})["result"]
+            theirs = batch["count"] / batch["seconds"]
+            figures[f"streams_{streams}"] = {"http_tps": total, "genai_batch_tps": theirs}
+            print(f"{streams} concurrent streams over HTTP: {total:.1f} tokens/s aggregate "
+                  f"({total / single:.2f}x shardserve's batch 1); onnxruntime-genai static "
+                  f"batch of {streams} in process {theirs:.1f} ({total / theirs:.2f}x)")
+    finally:
+        server.stop()
+
+    cached = ours_stream(model1, decode_prompts[1], args.kv_tokens)
+    cached_rate = len(cached["tokens"]) / cached["seconds"]
+    plain = recompute_rate(model1, decode_prompts[1], args.kv_tokens)
+    figures["kv_cache"] = {"cached_tps": cached_rate, "recompute_tps": plain}
+    print(f"KV cache {cached_rate:.1f} tokens/s against recomputing the prefix {plain:.1f} "
+          f"tokens/s ({cached_rate / plain:.1f}x over {args.kv_tokens} tokens)")
+    rt1.close()
+
+    figures["sampling"] = []
+    for label, numba_s, numpy_s in sampling_figures(args.vocab):
+        figures["sampling"].append({"case": label, "numba_ms": numba_s * 1e3,
+                                    "numpy_ms": numpy_s * 1e3})
+        print(f"sampling at vocabulary {args.vocab}, {label}: numba {numba_s * 1e3:.3f} ms, "
+              f"numpy {numpy_s * 1e3:.3f} ms ({numpy_s / numba_s:.1f}x)")
+    figures["load_average_end"] = os.getloadavg()[:2]
+    print(f"load average at end: {os.getloadavg()[0]:.2f} {os.getloadavg()[1]:.2f}")
+    if args.json:
+        args.json.write_text(json.dumps(figures, indent=1) + "\n")
 
 
 if __name__ == "__main__":

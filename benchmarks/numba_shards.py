@@ -131,7 +131,7 @@ FIRST_REQUEST = textwrap.dedent("""
     start = time.perf_counter()
     import numpy as np
     from runtime import Runtime
-    from runtime.codec import InferInput, InferRequest
+    from runtime.messages import InferInput, InferRequest
     rt = Runtime.from_config({"repository": {"path": sys.argv[1]}}).start()
     loaded = time.perf_counter()
     x = np.zeros((1, 16, 128), np.float32)

@@ -17,9 +17,11 @@ import numpy as np
 import onnxruntime as ort
 from interleave import interleaved  # benchmarks/interleave.py
 
+from handlers.codec import encode_request
 from handlers.flask_app import create_app
 from runtime import Runtime
-from runtime.codec import InferInput, InferRequest, encode_request, to_datatype
+from runtime.dtypes import to_datatype
+from runtime.messages import InferInput, InferRequest
 
 ROOT = Path(__file__).resolve().parents[1]
 REPOSITORY = ROOT / "examples" / "models"

@@ -30,7 +30,7 @@ def main() -> int:
 
     from plugins.partitioners.build import analyse, plan_partition, write_partition
     from runtime import Runtime
-    from runtime.codec import InferInput, InferRequest
+    from runtime.messages import InferInput, InferRequest
 
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--size", type=int, default=17000)

@@ -47,7 +47,7 @@ from plugins.partitioners.build import (  # noqa: E402
     write_partition,
 )
 from runtime import Runtime  # noqa: E402
-from runtime.codec import InferInput, InferRequest  # noqa: E402
+from runtime.messages import InferInput, InferRequest  # noqa: E402
 from runtime.repository import ModelRepository  # noqa: E402
 
 MODELS = {"cnn_skip": "image", "transformer_block": "tokens"}

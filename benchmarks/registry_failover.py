@@ -38,7 +38,7 @@ from test_registry import (  # noqa: E402
 )
 
 from runtime import Runtime  # noqa: E402
-from runtime.codec import InferInput, InferRequest  # noqa: E402
+from runtime.messages import InferInput, InferRequest  # noqa: E402
 
 
 def one_run(kind: str, etcd: Etcd | None, root: Path) -> dict:

@@ -31,7 +31,7 @@ from pathlib import Path
 
 import psutil
 
-from runtime.codec import encode_request
+from handlers.codec import encode_request
 from tools.bench import sample_inputs
 from tools.loadgen import run_load
 

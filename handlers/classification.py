@@ -8,8 +8,8 @@ from __future__ import annotations
 
 import numpy as np
 
-from runtime.codec import InferRequest, InferResponse
 from runtime.errors import BadRequest
+from runtime.messages import InferRequest, InferResponse
 
 PARAMETER = "classification"
 

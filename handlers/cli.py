@@ -269,7 +269,8 @@ def save_npy_atomically(path: Path, array: Any) -> None:
 def cmd_infer(args: argparse.Namespace) -> int:
     import numpy as np
 
-    from runtime.codec import InferInput, InferRequest, to_datatype
+    from runtime.dtypes import to_datatype
+    from runtime.messages import InferInput, InferRequest
 
     inputs = []
     for text in args.input:

@@ -14,14 +14,8 @@ from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from typing import Any
 
+from handlers.codec import decode_request, encode_response, parse_header_length
 from runtime import CallContext, Runtime
-from runtime.codec import (
-    decode_request,
-    encode_response,
-    json_dumps,
-    json_loads,
-    parse_header_length,
-)
 from runtime.core import new_request_id
 from runtime.errors import (
     BadRequest,
@@ -30,6 +24,7 @@ from runtime.errors import (
     PayloadTooLarge,
     ShardserveError,
 )
+from runtime.jsonio import json_dumps, json_loads
 
 from .classification import apply_classification, requested_classes
 from .model_configuration import model_config as triton_model_config

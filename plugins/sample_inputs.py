@@ -81,7 +81,7 @@ def metadata_signature(metadata: dict) -> list[InputSignature]:
     """The inputs of a V2 model-metadata document (``-1`` = dynamic)."""
     import numpy as np
 
-    from runtime.codec import to_numpy_dtype
+    from runtime.dtypes import to_numpy_dtype
 
     out = []
     for spec in metadata.get("inputs", []):

@@ -15,8 +15,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Protocol
 
-from .codec import InferRequest, InferResponse, check_tensor
 from .config import Config, load_config
+from .dtypes import label
 from .errors import (
     BadRequest,
     Forbidden,
@@ -27,6 +27,7 @@ from .errors import (
     ServiceUnavailable,
     ShardserveError,
 )
+from .messages import InferRequest, InferResponse
 from .plugins import PluginManager, Registry, call_chain
 from .repository import ModelConfig, ModelRepository, validate_model_name, validate_version
 
@@ -91,6 +92,29 @@ class RequestLimits:
     def check_deadline(self) -> None:
         if self.deadline is not None and time.monotonic() > self.deadline:
             raise GatewayTimeout("request deadline passed")
+
+
+def check_tensor(specs: Mapping, name: str, datatype: str, shape: tuple, batched: bool) -> tuple:
+    """Check a client tensor against the model's input ``specs``; the shape the model gets.
+
+    A model tensor whose dims (after the batch dim) are ``[]`` is reported as ``dims: [1]`` with
+    ``reshape: {shape: []}``, as Triton does, so shape ``[1]`` (``[batch, 1]``) is accepted too.
+    """
+    spec = specs.get(name)
+    if spec is None:
+        raise BadRequest(f"unexpected input {label(name)}")
+    if datatype != spec.datatype:
+        raise BadRequest(f"input {label(name)}: datatype {datatype}, model expects {spec.datatype}")
+    want = spec.shape
+    if len(want) == batched and len(shape) == len(want) + 1 and shape[-1] == 1:
+        shape = shape[:-1]
+    if len(shape) == len(want):
+        for w, g in zip(want, shape):  # a loop, not any(): this runs on every request
+            if w != g and w != -1:
+                break
+        else:
+            return shape
+    raise BadRequest(f"input {label(name)}: shape {list(shape)}, model expects {want}")
 
 
 class LoadedModel:

@@ -16,7 +16,7 @@ import numpy as np
 from conftest import EXAMPLE_MODELS, EXAMPLES, ROOT, SHARDSERVE
 
 from runtime import Runtime
-from runtime.codec import InferInput, InferRequest
+from runtime.messages import InferInput, InferRequest
 
 
 def partitioned_repo(target: Path, models=EXAMPLE_MODELS, shards: int = 2) -> Path:

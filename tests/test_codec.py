@@ -14,24 +14,18 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from hypothesis.extra import numpy as hnp
 
-from runtime import codec
-from runtime.codec import (
-    DATATYPES,
-    InferInput,
-    InferRequest,
-    InferResponse,
-    RequestedOutput,
+from handlers import codec
+from handlers.codec import (
     decode_request,
     decode_response,
     encode_request,
     encode_response,
-    json_dumps,
-    json_loads,
     parse_header_length,
-    to_datatype,
-    to_numpy_dtype,
 )
+from runtime.dtypes import DATATYPES, to_datatype, to_numpy_dtype
 from runtime.errors import BadRequest, PayloadTooLarge, ShardserveError
+from runtime.jsonio import json_dumps, json_loads
+from runtime.messages import InferInput, InferRequest, InferResponse, RequestedOutput
 
 
 def _bytes_array(values, shape) -> np.ndarray:

@@ -50,9 +50,9 @@ def _names_the_cause(message: str, case) -> bool:
 @pytest.mark.slow
 @pytest.mark.timeout(900)  # a cold numba cache compiles every kernel signature the corpus uses
 def test_onnx_node_corpus_through_numba_backend(tmp_path):
+    from handlers.codec import decode_request, encode_request
     from plugins.backends.numba_backend import kernel_registry
     from runtime import Runtime  # the facade every edge calls
-    from runtime.codec import decode_request, encode_request
     from runtime.errors import ShardserveError
 
     started = time.monotonic()

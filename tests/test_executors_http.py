@@ -205,7 +205,7 @@ def test_an_edge_server_answers_503_naming_the_shard_and_no_address(cluster):
     import requests
     from executor_support import free_port
 
-    from runtime.codec import encode_request
+    from handlers.codec import encode_request
 
     edge, _ = cluster
     place(edge, "digits_mlp", ["local", f"http://127.0.0.1:{free_port()}"],

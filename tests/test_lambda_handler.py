@@ -11,7 +11,8 @@ import pytest
 from conftest import EXAMPLES, example_inputs, reference_outputs
 
 from handlers import lambda_handler
-from runtime.codec import decode_response, encode_request, json_dumps
+from handlers.codec import decode_response, encode_request
+from runtime.jsonio import json_dumps
 
 
 class Context:

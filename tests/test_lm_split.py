@@ -351,9 +351,9 @@ def test_private_split_sends_only_hidden_states(tmp_path, lm_exports, monkeypatc
     from conftest import ServerProcess
 
     from handlers.cli import main
+    from handlers.codec import decode_request
     from plugins.executors.base import decode_blob
     from plugins.shard_plan import parse_plan
-    from runtime.codec import decode_request
 
     arch = "gpt2"
     root = repository_with(tmp_path / "edge", {arch: lm_exports[arch]},

@@ -19,8 +19,8 @@ import pytest
 from conftest import EXAMPLES, ROOT, SHARDSERVE, ServerProcess, example_inputs, reference_outputs
 
 from runtime import Runtime, hookimpl
-from runtime.codec import InferInput, InferRequest
 from runtime.errors import ConfigError, ServiceUnavailable
+from runtime.messages import InferInput, InferRequest
 
 if importlib.util.find_spec("numba") is None or importlib.util.find_spec("onnx") is None:
     pytest.skip("needs shardserve[numba,build]", allow_module_level=True)
@@ -390,7 +390,7 @@ def test_process_without_numba_models_never_imports_numba(tmp_path):
         import numpy as np
         from plugins.backends.numba_backend import kernel_registry
         from runtime import Runtime
-        from runtime.codec import InferInput, InferRequest
+        from runtime.messages import InferInput, InferRequest
         rt = Runtime.from_config({{"repository": {{"path": {str(tmp_path)!r}}}}}).start()
         x = np.zeros((1, 3, 32, 32), np.float32)
         rt.infer("cnn", InferRequest(inputs=[InferInput("image", "FP32", x.shape, x)]))
@@ -509,7 +509,7 @@ def test_threads_and_threading_layer_from_model_toml(tmp_path):
     code = textwrap.dedent(f"""
         import json, numba, numpy as np
         from runtime import Runtime
-        from runtime.codec import InferInput, InferRequest
+        from runtime.messages import InferInput, InferRequest
         rt = Runtime.from_config({{"repository": {{"path": {str(tmp_path)!r}}}}}).start()
         x = np.random.default_rng(0).standard_normal((4, 3, 32, 32)).astype(np.float32)
         out = rt.infer("cnn_top3", InferRequest(inputs=[InferInput("image", "FP32", x.shape, x)]))

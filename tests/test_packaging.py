@@ -24,7 +24,7 @@ import requests
 from conftest import ALL_EXAMPLES, EXAMPLE_MODELS, EXAMPLES, ROOT, example_inputs
 from test_serverless_offline import SERVERLESS, free_port
 
-from runtime.codec import decode_response, encode_request
+from handlers.codec import decode_response, encode_request
 
 # the interpreter under the venv: no site-packages of the venv, wheels built for its Python
 BASE_PYTHON = Path(sys.base_prefix) / "bin" / f"python{sys.version_info[0]}.{sys.version_info[1]}"

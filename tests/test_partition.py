@@ -28,8 +28,8 @@ from plugins.partitioners.build import (
 )
 from plugins.shard_plan import parse_plan
 from runtime import Runtime
-from runtime.codec import InferInput, InferRequest
 from runtime.errors import BadRequest, ModelLoadError
+from runtime.messages import InferInput, InferRequest
 from runtime.plugins import PluginManager, Registry
 
 STRATEGIES = {

@@ -19,8 +19,8 @@ from conftest import ROOT, SHARDSERVE
 from handlers.cli import describe_plugins
 from plugins.registry.settings import store_factories
 from runtime import Runtime, hookspecs
-from runtime.codec import InferInput, InferRequest
 from runtime.errors import ConfigError, ModelLoadError
+from runtime.messages import InferInput, InferRequest
 from runtime.plugins import DEFAULT_PLUGINS, PluginManager, Registry
 
 PLUGIN_SOURCE = '''

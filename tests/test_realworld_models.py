@@ -269,7 +269,7 @@ def numba_runtime(tmp_path_factory):
 @pytest.mark.slow  # compiles the numba kernels these models use
 @pytest.mark.parametrize("name", ["ir3_cnn", "paddle_cnn", "bert_encoder", "gru"])
 def test_numba_lowers_the_model_and_matches_onnxruntime(numba_runtime, name):
-    from runtime.codec import InferInput, InferRequest
+    from runtime.messages import InferInput, InferRequest
 
     root, rt = numba_runtime
     assert rt.metadata(name)["platform"] == "shardserve_numba"

@@ -23,8 +23,8 @@ from executor_support import free_port
 
 from plugins.security.hmac_signing import sign_request
 from runtime import Runtime
-from runtime.codec import InferInput, InferRequest
 from runtime.errors import ConfigError, Forbidden, ServiceUnavailable
+from runtime.messages import InferInput, InferRequest
 
 TTL = 3.0
 SECRETS = {"node-a": b"a" * 32, "node-b": b"b" * 32, "node-c": b"c" * 32}

@@ -17,8 +17,8 @@ from conftest import SHARDSERVE, ServerProcess, add_model, write_model
 
 from plugins.serving.shared_repository import SharedRepositoryState
 from runtime import Runtime, hookimpl
-from runtime.codec import InferInput, InferRequest
 from runtime.errors import ModelLoadError, NotFound, ServiceUnavailable
+from runtime.messages import InferInput, InferRequest
 
 ONES = InferRequest(inputs=[InferInput("x", "FP32", (1, 4), np.ones((1, 4), np.float32))])
 

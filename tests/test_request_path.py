@@ -9,9 +9,9 @@ import threading
 import numpy as np
 import pytest
 
+from handlers.codec import encode_request
 from handlers.flask_app import create_app
 from runtime import Runtime, current_call, hookimpl
-from runtime.codec import encode_request
 from runtime.core import LoadedModel
 from runtime.messages import InferInput, InferRequest
 from runtime.repository import ModelConfig
@@ -77,13 +77,13 @@ def test_a_remote_call_carries_its_id_as_the_header_the_remote_dispatch_takes(ap
 
 def test_the_route_looks_the_model_up_once_and_checks_inputs_once(app, monkeypatch):
     client, rt, _ = app
-    import runtime.codec
+    import handlers.codec
     import runtime.core
 
     lookups, checks = [], []
-    get_model, check_tensor = rt.get_model, runtime.codec.check_tensor
+    get_model, check_tensor = rt.get_model, runtime.core.check_tensor
     monkeypatch.setattr(rt, "get_model", lambda *a: lookups.append(a) or get_model(*a))
-    monkeypatch.setattr(runtime.codec, "check_tensor",
+    monkeypatch.setattr(handlers.codec, "check_tensor",
                         lambda *a: checks.append(a[1]) or check_tensor(*a))
     monkeypatch.setattr(runtime.core, "check_tensor",
                         lambda *a: checks.append(a[1]) or check_tensor(*a))

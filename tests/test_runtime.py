@@ -11,7 +11,6 @@ from conftest import EXAMPLES, ROOT, SHARDSERVE, add_model, write_model
 from onnx import TensorProto
 
 from runtime import Runtime, hookimpl
-from runtime.codec import InferInput, InferRequest, RequestedOutput
 from runtime.config import load_config
 from runtime.errors import (
     BadRequest,
@@ -20,6 +19,7 @@ from runtime.errors import (
     NotFound,
     ServiceUnavailable,
 )
+from runtime.messages import InferInput, InferRequest, RequestedOutput
 from runtime.repository import ModelRepository, validate_model_name
 
 

@@ -13,9 +13,9 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
+from handlers.codec import decode_request
 from handlers.routes import HttpRequest, dispatch
 from runtime import Runtime
-from runtime.codec import decode_request
 from runtime.errors import ShardserveError
 
 FUZZ = settings(max_examples=1500, deadline=None, derandomize=True,

@@ -28,8 +28,8 @@ from plugins.security.model_signing import (
     verify_directory,
 )
 from runtime import Runtime
-from runtime.codec import InferInput, InferRequest
 from runtime.errors import ModelLoadError
+from runtime.messages import InferInput, InferRequest
 
 X = np.arange(8, dtype=np.float32).reshape(2, 4)
 

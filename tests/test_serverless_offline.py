@@ -19,7 +19,7 @@ import requests
 from conftest import ALL_EXAMPLES, EXAMPLE_MODELS, ROOT, example_inputs, reference_outputs
 from test_hostile_input import CASES
 
-from runtime.codec import decode_response, encode_request
+from handlers.codec import decode_response, encode_request
 
 SERVERLESS = ROOT / "node_modules" / ".bin" / "serverless"
 # body-level cases: routing of odd paths differs by design (API Gateway owns it)

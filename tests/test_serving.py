@@ -13,11 +13,12 @@ import pytest
 import requests
 from conftest import EXAMPLES, ServerProcess, add_model, reference_outputs, write_model
 
+from handlers.codec import encode_request
 from plugins.backends.onnxruntime import OnnxRuntimeBackend
 from plugins.serving.batching import ServedBackend, batching_settings
 from runtime import Runtime, hookimpl
-from runtime.codec import InferInput, InferRequest, encode_request
 from runtime.errors import BadRequest, ModelLoadError
+from runtime.messages import InferInput, InferRequest
 
 
 class GatedBackend(OnnxRuntimeBackend):
@@ -75,7 +76,7 @@ def gated_runtime(tmp_path: Path, model, toml: str) -> Runtime:
 
 
 def infer(rt: Runtime, name: str, **arrays: np.ndarray):
-    from runtime.codec import to_datatype
+    from runtime.dtypes import to_datatype
 
     inputs = [InferInput(k, to_datatype(v.dtype), v.shape, v) for k, v in arrays.items()]
     return rt.infer(name, InferRequest(inputs=inputs)).outputs

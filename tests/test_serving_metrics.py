@@ -13,10 +13,10 @@ import requests
 from conftest import EXAMPLES, SHARDSERVE, ServerProcess, example_inputs
 from prometheus_client.parser import text_string_to_metric_families
 
+from handlers.codec import encode_request
 from handlers.routes import request_id
 from plugins.serving.batching import ServedBackend
 from plugins.serving.logs import JsonFormatter
-from runtime.codec import encode_request
 
 MARKER = 31337.25  # a payload value that must never reach a log line
 

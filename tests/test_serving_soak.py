@@ -17,7 +17,7 @@ import psutil
 import pytest
 from conftest import EXAMPLES, SHARDSERVE, example_inputs
 
-from runtime.codec import encode_request
+from handlers.codec import encode_request
 
 SECONDS = int(os.environ.get("SHARDSERVE_SOAK_SECONDS", "60"))
 USERS = 32

@@ -18,9 +18,9 @@ from test_lambda_handler import Context, http_api_event
 from wire_models import write_repository
 
 from handlers import lambda_handler
+from handlers.codec import decode_response, encode_request
 from handlers.flask_app import create_app
 from runtime import Runtime
-from runtime.codec import decode_response, encode_request
 from runtime.errors import ModelLoadError
 
 

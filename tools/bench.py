@@ -66,7 +66,7 @@ def sample_inputs(metadata: dict, batch: int) -> dict:
     """Seeded inputs matching a model's V2 metadata; dynamic dims become ``batch`` or 1."""
     import numpy as np
 
-    from runtime.codec import to_numpy_dtype
+    from runtime.dtypes import to_numpy_dtype
 
     rng = np.random.default_rng(0)
     out = {}
@@ -154,7 +154,7 @@ def plot(rows: list[dict], path: Path, title: str) -> None:
 def cmd_bench(args: argparse.Namespace) -> int:
     from tqdm import tqdm
 
-    from runtime.codec import encode_request
+    from handlers.codec import encode_request
     from runtime.repository import validate_model_name
 
     validate_model_name(args.model)

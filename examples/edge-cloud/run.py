@@ -81,7 +81,7 @@ def measure(model: str, bandwidths: list[str], rtt: str, edge_factor: float,
             requests_n: int, batch: int, work: Path) -> list[dict]:
     import numpy as np
 
-    from runtime.codec import encode_request
+    from handlers.codec import encode_request
 
     edge_repo, cloud_repo = work / "edge", work / "cloud"
     edge_repo.mkdir(parents=True)

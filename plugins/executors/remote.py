@@ -13,7 +13,7 @@ import threading
 import time
 from typing import Any
 
-from runtime.codec import decode_response, encode_request
+from handlers.codec import decode_response, encode_request
 from runtime.errors import GatewayTimeout, ServiceUnavailable, ShardserveError
 
 from .base import (

@@ -21,8 +21,8 @@ from collections.abc import Iterator
 from typing import Any
 
 from runtime import current_call
-from runtime.codec import json_dumps, json_loads
 from runtime.errors import BadRequest, NotFound, ShardserveError
+from runtime.jsonio import json_dumps, json_loads
 
 SAMPLING = {"max_tokens", "temperature", "top_p", "top_k", "seed", "stop", "repetition_penalty"}
 OIP_FIELDS = {"text_input", "parameters", "id"}

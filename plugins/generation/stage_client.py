@@ -16,7 +16,7 @@ import uuid
 
 import numpy as np
 
-from runtime.codec import decode_response, encode_request
+from handlers.codec import decode_response, encode_request
 from runtime.errors import GatewayTimeout, ServiceUnavailable, ShardserveError
 
 from .split_engine import StageLost, UnknownSequence

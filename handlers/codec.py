@@ -1,10 +1,13 @@
-"""Open Inference Protocol (KServe V2) codec, with Triton's binary tensor data extension.
+"""Open Inference Protocol (KServe V2) wire codec, with Triton's binary tensor data extension:
+bytes to the typed messages of :mod:`runtime.messages` and back. The core never sees bytes: the
+edges decode requests and encode responses (``decode_request``, ``encode_response``), and what
+calls another V2 server, the remote executors and the tools, encodes requests and decodes
+responses (``encode_request``, ``decode_response``).
 
-Server side (``decode_request``, ``encode_response``) and client side (``encode_request``,
-``decode_response``). Decoding treats every byte as hostile: a malformed body raises a typed
-:mod:`runtime.errors` exception that names the field but never echoes payload data, and given
-the model's input specs a request is checked against them before its tensor data is
-materialised, so memory is bounded by what the model accepts, not by what the client sent.
+Decoding treats every byte as hostile: a malformed body raises a typed :mod:`runtime.errors`
+exception that names the field but never echoes payload data, and given the model's input specs
+a request is checked against them before its tensor data is materialised, so memory is bounded
+by what the model accepts, not by what the client sent.
 
 Binary layout: the JSON header first (its length in ``Inference-Header-Content-Length``), then
 the tensors whose ``parameters`` carry ``binary_data_size``, back to back in header order:
@@ -24,16 +27,14 @@ from typing import Any
 
 import numpy as np
 
-from runtime.dtypes import _WIRE, DATATYPES, label, to_datatype, to_numpy_dtype, wire_dtype
+from runtime.core import check_tensor
+from runtime.dtypes import _WIRE, DATATYPES, label, to_datatype, wire_dtype
 from runtime.errors import BadRequest, PayloadTooLarge, ShardserveError
 from runtime.jsonio import float_data, json_dumps, json_loads
 from runtime.messages import InferInput, InferRequest, InferResponse, RequestedOutput
 
-__all__ = [
-    "DATATYPES", "InferInput", "InferRequest", "InferResponse", "RequestedOutput",
-    "check_tensor", "decode_request", "decode_response", "encode_request", "encode_response",
-    "json_dumps", "json_loads", "parse_header_length", "to_datatype", "to_numpy_dtype",
-]
+__all__ = ["decode_request", "decode_response", "encode_request", "encode_response",
+           "parse_header_length"]
 
 _log = logging.getLogger(__name__)
 
@@ -47,29 +48,6 @@ _UNEXPECTED = "malformed inference request"
 _SPLIT_MIN, _SPAN_MIN, _SCAN = 1 << 16, 1 << 12, 1 << 20
 _DATA_KEY = re.compile(rb'"data"\s*:\s*\[')
 _FLOATS = frozenset(("FP16", "FP32", "FP64", "BF16"))
-
-
-def check_tensor(specs: Mapping, name: str, datatype: str, shape: tuple, batched: bool) -> tuple:
-    """Check a client tensor against the model's input ``specs``; the shape the model gets.
-
-    A model tensor whose dims (after the batch dim) are ``[]`` is reported as ``dims: [1]`` with
-    ``reshape: {shape: []}``, as Triton does, so shape ``[1]`` (``[batch, 1]``) is accepted too.
-    """
-    spec = specs.get(name)
-    if spec is None:
-        raise BadRequest(f"unexpected input {label(name)}")
-    if datatype != spec.datatype:
-        raise BadRequest(f"input {label(name)}: datatype {datatype}, model expects {spec.datatype}")
-    want = spec.shape
-    if len(want) == batched and len(shape) == len(want) + 1 and shape[-1] == 1:
-        shape = shape[:-1]
-    if len(shape) == len(want):
-        for w, g in zip(want, shape):  # a loop, not any(): this runs on every request
-            if w != g and w != -1:
-                break
-        else:
-            return shape
-    raise BadRequest(f"input {label(name)}: shape {list(shape)}, model expects {want}")
 
 
 def parse_header_length(value: str | bytes | None) -> int | None:
