@@ -5,10 +5,11 @@ from __future__ import annotations
 
 import base64
 import json
+import os
 
 import numpy as np
 import pytest
-from conftest import EXAMPLES, example_inputs, reference_outputs
+from conftest import EXAMPLES, ROOT, example_inputs, reference_outputs
 
 from handlers import lambda_handler
 from handlers.codec import decode_response, encode_request
@@ -261,6 +262,38 @@ def test_handler_module_imports_no_flask_numba_dask_or_onnx():
             "'matplotlib') if m in sys.modules))")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert out.stdout.strip() == "[]"
+
+
+COLD_PATH = """
+import json, sys
+from handlers.lambda_handler import handler
+event = {"version": "2.0", "rawPath": "/v2/models/digits_mlp/infer", "rawQueryString": "",
+         "headers": {"content-type": "application/json"},
+         "requestContext": {"http": {"method": "POST"}},
+         "body": json.dumps({"inputs": [{"name": "pixels", "datatype": "FP32", "shape": [1, 64],
+                                         "data": [0.0] * 64}]})}
+assert handler(event, None)["statusCode"] == 200
+print(json.dumps(sorted(m for m in sys.argv[1:] if m in sys.modules)))
+"""
+
+
+def test_cold_start_imports_only_what_the_first_answer_needs():
+    """A fresh process's first infer (the runtime built, every default plugin registered, the
+    model loaded) imports no framework it does not serve with, and none of the modules the
+    security plugins need only once security or encryption is configured: OpenSSL's hashlib,
+    secrets (and random), base64, cryptography (docs/serverless.md#cold-start)."""
+    import subprocess
+    import sys
+
+    unwanted = ["flask", "numba", "llvmlite", "dask", "distributed", "onnx", "matplotlib",
+                "prometheus_client", "cryptography", "hashlib", "_hashlib", "hmac", "secrets",
+                "random", "base64"]
+    env = {**os.environ, "SHARDSERVE_REPOSITORY": str(EXAMPLES)}
+    for name in ("SHARDSERVE_LOAD", "SHARDSERVE_CONFIG", "SHARDSERVE_METRICS"):
+        env.pop(name, None)
+    out = subprocess.run([sys.executable, "-c", COLD_PATH, *unwanted], capture_output=True,
+                         text=True, check=True, env=env, cwd=ROOT)
+    assert json.loads(out.stdout) == []
 
 
 def test_lambda_runtime_has_metrics_off_and_backends_unwrapped(fresh_handler):
