@@ -42,7 +42,7 @@ def cmd_optimize(args: argparse.Namespace) -> int:
         threads=args.threads, level=args.measure_level, dry_run=args.dry_run,
         sample=args.sample, input_shape=args.input_shape,
     )
-    run_chain(rt.repository.root, args.model, steps, settings)
+    run_chain(rt.repository.root, args.model, steps, settings, runtime=rt)
     return 0
 
 

@@ -186,7 +186,7 @@ class Candidate:
     """A source version and its optimised files, ready to measure and publish."""
 
     files: dict[str, bytes]  # file name -> bytes, as they will be published
-    source: Any  # something with get_outputs() and run(names, feed): a session or PlanRunner
+    source: Any  # something with get_outputs() and run(names, feed): a session or PlanSession
     candidate: Any
     size_before: int
     size_after: int
@@ -251,9 +251,29 @@ def _sha(data: bytes) -> str:
     return hashlib.sha256(data).hexdigest()
 
 
-def _single_file(repository: ModelRepository, name: str, filename: str, version: int,
+def read_source(runtime: Any, name: str, version: int, filename: str) -> bytes:
+    """A source file read the one way a version is read (``Runtime.read_model_file``: every
+    ``shardserve_transform_model_bytes``, i.e. signature checks and decryption). A file that
+    a transform changed is encrypted: its optimised bytes would be published in the clear."""
+    data = runtime.read_model_file(name, version, filename)
+    if data != runtime.repository.read_file(name, version, filename):
+        raise BadRequest(f"{filename} of version {version} is encrypted: optimize the "
+                         "unencrypted model, then encrypt the result")
+    return data
+
+
+def source_runtime(repository: ModelRepository) -> Any:
+    """The Runtime a run reads its source through when not handed one (the CLI hands its
+    own): the default config (``SHARDSERVE_CONFIG``) over this repository."""
+    from runtime import Runtime
+
+    return Runtime.from_config(overrides={"repository": {"path": str(repository.root),
+                                                         "load": "none"}})
+
+
+def _single_file(runtime: Any, name: str, filename: str, version: int,
                  steps: list[Step], settings: Settings) -> Candidate:
-    data = repository.read_file(name, version, filename)
+    data = read_source(runtime, name, version, filename)
     source = _load_source(data)
     specs = input_specs(source)
     samples = _samples(specs, settings)
@@ -272,21 +292,21 @@ def _single_file(repository: ModelRepository, name: str, filename: str, version:
         specs, calibration, {"source_sha256": _sha(data), "sha256": _sha(candidate)}, samples)
 
 
-def _plan(repository: ModelRepository, name: str, version: int, steps: list[Step],
+def _plan(runtime: Any, name: str, version: int, steps: list[Step],
           settings: Settings) -> Candidate:
-    from .shards import PlanRunner, optimise_shards, read_plan
+    from .shards import PlanSession, optimise_shards, read_plan
 
-    source = read_plan(repository, name, version)
+    source = read_plan(runtime, name, version)
     specs = source.specs()
     samples = _samples(specs, settings)
     calibration = _calibration(specs, settings, samples)
-    files = optimise_shards(source, steps, calibration)
+    before = PlanSession.open(runtime, name, version, settings.threads, settings.level)
+    files = optimise_shards(source, steps, calibration, before)
     for file, data in files.items():
         if file != PLAN_FILE:
             _check(data, f"shard file {file!r}")
     return Candidate(
-        files, PlanRunner(source.plan, source.files, settings.threads, settings.level),
-        PlanRunner(source.plan, files, settings.threads, settings.level), source.size,
+        files, before, before.with_files(files), source.size,
         sum(len(d) for d in files.values()), specs, calibration,
         {"source_sha256": _sha(source.plan_bytes), "sha256": _sha(files[PLAN_FILE]),
          "source_shards_sha256": source.record(),
@@ -299,10 +319,12 @@ def run_chain(
     steps: list[Step],
     settings: Settings,
     out: Callable[[str], Any] = print,
+    runtime: Any = None,
 ) -> Outcome:
     """Apply ``steps`` to a version of model ``name``; publish it unless the budget breaks.
 
-    A partitioned version (plan.toml) is optimised shard by shard.
+    A partitioned version (plan.toml) is optimised shard by shard. The source is read and
+    opened through ``runtime`` (by default one over ``repository_root``), as it is served.
     """
     repository = ModelRepository(repository_root)
     recover(repository.model_dir(name))  # a killed run's version: provenance before we choose
@@ -314,10 +336,11 @@ def run_chain(
     settings.sample_config = cfg.raw
     settings.model_dir = repository.model_dir(name)
     budget = budget_for(steps, cfg.raw, settings.budget)
+    runtime = runtime or source_runtime(repository)
     if (repository.version_dir(name, source_version) / PLAN_FILE).exists():
-        work = _plan(repository, name, source_version, steps, settings)
+        work = _plan(runtime, name, source_version, steps, settings)
     else:
-        work = _single_file(repository, name, cfg.filename, source_version, steps, settings)
+        work = _single_file(runtime, name, cfg.filename, source_version, steps, settings)
 
     calibration = work.calibration
     report = Report(work.size_before, work.size_after, notes=calibration.notes,

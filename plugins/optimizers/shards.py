@@ -2,14 +2,19 @@
 
 Each ONNX shard served by onnxruntime gets the whole chain, calibrated on the
 tensors it really receives: the calibration inputs are run through the source
-plan's shards in order, and every shard's feed is recorded. Shards for other
-backends (numba) are copied unchanged. The report compares the two plans end
-to end, run in process shard after shard, and the new version holds the same
-plan.toml with the optimised shard files.
+plan, and every shard's feed is recorded. Shards for other backends (numba)
+are copied unchanged. The report compares the two plans end to end, and the
+new version holds the same plan.toml with the optimised shard files.
+
+The source is read and run the one way a version is: its files through
+``Runtime.read_model_file`` (signatures verified, decryption), the plan by the
+``plan`` backend that ``Runtime.open_version`` opens; the candidate is that
+backend over the optimised files.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 from dataclasses import dataclass, field
 from types import SimpleNamespace
@@ -20,33 +25,60 @@ from runtime.errors import BadRequest
 
 from .base import Calibration
 from .calibration import InputSpec, input_specs
-from .measure import session
+from .pipeline import read_source
 
 
-class PlanRunner:
-    """A plan's shards run in order in one process: the session interface the report uses."""
+class PlanSession:
+    """A plan version run by its ``plan`` backend, with the session interface the report uses
+    (``get_outputs``, ``run(names, feed)``); ``run`` can also record each shard file's feed."""
 
-    def __init__(self, plan: ShardPlan, files: dict[str, bytes], threads: int = 1,
-                 level: str = "all"):
-        self.plan = plan
-        self.sessions = {}
-        for shard in plan.shards:
-            if shard.file not in self.sessions:
-                self.sessions[shard.file] = session(files[shard.file], threads, level)
+    def __init__(self, backend: Any):
+        self.backend = backend
+        self.output_names = [spec.name for spec in backend.outputs]
+
+    @classmethod
+    def open(cls, runtime: Any, name: str, version: int, threads: int = 1,
+             level: str = "all") -> PlanSession:
+        """The version as ``Runtime.open_version`` opens it, shards unfused (each shard file's
+        feed can be recorded) and onnxruntime measured with ``threads`` and ``level``."""
+        cfg = runtime.repository.config(name)
+        measured = {"intra_op_threads": threads, "inter_op_threads": 1,
+                    "graph_optimization_level": level}
+        raw = {**cfg.raw, "plan": {**_table(cfg.raw, "plan"), "fuse": False},
+               "onnxruntime": {**_table(cfg.raw, "onnxruntime"), **measured}}
+        return cls(runtime.open_version(dataclasses.replace(cfg, raw=raw), version))
+
+    def with_files(self, files: dict[str, bytes]) -> PlanSession:
+        """The same plan backend over other files: the optimised ones, not yet published."""
+        settings = dataclasses.replace(self.backend.settings, read_bytes=files.__getitem__)
+        backend = type(self.backend)(settings)
+        backend.load()
+        return PlanSession(backend)
 
     def get_outputs(self) -> list:
-        return [SimpleNamespace(name=name) for name in self.plan.output_names]
+        return [SimpleNamespace(name=name) for name in self.output_names]
 
     def run(self, names: list[str] | None, feed: dict, record: dict | None = None) -> list:
-        tensors = dict(feed)
-        for index in self.plan.order:
-            shard = self.plan.shards[index]
-            shard_feed = {name: tensors[name] for name in shard.inputs}
+        backend, names = self.backend, list(names or self.output_names)
+        if record is not None:  # run_shard is the plan backend's one seam where a shard runs
+            run_shard = backend.run_shard
+
+            def recording(index: int, inputs: dict, outputs: list[str]) -> dict:
+                record.setdefault(backend.plan.shards[index].file, inputs)
+                return run_shard(index, inputs, outputs)
+
+            backend.run_shard = recording
+        try:
+            result = backend.run(feed, names)
+        finally:
             if record is not None:
-                record.setdefault(shard.file, shard_feed)
-            outputs = self.sessions[shard.file].run(shard.outputs, shard_feed)
-            tensors.update(zip(shard.outputs, outputs))
-        return [tensors[name] for name in (names or self.plan.output_names)]
+                del backend.run_shard
+        return [result[name] for name in names]
+
+
+def _table(raw: dict, key: str) -> dict:
+    value = raw.get(key, {})
+    return value if isinstance(value, dict) else {}
 
 
 @dataclass
@@ -74,17 +106,18 @@ class PlanSource:
         return {file: hashlib.sha256(data).hexdigest() for file, data in self.files.items()}
 
 
-def read_plan(repository: Any, name: str, version: int) -> PlanSource:
-    """plan.toml and every shard file of a partitioned version, as plain ONNX."""
+def read_plan(runtime: Any, name: str, version: int) -> PlanSource:
+    """plan.toml and every shard file of a partitioned version, as plain ONNX, each read
+    through the model-bytes transforms (:func:`plugins.optimizers.pipeline.read_source`)."""
     import onnx
 
-    plan_bytes = repository.read_file(name, version, PLAN_FILE)
+    plan_bytes = read_source(runtime, name, version, PLAN_FILE)
     plan = parse_plan(name, plan_bytes)
     files, models = {}, {}
     for shard in plan.shards:
         if shard.file in files:
             continue
-        data = repository.read_file(name, version, shard.file)
+        data = read_source(runtime, name, version, shard.file)
         try:
             model = onnx.load_from_string(data)
         except Exception:  # protobuf's DecodeError and friends
@@ -99,9 +132,9 @@ def read_plan(repository: Any, name: str, version: int) -> PlanSource:
     return PlanSource(plan, plan_bytes, files, models)
 
 
-def shard_calibration(source: PlanSource, calibration: Calibration) -> dict[str, Calibration]:
+def shard_calibration(source: PlanSource, calibration: Calibration,
+                      runner: PlanSession) -> dict[str, Calibration]:
     """Each shard file's own calibration: the feeds it receives from the source plan."""
-    runner = PlanRunner(source.plan, source.files)
     feeds: dict[str, list[dict]] = {file: [] for file in source.files}
     for batch in calibration.batches:
         record: dict[str, dict] = {}
@@ -112,12 +145,14 @@ def shard_calibration(source: PlanSource, calibration: Calibration) -> dict[str,
             for file, batches in feeds.items()}
 
 
-def optimise_shards(source: PlanSource, steps: list, calibration: Calibration) -> dict:
-    """New file bytes for every shard file (optimised where onnxruntime serves it)."""
+def optimise_shards(source: PlanSource, steps: list, calibration: Calibration,
+                    runner: PlanSession) -> dict:
+    """New file bytes for every shard file (optimised where onnxruntime serves it);
+    ``runner`` runs the source plan for the shards' calibration."""
     import onnx
 
     backends = {shard.file: shard.backend for shard in source.plan.shards}
-    per_shard = shard_calibration(source, calibration)
+    per_shard = shard_calibration(source, calibration, runner)
     out = {PLAN_FILE: source.plan_bytes}
     for file, model in source.models.items():
         if backends[file] != "onnxruntime":
