@@ -75,7 +75,7 @@ def _no_refresh_threads_left():
 
     yield
     close_all()
-    assert not [t for t in threading.enumerate() if t.name == "shardserve-registry"]
+    assert not [t for t in threading.enumerate() if t.name.startswith("shardserve-regist")]
 
 
 @pytest.fixture(autouse=True)
@@ -435,13 +435,16 @@ def front_directory(front: Runtime):
 @pytest.mark.slow
 def test_a_gunicorn_node_registers_through_itself_and_leaves_on_sigterm(tmp_path):
     """The default single-host setup: embedded store, security off, `shardserve serve`
-    (gunicorn; the agent in its master); `shardserve nodes` reads the same store."""
+    (gunicorn; the agent in its master); `shardserve nodes` reads the same store. The
+    heartbeat carries the versions the workers have loaded (an unloaded one leaves the
+    record) and the load of the last interval (requests/s, latency, queue depth)."""
     import hashlib
 
     from conftest import ServerProcess
 
     repo = tmp_path / "repo"
     model = write_model(repo / "double" / "1" / "model.onnx", add_model())
+    write_model(repo / "spare" / "1" / "model.onnx", add_model())
     config = tmp_path / "node.toml"
     # a lease far longer than the test: an empty store after the stop can only be a DELETE
     config.write_text(f'[registry]\nenabled = true\npools = ["edge"]\nttl_s = 600\n'
@@ -453,18 +456,53 @@ def test_a_gunicorn_node_registers_through_itself_and_leaves_on_sigterm(tmp_path
         assert out.returncode == 0, out.stderr
         return {n["id"]: n for n in json.loads(out.stdout)["nodes"]}
 
-    server = ServerProcess(["--config", str(config), "serve", "--repository", str(repo)])
+    def served(node_id: str) -> list:
+        return sorted(m["name"] for m in nodes().get(node_id, {}).get("models", []))
+
+    server = ServerProcess(["--config", str(config), "serve", "--repository", str(repo),
+                            "--workers", "2"])
     try:
         node_id = f"127.0.0.1:{server.port}"
-        wait_for(lambda: node_id in nodes(), 10, step=0.2)
+        wait_for(lambda: served(node_id) == ["double", "spare"], 30, step=0.2)
         node = nodes()[node_id]
         assert node["state"] == "passing" and node["url"] == server.base
         assert node["pools"] == ["edge"] and node["capabilities"]["memory_bytes"] > 0
-        assert node["models"] == [{"name": "double", "version": "1",
-                                   "sha256": hashlib.sha256(model.read_bytes()).hexdigest()}]
+        assert node["models"][0] == {"name": "double", "version": "1", "loaded": True,
+                                     "sha256": hashlib.sha256(model.read_bytes()).hexdigest()}
+        body = json.dumps({"inputs": [{"name": "x", "datatype": "FP32", "shape": [2, 4],
+                                       "data": list(range(8))}]}).encode()
+        stop, answered = threading.Event(), []
+
+        def client():
+            while not stop.is_set():
+                request = urllib.request.Request(server.base + "/v2/models/double/infer",
+                                                 data=body, method="POST")
+                answered.append(urllib.request.urlopen(request, timeout=10).read())
+
+        clients = [threading.Thread(target=client) for _ in range(2)]
+        for thread in clients:
+            thread.start()
+        wait_for(lambda: len(answered) > 50, 30)
+        stop.set()
+        for thread in clients:
+            thread.join(30)
+        # a version the workers unloaded leaves the record at once (not after ttl_s / 3 =
+        # 200 s); that heartbeat carries the load since the last one, the requests above
+        urllib.request.urlopen(urllib.request.Request(
+            server.base + "/v2/repository/models/spare/unload", data=b"{}", method="POST"),
+            timeout=30).read()
+        wait_for(lambda: served(node_id) == ["double"], 15, step=0.2)
+        load = nodes()[node_id]["load"]
+        assert load["requests_per_s"] > 0 and load["latency_ms"] > 0
+        assert load["in_flight"] > 0 and load["queue_depth"] >= 0
+        assert load["heartbeat_latency_ms"] > 0
+        view = json.loads(urllib.request.urlopen(server.base + "/v2/shardserve/registry",
+                                                 timeout=10).read())
+        assert [n["load"] for n in view["nodes"]] == [load]
         table = subprocess.run([str(SHARDSERVE), "--config", str(config), "nodes"],
                                capture_output=True, text=True, cwd=ROOT, timeout=60).stdout
         assert node_id in table and "passing" in table and "double/1" in table
+        assert "REQ/S" in table and f"{load['requests_per_s']:.1f}" in table
     finally:
         server.stop()
     from plugins.registry.stores import EmbeddedRegistry
@@ -751,3 +789,128 @@ def test_a_pool_drops_the_connections_of_nodes_that_left(tmp_path, monkeypatch):
         executor._endpoint(url)
         executor._in_use.clear()
         assert sorted(executor.pools) == sorted(executor.breakers) == [url]
+
+
+# --------------------------------------------------------------------------- load, watches, threads
+
+
+def test_the_load_is_the_interval_between_two_heartbeats():
+    """Requests/s, mean latency, and by Little's law the mean number of requests in the
+    server and in batching queues: summed time over the interval."""
+    from plugins.registry.agent import LoadMeter
+
+    meter = LoadMeter()
+    assert meter.sample({"count": 10, "sum_us": 5e5, "queue_us": 1e5}, 100.0) == {}
+    load = meter.sample({"count": 30, "sum_us": 2.5e6, "queue_us": 6e5}, 102.0)
+    assert load == {"requests_per_s": 10.0, "latency_ms": 100.0, "in_flight": 1.0,
+                    "queue_depth": 0.25}
+    idle = meter.sample({"count": 30, "sum_us": 2.5e6, "queue_us": 6e5}, 103.0)
+    assert idle == {"requests_per_s": 0.0, "latency_ms": None, "in_flight": 0.0,
+                    "queue_depth": 0.0}
+    assert meter.sample({"count": 1, "sum_us": 1, "queue_us": 0}, 104.0) == {}  # restarted
+
+
+def test_the_record_names_loaded_versions_and_plan_shards(tmp_path):
+    """Only versions this server has loaded (its metrics' model_loaded gauge) are
+    advertised, each plan with its shard files' sha256; a lazy server also advertises the
+    versions it would load on the first request."""
+    import hashlib
+
+    from plugins.registry import agent as agent_module
+    from plugins.registry.settings import parse
+
+    repo = tmp_path / "repo"
+    single = write_model(repo / "double" / "1" / "model.onnx", add_model())
+    front_repo(repo)
+    shard = repo / "front" / "1" / "s0.onnx"
+    write_model(repo / "idle" / "1" / "model.onnx", add_model())
+    agent = agent_module.RegistrationAgent(parse({"enabled": True}), repo, "http://a:1", "a")
+    loaded = {("double", "1"), ("front", "1")}
+    totals = {"count": 0.0, "sum_us": 0.0, "queue_us": 0.0}
+    agent_module.served_metrics, real = (lambda: (loaded, totals)), agent_module.served_metrics
+    try:
+        models, _ = agent.served()
+        agent.lazy = True
+        lazy, _ = agent.served()
+    finally:
+        agent_module.served_metrics = real
+    digest = hashlib.sha256(single.read_bytes()).hexdigest()
+    assert models[0] == {"name": "double", "version": "1", "sha256": digest, "loaded": True}
+    assert models[1]["name"] == "front" and models[1]["shards"] == [
+        {"name": "s0", "sha256": hashlib.sha256(shard.read_bytes()).hexdigest()}]
+    assert [m["name"] for m in models] == ["double", "front"]
+    assert [(m["name"], m["loaded"]) for m in lazy] == [("double", True), ("front", True),
+                                                        ("idle", False)]
+
+
+def test_an_etcd_watch_pushes_changes_and_polling_covers_a_broken_watch(etcd, tmp_path):
+    """With etcd the view follows a prefix watch: a registration, a deregistration and a
+    lease expiry show at once although the poll interval is a minute; etcd stopped: the
+    watch ends, the view is stale; back: watching again, reconciled. The embedded store
+    has no watch and is polled, as documented."""
+    from plugins.registry.directory import Directory
+    from plugins.registry.stores import EmbeddedRegistry, EtcdRegistry
+
+    store = EtcdRegistry([etcd.url], f"/t{free_port()}/")
+    view = Directory(store, TTL, 60.0).acquire()  # polling alone would take 60 s (then TTL)
+    try:
+        wait_for(lambda: view.watching, 2)
+        store.heartbeat("w1", {"id": "w1", "url": "http://a", "heartbeat": time.time()},
+                        "hmac:node-a", TTL)
+        assert wait_for(lambda: "w1" in view.nodes, 0.5) <= 0.5
+        store.deregister("w1", "hmac:node-a")
+        wait_for(lambda: "w1" not in view.nodes and "w1" in view.gone, 0.5)
+        store.heartbeat("w2", {"id": "w2", "url": "http://b", "heartbeat": time.time()},
+                        "hmac:node-b", 2)  # left to expire: etcd deletes it, the watch says so
+        wait_for(lambda: "w2" in view.nodes, 0.5)
+        wait_for(lambda: "w2" not in view.nodes, 4)
+        store.heartbeat("w3", {"id": "w3", "url": "http://c", "heartbeat": time.time()},
+                        "hmac:node-c", 600)
+        wait_for(lambda: "w3" in view.nodes, 0.5)
+        etcd.stop()
+        wait_for(lambda: not view.watching and view.view()["stale"], 2)
+        assert [n["id"] for n in view.view()["nodes"] if not n.get("expired")] == ["w3"]
+        etcd.start()
+        wait_for(lambda: view.watching and not view.view()["stale"], 5)
+        store.deregister("w3", "hmac:node-c")
+        wait_for(lambda: "w3" not in view.nodes, 0.5)
+    finally:
+        if etcd.proc.poll() is not None:
+            etcd.start()
+        view.release()
+    assert not [t for t in threading.enumerate() if t.name.startswith("shardserve-registry")]
+    embedded = Directory(EmbeddedRegistry(tmp_path / "r.sqlite"), TTL, 0.1).acquire()
+    try:
+        assert not embedded.watching and [t.name for t in embedded._threads] == \
+            ["shardserve-registry"]
+    finally:
+        embedded.release()
+
+
+@pytest.mark.parametrize("kind", ["embedded", "etcd"])
+def test_closing_the_runtime_stops_the_registry_threads(request, kind, tmp_path):
+    """A pool executor holds its directory's threads (poll, and the etcd watch) while its
+    model is loaded; closing the runtime (dev server stop, gunicorn worker exit, a test)
+    stops them, as stopping an agent stops its heartbeat and link-probe threads."""
+    from plugins.registry.agent import RegistrationAgent
+    from plugins.registry.settings import parse
+
+    def ours() -> list:
+        return sorted(t.name for t in threading.enumerate()
+                      if t.name.startswith("shardserve-regist") or t.name.endswith("probe"))
+
+    before = ours()
+    url = request.getfixturevalue("etcd").url if kind == "etcd" else None
+    config = registry_config(kind, url, tmp_path)
+    front = Runtime.from_config({"repository": {"path": str(front_repo(tmp_path / "f"))},
+                                 **config}).start()
+    expected = ["shardserve-registry"] + (["shardserve-registry-watch"] if url else [])
+    assert sorted(set(ours()) - set(before)) == expected
+    front.close()
+    assert ours() == before
+    agent = RegistrationAgent(parse({"enabled": True, "probe_s": 0.1}), tmp_path / "f",
+                              f"http://127.0.0.1:{free_port()}", "gone").start()
+    assert {"shardserve-registration", "shardserve-link-probe"} <= set(ours())
+    started = time.monotonic()
+    agent.stop()
+    assert ours() == before and time.monotonic() - started < TTL

@@ -10,11 +10,12 @@ registered by ``plugins.executors`` (off with it).
 
 from __future__ import annotations
 
-import argparse
-import json
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from runtime import hookimpl
+
+if TYPE_CHECKING:  # the CLI's alone: serving (and a Lambda cold start) never imports it
+    import argparse
 
 
 def embedded_store(config: Any, settings: Any) -> Any:
@@ -38,6 +39,8 @@ def shardserve_register_registries(register: Any) -> None:
 
 @hookimpl
 def shardserve_startup(runtime: Any) -> None:
+    if not runtime.config.section("registry"):
+        return  # nothing to check, and nothing more imported on a cold start
     from .settings import registry_settings
 
     registry_settings(runtime.config)  # a bad [registry] fails at startup
@@ -45,6 +48,8 @@ def shardserve_startup(runtime: Any) -> None:
 
 def cmd_nodes(args: argparse.Namespace) -> int:
     """Read the configured store once and print its nodes."""
+    import json
+
     from runtime.config import load_config
 
     from .directory import Directory
@@ -60,14 +65,23 @@ def cmd_nodes(args: argparse.Namespace) -> int:
     if args.json:
         print(json.dumps(view, indent=2))
     else:
-        print(f"{'NODE':24} {'STATE':9} {'URL':28} {'POOLS':12} MODELS")
+        print(f"{'NODE':24} {'STATE':9} {'URL':28} {'POOLS':12} {'REQ/S':>7} "
+              f"{'LAT_MS':>7} {'QUEUE':>6} MODELS")
         for node in view["nodes"]:
             models = ",".join(f"{m['name']}/{m['version']}" for m in node["models"])
+            load = node.get("load") or {}
+            figures = [_figure(load.get(k)) for k in ("requests_per_s", "latency_ms",
+                                                       "queue_depth")]
             print(f"{node['id']:24} {node['state']:9} {node['url'] or '-':28} "
-                  f"{','.join(node['pools']):12} {models or '-'}")
+                  f"{','.join(node['pools']):12} {figures[0]:>7} {figures[1]:>7} "
+                  f"{figures[2]:>6} {models or '-'}")
         if "error" in view:
             print(view["error"])
     return 1 if "error" in view else 0
+
+
+def _figure(value: Any) -> str:
+    return f"{value:.1f}" if isinstance(value, (int, float)) else "-"
 
 
 @hookimpl

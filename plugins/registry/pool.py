@@ -33,9 +33,16 @@ class PoolExecutor(HttpExecutor):
             raise ConfigError(f"model {self.model!r}: a 'pool:' placement needs "
                               "[registry] enabled")
         store = open_store(config, settings, backend.settings.plugins)
-        self.directory = directory_for(store, settings.ttl_s, settings.refresh_s)
+        # held until close(): the directory's threads run while a pool executor uses them
+        self.directory = directory_for(store, settings.ttl_s, settings.refresh_s, hold=True)
         self._endpoints_lock = threading.Lock()
         self._in_use: dict[str, int] = {}  # url -> calls running on it (never pruned then)
+
+    def close(self) -> None:
+        directory, self.directory = getattr(self, "directory", None), None
+        if directory is not None:
+            directory.release()
+        super().close()
 
     def prepare(self, index: int) -> None:
         shard = self.shard(index)

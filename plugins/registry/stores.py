@@ -11,18 +11,22 @@ be reached, so callers can keep their last known view.
 shares the directory sees the same nodes; expiry is a timestamp checked on read).
 ``etcd``: etcd v3 through its JSON gateway (``/v3/kv``, ``/v3/lease``): one lease per
 node, refreshed with ``keepalive``; the owner check is one ``txn`` comparing the key's
-``mod_revision`` with the one read, so two writers cannot both win.
+``mod_revision`` with the one read, so two writers cannot both win; ``open_watch`` streams
+every change under the prefix (``/v3/watch``) so that discovery need not poll.
 """
 
 from __future__ import annotations
 
 import base64
+import http.client
 import json
 import logging
 import os
+import socket
 import threading
 import time
 import urllib.error
+import urllib.parse
 import urllib.request
 from pathlib import Path
 from typing import Any
@@ -220,17 +224,119 @@ class EtcdRegistry:
         if answer.get("succeeded") and lease:
             self._post("/v3/lease/revoke", {"ID": str(lease)})
 
-    def nodes(self) -> list[dict]:
+    def snapshot(self) -> tuple[list[dict], int]:
+        """(live records, the store's revision they were read at): a watch starts after it."""
         prefix = f"{self.prefix}nodes/"
         answer = self._post("/v3/kv/range", {"key": _b64(prefix),
                                              "range_end": _prefix_end(prefix)})
         out = []
         for kv in answer.get("kvs") or []:
+            record = _record_of(kv)
+            if record is not None:
+                out.append(record)
+        return out, _int((answer.get("header") or {}).get("revision"))
+
+    def nodes(self) -> list[dict]:
+        return self.snapshot()[0]
+
+    def open_watch(self, start_revision: int) -> EtcdWatch:
+        """A watch on every node key from ``start_revision`` (docs/registry.md)."""
+        failure: BaseException | None = None
+        for endpoint in self.endpoints:
             try:
-                out.append(json.loads(base64.b64decode(kv["value"])))
-            except (KeyError, ValueError):
-                continue
-        return out
+                return EtcdWatch(endpoint, f"{self.prefix}nodes/", start_revision,
+                                 self.timeout_s)
+            except (OSError, ValueError, http.client.HTTPException) as exc:
+                failure = exc
+        raise ServiceUnavailable(f"registry store (etcd) watch unavailable: "
+                                 f"{type(failure).__name__}")
 
     def close(self) -> None:
-        """Nothing held: every call is one HTTP request."""
+        """Nothing held: every call is one HTTP request (a watch is closed by its owner)."""
+
+
+def _record_of(kv: dict) -> dict | None:
+    try:
+        value = json.loads(base64.b64decode(kv["value"]))
+    except (KeyError, ValueError, TypeError):
+        return None
+    return value if isinstance(value, dict) else None
+
+
+class EtcdWatch:
+    """One ``/v3/watch`` stream of etcd's gateway: newline-delimited JSON results.
+
+    ``events()`` yields ``(node, record, revision)`` per put and ``(node, None, revision)``
+    per delete (a lease that expired included) until the stream breaks
+    (``ServiceUnavailable``: etcd stopped, the revision was compacted) or ``close()``, from
+    any thread, shuts the socket under it (then it just ends).
+    """
+
+    def __init__(self, endpoint: str, prefix: str, start_revision: int, timeout_s: float):
+        parts = urllib.parse.urlsplit(endpoint)
+        kind = http.client.HTTPSConnection if parts.scheme == "https" else \
+            http.client.HTTPConnection
+        self.prefix, self.closed = prefix, False
+        self._conn = kind(parts.hostname, parts.port, timeout=timeout_s)
+        body = {"create_request": {"key": _b64(prefix), "range_end": _prefix_end(prefix),
+                                   "start_revision": str(max(1, start_revision))}}
+        try:
+            self._conn.request("POST", "/v3/watch", body=json.dumps(body).encode(),
+                               headers={"Content-Type": "application/json"})
+            self._answer = self._conn.getresponse()
+            if self._answer.status != 200:
+                raise OSError(f"watch answered {self._answer.status}")
+            created = json.loads(self._answer.readline() or b"{}").get("result") or {}
+            if not created.get("created"):
+                raise OSError("watch not created")
+            self._conn.sock.settimeout(None)  # changes come when they come
+        except BaseException:
+            self._conn.close()
+            raise
+
+    def events(self) -> Any:
+        while True:
+            try:
+                line = self._answer.readline()
+            except (OSError, ValueError, AttributeError, http.client.HTTPException):
+                # AttributeError: close() in another thread took the response's file away
+                line = b""
+            if not line:
+                if self.closed:
+                    return
+                raise ServiceUnavailable("registry store (etcd) watch ended")
+            try:
+                message = json.loads(line)
+            except ValueError:
+                raise ServiceUnavailable("registry store (etcd) watch sent garbage") from None
+            result = message.get("result") or {}
+            if "error" in message or result.get("canceled"):
+                raise ServiceUnavailable("registry store (etcd) watch was cancelled")
+            revision = _int((result.get("header") or {}).get("revision"))
+            for event in result.get("events") or []:
+                kv = event.get("kv") or {}
+                try:
+                    key = base64.b64decode(kv.get("key", "")).decode()
+                except (ValueError, UnicodeDecodeError):
+                    continue
+                if not key.startswith(self.prefix):
+                    continue
+                node = key[len(self.prefix):]
+                if event.get("type") == "DELETE":
+                    yield node, None, revision
+                else:
+                    record = _record_of(kv)
+                    if record is None:
+                        log.warning("registry: ignoring a corrupt etcd entry")
+                        continue
+                    yield node, record, revision
+
+    def close(self) -> None:
+        self.closed = True
+        sock = self._conn.sock
+        if sock is not None:
+            try:
+                sock.shutdown(socket.SHUT_RDWR)  # wakes a readline() blocked in another thread
+            except OSError:
+                pass
+        self._conn.close()

@@ -19,6 +19,7 @@ from runtime.errors import BadRequest, NotFound, Unauthorized
 from .settings import open_store, registry_settings, valid_node_id
 
 MAX_MODELS = 1024
+MAX_SHARDS = 64
 
 
 def _enabled(rt: Any):
@@ -41,6 +42,21 @@ def _owner(rt: Any, principal: Any) -> str:
     return str(owner)
 
 
+def _model(raw: dict) -> dict:
+    """One served model version as stored: name, version, sha256, whether it is loaded
+    (None: unknown) and, for a plan, its shard files' sha256."""
+    model = {"name": raw["name"][:128], "version": str(raw.get("version", ""))[:32],
+             "sha256": str(raw.get("sha256", ""))[:64]}
+    if "loaded" in raw:
+        model["loaded"] = raw["loaded"] if isinstance(raw["loaded"], bool) else None
+    shards = raw.get("shards")
+    if isinstance(shards, list):
+        model["shards"] = [{"name": str(s.get("name", ""))[:128],
+                            "sha256": str(s.get("sha256", ""))[:64]}
+                           for s in shards[:MAX_SHARDS] if isinstance(s, dict)]
+    return model
+
+
 def _record(node: str, body: bytes) -> dict:
     try:
         raw = json.loads(body or b"null")
@@ -59,8 +75,7 @@ def _record(node: str, body: bytes) -> dict:
     if not isinstance(models, list) or len(models) > MAX_MODELS or not all(
             isinstance(m, dict) and isinstance(m.get("name"), str) for m in models):
         raise BadRequest("registration 'models' must be a list of {name, version, sha256}")
-    models = [{"name": m["name"][:128], "version": str(m.get("version", ""))[:32],
-               "sha256": str(m.get("sha256", ""))[:64]} for m in models]
+    models = [_model(m) for m in models]
     extra = {}
     for key, most in (("capabilities", 4096), ("load", 4096), ("links", 65536)):
         value = raw.get(key, {})
