@@ -216,6 +216,9 @@ def test_argmax(attrs):
     ((1, 2, 9, 9), (3, 2, 3, 3), {"dilations": [2, 2]}),
     ((1, 3, 7, 6), (2, 3, 3, 2), {"auto_pad": "SAME_UPPER", "strides": [2, 2]}),
     ((2, 3, 11), (4, 3, 3), {"pads": [1, 1], "strides": [2]}),
+    # stride 1, output as wide as the input: packed from shifted input rows
+    ((1, 3, 7, 6), (5, 3, 3, 3), {"dilations": [2, 2], "pads": [2, 1, 2, 3]}),
+    ((1, 40, 9, 8), (8, 40, 1, 1), {}),
 ])
 @pytest.mark.parametrize("with_bias", [True, False])
 def test_conv(x_shape, w_shape, attrs, with_bias):

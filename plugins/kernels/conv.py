@@ -81,6 +81,40 @@ def _pack_row(line, panels, row):
 
 
 @jit
+def _pack_shifted(channel, panels, row, shift, i, j, pt, pl, dh, dw, oh, ow):
+    """The im2col row of a stride-1 kernel tap whose output is as wide as the input:
+    column ``q`` is ``channel[q + shift]`` (``channel`` the flat [H * W] input channel),
+    so it is packed straight into ``panels[., row]`` with 32-float copies; then the
+    columns that read a pad (output rows above/below the image, the left/right edge
+    columns) are zeroed."""
+    size = channel.shape[0]
+    spatial = oh * ow
+    for p in range(panels.shape[0]):
+        q0 = p * PANEL
+        dst = panels[p, row]
+        if q0 + shift >= 0 and q0 + PANEL + shift <= size and q0 + PANEL <= spatial:
+            src = channel[q0 + shift:]
+            for t in range(PANEL):
+                dst[t] = src[t]
+        else:
+            for t in range(PANEL):
+                q = q0 + t + shift
+                dst[t] = channel[q] if q0 + t < spatial and 0 <= q < size else 0
+    height = size // ow
+    left = min(max(pl - j * dw, 0), ow)  # output columns reading the left pad
+    right = min(max(ow + pl - j * dw, left), ow)  # first output column past the right edge
+    for y in range(oh):
+        iy = y - pt + i * dh
+        first, last = (ow, ow) if iy < 0 or iy >= height else (left, right)
+        for z in range(first):
+            q = y * ow + z
+            panels[q // PANEL, row, q % PANEL] = 0
+        for z in range(last, ow):
+            q = y * ow + z
+            panels[q // PANEL, row, q % PANEL] = 0
+
+
+@jit
 def _epilogue(out, bias, residual, n, relu):
     """Image ``n`` of ``out`` [N, M, spatial] in one pass: + bias, + the fused residual
     (when ``residual`` has elements), then Relu."""
@@ -125,11 +159,13 @@ def _conv2d(x, w2d, bias, residual, cols, group, kh, kw, sh, sw, pt, pl, dh, dw,
 
 @jit
 def _conv2d_panels(x, x_flat, w2d, bias, residual, line, panels, group, kh, kw, sh, sw, pt,
-                   pl, dh, dw, oh, ow, relu, direct):
-    """float32: the im2col rows go straight into 32-column panels and
+                   pl, dh, dw, oh, ow, relu, direct, shifted):
+    """float32: the im2col rows go into 32-column panels and
     :func:`~plugins.kernels.gemm.gemm_panels` multiplies the weights by them (AVX-512
     tiles, whatever BLAS kernels the environment selects); then the epilogue.
-    ``direct``: a 1x1 stride-1 unpadded kernel packs the image's rows themselves."""
+    ``direct``: a 1x1 stride-1 unpadded kernel packs the image's rows themselves;
+    ``shifted``: a stride-1 kernel whose output is as wide as its input packs shifted
+    copies of them (no im2col buffer)."""
     batch, channels = x.shape[0], x.shape[1]
     out_channels = w2d.shape[0]
     cg, mg = channels // group, out_channels // group
@@ -139,6 +175,14 @@ def _conv2d_panels(x, x_flat, w2d, bias, residual, line, panels, group, kh, kw, 
             if direct:
                 for c in range(cg):
                     _pack_row(x_flat[n, g * cg + c], panels, c)
+            elif shifted:
+                for c in range(cg):
+                    channel = x_flat[n, g * cg + c]
+                    for i in range(kh):
+                        for j in range(kw):
+                            _pack_shifted(channel, panels, (c * kh + i) * kw + j,
+                                          (i * dh - pt) * ow + j * dw - pl, i, j, pt, pl, dh,
+                                          dw, oh, ow)
             else:
                 image = x[n, g * cg:(g + 1) * cg]
                 for c in range(cg):
@@ -245,10 +289,11 @@ def conv(x, w, b=None, residual=None, auto_pad="NOTSET", dilations=None, group=1
     clamp = relu and (fused or residual is None)  # else Relu comes after numpy's Add
     if x.dtype == w2d.dtype == np.float32:
         panels = _cols_buffer((-(-oh * ow // PANEL), taps, PANEL), x.dtype)
-        line = _cols_buffer((0 if direct else oh * ow,), x.dtype)
+        shifted = strides == (1, 1) and ow == x.shape[3]
+        line = _cols_buffer((0 if direct or shifted else oh * ow,), x.dtype)
         out = _conv2d_panels(x, x.reshape(x.shape[0], x.shape[1], -1), w2d, bias, skip, line,
                              panels, group, kernel[0], kernel[1], strides[0], strides[1], pt,
-                             pl, dilations[0], dilations[1], oh, ow, clamp, direct)
+                             pl, dilations[0], dilations[1], oh, ow, clamp, direct, shifted)
     else:
         cols = (np.empty((0, 0), x.dtype) if direct else
                 _cols_buffer((taps, oh * ow), x.dtype))
