@@ -16,11 +16,14 @@ from __future__ import annotations
 import copy
 import dataclasses
 import logging
+from typing import TYPE_CHECKING
 
-from plugins.shard_plan import PLAN_FILE, Shard, ShardPlan, parse_plan
 from runtime import BackendSettings, TensorSpec, hookimpl
 from runtime.core import close_backend
 from runtime.errors import ModelLoadError
+
+if TYPE_CHECKING:  # the plan parser loads with the first plan, not at cold start
+    from plugins.shard_plan import Shard, ShardPlan
 
 log = logging.getLogger("shardserve.backends.plan")
 
@@ -46,6 +49,8 @@ class PlanBackend:
 
     def load(self) -> None:
         s = self.settings
+        from plugins.shard_plan import PLAN_FILE, parse_plan
+
         self.plan = plan = parse_plan(s.model, s.read_bytes(PLAN_FILE))
         if s.backends is None:
             raise ModelLoadError(f"model {s.model!r}: the plan backend needs a backend registry")
@@ -255,4 +260,4 @@ def shardserve_register_backends(register):
 @hookimpl
 def shardserve_select_backend(config, path):
     """A version directory holding plan.toml is partitioned, whatever model.toml says."""
-    return "plan" if (path / PLAN_FILE).is_file() else None
+    return "plan" if (path / "plan.toml").is_file() else None  # plugins.shard_plan.PLAN_FILE
