@@ -105,6 +105,30 @@ def test_continuous_batching_gives_each_stream_its_alone_tokens(tmp_path, lm_exp
     assert engine.prefill_runs >= len(jobs) + 10  # and long prompts went in several chunks
 
 
+@pytest.mark.parametrize("arch", ["gpt2", "llama"])
+def test_prompts_admitted_together_are_prefilled_in_one_run(tmp_path, lm_exports, arch):
+    """Requests queued while the scheduler is busy are prefilled as one padded batch (one graph
+    run); each still gets exactly its alone tokens, and the cache's padding stays masked."""
+    from plugins.generation.engine import Sequence
+    from plugins.generation.sampling import SamplingParams
+
+    rt = _runtime(tmp_path, lm_exports, archs=(arch,))
+    model = rt.get_model(arch).backend
+    jobs = [(PROMPTS[i], n) for i, n in enumerate((6, 14, 3, 10, 8))]
+    alone = [_greedy(rt, arch, p, n)[0] for p, n in jobs]
+    engine = model.engine
+    runs_before = engine.prefill_runs
+    with engine._cond:  # the scheduler cannot take any of them until all are queued
+        seqs = [Sequence(model.codec.encode(p), n, SamplingParams(temperature=0.0),
+                         model.eos_ids) for p, n in jobs]
+        for seq in seqs:
+            engine.submit(seq)
+    got = [[e[1] for e in engine.events(seq) if e[0] == "token"] for seq in seqs]
+    assert got == alone
+    assert engine.prefill_runs == runs_before + 1
+    assert len({len(seq.prompt) for seq in seqs}) > 2  # different lengths: padding was needed
+
+
 def test_hostile_parameters_get_clear_400s(tmp_path, lm_exports):
     rt = _runtime(tmp_path, lm_exports, {"gpt2": '[generation]\nmax_context = 64\n'
                                                  'max_tokens_cap = 20\n'}, archs=("gpt2",))

@@ -34,10 +34,15 @@ def lm_server(tmp_path_factory):
 
 
 def worker_process(server):
+    """The gunicorn worker (forked after the ready line: wait for it)."""
     import psutil
 
-    return max(psutil.Process(server.proc.pid).children(recursive=True),
-               key=lambda p: p.memory_info().rss)
+    deadline = time.monotonic() + 30
+    while True:
+        children = psutil.Process(server.proc.pid).children(recursive=True)
+        if children or time.monotonic() > deadline:
+            return max(children, key=lambda p: p.memory_info().rss)
+        time.sleep(0.1)
 
 
 class Soak:
@@ -103,8 +108,8 @@ class Soak:
 
 @pytest.mark.slow
 def test_32_streams_for_60_s_with_random_hang_ups(lm_server):
-    worker = worker_process(lm_server)
     Soak(lm_server.base).run(5)  # warm-up: kernels compile, onnxruntime's arena grows
+    worker = worker_process(lm_server)
     time.sleep(1)
     baseline = worker.memory_info().rss
     soak = Soak(lm_server.base)

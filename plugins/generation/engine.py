@@ -99,6 +99,10 @@ class Sequence:
 class Engine:
     """Continuous batching over one onnxruntime session."""
 
+    # Whole prompts admitted together are prefilled in one run. Padding them needs explicit
+    # positions (a graph without position_ids counts them from the cache's width).
+    group_prefill = True
+
     def __init__(self, session, graph: GraphInfo, limits: EngineLimits, name: str):
         self.session = session
         self.graph = graph
@@ -262,8 +266,11 @@ class Engine:
     def _prefill_some(self) -> None:
         """Run up to ``prefill_chunk`` prompt tokens of the waiting sequences, oldest first, so
         a long prompt delays the running batch by one chunk per decode step, not by all of it
-        (chunked prefill). A sequence whose prompt is done samples its first token and joins."""
+        (chunked prefill). A sequence whose prompt is done samples its first token and joins.
+        Whole prompts that fit the budget together run as one batch (one graph run for the
+        requests that arrived together, not one each)."""
         budget = self.limits.prefill_chunk
+        group: list[Sequence] = []
         for seq in list(self._prefilling):
             if budget <= 0:
                 break
@@ -274,6 +281,10 @@ class Engine:
             start = seq.prefilled
             n = min(len(seq.prompt) - start, budget)
             budget -= n
+            if (self.group_prefill and self.graph.has_position_ids and start == 0
+                    and n == len(seq.prompt)):
+                group.append(seq)
+                continue
             logits, presents = self._prefill_chunk(seq, start, n)
             seq.prefilled, seq.own_cache = start + n, presents
             if seq.prefilled < len(seq.prompt):
@@ -283,6 +294,48 @@ class Engine:
             if self._emit(seq, logits[0, -1]):
                 self._batch.append(seq)
                 self._cache.join(presents)
+        if len(group) == 1:
+            seq = group[0]
+            logits, presents = self._prefill_chunk(seq, 0, len(seq.prompt))
+            self._joined(group, logits, presents, [len(seq.prompt)])
+        elif group:
+            self._joined(group, *self._prefill_group(group), [len(s.prompt) for s in group])
+
+    def _joined(self, group: list[Sequence], logits: np.ndarray, presents: list[np.ndarray],
+                lengths: list[int]) -> None:
+        """Whole prompts prefilled (row ``i`` of ``presents`` holds ``group[i]``, right-aligned,
+        ``lengths[i]`` valid columns): each samples its first token, those still going join."""
+        seq_rows = []
+        for row, seq in enumerate(group):
+            self._prefilling.remove(seq)
+            seq.prefilled, seq.own_cache = len(seq.prompt), None
+            if self._emit(seq, logits[row, -1]):
+                seq_rows.append(row)
+                self._batch.append(seq)
+        if seq_rows:
+            self._cache.join([p[seq_rows] if len(seq_rows) < len(group) else p
+                              for p in presents], [lengths[r] for r in seq_rows])
+
+    def _prefill_group(self, group: list[Sequence]):
+        """One graph run over several whole prompts, right-aligned: the shorter ones padded
+        on the left with masked columns (positions still count from 0 at each prompt's start,
+        so the keys cached are those of the prompt run alone)."""
+        g = self.graph
+        self.prefill_runs += 1
+        width = max(len(s.prompt) for s in group)
+        ids = np.zeros((len(group), width), np.int64)
+        mask = np.zeros((len(group), width), np.int64)
+        positions = np.zeros((len(group), width), np.int64)
+        for row, seq in enumerate(group):
+            n = len(seq.prompt)
+            ids[row, width - n:] = seq.prompt
+            mask[row, width - n:] = 1
+            positions[row, width - n:] = np.arange(n)
+        feed = {"input_ids": ids, "attention_mask": mask, "position_ids": positions}
+        empty = np.zeros((len(group), g.kv_heads, 0, g.head_dim), dtype=g.dtype)
+        for name in g.past_names:
+            feed[name] = empty
+        return self._run(feed)
 
     def _prefill_chunk(self, seq: Sequence, start: int, n: int):
         g = self.graph

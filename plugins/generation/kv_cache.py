@@ -44,24 +44,31 @@ class BatchCache:
         self.arrays = presents
         self.mask = np.concatenate([self.mask, np.ones((self.rows, 1), np.int64)], axis=1)
 
-    def join(self, presents: list[np.ndarray]) -> None:
-        """Append one prefilled sequence (``presents`` of batch 1, all columns valid)."""
-        length = presents[0].shape[2]
-        if self.rows == 0:
+    def join(self, presents: list[np.ndarray], lengths: list[int] | None = None) -> None:
+        """Append prefilled sequences: ``presents`` of one row per sequence, right-aligned,
+        row ``i`` with ``lengths[i]`` valid columns (all of them when ``lengths`` is None).
+        Only valid columns are copied; the rest stay zero and masked."""
+        rows, length = presents[0].shape[0], presents[0].shape[2]
+        lengths = [length] * rows if lengths is None else lengths
+        if self.rows == 0 and all(n == length for n in lengths):
             self.arrays = [np.ascontiguousarray(p) for p in presents]
-            self.mask = np.ones((1, length), np.int64)
+            self.mask = np.ones((rows, length), np.int64)
             return
         width = max(self.columns, length)
         merged = []
-        for old, new in zip(self.arrays, presents):
-            b, h, c, d = old.shape
-            out = np.zeros((b + 1, h, width, d), dtype=old.dtype)
-            out[:b, :, width - c:] = old
-            out[b:, :, width - length:] = new
+        for old, new in zip(self.arrays or [None] * len(presents), presents):
+            b = 0 if old is None else old.shape[0]
+            _, h, _, d = new.shape
+            out = np.zeros((b + rows, h, width, d), dtype=new.dtype)
+            if old is not None:
+                out[:b, :, width - old.shape[2]:] = old
+            for r, n in enumerate(lengths):
+                out[b + r, :, width - n:] = new[r, :, length - n:]
             merged.append(out)
-        mask = np.zeros((self.rows + 1, width), np.int64)
-        mask[:-1, width - self.columns:] = self.mask
-        mask[-1, width - length:] = 1
+        mask = np.zeros((self.rows + rows, width), np.int64)
+        mask[:self.rows, width - self.columns:] = self.mask
+        for r, n in enumerate(lengths):
+            mask[self.rows + r, width - n:] = 1
         self.arrays, self.mask = merged, mask
 
     def drop(self, keep: list[int]) -> None:

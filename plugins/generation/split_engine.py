@@ -204,6 +204,8 @@ class _NoCache:
 class SplitEngine(Engine):
     """Continuous batching over stages that each keep their own layers' KV cache."""
 
+    group_prefill = False  # each stage prefills one sequence at a time (its own _prefill_chunk)
+
     def __init__(self, stages: list, graph: GraphInfo, limits: EngineLimits, name: str,
                  hop_records: int = 4096):
         super().__init__(None, graph, limits, name)
