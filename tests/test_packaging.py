@@ -252,6 +252,35 @@ def test_snapstart_is_switched_off_loudly_on_a_python_without_it(runtime):
             "(python3.12 or later); set provider.runtime (SHARDSERVE_LAMBDA_RUNTIME) to "
             "python3.12+ to keep it"]
 
+
+def test_bytecode_interpreter_is_one_that_runs_that_python(tmp_path, monkeypatch):
+    """A pyenv shim of an unselected version is on PATH but fails, and a pythonX.Y may be
+    another Python: neither compiles the package's bytecode; a pyenv install or
+    SHARDSERVE_LAMBDA_PYTHON that really is that Python does (python3.12 packages built on a
+    3.11 machine shipped without bytecode, compiling every module at every cold start)."""
+    from plugins.packaging.build import interpreter
+
+    def script(path: Path, body: str) -> Path:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text("#!/bin/sh\n" + body + "\n")
+        path.chmod(0o755)
+        return path
+
+    shims = tmp_path / "shims"
+    script(shims / "python3.98", "exit 127")  # pyenv: command not found
+    script(shims / "python3.97", f'exec {sys.executable} "$@"')  # answers this Python's version
+    monkeypatch.setenv("PATH", f"{shims}{os.pathsep}{os.environ['PATH']}")
+    monkeypatch.setenv("PYENV_ROOT", str(tmp_path / "pyenv"))
+    monkeypatch.delenv("SHARDSERVE_LAMBDA_PYTHON", raising=False)
+    assert interpreter("3.98") is None and interpreter("3.97") is None
+    installed = script(tmp_path / "pyenv" / "versions" / "3.97.2" / "bin" / "python3.97",
+                       "echo 3.97")
+    assert interpreter("3.97") == str(installed)
+    chosen = script(tmp_path / "elsewhere" / "python", "echo 3.97")
+    monkeypatch.setenv("SHARDSERVE_LAMBDA_PYTHON", str(chosen))
+    assert interpreter("3.97") == str(chosen)
+    assert interpreter(f"{sys.version_info[0]}.{sys.version_info[1]}") == sys.executable
+
 # Over the limit, numba, needs ------------------------------------------------------------
 
 

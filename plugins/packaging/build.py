@@ -136,11 +136,32 @@ def trim(target: Path) -> None:
                 (here / name).unlink()
 
 
+def _runs_as(python: str, python_version: str) -> bool:
+    """Whether ``python`` starts and is that Python (a pyenv shim of a version that is not
+    selected is on PATH but fails)."""
+    ask = "import sys; print('%d.%d' % sys.version_info[:2])"
+    try:
+        done = subprocess.run([python, "-I", "-c", ask], capture_output=True, text=True,
+                              timeout=30)
+    except (OSError, subprocess.TimeoutExpired):
+        return False
+    return done.returncode == 0 and done.stdout.strip() == python_version
+
+
 def interpreter(python_version: str) -> str | None:
-    """A local interpreter of the function's Python (to compile its bytecode), if any."""
+    """A local interpreter of the function's Python (to compile its bytecode), if any:
+    this one, ``SHARDSERVE_LAMBDA_PYTHON``, ``pythonX.Y`` on PATH, or a pyenv install."""
     if f"{sys.version_info[0]}.{sys.version_info[1]}" == python_version:
         return sys.executable
-    return shutil.which(f"python{python_version}")
+    pyenv = Path(os.environ.get("PYENV_ROOT") or Path.home() / ".pyenv") / "versions"
+    candidates = [os.environ.get("SHARDSERVE_LAMBDA_PYTHON"),
+                  shutil.which(f"python{python_version}"),
+                  *(str(p) for p in sorted(pyenv.glob(f"{python_version}.*/bin/"
+                                                      f"python{python_version}"), reverse=True))]
+    for python in candidates:
+        if python and _runs_as(python, python_version):
+            return python
+    return None
 
 
 def compile_bytecode(stage: Path, python_version: str) -> bool:
