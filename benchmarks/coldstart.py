@@ -20,7 +20,7 @@ Then the warm per-invocation cost of the handler against a raw
 ``--previous TREE`` adds another checkout's handler to the same interleaved runs, so a
 change is measured against the code before it on the same machine at the same load.
 
-    python benchmarks/coldstart.py [--runs 15] [--model digits_mlp] [--packaged]
+    python benchmarks/coldstart.py [--runs 15] [--model digits_mlp] [--packaged [--runtime R]]
                                    [--previous TREE]
 """
 
@@ -126,10 +126,18 @@ def compare(label: str, commands: dict[str, list[str]], env: dict, runs: int,
     return out
 
 
-def packaged(model: str, event: str, runs: int) -> None:
-    """The same comparison for the function's zip, run by the bare interpreter."""
-    version = f"{sys.version_info[0]}.{sys.version_info[1]}"
-    base = Path(sys.base_prefix) / "bin" / f"python{version}"
+def packaged(model: str, event: str, runs: int, runtime: str | None = None) -> None:
+    """The same comparison for the function's zip, run by the bare interpreter (of the
+    runtime's Python: another one than this, e.g. python3.12, must be installed here)."""
+    local = f"{sys.version_info[0]}.{sys.version_info[1]}"
+    version = runtime.removeprefix("python") if runtime else local
+    base: str | Path | None = Path(sys.base_prefix) / "bin" / f"python{version}"
+    if version != local:
+        from plugins.packaging.build import interpreter
+
+        base = interpreter(version)
+        if base is None:
+            sys.exit(f"no python{version} here to run its package (SHARDSERVE_LAMBDA_PYTHON)")
     with tempfile.TemporaryDirectory(prefix="coldstart-") as temp:
         out = Path(temp) / "out"
         glibc = platform.libc_ver()[1] or "2.28"  # run here: this machine's glibc
@@ -142,7 +150,7 @@ def packaged(model: str, event: str, runs: int) -> None:
         with zipfile.ZipFile(out / "infer.zip") as zf:
             zf.extractall(root)
             size = sum(i.file_size for i in zf.infolist())
-        print(f"package: {size / 2**20:.1f} MiB unzipped, run by {base.name} -I -S")
+        print(f"package: {size / 2**20:.1f} MiB unzipped, run by {Path(base).name} -I -S")
         prefix = f"import sys; sys.path.insert(0, {str(root)!r})\n"
         env = {"SHARDSERVE_REPOSITORY": "examples/models", "SHARDSERVE_LOG_LEVEL": "WARNING",
                "PATH": "/usr/bin:/bin"}
@@ -159,6 +167,8 @@ def main() -> None:
     parser.add_argument("--model", default="digits_mlp")
     parser.add_argument("--packaged", action="store_true",
                         help="also measure the function's zip (builds it: needs the wheels)")
+    parser.add_argument("--runtime", help="with --packaged: the package's Python (default: "
+                        "this one), e.g. python3.12, run by an interpreter of it found here")
     parser.add_argument("--no-warm", action="store_true", help="skip the warm comparison")
     parser.add_argument("--previous", metavar="TREE",
                         help="also time the handler of another checkout of the project (e.g. "
@@ -183,7 +193,7 @@ def main() -> None:
         commands["previous"], cwds["previous"] = [sys.executable, "-c", HANDLER, event], previous
     compare(f"source tree, {args.model}", commands, env, args.runs, cwds=cwds)
     if args.packaged:
-        packaged(args.model, event, args.runs)
+        packaged(args.model, event, args.runs, args.runtime)
 
     imported = subprocess.run([sys.executable, "-c", IMPORTS, event], env=env, check=True,
                               cwd=ROOT, capture_output=True, text=True).stdout.strip()
