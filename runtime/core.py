@@ -129,7 +129,9 @@ class LoadedModel:
         self.inputs, self.outputs = list(backend.inputs), list(backend.outputs)
         self.input_specs = {spec.name: spec for spec in self.inputs}
         self.output_names = [spec.name for spec in self.outputs]
-        self.batched = bool(config.max_batch_size)
+        self.max_batch_size = config.max_batch_size
+        self.batched = bool(self.max_batch_size)
+        self.version_label = str(version)  # as responses and audit events name it
         self._running: list = []  # one entry per request running on it
         self._retired = False
         self._closed = threading.Lock()  # taken once: by whoever closes the backend
@@ -177,10 +179,11 @@ class LoadedModel:
         if len(feed) != len(specs):
             missing = sorted(set(specs) - set(feed))
             raise BadRequest(f"missing inputs for model {self.name!r}: {', '.join(missing)}")
-        limit = self.config.max_batch_size
-        batch = request.inputs[0].shape[:1] if limit and request.inputs else ()
-        if batch and batch[0] > limit:
-            raise BadRequest(f"batch size {batch[0]} is over max_batch_size {limit}")
+        limit = self.max_batch_size
+        if limit and feed:
+            shape = request.inputs[0].shape
+            if shape and shape[0] > limit:
+                raise BadRequest(f"batch size {shape[0]} is over max_batch_size {limit}")
         if request.outputs is None:
             return feed, self.output_names
         wanted = [o.name for o in request.outputs]
@@ -536,7 +539,9 @@ class Runtime:
         """Run one inference request; raises typed errors for bad requests. ``deadline`` is a
         ``time.monotonic()`` value (a Lambda's remaining time): past it the model does not run
         and the caller gets 504."""
-        model = self.acquire(name, version)
+        model = self.get_model(name, version)
+        if not model.hold():  # retired meanwhile by a reload or unload
+            model = self.acquire(name, version)
         try:
             return self.run(model, request, principal, deadline)
         finally:
@@ -552,7 +557,7 @@ class Runtime:
             limits, deadline = self.request_limits(principal, model.name, deadline)
             if limits is not None:
                 limits.check_request(request)
-        version, call = str(model.version), _call.get()
+        version, call = model.version_label, _call.get()
         if call is not None and call.model is None:  # dispatch's context: its request id
             call.model, call.deadline, call.version = model.name, deadline, version
             outputs = model.backend.run(feed, wanted)
