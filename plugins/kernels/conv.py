@@ -14,7 +14,7 @@ import threading
 
 import numpy as np
 
-from .gemm import gemm_panels
+from .gemm import gemm_panels, tiles
 from .layout import PANEL
 from .numba_env import jit
 
@@ -61,6 +61,18 @@ def _im2col(x, cols, kh, kw, sh, sw, pt, pl, dh, dw, oh, ow):
 
 
 @jit
+def _pack_tail(line, panels, row):
+    """Only the last, partial column block of ``line`` -> the last panel's ``row``."""
+    full = line.shape[0] // PANEL
+    dst = panels[panels.shape[0] - 1, row]
+    rest = line.shape[0] - full * PANEL
+    for t in range(rest):
+        dst[t] = line[full * PANEL + t]
+    for t in range(rest, PANEL):
+        dst[t] = 0
+
+
+@jit
 def _pack_row(line, panels, row):
     """Column block ``p`` of the im2col row ``line`` -> ``panels[p, row]`` (the layout
     ``gemm_panels`` multiplies by); the last block's missing columns become zeros."""
@@ -72,12 +84,7 @@ def _pack_row(line, panels, row):
         for t in range(PANEL):
             dst[t] = src[t]
     if full < panels.shape[0]:
-        dst = panels[full, row]
-        rest = spatial - full * PANEL
-        for t in range(rest):
-            dst[t] = line[full * PANEL + t]
-        for t in range(rest, PANEL):
-            dst[t] = 0
+        _pack_tail(line, panels, row)
 
 
 @jit
@@ -86,7 +93,8 @@ def _pack_shifted(channel, panels, row, shift, i, j, pt, pl, dh, dw, oh, ow):
     column ``q`` is ``channel[q + shift]`` (``channel`` the flat [H * W] input channel),
     so it is packed straight into ``panels[., row]`` with 32-float copies; then the
     columns that read a pad (output rows above/below the image, the left/right edge
-    columns) are zeroed."""
+    columns) are zeroed. (Packing a few panels at a time, multiplied while in L2, was
+    slower on ResNet-50.)"""
     size = channel.shape[0]
     spatial = oh * ow
     for p in range(panels.shape[0]):
@@ -163,19 +171,30 @@ def _conv2d_panels(x, x_flat, w2d, bias, residual, line, panels, group, kh, kw, 
     """float32: the im2col rows go into 32-column panels and
     :func:`~plugins.kernels.gemm.gemm_panels` multiplies the weights by them (AVX-512
     tiles, whatever BLAS kernels the environment selects); then the epilogue.
-    ``direct``: a 1x1 stride-1 unpadded kernel packs the image's rows themselves;
+    ``direct``: a 1x1 stride-1 unpadded kernel's tiles read the image's rows in place
+    (only its last, partial panel is packed);
     ``shifted``: a stride-1 kernel whose output is as wide as its input packs shifted
     copies of them (no im2col buffer)."""
     batch, channels = x.shape[0], x.shape[1]
     out_channels = w2d.shape[0]
     cg, mg = channels // group, out_channels // group
-    out = np.empty((batch, out_channels, oh * ow), x.dtype)
+    spatial = oh * ow
+    out = np.empty((batch, out_channels, spatial), x.dtype)
     for n in range(batch):
         for g in range(group):
-            if direct:
-                for c in range(cg):
-                    _pack_row(x_flat[n, g * cg + c], panels, c)
-            elif shifted:
+            if direct:  # full panels read in place, the last partial one packed
+                image = x_flat[n, g * cg:(g + 1) * cg]
+                weights, result = w2d[g * mg:(g + 1) * mg], out[n, g * mg:(g + 1) * mg]
+                full = spatial // PANEL
+                for p in range(full):
+                    tiles(weights, image[:, p * PANEL:], result, p * PANEL, PANEL)
+                if full < panels.shape[0]:
+                    for c in range(cg):
+                        _pack_tail(image[c], panels, c)
+                    tiles(weights, panels[panels.shape[0] - 1], result, full * PANEL,
+                           spatial - full * PANEL)
+                continue
+            if shifted:
                 for c in range(cg):
                     channel = x_flat[n, g * cg + c]
                     for i in range(kh):
@@ -183,7 +202,7 @@ def _conv2d_panels(x, x_flat, w2d, bias, residual, line, panels, group, kh, kw, 
                             _pack_shifted(channel, panels, (c * kh + i) * kw + j,
                                           (i * dh - pt) * ow + j * dw - pl, i, j, pt, pl, dh,
                                           dw, oh, ow)
-            else:
+            else:  # im2col row by row into a line buffer, then into the panels
                 image = x[n, g * cg:(g + 1) * cg]
                 for c in range(cg):
                     for i in range(kh):

@@ -112,7 +112,8 @@ TILE_ROWS = 8  # rows per tile: 8 x 2 accumulators + 2 panel vectors + 1 broadca
 
 def _make_tile():
     """The ``_tile(a, panel, out, i, col, depth, rows, cols)`` intrinsic: ``out[i:i+rows,
-    col:col+cols] = a[i:i+rows, :depth] @ panel`` for ``rows <= TILE_ROWS``, ``cols <= 32``."""
+    col:col+cols] = a[i:i+rows, :depth] @ panel`` for ``rows <= TILE_ROWS``, ``cols <= 32``;
+    ``panel`` [depth, >= 32] has contiguous rows of 32 floats, any row stride."""
     numba = numba_module()
     ir, cgutils = ir_modules()
     types, lanes = numba.types, LANES
@@ -127,6 +128,9 @@ def _make_tile():
         fma = declare(builder, f"llvm.fma.v{lanes}f32", vec, vec, vec, vec)
         a_stride = cgutils.unpack_tuple(builder, a.strides, 2)[0]
         out_stride = cgutils.unpack_tuple(builder, out.strides, 2)[0]
+        # bytes between the panel's rows: 128 for a packed panel; a conv's 1x1 input
+        # is read in place, its rows one image row apart
+        panel_stride = cgutils.unpack_tuple(builder, panel.strides, 2)[0]
 
         def const(value):
             return ir.Constant(i.type, value)
@@ -144,7 +148,7 @@ def _make_tile():
         panel_base = builder.bitcast(panel.data, byte_ptr)
         with cgutils.for_range(builder, depth) as loop:
             k = loop.index
-            row_of_panel = builder.mul(k, const(PANEL * 4))
+            row_of_panel = builder.mul(k, panel_stride)
             ws = [builder.load(at(panel_base, builder.add(row_of_panel, const(v * lanes * 4)),
                                   vec), align=4) for v in range(vectors)]
             k_bytes = builder.mul(k, const(4))
@@ -190,17 +194,20 @@ _tile = _make_tile()
 
 
 @jit
+def tiles(a, panel, out, col, cols):
+    """``out[:, col:col + cols] = a @ panel[:, :cols]`` for one panel (see ``_tile``)."""
+    m, depth = a.shape
+    for i in range(0, m - m % TILE_ROWS, TILE_ROWS):
+        _tile(a, panel, out, i, col, depth, TILE_ROWS, cols)
+    for i in range(m - m % TILE_ROWS, m):  # leftover rows one by one: batch 1 streams
+        _tile(a, panel, out, i, col, depth, 1, cols)
+
+
+@jit
 def gemm_panels(a, panels, out):
     """``out[M, N] = a[M, K] @ weight`` with the weight packed by ``layout.pack_panels``
     (``N = out.shape[1]``); float32 ``a`` and ``out`` with contiguous rows. Returns out."""
-    m, depth = a.shape
     n = out.shape[1]
     for p in range(panels.shape[0]):
-        col = p * PANEL
-        cols = min(PANEL, n - col)
-        panel = panels[p]
-        for i in range(0, m - m % TILE_ROWS, TILE_ROWS):
-            _tile(a, panel, out, i, col, depth, TILE_ROWS, cols)
-        for i in range(m - m % TILE_ROWS, m):  # leftover rows one by one: batch 1 streams
-            _tile(a, panel, out, i, col, depth, 1, cols)
+        tiles(a, panels[p], out, p * PANEL, min(PANEL, n - p * PANEL))
     return out
