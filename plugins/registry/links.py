@@ -1,9 +1,12 @@
 """Measured links: RTT and bandwidth to each peer, from a small and a large echo.
 
-The small echo (``SMALL_BYTES``) costs about one round trip; the large one
-(``LARGE_BYTES`` each way) one round trip plus twice its bytes over the link. The fastest
-of ``repeats`` tries of each is kept (queueing only ever adds time), so
-``rtt = t_small`` and ``bandwidth = 2 * 8 * (LARGE - SMALL) / (t_large - t_small)``. Each
+The small echo (``SMALL_BYTES``) costs about one round trip; the large one one round trip
+plus twice its bytes over the link. The fastest of ``repeats`` tries of each is kept
+(queueing only ever adds time), so ``rtt = t_small - 2 * 8 * SMALL / bandwidth`` and
+``bandwidth = 2 * 8 * (large - SMALL) / (t_large - t_small)``. The large size follows the
+link: one ``PILOT_BYTES`` echo gives a rough bandwidth, and the large echo is sized to take
+about ``TARGET_S`` on it, between ``PILOT_BYTES`` and ``LARGE_BYTES`` (256 KiB each way
+takes 4 s at 1 Mbps: a fixed size would outlast the probe's timeout on a slow link). Each
 probe is smoothed into the last estimate (EWMA, ``ALPHA``) before it is published in the
 node's record as ``links: {peer_id: {rtt_s, bandwidth_bps, samples}}`` (docs/registry.md).
 """
@@ -21,7 +24,9 @@ from collections.abc import Callable
 from plugins.links import Link
 
 SMALL_BYTES = 64
+PILOT_BYTES = 16 * 1024
 LARGE_BYTES = 256 * 1024
+TARGET_S = 0.1
 ALPHA = 0.5
 ECHO_PATH = "/v2/shardserve/registry/echo"
 
@@ -39,28 +44,39 @@ def _echo(connection: http.client.HTTPConnection, path: str, body: bytes,
     return took
 
 
+def _bandwidth(nbytes: int, t_large: float, t_small: float) -> float:
+    spread = t_large - t_small
+    return 2 * 8 * (nbytes - SMALL_BYTES) / spread if spread > 0 else math.inf
+
+
 def probe(url: str, sign: Callable[[str, bytes], dict], repeats: int = 3,
-          large: int = LARGE_BYTES, timeout_s: float = 5.0) -> Link:
+          large: int | None = None, timeout_s: float = 5.0) -> Link:
     """One measurement of the link to the shardserve at ``url`` over one kept-alive
-    connection (no handshake in the figures); raises ``OSError``."""
+    connection (no handshake in the figures); ``large``: a fixed large size instead of
+    one sized by a pilot echo; raises ``OSError``."""
     parts = urllib.parse.urlsplit(url)
     kind = http.client.HTTPSConnection if parts.scheme == "https" else http.client.HTTPConnection
     connection = kind(parts.hostname, parts.port, timeout=timeout_s)
     path = parts.path.rstrip("/") + ECHO_PATH
-    small_body, large_body = os.urandom(SMALL_BYTES), os.urandom(large)
+    small_body = os.urandom(SMALL_BYTES)
     try:
         connection.connect()  # small writes go out at once (no Nagle / delayed-ACK stall)
         connection.sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
         _echo(connection, path, small_body, sign)  # warm up
         t_small = min(_echo(connection, path, small_body, sign) for _ in range(repeats))
+        if large is None:
+            rough = _bandwidth(PILOT_BYTES, _echo(connection, path, os.urandom(PILOT_BYTES),
+                                                  sign), t_small)
+            large = int(min(max(rough * TARGET_S / 16, PILOT_BYTES), LARGE_BYTES))
+        large_body = os.urandom(large)
         t_large = min(_echo(connection, path, large_body, sign) for _ in range(repeats))
     except http.client.HTTPException as exc:
         raise OSError(type(exc).__name__) from None
     finally:
         connection.close()
-    spread = t_large - t_small
-    bandwidth = 2 * 8 * (large - SMALL_BYTES) / spread if spread > 0 else math.inf
-    return Link(bandwidth_bps=bandwidth, rtt_s=t_small)
+    bandwidth = _bandwidth(large, t_large, t_small)
+    # the small echo's own bytes cross too (64 B each way is 1 ms at 1 Mbps)
+    return Link(bandwidth_bps=bandwidth, rtt_s=max(t_small - 16 * SMALL_BYTES / bandwidth, 0.0))
 
 
 class LinkTable:

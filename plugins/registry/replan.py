@@ -93,8 +93,8 @@ def cmd_replan(args: Any) -> int:
 
     repository = Path(args.repository or load_config(args.config).repository)
     source, options = deployed_plan(repository, args.model)
-    replanner = Replanner(analyse(repository, args.model, source), options, args.threshold,
-                          args.confirm, args.min_interval_s)
+    replanner = Replanner(analyse(repository, args.model, source, cost=args.cost), options,
+                          args.threshold, args.confirm, args.min_interval_s)
     while True:
         try:
             bandwidth, rtt = registry_link(args.config, args.links)
@@ -125,6 +125,8 @@ def add_command(subparsers: Any) -> None:
     p.add_argument("--confirm", type=int, default=3, help="consecutive checks (3)")
     p.add_argument("--min-interval-s", type=float, default=60.0, help="between re-plans (60)")
     p.add_argument("--every-s", type=float, default=10.0, help="between checks (10)")
+    p.add_argument("--cost", choices=("static", "measured"), default="static",
+                   help="per-node costs, as `shardserve partition --cost` (static)")
     p.add_argument("--once", action="store_true", help="one check, then exit")
     p.add_argument("--no-verify", action="store_true", help="skip verifying the new plan")
     p.set_defaults(func=cmd_replan)
