@@ -222,8 +222,8 @@ SNAPSTART_CHECK = r"""
 const Plugin = require(process.argv[1]);
 const warnings = [];
 const service = {provider: {runtime: process.argv[2]},
-                 functions: {infer: {snapStart: true}, shard: {snapStart: true, runtime: 'python3.13'},
-                             plain: {}}};
+                 functions: {infer: {snapStart: true},
+                             shard: {snapStart: true, runtime: 'python3.13'}, plain: {}}};
 const plugin = new Plugin({service, cli: {}}, {}, {log: {warning: (m) => warnings.push(m)}});
 plugin.hooks.initialize();
 console.log(JSON.stringify({functions: service.functions, warnings}));
@@ -238,8 +238,9 @@ def test_snapstart_is_switched_off_loudly_on_a_python_without_it(runtime):
     node = shutil.which("node")
     if node is None:
         pytest.fail("node is missing: the serverless tooling needs it (`make test` runs npm ci)")
-    done = subprocess.run([node, "-e", SNAPSTART_CHECK, str(ROOT / "deploy" / "shardserve-package.js"),
-                           runtime], capture_output=True, text=True, timeout=60, check=True)
+    plugin = ROOT / "deploy" / "shardserve-package.js"
+    done = subprocess.run([node, "-e", SNAPSTART_CHECK, str(plugin), runtime],
+                          capture_output=True, text=True, timeout=60, check=True)
     result = json.loads(done.stdout)
     assert result["functions"]["shard"] == {"snapStart": True, "runtime": "python3.13"}
     assert result["functions"]["plain"] == {}

@@ -93,9 +93,9 @@ def _nonce(prefix: bytes, index: int) -> bytes:
 def encrypt_stream(src: BinaryIO, dst: BinaryIO, size: int, data_key: bytes, filename: str,
                    chunk_size: int = DEFAULT_CHUNK) -> None:
     """Encrypt ``size`` bytes from ``src`` to ``dst``, one chunk in memory at a time."""
-    from cryptography.hazmat.primitives.ciphers.aead import AESGCM
-
     import hashlib
+
+    from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 
     prefix = os.urandom(8)  # what secrets.token_bytes returns, without importing it
     header = json.dumps({"alg": "AES-256-GCM", "chunk_size": chunk_size, "size": size,
