@@ -301,61 +301,82 @@ def _openai_shaped(response: HttpResponse) -> HttpResponse:
     return response
 
 
-SEGMENT = r"(?P<model>[^/]+)"
-VERSION = r"(?:/versions/(?P<version>[^/]+))?"
-
-
-@dataclass(frozen=True, slots=True)
 class Route:
-    method: str
-    pattern: re.Pattern
-    view: Callable[..., HttpResponse]
-    action: str  # what authorization, metrics and audit call this request
+    """One method and path template: literal segments, ``{name}`` parameters (one
+    non-empty segment each) and ``{version?}``, an optional ``/versions/{version}``."""
+
+    __slots__ = ("method", "segments", "view", "action")
+
+    def __init__(self, method: str, segments: tuple[str, ...], view: Callable[..., HttpResponse],
+                 action: str):
+        self.method, self.segments, self.view = method, segments, view
+        self.action = action  # what authorization, metrics and audit call this request
+
+    def match(self, parts: list[str]) -> dict | None:
+        if len(parts) != len(self.segments):
+            return None
+        params = {}
+        for want, part in zip(self.segments, parts):
+            if want[0] == "{":
+                if not part:
+                    return None
+                params[want[1:-1]] = part
+            elif want != part:
+                return None
+        return params
 
 
-def _route(method: str, pattern: str, view: Callable[..., HttpResponse], action: str) -> Route:
-    return Route(method, re.compile(pattern + "/?"), view, action)
+def _route(method: str, template: str, view: Callable[..., HttpResponse],
+           action: str) -> list[Route]:
+    segments = template.strip("/").split("/")
+    if "{version?}" not in segments:
+        return [Route(method, tuple(segments), view, action)]
+    at = segments.index("{version?}")
+    return [Route(method, tuple(segments[:at] + segments[at + 1:]), view, action),
+            Route(method, tuple(segments[:at] + ["versions", "{version}"] + segments[at + 1:]),
+                  view, action)]
 
 
-# The whole HTTP API. Actions: "health" routes stay open whatever security says.
-ROUTES: list[Route] = [
-    _route("GET", r"/v2/health/live", health_live, "health"),
-    _route("GET", r"/v2/health/ready", health_ready, "health"),
-    _route("GET", r"/v2", server_metadata, "server_metadata"),
-    _route("GET", r"/v2/models/stats", model_stats, "metrics"),  # before a model named stats
-    _route("GET", rf"/v2/models/{SEGMENT}{VERSION}/stats", model_stats, "metrics"),
-    _route("GET", rf"/v2/models/{SEGMENT}{VERSION}", model_metadata, "metadata"),
-    _route("GET", rf"/v2/models/{SEGMENT}{VERSION}/ready", model_ready, "metadata"),
-    _route("GET", rf"/v2/models/{SEGMENT}{VERSION}/config", model_config, "metadata"),
-    _route("POST", rf"/v2/models/{SEGMENT}{VERSION}/infer", infer, "infer"),
-    _route("POST", rf"/v2/models/{SEGMENT}{VERSION}/generate", generate, "generate"),
-    _route("POST", rf"/v2/models/{SEGMENT}{VERSION}/generate_stream", generate_stream,
-           "generate"),
-    _route("GET", r"/v1/models", openai_models, "metadata"),
-    _route("GET", rf"/v1/models/{SEGMENT}", openai_model, "metadata"),
-    _route("POST", r"/v1/completions", openai_completions, "generate"),  # model: in the body
-    _route("POST", r"/v1/chat/completions", openai_chat, "generate"),
-    _route("POST", r"/v2/repository/index", repository_index, "repository_index"),
-    _route("POST", rf"/v2/repository/models/{SEGMENT}/load", repository_load, "load"),
-    _route("POST", rf"/v2/repository/models/{SEGMENT}/unload", repository_unload, "unload"),
-    _route("GET", r"/metrics", metrics, "metrics"),
-    _route("GET", r"/v2/shardserve/registry", registry_view, "metadata"),
-    _route("POST", r"/v2/shardserve/registry/echo", registry_echo, "metadata"),
-    _route("PUT", r"/v2/shardserve/registry/nodes/(?P<node>[^/]+)", register_node, "register"),
-    _route("DELETE", r"/v2/shardserve/registry/nodes/(?P<node>[^/]+)", deregister_node,
-           "register"),
-]
+# The whole HTTP API, matched in order. Actions: "health" routes stay open whatever security says.
+ROUTES: list[Route] = [route for table in (
+    _route("GET", "/v2/health/live", health_live, "health"),
+    _route("GET", "/v2/health/ready", health_ready, "health"),
+    _route("GET", "/v2", server_metadata, "server_metadata"),
+    _route("GET", "/v2/models/stats", model_stats, "metrics"),  # before a model named stats
+    _route("GET", "/v2/models/{model}/{version?}/stats", model_stats, "metrics"),
+    _route("GET", "/v2/models/{model}/{version?}", model_metadata, "metadata"),
+    _route("GET", "/v2/models/{model}/{version?}/ready", model_ready, "metadata"),
+    _route("GET", "/v2/models/{model}/{version?}/config", model_config, "metadata"),
+    _route("POST", "/v2/models/{model}/{version?}/infer", infer, "infer"),
+    _route("POST", "/v2/models/{model}/{version?}/generate", generate, "generate"),
+    _route("POST", "/v2/models/{model}/{version?}/generate_stream", generate_stream, "generate"),
+    _route("GET", "/v1/models", openai_models, "metadata"),
+    _route("GET", "/v1/models/{model}", openai_model, "metadata"),
+    _route("POST", "/v1/completions", openai_completions, "generate"),  # model: in the body
+    _route("POST", "/v1/chat/completions", openai_chat, "generate"),
+    _route("POST", "/v2/repository/index", repository_index, "repository_index"),
+    _route("POST", "/v2/repository/models/{model}/load", repository_load, "load"),
+    _route("POST", "/v2/repository/models/{model}/unload", repository_unload, "unload"),
+    _route("GET", "/metrics", metrics, "metrics"),
+    _route("GET", "/v2/shardserve/registry", registry_view, "metadata"),
+    _route("POST", "/v2/shardserve/registry/echo", registry_echo, "metadata"),
+    _route("PUT", "/v2/shardserve/registry/nodes/{node}", register_node, "register"),
+    _route("DELETE", "/v2/shardserve/registry/nodes/{node}", deregister_node, "register"),
+) for route in table]
 
 
 def match(method: str, path: str) -> tuple[Route, dict]:
-    """The route and its path parameters; 404 or 405 if none fits."""
+    """The route and its path parameters; 404 or 405 if none fits (one trailing slash allowed)."""
+    if not path.startswith("/"):
+        raise NotFound("no such route")
+    parts = path[1:-1 if path.endswith("/") and len(path) > 1 else None].split("/")
     allowed = False
     for route in ROUTES:
-        found = route.pattern.fullmatch(path)
-        if found is None:
+        params = route.match(parts)
+        if params is None:
             continue
         if route.method == method or (method == "HEAD" and route.method == "GET"):
-            return route, {k: v for k, v in found.groupdict().items() if v is not None}
+            return route, params
         allowed = True
     if allowed:
         raise MethodNotAllowed(f"method {method} is not allowed on this route")
