@@ -188,8 +188,8 @@ class PluginManager(pluggy.PluginManager):
             return False
         if name in SECURITY_PLUGINS and self.security_on:
             return True  # with security on, no allow-list drops a security plugin
-        if name in self.disable:
-            log.warning("plugin %s disabled by configuration", name)
+        if name in self.disable:  # asked for (a package may switch off what it never uses)
+            log.debug("plugin %s disabled by configuration", name)
             return False
         return self.allow is None or name in self.allow
 
