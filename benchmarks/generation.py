@@ -267,6 +267,55 @@ def copy_bandwidth() -> float:
     return src.nbytes / best
 
 
+def weights_read_per_token(path: Path) -> int:
+    """Bytes of the graph's initializers, less those only a Gather reads (an embedding table:
+    one row per token), which is what one decode step streams from memory."""
+    import onnx
+    from onnx import numpy_helper
+
+    model = onnx.load(str(path), load_external_data=False)
+    consumers: dict[str, set[str]] = {}
+    for node in model.graph.node:
+        for name in node.input:
+            consumers.setdefault(name, set()).add(node.op_type)
+    total = 0
+    for init in model.graph.initializer:
+        if consumers.get(init.name) == {"Gather"}:
+            continue
+        if init.data_location == onnx.TensorProto.EXTERNAL:
+            size = int({e.key: e.value for e in init.external_data}.get("length", 0))
+        else:
+            size = numpy_helper.to_array(init).nbytes
+        total += size
+    return total
+
+
+def draw(figures: dict, path: Path) -> None:
+    """Bars: shardserve against onnxruntime-genai, each figure as a ratio (higher is better)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    rows = []
+    for key, label in (("threads_1", "1 thread"), ("threads_2", "2 threads")):
+        if key in figures:
+            f = figures[key]
+            rows.append((f"decode, {label}", f["decode_tps"] / f["genai_decode_tps"]))
+            rows.append((f"1/TTFT, {label}", f["genai_ttft_s"] / f["ttft_s"]))
+    for streams in (4, 8):
+        f = figures[f"streams_{streams}"]
+        rows.append((f"{streams} streams (HTTP vs static batch)",
+                     f["http_tps"] / f["genai_batch_tps"]))
+    fig, ax = plt.subplots(figsize=(7, 3.2))
+    ax.barh([r[0] for r in rows][::-1], [r[1] for r in rows][::-1], color="#4c72b0")
+    ax.axvline(1.0, color="black", linewidth=1)
+    ax.set_xlabel("shardserve / onnxruntime-genai (higher is better; 1 = parity)")
+    ax.set_title("SmolLM-135M shape, fp32, the same model.onnx")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+
+
 def timed(fn) -> float:
     start = time.perf_counter()
     fn()
@@ -306,6 +355,9 @@ def main() -> None:
     p.add_argument("--tokens", type=int, default=64, help="tokens per stream")
     p.add_argument("--prompt", type=int, default=128, help="prompt tokens for the TTFT figure")
     p.add_argument("--kv-tokens", type=int, default=256)
+    p.add_argument("--rounds", type=int, default=3,
+                   help="batch-1 rounds, the engines alternating (each one's best is kept)")
+    p.add_argument("--plot", type=Path, help="also draw the figures into this PNG")
     p.add_argument("--setup", action="store_true", help="create build/genai-venv first")
     p.add_argument("--json", type=Path, help="also write the figures here")
     args = p.parse_args()
@@ -318,14 +370,18 @@ def main() -> None:
 
     print(f"load average at start: {os.getloadavg()[0]:.2f} {os.getloadavg()[1]:.2f}")
     onnx = export(args) / "onnx"
-    weight_bytes = sum(f.stat().st_size for f in onnx.glob("model.onnx*"))
+    weight_bytes = weights_read_per_token(onnx / "model.onnx")
+    file_bytes = sum(f.stat().st_size for f in onnx.glob("model.onnx*"))
     gfolder = genai_folder(onnx, args)
-    figures: dict = {"shape": vars(args) | {"json": None}, "weight_bytes": weight_bytes}
+    figures: dict = {"shape": {k: v for k, v in vars(args).items() if k not in (
+        "json", "plot")}, "weight_bytes": weight_bytes, "file_bytes": file_bytes}
     decode_prompts = [prompt_ids(8, s) for s in range(3)]
     ttft_prompts = [prompt_ids(args.prompt, 10 + s) for s in range(3)]
     print(f"model: Llama {args.layers} layers, width {args.width}, {args.heads} heads, "
           f"{args.kv_heads} KV heads, vocabulary {args.vocab}, fp32, "
-          f"{weight_bytes / 1e6:.0f} MB of weights; {args.tokens} tokens per stream")
+          f"model.onnx {file_bytes / 1e6:.0f} MB, of which a decode step reads "
+          f"{weight_bytes / 1e6:.0f} MB (an embedding table only gathered from is not read "
+          f"whole); {args.tokens} tokens per stream")
 
     runtimes = {}
     for threads in [int(t) for t in args.threads.split(",")]:
@@ -335,7 +391,7 @@ def main() -> None:
         runtimes[threads] = (rt, model)
         ours_stream(model, decode_prompts[0], 4)  # warm-up
         mine, theirs = [], []
-        for _ in range(2):  # alternate the two engines, keep each one's best
+        for _ in range(args.rounds):  # alternate the two engines, keep each one's best
             mine += [ours_stream(model, ids, args.tokens) for ids in decode_prompts]
             theirs += genai({"folder": str(gfolder), "threads": threads, "mode": "decode",
                              "streams": [[ids, args.tokens] for ids in decode_prompts]}
@@ -420,7 +476,9 @@ def main() -> None:
     figures["load_average_end"] = os.getloadavg()[:2]
     print(f"load average at end: {os.getloadavg()[0]:.2f} {os.getloadavg()[1]:.2f}")
     if args.json:
-        args.json.write_text(json.dumps(figures, indent=1) + "\n")
+        args.json.write_text(json.dumps(figures, indent=1, default=str) + "\n")
+    if args.plot:
+        draw(figures, args.plot)
 
 
 if __name__ == "__main__":
