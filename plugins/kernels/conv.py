@@ -142,16 +142,21 @@ def _epilogue(out, bias, residual, n, relu):
 
 
 @jit
+def _output(x, w2d, group, spatial):
+    """The output [N, M, spatial] (every element written later) and the per-group
+    input and output channel counts."""
+    out = np.empty((x.shape[0], w2d.shape[0], spatial), x.dtype)
+    return out, x.shape[1] // group, w2d.shape[0] // group
+
+
+@jit
 def _conv2d(x, w2d, bias, residual, cols, group, kh, kw, sh, sw, pt, pl, dh, dw, oh, ow,
             relu, direct):
     """Any dtype: one BLAS product per image and group written straight into the output,
     then the epilogue. ``direct``: a 1x1 stride-1 unpadded kernel reads the image itself."""
-    batch, channels = x.shape[0], x.shape[1]
-    out_channels = w2d.shape[0]
-    cg, mg = channels // group, out_channels // group
     spatial = oh * ow
-    out = np.empty((batch, out_channels, spatial), x.dtype)
-    for n in range(batch):
+    out, cg, mg = _output(x, w2d, group, spatial)
+    for n in range(x.shape[0]):
         for g in range(group):
             image = np.ascontiguousarray(x[n, g * cg:(g + 1) * cg])
             if direct:
@@ -175,12 +180,9 @@ def _conv2d_panels(x, x_flat, w2d, bias, residual, line, panels, group, kh, kw, 
     (only its last, partial panel is packed);
     ``shifted``: a stride-1 kernel whose output is as wide as its input packs shifted
     copies of them (no im2col buffer)."""
-    batch, channels = x.shape[0], x.shape[1]
-    out_channels = w2d.shape[0]
-    cg, mg = channels // group, out_channels // group
     spatial = oh * ow
-    out = np.empty((batch, out_channels, spatial), x.dtype)
-    for n in range(batch):
+    out, cg, mg = _output(x, w2d, group, spatial)
+    for n in range(x.shape[0]):
         for g in range(group):
             if direct:  # full panels read in place, the last partial one packed
                 image = x_flat[n, g * cg:(g + 1) * cg]
