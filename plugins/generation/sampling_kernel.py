@@ -67,16 +67,20 @@ def sample_filtered(logits, temperature, top_k, top_p, u):
     else:
         m = x.max()
         total = 0.0
-        for i in range(x.size):
-            total += math.exp(x[i] - m)
         if top_p >= 1.0:  # no filter: draw in vocabulary order, nothing to sort
+            e = np.empty(x.size, dtype=np.float64)  # each exp once, kept for the draw
+            for i in range(x.size):
+                e[i] = math.exp(x[i] - m)
+                total += e[i]
             target = u * total
             acc = 0.0
             for i in range(x.size):
-                acc += math.exp(x[i] - m)
+                acc += e[i]
                 if acc > target:
                     return i
             return x.size - 1
+        for i in range(x.size):
+            total += math.exp(x[i] - m)
         order = _nucleus_candidates(x, top_p, m, total)
     p = np.empty(order.size, dtype=np.float64)
     for i in range(order.size):
