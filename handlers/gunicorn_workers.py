@@ -8,6 +8,11 @@
   its socket is shut down and gunicorn closes the connection.
 - gunicorn's own rejections (400, 403, 414, 417, 431, 501) answer ``{"error": ...}`` JSON
   like every other error, with a clipped message and an ``X-Request-Id``.
+- gthread serves the next request of a keep-alive connection in the thread that answered the
+  previous one when it arrives within ``KEEPALIVE_LINGER_S`` and no other connection waits for
+  a thread, instead of handing the connection back to gunicorn's poller and a new thread (two
+  thread hand-offs, a pipe wake-up and a poller registration per request).
+- gunicorn builds no access-log record: shardserve logs each request itself.
 
 Imported only by gunicorn (``worker_class``); the WSGI app knows none of it beyond the
 ``shardserve.body_read`` callback it calls once the body is read. docs/serving.md.
@@ -18,6 +23,7 @@ from __future__ import annotations
 import errno
 import json
 import logging
+import select
 import signal
 import socket
 import ssl
@@ -25,7 +31,7 @@ import threading
 import time
 from typing import Any
 
-from gunicorn import util
+from gunicorn import glogging, util
 from gunicorn.http import errors as http_errors
 from gunicorn.workers import gthread
 from gunicorn.workers.sync import SyncWorker as GunicornSyncWorker
@@ -38,6 +44,12 @@ log = logging.getLogger("shardserve.server")
 # Seconds; the serve command sets them (--header-timeout, --body-timeout) in the master before
 # the fork, and the workers inherit them.
 READ_TIMEOUTS = {"header": 5.0, "body": 60.0}
+
+# Seconds a gthread handler thread waits for the next request on its keep-alive connection
+# before handing the connection back to the poller (never while another connection waits).
+KEEPALIVE_LINGER_S = 0.005
+# then it goes back to the poller all the same, so busy connections take turns
+MAX_REQUESTS_IN_A_ROW = 64
 
 # gunicorn's rejections and their statuses; any other parse error is a 400.
 REJECTIONS: tuple[tuple[type, int], ...] = (
@@ -163,11 +175,37 @@ class EdgeWorker:
                 log.debug("could not send the error: %s", type(err).__name__)
 
 
+class Logger(glogging.Logger):
+    """gunicorn's logger without its access log (``logger_class``): with a ``logconfig_dict``
+    gunicorn would format every request's access-log atoms for a logger that drops them."""
+
+    def access(self, resp: Any, req: Any, environ: Any, request_time: Any) -> None:
+        return None
+
+
 class ThreadEdgeWorker(EdgeWorker, gthread.ThreadWorker):
     """gthread with read deadlines: the wait for a first byte stays gunicorn's (after which an
-    idle connection goes back to the poller), then the request's clock runs."""
+    idle connection goes back to the poller), then the request's clock runs. A keep-alive
+    connection's next request is served in the same thread when it comes soon enough."""
 
     def handle(self, conn: Any) -> Any:
+        with self._busy_lock:
+            self._busy += 1
+        try:
+            result = self._handle_one(conn)
+            for _ in range(MAX_REQUESTS_IN_A_ROW - 1):
+                if result is not True or not self._next_request_soon(conn):
+                    break
+                result = self._handle_one(conn)
+            return result
+        finally:
+            with self._busy_lock:
+                self._busy -= 1
+
+    _busy_lock = threading.Lock()
+    _busy = 0  # threads inside handle(), lingering ones included
+
+    def _handle_one(self, conn: Any) -> Any:
         waits = hasattr(conn, "wait_for_data")  # gunicorn >= 24 parks idle connections
         if waits and not conn.initialized and not conn.data_ready:
             if not conn.wait_for_data(gthread.DEFAULT_WORKER_DATA_TIMEOUT):
@@ -177,6 +215,25 @@ class ThreadEdgeWorker(EdgeWorker, gthread.ThreadWorker):
             return super().handle(conn)
         finally:
             self.deadlines.disarm()
+
+    def _next_request_soon(self, conn: Any) -> bool:
+        """Whether the connection's next request is (or within ``KEEPALIVE_LINGER_S`` becomes)
+        readable. The thread waits only while no connection is queued and another thread is
+        free to take new work, so a lingering thread never delays another connection."""
+        if not self.alive or conn.parser is None or getattr(conn, "is_http2", False):
+            return False
+        if conn.parser.unreader.buf.getvalue() or getattr(conn.sock, "pending", lambda: 0)():
+            return True  # already read ahead, or buffered by TLS
+        waiting = getattr(self.tpool, "_work_queue", None)  # connections queued for a thread
+        if (KEEPALIVE_LINGER_S <= 0 or self._busy >= self.cfg.threads
+                or (waiting is not None and not waiting.empty())):
+            return False
+        poller = select.poll()
+        try:
+            poller.register(conn.sock, select.POLLIN)
+            return bool(poller.poll(KEEPALIVE_LINGER_S * 1000))
+        except (OSError, ValueError):
+            return False
 
 
 class SyncEdgeWorker(EdgeWorker, GunicornSyncWorker):

@@ -135,6 +135,8 @@ def gunicorn_application(source: Any, overrides: dict, options: dict,
                 self.cfg.set(key, value)
             if "control_socket_disable" in self.cfg.settings:  # gunicorn >= 25: no socket in ~
                 self.cfg.set("control_socket_disable", True)
+            # shardserve logs every request itself: gunicorn builds no access-log record
+            self.cfg.set("logger_class", "handlers.gunicorn_workers.Logger")
             self.cfg.set("when_ready", _when_ready)
             self.cfg.set("child_exit", _child_exit)
 
