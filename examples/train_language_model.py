@@ -21,6 +21,7 @@ import glob
 import json
 import math
 import os
+import platform
 import shutil
 import sysconfig
 import tempfile
@@ -162,7 +163,8 @@ def main(argv: list[str] | None = None) -> int:
     (target.parent / "TRAINING.json").write_text(json.dumps(
         {"steps": args.steps, "batch": args.batch, "context": args.context, "vocab": args.vocab,
          "width": args.width, "layers": args.layers, "held_out_perplexity": round(ppl, 2),
-         "held_out_tokens": int(windows.size)}, indent=1) + "\n")
+         "held_out_tokens": int(windows.size), "python": platform.python_version()},
+        indent=1) + "\n")
     print(f"wrote {target}")
     return 0
 

@@ -7,6 +7,7 @@ from __future__ import annotations
 import importlib.util
 import json
 import math
+import platform
 
 import numpy as np
 import pytest
@@ -51,6 +52,9 @@ def test_held_out_perplexity_is_reproduced_by_onnxruntime():
     from tokenizers import Tokenizer
 
     training = json.loads((FOLDER / "TRAINING.json").read_text())
+    trained_on = training["python"].rsplit(".", 1)[0]
+    if platform.python_version().rsplit(".", 1)[0] != trained_on:
+        pytest.skip(f"the held-out corpus is Python {trained_on}'s standard library")
     script = training_script()
     _, held_out = script.corpus()
     tok = Tokenizer.from_file(str(FOLDER / "1" / "tokenizer.json"))
