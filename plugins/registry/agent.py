@@ -28,6 +28,7 @@ from pathlib import Path
 from typing import Any
 
 from plugins.atomic_files import file_sha256
+from runtime.errors import ShardserveError
 
 from .links import LinkTable, probe
 from .settings import RegistrySettings, registry_settings
@@ -254,8 +255,6 @@ class RegistrationAgent:
         until the first registration succeeds (the endpoint still starting) every 0.2 s;
         and, between beats, as soon as the models served change (checked every
         ``CHECK_S``), so that a load or an unload is announced within about a second."""
-        from runtime.errors import ShardserveError
-
         period = self.settings.ttl_s / 3
         due, registered, sent = time.monotonic(), False, None
         while True:
@@ -312,6 +311,11 @@ class RegistrationAgent:
 
     def start(self) -> RegistrationAgent:
         self._headers("PUT", b"")  # missing credentials fail here, at startup
+        # Import and digest everything a heartbeat needs here, before the threads start:
+        # gunicorn forks its workers right after this, and a worker forked while the
+        # heartbeat thread is importing a module (prometheus_client's) inherits that
+        # module's import lock held by no thread, and hangs at its first import of it.
+        self.served()
         self._threads = [threading.Thread(target=self._run, name="shardserve-registration",
                                           daemon=True)]
         if self.settings.probe_s:
@@ -333,8 +337,6 @@ class RegistrationAgent:
         config = self.config
         if self._send("DELETE") == 200 or config is None or self.settings.endpoint:
             return
-        from runtime.errors import ShardserveError
-
         from .settings import open_store
 
         try:
