@@ -32,7 +32,7 @@ perf_analyzer's runtime libraries (libb64 from apt, libcudart from the
     flock /tmp/shardserve-bench.lock .venv/bin/python benchmarks/serving.py [--duration 10]
 
 ``--duration`` is the seconds each server gets per keep-alive point (split over ``--rounds``);
-the default run takes about 5 minutes. ``--variant NAME='ARGS'`` adds a shardserve server
+the default run takes about 3.5 minutes. ``--variant NAME='ARGS'`` adds a shardserve server
 started with extra ``serve`` options and ``VAR=value`` environment settings (e.g.
 ``--variant sync='--worker-class sync'``), measured in the same rounds.
 """
@@ -358,16 +358,17 @@ def measure(server: Server, model: str, body: Path, script: Path, concurrency: i
 
 
 def perf_analyzer(server: Server, model: str, fmt: str, concurrency: int,
-                  seconds: float, folder: Path) -> dict:
+                  requests: int, folder: Path) -> dict:
+    """One fixed-count measurement (``--request-count``: perf_analyzer's stability search
+    never settles on a machine others load)."""
     csv = folder / f"perf-{server.name}-{model}-{fmt}.csv"
-    window_ms = max(1000, int(seconds * 1000 / 3))
     cmd = [str(PERF_VENV / "bin" / "perf_analyzer"), "-m", model, "-u",
            f"127.0.0.1:{server.port}", "-i", "http", "-b", "1",
            "--concurrency-range", str(concurrency), "--input-tensor-format", fmt,
-           "--output-tensor-format", fmt, "--measurement-mode", "time_windows",
-           "-p", str(window_ms), "-s", "100", "-r", "3", "-f", str(csv)]
+           "--output-tensor-format", fmt, "--request-count", str(requests),
+           "-f", str(csv)]
     before = server.cpu_seconds()
-    done = subprocess.run(cmd, capture_output=True, text=True, timeout=seconds * 4 + 60,
+    done = subprocess.run(cmd, capture_output=True, text=True, timeout=300,
                           env={**os.environ, **perf_analyzer_env()})
     cpu = server.cpu_seconds() - before
     if done.returncode != 0 or not csv.exists():
@@ -486,10 +487,11 @@ def main() -> None:
             else:
                 for model in models:
                     rows = {}
+                    rate = results[f"{model} c=8 keep-alive shardserve"]["rps"]
                     for fmt in ("json", "binary"):
                         try:
                             rows[fmt] = perf_analyzer(servers["shardserve"], model, fmt, 8,
-                                                      args.duration / 2, logs)
+                                                      int(rate * args.duration / 2), logs)
                         except (RuntimeError, subprocess.TimeoutExpired) as exc:
                             print(f"  {model} {fmt}: {exc}")
                     for fmt, row in rows.items():
