@@ -194,9 +194,9 @@ class Directory:
         self._stop.set()
         with self._lock:
             stream = self._stream
-        if stream is not None:
-            stream.close()
-        if self._pid == os.getpid():
+        if self._pid == os.getpid():  # a forked child must not shut its parent's stream
+            if stream is not None:
+                stream.close()
             for thread in self._threads:
                 if thread is not threading.current_thread():
                     thread.join(5)

@@ -1,9 +1,10 @@
 """Measured links: RTT and bandwidth to each peer, from a small and a large echo.
 
 The small echo (``SMALL_BYTES``) costs about one round trip; the large one one round trip
-plus twice its bytes over the link. The fastest of ``repeats`` tries of each is kept
-(queueing only ever adds time), so ``rtt = t_small - 2 * 8 * SMALL / bandwidth`` and
-``bandwidth = 2 * 8 * (large - SMALL) / (t_large - t_small)``. The large size follows the
+plus twice its bytes over the link. The fastest of ``repeats`` tries of each (2 more of the
+small one) is kept (queueing only ever adds time), so
+``bandwidth = 2 * 8 * (large - SMALL) / (t_large - t_small)`` and
+``rtt = t_small - 2 * 8 * SMALL / bandwidth``. The large size follows the
 link: one ``PILOT_BYTES`` echo gives a rough bandwidth, and the large echo is sized to take
 about ``TARGET_S`` on it, between ``PILOT_BYTES`` and ``LARGE_BYTES`` (256 KiB each way
 takes 4 s at 1 Mbps: a fixed size would outlast the probe's timeout on a slow link). Each
@@ -63,7 +64,8 @@ def probe(url: str, sign: Callable[[str, bytes], dict], repeats: int = 3,
         connection.connect()  # small writes go out at once (no Nagle / delayed-ACK stall)
         connection.sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
         _echo(connection, path, small_body, sign)  # warm up
-        t_small = min(_echo(connection, path, small_body, sign) for _ in range(repeats))
+        # small echoes cost one RTT each: take more of them, the RTT is the noisier figure
+        t_small = min(_echo(connection, path, small_body, sign) for _ in range(repeats + 2))
         if large is None:
             rough = _bandwidth(PILOT_BYTES, _echo(connection, path, os.urandom(PILOT_BYTES),
                                                   sign), t_small)
