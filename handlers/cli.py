@@ -97,6 +97,9 @@ def _check_models_in_a_child(args: argparse.Namespace) -> list[str]:
     with os.fdopen(read_end) as fh:
         text = fh.read()
     os.waitpid(pid, 0)
+    from plugins.serving.metrics import mark_process_dead
+
+    mark_process_dead(pid)  # its "model loaded" gauges must not outlive it in /metrics
     report = json.loads(text) if text else {"error": "startup failed"}
     if "error" in report:
         raise ShardserveError(report["error"])

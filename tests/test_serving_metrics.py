@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import os
 import subprocess
+import time
 from pathlib import Path
 
 import numpy as np
@@ -111,6 +112,28 @@ def test_metrics_hold_exact_counts_across_two_workers(two_workers):
     for model in ("digits_mlp", "cnn_skip", "transformer_block"):
         assert value(after, "shardserve_inference_model_loaded", model=model, version="1") == 1
     assert delta(f"{request}_count", model="transformer_block", version="1", status="200") == 0
+
+
+def test_an_unloaded_version_leaves_the_loaded_gauge(two_workers):
+    """Neither the workers nor the child that checked the models before gunicorn started
+    keep reporting a version unloaded through the API."""
+    server, _ = two_workers
+    base, gauge = server.base, "shardserve_inference_model_loaded"
+    unloaded = requests.post(f"{base}/v2/repository/models/cnn_skip/unload", timeout=30)
+    assert unloaded.status_code == 200, unloaded.text
+    try:
+        deadline, seen = time.monotonic() + 10, None
+        while time.monotonic() < deadline:
+            found = samples(requests.get(f"{base}/metrics", timeout=10).text)
+            seen = value(found, gauge, model="cnn_skip", version="1")
+            if seen == 0:
+                break
+            time.sleep(0.2)
+        assert seen == 0
+        assert value(found, gauge, model="digits_mlp", version="1") == 1
+    finally:
+        assert requests.post(f"{base}/v2/repository/models/cnn_skip/load",
+                             timeout=60).status_code == 200
 
 
 def test_request_logs_are_json_with_request_ids_and_no_payload(two_workers):
