@@ -311,7 +311,7 @@ def test_cli_models_and_infer(tmp_path):
                          capture_output=True, text=True, check=True).stdout
     rows = json.loads(out)
     assert [(r["name"], r["versions"]) for r in rows] == [
-        ("cnn_skip", [1]), ("digits_mlp", [1]), ("transformer_block", [1])]
+        ("cnn_skip", [1]), ("digits_mlp", [1]), ("stdlib_gpt", [1]), ("transformer_block", [1])]
     sample = json.loads((ROOT / "examples" / "requests" / "digits_mlp.json").read_text())
     pixels = np.array(sample["inputs"][0]["data"], np.float32).reshape(1, 64)
     np.save(tmp_path / "pixels.npy", pixels)
