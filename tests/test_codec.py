@@ -319,6 +319,43 @@ def test_non_finite_floats_travel_as_triton_literals(datatype):
         assert "out of range" in error_from(decode_request, body).message
 
 
+@pytest.mark.parametrize("datatype", ["FP32", "FP64"])
+def test_flat_json_floats_decode_bit_exact_on_the_fast_path(datatype):
+    """A flat list of JSON floats (the usual request) skips the strict flattening: it must give
+    the strict path's values bit for bit, and anything unusual still gets the strict checks."""
+    rng = np.random.default_rng(7)
+    values = (rng.standard_normal(3000) * 10.0 ** rng.integers(-45, 38, 3000)).tolist()
+    values += [3.4028235e38, 3.40282346e38, 1e-45, 7e-46, 1.4e-45, -0.0, 0.0, 5e-324]
+    dtype = DATATYPES[datatype]
+    with np.errstate(over="ignore", under="ignore"):
+        expected = np.array(values, dtype).reshape(1, -1)
+    body = _json(_input(datatype=datatype, shape=[1, len(values)], data=values))
+    assert_same(decode_request(body).inputs[0].data, expected)
+    assert_same(codec._json_tensor(values, datatype, len(values), "input 'x'", False),
+                np.array(values, dtype))
+    for bad, message in [(True, "must be numbers"), (None, "must be numbers"),
+                         ("1.5", "must be numbers"), ([1.0], "ragged")]:
+        body = _json(_input(datatype=datatype, shape=[len(values) + 1], data=[*values, bad]))
+        assert message in error_from(decode_request, body).message
+    body = _json(_input(datatype=datatype, shape=[len(values) + 1], data=[*values, 3]))
+    assert decode_request(body).inputs[0].data[-1] == 3.0  # an int among floats: strict path
+    if datatype == "FP32":  # a finite float beyond FP32 in a long list: 400, never inf
+        body = _json(_input(shape=[len(values) + 1], data=[*values, 1e39]))
+        assert "out of range" in error_from(decode_request, body).message
+
+
+def test_non_finite_floats_in_a_long_response_header_are_literals():
+    """A long header is not searched for null: its float arrays are checked instead."""
+    values = np.linspace(-1, 1, 3000, dtype=np.float32)
+    body, _ = encode_response(InferResponse("m", "1", {"y": values}))
+    assert body == json_dumps({"model_name": "m", "model_version": "1", "outputs": [
+        {"name": "y", "datatype": "FP32", "shape": [3000], "data": values}]})
+    values[[5, 2000, 2999]] = [np.nan, np.inf, -np.inf]
+    body, _ = encode_response(InferResponse("m", "1", {"y": values, "z": values[:6]}))
+    assert b"null" not in body and body.count(b"NaN") == 2 and body.count(b"Infinity") == 2
+    assert_same(decode_response(body).outputs["y"], values)
+
+
 def test_decode_response_errors_are_bad_gateway():
     for body, header_length in [(b"{}", None), (b"[]", None), (b'{"outputs": 1}', None), (b"{", 5)]:
         error = error_from(decode_response, body, header_length)
