@@ -431,6 +431,25 @@ def test_runtimes_sharing_a_state_directory_agree_and_a_late_one_catches_up(tiny
 
 
 
+def test_a_deleted_generation_file_is_followed_when_recreated(tmp_path):
+    """Each worker holds the generation file open (an fstat per request): a tmp cleaner that
+    deletes it must not hide the next change, which recreates it."""
+    state = tmp_path / "state"
+    here, there = SharedRepositoryState(state), SharedRepositoryState(state)
+    seen: list[tuple[str, str]] = []
+    here.sync(lambda *change: seen.append(change))
+    there.publish("m", "unload")
+    here.sync(lambda *change: seen.append(change))
+    assert seen == [("m", "unload")]
+    for name in ("generation", "state.json"):
+        (state / name).unlink()
+    here.sync(lambda *change: seen.append(change))  # gone: nothing new, nothing applied
+    there.publish("m", "load")  # the state file starts again: sequence 1, as first seen
+    there.publish("m", "load")
+    here.sync(lambda *change: seen.append(change))
+    assert seen == [("m", "unload"), ("m", "load")]
+
+
 def test_a_load_applied_from_another_worker_blocks_only_that_model(tiny_repo, tmp_path):
     """While a worker applies another worker's load of "slow", its health probes and the
     requests for other models answer at once; only the requests for "slow" wait."""
