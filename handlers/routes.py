@@ -365,13 +365,20 @@ ROUTES: list[Route] = [route for table in (
 ) for route in table]
 
 
+# ROUTES by segment count, in table order: a route of another length never matches
+_BY_LENGTH: dict[int, list[Route]] = {}
+for _r in ROUTES:
+    _BY_LENGTH.setdefault(len(_r.segments), []).append(_r)
+del _r
+
+
 def match(method: str, path: str) -> tuple[Route, dict]:
     """The route and its path parameters; 404 or 405 if none fits (one trailing slash allowed)."""
     if not path.startswith("/"):
         raise NotFound("no such route")
     parts = path[1:-1 if path.endswith("/") and len(path) > 1 else None].split("/")
     allowed = False
-    for route in ROUTES:
+    for route in _BY_LENGTH.get(len(parts), ()):
         params = route.match(parts)
         if params is None:
             continue
