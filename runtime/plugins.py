@@ -12,6 +12,7 @@ import logging
 import os
 import re
 import sys
+import types
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
@@ -27,6 +28,8 @@ if TYPE_CHECKING:
 log = logging.getLogger("shardserve.plugins")
 
 ENTRY_POINT_GROUP = hookspecs.PROJECT_NAME
+_HOOK_PREFIX = hookspecs.PROJECT_NAME + "_"
+_IMPL_MARKER = hookspecs.PROJECT_NAME + "_impl"  # where pluggy's HookimplMarker puts its options
 
 # Security modules: tryfirst; transform_model_bytes runs in reverse order of
 # this list (signature check, then decryption, then untrusted-model checks).
@@ -160,10 +163,17 @@ class PluginManager(pluggy.PluginManager):
                    security_on=security.get("enabled") is True)
 
     def parse_hookimpl_opts(self, plugin: Any, name: str) -> Any:
-        """Only ``shardserve_*`` attributes can be hook implementations (hookspecs.py): pluggy
-        need not inspect every other attribute of every plugin module on a cold start."""
-        return super().parse_hookimpl_opts(plugin, name) if name.startswith(
-            hookspecs.PROJECT_NAME + "_") else None
+        """pluggy's answer, except that a plugin module's attribute that is neither named
+        ``shardserve_*`` nor a function marked ``@hookimpl`` is skipped with one dict look-up:
+        pluggy need not inspect every import and constant of every plugin module on a cold
+        start. A marked function of another name is still parsed (``specname=``), and so is a
+        marked typo, which :meth:`check_pending` then refuses."""
+        if not name.startswith(_HOOK_PREFIX) and isinstance(plugin, types.ModuleType):
+            value = plugin.__dict__.get(name)
+            if not isinstance(value, (types.FunctionType, types.MethodType)) or getattr(
+                    value, _IMPL_MARKER, None) is None:
+                return None
+        return super().parse_hookimpl_opts(plugin, name)
 
     def register(self, plugin: Any, name: str | None = None) -> str | None:
         self._registries.clear()  # a new plugin may register more things
@@ -211,7 +221,11 @@ class PluginManager(pluggy.PluginManager):
                                   f"{type(exc).__name__}") from exc
             self.register(plugin, ep.name)
             self.distributions[ep.name] = (ep.distribution, ep.version)
-        self.check_pending()
+        try:
+            self.check_pending()
+        except pluggy.PluginValidationError as exc:  # e.g. a typo'd hook name marked @hookimpl
+            raise ConfigError(f"plugin {self.get_name(exc.plugin)!r} does not load: "
+                              f"{exc}") from exc
         return self
 
 

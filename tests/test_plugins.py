@@ -141,6 +141,51 @@ def test_broken_plugin_is_named_without_traceback(tmp_path, monkeypatch):
         PluginManager().load_plugins()
 
 
+def _entry_point_plugin(site: Path, name: str, source: str) -> None:
+    (site / f"{name}.py").write_text(textwrap.dedent(source))
+    info = site / f"{name}-0.1.dist-info"
+    info.mkdir(parents=True)
+    (info / "METADATA").write_text(f"Name: {name}\nVersion: 0.1\n")
+    (info / "entry_points.txt").write_text(f"[shardserve]\n{name} = {name}\n")
+
+
+def test_hookimpl_under_another_name_with_specname_is_called(tmp_path, monkeypatch):
+    """A module's marked function need not be named shardserve_*: ``specname`` says which hook
+    (the cold-start filter in parse_hookimpl_opts skips only unmarked attributes)."""
+    _entry_point_plugin(tmp_path, "specname_plugin", """
+        from runtime import hookimpl
+        HELPER = object()
+
+        def unmarked(register):
+            raise AssertionError("not a hook implementation")
+
+        @hookimpl(specname="shardserve_register_backends")
+        def add_backends(register):
+            register("specname_echo", type("Echo", (), {"platform": "echo"}))
+        """)
+    monkeypatch.syspath_prepend(str(tmp_path))
+    monkeypatch.delitem(sys.modules, "specname_plugin", raising=False)
+    pm = PluginManager(allow=["specname_plugin"]).load_plugins()
+    assert pm.registry("backend").sources == {"specname_echo": "specname_plugin"}
+    hooks = [impl.function.__name__ for impl in pm.hook.shardserve_register_backends.get_hookimpls()]
+    assert hooks == ["add_backends"]
+
+
+def test_typo_in_a_marked_hook_name_fails_loading_clearly(tmp_path, monkeypatch):
+    _entry_point_plugin(tmp_path, "typo_plugin", """
+        from runtime import hookimpl
+
+        @hookimpl
+        def shardserv_register_backends(register):
+            register("never", object)
+        """)
+    monkeypatch.syspath_prepend(str(tmp_path))
+    monkeypatch.delitem(sys.modules, "typo_plugin", raising=False)
+    with pytest.raises(ConfigError, match=r"plugin 'typo_plugin' does not load: "
+                                          r"unknown hook 'shardserv_register_backends'"):
+        PluginManager(allow=["typo_plugin"]).load_plugins()
+
+
 def test_registry_rejects_duplicates_and_bad_items():
     class First:
         @hookspecs.hookimpl
