@@ -264,3 +264,35 @@ def test_request_ids_and_json_formatter():
     doc = json.loads(JsonFormatter().format(record))
     assert doc["message"] == "failed once" and doc["error"] == "ValueError"
     assert "secret" not in json.dumps(doc) and doc["time"].endswith("Z")
+
+
+FORKED_WRITES = """
+import os, sys
+from plugins.serving.metrics import metrics
+from prometheus_client import CollectorRegistry, values
+from prometheus_client.multiprocess import MultiProcessCollector
+m = metrics()
+assert getattr(values.ValueClass, "_shardserve", False)  # the cached-pid identifier is on
+child = m.child(m.request_duration, "mlp", "1", "200")
+child.observe(100.0)
+pid = os.fork()
+if pid == 0:  # a forked worker writes its own file, as with os.getpid()
+    m.child(m.request_duration, "mlp", "1", "200").observe(100.0)
+    os._exit(0 if os.path.exists(f"{sys.argv[1]}/histogram_{os.getpid()}.db") else 1)
+assert os.waitpid(pid, 0)[1] == 0
+child.observe(100.0)
+registry = CollectorRegistry()
+MultiProcessCollector(registry)
+count = [s.value for f in registry.collect() for s in f.samples
+         if s.name == "shardserve_inference_request_duration_us_count"]
+print(count)
+"""
+
+
+def test_metric_writes_of_forked_workers_stay_apart_with_the_cached_pid(tmp_path):
+    out = subprocess.run([os.sys.executable, "-c", FORKED_WRITES, str(tmp_path)],
+                         env={**os.environ, "PROMETHEUS_MULTIPROC_DIR": str(tmp_path)},
+                         capture_output=True, text=True, timeout=60)
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert out.stdout.strip() == "[3.0]"
+    assert len(list(tmp_path.glob("histogram_*.db"))) == 2

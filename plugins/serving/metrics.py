@@ -64,6 +64,7 @@ class Metrics:
     def __init__(self) -> None:
         from prometheus_client import Counter, Gauge, Histogram
 
+        _cache_the_pid()
         model = ("model", "version")
         self.request_duration = Histogram(
             "shardserve_inference_request_duration_us", "Inference request handling time in "
@@ -103,6 +104,32 @@ class Metrics:
         if found is None:
             found = self._children[key] = metric.labels(*labels)
         return found
+
+
+_pid = [os.getpid()]
+os.register_at_fork(after_in_child=lambda: _pid.__setitem__(0, os.getpid()))
+
+
+def _cache_the_pid() -> None:
+    """Multi-process values call ``os.getpid()`` on every write (9 per request) to notice a
+    fork; prometheus_client takes another process identifier: the pid, cached and refreshed
+    in every forked child. Only while no value of this process exists yet: values built with
+    the stock class keep their own handles on this process's files."""
+    from prometheus_client import values
+
+    directory = os.environ.get("PROMETHEUS_MULTIPROC_DIR")
+    if not directory or not getattr(values.ValueClass, "_multiprocess", False) or getattr(
+            values.ValueClass, "_shardserve", False):
+        return
+    suffix = f"_{os.getpid()}.db"
+    try:
+        if any(name.endswith(suffix) for name in os.listdir(directory)):
+            return
+    except OSError:
+        return
+    value_class = values.MultiProcessValue(lambda: _pid[0])
+    value_class._shardserve = True
+    values.ValueClass = value_class
 
 
 def metrics() -> Metrics:
