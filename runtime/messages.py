@@ -13,16 +13,28 @@ import numpy as np
 
 
 class _Message:
-    """Equality and repr over ``__slots__``, as a dataclass would give them."""
+    """Equality and repr over ``_fields`` (``__slots__`` unless a class says otherwise), as a
+    dataclass would give them: equality compares tuples of the fields, so a field holding the
+    same array on both sides is equal by identity and no elementwise result meets ``bool()``."""
 
     __slots__ = ()
+    _fields: tuple[str, ...] = ()
+
+    def __init_subclass__(cls, **kwargs: Any) -> None:
+        super().__init_subclass__(**kwargs)
+        if "_fields" not in cls.__dict__:
+            cls._fields = cls.__slots__
 
     def __eq__(self, other: object) -> bool:
-        return type(other) is type(self) and all(
-            getattr(self, name) == getattr(other, name) for name in self.__slots__)
+        if type(other) is not type(self):
+            return NotImplemented
+        return (tuple(getattr(self, name) for name in self._fields)
+                == tuple(getattr(other, name) for name in self._fields))
+
+    __hash__ = None  # type: ignore[assignment]  # mutable, like an eq=True dataclass
 
     def __repr__(self) -> str:
-        fields = ", ".join(f"{name}={getattr(self, name)!r}" for name in self.__slots__)
+        fields = ", ".join(f"{name}={getattr(self, name)!r}" for name in self._fields)
         return f"{type(self).__name__}({fields})"
 
 
@@ -56,6 +68,7 @@ class InferRequest(_Message):
     model's), so the runtime does not check them again."""
 
     __slots__ = ("inputs", "outputs", "id", "parameters", "checked")
+    _fields = ("inputs", "outputs", "id", "parameters")  # ``checked`` is a cache, not content
 
     def __init__(self, inputs: list[InferInput], outputs: list[RequestedOutput] | None = None,
                  id: str | None = None, parameters: dict | None = None,
