@@ -91,3 +91,14 @@ def test_kernel_and_numpy_pick_the_same_token_for_each_draw(temperature, top_k, 
     params = SamplingParams(temperature, top_k, top_p)
     for u in np.linspace(0.0, 0.999, 40):
         assert kernel(logits, temperature, top_k, top_p, u) == sample_numpy(logits, params, u)
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+def test_unfiltered_draw_leaves_the_callers_logits_alone(dtype):
+    """The unfiltered path writes its exps into its own float64 copy, never the caller's."""
+    kernel = _numba_kernel()
+    logits = np.random.default_rng(1).normal(0, 2, 1000).astype(dtype)
+    before = logits.copy()
+    token = kernel(logits, 1.0, 0, 1.0, 0.5)
+    assert logits.tolist() == before.tolist()
+    assert token == sample_numpy(logits, SamplingParams(1.0, 0, 1.0), 0.5)

@@ -68,14 +68,13 @@ def sample_filtered(logits, temperature, top_k, top_p, u):
         m = x.max()
         total = 0.0
         if top_p >= 1.0:  # no filter: draw in vocabulary order, nothing to sort
-            e = np.empty(x.size, dtype=np.float64)  # each exp once, kept for the draw
-            for i in range(x.size):
-                e[i] = math.exp(x[i] - m)
-                total += e[i]
+            for i in range(x.size):  # each exp once, written over x (a fresh copy)
+                x[i] = math.exp(x[i] - m)
+                total += x[i]
             target = u * total
             acc = 0.0
             for i in range(x.size):
-                acc += e[i]
+                acc += x[i]
                 if acc > target:
                     return i
             return x.size - 1
