@@ -9,9 +9,11 @@
 - gunicorn's own rejections (400, 403, 414, 417, 431, 501) answer ``{"error": ...}`` JSON
   like every other error, with a clipped message and an ``X-Request-Id``.
 - gthread serves the next request of a keep-alive connection in the thread that answered the
-  previous one when it arrives within ``KEEPALIVE_LINGER_S`` and no other connection waits for
-  a thread, instead of handing the connection back to gunicorn's poller and a new thread (two
-  thread hand-offs, a pipe wake-up and a poller registration per request).
+  previous one when it arrives within ``KEEPALIVE_LINGER_S`` and, when the wait starts, no other
+  connection waits for a thread and another thread is free, instead of handing the connection
+  back to gunicorn's poller and a new thread (two thread hand-offs, a pipe wake-up and a poller
+  registration per request). Needs gunicorn >= 25.2 (``handle()`` returns a bool, idle
+  connections are parked with ``_DEFER``); pyproject.toml pins that floor.
 - gunicorn builds no access-log record: shardserve logs each request itself.
 
 Imported only by gunicorn (``worker_class``); the WSGI app knows none of it beyond the
@@ -46,7 +48,9 @@ log = logging.getLogger("shardserve.server")
 READ_TIMEOUTS = {"header": 5.0, "body": 60.0}
 
 # Seconds a gthread handler thread waits for the next request on its keep-alive connection
-# before handing the connection back to the poller (never while another connection waits).
+# before handing the connection back to the poller. It starts waiting only while no other
+# connection is queued and another thread is free; a connection queued during the wait waits
+# for it, so at most this long.
 KEEPALIVE_LINGER_S = 0.005
 # then it goes back to the poller all the same, so busy connections take turns
 MAX_REQUESTS_IN_A_ROW = 64
@@ -188,26 +192,35 @@ class ThreadEdgeWorker(EdgeWorker, gthread.ThreadWorker):
     idle connection goes back to the poller), then the request's clock runs. A keep-alive
     connection's next request is served in the same thread when it comes soon enough."""
 
+    _count_lock = threading.Lock()
+    _busy = 0  # threads inside handle(), lingering ones included
+    _queued = 0  # connections handed to the thread pool that no thread has taken yet
+
+    def enqueue_req(self, conn: Any) -> None:
+        with self._count_lock:  # before the submit: a free thread may take it at once
+            self._queued += 1
+        super().enqueue_req(conn)
+
     def handle(self, conn: Any) -> Any:
-        with self._busy_lock:
+        with self._count_lock:
+            self._queued -= 1
             self._busy += 1
         try:
             result = self._handle_one(conn)
             for _ in range(MAX_REQUESTS_IN_A_ROW - 1):
+                # gunicorn >= 24 returns a bool; keep-alive is exactly True (not _DEFER)
                 if result is not True or not self._next_request_soon(conn):
                     break
                 result = self._handle_one(conn)
             return result
         finally:
-            with self._busy_lock:
+            with self._count_lock:
                 self._busy -= 1
 
-    _busy_lock = threading.Lock()
-    _busy = 0  # threads inside handle(), lingering ones included
-
     def _handle_one(self, conn: Any) -> Any:
-        waits = hasattr(conn, "wait_for_data")  # gunicorn >= 24 parks idle connections
-        if waits and not conn.initialized and not conn.data_ready:
+        # gunicorn >= 25.2 waits for a new connection's first byte in handle(), then parks it;
+        # waiting here first keeps that wait off the request's header deadline
+        if not conn.initialized and not conn.data_ready:
             if not conn.wait_for_data(gthread.DEFAULT_WORKER_DATA_TIMEOUT):
                 return gthread._DEFER
         self.deadlines.arm(conn.sock, READ_TIMEOUTS["header"])
@@ -218,15 +231,14 @@ class ThreadEdgeWorker(EdgeWorker, gthread.ThreadWorker):
 
     def _next_request_soon(self, conn: Any) -> bool:
         """Whether the connection's next request is (or within ``KEEPALIVE_LINGER_S`` becomes)
-        readable. The thread waits only while no connection is queued and another thread is
-        free to take new work, so a lingering thread never delays another connection."""
+        readable. The thread starts waiting only while no connection is queued for a thread and
+        another thread is free; the check is not repeated during the wait, so a connection
+        queued meanwhile waits for this thread's linger, at most ``KEEPALIVE_LINGER_S``."""
         if not self.alive or conn.parser is None or getattr(conn, "is_http2", False):
             return False
         if conn.parser.unreader.buf.getvalue() or getattr(conn.sock, "pending", lambda: 0)():
             return True  # already read ahead, or buffered by TLS
-        waiting = getattr(self.tpool, "_work_queue", None)  # connections queued for a thread
-        if (KEEPALIVE_LINGER_S <= 0 or self._busy >= self.cfg.threads
-                or (waiting is not None and not waiting.empty())):
+        if KEEPALIVE_LINGER_S <= 0 or self._busy >= self.cfg.threads or self._queued > 0:
             return False
         poller = select.poll()
         try:
