@@ -20,10 +20,16 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 
 
-def export(rev: str, into: Path) -> Path:
-    target = into / rev
+def short_hash(rev: str) -> str:
+    """The commit ``rev`` names, abbreviated (a directory name even for ``origin/x`` or ``@~2``)."""
+    return subprocess.run(["git", "-C", str(ROOT), "rev-parse", "--short", f"{rev}^{{commit}}"],
+                          check=True, capture_output=True, text=True).stdout.strip()
+
+
+def export(commit: str, into: Path) -> Path:
+    target = into / commit
     target.mkdir()
-    archive = subprocess.run(["git", "-C", str(ROOT), "archive", rev], check=True,
+    archive = subprocess.run(["git", "-C", str(ROOT), "archive", commit], check=True,
                              capture_output=True).stdout
     subprocess.run(["tar", "-x", "-C", str(target)], input=archive, check=True)
     return target
@@ -52,7 +58,8 @@ def main() -> None:
     args = parser.parse_args()
     options = ["--rounds", str(args.rounds)] + (["--core-only"] if args.core_only else [])
     with tempfile.TemporaryDirectory() as scratch:
-        trees = [ROOT, *(export(rev, Path(scratch)) for rev in args.revs)]
+        commits = dict.fromkeys(short_hash(rev) for rev in args.revs)  # each commit once
+        trees = [ROOT, *(export(commit, Path(scratch)) for commit in commits)]
         added: dict[Path, list[dict]] = {tree: [] for tree in trees}
         for _ in range(args.runs):
             for tree in trees:
@@ -60,9 +67,12 @@ def main() -> None:
     plugins = "core only" if args.core_only else "default plugins"
     print(f"\nadded µs per request ({args.runs} runs, {plugins})")
     for tree, runs in added.items():
-        ranges = [f"{model} {min(r[model] for r in runs):.1f}-{max(r[model] for r in runs):.1f}"
-                  for model in runs[0]]
-        print(f"{'this tree' if tree == ROOT else tree.name:<12} {', '.join(ranges)}")
+        ranges = []
+        for model in dict.fromkeys(model for r in runs for model in r):  # every run's models
+            values = [r[model] for r in runs if model in r]
+            missing = f" (in {len(values)} of {len(runs)} runs)" if len(values) < len(runs) else ""
+            ranges.append(f"{model} {min(values):.1f}-{max(values):.1f}{missing}")
+        print(f"{'this tree' if tree == ROOT else tree.name:<12} {', '.join(ranges) or 'no rows'}")
 
 
 if __name__ == "__main__":

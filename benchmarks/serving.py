@@ -18,7 +18,8 @@ perf_analyzer (from the ``tritonclient`` wheels that ship it) then measures shar
 binary tensors against V2 JSON: the bare app reads JSON only and MLServer serves no
 ``/config`` route, which perf_analyzer needs, so they are not in that table.
 
-Per server and point: req/s, p50/p99 (wrk's), server CPU µs per request (user + system time of
+Per server and point: req/s, wrk's latencies (p50: the median of the rounds' p50s; p99: the
+worst round's p99), server CPU µs per request (user + system time of
 the server's whole process tree over the point, divided by the requests answered), worker
 restarts (new worker processes and the servers' own restart lines in their logs) and socket
 errors (wrk's connect/read/write/timeout errors plus non-2xx answers). Both must be 0.
@@ -46,6 +47,7 @@ import re
 import shlex
 import shutil
 import socket
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -340,8 +342,10 @@ class Points:
 
     def summary(self, key: tuple) -> dict:
         row = self.rows[key]
-        return {"rps": row["requests"] / row["seconds"], "p50_ms": max(row["p50"]),
-                "p99_ms": max(row["p99"]), "cpu_us": row["cpu"] / max(1, row["requests"]) * 1e6,
+        return {"rps": row["requests"] / row["seconds"],
+                "p50_ms": statistics.median(row["p50"]),  # the rounds' median
+                "p99_ms": max(row["p99"]),  # the worst round's
+                "cpu_us": row["cpu"] / max(1, row["requests"]) * 1e6,
                 "restarts": row["restarts"], "errors": row["socket_errors"] + row["non_2xx"],
                 "requests": row["requests"]}
 
@@ -390,6 +394,15 @@ def perf_analyzer(server: Server, model: str, fmt: str, concurrency: int,
 
 def load_average() -> str:
     return " ".join(f"{x:.2f}" for x in os.getloadavg())
+
+
+def sizing_rate(results: dict, model: str) -> float | None:
+    """shardserve's keep-alive req/s for ``model`` at c=8 (perf_analyzer's concurrency), else at
+    the first concurrency measured; None without one."""
+    points = [row for label, row in results.items()
+              if label.startswith(f"{model} c=") and label.endswith(" keep-alive shardserve")]
+    exact = results.get(f"{model} c=8 keep-alive shardserve")
+    return (exact or points[0])["rps"] if exact or points else None
 
 
 def print_row(label: str, server: str, row: dict, extra: str = "") -> None:
@@ -452,7 +465,8 @@ def main() -> None:
                                              shlex.split(options))
         points = Points()
         order = list(servers)
-        print(f"\n{'point':<34} {'server':<16} {'req/s':>8} {'p50 ms':>7} {'p99 ms':>7} "
+        print("\np50: the median of the rounds' p50s; p99: the worst round's p99")
+        print(f"{'point':<34} {'server':<16} {'req/s':>8} {'p50 ms':>7} {'p99 ms':>7} "
               f"{'cpu µs/r':>8} {'restarts':>8} {'errors':>6}  ratios")
         for model in models:
             for server in servers.values():  # warm: first requests load sessions, fill caches
@@ -487,7 +501,11 @@ def main() -> None:
             else:
                 for model in models:
                     rows = {}
-                    rate = results[f"{model} c=8 keep-alive shardserve"]["rps"]
+                    rate = sizing_rate(results, model)
+                    if rate is None:
+                        print(f"  {model}: not measured (no keep-alive shardserve point to size "
+                              "its request count)")
+                        continue
                     for fmt in ("json", "binary"):
                         try:
                             rows[fmt] = perf_analyzer(servers["shardserve"], model, fmt, 8,
