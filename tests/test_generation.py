@@ -114,7 +114,7 @@ def test_prompts_admitted_together_are_prefilled_in_one_run(tmp_path, lm_exports
 
     rt = _runtime(tmp_path, lm_exports, archs=(arch,))
     model = rt.get_model(arch).backend
-    jobs = [(PROMPTS[i], n) for i, n in enumerate((6, 14, 3, 10, 8))]
+    jobs = [(PROMPTS[i], n) for i, n in zip((1, 2, 4, 1), (6, 14, 10, 3))]  # within 2x
     alone = [_greedy(rt, arch, p, n)[0] for p, n in jobs]
     engine = model.engine
     runs_before = engine.prefill_runs
@@ -127,6 +127,98 @@ def test_prompts_admitted_together_are_prefilled_in_one_run(tmp_path, lm_exports
     assert got == alone
     assert engine.prefill_runs == runs_before + 1
     assert len({len(seq.prompt) for seq in seqs}) > 2  # different lengths: padding was needed
+
+
+@pytest.mark.parametrize("arch", ["gpt2", "llama"])
+def test_grouped_prefill_never_runs_over_the_prefill_chunk(tmp_path, lm_exports, arch):
+    """A long prompt admitted with seven short ones, next to a running stream: every graph run
+    between two decode steps together computes at most ``prefill_chunk`` token-rows (a padded
+    run counts rows x its width), only prompts within 2x of each other share a run, and each
+    request still gets its alone tokens."""
+    from plugins.generation.engine import Sequence
+    from plugins.generation.sampling import SamplingParams
+
+    chunk = 64
+    rt = _runtime(tmp_path, lm_exports, {arch: f"[generation]\nprefill_chunk = {chunk}\n"},
+                  archs=(arch,))
+    model = rt.get_model(arch).backend
+    engine = model.engine
+    running = (PROMPTS[0], 40)
+    jobs = [("word " * 10, 5), ("x = 1", 4), ("def main(", 6), ("a = b", 3), ("pass", 5),
+            ("if x:", 2), ("return 0", 4), ("x", 3)]
+    alone = [_greedy(rt, arch, p, n)[0] for p, n in [running, *jobs]]
+    lengths = [len(model.codec.encode(p)) for p, _ in jobs]
+    assert sum(lengths) <= chunk < len(jobs) * max(lengths)  # one padded run would be over
+
+    runs: list = []  # ("decode", rows) or (rows, width, shortest row) per prefill run
+    run, decode = engine._run, engine._decode
+
+    def recording_decode():
+        runs.append(("decode", len(engine._batch)))
+        engine._run = run
+        try:
+            decode()
+        finally:
+            engine._run = recording_run
+
+    def recording_run(feed):
+        valid = feed["attention_mask"][:, -feed["input_ids"].shape[1]:].sum(axis=1)
+        runs.append((*feed["input_ids"].shape, int(valid.min())))
+        return run(feed)
+
+    engine._run, engine._decode = recording_run, recording_decode
+
+    def seq(prompt, n):
+        return Sequence(model.codec.encode(prompt), n, SamplingParams(temperature=0.0),
+                        model.eos_ids)
+
+    first = seq(*running)
+    engine.submit(first)
+    first_events = engine.events(first)
+    head = next(first_events)  # it is decoding now
+    with engine._cond:  # all eight are admitted at the same scheduler step
+        seqs = [seq(p, n) for p, n in jobs]
+        for s in seqs:
+            engine.submit(s)
+    got = [[e[1] for e in engine.events(s) if e[0] == "token"] for s in seqs]
+    rest = [e[1] for e in first_events if e[0] == "token"]
+    assert [[head[1], *rest], *got] == alone
+
+    between, spans, mixed = 0, [], []
+    for entry in runs:
+        if entry[0] == "decode":
+            spans.append(between)
+            between = 0
+            continue
+        rows, width, shortest = entry
+        between += rows * width
+        if rows > 1 and width > 2 * shortest:
+            mixed.append(entry)
+    spans.append(between)
+    assert max(spans) <= chunk, runs
+    assert mixed == [], runs
+    assert any(e[0] != "decode" and e[0] > 1 for e in runs), runs  # grouping still happens
+    assert sum(1 for s in spans if s) >= 2, runs  # the prompts were spread over decode steps
+
+
+def test_cache_join_keeps_only_the_valid_columns():
+    """Rows joining with padding on the left (their longest row already finished) widen the
+    cache only to their longest valid row; the valid keys land right-aligned."""
+    from plugins.generation.kv_cache import BatchCache
+
+    cache = BatchCache(["k"], np.float32)
+    padded = np.arange(2 * 1 * 10 * 2, dtype=np.float32).reshape(2, 1, 10, 2)
+    cache.join([padded], [4, 6])
+    assert cache.columns == 6
+    assert cache.mask.tolist() == [[0, 0, 1, 1, 1, 1], [1] * 6]
+    assert (cache.arrays[0][0, :, 2:] == padded[0, :, 6:]).all()
+    assert (cache.arrays[0][1] == padded[1, :, 4:]).all()
+    cache.join([padded[:1]], [3])  # narrower than the cache: no new column
+    assert cache.columns == 6 and cache.mask[2].tolist() == [0, 0, 0, 1, 1, 1]
+    assert (cache.arrays[0][2, :, 3:] == padded[0, :, 7:]).all()
+    alone = BatchCache(["k"], np.float32)
+    alone.join([padded], [5, 5])  # same valid length for every row: the fast path trims too
+    assert alone.columns == 5 and (alone.arrays[0] == padded[:, :, 5:]).all()
 
 
 def test_hostile_parameters_get_clear_400s(tmp_path, lm_exports):

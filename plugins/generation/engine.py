@@ -264,13 +264,14 @@ class Engine:
         return results[0], results[1:]
 
     def _prefill_some(self) -> None:
-        """Run up to ``prefill_chunk`` prompt tokens of the waiting sequences, oldest first, so
-        a long prompt delays the running batch by one chunk per decode step, not by all of it
-        (chunked prefill). A sequence whose prompt is done samples its first token and joins.
-        Whole prompts that fit the budget together run as one batch (one graph run for the
-        requests that arrived together, not one each)."""
+        """Run up to ``prefill_chunk`` token-rows of the waiting sequences' prompts, oldest
+        first, so a long prompt delays the running batch by one chunk per decode step, not by
+        all of it (chunked prefill). A sequence whose prompt is done samples its first token
+        and joins. Whole prompts of similar length (within 2x of each other) run as one padded
+        batch, charged what that run computes, rows x the longest prompt, so padding never
+        pushes the work between two decode steps over ``prefill_chunk``."""
         budget = self.limits.prefill_chunk
-        group: list[Sequence] = []
+        groups: list[list[Sequence]] = []  # whole prompts, one graph run each
         for seq in list(self._prefilling):
             if budget <= 0:
                 break
@@ -279,12 +280,12 @@ class Engine:
                 self._prefilling.remove(seq)
                 continue
             start = seq.prefilled
+            if (self.group_prefill and self.graph.has_position_ids and start == 0
+                    and len(seq.prompt) <= budget):
+                budget -= self._add_to_group(groups, seq, budget)
+                continue
             n = min(len(seq.prompt) - start, budget)
             budget -= n
-            if (self.group_prefill and self.graph.has_position_ids and start == 0
-                    and n == len(seq.prompt)):
-                group.append(seq)
-                continue
             logits, presents = self._prefill_chunk(seq, start, n)
             seq.prefilled, seq.own_cache = start + n, presents
             if seq.prefilled < len(seq.prompt):
@@ -294,12 +295,29 @@ class Engine:
             if self._emit(seq, logits[0, -1]):
                 self._batch.append(seq)
                 self._cache.join(presents)
-        if len(group) == 1:
-            seq = group[0]
-            logits, presents = self._prefill_chunk(seq, 0, len(seq.prompt))
-            self._joined(group, logits, presents, [len(seq.prompt)])
-        elif group:
-            self._joined(group, *self._prefill_group(group), [len(s.prompt) for s in group])
+        for group in groups:
+            if len(group) == 1:
+                seq = group[0]
+                logits, presents = self._prefill_chunk(seq, 0, len(seq.prompt))
+                self._joined(group, logits, presents, [len(seq.prompt)])
+            else:
+                self._joined(group, *self._prefill_group(group), [len(s.prompt) for s in group])
+
+    @staticmethod
+    def _add_to_group(groups: list[list[Sequence]], seq: Sequence, budget: int) -> int:
+        """Put a whole prompt (``len(seq.prompt) <= budget``) in the first group whose padded
+        run it joins within 2x of every member's length and within ``budget``, else in a new
+        group; return the token-rows it adds to the runs."""
+        n = len(seq.prompt)
+        for group in groups:
+            lengths = [len(s.prompt) for s in group]
+            width, shortest = max(lengths), min(lengths)
+            added = (len(group) + 1) * max(width, n) - len(group) * width
+            if max(width, n) <= 2 * min(shortest, n) and added <= budget:
+                group.append(seq)
+                return added
+        groups.append([seq])
+        return n
 
     def _joined(self, group: list[Sequence], logits: np.ndarray, presents: list[np.ndarray],
                 lengths: list[int]) -> None:

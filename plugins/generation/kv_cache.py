@@ -47,14 +47,16 @@ class BatchCache:
     def join(self, presents: list[np.ndarray], lengths: list[int] | None = None) -> None:
         """Append prefilled sequences: ``presents`` of one row per sequence, right-aligned,
         row ``i`` with ``lengths[i]`` valid columns (all of them when ``lengths`` is None).
-        Only valid columns are copied; the rest stay zero and masked."""
+        Only valid columns are copied; the rest stay zero and masked, and the cache grows only
+        to the longest valid row (padding left of every joining row is not kept)."""
         rows, length = presents[0].shape[0], presents[0].shape[2]
         lengths = [length] * rows if lengths is None else lengths
-        if self.rows == 0 and all(n == length for n in lengths):
-            self.arrays = [np.ascontiguousarray(p) for p in presents]
-            self.mask = np.ones((rows, length), np.int64)
+        longest = max(lengths)
+        if self.rows == 0 and all(n == longest for n in lengths):
+            self.arrays = [np.ascontiguousarray(p[:, :, length - longest:]) for p in presents]
+            self.mask = np.ones((rows, longest), np.int64)
             return
-        width = max(self.columns, length)
+        width = max(self.columns, longest)
         merged = []
         for old, new in zip(self.arrays or [None] * len(presents), presents):
             b = 0 if old is None else old.shape[0]
