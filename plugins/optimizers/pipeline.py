@@ -17,8 +17,9 @@ from pathlib import Path
 from typing import Any
 
 from plugins.shard_plan import PLAN_FILE
+from runtime.core import close_backend
 from runtime.errors import BadRequest, NotFound
-from runtime.plugins import PluginManager, Registry
+from runtime.plugins import PluginManager, Registry, call_chain
 from runtime.repository import ModelRepository
 
 from .base import Optimizer, Tolerance, is_optimizer
@@ -252,11 +253,14 @@ def _sha(data: bytes) -> str:
 
 
 def read_source(runtime: Any, name: str, version: int, filename: str) -> bytes:
-    """A source file read the one way a version is read (``Runtime.read_model_file``: every
-    ``shardserve_transform_model_bytes``, i.e. signature checks and decryption). A file that
-    a transform changed is encrypted: its optimised bytes would be published in the clear."""
-    data = runtime.read_model_file(name, version, filename)
-    if data != runtime.repository.read_file(name, version, filename):
+    """A source file read the one way a version is read (as ``Runtime.read_model_file``: every
+    ``shardserve_transform_model_bytes``, i.e. signature checks and decryption), from one read
+    of the file. A file that a transform changed is encrypted: its optimised bytes would be
+    published in the clear."""
+    raw = runtime.repository.read_file(name, version, filename)
+    data = call_chain(runtime.pm, "shardserve_transform_model_bytes", "data", raw, model=name,
+                      version=str(version), filename=filename, config=runtime.config)
+    if data is not raw and data != raw:  # a transform that only checks returns None: raw itself
         raise BadRequest(f"{filename} of version {version} is encrypted: optimize the "
                          "unencrypted model, then encrypt the result")
     return data
@@ -300,13 +304,18 @@ def _plan(runtime: Any, name: str, version: int, steps: list[Step],
     specs = source.specs()
     samples = _samples(specs, settings)
     calibration = _calibration(specs, settings, samples)
-    before = PlanSession.open(runtime, name, version, settings.threads, settings.level)
-    files = optimise_shards(source, steps, calibration, before)
-    for file, data in files.items():
-        if file != PLAN_FILE:
-            _check(data, f"shard file {file!r}")
+    before = PlanSession.open(runtime, source, name, version, settings.threads, settings.level)
+    try:
+        files = optimise_shards(source, steps, calibration, before)
+        for file, data in files.items():
+            if file != PLAN_FILE:
+                _check(data, f"shard file {file!r}")
+        after = before.with_files(files)
+    except BaseException:
+        before.close()
+        raise
     return Candidate(
-        files, before, before.with_files(files), source.size,
+        files, before, after, source.size,
         sum(len(d) for d in files.values()), specs, calibration,
         {"source_sha256": _sha(source.plan_bytes), "sha256": _sha(files[PLAN_FILE]),
          "source_shards_sha256": source.record(),
@@ -336,12 +345,26 @@ def run_chain(
     settings.sample_config = cfg.raw
     settings.model_dir = repository.model_dir(name)
     budget = budget_for(steps, cfg.raw, settings.budget)
-    runtime = runtime or source_runtime(repository)
-    if (repository.version_dir(name, source_version) / PLAN_FILE).exists():
-        work = _plan(runtime, name, source_version, steps, settings)
-    else:
-        work = _single_file(runtime, name, cfg.filename, source_version, steps, settings)
+    own_runtime = runtime is None
+    runtime = source_runtime(repository) if own_runtime else runtime
+    work = None
+    try:
+        if (repository.version_dir(name, source_version) / PLAN_FILE).exists():
+            work = _plan(runtime, name, source_version, steps, settings)
+        else:
+            work = _single_file(runtime, name, cfg.filename, source_version, steps, settings)
+        return _measure_and_publish(repository, name, source_version, steps, settings, budget,
+                                    work, out)
+    finally:
+        for opened in (work.source, work.candidate) if work is not None else ():
+            close_backend(opened)  # a PlanSession's shard backends; onnxruntime sessions have none
+        if own_runtime:
+            runtime.close()
 
+
+def _measure_and_publish(repository: ModelRepository, name: str, source_version: int,
+                         steps: list[Step], settings: Settings, budget: Any, work: Candidate,
+                         out: Callable[[str], Any]) -> Outcome:
     calibration = work.calibration
     report = Report(work.size_before, work.size_after, notes=calibration.notes,
                     samples=calibration.samples, latency_batch=settings.latency_batch,

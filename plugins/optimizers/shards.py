@@ -6,10 +6,12 @@ plan, and every shard's feed is recorded. Shards for other backends (numba)
 are copied unchanged. The report compares the two plans end to end, and the
 new version holds the same plan.toml with the optimised shard files.
 
-The source is read and run the one way a version is: its files through
-``Runtime.read_model_file`` (signatures verified, decryption), the plan by the
-``plan`` backend that ``Runtime.open_version`` opens; the candidate is that
-backend over the optimised files.
+The source is read the one way a version is: its files through the
+model-bytes transforms (signatures verified, decryption). The plan runs on the
+``plan`` backend with every shard in process, one after another, whatever its
+placement or the plan's executor: a shard placed on Dask, HTTP or Lambda would
+run remotely, unoptimised and unrecorded, and need that endpoint up. The
+candidate is that backend over the optimised files.
 """
 
 from __future__ import annotations
@@ -20,7 +22,9 @@ from dataclasses import dataclass, field
 from types import SimpleNamespace
 from typing import Any
 
+from plugins.backends.plan import PlanBackend
 from plugins.shard_plan import PLAN_FILE, ShardPlan, parse_plan
+from runtime import BackendSettings
 from runtime.errors import BadRequest
 
 from .base import Calibration
@@ -28,32 +32,60 @@ from .calibration import InputSpec, input_specs
 from .pipeline import read_source
 
 
-class PlanSession:
-    """A plan version run by its ``plan`` backend, with the session interface the report uses
-    (``get_outputs``, ``run(names, feed)``); ``run`` can also record each shard file's feed."""
+class InProcessPlan(PlanBackend):
+    """The ``plan`` backend with every shard in process, whatever its placement: no executor,
+    no driver, no endpoint contacted (``run_shard`` runs each shard's own sub-backend)."""
 
-    def __init__(self, backend: Any):
+    def _place_shards(self) -> None:
+        self.placed = [None] * len(self.plan.shards)
+
+
+class PlanSession:
+    """A plan version run in process by the ``plan`` backend, with the session interface the
+    report uses (``get_outputs``, ``run(names, feed)``); ``run`` can also record each shard
+    file's feed. :meth:`close` closes its shard backends."""
+
+    def __init__(self, backend: PlanBackend):
         self.backend = backend
         self.output_names = [spec.name for spec in backend.outputs]
 
     @classmethod
-    def open(cls, runtime: Any, name: str, version: int, threads: int = 1,
+    def open(cls, runtime: Any, source: PlanSource, name: str, version: int, threads: int = 1,
              level: str = "all") -> PlanSession:
-        """The version as ``Runtime.open_version`` opens it, shards unfused (each shard file's
-        feed can be recorded) and onnxruntime measured with ``threads`` and ``level``."""
+        """The version over the files ``read_plan`` read (transforms applied), as
+        ``Runtime.open_version`` would set it up, but every shard in process
+        (:class:`InProcessPlan`), unfused (each shard file's feed can be recorded), and
+        onnxruntime measured with ``threads`` and ``level``."""
         cfg = runtime.repository.config(name)
         measured = {"intra_op_threads": threads, "inter_op_threads": 1,
                     "graph_optimization_level": level}
         raw = {**cfg.raw, "plan": {**_table(cfg.raw, "plan"), "fuse": False},
                "onnxruntime": {**_table(cfg.raw, "onnxruntime"), **measured}}
-        return cls(runtime.open_version(dataclasses.replace(cfg, raw=raw), version))
+        cfg = dataclasses.replace(cfg, raw=raw)
+        files = {PLAN_FILE: source.plan_bytes, **source.files}
+
+        def read_bytes(filename: str) -> bytes:
+            data = files.get(filename)
+            return read_source(runtime, name, version, filename) if data is None else data
+
+        return cls._loaded(BackendSettings(
+            model=name, version=version, path=runtime.repository.version_dir(name, version),
+            config=cfg, options=cfg.backend_options(), server=runtime.config,
+            backends=runtime.backends, read_bytes=read_bytes, plugins=runtime.pm))
+
+    @classmethod
+    def _loaded(cls, settings: BackendSettings) -> PlanSession:
+        backend = InProcessPlan(settings)
+        backend.load()
+        return cls(backend)
 
     def with_files(self, files: dict[str, bytes]) -> PlanSession:
         """The same plan backend over other files: the optimised ones, not yet published."""
-        settings = dataclasses.replace(self.backend.settings, read_bytes=files.__getitem__)
-        backend = type(self.backend)(settings)
-        backend.load()
-        return PlanSession(backend)
+        return self._loaded(dataclasses.replace(self.backend.settings,
+                                                read_bytes=files.__getitem__))
+
+    def close(self) -> None:
+        self.backend.close()
 
     def get_outputs(self) -> list:
         return [SimpleNamespace(name=name) for name in self.output_names]
