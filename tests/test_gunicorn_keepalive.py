@@ -9,6 +9,8 @@ at most KEEPALIVE_LINGER_S, at most MAX_REQUESTS_IN_A_ROW."""
 from __future__ import annotations
 
 import datetime
+import importlib.metadata
+import inspect
 import io
 import json
 import logging
@@ -241,3 +243,12 @@ def test_gunicorn_builds_no_access_record_in_serve():
                 access.removeHandler(handler)
                 handler.close()
         access.setLevel(level)
+
+
+def test_installed_gunicorn_has_what_the_handoff_needs():
+    """pyproject's floor (25.2): handle() returns a bool (a tuple before 24.0, which would turn
+    the handoff off silently) and idle new connections are parked (_DEFER, wait_for_data)."""
+    version = tuple(int(part) for part in importlib.metadata.version("gunicorn").split(".")[:2])
+    assert version >= (25, 2)
+    assert hasattr(gthread, "_DEFER") and hasattr(gthread.TConn, "wait_for_data")
+    assert "return (" not in inspect.getsource(gthread.ThreadWorker.handle)
