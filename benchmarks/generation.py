@@ -188,20 +188,27 @@ class Server:
     """``shardserve serve`` (one gunicorn worker) on a free loopback port."""
 
     def __init__(self, repo: Path, threads: int = 16):
+        # Both streams go to files: a pipe nobody reads after the ready line could fill up
+        # with logging and block the server mid-benchmark.
+        self.out_path = WORK / "server.out"
+        self._out = open(self.out_path, "w")
+        self._err = open(WORK / "server.log", "w")
         self.proc = subprocess.Popen(
             [str(SHARDSERVE), "serve", "--repository", str(repo), "--host", "127.0.0.1",
              "--port", "0", "--workers", "1", "--threads", str(threads)],
-            stdout=subprocess.PIPE, stderr=open(WORK / "server.log", "w"), text=True)
+            stdout=self._out, stderr=self._err, text=True)
         deadline = time.monotonic() + 300
-        while time.monotonic() < deadline:
-            found = re.search(r"ready on (http://[\d.]+:\d+)", self.proc.stdout.readline())
+        while time.monotonic() < deadline:  # polls the file: nothing blocks past the deadline
+            found = re.search(r"ready on (http://[\d.]+:\d+)", self.out_path.read_text())
             if found:
                 self.base = found.group(1)
                 return
             if self.proc.poll() is not None:
                 break
+            time.sleep(0.1)
         self.stop()
-        raise RuntimeError(f"the server did not start: see {WORK / 'server.log'}")
+        raise RuntimeError(f"the server did not start: see {self.out_path} and "
+                           f"{WORK / 'server.log'}")
 
     def stream(self, ids: list[int], tokens: int) -> tuple[float, int]:
         """(seconds, completion tokens) of one greedy /generate_stream request."""
@@ -222,15 +229,29 @@ class Server:
         return time.perf_counter() - start, count
 
     def concurrent(self, streams: int, tokens: int) -> float:
+        """Completion tokens/s of ``streams`` simultaneous streams; raises if any failed (a
+        stream missing from the sum would understate the rate)."""
         results: list = []
-        threads = [threading.Thread(target=lambda s=s: results.append(
-            self.stream(prompt_ids(8, 100 + s), tokens))) for s in range(streams)]
+        errors: list[BaseException] = []
+
+        def client(s: int) -> None:
+            try:
+                results.append(self.stream(prompt_ids(8, 100 + s), tokens))
+            except BaseException as exc:  # reported below, after every thread is done
+                errors.append(exc)
+
+        threads = [threading.Thread(target=client, args=(s,)) for s in range(streams)]
         start = time.perf_counter()
         for t in threads:
             t.start()
         for t in threads:
             t.join()
-        return sum(r[1] for r in results) / (time.perf_counter() - start)
+        seconds = time.perf_counter() - start
+        if errors:
+            raise RuntimeError(f"{len(errors)} of {streams} streams failed, the first with "
+                               f"{type(errors[0]).__name__}: {errors[0]}") from errors[0]
+        return sum(r[1] for r in results) / seconds
+
 
     def stop(self) -> None:
         if self.proc.poll() is None:
@@ -239,6 +260,9 @@ class Server:
                 self.proc.wait(30)
             except subprocess.TimeoutExpired:
                 self.proc.kill()
+                self.proc.wait(30)
+        self._out.close()
+        self._err.close()
 
 
 def recompute_rate(model, ids: list[int], tokens: int) -> float:
