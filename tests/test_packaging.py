@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import base64
 import json
+import logging
 import os
 import platform
 import re
@@ -254,7 +255,7 @@ def test_snapstart_is_switched_off_loudly_on_a_python_without_it(runtime):
             "python3.12+ to keep it"]
 
 
-def test_bytecode_interpreter_is_one_that_runs_that_python(tmp_path, monkeypatch):
+def test_bytecode_interpreter_is_one_that_runs_that_python(tmp_path, monkeypatch, caplog):
     """A pyenv shim of an unselected version is on PATH but fails, and a pythonX.Y may be
     another Python: neither compiles the package's bytecode; a pyenv install or
     SHARDSERVE_LAMBDA_PYTHON that really is that Python does (python3.12 packages built on a
@@ -277,10 +278,20 @@ def test_bytecode_interpreter_is_one_that_runs_that_python(tmp_path, monkeypatch
     installed = script(tmp_path / "pyenv" / "versions" / "3.97.2" / "bin" / "python3.97",
                        "echo 3.97")
     assert interpreter("3.97") == str(installed)
+    for release in ("3.97.9", "3.97.10", "3.97.11rc1"):  # the newest release, by number
+        newest = script(tmp_path / "pyenv" / "versions" / release / "bin" / "python3.97",
+                        "echo 3.97")
+    assert interpreter("3.97") == str(newest.parents[2] / "3.97.10" / "bin" / "python3.97")
     chosen = script(tmp_path / "elsewhere" / "python", "echo 3.97")
     monkeypatch.setenv("SHARDSERVE_LAMBDA_PYTHON", str(chosen))
     assert interpreter("3.97") == str(chosen)
     assert interpreter(f"{sys.version_info[0]}.{sys.version_info[1]}") == sys.executable
+    monkeypatch.setenv("SHARDSERVE_LAMBDA_PYTHON", str(shims / "python3.97"))  # another Python
+    with caplog.at_level(logging.WARNING, logger="shardserve.packaging"):
+        assert interpreter("3.97").endswith("/3.97.10/bin/python3.97")
+    assert [r.getMessage() for r in caplog.records] == [
+        f"SHARDSERVE_LAMBDA_PYTHON={shims / 'python3.97'} does not run as Python 3.97: not "
+        "used to compile the package's bytecode"]
 
 # Over the limit, numba, needs ------------------------------------------------------------
 

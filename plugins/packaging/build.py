@@ -8,7 +8,9 @@ server does. They are kept in a wheelhouse (``~/.cache/shardserve/wheels`` or
 
 from __future__ import annotations
 
+import logging
 import os
+import re
 import shutil
 import stat
 import subprocess
@@ -20,6 +22,8 @@ from importlib import metadata
 from pathlib import Path
 
 from runtime.errors import ConfigError
+
+log = logging.getLogger("shardserve.packaging")
 
 # AWS Lambda: the deployment package (function code and layers), unzipped.
 LAMBDA_UNZIPPED_LIMIT = 262_144_000  # 250 MiB as AWS counts it
@@ -148,17 +152,31 @@ def _runs_as(python: str, python_version: str) -> bool:
     return done.returncode == 0 and done.stdout.strip() == python_version
 
 
+def _release_key(name: str) -> tuple[bool, tuple[int, ...]]:
+    """A pyenv version directory's order: by number ("3.12.10" after "3.12.9"), every final
+    release after every pre-release (whose bytecode may not be the release's)."""
+    match = re.match(r"\d+(?:\.\d+)*", name)
+    if match is None:
+        return False, ()
+    return match.end() == len(name), tuple(int(part) for part in match.group().split("."))
+
+
 def interpreter(python_version: str) -> str | None:
     """A local interpreter of the function's Python (to compile its bytecode), if any:
-    this one, ``SHARDSERVE_LAMBDA_PYTHON``, ``pythonX.Y`` on PATH, or a pyenv install."""
+    this one, ``SHARDSERVE_LAMBDA_PYTHON``, ``pythonX.Y`` on PATH, or the newest pyenv
+    install. A variable naming something that is not that Python is logged and passed over."""
     if f"{sys.version_info[0]}.{sys.version_info[1]}" == python_version:
         return sys.executable
+    chosen = os.environ.get("SHARDSERVE_LAMBDA_PYTHON")
+    if chosen:
+        if _runs_as(chosen, python_version):
+            return chosen
+        log.warning("SHARDSERVE_LAMBDA_PYTHON=%s does not run as Python %s: not used to "
+                    "compile the package's bytecode", chosen, python_version)
     pyenv = Path(os.environ.get("PYENV_ROOT") or Path.home() / ".pyenv") / "versions"
-    candidates = [os.environ.get("SHARDSERVE_LAMBDA_PYTHON"),
-                  shutil.which(f"python{python_version}"),
-                  *(str(p) for p in sorted(pyenv.glob(f"{python_version}.*/bin/"
-                                                      f"python{python_version}"), reverse=True))]
-    for python in candidates:
+    installs = sorted(pyenv.glob(f"{python_version}.*/bin/python{python_version}"),
+                      key=lambda path: _release_key(path.parents[1].name), reverse=True)
+    for python in (shutil.which(f"python{python_version}"), *map(str, installs)):
         if python and _runs_as(python, python_version):
             return python
     return None
