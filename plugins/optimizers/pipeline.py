@@ -19,7 +19,7 @@ from typing import Any
 from plugins.shard_plan import PLAN_FILE
 from runtime.core import close_backend
 from runtime.errors import BadRequest, NotFound
-from runtime.plugins import PluginManager, Registry, call_chain
+from runtime.plugins import PluginManager, Registry
 from runtime.repository import ModelRepository
 
 from .base import Optimizer, Tolerance, is_optimizer
@@ -253,14 +253,13 @@ def _sha(data: bytes) -> str:
 
 
 def read_source(runtime: Any, name: str, version: int, filename: str) -> bytes:
-    """A source file read the one way a version is read (as ``Runtime.read_model_file``: every
-    ``shardserve_transform_model_bytes``, i.e. signature checks and decryption), from one read
-    of the file. A file that a transform changed is encrypted: its optimised bytes would be
-    published in the clear."""
-    raw = runtime.repository.read_file(name, version, filename)
-    data = call_chain(runtime.pm, "shardserve_transform_model_bytes", "data", raw, model=name,
-                      version=str(version), filename=filename, config=runtime.config)
-    if data is not raw and data != raw:  # a transform that only checks returns None: raw itself
+    """A source file read the one way a version is read (``Runtime.read_model_file``: every
+    ``shardserve_transform_model_bytes``, i.e. signature checks and decryption). A file that
+    a transform changed is encrypted: its optimised bytes would be published in the clear.
+    (The raw file is read a second time to tell: the core does not say whether a transform
+    changed the bytes, and calling the transforms here would be a second way to read.)"""
+    data = runtime.read_model_file(name, version, filename)
+    if data != runtime.repository.read_file(name, version, filename):
         raise BadRequest(f"{filename} of version {version} is encrypted: optimize the "
                          "unencrypted model, then encrypt the result")
     return data
