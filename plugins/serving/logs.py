@@ -14,6 +14,8 @@ import sys
 import time
 from typing import Any
 
+import orjson
+
 access_log = logging.getLogger("shardserve.access")
 
 QUIET_ACTIONS = frozenset(("health", "metrics"))  # probes and scrapes: DEBUG, not INFO
@@ -35,8 +37,6 @@ class JsonFormatter(logging.Formatter):
     """``{"time", "level", "logger", "message", ...fields}`` per line, via orjson."""
 
     def format(self, record: logging.LogRecord) -> str:
-        import orjson
-
         doc: dict[str, Any] = {
             "time": timestamp(record.created),
             "level": record.levelname,
@@ -69,37 +69,42 @@ def configure_json_logging(level: str) -> None:
     _access_fd = sys.stderr.fileno()
 
 
+_LEVEL_NAMES = {logging.DEBUG: "DEBUG", logging.INFO: "INFO"}
+
+
 def log_request(event: dict, model: str, version: str, hops: list | None = None) -> None:
     level = logging.DEBUG if event.get("action") in QUIET_ACTIONS else logging.INFO
     if not access_log.isEnabledFor(level):
         return
-    fields = {
-        "request_id": event.get("request_id"),
-        "action": event.get("action"),
-        "model": model or None,
-        "version": version or None,
-        "status": event.get("outcome"),
-        "latency_ms": event.get("latency_ms"),
-        "bytes_in": event.get("bytes_in"),
-        "bytes_out": event.get("bytes_out"),
-    }
-    if event.get("principal"):
-        fields["principal"] = event["principal"]
-    if hops:  # remote shards this request crossed: bytes each way and time per hop
-        fields["hops"] = [{"shard": h["shard"], "executor": h["executor"],
-                           "bytes_sent": h["bytes_sent"], "bytes_received": h["bytes_received"],
-                           "ms": round(h["seconds"] * 1000, 3)} for h in hops]
     if _access_fd is None:
-        access_log.log(level, "request", extra={"fields": fields})
+        access_log.log(level, "request", extra={"fields": _fields({}, event, model, version, hops)})
         return
-    import orjson
-
-    doc = {"time": timestamp(time.time()), "level": logging.getLevelName(level),
-           "logger": access_log.name, "message": "request", **fields}
+    doc = {"time": timestamp(time.time()), "level": _LEVEL_NAMES[level],
+           "logger": access_log.name, "message": "request"}  # JsonFormatter's line, built here
     try:
-        os.write(_access_fd, orjson.dumps(doc, default=str) + b"\n")
+        os.write(_access_fd, orjson.dumps(_fields(doc, event, model, version, hops),
+                                          default=str) + b"\n")
     except OSError:  # a closed stderr must not fail requests
         pass
+
+
+def _fields(out: dict, event: dict, model: str, version: str, hops: list | None) -> dict:
+    """A request line's fields, added to ``out``: never payloads, headers or credentials."""
+    out["request_id"] = event.get("request_id")
+    out["action"] = event.get("action")
+    out["model"] = model or None
+    out["version"] = version or None
+    out["status"] = event.get("outcome")
+    out["latency_ms"] = event.get("latency_ms")
+    out["bytes_in"] = event.get("bytes_in")
+    out["bytes_out"] = event.get("bytes_out")
+    if event.get("principal"):
+        out["principal"] = event["principal"]
+    if hops:  # remote shards this request crossed: bytes each way and time per hop
+        out["hops"] = [{"shard": h["shard"], "executor": h["executor"],
+                        "bytes_sent": h["bytes_sent"], "bytes_received": h["bytes_received"],
+                        "ms": round(h["seconds"] * 1000, 3)} for h in hops]
+    return out
 
 
 def gunicorn_log_config(level: str) -> dict:
