@@ -219,12 +219,69 @@ def test_argmax(attrs):
     # stride 1, output as wide as the input: packed from shifted input rows
     ((1, 3, 7, 6), (5, 3, 3, 3), {"dilations": [2, 2], "pads": [2, 1, 2, 3]}),
     ((1, 40, 9, 8), (8, 40, 1, 1), {}),
+    # 11 output channels: one 8-row tile and 3 rows left over
+    ((1, 3, 6, 7), (11, 3, 3, 3), {"pads": [1, 1, 1, 1]}),
+    ((1, 6, 7, 7), (6, 1, 3, 3), {"group": 6, "pads": [1, 1, 1, 1]}),  # depthwise
+    ((1, 8, 5, 7), (12, 4, 1, 1), {"group": 2}),  # grouped 1x1, read in place
+    ((1, 5, 9, 7), (10, 5, 1, 1), {"strides": [2, 2]}),  # 1x1 stride 2: im2col
+    # stride 1, output taller than the input: whole output rows read the top pad
+    ((1, 2, 3, 5), (9, 2, 3, 3), {"pads": [4, 1, 1, 1]}),
 ])
 @pytest.mark.parametrize("with_bias", [True, False])
 def test_conv(x_shape, w_shape, attrs, with_bias):
     x, w = rand(*x_shape), rand(*w_shape, seed=1)
     consts = {"w": w, "b": rand(w_shape[0], seed=2)} if with_bias else {"w": w}
     check(one_node("Conv", {"x": x}, consts, **attrs), {"x": x})
+
+
+NO_AVX512 = "+avx2,+fma,+f16c,+sse4.2,+popcnt,+bmi,+bmi2,-avx512f"  # a Haswell
+
+
+@pytest.mark.slow
+def test_conv_and_linear_use_blas_where_the_target_has_no_avx512(tmp_path):
+    """The 8 x 32 panel tile spills AVX2's 16 registers: numba compiling for a
+    Haswell (NUMBA_CPU_NAME/NUMBA_CPU_FEATURES) takes the BLAS kernels, right."""
+    import subprocess
+
+    import onnxruntime as ort
+
+    x, w, b = rand(2, 5, 9, 8), rand(11, 5, 3, 3, seed=1), rand(11, seed=2)
+    conv = one_node("Conv", {"x": x}, {"w": w, "b": b}, pads=[1, 1, 1, 1])
+    v, m, c = rand(10, 6), rand(6, 13, seed=3), rand(13, seed=4)
+    dense = one_node("Gemm", {"v": v}, {"m": m, "c": c})
+    for name, data, feeds in (("conv", conv, {"x": x}), ("dense", dense, {"v": v})):
+        (tmp_path / f"{name}.onnx").write_bytes(data)
+        np.savez(tmp_path / f"{name}.npz", **feeds)
+    script = """if True:
+        import sys
+        from pathlib import Path
+        import numpy as np
+        from plugins.backends.numba_lowering import lower
+        from plugins.kernels import BUILTIN_KERNELS
+        from plugins.kernels import conv
+        from plugins.kernels.numba_env import panel_tiles
+        tmp = Path(sys.argv[1])
+        got = {}
+        for name in ("conv", "dense"):
+            graph = lower(name, (tmp / f"{name}.onnx").read_bytes(), BUILTIN_KERNELS)
+            got[name] = graph.run(dict(np.load(tmp / f"{name}.npz")), ["y"])["y"]
+        np.savez(tmp / "got.npz", **got)
+        weight = max((v for v in graph.constants.values() if v is not None),
+                     key=lambda v: v.size)  # the Linear's weight
+        print(panel_tiles(), len(conv._conv2d.signatures), len(conv._conv2d_panels.signatures),
+              graph.ops(), weight.shape)
+    """
+    env = dict(os.environ, NUMBA_CPU_NAME="haswell", NUMBA_CPU_FEATURES=NO_AVX512)
+    run = subprocess.run([sys.executable, "-c", script, str(tmp_path)], env=env,
+                         capture_output=True, text=True, timeout=240)
+    assert run.returncode == 0, run.stderr[-2000:]
+    # the target has no AVX-512; Conv compiled the BLAS kernel, not the panel one
+    assert run.stdout.split()[:3] == ["False", "1", "0"], run.stdout
+    assert run.stdout.split(None, 3)[3].strip() == "['Linear'] (6, 13)", run.stdout  # unpacked
+    got = np.load(tmp_path / "got.npz")
+    for name, data, feeds in (("conv", conv, {"x": x}), ("dense", dense, {"v": v})):
+        want = ort.InferenceSession(data, providers=["CPUExecutionProvider"]).run(None, feeds)[0]
+        np.testing.assert_allclose(got[name], want, rtol=TOL, atol=TOL)
 
 
 @pytest.mark.parametrize("op,attrs", [

@@ -19,7 +19,8 @@ These patterns are fused because they dominate transformer, MLP and CNN time:
 
 A tensor that is a graph output is never fused away. Last, the weights of
 ``Linear`` and ``SelfAttention`` are packed into the panels that
-:mod:`plugins.kernels.gemm` reads.
+:mod:`plugins.kernels.gemm` reads where numba's target has AVX-512
+(:func:`plugins.kernels.numba_env.panel_tiles`); elsewhere BLAS multiplies them.
 """
 
 from __future__ import annotations
@@ -303,6 +304,11 @@ def _fuse_self_attention(g: _Graph) -> int:
     return fused
 
 
+def _blas_weight(weight: np.ndarray) -> np.ndarray:
+    """A dense weight as BLAS multiplies it (a target without AVX-512: no panels)."""
+    return np.ascontiguousarray(weight, np.float32)
+
+
 def fuse(nodes: list[Node], constants: dict, outputs: set[str]) -> tuple[list[Node], Counter]:
     """Apply every rewrite (constants gain packed weights); returns nodes and counts."""
     g = _Graph(list(nodes), constants, outputs)
@@ -314,7 +320,10 @@ def fuse(nodes: list[Node], constants: dict, outputs: set[str]) -> tuple[list[No
     fused["Conv+Relu"] = _fuse_conv_relu(g)
     fused["scale into Linear"] = _fold_input_scale(g)
     fused["SelfAttention"] = _fuse_self_attention(g)
+    from plugins.kernels.numba_env import panel_tiles
+
+    pack = pack_panels if panel_tiles() else _blas_weight
     for node in g.nodes:
         if node.op in ("Linear", "SelfAttention"):
-            g.constants[node.inputs[1]] = pack_panels(g.constants[node.inputs[1]])
+            g.constants[node.inputs[1]] = pack(g.constants[node.inputs[1]])
     return g.nodes, +fused

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from .gemm import gemm_nt, gemm_panels
+from .gemm import gemm_nt, weight_product
 from .numba_env import jit
 from .vector_math import _softmax_row
 
@@ -48,7 +48,7 @@ def attention(query, key_t, value, scale=1.0):
 def _self_attention(x2d, w, bias, batch, seq, heads, dim, scale):
     """One packed QKV product, then per (sequence, head) scaled dot-product attention,
     written straight into the merged-heads layout."""
-    qkv = gemm_panels(x2d, w, np.empty((x2d.shape[0], bias.size), np.float32))
+    qkv = weight_product(x2d, w, np.empty((x2d.shape[0], bias.size), np.float32))
     hidden = heads * dim
     for r in range(qkv.shape[0]):
         for j in range(qkv.shape[1]):
@@ -84,7 +84,7 @@ def _self_attention(x2d, w, bias, batch, seq, heads, dim, scale):
 
 def self_attention(x, weight, bias, heads=1, scale=1.0):
     """Multi-head self-attention from [batch, seq, model] input to merged heads: the
-    q/k/v dense layers (one weight, packed by :func:`.layout.pack_panels`), head split,
+    q/k/v dense layers (one weight, as ``Linear``'s: :func:`.dense.linear`), head split,
     attention, head merge."""
     batch, seq, _ = x.shape
     hidden = bias.size // 3

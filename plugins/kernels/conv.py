@@ -16,7 +16,7 @@ import numpy as np
 
 from .gemm import gemm_panels, tiles
 from .layout import PANEL
-from .numba_env import jit
+from .numba_env import jit, panel_tiles
 
 
 @jit
@@ -152,7 +152,7 @@ def _output(x, w2d, group, spatial):
 @jit
 def _conv2d(x, w2d, bias, residual, cols, group, kh, kw, sh, sw, pt, pl, dh, dw, oh, ow,
             relu, direct):
-    """Any dtype: one BLAS product per image and group written straight into the output,
+    """Any dtype (float32 without AVX-512): one BLAS product per image and group written straight into the output,
     then the epilogue. ``direct``: a 1x1 stride-1 unpadded kernel reads the image itself."""
     spatial = oh * ow
     out, cg, mg = _output(x, w2d, group, spatial)
@@ -173,9 +173,9 @@ def _conv2d(x, w2d, bias, residual, cols, group, kh, kw, sh, sw, pt, pl, dh, dw,
 @jit
 def _conv2d_panels(x, x_flat, w2d, bias, residual, line, panels, group, kh, kw, sh, sw, pt,
                    pl, dh, dw, oh, ow, relu, direct, shifted):
-    """float32: the im2col rows go into 32-column panels and
-    :func:`~plugins.kernels.gemm.gemm_panels` multiplies the weights by them (AVX-512
-    tiles, whatever BLAS kernels the environment selects); then the epilogue.
+    """float32 where :func:`~.numba_env.panel_tiles` (an AVX-512 target): the im2col
+    rows go into 32-column panels and :func:`~plugins.kernels.gemm.gemm_panels`
+    multiplies the weights by them; then the epilogue.
     ``direct``: a 1x1 stride-1 unpadded kernel's tiles read the image's rows in place
     (only its last, partial panel is packed);
     ``shifted``: a stride-1 kernel whose output is as wide as its input packs shifted
@@ -308,7 +308,7 @@ def conv(x, w, b=None, residual=None, auto_pad="NOTSET", dilations=None, group=1
     x = np.ascontiguousarray(x)
     taps = x.shape[1] // group * kernel[0] * kernel[1]
     clamp = relu and (fused or residual is None)  # else Relu comes after numpy's Add
-    if x.dtype == w2d.dtype == np.float32:
+    if x.dtype == w2d.dtype == np.float32 and panel_tiles():
         panels = _cols_buffer((-(-oh * ow // PANEL), taps, PANEL), x.dtype)
         shifted = strides == (1, 1) and ow == x.shape[3]
         line = _cols_buffer((0 if direct or shifted else oh * ow,), x.dtype)

@@ -12,7 +12,7 @@ import math
 
 import numpy as np
 
-from .gemm import gemm_panels
+from .gemm import weight_product
 from .numba_env import jit
 from .vector_math import _gelu_row
 
@@ -176,9 +176,9 @@ def _bmm(a, b):
 
 
 @jit
-def _linear(x, panels, bias, activation):
+def _linear(x, weight, bias, activation):
     """x @ W + bias, then 0: nothing, 1: relu, 2: exact gelu — row by row over the output."""
-    out = gemm_panels(x, panels, np.empty((x.shape[0], bias.size), np.float32))
+    out = weight_product(x, weight, np.empty((x.shape[0], bias.size), np.float32))
     rows, cols = out.shape
     scratch = np.empty(cols, np.float32)
     expo = np.empty(cols, np.float32)
@@ -245,7 +245,9 @@ ACTIVATIONS = {"none": 0, "relu": 1, "gelu": 2}
 
 def linear(x, weight, bias, activation="none"):
     """Fused MatMul + Add (+ Relu or GELU) over the last axis: the dense layer. ``weight``
-    is packed by :func:`.layout.pack_panels`; ``bias`` gives the output width."""
+    is packed by :func:`.layout.pack_panels` on an AVX-512 target, else a ``[K, N]``
+    float32 matrix multiplied by BLAS (:func:`.gemm.weight_product`); ``bias`` gives
+    the output width."""
     if x.ndim == 2 and x.flags.c_contiguous:  # the common case, without reshapes
         return (_linear(x, weight, bias, ACTIVATIONS[activation]),)
     x2 = np.ascontiguousarray(x).reshape(-1, x.shape[-1])

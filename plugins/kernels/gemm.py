@@ -203,6 +203,20 @@ def tiles(a, panel, out, col, cols):
         _tile(a, panel, out, i, col, depth, 1, cols)
 
 
+def weight_product(a, weight, out):
+    """``out = a @ weight`` in jitted code, for a constant weight packed or not by
+    :func:`plugins.backends.numba_fusion.fuse` (see :func:`.numba_env.panel_tiles`):
+    :func:`gemm_panels` for ``[N/32, K, 32]`` panels, BLAS for a ``[K, N]`` matrix."""
+    raise TypeError("weight_product is called from numba-compiled kernels only")
+
+
+@numba_module().extending.overload(weight_product)
+def _weight_product(a, weight, out):
+    if weight.ndim == 3:
+        return lambda a, weight, out: gemm_panels(a, weight, out)
+    return lambda a, weight, out: np.dot(a, weight, out)
+
+
 @jit
 def gemm_panels(a, panels, out):
     """``out[M, N] = a[M, K] @ weight`` with the weight packed by ``layout.pack_panels``

@@ -15,6 +15,7 @@ directory is settled before the first import:
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import logging
 import os
@@ -148,6 +149,54 @@ def configure_threads(threads: int | None = None, layer: str | None = None) -> N
             raise ValueError(f"threads must be 1..{numba.config.NUMBA_NUM_THREADS}")
         if threads > 1:
             numba.set_num_threads(threads)
+
+
+# a 16-float multiply-add in a function that may use 512-bit vectors (LLVM splits them
+# for CPUs tuned to prefer 256-bit ones otherwise)
+_FMA16_IR = """
+define <16 x float> @f(<16 x float> %a, <16 x float> %b, <16 x float> %c) #0 {
+  %r = call <16 x float> @llvm.fma.v16f32(<16 x float> %a, <16 x float> %b, <16 x float> %c)
+  ret <16 x float> %r
+}
+declare <16 x float> @llvm.fma.v16f32(<16 x float>, <16 x float>, <16 x float>)
+attributes #0 = { "min-legal-vector-width"="512" }
+"""
+
+
+@functools.cache
+def panel_tiles() -> bool:
+    """Whether the float32 products use :mod:`.gemm`'s 8 x 32 panel tiles (Conv, and
+    the packed weights of ``Linear`` and ``SelfAttention``) rather than BLAS: only
+    where numba's compile target has AVX-512 (avx512f). A tile keeps 16 vectors of 16
+    floats in registers: AVX-512's 32 registers hold them; AVX2's 16 (or NEON's 32 of
+    4 floats) do not, the tile spills and runs at a third of BLAS's speed.
+
+    The target is numba's: ``NUMBA_CPU_NAME`` and ``NUMBA_CPU_FEATURES`` (or the host's
+    CPU and features, less AVX with ``NUMBA_ENABLE_AVX=0``). LLVM compiles one 16-float
+    multiply-add for it and the answer is whether that used a zmm register."""
+    try:
+        numba_module()
+        import llvmlite.binding as ll
+        from numba.core import config
+        from numba.core.codegen import get_host_cpu_features
+    except ImportError:  # no numba: loading the kernels fails next and says so
+        return False
+
+    ll.initialize_native_target()  # numba does it when it compiles first: idempotent
+    ll.initialize_native_asmprinter()
+    target = ll.Target.from_default_triple()
+    if not target.name.startswith("x86"):
+        return False
+    name = config.CPU_NAME or ll.get_host_cpu_name()
+    features = config.CPU_FEATURES if config.CPU_FEATURES is not None else get_host_cpu_features()
+    try:
+        machine = target.create_target_machine(cpu=name, features=features, opt=2)
+        assembly = machine.emit_assembly(ll.parse_assembly(_FMA16_IR))
+    except RuntimeError:  # a CPU name or feature LLVM does not know: numba fails later
+        return False
+    wide = "zmm" in assembly
+    log.debug("numba target %s: %s", name, "AVX-512 panel tiles" if wide else "BLAS products")
+    return wide
 
 
 def jit(*args: Any, **kwargs: Any) -> Any:
