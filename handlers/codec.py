@@ -535,7 +535,7 @@ def _encode_tensor(name: str, value: Any, kind: str, binary: bool, chunks: list)
     array = value if isinstance(value, np.ndarray) else np.asarray(value)
     datatype = to_datatype(array.dtype)
     entry: dict[str, Any] = {"name": name, "datatype": datatype, "shape": list(array.shape)}
-    where = f"{kind} {label(name)}"
+    where = f"{kind} {label(name)}" if datatype == "BYTES" else ""  # only BYTES can fail here
     if binary:
         chunk, size = _binary_chunk(array, datatype, where)
         entry["parameters"] = {"binary_data_size": size}
