@@ -1,9 +1,13 @@
 """Convolution and pooling kernels over NCHW (imports numba: load lazily).
 
 Conv is im2col plus one matrix product per image and group; 1-D inputs are
-treated as images of height 1. float32 writes the im2col rows into 32-column
-panels multiplied by :func:`plugins.kernels.gemm.gemm_panels` (2-3x OpenBLAS's
-one-thread SGEMM on ResNet-50's shapes); other dtypes use BLAS through ``np.dot``.
+treated as images of height 1. float32, where numba's target has AVX-512
+(:func:`plugins.kernels.numba_env.panel_tiles`), writes the im2col rows into
+32-column panels multiplied by :func:`plugins.kernels.gemm.gemm_panels`: on
+ResNet-50's shapes 2-3x OpenBLAS's one-thread SGEMM when OpenBLAS is held to its
+AVX2 kernels (``OPENBLAS_CORETYPE=Haswell``), 1.2-1.6x its AVX-512 kernels. Other
+dtypes, and float32 on CPUs without AVX-512 (AVX2, Arm NEON: the tile's 32 vector
+accumulators would spill), use BLAS through ``np.dot``.
 Pads follow ONNX: ``[top, left, bottom, right]``.
 """
 

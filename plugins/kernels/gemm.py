@@ -2,7 +2,9 @@
 through BLAS, so their speed is the same whatever BLAS kernels the
 environment selects (``OPENBLAS_CORETYPE``).
 
-- Constant weights (``Linear``, the packed QKV of ``SelfAttention``) are
+- Constant weights (``Linear``, the packed QKV of ``SelfAttention``) are,
+  where numba's target has AVX-512 (:func:`.numba_env.panel_tiles`; elsewhere
+  they stay ``[K, N]`` and :func:`weight_product` calls BLAS),
   packed once, at load, into panels of 32 output columns, ``[N/32, K, 32]``
   (:func:`plugins.kernels.layout.pack_panels`). :func:`gemm_panels` computes the output in tiles
   of 8 rows x 32 columns: for each ``k`` it loads two 16-float vectors of the
@@ -10,7 +12,9 @@ environment selects (``OPENBLAS_CORETYPE``).
   accumulators that stay in registers. numba's loops do not keep vector
   accumulators in registers by themselves, so the tile is written as an LLVM
   intrinsic (:func:`_tile`): ``llvm.fma.v16f32`` becomes AVX-512 where the
-  CPU has it and is split into narrower vectors where it has not.
+  CPU has it and is split into narrower vectors where it has not, where the
+  16 accumulators need 32 AVX2 registers of 16 and spill (a third of BLAS's
+  speed): hence the AVX-512 gate.
 - Products of two computed operands (attention scores and context) use
   :func:`gemm_nt`: ``a @ btᵀ`` as dot products of two contiguous rows in
   4 x 4 blocks, ``k`` cut into slices of ``K_BLOCK`` that stay in L1.
