@@ -274,6 +274,8 @@ def test_full_server_answers_429_with_retry_after(tmp_path, lm_exports):
     rt = _runtime(tmp_path, lm_exports, {"gpt2": '[generation]\nmax_batch = 1\nmax_queue = 1\n'
                                                  'queue_timeout_s = 0.05\n'}, archs=("gpt2",))
     model = rt.get_model("gpt2").backend
+    session = model.engine.session
+    model.engine.session = _SlowRuns(session, 0.005)  # 240 steps outlast the queue timeout
     allowed = {"max_tokens", "temperature"}
     long = model.generate(model.parse({"max_tokens": 240, "temperature": 0}, "def f(", allowed))
     next(long)  # admitted, decoding 240 steps: the one batch slot is taken
@@ -281,11 +283,24 @@ def test_full_server_answers_429_with_retry_after(tmp_path, lm_exports):
         model.generate(model.parse({"max_tokens": 5}, "x", allowed))  # waits 0.05 s, then 429
     assert caught.value.headers["Retry-After"] == "1"
     long.close()  # the client goes away: its slot frees within a step
+    model.engine.session = session
     deadline = time.monotonic() + 5
     while model.engine._batch and time.monotonic() < deadline:
         time.sleep(0.01)
     tokens, end = _greedy(rt, "gpt2", "x", 5)
     assert len(tokens) == 5 and end["finish_reason"] == "length"
+
+
+class _SlowRuns:
+    """The real session, every run held back: decoding slower than a queue timeout whatever
+    the machine's speed (a tiny model decodes 240 tokens in well under 0.05 s)."""
+
+    def __init__(self, session, delay_s: float):
+        self.session, self.delay_s = session, delay_s
+
+    def run(self, outputs, feed):
+        time.sleep(self.delay_s)
+        return self.session.run(outputs, feed)
 
 
 class _SlowFirstRun:
