@@ -845,7 +845,8 @@ def test_the_record_names_loaded_versions_and_plan_shards(tmp_path):
     agent = agent_module.RegistrationAgent(parse({"enabled": True}), repo, "http://a:1", "a")
     loaded = {("double", "1"), ("front", "1")}
     totals = {"count": 0.0, "sum_us": 0.0, "queue_us": 0.0}
-    agent_module.served_metrics, real = (lambda: (loaded, totals)), agent_module.served_metrics
+    real = agent_module.served_metrics
+    agent_module.served_metrics = lambda full=True: (loaded, totals)
     try:
         models, _ = agent.served()
         agent.lazy = True
@@ -870,7 +871,9 @@ def test_an_etcd_watch_pushes_changes_and_polling_covers_a_broken_watch(etcd, tm
     from plugins.registry.stores import EmbeddedRegistry, EtcdRegistry
 
     store = EtcdRegistry([etcd.url], f"/t{free_port()}/")
-    view = Directory(store, TTL, 60.0).acquire()  # polling alone would take 60 s (then TTL)
+    # ttl_s 600, refresh_s 60: polling (every 600 s while watching, 60 s while not) cannot
+    # be what makes any of the changes below show
+    view = Directory(store, 600.0, 60.0).acquire()
     try:
         wait_for(lambda: view.watching, 2)
         store.heartbeat("w1", {"id": "w1", "url": "http://a", "heartbeat": time.time()},
@@ -889,7 +892,7 @@ def test_an_etcd_watch_pushes_changes_and_polling_covers_a_broken_watch(etcd, tm
         wait_for(lambda: not view.watching and view.view()["stale"], 2)
         assert [n["id"] for n in view.view()["nodes"] if not n.get("expired")] == ["w3"]
         etcd.start()
-        wait_for(lambda: view.watching and not view.view()["stale"], 5)
+        wait_for(lambda: view.watching and not view.view()["stale"], 10)
         store.deregister("w3", "hmac:node-c")
         wait_for(lambda: "w3" not in view.nodes, 0.5)
     finally:
@@ -899,8 +902,8 @@ def test_an_etcd_watch_pushes_changes_and_polling_covers_a_broken_watch(etcd, tm
     assert not [t for t in threading.enumerate() if t.name.startswith("shardserve-registry")]
     embedded = Directory(EmbeddedRegistry(tmp_path / "r.sqlite"), TTL, 0.1).acquire()
     try:
-        assert not embedded.watching and [t.name for t in embedded._threads] == \
-            ["shardserve-registry"]
+        assert not embedded.watching and \
+            [t.name for t in embedded._threads.values()] == ["shardserve-registry"]
     finally:
         embedded.release()
 
@@ -932,3 +935,331 @@ def test_closing_the_runtime_stops_the_registry_threads(request, kind, tmp_path)
     started = time.monotonic()
     agent.stop()
     assert ours() == before and time.monotonic() - started < TTL
+
+
+# --------------------------------------------------------------------------- lifecycle
+
+
+class FakeServer:
+    """A loopback HTTP server: every POST, PUT or DELETE (its body read) goes to
+    ``handle(request)``."""
+
+    def __init__(self):
+        import http.server
+
+        fake = self
+
+        class Handler(http.server.BaseHTTPRequestHandler):
+            def log_message(self, *args):
+                pass
+
+            def _any(self):
+                self.rfile.read(int(self.headers.get("Content-Length", 0)))
+                fake.handle(self)
+
+            do_POST = do_PUT = do_DELETE = _any
+
+        self.server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.server.daemon_threads = True
+        threading.Thread(target=self.server.serve_forever, daemon=True).start()
+        self.url = f"http://127.0.0.1:{self.server.server_port}"
+
+    def close(self):
+        self.server.shutdown()
+        self.server.server_close()
+
+
+class FakeEtcd(FakeServer):
+    """An etcd gateway that answers a range read at revision 7 and a watch: ``silent``
+    (created, then nothing, the socket left open: a host gone without a reset) or ``list``
+    (created, then a JSON line that is not an object)."""
+
+    def __init__(self, mode: str):
+        self.mode, self.watches, self.release = mode, 0, threading.Event()
+        super().__init__()
+
+    def handle(self, request):
+        request.send_response(200)
+        request.send_header("Content-Type", "application/json")
+        if request.path != "/v3/watch":
+            body = json.dumps({"header": {"revision": "7"}, "kvs": []}).encode()
+            request.send_header("Content-Length", str(len(body)))
+            request.end_headers()
+            request.wfile.write(body)
+            return
+        self.watches += 1
+        request.end_headers()
+        request.wfile.write(b'{"result": {"created": true}}\n')
+        request.wfile.flush()
+        if self.mode == "list":
+            request.wfile.write(b"[1]\n")
+            return
+        self.release.wait(30)
+
+    def close(self):
+        self.release.set()
+        super().close()
+
+
+def test_a_silent_watch_stream_is_reopened_and_the_read_age_grows(caplog):
+    """A stream that stops sending without closing (etcd's host dead, packets dropped) ends
+    after ttl_s of silence and is reopened from a fresh read, quietly; read_age_s is the
+    time since the last read or event, never a constant 0 while "watching"."""
+    from plugins.registry.directory import Directory
+    from plugins.registry.stores import EtcdRegistry, EtcdWatch
+
+    fake = FakeEtcd("silent")
+    view = Directory(EtcdRegistry([fake.url], "/f/"), 2.0, 60.0).acquire()
+    try:
+        wait_for(lambda: view.watching, 2)
+        time.sleep(1.0)
+        assert 0.8 <= view.view()["read_age_s"] < 2.0 and fake.watches == 1
+        wait_for(lambda: fake.watches >= 2, 3)  # reopened after 2 s of silence
+        assert view.view()["read_age_s"] < 1.0 and not view.view()["stale"]
+        assert "watch ended" not in caplog.text
+    finally:
+        view.release()
+        fake.close()
+    listed = FakeEtcd("list")
+    try:  # a line that is JSON but not an object ends the stream as a clear failure
+        with pytest.raises(ServiceUnavailable):
+            list(EtcdWatch(listed.url, "/f/nodes/", 8, 2.0, 2.0).events())
+        with pytest.raises(ValueError):
+            EtcdWatch(listed.url, "/f/nodes/", 0, 2.0)  # never from revision 0 (or 1)
+    finally:
+        listed.close()
+
+
+class FakeStore:
+    """A store with revisions and a watch whose streams do what ``behaviour`` says."""
+
+    def __init__(self, behaviour: str, revision: int = 5):
+        self.behaviour, self.revision, self.opened = behaviour, revision, []
+        self.records: list = []
+
+    def snapshot(self):
+        return list(self.records), self.revision
+
+    def open_watch(self, start_revision, idle_s=None):
+        self.opened.append(start_revision)
+        return FakeStream(self.behaviour)
+
+
+class FakeStream:
+    def __init__(self, behaviour: str):
+        self.behaviour, self.closed = behaviour, threading.Event()
+
+    def events(self):
+        if self.behaviour == "cancelled":
+            raise ServiceUnavailable("cancelled")
+        if self.behaviour == "crash":
+            raise AttributeError("'list' object has no attribute 'get'")
+        self.closed.wait(30)
+        return
+        yield
+
+    def close(self):
+        self.closed.set()
+
+
+def _registry_threads() -> list:
+    return [t for t in threading.enumerate() if t.name.startswith("shardserve-registry")]
+
+
+def test_concurrent_first_acquires_start_one_poll_and_one_watch_thread():
+    """Many first requests at once (a forked gthread worker) start one set of threads; a
+    watch whose stream raises anything lives on; release then acquire starts one new set,
+    and an acquire between a last release's decision and its close keeps them running."""
+    from plugins.registry.directory import Directory
+
+    before = _registry_threads()
+    store = FakeStore("crash")
+    view = Directory(store, 60.0, 60.0)
+    barrier = threading.Barrier(8)
+
+    def first_request():
+        barrier.wait()
+        view.acquire()
+
+    callers = [threading.Thread(target=first_request) for _ in range(8)]
+    for caller in callers:
+        caller.start()
+    for caller in callers:
+        caller.join()
+    try:
+        mine = [t for t in _registry_threads() if t not in before]
+        assert sorted(t.name for t in mine) == ["shardserve-registry",
+                                                "shardserve-registry-watch"]
+        wait_for(lambda: len(store.opened) >= 2, 2)  # the crashing stream was retried ...
+        assert view._threads["watch"].is_alive()  # ... by the same, living thread
+        view.acquire()
+        assert [t for t in _registry_threads() if t not in before] == mine
+        # release's last-holder decision, then an acquire, then release's close: kept
+        for _ in range(8):
+            view.release()
+        with view._lock:
+            view._holders -= 1
+        view.acquire()
+        view.close(unless_held=True)
+        assert all(t.is_alive() for t in mine)
+    finally:
+        while view._holders:
+            view.release()
+    assert _registry_threads() == before
+
+
+def test_a_watch_cancelled_at_once_backs_off_and_logs_once(caplog):
+    """A watch that opens and is cancelled at once is no recovery: the back-off grows
+    (not ~10 opens a second), "watch ended" is logged once; a store without a revision is
+    not watched from revision 1; a watch starts after the newest revision seen."""
+    import logging
+
+    from plugins.registry.directory import Directory
+
+    caplog.set_level(logging.INFO, "shardserve.registry")
+    store = FakeStore("cancelled")
+    view = Directory(store, 60.0, 60.0).acquire()
+    try:
+        time.sleep(1.6)
+    finally:
+        view.release()
+    assert 3 <= len(store.opened) <= 6, store.opened  # 0.1 + 0.2 + 0.4 + 0.8 s pauses
+    assert caplog.text.count("watch ended") == 1
+    assert store.opened[0] == 6
+    unrevisioned = FakeStore("cancelled", revision=0)
+    view = Directory(unrevisioned, 60.0, 60.0)
+    view.revision = 9
+    view.acquire()
+    try:
+        time.sleep(0.3)
+        assert unrevisioned.opened == []
+        unrevisioned.revision = 3  # behind the view: the watch starts after 9
+        wait_for(lambda: unrevisioned.opened, 2)
+        assert unrevisioned.opened[0] == 10
+    finally:
+        view.release()
+
+
+def test_a_watched_record_is_validated_as_a_read_one_is():
+    """A pushed record without an id, with another node's id or a non-numeric heartbeat is
+    ignored (the registry view and every pool: call keep working)."""
+    from plugins.registry.directory import Directory
+
+    store = FakeStore("idle")
+    store.records = [{"id": "ok", "heartbeat": time.time()}, {"url": "x"},
+                     {"id": "bad", "heartbeat": "soon"}]
+    view = Directory(store, 60.0, 60.0)
+    assert view.refresh() == 5 and list(view.nodes) == ["ok"]
+    view.apply("n1", {"url": "http://x"}, 6)
+    view.apply("n2", {"id": "n2", "heartbeat": "later"}, 7)
+    view.apply("n3", {"id": "other", "heartbeat": 1.0}, 8)
+    view.apply("n4", {"id": "n4", "heartbeat": time.time(), "url": "http://d"}, 9)
+    assert [n["id"] for n in view.view()["nodes"]] == ["n4", "ok"] and view.revision == 9
+
+
+def test_a_forked_child_starts_its_own_threads_and_leaves_the_parents_stream():
+    """After a fork the child has no stream, threads or held locks of its parent: closing
+    there does not shut the parent's watch socket; acquiring starts the child's own."""
+    from plugins.registry.directory import Directory
+
+    store = FakeStore("idle")
+    view = Directory(store, 60.0, 60.0).acquire()
+    try:
+        wait_for(lambda: view.watching, 2)
+        stream = view._stream
+        view._lock.acquire()  # held by a parent thread at the fork
+        pid = os.fork()
+        if pid == 0:  # the child: no pytest, no logging; only the exit status speaks
+            signal.alarm(10)  # a lock inherited held would hang it: die instead
+            ok = view._stream is None and not view.watching and not view._threads
+            view.close()
+            ok = ok and view._lock.acquire(timeout=1)
+            view._lock.release()
+            ok = ok and view.acquire()._threads["watch"].is_alive()
+            os._exit(0 if ok else 1)
+        view._lock.release()
+        _, status = os.waitpid(pid, 0)
+        assert os.waitstatus_to_exitcode(status) == 0
+        assert not stream.closed.is_set() and view.watching
+    finally:
+        view.release()
+
+
+class FakeEndpoint(FakeServer):
+    """A registration route that records every call and answers ``status``."""
+
+    def __init__(self):
+        self.calls: list = []
+        self.status = 200
+        super().__init__()
+
+    def handle(self, request):
+        self.calls.append((request.command, time.monotonic()))
+        request.send_response(self.status)
+        request.send_header("Content-Length", "0")
+        request.end_headers()
+
+
+def test_a_failed_change_beat_waits_for_the_cadence_and_no_put_follows_the_delete(tmp_path):
+    """A models change whose heartbeat fails is not re-sent every second (the next periodic
+    beat, ttl_s / 3 later, carries it); a beat started after stop() sends nothing, so a
+    stopping node's DELETE is never followed by a PUT that registers it again."""
+    from plugins.registry import agent as agent_module
+    from plugins.registry.settings import parse
+
+    endpoint = FakeEndpoint()
+    agent = agent_module.RegistrationAgent(
+        parse({"enabled": True, "ttl_s": 30, "endpoint": endpoint.url}), tmp_path, "http://a:1",
+        "a")
+    models = [[]]
+    agent.served = lambda full=True: (models[0], None)
+    try:
+        agent.start()
+        wait_for(lambda: endpoint.calls, 2)
+        endpoint.status = 503
+        models[0] = [{"name": "m", "version": "1"}]
+        since = time.monotonic()
+        time.sleep(2.6)  # CHECK_S = 1: two more checks see the change
+        assert [c[0] for c in endpoint.calls if c[1] > since] == ["PUT"]
+        with agent._send_lock:  # a beat in flight at a gunicorn worker's fork
+            pid = os.fork()
+        if pid == 0:  # the worker leaves through the master's `finally: agent.stop()`
+            signal.alarm(10)
+            agent.stop()  # neither waits on the copied lock nor deregisters the node
+            os._exit(0)
+        _, status = os.waitpid(pid, 0)
+        assert os.waitstatus_to_exitcode(status) == 0
+        assert "DELETE" not in [c[0] for c in endpoint.calls]
+    finally:
+        agent.stop()
+        endpoint.close()
+    assert endpoint.calls[-1][0] == "DELETE"
+    assert agent.beat(([], None)) == 0 and endpoint.calls[-1][0] == "DELETE"
+
+
+def test_the_per_second_check_reads_only_the_loaded_models_gauge(tmp_path, monkeypatch):
+    """Multi-process metrics: the check between beats merges only the live gauge files
+    (not every worker's histograms), and nothing collects this process's registry in
+    vain; a full read (a periodic beat) merges all of them."""
+    from prometheus_client import REGISTRY
+    from prometheus_client.multiprocess import MultiProcessCollector
+
+    from plugins.registry.agent import served_metrics
+
+    for name in (f"gauge_livemax_{os.getpid()}.db", "histogram_1.db", "counter_1.db"):
+        (tmp_path / name).write_bytes(b"")
+    monkeypatch.setenv("PROMETHEUS_MULTIPROC_DIR", str(tmp_path))
+    merged: list = []
+    monkeypatch.setattr(MultiProcessCollector, "merge",
+                        staticmethod(lambda files, accumulate=True: merged.append(
+                            sorted(Path(f).name for f in files)) or []))
+
+    def collect():
+        raise AssertionError("the process registry was collected")
+
+    monkeypatch.setattr(REGISTRY, "collect", collect)
+    assert served_metrics(full=False) == (set(), {"count": 0.0, "sum_us": 0.0,
+                                                  "queue_us": 0.0})
+    served_metrics(full=True)
+    assert merged == [[f"gauge_livemax_{os.getpid()}.db"],
+                      ["counter_1.db", f"gauge_livemax_{os.getpid()}.db", "histogram_1.db"]]

@@ -94,17 +94,24 @@ def repository_models(repository: Path) -> list[dict]:
     return found
 
 
-def served_metrics() -> tuple[set[tuple[str, str]], dict[str, float]]:
+def served_metrics(full: bool = True) -> tuple[set[tuple[str, str]], dict[str, float]]:
     """(loaded (model, version) pairs, request totals) from this server's metrics: every
-    gunicorn worker's (the multiprocess directory) or this process's (the dev server)."""
-    from prometheus_client import REGISTRY
-
-    families = REGISTRY.collect()
+    gunicorn worker's (the multiprocess directory) or this process's (the dev server).
+    ``full=False`` (the per-second check): only the loaded-models gauge is read (the live
+    gauge files, not every worker's histograms); the totals come back zero."""
     folder = os.environ.get("PROMETHEUS_MULTIPROC_DIR")
     if folder:
         from prometheus_client.multiprocess import MultiProcessCollector
 
-        families = MultiProcessCollector.merge(_metric_files(Path(folder)), accumulate=True)
+        files = _metric_files(Path(folder))
+        if not full:
+            files = [f for f in files if Path(f).name.startswith("gauge_live")]
+        families = MultiProcessCollector.merge(files, accumulate=True)
+    else:
+        from prometheus_client import REGISTRY
+
+        families = REGISTRY.collect() if full else \
+            REGISTRY.restricted_registry([LOADED]).collect()
     loaded: set[tuple[str, str]] = set()
     totals = {"count": 0.0, "sum_us": 0.0, "queue_us": 0.0}
     fields = {f"{REQUESTS}_count": "count", f"{REQUESTS}_sum": "sum_us",
@@ -188,6 +195,8 @@ class RegistrationAgent:
         self.timeout_s = min(settings.ttl_s / 2, 5.0)
         self._stop = threading.Event()
         self._threads: list[threading.Thread] = []
+        self._send_lock = threading.Lock()  # a PUT never follows stop()'s DELETE
+        self._pid = os.getpid()  # the process whose agent this is (start() sets it)
         self.links = LinkTable()
 
     def _headers(self, method: str, body: bytes, path: str | None = None) -> dict:
@@ -224,7 +233,7 @@ class RegistrationAgent:
         self.last_status = status
         return status
 
-    def served(self) -> tuple[list[dict], dict | None]:
+    def served(self, full: bool = True) -> tuple[list[dict], dict | None]:
         """(models, request totals or None) now. The models are the versions loaded now (on
         a ``lazy`` server also those not loaded yet, with ``loaded: false``: the first
         request loads them); with metrics off, the repository's versions (``loaded: null``).
@@ -233,12 +242,12 @@ class RegistrationAgent:
         if not self.metrics:
             return [{**m, "loaded": None} for m in listing], None
         try:
-            loaded, totals = served_metrics()
+            loaded, totals = served_metrics(full)
         except Exception as exc:  # noqa: BLE001 - a worker's file half written: next time
             log.debug("registry: metrics unreadable (%s)", type(exc).__name__)
             return [{**m, "loaded": None} for m in listing], None
         models = [{**m, "loaded": (m["name"], m["version"]) in loaded} for m in listing]
-        return [m for m in models if m["loaded"] or self.lazy], totals
+        return [m for m in models if m["loaded"] or self.lazy], totals if full else None
 
     def beat(self, served: tuple[list[dict], dict | None] | None = None) -> int:
         self.models, totals = served or self.served()
@@ -248,23 +257,31 @@ class RegistrationAgent:
         record = {"url": self.url, "pools": list(self.settings.pools), "models": self.models,
                   "capabilities": self.capabilities, "load": load,
                   "links": dict(self.links.links)}
-        return self._send("PUT", json.dumps(record).encode())
+        with self._send_lock:
+            if self._stop.is_set():
+                return 0  # stopping: the DELETE is (or was) sent under this lock
+            return self._send("PUT", json.dumps(record).encode())
 
     def _run(self) -> None:
         """Beat every ``ttl_s / 3`` on a fixed cadence (a slow beat does not delay the next);
         until the first registration succeeds (the endpoint still starting) every 0.2 s;
         and, between beats, as soon as the models served change (checked every
-        ``CHECK_S``), so that a load or an unload is announced within about a second."""
+        ``CHECK_S`` from the loaded-models gauge alone), so that a load or an unload is
+        announced within about a second. A change whose beat failed is not sent again
+        every second: the next periodic beat carries it."""
         period = self.settings.ttl_s / 3
-        due, registered, sent = time.monotonic(), False, None
+        due, registered, attempted = time.monotonic(), False, None
         while True:
             now = time.monotonic()
             try:
-                served = self.served()
                 periodic = now >= due
-                if periodic or served[0] != sent:
+                served = self.served(full=periodic)
+                if periodic or served[0] != attempted:
+                    if not periodic:
+                        served = self.served()  # the beat carries the load totals too
+                    attempted = served[0]
                     if self.beat(served) == 200:
-                        registered, sent = True, served[0]
+                        registered = True
                     if periodic:
                         due = max(due + (period if registered else min(period, 0.2)), now)
             except ShardserveError as exc:  # never let the heartbeat thread die
@@ -316,6 +333,7 @@ class RegistrationAgent:
         # heartbeat thread is importing a module (prometheus_client's) inherits that
         # module's import lock held by no thread, and hangs at its first import of it.
         self.served()
+        self._pid = os.getpid()
         self._threads = [threading.Thread(target=self._run, name="shardserve-registration",
                                           daemon=True)]
         if self.settings.probe_s:
@@ -329,13 +347,21 @@ class RegistrationAgent:
         """Stop heartbeating and deregister (best effort: the lease expires anyway).
 
         A node registered through its own server (no ``endpoint``) may be past serving when
-        it stops; it then removes its own record from the store directly."""
+        it stops; it then removes its own record from the store directly.
+
+        Only in the process that started it: a gunicorn worker forked from the master
+        leaves through the same ``finally`` and must neither deregister the node the
+        master still serves nor wait on a lock a master thread held at the fork."""
+        if os.getpid() != self._pid:
+            return
         self._stop.set()
         for thread in self._threads:  # a call in flight ends within its timeout
             thread.join(self.timeout_s + 1)
         self._threads = []
         config = self.config
-        if self._send("DELETE") == 200 or config is None or self.settings.endpoint:
+        with self._send_lock:  # a beat still in flight (past its join) ends first
+            status = self._send("DELETE")
+        if status == 200 or config is None or self.settings.endpoint:
             return
         from .settings import open_store
 

@@ -28,6 +28,7 @@ import logging
 import os
 import threading
 import time
+import weakref
 from typing import Any
 
 from runtime.errors import ShardserveError
@@ -58,14 +59,26 @@ class Directory:
         self.revision = 0  # the store's revision the view reflects (0: no revisions)
         self.watching = False  # a watch stream is live
         self._turn = itertools.count()
-        self._lock = threading.Lock()
-        self._stop = threading.Event()
-        self._threads: list[threading.Thread] = []
-        self._stream: Any = None  # the live watch stream, closed to stop the watch thread
         self._holders = 0
-        self._pid = 0
         self._tried_at: float | None = None
+        self._reset()
+        _all.add(self)
+
+    def _reset(self) -> None:
+        """No threads, no stream, fresh locks: a new directory, or a forked child (its
+        parent's threads do not exist here, its stream is the parent's socket, and a lock
+        some parent thread held at the fork would stay held)."""
+        self._lock = threading.Lock()  # the view and the live stream
+        self._run_lock = threading.Lock()  # starting and stopping threads
         self._refresh_lock = threading.Lock()
+        # one Event per generation of threads: a thread that outlives close() still sees
+        # its own generation stopped and never runs beside the next one
+        self._stop = threading.Event()
+        self._stop.set()
+        self._threads: dict[str, threading.Thread] = {}
+        self._stream: Any = None  # the live watch stream, closed to stop the watch thread
+        self._pid = 0  # the process whose threads these are (0: none started)
+        self.watching = False
 
     # ----------------------------------------------------------------- reading the store
 
@@ -82,7 +95,7 @@ class Directory:
                                 "nodes (stale)")
             return None
         now = time.time()
-        fresh = {r["id"]: r for r in records if isinstance(r, dict) and "id" in r}
+        fresh = {r["id"]: r for r in records if _valid(r)}
         with self._lock:
             if self.stale_since is not None:
                 log.warning("registry store reachable again: view reconciled")
@@ -95,11 +108,15 @@ class Directory:
             for node in fresh:
                 self.gone.pop(node, None)
             self.gone = {n: g for n, g in self.gone.items() if now - g[1] < GONE_KEPT_S}
-            self.nodes, self.revision = fresh, revision
+            self.nodes = fresh
+            self.revision = revision or self.revision  # a read without one keeps the last
         return revision
 
     def apply(self, node: str, record: dict | None, revision: int) -> None:
         """One change pushed by the watch: a put (``record``) or a delete (None)."""
+        if record is not None and not (_valid(record) and record["id"] == node):
+            log.warning("registry: ignoring an invalid record pushed by the watch")
+            return
         now = time.time()
         with self._lock:
             if record is None:
@@ -124,83 +141,117 @@ class Directory:
 
     # ----------------------------------------------------------------- background threads
 
-    def _poll(self) -> None:
-        while not self._stop.wait(self.ttl_s if self.watching else self.refresh_s):
+    def _poll(self, stop: threading.Event) -> None:
+        while not stop.wait(self.ttl_s if self.watching else self.refresh_s):
             self.refresh()
 
-    def _watch(self) -> None:
+    def _watch(self, stop: threading.Event) -> None:
         """Watch the store from a fresh read; when the stream breaks, read again (polling
-        covers the gap) and watch again, backing off up to ``ttl_s``."""
-        pause = 0.1
-        while not self._stop.is_set():
+        covers the gap) and watch again, backing off up to ``ttl_s``. The back-off is reset
+        only by a watch that brought an event or lived ``ttl_s`` (one cancelled at once is
+        no recovery); "watch ended" is logged once per outage. A stream silent for ``ttl_s``
+        (heartbeats come every ``ttl_s / 3`` while a node lives; a store host gone without
+        a reset) is reopened quietly."""
+        pause, logged = 0.1, False
+        while not stop.is_set():
             revision = self.refresh()
-            stream = None
+            stream, opened, healthy, quiet = None, None, False, False
             try:
-                if revision is not None:
-                    stream = self.store.open_watch(revision + 1)
-                    with self._lock:
-                        self._stream = stream
-                    if self._stop.is_set():
-                        return
-                    self.watching, pause = True, 0.1
-                    for node, record, rev in stream.events():
-                        self.apply(node, record, rev)
-            except (ShardserveError, OSError, ValueError):
-                pass
-            finally:
-                self.watching = False
+                if not revision:  # unreadable, or no revision to start after: not from 1
+                    raise ShardserveError("no revision to watch from")
                 with self._lock:
-                    self._stream = None
+                    start = max(revision, self.revision) + 1
+                stream = self.store.open_watch(start, idle_s=self.ttl_s)
+                with self._lock:
+                    if stop.is_set():  # close() ran meanwhile and saw no stream
+                        return
+                    self._stream, self.watching = stream, True
+                opened = time.monotonic()
+                for node, record, rev in stream.events():
+                    healthy = True
+                    self.apply(node, record, rev)
+            except Exception as exc:  # noqa: BLE001 - the watch thread must never die
+                quiet = getattr(exc, "idle", False)
+                if not isinstance(exc, (ShardserveError, OSError, ValueError)):
+                    log.warning("registry watch failed: %s", type(exc).__name__)
+            finally:
+                with self._lock:
+                    if self._stream is stream and stream is not None:
+                        self._stream, self.watching = None, False
                 if stream is not None:
                     stream.close()
-            if self._stop.is_set():
+            if stop.is_set():
                 return
-            log.info("registry watch ended: polling every %.2f s until it is back",
-                     self.refresh_s)
-            self._stop.wait(pause)
+            if healthy or (opened is not None and time.monotonic() - opened >= self.ttl_s):
+                pause, logged = 0.1, False
+            if quiet and opened is not None:
+                continue  # an idle stream timed out: reopen from a fresh read at once
+            if not logged:
+                log.info("registry watch ended: polling every %.2f s until it is back",
+                         self.refresh_s)
+                logged = True
+            stop.wait(pause)
             pause = min(pause * 2, self.ttl_s)
 
+    def _check_fork(self) -> None:
+        if self._pid and self._pid != os.getpid():
+            self._reset()  # register_at_fork does this; a fallback where it did not run
+
     def ensure_running(self) -> None:
-        """Start the background threads in this process (again after a fork); read once."""
-        if self._pid == os.getpid() and self._threads and \
-                all(t.is_alive() for t in self._threads):
-            return
-        self._pid = os.getpid()
-        self._stop.clear()
-        self.refresh()
-        self._threads = [threading.Thread(target=self._poll, name=THREAD_PREFIX,
-                                          daemon=True)]
-        if hasattr(self.store, "open_watch"):
-            self._threads.append(threading.Thread(target=self._watch, daemon=True,
-                                                  name=f"{THREAD_PREFIX}-watch"))
-        for thread in self._threads:
-            thread.start()
+        """Start the background threads in this process (again after a fork; a dead one
+        again); read once when a generation starts. Concurrent callers start one set."""
+        self._check_fork()
+        with self._run_lock:
+            wanted = ["poll"] + (["watch"] if hasattr(self.store, "open_watch") else [])
+            if all(k in self._threads and self._threads[k].is_alive() for k in wanted):
+                return
+            if self._stop.is_set():  # a new generation
+                self._stop = threading.Event()
+                self._pid = os.getpid()
+                self.refresh()
+            stop, names = self._stop, {"poll": THREAD_PREFIX, "watch": f"{THREAD_PREFIX}-watch"}
+            for kind in wanted:
+                thread = self._threads.get(kind)
+                if thread is None or not thread.is_alive():
+                    target = self._poll if kind == "poll" else self._watch
+                    thread = threading.Thread(target=target, args=(stop,), daemon=True,
+                                              name=names[kind])
+                    self._threads[kind] = thread
+                    thread.start()
 
     def acquire(self) -> Directory:
+        self._check_fork()
         with self._lock:
             self._holders += 1
         self.ensure_running()
         return self
 
     def release(self) -> None:
+        self._check_fork()
         with self._lock:
             self._holders = max(0, self._holders - 1)
             last = self._holders == 0
         if last:
-            self.close()
+            self.close(unless_held=True)
 
-    def close(self) -> None:
-        """Stop the threads (the watch stream is closed under them) and wait for them."""
-        self._stop.set()
-        with self._lock:
-            stream = self._stream
-        if self._pid == os.getpid():  # a forked child must not shut its parent's stream
-            if stream is not None:
-                stream.close()
-            for thread in self._threads:
-                if thread is not threading.current_thread():
-                    thread.join(5)
-        self._threads, self.watching = [], False
+    def close(self, unless_held: bool = False) -> None:
+        """Stop the threads (the watch stream is closed under them) and wait for them.
+        ``unless_held``: only if no holder acquired it meanwhile (decided under the same
+        lock as starting)."""
+        self._check_fork()
+        with self._run_lock:
+            if unless_held and self._holders:
+                return
+            stop, threads = self._stop, list(self._threads.values())
+            self._threads = {}
+            with self._lock:
+                stop.set()  # under the lock: a watch opening now sees it, or we its stream
+                stream, self._stream, self.watching = self._stream, None, False
+        if stream is not None:
+            stream.close()
+        for thread in threads:
+            if thread is not threading.current_thread():
+                thread.join(5)
 
     # ----------------------------------------------------------------- the view
 
@@ -216,7 +267,7 @@ class Directory:
                 rows.append(_public(record, "critical", max(0.0, time.time() - left),
                                     expired=True))
             read_age = None if self.read_at is None else \
-                0.0 if self.watching else round(time.time() - self.read_at, 3)
+                round(max(0.0, time.time() - self.read_at), 3)  # last read or event
             return {"stale": self.stale_since is not None, "watching": self.watching,
                     "read_age_s": read_age, "ttl_s": self.ttl_s,
                     "nodes": sorted(rows, key=lambda r: r["id"])}
@@ -240,6 +291,18 @@ class Directory:
         return chosen[start:] + chosen[:start]
 
 
+def _valid(record: Any) -> bool:
+    """A record the view can show: a dict with a string id and a numeric heartbeat (the
+    same test for a full read and for a change the watch pushes)."""
+    if not isinstance(record, dict) or not isinstance(record.get("id"), str):
+        return False
+    try:
+        float(record.get("heartbeat", 0))
+    except (TypeError, ValueError):
+        return False
+    return True
+
+
 def _public(record: dict, state: str, age: float, expired: bool = False) -> dict:
     row = {"id": record.get("id"), "url": record.get("url"), "state": state,
            "heartbeat_age_s": round(age, 3), "pools": list(record.get("pools", [])),
@@ -253,6 +316,17 @@ def _public(record: dict, state: str, age: float, expired: bool = False) -> dict
 
 _directories: dict[int, Directory] = {}
 _directories_lock = threading.Lock()
+_all: weakref.WeakSet[Directory] = weakref.WeakSet()
+
+
+def _after_fork_in_child() -> None:
+    global _directories_lock
+    _directories_lock = threading.Lock()
+    for directory in list(_all):
+        directory._reset()
+
+
+os.register_at_fork(after_in_child=_after_fork_in_child)
 
 
 def directory_for(store: Any, ttl_s: float, refresh_s: float, hold: bool = False) -> Directory:

@@ -239,13 +239,14 @@ class EtcdRegistry:
     def nodes(self) -> list[dict]:
         return self.snapshot()[0]
 
-    def open_watch(self, start_revision: int) -> EtcdWatch:
-        """A watch on every node key from ``start_revision`` (docs/registry.md)."""
+    def open_watch(self, start_revision: int, idle_s: float | None = None) -> EtcdWatch:
+        """A watch on every node key from ``start_revision`` (docs/registry.md); ``idle_s``:
+        a stream silent that long ends (``WatchIdle``)."""
         failure: BaseException | None = None
         for endpoint in self.endpoints:
             try:
                 return EtcdWatch(endpoint, f"{self.prefix}nodes/", start_revision,
-                                 self.timeout_s)
+                                 self.timeout_s, idle_s)
             except (OSError, ValueError, http.client.HTTPException) as exc:
                 failure = exc
         raise ServiceUnavailable(f"registry store (etcd) watch unavailable: "
@@ -263,6 +264,13 @@ def _record_of(kv: dict) -> dict | None:
     return value if isinstance(value, dict) else None
 
 
+class WatchIdle(ServiceUnavailable):
+    """The watch stream sent nothing for its idle time: reopen it (a store host that died
+    or a link that drops packets without a reset looks exactly like this)."""
+
+    idle = True
+
+
 class EtcdWatch:
     """One ``/v3/watch`` stream of etcd's gateway: newline-delimited JSON results.
 
@@ -272,24 +280,32 @@ class EtcdWatch:
     any thread, shuts the socket under it (then it just ends).
     """
 
-    def __init__(self, endpoint: str, prefix: str, start_revision: int, timeout_s: float):
+    def __init__(self, endpoint: str, prefix: str, start_revision: int, timeout_s: float,
+                 idle_s: float | None = None):
+        if start_revision < 1:
+            raise ValueError("a watch starts after a revision read from the store")
         parts = urllib.parse.urlsplit(endpoint)
         kind = http.client.HTTPSConnection if parts.scheme == "https" else \
             http.client.HTTPConnection
-        self.prefix, self.closed = prefix, False
+        self.prefix, self.closed, self._sock = prefix, False, None
         self._conn = kind(parts.hostname, parts.port, timeout=timeout_s)
         body = {"create_request": {"key": _b64(prefix), "range_end": _prefix_end(prefix),
-                                   "start_revision": str(max(1, start_revision))}}
+                                   "start_revision": str(start_revision),
+                                   "progress_notify": True}}
         try:
             self._conn.request("POST", "/v3/watch", body=json.dumps(body).encode(),
                                headers={"Content-Type": "application/json"})
+            # kept: the connection forgets its socket when the answer is read to its close
+            self._sock = self._conn.sock
             self._answer = self._conn.getresponse()
             if self._answer.status != 200:
                 raise OSError(f"watch answered {self._answer.status}")
             created = json.loads(self._answer.readline() or b"{}").get("result") or {}
             if not created.get("created"):
                 raise OSError("watch not created")
-            self._conn.sock.settimeout(None)  # changes come when they come
+            # silent longer than idle_s: the stream is presumed dead (etcd's progress
+            # notifications, asked for above, also keep a quiet stream talking)
+            self._sock.settimeout(idle_s)
         except BaseException:
             self._conn.close()
             raise
@@ -298,6 +314,10 @@ class EtcdWatch:
         while True:
             try:
                 line = self._answer.readline()
+            except TimeoutError:
+                if self.closed:
+                    return
+                raise WatchIdle("registry store (etcd) watch silent") from None
             except (OSError, ValueError, AttributeError, http.client.HTTPException):
                 # AttributeError: close() in another thread took the response's file away
                 line = b""
@@ -309,12 +329,15 @@ class EtcdWatch:
                 message = json.loads(line)
             except ValueError:
                 raise ServiceUnavailable("registry store (etcd) watch sent garbage") from None
-            result = message.get("result") or {}
-            if "error" in message or result.get("canceled"):
+            result = message.get("result") if isinstance(message, dict) else None
+            if not isinstance(result, dict) or "error" in message or result.get("canceled"):
                 raise ServiceUnavailable("registry store (etcd) watch was cancelled")
-            revision = _int((result.get("header") or {}).get("revision"))
-            for event in result.get("events") or []:
-                kv = event.get("kv") or {}
+            events = result.get("events") or []
+            for event in events if isinstance(events, list) else []:
+                kv = event.get("kv") if isinstance(event, dict) else None
+                if not isinstance(kv, dict):
+                    continue
+                revision = _int(kv.get("mod_revision"))
                 try:
                     key = base64.b64decode(kv.get("key", "")).decode()
                 except (ValueError, UnicodeDecodeError):
@@ -333,7 +356,7 @@ class EtcdWatch:
 
     def close(self) -> None:
         self.closed = True
-        sock = self._conn.sock
+        sock = self._sock
         if sock is not None:
             try:
                 sock.shutdown(socket.SHUT_RDWR)  # wakes a readline() blocked in another thread
