@@ -188,6 +188,7 @@ def _serve_gunicorn(args: argparse.Namespace) -> int:
     if not os.environ.get("SHARDSERVE_REPOSITORY_STATE"):
         own_state_dir = tempfile.mkdtemp(prefix="shardserve-repository-")
         os.environ["SHARDSERVE_REPOSITORY_STATE"] = own_state_dir
+    master = os.getpid()
     try:
         rt = _runtime(args)  # not started: the master loads no model itself
         ready = _check_models_in_a_child(args)
@@ -217,11 +218,14 @@ def _serve_gunicorn(args: argparse.Namespace) -> int:
             options["max_requests_jitter"] = max(1, args.max_requests // 10)
         gunicorn_application(args.config, _overrides(args), options, on_ready).run()
     finally:
-        for agent in filter(None, agents):
-            agent.stop()
-        for own in (own_metrics_dir, own_state_dir):
-            if own is not None:
-                shutil.rmtree(own, ignore_errors=True)
+        # gunicorn's workers fork inside run() and leave through here too (SystemExit): only
+        # the master, once it stops, may remove what its other workers still use
+        if os.getpid() == master:
+            for agent in filter(None, agents):
+                agent.stop()
+            for own in (own_metrics_dir, own_state_dir):
+                if own is not None:
+                    shutil.rmtree(own, ignore_errors=True)
     return 0
 
 

@@ -296,3 +296,31 @@ def test_metric_writes_of_forked_workers_stay_apart_with_the_cached_pid(tmp_path
     assert out.returncode == 0, out.stderr[-2000:]
     assert out.stdout.strip() == "[3.0]"
     assert len(list(tmp_path.glob("histogram_*.db"))) == 2
+
+
+def test_a_recycled_worker_leaves_the_servers_shared_folders_alone(tmp_path):
+    """gunicorn workers fork inside serve and leave through its cleanup: a worker recycled by
+    --max-requests must not remove the metrics and repository-state folders the master and
+    the other workers still use (only the master removes them, when it stops)."""
+    env = {"TMPDIR": str(tmp_path), "PROMETHEUS_MULTIPROC_DIR": "",
+           "SHARDSERVE_REPOSITORY_STATE": ""}
+    server = ServerProcess(["serve", "--repository", str(EXAMPLES), "--workers", "2",
+                            "--max-requests", "4"], env=env)
+    try:
+        shared = sorted(tmp_path.glob("shardserve-*"))
+        assert [p.name.split("-")[1] for p in shared] == ["metrics", "repository"]
+        body, headers = infer_body(batch=1)
+        url = f"{server.base}/v2/models/digits_mlp/infer"
+        for _ in range(24):  # each worker recycles after 4-5 requests
+            resp = requests.post(url, data=body, headers={**headers, "Connection": "close"},
+                                 timeout=30)
+            assert resp.status_code == 200, resp.text
+        assert all(p.is_dir() for p in shared)
+        found = samples(requests.get(f"{server.base}/metrics", timeout=10).text)
+        served = value(found, "shardserve_inference_request_duration_us_count",
+                       model="digits_mlp", version="1", status="200")
+        assert served == 24
+    finally:
+        err = server.stop()
+    assert err.count("Booting worker") > 2, err[-2000:]  # workers were recycled
+    assert not list(tmp_path.glob("shardserve-*"))  # the master cleaned up when it stopped
