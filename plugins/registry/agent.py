@@ -332,6 +332,10 @@ class RegistrationAgent:
         # gunicorn forks its workers right after this, and a worker forked while the
         # heartbeat thread is importing a module (prometheus_client's) inherits that
         # module's import lock held by no thread, and hangs at its first import of it.
+        # The same holds for the codec every connection to a host name loads on first use
+        # (socket.create_connection encodes the host with "idna"): seen as a worker whose
+        # first remote shard call hung for good.
+        importlib.import_module("encodings.idna")
         self.served()
         self._pid = os.getpid()
         self._threads = [threading.Thread(target=self._run, name="shardserve-registration",
