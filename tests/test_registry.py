@@ -11,6 +11,7 @@ import os
 import shutil
 import signal
 import subprocess
+import sys
 import threading
 import time
 import urllib.request
@@ -1263,3 +1264,23 @@ def test_the_per_second_check_reads_only_the_loaded_models_gauge(tmp_path, monke
     served_metrics(full=True)
     assert merged == [[f"gauge_livemax_{os.getpid()}.db"],
                       ["counter_1.db", f"gauge_livemax_{os.getpid()}.db", "histogram_1.db"]]
+
+
+def test_the_agent_loads_what_its_threads_need_before_they_start(tmp_path):
+    """gunicorn forks its workers right after the master's agent starts: a module a master
+    thread is importing at that moment stays locked in the worker for good. The idna codec
+    (the first connection to a host name loads it) must be loaded before any thread runs."""
+    script = f"""
+import sys, threading
+from pathlib import Path
+from plugins.registry.agent import RegistrationAgent
+from plugins.registry.settings import parse
+assert "encodings.idna" not in sys.modules
+threading.Thread.start = lambda self: None  # nothing may import on the agent's behalf
+RegistrationAgent(parse({{"enabled": True, "probe_s": 0.1}}), Path({str(tmp_path)!r}),
+                  "http://127.0.0.1:9", "n").start()
+print("encodings.idna" in sys.modules)
+"""
+    out = subprocess.run([sys.executable, "-c", script], cwd=ROOT,
+                         capture_output=True, text=True, timeout=60)
+    assert out.stdout.strip() == "True", out.stderr[-2000:]
