@@ -182,7 +182,8 @@ def numba_vs_onnxruntime(root: Path, name: str, feed: dict, runs: int) -> None:
             times[which].append(time.perf_counter() - start)
     ort_s, numba_s = statistics.median(times[0]), statistics.median(times[1])
     print(f"\n{name}: onnxruntime {ort_s * 1e3:.2f} ms, numba {numba_s * 1e3:.2f} ms "
-          f"({numba_s / ort_s:.2f}x), max diff {diff:.2e} of the largest value, lower+compile {compile_s:.1f} s")
+          f"({numba_s / ort_s:.2f}x), max diff {diff:.2e} of the largest value, "
+          f"lower+compile {compile_s:.1f} s")
 
 
 def main() -> int:

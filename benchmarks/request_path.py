@@ -11,7 +11,8 @@ directory), with its access log written to /dev/null; the bare app is benchmarks
 ``--against REV`` also measures the app of an earlier commit (exported with ``git archive``),
 each tree in its own process, runs alternating (this tree, REV, this tree, ...), so load that
 comes and goes hits them alike. Times are the calling thread's CPU time (``time.thread_time``),
-which time spent descheduled by other work on the machine does not inflate. ``--profile`` prints a cProfile of shardserve's path instead.
+which time spent descheduled by other work on the machine does not inflate. ``--profile``
+prints a cProfile of shardserve's path instead.
 
     flock /tmp/shardserve-bench.lock .venv/bin/python benchmarks/request_path.py [--against REV]
 """
@@ -37,7 +38,8 @@ CLOCK = time.thread_time
 
 
 def request_body(model: str) -> bytes:
-    """benchmarks/serving.py's body for ``model`` (same seed, same values)."""
+    """The batch-1 V2 JSON body for ``model`` that this benchmark and benchmarks/serving.py
+    send: the example request's inputs, filled with seeded values."""
     import numpy as np
     import orjson
 
@@ -148,11 +150,9 @@ def profile(args: argparse.Namespace) -> None:
 
 
 def export(rev: str, into: Path) -> Path:
-    target = into / rev
-    target.mkdir()
-    archive = subprocess.run(["git", "-C", str(ROOT), "archive", rev], check=True,
-                             capture_output=True).stdout
-    subprocess.run(["tar", "-x", "-C", str(target)], input=archive, check=True)
+    from overhead_against import export as export_tree  # benchmarks/ is on sys.path
+
+    target = export_tree(rev, into)
     (target / "examples").rename(target / "examples.unused")  # the same model files for both
     (target / "examples").symlink_to(ROOT / "examples")
     return target

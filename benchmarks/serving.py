@@ -286,23 +286,13 @@ def start_mlserver(workers: int, logs: Path, models: list[str]) -> Server:
 
 
 def request_body(model: str, folder: Path) -> Path:
-    """The same batch-1 V2 JSON body for every server (the bare app reads only JSON): the
-    example request's inputs, filled with seeded values."""
-    import numpy as np
-    import orjson
+    """The same batch-1 V2 JSON body for every server (the bare app reads only JSON), written
+    to a file for wrk: benchmarks/request_path.py's body (the example request's inputs, filled
+    with seeded values), so that both benchmarks measure the same bytes."""
+    from request_path import request_body as json_body  # benchmarks/ is on sys.path
 
-    with open(EXAMPLES.parent / "requests" / f"{model}.json", "rb") as fh:
-        example = orjson.loads(fh.read())
-    rng = np.random.default_rng(0)
-    inputs = []
-    for spec in example["inputs"]:
-        shape = [1, *spec["shape"][1:]]
-        data = (rng.standard_normal(shape).astype(np.float32) if spec["datatype"] == "FP32"
-                else rng.integers(0, 10, size=shape))
-        inputs.append({"name": spec["name"], "shape": shape, "datatype": spec["datatype"],
-                       "data": data.ravel().tolist()})
     path = folder / f"{model}.json"
-    path.write_bytes(orjson.dumps({"inputs": inputs}))
+    path.write_bytes(json_body(model))
     return path
 
 

@@ -156,8 +156,9 @@ def _output(x, w2d, group, spatial):
 @jit
 def _conv2d(x, w2d, bias, residual, cols, group, kh, kw, sh, sw, pt, pl, dh, dw, oh, ow,
             relu, direct):
-    """Any dtype (float32 without AVX-512): one BLAS product per image and group written straight into the output,
-    then the epilogue. ``direct``: a 1x1 stride-1 unpadded kernel reads the image itself."""
+    """Any dtype (float32 without AVX-512): one BLAS product per image and group written
+    straight into the output, then the epilogue. ``direct``: a 1x1 stride-1 unpadded kernel
+    reads the image itself."""
     spatial = oh * ow
     out, cg, mg = _output(x, w2d, group, spatial)
     for n in range(x.shape[0]):
