@@ -1,7 +1,8 @@
 """Serving a decoder plan (plan.toml with a ``[decoder]`` split) as split stages.
 
 The generation model calls :func:`stages_of_plan` when the backend it wraps is a plan: each
-shard becomes a stage where its placement says (in process, another shardserve, a Dask actor),
+shard becomes a stage where its placement says (in process, another shardserve, a Dask actor,
+a Lambda function),
 :class:`StageSignature` shows the whole decoder's inputs and outputs as one session would, and
 :func:`stages_engine` builds the scheduler over the stages.
 """
@@ -56,10 +57,16 @@ def stages_of_plan(settings) -> list[LayerStage]:
                 chain = TransformChain(names, settings.plugins, settings.server)
             stages.append(remote_stage(settings.model, plan, shard, spec, chain))
             continue
+        if shard.placement.startswith("lambda:"):
+            from .stage_lambda import lambda_stage
+
+            stages.append(lambda_stage(settings, plan, shard, spec))
+            continue
         if shard.placement != "local" or shard.backend != "onnxruntime":
             raise ModelLoadError(f"model {settings.model!r}: decoder stages run in process, "
-                                 "on another shardserve or in a Dask actor (placement "
-                                 "'local', 'http://...' or 'dask[:worker]') so far")
+                                 "on another shardserve, in a Dask actor or in a Lambda "
+                                 "function (placement 'local', 'http://...', "
+                                 "'dask[:worker]' or 'lambda:function')")
         session = ort.InferenceSession(settings.read_bytes(shard.file),
                                        providers=["CPUExecutionProvider"])
         stages.append(LayerStage(spec, session))

@@ -1,0 +1,116 @@
+"""A decoder stage in an AWS Lambda function (``placement = "lambda:FUNCTION[/model]"``).
+
+The function is the project's ``shard`` function (handlers/lambda_handler.py) serving the
+stage's file as a ``task = "decoder-stage"`` model (:mod:`.stage_server`, unchanged): the
+stage protocol travels as the same V2 ``infer`` request as for a stage on another shardserve
+(:class:`~.stage_client.RemoteStage`), inside a direct-invoke event (handlers/direct_invoke.py)
+sent with a synchronous Lambda ``Invoke``. Only the transport differs.
+
+A warm function keeps its sequences' KV caches in its process (the handler builds its runtime
+once per container). The scheduler calls a stage one call at a time, so Lambda keeps routing
+it to the same warm container; a call that lands on another one (a cold start, a recycled or
+a second container) answers 503 "holds no cache", and the split engine rebuilds that stage's
+caches from the tokens so far (correct, slower: docs/partitioning.md has the cost).
+
+Options: ``[executors.lambda]`` of the server config (``endpoint_url``: serverless offline's
+``--lambdaPort``, or none for AWS; ``region``; ``pool_size``), then the shard's ``options``
+in plan.toml (``timeout_s``, 30 by default: a cold start loads the stage first).
+"""
+
+from __future__ import annotations
+
+import json
+
+from handlers.direct_invoke import make_event, read_answer
+from runtime.errors import ServiceUnavailable
+
+from .stage_client import RemoteStage
+
+LAMBDA_PAYLOAD_LIMIT = 6 * 1024 * 1024
+
+
+class _Answer:
+    """What :class:`RemoteStage` reads of a urllib3 response."""
+
+    def __init__(self, status: int, data: bytes, headers: dict):
+        self.status, self.data, self.headers = status, data, headers
+
+
+class LambdaInvoker:
+    """urllib3's ``urlopen`` as :class:`RemoteStage` calls it, over Lambda ``Invoke``:
+    transport failures are urllib3 errors, so the stage answers them as for HTTP (a 503 or
+    a 504 naming the stage, never a hang)."""
+
+    def __init__(self, function: str, options: dict, what: str):
+        import boto3
+        from botocore.config import Config
+
+        self.function, self.what = function, what
+        self.client = boto3.client(
+            "lambda", endpoint_url=options.get("endpoint_url"),
+            region_name=options.get("region", "us-east-1"),
+            config=Config(retries={"max_attempts": 0}, connect_timeout=1,
+                          read_timeout=float(options.get("timeout_s", 30)),
+                          max_pool_connections=int(options.get("pool_size", 2))))
+
+    def urlopen(self, method: str, url: str, body: bytes = b"", headers: dict | None = None,
+                **_ignored) -> _Answer:
+        from botocore.exceptions import BotoCoreError, ClientError, ReadTimeoutError
+        from urllib3.exceptions import HTTPError
+
+        payload = json.dumps(make_event(method, url, headers or {}, body)).encode()
+        if len(payload) > LAMBDA_PAYLOAD_LIMIT:
+            raise ServiceUnavailable(f"{self.what}: the call exceeds Lambda's 6 MB payload "
+                                     "limit (a shorter prompt chunk: max_prefill_tokens)")
+        try:
+            reply = self.client.invoke(FunctionName=self.function,
+                                       InvocationType="RequestResponse", Payload=payload)
+            raw = reply["Payload"].read()
+        except ReadTimeoutError:
+            raise HTTPError("invoke timed out") from None
+        except (BotoCoreError, ClientError) as exc:
+            raise HTTPError(f"invoke failed ({type(exc).__name__})") from None
+        if reply.get("FunctionError"):  # the handler never raises: its process died
+            return _Answer(502, b"", {})
+        try:
+            status, data, answer_headers = read_answer(json.loads(raw))
+        except (ValueError, KeyError, TypeError, AttributeError):
+            return _Answer(502, b"", {})
+        return _Answer(status, data, answer_headers)
+
+    def close(self) -> None:
+        self.client.close()
+
+
+class LambdaStage(RemoteStage):
+    """:class:`RemoteStage` whose calls are Lambda invocations of ``function``."""
+
+    def __init__(self, spec, function: str, remote_model: str, inputs: list, outputs: list,
+                 options: dict, chain=None):
+        super().__init__(spec, f"lambda://{function}", remote_model, inputs, outputs,
+                         timeout_s=float(options.get("timeout_s", 30)), chain=chain)
+        self.pool.close()  # the HTTP pool RemoteStage made: never used
+        self.pool = LambdaInvoker(function, options, f"stage {spec.index} (lambda)")
+
+
+def lambda_stage(settings, plan, shard, spec) -> LambdaStage:
+    """The stage of ``shard`` (placement ``lambda:FUNCTION[/model]``; the function's model
+    defaults to ``<model>.<shard name>``, as for a stage on another shardserve)."""
+    from plugins.executors.base import TransformChain
+    from plugins.executors.remote import _split_placement
+    from runtime.errors import ModelLoadError
+
+    from .split_loading import plan_signature
+
+    function, remote = _split_placement(shard.placement)
+    if not function:
+        raise ModelLoadError(f"model {settings.model!r}: shard {shard.name!r} placement "
+                             "'lambda:' names no function")
+    section = settings.server.section("executors") if settings.server else {}
+    options = section.get("lambda", {}) if isinstance(section, dict) else {}
+    options = {**(options if isinstance(options, dict) else {}), **shard.options}
+    names = section.get("transforms", []) if isinstance(section, dict) else []
+    chain = TransformChain(names, settings.plugins, settings.server) if names else None
+    inputs, outputs = plan_signature(settings.model, plan, spec)
+    return LambdaStage(spec, function, remote or f"{settings.model}.{shard.name}", inputs,
+                       outputs, options, chain=chain)
