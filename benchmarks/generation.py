@@ -67,16 +67,11 @@ def export(args) -> Path:
     import torch
     from optimum.exporters.onnx import main_export
     from tokenizers import Tokenizer, models, pre_tokenizers
-    from transformers import LlamaConfig, LlamaForCausalLM
+    from transformers import LlamaForCausalLM
 
     shutil.rmtree(folder, ignore_errors=True)
     torch.manual_seed(0)
-    cfg = LlamaConfig(vocab_size=args.vocab, hidden_size=args.width,
-                      intermediate_size=args.intermediate, num_hidden_layers=args.layers,
-                      num_attention_heads=args.heads, num_key_value_heads=args.kv_heads,
-                      max_position_embeddings=2048, tie_word_embeddings=True,
-                      bos_token_id=1, eos_token_id=EOS)
-    LlamaForCausalLM(cfg).eval().save_pretrained(folder / "hf")
+    LlamaForCausalLM(llama_config(args)).eval().save_pretrained(folder / "hf")
     main_export(str(folder / "hf"), output=str(folder / "onnx"),
                 task="text-generation-with-past", device="cpu")
     shutil.rmtree(folder / "hf")
@@ -86,6 +81,17 @@ def export(args) -> Path:
     tok.save(str(folder / "onnx" / "tokenizer.json"))
     (folder / "done").write_text(shape)
     return folder
+
+
+def llama_config(args):
+    """The benchmark model's LlamaConfig (also rebuilt, same seed, for llama.cpp's GGUF)."""
+    from transformers import LlamaConfig
+
+    return LlamaConfig(vocab_size=args.vocab, hidden_size=args.width,
+                       intermediate_size=args.intermediate, num_hidden_layers=args.layers,
+                       num_attention_heads=args.heads, num_key_value_heads=args.kv_heads,
+                       max_position_embeddings=2048, tie_word_embeddings=True,
+                       bos_token_id=1, eos_token_id=EOS)
 
 
 def link_tree(source: Path, target: Path) -> None:
