@@ -47,6 +47,9 @@ from pathlib import Path
 
 import numpy as np
 
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import generation_llamacpp  # noqa: E402  (the llama.cpp peer, its own file)
+
 ROOT = Path(__file__).resolve().parents[1]
 WORK = ROOT / "build" / "bench-generation"
 GENAI_VENV = ROOT / "build" / "genai-venv"
@@ -389,11 +392,18 @@ def main() -> None:
                    help="batch-1 rounds, the engines alternating (each one's best is kept)")
     p.add_argument("--plot", type=Path, help="also draw the figures into this PNG")
     p.add_argument("--setup", action="store_true", help="create build/genai-venv first")
+    # llama.cpp peer (benchmarks/generation_llamacpp.py)
+    p.add_argument("--setup-llamacpp", action="store_true",
+                   help="download llama-cpp-python's sdist and build its llama.cpp into "
+                        "build/llama.cpp first (a long compile on 2 cores; cached)")
+    p.add_argument("--no-llamacpp", action="store_true", help="leave llama.cpp out")
     p.add_argument("--json", type=Path, help="also write the figures here")
     args = p.parse_args()
 
     if args.setup:
         setup_genai()
+    if args.setup_llamacpp:
+        generation_llamacpp.setup()
     if not GENAI_PYTHON.exists():
         raise SystemExit("onnxruntime-genai is not set up: rerun with --setup")
     from runtime import Runtime
@@ -503,6 +513,12 @@ def main() -> None:
                                     "numpy_ms": numpy_s * 1e3})
         print(f"sampling at vocabulary {args.vocab}, {label}: numba {numba_s * 1e3:.3f} ms, "
               f"numpy {numpy_s * 1e3:.3f} ms ({numpy_s / numba_s:.1f}x)")
+    if not args.no_llamacpp:  # the llama.cpp peer, after shardserve's figures above
+        if generation_llamacpp.ready():
+            generation_llamacpp.llamacpp_figures(args, onnx.parent, sys.modules[__name__],
+                                                 figures)
+        else:
+            print("llama.cpp: not set up (rerun with --setup-llamacpp), left out")
     figures["load_average_end"] = os.getloadavg()[:2]
     print(f"load average at end: {os.getloadavg()[0]:.2f} {os.getloadavg()[1]:.2f}")
     if args.json:
