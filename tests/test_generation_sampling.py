@@ -82,7 +82,8 @@ def test_greedy_and_repetition_penalty():
 
 
 @pytest.mark.parametrize("temperature,top_k,top_p", [(0.8, 0, 0.9), (1.5, 0, 0.95),
-                                                      (1.0, 0, 1.0), (0.8, 50, 0.9)])
+                                                      (1.0, 0, 1.0), (0.7, 0, 1.0),
+                                                      (0.8, 50, 0.9)])
 def test_kernel_and_numpy_pick_the_same_token_for_each_draw(temperature, top_k, top_p):
     """At a real vocabulary size, where the kernel avoids sorting (narrow nucleus, no filter)
     and where it falls back to a sort (wide nucleus)."""
@@ -102,3 +103,55 @@ def test_unfiltered_draw_leaves_the_callers_logits_alone(dtype):
     token = kernel(logits, 1.0, 0, 1.0, 0.5)
     assert logits.tolist() == before.tolist()
     assert token == sample_numpy(logits, SamplingParams(1.0, 0, 1.0), 0.5)
+
+
+def test_unfiltered_draws_across_blocks_follow_the_reference():
+    """The unfiltered kernel walks the vocabulary in blocks of 256 by their sums: over 1,000
+    tokens (three whole blocks and a partial one) the draws follow the definition (chi-square
+    over 20,000 draws; tokens expected fewer than 20 times are pooled per block)."""
+    kernel = _numba_kernel()
+    logits = np.random.default_rng(7).normal(0, 1.5, 1000).astype(np.float32)
+    logits[[3, 255, 256, 511, 700, 999]] += 4  # heavy tokens at the blocks' edges
+    expected = reference(logits.astype(np.float64), 0.8, 0, 1.0)
+    rng = np.random.default_rng(13)
+    draws = np.array([kernel(logits, 0.8, 0, 1.0, rng.random()) for _ in range(DRAWS)])
+
+    def binned(p):
+        alone = np.flatnonzero(expected * DRAWS >= 20)
+        pooled = [p[(expected * DRAWS < 20) & (np.arange(p.size) // 256 == b)].sum()
+                  for b in range(4)]
+        return np.concatenate([p[alone], pooled])
+
+    counts = binned(np.bincount(draws, minlength=logits.size).astype(np.float64))
+    assert counts.sum() == DRAWS and len(counts) > 30
+    assert chisquare(counts, binned(expected) * DRAWS).pvalue > 0.001
+    hotter = reference(logits.astype(np.float64), 0.8 * 1.2, 0, 1.0)
+    assert chisquare(counts, binned(hotter) * DRAWS).pvalue < 1e-6
+
+
+def test_vectorised_exp_matches_numpy():
+    """The kernel's own exp: within 1e-15 relative of numpy's down to -708, then 0; a NaN
+    or -inf logit weighs 0."""
+    from plugins.generation.sampling_kernel import _exp_weights
+
+    t = np.concatenate([np.linspace(-750.0, 0.0, 100_001), [np.nan, -np.inf]])
+    w = np.empty(t.size)
+    _exp_weights(t, 1.0, 0.0, 0, t.size, w)
+    ok = t > -708
+    assert np.max(np.abs(w[ok] - np.exp(t[ok])) / np.exp(t[ok])) < 1e-15
+    assert not w[~ok].any()
+    x = np.linspace(-3.0, 2.0, 300).astype(np.float32)  # scale and shift, from an offset
+    _exp_weights(x, 1 / 0.7, 2.0 / 0.7, 10, 300, w)
+    ref = np.exp(x[10:].astype(np.float64) / 0.7 - 2.0 / 0.7)
+    assert np.allclose(w[:290], ref, rtol=1e-14, atol=0)
+
+
+def test_unfiltered_draw_never_picks_a_masked_token():
+    kernel = _numba_kernel()
+    logits = np.full(3000, -np.inf, dtype=np.float32)
+    logits[[1, 1800, 2999]] = [1.0, 2.0, 0.5]
+    logits[5] = np.nan
+    for u in (0.0, 1e-12, 0.3, 0.9, 1 - 2 ** -53):
+        assert kernel(logits, 1.0, 0, 1.0, u) in (1, 1800, 2999)
+    assert kernel(logits, 1.0, 0, 1.0, 0.0) == 1
+    assert kernel(logits, 1.0, 0, 1.0, 1 - 2 ** -53) == 2999
