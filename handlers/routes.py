@@ -11,7 +11,6 @@ import logging
 import re
 import time
 from collections.abc import Callable, Iterable
-from dataclasses import dataclass, field
 from typing import Any
 
 from handlers.codec import decode_request, encode_response, parse_header_length
@@ -25,6 +24,7 @@ from runtime.errors import (
     ShardserveError,
 )
 from runtime.jsonio import json_dumps, json_loads
+from runtime.records import Record
 
 from .classification import apply_classification, requested_classes
 from .model_configuration import model_config as triton_model_config
@@ -37,25 +37,33 @@ EXTENSIONS = ("binary_tensor_data", "classification", "model_repository", "model
               "statistics")  # the protocol extensions the route table below serves
 
 
-@dataclass(slots=True)
-class HttpRequest:
-    method: str
-    path: str
-    headers: dict[str, str] = field(default_factory=dict)  # lower-case names
-    body: bytes = b""
-    query: dict[str, str] = field(default_factory=dict)
-    request_id: str | None = None
-    principal: Any = None
-    deadline: float | None = None  # time.monotonic() by which the answer is useless
-    rejected: BaseException | None = None  # refused by the edge before routing (e.g. 413)
+class HttpRequest(Record):
+    """``headers`` have lower-case names; ``deadline`` is the ``time.monotonic()`` by which
+    the answer is useless; ``rejected``: refused by the edge before routing (e.g. 413)."""
+
+    __slots__ = ("method", "path", "headers", "body", "query", "request_id", "principal",
+                 "deadline", "rejected")
+
+    def __init__(self, method: str, path: str, headers: dict[str, str] | None = None,
+                 body: bytes = b"", query: dict[str, str] | None = None,
+                 request_id: str | None = None, principal: Any = None,
+                 deadline: float | None = None, rejected: BaseException | None = None):
+        self.method, self.path, self.body = method, path, body
+        self.headers = {} if headers is None else headers
+        self.query = {} if query is None else query
+        self.request_id, self.principal = request_id, principal
+        self.deadline, self.rejected = deadline, rejected
 
 
-@dataclass(slots=True)
-class HttpResponse:
-    status: int
-    body: bytes = b""
-    headers: dict[str, str] = field(default_factory=dict)
-    stream: Iterable[bytes] | None = None  # sent chunk by chunk instead of body (SSE)
+class HttpResponse(Record):
+    """``stream``: sent chunk by chunk instead of ``body`` (SSE)."""
+
+    __slots__ = ("status", "body", "headers", "stream")
+
+    def __init__(self, status: int, body: bytes = b"", headers: dict[str, str] | None = None,
+                 stream: Iterable[bytes] | None = None):
+        self.status, self.body, self.stream = status, body, stream
+        self.headers = {} if headers is None else headers
 
 
 def json_response(obj: Any, status: int = 200) -> HttpResponse:

@@ -10,16 +10,11 @@ from __future__ import annotations
 import os
 import sys
 from collections.abc import Mapping
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from .errors import ConfigError
-
-if sys.version_info >= (3, 11):
-    import tomllib
-else:  # pragma: no cover
-    import tomli as tomllib
+from .records import Record
 
 DEFAULT_MAX_BODY_BYTES = 64 * 1024 * 1024
 LOAD_MODES = ("all", "lazy", "none")
@@ -44,17 +39,23 @@ def _parse_bool(raw: str) -> bool:
     raise ValueError(raw)
 
 
-@dataclass
-class Config:
-    repository: Path = Path("models")
-    load: str | list[str] = "all"  # "all" at startup, "lazy" on first request, "none", names
-    host: str = "127.0.0.1"
-    port: int = 8080
-    max_body_bytes: int = DEFAULT_MAX_BODY_BYTES
-    max_tensor_elements: int = 0
-    disable_plugins: list[str] = field(default_factory=list)
-    state_dir: Path | None = None  # None: the per-user default (plugins.security.shared_state)
-    sections: dict[str, Any] = field(default_factory=dict)
+class Config(Record):
+    """``load``: "all" at startup, "lazy" on first request, "none", or model names;
+    ``state_dir`` None: the per-user default (plugins.security.shared_state)."""
+
+    _fields = ("repository", "load", "host", "port", "max_body_bytes", "max_tensor_elements",
+               "disable_plugins", "state_dir", "sections")
+
+    def __init__(self, repository: Path = Path("models"), load: str | list[str] = "all",
+                 host: str = "127.0.0.1", port: int = 8080,
+                 max_body_bytes: int = DEFAULT_MAX_BODY_BYTES, max_tensor_elements: int = 0,
+                 disable_plugins: list[str] | None = None, state_dir: Path | None = None,
+                 sections: dict[str, Any] | None = None):
+        self.repository, self.load, self.host, self.port = repository, load, host, port
+        self.max_body_bytes, self.max_tensor_elements = max_body_bytes, max_tensor_elements
+        self.disable_plugins = [] if disable_plugins is None else disable_plugins
+        self.state_dir = state_dir
+        self.sections = {} if sections is None else sections
 
     def section(self, name: str) -> dict:
         """A plugin's own section (``[security]`` ...), empty if absent."""
@@ -72,7 +73,18 @@ def _merge(base: dict, extra: Mapping) -> dict:
     return out
 
 
+def toml_module() -> Any:
+    """``tomllib`` (``tomli`` before 3.11), imported when a file is first read: a Lambda
+    package whose settings come from JSON never imports it."""
+    if sys.version_info >= (3, 11):
+        import tomllib
+    else:  # pragma: no cover
+        import tomli as tomllib
+    return tomllib
+
+
 def _read_toml(path: Path) -> dict:
+    tomllib = toml_module()
     try:
         with open(path, "rb") as fh:
             return tomllib.load(fh)

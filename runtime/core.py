@@ -11,7 +11,6 @@ import threading
 import time
 from collections.abc import Callable, Mapping
 from contextvars import ContextVar
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Protocol
 
@@ -29,6 +28,7 @@ from .errors import (
 )
 from .messages import InferRequest, InferResponse
 from .plugins import PluginManager, Registry, call_chain
+from .records import FrozenRecord, Record
 from .repository import ModelConfig, ModelRepository, validate_model_name, validate_version
 
 log = logging.getLogger("shardserve.runtime")
@@ -36,31 +36,32 @@ log = logging.getLogger("shardserve.runtime")
 UNLOADED = "unloaded"
 
 
-@dataclass(slots=True)
-class TensorSpec:
+class TensorSpec(Record):
     """A model input or output: V2 datatype and shape, ``-1`` for dynamic dims."""
 
-    name: str
-    datatype: str
-    shape: list[int]
+    __slots__ = ("name", "datatype", "shape")
+
+    def __init__(self, name: str, datatype: str, shape: list[int]):
+        self.name, self.datatype, self.shape = name, datatype, shape
 
     def to_dict(self) -> dict:
         return {"name": self.name, "datatype": self.datatype, "shape": list(self.shape)}
 
 
-@dataclass
-class BackendSettings:
-    """Everything a backend gets to load one model version."""
+class BackendSettings(Record):
+    """Everything a backend gets to load one model version: ``read_bytes`` reads a file of the
+    version, model-bytes transforms applied; ``backends`` serves backends that compose others
+    (plan shards), ``plugins`` is the runtime's (kernels, executors, transforms)."""
 
-    model: str
-    version: int
-    path: Path
-    config: ModelConfig
-    options: dict
-    read_bytes: Callable[[str], bytes]  # a file of the version, model-bytes transforms applied
-    server: Config
-    backends: Registry | None = None  # for backends that compose others (plan shards)
-    plugins: PluginManager | None = None  # the runtime's: kernels, executors, transforms
+    _fields = ("model", "version", "path", "config", "options", "read_bytes", "server",
+               "backends", "plugins")
+
+    def __init__(self, model: str, version: int, path: Path, config: ModelConfig, options: dict,
+                 read_bytes: Callable[[str], bytes], server: Config,
+                 backends: Registry | None = None, plugins: PluginManager | None = None):
+        self.model, self.version, self.path, self.config = model, version, path, config
+        self.options, self.read_bytes, self.server = options, read_bytes, server
+        self.backends, self.plugins = backends, plugins
 
 
 class Backend(Protocol):
@@ -76,12 +77,16 @@ class Backend(Protocol):
     def run(self, inputs: dict[str, Any], outputs: list[str]) -> dict[str, Any]: ...
 
 
-@dataclass(frozen=True)
-class RequestLimits:
-    """Per-request limits a plugin sets for a principal (``shardserve_request_limits``)."""
+class RequestLimits(FrozenRecord):
+    """Per-request limits a plugin sets for a principal (``shardserve_request_limits``):
+    ``max_batch_size`` 0 is no limit (a larger first dimension gets 413); past ``deadline``
+    (``time.monotonic()``) the request gets 504."""
 
-    max_batch_size: int = 0  # 0: no limit; a larger first dimension gets 413
-    deadline: float | None = None  # time.monotonic(); past it the request gets 504
+    __slots__ = ("max_batch_size", "deadline")
+
+    def __init__(self, max_batch_size: int = 0, deadline: float | None = None):
+        object.__setattr__(self, "max_batch_size", max_batch_size)
+        object.__setattr__(self, "deadline", deadline)
 
     def check_request(self, request: InferRequest) -> None:
         for item in request.inputs if self.max_batch_size else ():
@@ -241,12 +246,16 @@ def current_call() -> CallContext | None:
     return _call.get()
 
 
-@dataclass
-class ModelStatus:
-    state: str = "UNAVAILABLE"  # READY, UNAVAILABLE, LOADING
-    reason: str = ""
-    versions: dict[int, LoadedModel] = field(default_factory=dict)
-    failed: tuple | None = None  # the files' stamp when a load failed: lazy mode waits for news
+class ModelStatus(Record):
+    """``state``: READY, UNAVAILABLE or LOADING; ``failed``: the files' stamp when a load
+    failed (lazy mode waits for news)."""
+
+    _fields = ("state", "reason", "versions", "failed")
+
+    def __init__(self, state: str = "UNAVAILABLE", reason: str = "",
+                 versions: dict[int, LoadedModel] | None = None, failed: tuple | None = None):
+        self.state, self.reason, self.failed = state, reason, failed
+        self.versions = {} if versions is None else versions
 
 
 def _stamp(path: Path, depth: int = 2) -> tuple:

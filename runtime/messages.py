@@ -1,7 +1,7 @@
 """The typed messages of the Open Inference Protocol: what the codec decodes and encodes.
 
-Plain classes with ``__slots__`` rather than dataclasses: every cold start imports them, and
-building a dataclass costs about a quarter of a millisecond each.
+Plain classes with ``__slots__`` (:mod:`runtime.records`) rather than dataclasses: every cold
+start imports them, and building a dataclass costs about a quarter of a millisecond each.
 """
 
 from __future__ import annotations
@@ -11,31 +11,7 @@ from typing import Any
 
 import numpy as np
 
-
-class _Message:
-    """Equality and repr over ``_fields`` (``__slots__`` unless a class says otherwise), as a
-    dataclass would give them: equality compares tuples of the fields, so a field holding the
-    same array on both sides is equal by identity and no elementwise result meets ``bool()``."""
-
-    __slots__ = ()
-    _fields: tuple[str, ...] = ()
-
-    def __init_subclass__(cls, **kwargs: Any) -> None:
-        super().__init_subclass__(**kwargs)
-        if "_fields" not in cls.__dict__:
-            cls._fields = cls.__slots__
-
-    def __eq__(self, other: object) -> bool:
-        if type(other) is not type(self):
-            return NotImplemented
-        return (tuple(getattr(self, name) for name in self._fields)
-                == tuple(getattr(other, name) for name in self._fields))
-
-    __hash__ = None  # type: ignore[assignment]  # mutable, like an eq=True dataclass
-
-    def __repr__(self) -> str:
-        fields = ", ".join(f"{name}={getattr(self, name)!r}" for name in self._fields)
-        return f"{type(self).__name__}({fields})"
+from .records import Record as _Message
 
 
 class InferInput(_Message):

@@ -14,13 +14,13 @@ import re
 import sys
 import types
 from collections.abc import Callable, Iterable
-from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 import pluggy
 
 from . import hookspecs
 from .errors import ConfigError
+from .records import FrozenRecord
 
 if TYPE_CHECKING:
     from .config import Config
@@ -56,14 +56,15 @@ DEFAULT_PLUGINS: tuple[str, ...] = (
 )
 
 
-@dataclass(frozen=True)
-class EntryPoint:
-    """One ``[shardserve]`` entry point and the distribution that declares it."""
+class EntryPoint(FrozenRecord):
+    """One ``[shardserve]`` entry point (``value``: "module" or "module:attribute") and the
+    distribution that declares it."""
 
-    name: str
-    value: str  # "module" or "module:attribute"
-    distribution: str
-    version: str
+    __slots__ = ("name", "value", "distribution", "version")
+
+    def __init__(self, name: str, value: str, distribution: str, version: str):
+        for key, item in zip(self.__slots__, (name, value, distribution, version)):
+            object.__setattr__(self, key, item)
 
     def load(self) -> Any:
         module, _, attribute = self.value.partition(":")

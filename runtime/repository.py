@@ -7,17 +7,12 @@ read from inside the repository root.
 from __future__ import annotations
 
 import re
-import sys
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from .config import toml_module
 from .errors import BadRequest, ModelLoadError, NotFound
-
-if sys.version_info >= (3, 11):
-    import tomllib
-else:  # pragma: no cover
-    import tomli as tomllib
+from .records import Record
 
 MODEL_NAME = re.compile(r"[A-Za-z0-9_.\-]{1,128}")
 VERSION = re.compile(r"[1-9][0-9]{0,17}")
@@ -25,6 +20,13 @@ CONFIG_FILE = "model.toml"
 MAX_INT32 = 2**31 - 1
 MAX_VERSIONS = 64  # versions served at once: each holds its own session
 BACKEND_SECTIONS = ("onnxruntime", "numba", "plan")  # model.toml tables read by backends
+
+
+def __getattr__(name: str) -> Any:
+    """``from runtime.repository import tomllib`` still works; it is imported on first use."""
+    if name == "tomllib":
+        return toml_module()
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
 def validate_model_name(name: str) -> str:
@@ -44,19 +46,22 @@ def validate_version(version: str | int | None) -> int | None:
     return int(text)
 
 
-@dataclass
-class ModelConfig:
-    """A model's model.toml, with defaults filled in."""
+class ModelConfig(Record):
+    """A model's model.toml, with defaults filled in; ``version_policy`` is "latest", "all" or
+    "specific"."""
 
-    name: str
-    backend: str = "onnxruntime"
-    filename: str = "model.onnx"
-    max_batch_size: int = 0
-    description: str = ""
-    version_policy: str = "latest"  # "latest", "all" or "specific"
-    num_versions: int = 1
-    versions: list[int] = field(default_factory=list)
-    raw: dict[str, Any] = field(default_factory=dict)
+    _fields = ("name", "backend", "filename", "max_batch_size", "description", "version_policy",
+               "num_versions", "versions", "raw")
+
+    def __init__(self, name: str, backend: str = "onnxruntime", filename: str = "model.onnx",
+                 max_batch_size: int = 0, description: str = "", version_policy: str = "latest",
+                 num_versions: int = 1, versions: list[int] | None = None,
+                 raw: dict[str, Any] | None = None):
+        self.name, self.backend, self.filename = name, backend, filename
+        self.max_batch_size, self.description = max_batch_size, description
+        self.version_policy, self.num_versions = version_policy, num_versions
+        self.versions = [] if versions is None else versions
+        self.raw = {} if raw is None else raw
 
     def backend_options(self) -> dict:
         """The model's ``[<backend>]`` section."""
@@ -149,6 +154,7 @@ class ModelRepository:
         path = self.model_dir(name) / CONFIG_FILE
         if not path.is_file():
             return parse_model_config(name, {})
+        tomllib = toml_module()
         try:
             raw = tomllib.loads(path.read_text(encoding="utf-8"))
         except (tomllib.TOMLDecodeError, UnicodeDecodeError) as exc:

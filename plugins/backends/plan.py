@@ -14,7 +14,6 @@ where a shard runs: each shard's placement names the executor that runs it
 from __future__ import annotations
 
 import copy
-import dataclasses
 import logging
 from typing import TYPE_CHECKING
 
@@ -128,7 +127,7 @@ class PlanBackend:
         options = {**(section if isinstance(section, dict) else {}), **shard.options}
         config = copy.copy(s.config)
         config.backend, config.filename = shard.backend, shard.file
-        settings = dataclasses.replace(s, config=config, options=options)
+        settings = s.replace(config=config, options=options)
         fused = self._fused_files.get(shard.file)
         if fused is not None:  # merged in memory from shard files already read and checked
             settings.read_bytes = lambda name, data=fused: data

@@ -10,7 +10,6 @@ one BYTES element holding a wire blob (plugins/executors/base.py) that went thro
 
 from __future__ import annotations
 
-import dataclasses
 import os
 import shutil
 from pathlib import Path
@@ -98,8 +97,8 @@ class WireBackend:
         names = s.server.section("executors").get("transforms", []) if s.server else []
         self.chain = TransformChain(names, s.plugins, s.server)
         options = s.config.raw.get(inner, {})
-        self.inner = s.backends[inner](dataclasses.replace(
-            s, options=options if isinstance(options, dict) else {}))
+        self.inner = s.backends[inner](s.replace(
+            options=options if isinstance(options, dict) else {}))
         self.inner.load()
         self.inputs = [TensorSpec(t.name, "BYTES", [1]) for t in self.inner.inputs]
         self.outputs = [TensorSpec(t.name, "BYTES", [1]) for t in self.inner.outputs]

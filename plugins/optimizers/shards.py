@@ -16,7 +16,6 @@ candidate is that backend over the optimised files.
 
 from __future__ import annotations
 
-import dataclasses
 import hashlib
 from dataclasses import dataclass, field
 from types import SimpleNamespace
@@ -61,7 +60,7 @@ class PlanSession:
                     "graph_optimization_level": level}
         raw = {**cfg.raw, "plan": {**_table(cfg.raw, "plan"), "fuse": False},
                "onnxruntime": {**_table(cfg.raw, "onnxruntime"), **measured}}
-        cfg = dataclasses.replace(cfg, raw=raw)
+        cfg = cfg.replace(raw=raw)
         files = {PLAN_FILE: source.plan_bytes, **source.files}
 
         def read_bytes(filename: str) -> bytes:
@@ -81,8 +80,7 @@ class PlanSession:
 
     def with_files(self, files: dict[str, bytes]) -> PlanSession:
         """The same plan backend over other files: the optimised ones, not yet published."""
-        return self._loaded(dataclasses.replace(self.backend.settings,
-                                                read_bytes=files.__getitem__))
+        return self._loaded(self.backend.settings.replace(read_bytes=files.__getitem__))
 
     def close(self) -> None:
         self.backend.close()
