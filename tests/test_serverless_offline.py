@@ -39,7 +39,8 @@ def free_port() -> int:
 
 
 class OfflineService:
-    def __init__(self, log_path: Path):
+    def __init__(self, log_path: Path, idle_s: int = 3600):
+        """``idle_s``: an instance idle that long is stopped (its next call is a cold start)."""
         if not SERVERLESS.exists():
             pytest.fail("node_modules is missing: run `make test`, which runs `npm ci`")
         self.http_port, self.lambda_port = free_port(), free_port()
@@ -53,7 +54,7 @@ class OfflineService:
         self.proc = subprocess.Popen(
             [str(SERVERLESS), "offline", "--host", "127.0.0.1",
              "--httpPort", str(self.http_port), "--lambdaPort", str(self.lambda_port),
-             "--noSponsor", "--terminateIdleLambdaTime", "3600"],
+             "--noSponsor", "--terminateIdleLambdaTime", str(idle_s)],
             cwd=ROOT, env=env, stdin=subprocess.DEVNULL, stdout=self.log, stderr=self.log,
             start_new_session=True)
         deadline = time.monotonic() + 90

@@ -30,10 +30,12 @@ LAMBDA_PAYLOAD_LIMIT = 6 * 1024 * 1024
 
 
 class _Answer:
-    """What :class:`RemoteStage` reads of a urllib3 response."""
+    """What :class:`RemoteStage` reads of a urllib3 response (headers: any case)."""
 
     def __init__(self, status: int, data: bytes, headers: dict):
-        self.status, self.data, self.headers = status, data, headers
+        from urllib3 import HTTPHeaderDict
+
+        self.status, self.data, self.headers = status, data, HTTPHeaderDict(headers)
 
 
 class LambdaInvoker:
