@@ -27,7 +27,8 @@ the model only. Run it alone on the machine and report the load average:
     flock /tmp/shardserve-bench.lock .venv/bin/python benchmarks/generation.py [--setup]
 
 A small shape (``--layers 2 --width 64 --heads 4 --kv-heads 2 --vocab 512 --intermediate 128``)
-checks the script in a minute.
+checks the script in a minute. ``--only streaming`` (about a minute with the model exported),
+``--only sampling`` (seconds) or any comma-separated subset of the figures runs just those.
 """
 
 from __future__ import annotations
@@ -374,7 +375,19 @@ def sampling_figures(vocab: int) -> list[tuple[str, float, float]]:
     return rows
 
 
+def sampling_report(args, figures: dict) -> None:
+    figures["sampling"] = []
+    for label, numba_s, numpy_s in sampling_figures(args.vocab):
+        figures["sampling"].append({"case": label, "numba_ms": numba_s * 1e3,
+                                    "numpy_ms": numpy_s * 1e3})
+        print(f"sampling at vocabulary {args.vocab}, {label}: numba {numba_s * 1e3:.3f} ms, "
+              f"numpy {numpy_s * 1e3:.3f} ms ({numpy_s / numba_s:.1f}x)")
+
+
 # the run ---------------------------------------------------------------------------------
+
+FIGURES = ("decode", "streaming", "streams", "kv", "sampling", "llamacpp")
+
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
@@ -389,7 +402,8 @@ def main() -> None:
     p.add_argument("--prompt", type=int, default=128, help="prompt tokens for the TTFT figure")
     p.add_argument("--kv-tokens", type=int, default=256)
     p.add_argument("--rounds", type=int, default=3,
-                   help="batch-1 rounds, the engines alternating (each one's best is kept)")
+                   help="batch-1 rounds, the engines alternating (each one's best is kept); "
+                        "streaming alternates this many times over its three prompts")
     p.add_argument("--plot", type=Path, help="also draw the figures into this PNG")
     p.add_argument("--setup", action="store_true", help="create build/genai-venv first")
     # llama.cpp peer (benchmarks/generation_llamacpp.py)
@@ -398,13 +412,25 @@ def main() -> None:
                         "build/llama.cpp first (a long compile on 2 cores; cached)")
     p.add_argument("--no-llamacpp", action="store_true", help="leave llama.cpp out")
     p.add_argument("--json", type=Path, help="also write the figures here")
+    p.add_argument("--only", type=lambda v: set(v.split(",")), default=set(FIGURES),
+                   help=f"run only these figures, comma-separated, of {','.join(FIGURES)} "
+                        "(streaming alone takes about a minute, sampling seconds)")
     args = p.parse_args()
+    if args.only - set(FIGURES):
+        raise SystemExit(f"--only takes {','.join(FIGURES)}")
+    if args.only == {"sampling"}:  # no model needed
+        figures = {}
+        sampling_report(args, figures)
+        print(f"load average at end: {os.getloadavg()[0]:.2f} {os.getloadavg()[1]:.2f}")
+        if args.json:
+            args.json.write_text(json.dumps(figures, indent=1, default=str) + "\n")
+        return
 
     if args.setup:
         setup_genai()
     if args.setup_llamacpp:
         generation_llamacpp.setup()
-    if not GENAI_PYTHON.exists():
+    if args.only & {"decode", "streams"} and not GENAI_PYTHON.exists():
         raise SystemExit("onnxruntime-genai is not set up: rerun with --setup")
     from runtime import Runtime
 
@@ -424,12 +450,14 @@ def main() -> None:
           f"whole); {args.tokens} tokens per stream")
 
     runtimes = {}
-    for threads in [int(t) for t in args.threads.split(",")]:
+    for threads in [int(t) for t in args.threads.split(",")] if "decode" in args.only else [1]:
         rt = Runtime.from_config({"repository": {"path": str(shardserve_repo(onnx, threads))},
                                   "metrics": {"enabled": False}}).start()
         model = rt.get_model("lm").backend
         runtimes[threads] = (rt, model)
         ours_stream(model, decode_prompts[0], 4)  # warm-up
+        if "decode" not in args.only:
+            continue
         mine, theirs = [], []
         for _ in range(args.rounds):  # alternate the two engines, keep each one's best
             mine += [ours_stream(model, ids, args.tokens) for ids in decode_prompts]
@@ -463,30 +491,35 @@ def main() -> None:
     for threads, (rt, _) in runtimes.items():
         if threads != 1:
             rt.close()
-    copy = copy_bandwidth()
+    copy = copy_bandwidth() if "decode" in args.only else 0
     figures["copy_gbps"] = copy / 1e9
-    for threads in runtimes:
+    for threads in runtimes if copy else ():
         gbps = figures[f"threads_{threads}"]["weight_gbps"]
         print(f"{threads} thread(s): effective weight bandwidth {gbps:.2f} GB/s "
               f"({weight_bytes / 1e6:.0f} MB x {figures[f'threads_{threads}']['decode_tps']:.1f}"
               f" tokens/s), {gbps * 1e9 / copy:.0%} of numpy's one-thread copy bandwidth "
               f"{copy / 1e9:.2f} GB/s")
 
-    server = Server(WORK / "repo-t1")
+    server = Server(WORK / "repo-t1") if args.only & {"streaming", "streams"} else None
     try:
-        server.stream(decode_prompts[0], 4)  # warm-up
+        if server:
+            server.stream(decode_prompts[0], 4)  # warm-up
         http_runs, local_runs = [], []
-        for ids in decode_prompts:  # alternate in process and over HTTP
+        # alternate in process and over HTTP, --rounds times over the prompts
+        for ids in decode_prompts * args.rounds if "streaming" in args.only else ():
             run = ours_stream(model1, ids, args.tokens)
             local_runs.append(len(run["tokens"]) / run["seconds"])
             seconds, count = server.stream(ids, args.tokens)
             http_runs.append(count / seconds)
-        local, http = statistics.median(local_runs), statistics.median(http_runs)
-        figures["streaming"] = {"in_process_tps": local, "http_tps": http}
-        print(f"streaming: one stream through /generate_stream {http:.1f} tokens/s against "
-              f"{local:.1f} in process ({http / local:.2f}x)")
-        single = figures["threads_1"]["decode_tps"]
-        for streams in (4, 8):
+        if local_runs:
+            local, http = statistics.median(local_runs), statistics.median(http_runs)
+            figures["streaming"] = {"in_process_tps": local, "http_tps": http,
+                                    "runs": [local_runs, http_runs]}
+            print(f"streaming: one stream through /generate_stream {http:.1f} tokens/s against "
+                  f"{local:.1f} in process ({http / local:.2f}x; runs, alternating: "
+                  f"{' '.join(f'{a:.1f}/{b:.1f}' for a, b in zip(http_runs, local_runs))})")
+        single = figures.get("threads_1", {}).get("decode_tps", float("nan"))
+        for streams in (4, 8) if "streams" in args.only else ():
             total = server.concurrent(streams, args.tokens)
             batch = genai({"folder": str(gfolder), "threads": 1, "mode": "batch",
                            "prompts": [prompt_ids(8, 100 + s) for s in range(streams)],
@@ -497,23 +530,22 @@ def main() -> None:
                   f"({total / single:.2f}x shardserve's batch 1); onnxruntime-genai static "
                   f"batch of {streams} in process {theirs:.1f} ({total / theirs:.2f}x)")
     finally:
-        server.stop()
+        if server:
+            server.stop()
 
-    cached = ours_stream(model1, decode_prompts[1], args.kv_tokens)
-    cached_rate = len(cached["tokens"]) / cached["seconds"]
-    plain = recompute_rate(model1, decode_prompts[1], args.kv_tokens)
-    figures["kv_cache"] = {"cached_tps": cached_rate, "recompute_tps": plain}
-    print(f"KV cache {cached_rate:.1f} tokens/s against recomputing the prefix {plain:.1f} "
-          f"tokens/s ({cached_rate / plain:.1f}x over {args.kv_tokens} tokens)")
+    if "kv" in args.only:
+        cached = ours_stream(model1, decode_prompts[1], args.kv_tokens)
+        cached_rate = len(cached["tokens"]) / cached["seconds"]
+        plain = recompute_rate(model1, decode_prompts[1], args.kv_tokens)
+        figures["kv_cache"] = {"cached_tps": cached_rate, "recompute_tps": plain}
+        print(f"KV cache {cached_rate:.1f} tokens/s against recomputing the prefix {plain:.1f} "
+              f"tokens/s ({cached_rate / plain:.1f}x over {args.kv_tokens} tokens)")
     rt1.close()
 
-    figures["sampling"] = []
-    for label, numba_s, numpy_s in sampling_figures(args.vocab):
-        figures["sampling"].append({"case": label, "numba_ms": numba_s * 1e3,
-                                    "numpy_ms": numpy_s * 1e3})
-        print(f"sampling at vocabulary {args.vocab}, {label}: numba {numba_s * 1e3:.3f} ms, "
-              f"numpy {numpy_s * 1e3:.3f} ms ({numpy_s / numba_s:.1f}x)")
-    if not args.no_llamacpp:  # the llama.cpp peer, after shardserve's figures above
+    if "sampling" in args.only:
+        sampling_report(args, figures)
+    # the llama.cpp peer, after shardserve's figures above
+    if not args.no_llamacpp and "llamacpp" in args.only:
         if generation_llamacpp.ready():
             generation_llamacpp.llamacpp_figures(args, onnx.parent, sys.modules[__name__],
                                                  figures)
@@ -523,7 +555,7 @@ def main() -> None:
     print(f"load average at end: {os.getloadavg()[0]:.2f} {os.getloadavg()[1]:.2f}")
     if args.json:
         args.json.write_text(json.dumps(figures, indent=1, default=str) + "\n")
-    if args.plot:
+    if args.plot and args.only == set(FIGURES):
         draw(figures, args.plot)
 
 
