@@ -616,7 +616,10 @@ def test_a_killed_cloud_node_fails_over_to_its_replica_with_the_same_tokens(tmp_
             t.join(60)
         assert [results.get(i) for i in range(len(jobs))] == [_greedy(whole, p, n)
                                                               for p, n in jobs]
-        assert engine.rebuilds == 1 and cloud.endpoint == second.base
+        # each pipeline group is its own client of the node: each fails over and rebuilds once
+        groups = getattr(engine, "groups", [engine])
+        assert engine.rebuilds >= 1 and all(g.rebuilds <= 1 for g in groups)
+        assert cloud.endpoint == second.base
     finally:
         first.stop()
         second.stop()

@@ -207,13 +207,16 @@ class SplitEngine(Engine):
     group_prefill = False  # each stage prefills one sequence at a time (its own _prefill_chunk)
 
     def __init__(self, stages: list, graph: GraphInfo, limits: EngineLimits, name: str,
-                 hop_records: int = 4096):
+                 hop_records: int = 4096, pipeline=None):
         super().__init__(None, graph, limits, name)
         self.stages = stages
         self._cache = _NoCache()
         self._ids: dict[object, str] = {}
         self._counter = itertools.count()
-        self.hops: deque[Hop] = deque(maxlen=hop_records)
+        # A group of a pipelined engine (split_pipeline.py): its stage calls take that
+        # stage's lock, and memory and rows are counted over all groups.
+        self.pipeline = pipeline
+        self.hops: deque[Hop] = pipeline.hops if pipeline else deque(maxlen=hop_records)
         self._stage_error: ShardserveError | None = None
         self.rebuilds = 0  # times the stages' caches were rebuilt from tokens
         self._failed_stage = 0
@@ -225,16 +228,24 @@ class SplitEngine(Engine):
             key = self._ids[seq] = f"s{next(self._counter)}"
         return key
 
+    def _on(self, position: int, method, *args):
+        """A stage call; in a pipelined engine it waits for that stage to be free, so each
+        stage works on one group at a time while the others move on."""
+        if self.pipeline is None:
+            return method(*args)
+        with self.pipeline.locks[position]:
+            return method(*args)
+
     def _through(self, carry: np.ndarray, phase: str, call, first: int = 0) -> np.ndarray:
-        for stage in self.stages[first:]:
-            sent = carry
+        for position in range(first, len(self.stages)):
+            stage, sent = self.stages[position], carry
             try:
-                carry = call(stage, carry)
+                carry = self._on(position, call, stage, carry)
             except ShardserveError as exc:  # its message names the stage and is safe to show
-                self._stage_error, self._failed_stage = exc, stage.index
+                self._stage_error, self._failed_stage = exc, position
                 self._failed_carry = sent
                 raise
-            if stage.index:  # what crossed the cut into this stage
+            if position:  # what crossed the cut into this stage
                 wire = getattr(stage, "last_wire", (0, 0))
                 self.hops.append(Hop(stage.index, phase, sent.shape[0], sent.shape[1],
                                      int(sent.nbytes), *wire))
@@ -256,6 +267,8 @@ class SplitEngine(Engine):
     def _decode(self) -> None:
         batch = self._batch
         self.max_rows_seen = max(self.max_rows_seen, len(batch))
+        if self.pipeline is not None:
+            self.pipeline.decoding()
         rows = [self._id(s) for s in batch]
         ids = np.asarray([[s.next_token] for s in batch], dtype=np.int64)
         try:
@@ -283,9 +296,22 @@ class SplitEngine(Engine):
         lost = self._failed_stage
         for seq in self._batch:
             carry = np.asarray([(seq.prompt + seq.generated)[:seq.cached]], dtype=np.int64)
-            for stage in self.stages[:lost]:
-                carry = stage.compute(carry)
-            self.stages[lost].prefill(self._id(seq), 0, carry)
+            for position, stage in enumerate(self.stages[:lost]):
+                carry = self._on(position, stage.compute, carry)
+            self._on(lost, self.stages[lost].prefill, self._id(seq), 0, carry)
+
+    def _fits(self, seq) -> bool:
+        if self.pipeline is None:
+            return super()._fits(seq)
+        return self.pipeline.fits(self, seq)
+
+    def _prefill_some(self) -> None:
+        if self.pipeline is not None and self._pending and not self._batch \
+                and not self._prefilling:  # other groups hold the budget: wait for them
+            with self._cond:
+                self._cond.wait(0.01)
+            return
+        super()._prefill_some()
 
     def _leave(self) -> None:
         super()._leave()
@@ -295,6 +321,8 @@ class SplitEngine(Engine):
             keys = [self._ids.pop(s) for s in gone]
             for stage in self.stages:
                 _guarded(stage, "release", keys)
+            if self.pipeline is not None:
+                self.pipeline.freed(self)
 
     def close(self) -> None:
         super().close()
@@ -337,9 +365,12 @@ def graph_info_of(stages: list) -> GraphInfo:
     return GraphInfo(names, past, present, "position_ids" in names, heads, dim, dtype)
 
 
-def split_generation_model(model, cuts: list[int], intra_op_threads: int = 0) -> SplitEngine:
+def split_generation_model(model, cuts: list[int], intra_op_threads: int = 0,
+                           pipeline_groups: int = 1):
     """Swap a loaded :class:`~.model.GenerationModel`'s engine for one over in-process stages
-    of its own graph cut at boundaries ``cuts`` (read through the model-bytes hooks)."""
+    of its own graph cut at boundaries ``cuts`` (read through the model-bytes hooks); with
+    ``pipeline_groups`` > 1 the running sequences are split into that many groups, each with
+    its own stages over the same sessions, pipelined (:mod:`.split_pipeline`)."""
     import onnx
 
     from .split import split_decoder
@@ -349,7 +380,18 @@ def split_generation_model(model, cuts: list[int], intra_op_threads: int = 0) ->
     proto = onnx.load_from_string(model.settings.read_bytes(model.settings.config.filename))
     stages = [LayerStage(spec, intra_op_threads=intra_op_threads)
               for spec in split_decoder(proto, cuts)]
+    groups = [stages] + [[LayerStage(s.spec, s.session) for s in stages]
+                         for _ in range(pipeline_groups - 1)]
     old = model.engine
     old.close()
-    model.engine = SplitEngine(stages, graph_info_of(stages), old.limits, old.name)
+    model.engine = engine_over(groups, graph_info_of(stages), old.limits, old.name)
     return model.engine
+
+
+def engine_over(groups: list[list], graph: GraphInfo, limits: EngineLimits, name: str):
+    """A :class:`SplitEngine` over one group of stages, a pipelined engine over several."""
+    if len(groups) == 1:
+        return SplitEngine(groups[0], graph, limits, name)
+    from .split_pipeline import PipelinedEngine
+
+    return PipelinedEngine(groups, graph, limits, name)

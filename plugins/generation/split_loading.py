@@ -10,7 +10,7 @@ a Lambda function),
 from __future__ import annotations
 
 from .engine import EngineLimits, GraphInfo
-from .split_engine import LayerStage, SplitEngine
+from .split_engine import LayerStage, SplitEngine, engine_over
 
 
 class PlanStageSpec:
@@ -27,12 +27,18 @@ class PlanStageSpec:
         self.model = None
 
 
-def stages_of_plan(settings) -> list[LayerStage]:
-    """In-process stages over a decoder plan's shard files, as plan.toml lists them (the plan
-    backend may have fused them), read through the model-bytes hooks so signatures and
-    encryption apply to every shard."""
-    import onnxruntime as ort
+class StageGroups(list):
+    """The first group's stages (what the signature is read from), with ``groups``: every
+    pipeline group's own stages, the first included."""
 
+    groups: list[list]
+
+
+def stages_of_plan(settings) -> StageGroups:
+    """Stages over a decoder plan's shard files, as plan.toml lists them (the plan backend may
+    have fused them), read through the model-bytes hooks so signatures and encryption apply to
+    every shard; one set per pipeline group (:func:`pipeline_groups`), in-process ones sharing
+    one session per shard."""
     from plugins.shard_plan import PLAN_FILE, parse_plan
     from runtime.errors import ModelLoadError
 
@@ -41,6 +47,35 @@ def stages_of_plan(settings) -> list[LayerStage]:
         raise ModelLoadError(f"model {settings.model!r}: this plan does not cut the decoder "
                              "between its layers; generating needs shardserve partition's "
                              "decoder split (docs/partitioning.md)")
+    sessions: dict[str, object] = {}
+    stages = StageGroups(_stage_group(settings, plan, sessions))
+    stages.groups = [stages] + [_stage_group(settings, plan, sessions)
+                                for _ in range(pipeline_groups(settings.model, plan) - 1)]
+    return stages
+
+
+def pipeline_groups(model: str, plan) -> int:
+    """plan.toml ``[decoder] pipeline_groups``; by default one group per stage when the stages
+    run in more than one place (pipelining keeps them all busy), else 1 (all in this process:
+    one batch is as fast and needs no extra threads)."""
+    from runtime.errors import ModelLoadError
+
+    value = plan.raw["decoder"].get("pipeline_groups")
+    if value is None:
+        return len(plan.shards) if len({s.placement for s in plan.shards}) > 1 else 1
+    if isinstance(value, bool) or not isinstance(value, int) or not 1 <= value <= 16:
+        raise ModelLoadError(f"model {model!r}: plan.toml [decoder] pipeline_groups must be "
+                             "an integer from 1 to 16")
+    return value
+
+
+def _stage_group(settings, plan, sessions: dict) -> list[LayerStage]:
+    """One stage per shard, where its placement says."""
+    import onnxruntime as ort
+
+    from plugins.backends.onnxruntime import session_options
+    from runtime.errors import ModelLoadError
+
     stages = []
     chain = None
     for index, shard in enumerate(plan.shards):
@@ -67,9 +102,12 @@ def stages_of_plan(settings) -> list[LayerStage]:
                                  "on another shardserve, in a Dask actor or in a Lambda "
                                  "function (placement 'local', 'http://...', "
                                  "'dask[:worker]' or 'lambda:function')")
-        session = ort.InferenceSession(settings.read_bytes(shard.file),
-                                       providers=["CPUExecutionProvider"])
-        stages.append(LayerStage(spec, session))
+        if shard.file not in sessions:  # model.toml's [onnxruntime] (threads) applies
+            sessions[shard.file] = ort.InferenceSession(
+                settings.read_bytes(shard.file),
+                session_options(settings.model, settings.config.raw.get("onnxruntime", {})),
+                providers=["CPUExecutionProvider"])
+        stages.append(LayerStage(spec, sessions[shard.file]))
     return stages
 
 
@@ -105,7 +143,7 @@ def stages_engine(stages: list[LayerStage]):
     """An engine factory with :class:`~.engine.Engine`'s signature, over ``stages``."""
 
     def make(session, graph: GraphInfo, limits: EngineLimits, name: str) -> SplitEngine:
-        return SplitEngine(stages, graph, limits, name)
+        return engine_over(getattr(stages, "groups", [stages]), graph, limits, name)
 
     return make
 
