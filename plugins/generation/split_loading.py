@@ -182,9 +182,15 @@ def dask_stage(settings, plan, shard, spec):
         raise ModelLoadError(f"model {settings.model!r}: a decoder stage on Dask needs "
                              "[executors.dask] scheduler")
     worker = shard.placement.partition(":")[2] or None
+    replicas = shard.options.get("replicas", [])
+    if not isinstance(replicas, list) or not all(
+            isinstance(r, str) and (r == "dask" or r.startswith("dask:")) for r in replicas):
+        raise ModelLoadError(f"model {settings.model!r}: shard {shard.name!r} options.replicas "
+                             "must be a list of 'dask' or 'dask:WORKER' placements")
     signature = _Signature(*plan_signature(settings.model, plan, spec))
     return DaskStage(spec, settings.read_bytes(shard.file), scheduler, worker, signature,
-                     timeout_s=float(shard.options.get("timeout_s", 10.0)))
+                     timeout_s=float(shard.options.get("timeout_s", 10.0)),
+                     replicas=tuple(r.partition(":")[2] or None for r in replicas))
 
 
 def plan_signature(model: str, plan, spec) -> tuple[list, list]:

@@ -29,6 +29,14 @@ from .stage_client import RemoteStage
 LAMBDA_PAYLOAD_LIMIT = 6 * 1024 * 1024
 
 
+def _failure(message: str, timed_out: bool = False) -> Exception:
+    """The transport error :class:`RemoteStage` answers with a 503 (or a 504 when
+    ``timed_out``) naming the stage, or fails over to a replica."""
+    from .stage_client import StageConnectionError
+
+    return StageConnectionError(message, timed_out=timed_out)
+
+
 class _Answer:
     """What :class:`RemoteStage` reads of a urllib3 response (headers: any case)."""
 
@@ -58,7 +66,6 @@ class LambdaInvoker:
     def urlopen(self, method: str, url: str, body: bytes = b"", headers: dict | None = None,
                 **_ignored) -> _Answer:
         from botocore.exceptions import BotoCoreError, ClientError, ReadTimeoutError
-        from urllib3.exceptions import HTTPError
 
         payload = json.dumps(make_event(method, url, headers or {}, body)).encode()
         if len(payload) > LAMBDA_PAYLOAD_LIMIT:
@@ -69,9 +76,9 @@ class LambdaInvoker:
                                        InvocationType="RequestResponse", Payload=payload)
             raw = reply["Payload"].read()
         except ReadTimeoutError:
-            raise HTTPError("invoke timed out") from None
+            raise _failure("invoke timed out", timed_out=True) from None
         except (BotoCoreError, ClientError) as exc:
-            raise HTTPError(f"invoke failed ({type(exc).__name__})") from None
+            raise _failure(f"invoke failed ({type(exc).__name__})") from None
         if reply.get("FunctionError"):  # the handler never raises: its process died
             return _Answer(502, b"", {})
         try:
