@@ -174,6 +174,36 @@ def agreement(ours: list[int], theirs: list[int]) -> int:
     return n
 
 
+def onnx_logits(model, ids: list[int]):
+    """The last position's logits of shardserve's model.onnx (onnxruntime, no past)."""
+    import numpy as np
+
+    graph, session = model.graph, model.engine.session
+    empty = np.zeros((1, graph.kv_heads, 0, graph.head_dim), dtype=graph.dtype)
+    feed = {"input_ids": np.asarray([ids], np.int64),
+            "attention_mask": np.ones((1, len(ids)), np.int64),
+            **{name: empty for name in graph.past_names}}
+    if graph.has_position_ids:
+        feed["position_ids"] = np.arange(len(ids), dtype=np.int64)[None]
+    return session.run(["logits"], feed)[0][0, -1]
+
+
+def logits_check(model, path: Path, prompts: list[list[int]]) -> dict:
+    """The two engines' next-token logits for the same prompts: the largest difference
+    against the logits' spread, and whether the 10 best tokens come in the same order (the
+    random model mostly repeats its last token, so agreeing greedy tokens alone say little)."""
+    import numpy as np
+
+    theirs = run_job({"gguf": str(path), "threads": 1, "mode": "logits", "prompts": prompts})
+    worst, spread, same_top = 0.0, 0.0, True
+    for ids, row in zip(prompts, theirs):
+        ours, row = onnx_logits(model, ids), np.asarray(row, np.float32)
+        worst = max(worst, float(np.abs(ours - row).max()))
+        spread = max(spread, float(ours.max() - ours.min()))
+        same_top &= bool((np.argsort(-ours)[:10] == np.argsort(-row)[:10]).all())
+    return {"max_abs_diff": worst, "logit_range": spread, "same_top10": same_top}
+
+
 def cpp_tools(path: Path, threads: list[int], prompt: int, tokens: int) -> dict:
     """llama.cpp's own C++ benchmarks on the same GGUF (random token ids, no Python in the
     loop): llama-bench's prompt (pp) and generation (tg) tokens/s, llama-batched-bench's
@@ -239,6 +269,13 @@ def llamacpp_figures(args, folder: Path, g, figures: dict) -> None:
                 "streams": [[ids, 1] for ids in ttft_prompts]}))
         finally:
             rt.close()
+            if threads == threads_list[0]:
+                result["logits"] = logits_check(model, path, decode_prompts + ttft_prompts)
+                print(f"llama.cpp against shardserve's model.onnx, next-token logits of "
+                      f"{len(decode_prompts) + len(ttft_prompts)} prompts: largest difference "
+                      f"{result['logits']['max_abs_diff']:.2e} (the logits span "
+                      f"{result['logits']['logit_range']:.2f}), the 10 best tokens in the same "
+                      f"order: {result['logits']['same_top10']}")
         agree = [agreement(a["tokens"], b["tokens"]) for a, b in zip(mine, theirs)]
         result[f"threads_{threads}"] = {
             "decode_tps": their_rate, "shardserve_decode_tps": ours_rate,
@@ -279,7 +316,8 @@ class Engine:
         import numpy as np
 
         self.L, self.np = L, np
-        L.llama_log_set(L.llama_log_callback(lambda level, text, data: None), None)
+        self._quiet = L.llama_log_callback(lambda level, text, data: None)  # kept alive
+        L.llama_log_set(self._quiet, None)
         L.llama_backend_init()
         mparams = L.llama_model_default_params()
         mparams.n_gpu_layers = 0
@@ -310,6 +348,13 @@ class Engine:
     def argmax(self, i: int) -> int:
         row = self.L.llama_get_logits_ith(self.ctx, i)
         return int(self.np.ctypeslib.as_array(row, shape=(self.n_vocab,)).argmax())
+
+    def logits(self, prompt: list[int]) -> list[float]:
+        """The last position's logits after the prompt, all of the vocabulary."""
+        self.clear()
+        self.decode([(t, p, 0, p == len(prompt) - 1) for p, t in enumerate(prompt)])
+        row = self.L.llama_get_logits_ith(self.ctx, -1)
+        return self.np.ctypeslib.as_array(row, shape=(self.n_vocab,)).tolist()
 
     def clear(self) -> None:
         self.L.llama_memory_clear(self.mem, True)
@@ -355,6 +400,8 @@ def serve_job() -> None:
     engine.stream(list(range(3, 11)), 4)  # warm-up
     if job["mode"] == "decode":
         result = [engine.stream(ids, tokens) for ids, tokens in job["streams"]]
+    elif job["mode"] == "logits":
+        result = [engine.logits(ids) for ids in job["prompts"]]
     else:
         engine.parallel(job["prompts"], 4)  # warm-up at this batch
         result = engine.parallel(job["prompts"], job["tokens"])
