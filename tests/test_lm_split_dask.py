@@ -1,0 +1,85 @@
+"""A decoder stage in a Dask actor with a replica (issue #23): the worker process holding the
+actor is killed mid-stream; the stage moves to a fresh actor on another worker, its caches are
+rebuilt from the tokens so far, and every stream's greedy tokens equal the unsplit model's."""
+
+from __future__ import annotations
+
+import os
+import signal
+import threading
+import time
+
+import pytest
+from generation_models import cached_export, repository_with
+
+from runtime import Runtime
+
+pytestmark = pytest.mark.slow
+
+PROMPTS = ["def main(", "import os\nimport sys\n", "class Config:\n    def __init__(self"]
+
+
+def _greedy(model, prompt, max_tokens):
+    request = model.parse({"max_tokens": max_tokens, "temperature": 0}, prompt,
+                          {"max_tokens", "temperature"})
+    return [e["token"] for e in model.generate(request)
+            if "finish_reason" not in e and e["token"] is not None]
+
+
+def test_a_killed_dask_worker_fails_over_to_an_actor_on_another(tmp_path):
+    from distributed import Client, LocalCluster
+
+    from handlers.cli import main
+
+    arch = "llama"
+    root = repository_with(tmp_path / "edge", {arch: cached_export(arch)[0]},
+                           {arch: 'version_policy = "all"\n'})
+    assert main(["partition", arch, "--repository", str(root), "--strategy", "pipeline",
+                 "--shards", "3"]) == 0
+    with LocalCluster(n_workers=2, threads_per_worker=1, processes=True,
+                      dashboard_address=None, host="127.0.0.1") as cluster, \
+            Client(cluster) as client:
+        pids = client.run(os.getpid)  # worker address -> its process
+        first, second = sorted(pids)
+        plan = root / arch / "2" / "plan.toml"
+        head, sep, tail = plan.read_text().partition('name = "stage_1"')
+        plan.write_text(head + sep + tail.replace(
+            'placement = "local"', f'placement = "dask:{first}"\n'
+            f'options = {{replicas = ["dask:{second}"], timeout_s = 5}}', 1))
+        rt = Runtime.from_config({"repository": {"path": str(root), "load": "all"},
+                                  "executors": {"dask": {"scheduler":
+                                                         cluster.scheduler_address}}}).start()
+        try:
+            whole, split = rt.get_model(arch, 1).backend, rt.get_model(arch, 2).backend
+            engine = split.engine
+            stage = engine.stages[1]
+            assert type(stage).__name__ == "DaskStage"
+            jobs = [(PROMPTS[i], n) for i, n in enumerate((16, 12, 20))]
+            alone = [_greedy(whole, p, n) for p, n in jobs]
+            decode, calls = stage.decode, []
+
+            def killing(rows, carry):
+                calls.append(len(rows))
+                if len(calls) == 5:  # the worker holding the actor dies between two steps
+                    os.kill(pids[first], signal.SIGKILL)
+                return decode(rows, carry)
+
+            stage.decode = killing
+            results: dict[int, list[int]] = {}
+
+            def run(i, prompt, n):
+                time.sleep(0.003 * i)
+                results[i] = _greedy(split, prompt, n)
+
+            threads = [threading.Thread(target=run, args=(i, p, n))
+                       for i, (p, n) in enumerate(jobs)]
+            started = time.monotonic()
+            for t in threads:
+                t.start()
+            for t in threads:
+                t.join(90)
+            assert [results.get(i) for i in range(len(jobs))] == alone
+            assert engine.rebuilds >= 1 and stage.replica == 1
+            assert time.monotonic() - started < 30  # a dead worker is noticed at once
+        finally:
+            rt.close()
