@@ -28,6 +28,7 @@ from runtime.errors import ServiceUnavailable, ShardserveError
 
 from .engine import ORT_FLOAT, Engine, EngineLimits, GraphInfo
 from .kv_cache import BatchCache
+from .stage_hops import tally
 
 log = logging.getLogger("shardserve.generation")
 
@@ -236,7 +237,8 @@ class SplitEngine(Engine):
         with self.pipeline.locks[position]:
             return method(*args)
 
-    def _through(self, carry: np.ndarray, phase: str, call, first: int = 0) -> np.ndarray:
+    def _through(self, carry: np.ndarray, phase: str, call, first: int = 0,
+                 seqs=()) -> np.ndarray:
         for position in range(first, len(self.stages)):
             stage, sent = self.stages[position], carry
             try:
@@ -247,8 +249,10 @@ class SplitEngine(Engine):
                 raise
             if position:  # what crossed the cut into this stage
                 wire = getattr(stage, "last_wire", (0, 0))
-                self.hops.append(Hop(stage.index, phase, sent.shape[0], sent.shape[1],
-                                     int(sent.nbytes), *wire))
+                hop = Hop(stage.index, phase, sent.shape[0], sent.shape[1],
+                          int(sent.nbytes), *wire)
+                self.hops.append(hop)
+                tally(seqs, hop)  # each request's share, for its access-log line
         return carry
 
     def _prefill_chunk(self, seq, start: int, n: int):
@@ -256,12 +260,14 @@ class SplitEngine(Engine):
         key = self._id(seq)
         ids = np.asarray([seq.prompt[start:start + n]], dtype=np.int64)
         try:
-            logits = self._through(ids, "prefill", lambda st, c: st.prefill(key, start, c))
+            logits = self._through(ids, "prefill", lambda st, c: st.prefill(key, start, c),
+                                   seqs=(seq,))
         except UnknownSequence:  # a stage lost its caches: rebuild, then this prompt from 0
             self._stage_error = None
             self._rebuild()
             ids = np.asarray([seq.prompt[:start + n]], dtype=np.int64)
-            logits = self._through(ids, "prefill", lambda st, c: st.prefill(key, 0, c))
+            logits = self._through(ids, "prefill", lambda st, c: st.prefill(key, 0, c),
+                                   seqs=(seq,))
         return logits, ()
 
     def _decode(self) -> None:
@@ -272,13 +278,15 @@ class SplitEngine(Engine):
         rows = [self._id(s) for s in batch]
         ids = np.asarray([[s.next_token] for s in batch], dtype=np.int64)
         try:
-            logits = self._through(ids, "decode", lambda st, c: st.decode(rows, c))
+            logits = self._through(ids, "decode", lambda st, c: st.decode(rows, c),
+                                   seqs=batch)
         except UnknownSequence:  # a replica took over, or a stateless node forgot: rebuild
             # The stages before the lost one have run this step already: resume at it.
             self._stage_error = None
             lost, carry = self._failed_stage, self._failed_carry
             self._rebuild()
-            logits = self._through(carry, "decode", lambda st, c: st.decode(rows, c), lost)
+            logits = self._through(carry, "decode", lambda st, c: st.decode(rows, c), lost,
+                                   batch)
         self.steps += 1
         for seq, row in zip(batch, logits[:, -1]):
             if seq.finish_reason is None:
@@ -319,8 +327,8 @@ class SplitEngine(Engine):
         gone = [s for s in self._ids if s not in live and s.finish_reason is not None]
         if gone:
             keys = [self._ids.pop(s) for s in gone]
-            for stage in self.stages:
-                _guarded(stage, "release", keys)
+            for position, stage in enumerate(self.stages):  # in turn, like its other calls
+                self._on(position, _guarded, stage, "release", keys)
             if self.pipeline is not None:
                 self.pipeline.freed(self)
 
