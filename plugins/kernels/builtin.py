@@ -1,20 +1,11 @@
-"""Built-in numba kernels, registered through ``shardserve_register_kernels``.
-
-This module is the plugin: it only declares contracts. The jitted functions
-live in :mod:`.dense`, :mod:`.reductions`, :mod:`.attention`, :mod:`.conv`,
-:mod:`.recurrent` and :mod:`.postprocess` (built on :mod:`.vector_math`),
-which import numba and are imported the first time a model uses one of their
-kernels. Names in CamelCase are ONNX operators (the ``numba`` backend lowers
-nodes to them); lower-case names are model.toml pipeline stages.
+"""The built-in kernels' contracts (``BUILTIN_KERNELS``), registered by :mod:`plugins.kernels`
+the first time the kernel registry is asked for. Names in CamelCase are ONNX operators (the
+``numba`` backend lowers nodes to them); lower-case names are model.toml pipeline stages.
 """
 
 from __future__ import annotations
 
-from runtime import hookimpl
-
-from .contract import REQUIRED, Kernel, Required, Shape, parse_stage, same_shape
-
-__all__ = ["BUILTIN_KERNELS", "REQUIRED", "Kernel", "Required", "parse_stage", "same_shape"]
+from .contract import Kernel, Required, Shape
 
 P = "plugins.kernels."
 S = P + "shape_ops:"
@@ -277,8 +268,3 @@ BUILTIN_KERNELS: dict[str, Kernel] = {
                            doc="NCHW -> NHWC layout"),
 }
 
-
-@hookimpl
-def shardserve_register_kernels(register):
-    for name, kernel in BUILTIN_KERNELS.items():
-        register(name, kernel)
