@@ -19,6 +19,7 @@ from generation_models import cached_export, repository_with
 from test_serverless_offline import OfflineService
 
 from runtime import Runtime
+from runtime.errors import ServiceUnavailable
 
 pytestmark = pytest.mark.slow
 
@@ -105,6 +106,12 @@ def test_a_stage_in_a_lambda_function_survives_a_cold_start_mid_stream(tmp_path,
             assert engine.rebuilds >= 1 and len(calls) > 6
             for hop in (h for h in engine.hops if h.stage == 1 and h.phase == "decode"):
                 assert hop.nbytes == hop.rows * 64 * 4  # one hidden state per row
+            # Lambda unreachable: the next request fails promptly with a 503 naming the stage
+            service.stop()
+            started = time.monotonic()
+            with pytest.raises(ServiceUnavailable, match=r"stage 1 \(lambda\) is unavailable"):
+                _greedy(split, PROMPTS[0], 8)
+            assert time.monotonic() - started < 5
         finally:
             rt.close()
     finally:
