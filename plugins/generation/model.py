@@ -38,6 +38,7 @@ from runtime.errors import BadRequest, ModelLoadError
 from .engine import ORT_FLOAT, Engine, EngineLimits, GraphInfo, Sequence
 from .metrics import observe_sequence
 from .sampling import SamplingParams
+from .stage_hops import attach as attach_hops
 from .text import Detokenizer, TextCodec
 
 TASK = "text-generation"
@@ -270,6 +271,7 @@ class GenerationModel:
             room = self.engine.limits.max_context - len(prompt)
             max_tokens = max(1, min(self.default_max_tokens, room))
         seq = Sequence(prompt, max_tokens, request.sampling, self.eos_ids, deadline)
+        attach_hops(seq, self.settings.version)  # the cuts it crosses, in its access-log line
         self.engine.submit(seq)
         events = self.engine.events(seq)
         try:

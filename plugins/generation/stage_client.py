@@ -99,7 +99,7 @@ class StageConnection:
     def _connect(self) -> None:
         try:
             sock = socket.create_connection((self.host, self.port), self.connect_timeout_s)
-        except socket.timeout:
+        except TimeoutError:
             raise StageConnectionError("connect timed out") from None
         except OSError:
             raise StageConnectionError("connection failed") from None
@@ -145,7 +145,7 @@ class StageConnection:
                 self.close()
                 self._connect()
                 return self._exchange(request)
-        except socket.timeout:
+        except TimeoutError:
             self.close()
             raise StageConnectionError("read timed out", timed_out=True) from None
         except (OSError, _Stale) as exc:
@@ -337,7 +337,8 @@ class RemoteStage:
                 pass  # the remote forgets it anyway (TTL)
 
     def reset(self) -> None:
-        self.client = new_request_id() + new_request_id()  # a fresh batch: the old one expires remotely
+        # a fresh batch: the old one expires remotely
+        self.client = new_request_id() + new_request_id()
 
     def cache_bytes(self) -> int:
         return 0  # held remotely

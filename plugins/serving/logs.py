@@ -101,9 +101,14 @@ def _fields(out: dict, event: dict, model: str, version: str, hops: list | None)
     if event.get("principal"):
         out["principal"] = event["principal"]
     if hops:  # remote shards this request crossed: bytes each way and time per hop
-        out["hops"] = [{"shard": h["shard"], "executor": h["executor"],
-                        "bytes_sent": h["bytes_sent"], "bytes_received": h["bytes_received"],
-                        "ms": round(h["seconds"] * 1000, 3)} for h in hops]
+        shards = [{"shard": h["shard"], "executor": h["executor"],
+                   "bytes_sent": h["bytes_sent"], "bytes_received": h["bytes_received"],
+                   "ms": round(h["seconds"] * 1000, 3)} for h in hops if "stage" not in h]
+        if shards:
+            out["hops"] = shards
+        stages = [h for h in hops if "stage" in h]
+        if stages:  # a split language model's cuts: plugins/generation/stage_hops.py
+            out["stage_hops"] = stages
     return out
 
 

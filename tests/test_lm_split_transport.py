@@ -1,0 +1,212 @@
+"""The loopback cut's transport (issue #23): one keep-alive connection per remote stage, and
+the bytes each cut carries, per hop in ``engine.hops`` and per request in the access log.
+
+A random-weight Llama export (tests/generation_models.py) is cut edge-cloud after layer 0;
+its stage 1 (layer 1 and the head) runs on a second shardserve (gunicorn, one worker) on a
+free loopback port; the edge runtime answers a real ``/generate`` request through the route
+table (authentication, audit and access log as served).
+"""
+
+from __future__ import annotations
+
+import logging
+import shutil
+import socket
+import threading
+import time
+
+import numpy as np
+import pytest
+from generation_models import cached_export, repository_with
+
+from handlers.routes import HttpRequest, dispatch
+from plugins.generation.stage_client import StageConnection, StageConnectionError
+from runtime import Runtime
+from runtime.jsonio import json_dumps, json_loads
+
+WIDTH = 64  # the test Llama's hidden size (float32)
+FRAMING_MAX = 1024  # per call: the V2 JSON header and the row ids around the hidden state
+
+_RUNTIMES: list = []
+
+
+@pytest.fixture(scope="module")
+def llama():
+    return cached_export("llama")[0]
+
+
+@pytest.mark.slow
+def test_bytes_per_hop_per_token_in_the_hops_and_the_access_log(tmp_path, llama, caplog,
+                                                                 monkeypatch):
+    from conftest import ServerProcess
+
+    from handlers.cli import main
+
+    arch = "llama"
+    root = repository_with(tmp_path / "edge", {arch: llama}, {arch: 'version_policy = "all"\n'})
+    assert main(["partition", arch, "--repository", str(root), "--strategy", "edge-cloud",
+                 "-o", "cut=1"]) == 0
+    remote = tmp_path / "cloud" / f"{arch}.stage_1"
+    (remote / "1").mkdir(parents=True)
+    shutil.copy(root / arch / "2" / "shard_1.onnx", remote / "1" / "model.onnx")
+    (remote / "model.toml").write_text('task = "decoder-stage"\n')
+    connects = []
+    connect = StageConnection._connect
+
+    def counted(self):
+        connects.append(self)
+        connect(self)
+
+    monkeypatch.setattr(StageConnection, "_connect", counted)
+    server = ServerProcess(["serve", "--workers", "1", "--repository", str(tmp_path / "cloud")])
+    try:
+        plan = root / arch / "2" / "plan.toml"
+        head, sep, tail = plan.read_text().partition('name = "stage_1"')
+        plan.write_text(head + sep + tail.replace('placement = "local"',
+                                                  f'placement = "{server.base}"', 1))
+        rt = Runtime.from_config({"repository": {"path": str(root), "load": "all"}}).start()
+        _RUNTIMES.append(rt)
+        engine = rt.get_model(arch, 2).backend.engine
+        body = json_dumps({"text_input": "import os\nimport sys\n",
+                           "parameters": {"max_tokens": 14, "temperature": 0}})
+        lines = []
+        for _ in range(2):  # the second request reuses the first one's connection
+            with caplog.at_level(logging.INFO, logger="shardserve.access"):
+                caplog.clear()
+                response = dispatch(rt, HttpRequest("POST", f"/v2/models/{arch}/versions/2/"
+                                                    "generate", {}, body))
+            assert response.status == 200, response.body
+            lines += [r.fields for r in caplog.records if r.name == "shardserve.access"]
+    finally:
+        err = server.stop()
+    assert "Traceback" not in err
+    details = json_loads(response.body)["details"]
+    generated, prompt = details["completion_tokens"], details["prompt_tokens"]
+    assert generated == 14
+    assert len(lines) == 2 and all(line["version"] == "2" for line in lines)
+    assert len(connects) == 1  # one persistent connection served both requests
+    # engine.hops: every decode hop is rows x width x 4 bytes, plus a small constant framing
+    hops = list(engine.hops)
+    decode = [h for h in hops if h.phase == "decode"]
+    prefill = [h for h in hops if h.phase == "prefill"]
+    assert len(decode) == 2 * (generated - 1) and len(prefill) == 2
+    assert {(h.stage, h.rows, h.tokens, h.nbytes) for h in decode} == {(1, 1, 1, WIDTH * 4)}
+    framing = {h.wire_sent - h.nbytes for h in decode}
+    assert len(framing) == 1 and 0 < framing.pop() <= FRAMING_MAX
+    assert {(h.tokens, h.nbytes) for h in prefill} == {(prompt, prompt * WIDTH * 4)}
+    # the access log: the request's own share of each cut, by stage and phase
+    for line in lines:
+        assert "hops" not in line  # no remote *shard* calls: only the stage cuts
+        by_phase = {(e["stage"], e["phase"]): e for e in line["stage_hops"]}
+        assert set(by_phase) == {(1, "prefill"), (1, "decode")}
+        step, first = by_phase[(1, "decode")], by_phase[(1, "prefill")]
+        assert step["calls"] == step["positions"] == step["batch_rows"] == generated - 1
+        assert step["bytes"] == (generated - 1) * WIDTH * 4  # batch 1 x width x float32
+        assert step["wire_sent"] == sum(h.wire_sent for h in decode) // 2
+        assert step["wire_received"] == sum(h.wire_received for h in decode) // 2
+        assert first["positions"] == prompt and first["bytes"] == prompt * WIDTH * 4
+        assert first["wire_sent"] == prefill[0].wire_sent
+
+
+class _Server:
+    """A raw loopback HTTP server: answers each request with ``ok``, keep-alive, and closes a
+    connection after ``per_connection`` answers (as an idle keep-alive timeout would)."""
+
+    def __init__(self, per_connection: int = 2, answer: bool = True):
+        self.sock = socket.create_server(("127.0.0.1", 0))
+        self.port = self.sock.getsockname()[1]
+        self.per_connection, self.answer = per_connection, answer
+        self.accepted = 0
+        self.requests: list[bytes] = []
+        threading.Thread(target=self._serve, daemon=True).start()
+
+    def _serve(self) -> None:
+        while True:
+            try:
+                conn, _ = self.sock.accept()
+            except OSError:
+                return
+            self.accepted += 1
+            threading.Thread(target=self._one, args=(conn,), daemon=True).start()
+
+    def _one(self, conn: socket.socket) -> None:
+        with conn:
+            buffer = b""
+            for _ in range(self.per_connection):
+                while b"\r\n\r\n" not in buffer:
+                    chunk = conn.recv(65536)
+                    if not chunk:
+                        return
+                    buffer += chunk
+                head, _, buffer = buffer.partition(b"\r\n\r\n")
+                length = int(head.lower().split(b"content-length:")[1].split(b"\r\n")[0])
+                while len(buffer) < length:
+                    buffer += conn.recv(65536)
+                self.requests.append(head + b"\r\n\r\n" + buffer[:length])
+                buffer = buffer[length:]
+                if not self.answer:
+                    time.sleep(5)
+                    return
+                conn.sendall(b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\nX-Thing: 7\r\n\r\nok")
+
+    def close(self) -> None:
+        self.sock.close()
+
+
+def test_one_connection_is_kept_and_replaced_when_the_server_closes_it():
+    server = _Server(per_connection=2)
+    try:
+        conn = StageConnection(f"http://127.0.0.1:{server.port}", timeout_s=2)
+        for i in range(5):
+            response = conn.urlopen("POST", "/x", body=b"%d" % i, headers={"A": "b"})
+            assert (response.status, response.data) == (200, b"ok")
+            assert response.headers.get("X-THING") == "7"
+            time.sleep(0.05)  # the server's close arrives while the connection is idle
+        assert server.accepted == 3  # 2 + 2 + 1 requests
+        # one sendall per request: head and body in one piece, as sent
+        assert server.requests[0].startswith(b"POST /x HTTP/1.1\r\nHost: 127.0.0.1:")
+        assert server.requests[0].endswith(b"\r\nA: b\r\n\r\n0")
+        conn.close()
+    finally:
+        server.close()
+
+
+def test_a_silent_server_times_out_and_a_closed_port_fails_at_once():
+    server = _Server(answer=False)
+    try:
+        conn = StageConnection(f"http://127.0.0.1:{server.port}", timeout_s=0.3)
+        started = time.monotonic()
+        with pytest.raises(StageConnectionError) as timed_out:
+            conn.urlopen("POST", "/x", body=b"1")
+        assert timed_out.value.timed_out and time.monotonic() - started < 2
+        assert conn.sock is None  # a connection in an unknown state is not reused
+    finally:
+        server.close()
+    with socket.socket() as free:
+        free.bind(("127.0.0.1", 0))
+        port = free.getsockname()[1]
+    with pytest.raises(StageConnectionError) as refused:
+        StageConnection(f"http://127.0.0.1:{port}").urlopen("POST", "/x", body=b"1")
+    assert not refused.value.timed_out
+
+
+def test_the_decode_hop_payload_is_the_hidden_state_bytes():
+    """A decode call's body is rows x width x 4 bytes of hidden state, the row ids, and a
+    V2 JSON header that grows with neither (only with the digits of its numbers)."""
+    from handlers.codec import encode_request
+
+    def body(rows, width):
+        inputs = {"/model/layers.0/Add_1_output_0": np.zeros((rows, 1, width), np.float32),
+                  "stage_op": np.array([b"decode"], dtype=object),
+                  "sequence_ids": np.array([b"s%d" % i for i in range(rows)], dtype=object),
+                  "start": np.array([0], np.int64),
+                  "client": np.array([b"c" * 32], dtype=object)}
+        return len(encode_request(inputs, outputs=["logits"], request_id="r" * 16)[0])
+
+    def framing(rows, width):
+        return body(rows, width) - rows * width * 4 - rows * (4 + 2)  # - ids, their lengths
+
+    # the rest differs only by the digits of the shapes and sizes in the JSON header
+    assert 0 <= framing(1, 4096) - framing(1, 64) <= 8
+    assert 0 <= framing(3, 64) - framing(1, 64) <= 8
+    assert framing(1, 64) <= FRAMING_MAX
