@@ -6,6 +6,7 @@ read from inside the repository root.
 
 from __future__ import annotations
 
+import json
 import re
 from pathlib import Path
 from typing import Any
@@ -17,6 +18,7 @@ from .records import Record
 MODEL_NAME = re.compile(r"[A-Za-z0-9_.\-]{1,128}")
 VERSION = re.compile(r"[1-9][0-9]{0,17}")
 CONFIG_FILE = "model.toml"
+PARSED_CONFIG_FILE = "model.toml.json"  # its table, from `shardserve package` (packaged_table)
 MAX_INT32 = 2**31 - 1
 MAX_VERSIONS = 64  # versions served at once: each holds its own session
 BACKEND_SECTIONS = ("onnxruntime", "numba", "plan")  # model.toml tables read by backends
@@ -107,6 +109,19 @@ def parse_model_config(name: str, raw: dict) -> ModelConfig:
     return cfg
 
 
+def packaged_table(path: Path, text: str) -> dict | None:
+    """model.toml's table from the ``model.toml.json`` beside it, which ``shardserve package``
+    writes so that a function's cold start never imports tomllib; None unless that file holds
+    exactly ``text`` (the model.toml read now) and a table."""
+    try:
+        with open(path.with_name(PARSED_CONFIG_FILE), encoding="utf-8") as fh:
+            parsed = json.load(fh)
+    except (OSError, ValueError):
+        return None
+    table = parsed.get("table") if isinstance(parsed, dict) else None
+    return table if isinstance(table, dict) and parsed.get("toml") == text else None
+
+
 class ModelRepository:
     """Read-only view of a model repository directory."""
 
@@ -154,10 +169,12 @@ class ModelRepository:
         path = self.model_dir(name) / CONFIG_FILE
         if not path.is_file():
             return parse_model_config(name, {})
-        tomllib = toml_module()
         try:
-            raw = tomllib.loads(path.read_text(encoding="utf-8"))
-        except (tomllib.TOMLDecodeError, UnicodeDecodeError) as exc:
+            text = path.read_text(encoding="utf-8")
+            raw = packaged_table(path, text)
+            if raw is None:
+                raw = toml_module().loads(text)
+        except ValueError as exc:  # UnicodeDecodeError, TOMLDecodeError
             raise ModelLoadError(f"model {name!r}: model.toml is not valid TOML ({exc})") from None
         return parse_model_config(name, raw)
 
