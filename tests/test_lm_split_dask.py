@@ -6,24 +6,18 @@ from __future__ import annotations
 
 import os
 import signal
-import threading
 import time
 
 import pytest
 from generation_models import cached_export, repository_with
+from test_lm_split import _greedy
+from test_lm_split_lambda import PROMPTS, concurrent_greedy
 
 from runtime import Runtime
 
 pytestmark = pytest.mark.slow
 
-PROMPTS = ["def main(", "import os\nimport sys\n", "class Config:\n    def __init__(self"]
 
-
-def _greedy(model, prompt, max_tokens):
-    request = model.parse({"max_tokens": max_tokens, "temperature": 0}, prompt,
-                          {"max_tokens", "temperature"})
-    return [e["token"] for e in model.generate(request)
-            if "finish_reason" not in e and e["token"] is not None]
 
 
 def test_a_killed_dask_worker_fails_over_to_an_actor_on_another(tmp_path):
@@ -65,20 +59,8 @@ def test_a_killed_dask_worker_fails_over_to_an_actor_on_another(tmp_path):
                 return decode(rows, carry)
 
             stage.decode = killing
-            results: dict[int, list[int]] = {}
-
-            def run(i, prompt, n):
-                time.sleep(0.003 * i)
-                results[i] = _greedy(split, prompt, n)
-
-            threads = [threading.Thread(target=run, args=(i, p, n))
-                       for i, (p, n) in enumerate(jobs)]
             started = time.monotonic()
-            for t in threads:
-                t.start()
-            for t in threads:
-                t.join(90)
-            assert [results.get(i) for i in range(len(jobs))] == alone
+            assert concurrent_greedy(split, jobs) == alone
             assert engine.rebuilds >= 1 and stage.replica == 1
             assert time.monotonic() - started < 30  # a dead worker is noticed at once
         finally:

@@ -16,6 +16,7 @@ import time
 
 import pytest
 from generation_models import cached_export, repository_with
+from test_lm_split import _greedy
 from test_serverless_offline import OfflineService
 
 from runtime import Runtime
@@ -28,11 +29,20 @@ PROMPTS = ["def main(", "import os\nimport sys\n", "class Config:\n    def __ini
 IDLE_S = 2  # serverless offline stops an instance idle this long: the next call is cold
 
 
-def _greedy(model, prompt, max_tokens):
-    request = model.parse({"max_tokens": max_tokens, "temperature": 0}, prompt,
-                          {"max_tokens", "temperature"})
-    return [e["token"] for e in model.generate(request)
-            if "finish_reason" not in e and e["token"] is not None]
+def concurrent_greedy(model, jobs: list[tuple[str, int]]) -> list[list[int] | None]:
+    """Greedy tokens of ``(prompt, max_tokens)`` streams started 3 ms apart, in job order."""
+    results: dict[int, list[int]] = {}
+
+    def client(i, prompt, n):
+        time.sleep(0.003 * i)
+        results[i] = _greedy(model, prompt, n)
+
+    threads = [threading.Thread(target=client, args=(i, p, n)) for i, (p, n) in enumerate(jobs)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(120)
+    return [results.get(i) for i in range(len(jobs))]
 
 
 def lambda_split(tmp_path, arch: str = "llama"):
@@ -90,19 +100,7 @@ def test_a_stage_in_a_lambda_function_survives_a_cold_start_mid_stream(tmp_path,
                 return decode(rows, carry)
 
             stage.decode = pausing
-            results: dict[int, list[int]] = {}
-
-            def client(i, prompt, n):
-                time.sleep(0.003 * i)
-                results[i] = _greedy(split, prompt, n)
-
-            threads = [threading.Thread(target=client, args=(i, p, n))
-                       for i, (p, n) in enumerate(jobs)]
-            for t in threads:
-                t.start()
-            for t in threads:
-                t.join(120)
-            assert [results.get(i) for i in range(len(jobs))] == alone
+            assert concurrent_greedy(split, jobs) == alone
             assert engine.rebuilds >= 1 and len(calls) > 6
             for hop in (h for h in engine.hops if h.stage == 1 and h.phase == "decode"):
                 assert hop.nbytes == hop.rows * 64 * 4  # one hidden state per row
