@@ -114,3 +114,56 @@ def test_a_stage_in_a_lambda_function_survives_a_cold_start_mid_stream(tmp_path,
             rt.close()
     finally:
         service.stop()
+
+
+class _FakeLambda:
+    """boto3's Lambda client as the stage uses it: answers ``reply`` or raises ``error``."""
+
+    def __init__(self, reply=None, error=None):
+        self.reply, self.error, self.payloads = reply, error, []
+
+    def invoke(self, FunctionName, InvocationType, Payload):  # noqa: N803 - boto3's names
+        self.payloads.append(Payload)
+        if self.error is not None:
+            raise self.error
+        return self.reply
+
+    def close(self):
+        pass
+
+
+def test_lambda_stage_failures_are_503_or_504_naming_the_stage_not_the_function():
+    """Transport failures of a Lambda stage (no function, a timeout, a crashed handler, a
+    payload over 6 MB) are a 503 or 504 naming ``stage 1 (lambda)``, never the function."""
+    import io
+
+    import numpy as np
+    from botocore.exceptions import ClientError, ReadTimeoutError
+
+    from plugins.generation.split_loading import _Arg
+    from plugins.generation.stage_lambda import LambdaStage
+    from runtime.errors import GatewayTimeout
+
+    class Spec:
+        index, carry_in, carry_out = 1, "hidden_in", "hidden_out"
+        past_names, present_names = [], []
+
+    stage = LambdaStage(Spec(), "secret-fn", "m.stage_1", [_Arg("hidden_in", "tensor(float)",
+                                                                [-1, -1, 64])], [], {})
+    carry = np.zeros((1, 1, 64), np.float32)
+    cases = [(ClientError({"Error": {"Code": "ResourceNotFoundException"}}, "Invoke"),
+              ServiceUnavailable, "is unavailable"),
+             (ReadTimeoutError(endpoint_url="x"), GatewayTimeout, "did not answer in time")]
+    for error, kind, words in cases:
+        stage.pool.client = _FakeLambda(error=error)
+        with pytest.raises(kind, match=rf"stage 1 \(lambda\) {words}") as info:
+            stage.decode(["s0"], carry)
+        assert "secret-fn" not in str(info.value)
+    stage.pool.client = _FakeLambda({"FunctionError": "Unhandled",
+                                     "Payload": io.BytesIO(b"{}")})
+    with pytest.raises(ServiceUnavailable, match=r"stage 1 \(lambda\) .*answered 502"):
+        stage.decode(["s0"], carry)
+    stage.pool.client = fake = _FakeLambda()
+    with pytest.raises(ServiceUnavailable, match="6 MB payload limit"):
+        stage.prefill("s0", 0, np.zeros((1, 30000, 64), np.float32))
+    assert fake.payloads == []  # refused before invoking

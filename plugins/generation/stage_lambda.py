@@ -70,7 +70,7 @@ class LambdaInvoker:
         payload = json.dumps(make_event(method, url, headers or {}, body)).encode()
         if len(payload) > LAMBDA_PAYLOAD_LIMIT:
             raise ServiceUnavailable(f"{self.what}: the call exceeds Lambda's 6 MB payload "
-                                     "limit (a shorter prompt chunk: max_prefill_tokens)")
+                                     "limit (a smaller [generation] prefill_chunk)")
         try:
             reply = self.client.invoke(FunctionName=self.function,
                                        InvocationType="RequestResponse", Payload=payload)
