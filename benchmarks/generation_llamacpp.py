@@ -46,7 +46,7 @@ TARGETS = ("llama", "llama-bench", "llama-batched-bench")
 
 
 def ready() -> bool:
-    return (BUILD / "done").exists() and PYTHON.exists()
+    return (BUILD / "done").exists() and (VENV / "done").exists()
 
 
 def _nice(cmd: list[str]) -> list[str]:
@@ -72,15 +72,17 @@ def setup(python: str = sys.executable) -> None:
         subprocess.run(_nice(["cmake", "--build", str(BUILD), "--config", "Release", "-j2",
                               "--target", *TARGETS]), check=True)
         (BUILD / "done").write_text(VERSION)
-    if not PYTHON.exists():
-        subprocess.run([python, "-m", "venv", str(VENV)], check=True)
+    packages = [str(LLAMA / "gguf-py"), "sentencepiece", "diskcache"]
+    if not (VENV / "done").exists() or (VENV / "done").read_text() != " ".join(packages):
+        if not PYTHON.exists():
+            subprocess.run([python, "-m", "venv", str(VENV)], check=True)
         # torch, transformers and numpy for the converter: shardserve's lm-dev extra
         site = Path(sysconfig.get_paths()["purelib"])
         venv_site = next((VENV / "lib").glob("python3*/site-packages"))
         (venv_site / "shardserve-build-deps.pth").write_text(
             f"{site}\n{SOURCE}\n")  # SOURCE: the sdist's llama_cpp package (ctypes bindings)
-        subprocess.run([str(PYTHON), "-m", "pip", "install", "--quiet", str(LLAMA / "gguf-py"),
-                        "sentencepiece", "diskcache"], check=True)
+        subprocess.run([str(PYTHON), "-m", "pip", "install", "--quiet", *packages], check=True)
+        (VENV / "done").write_text(" ".join(packages))
 
 
 # the model in GGUF ---------------------------------------------------------------------------
