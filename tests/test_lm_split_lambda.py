@@ -67,6 +67,19 @@ def lambda_split(tmp_path, arch: str = "llama"):
 
 
 def test_a_stage_in_a_lambda_function_survives_a_cold_start_mid_stream(tmp_path, monkeypatch):
+    from plugins.generation.stage_client import RemoteStage
+    from plugins.generation.stage_lambda import LambdaStage
+
+    # prefills (the rebuild's whole sequences too) go in chunks of 8 positions, as a large
+    # model's would to stay under Lambda's 6 MB payload
+    monkeypatch.setattr(LambdaStage, "chunk_bytes", 8 * 64 * 4)
+    prefill, chunks = RemoteStage.prefill, []
+
+    def counting(self, seq, start, carry):
+        chunks.append((start, carry.shape[1]))
+        return prefill(self, seq, start, carry)
+
+    monkeypatch.setattr(RemoteStage, "prefill", counting)
     arch = "llama"
     root, function = lambda_split(tmp_path, arch)
     for var in ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY"):  # offline checks none
@@ -102,6 +115,7 @@ def test_a_stage_in_a_lambda_function_survives_a_cold_start_mid_stream(tmp_path,
             stage.decode = pausing
             assert concurrent_greedy(split, jobs) == alone
             assert engine.rebuilds >= 1 and len(calls) > 6
+            assert max(n for _, n in chunks) == 8 and max(s for s, _ in chunks) >= 16
             for hop in (h for h in engine.hops if h.stage == 1 and h.phase == "decode"):
                 assert hop.nbytes == hop.rows * 64 * 4  # one hidden state per row
             # Lambda unreachable: the next request fails promptly with a 503 naming the stage
@@ -163,7 +177,7 @@ def test_lambda_stage_failures_are_503_or_504_naming_the_stage_not_the_function(
                                      "Payload": io.BytesIO(b"{}")})
     with pytest.raises(ServiceUnavailable, match=r"stage 1 \(lambda\) .*answered 502"):
         stage.decode(["s0"], carry)
-    stage.pool.client = fake = _FakeLambda()
+    stage.pool.client, stage.chunk_bytes = (fake := _FakeLambda()), 1 << 30
     with pytest.raises(ServiceUnavailable, match="6 MB payload limit"):
         stage.prefill("s0", 0, np.zeros((1, 30000, 64), np.float32))
     assert fake.payloads == []  # refused before invoking

@@ -21,6 +21,8 @@ from __future__ import annotations
 
 import json
 
+import numpy as np
+
 from handlers.direct_invoke import make_event, read_answer
 from runtime.errors import ServiceUnavailable
 
@@ -92,7 +94,12 @@ class LambdaInvoker:
 
 
 class LambdaStage(RemoteStage):
-    """:class:`RemoteStage` whose calls are Lambda invocations of ``function``."""
+    """:class:`RemoteStage` whose calls are Lambda invocations of ``function``. A prefill
+    (a rebuild's too: a whole sequence at once) whose carried tensor is over ``chunk_bytes``
+    goes as consecutive chunks, so each call and answer stays under the 6 MB payload limit
+    after base64."""
+
+    chunk_bytes = 3 << 20
 
     def __init__(self, spec, function: str, remote_model: str, inputs: list, outputs: list,
                  options: dict, chain=None):
@@ -100,6 +107,16 @@ class LambdaStage(RemoteStage):
                          timeout_s=float(options.get("timeout_s", 30)), chain=chain)
         self.pool.close()  # the HTTP pool RemoteStage made: never used
         self.pool = LambdaInvoker(function, options, f"stage {spec.index} (lambda)")
+
+    def prefill(self, seq: str, start: int, carry: np.ndarray) -> np.ndarray:
+        step = max(1, self.chunk_bytes // max(1, carry[:, :1].nbytes))  # positions per call
+        if carry.shape[1] <= step:
+            return super().prefill(seq, start, carry)
+        outs = [super(LambdaStage, self).prefill(seq, start + at, carry[:, at:at + step])
+                for at in range(0, carry.shape[1], step)]
+        if self.spec.carry_out == "logits":  # only the last position is sampled from
+            return outs[-1]
+        return np.concatenate(outs, axis=1)
 
 
 def lambda_stage(settings, plan, shard, spec) -> LambdaStage:
