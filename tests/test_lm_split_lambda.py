@@ -5,7 +5,8 @@ one Python process per warm instance) hosts Llama's middle stage as a ``decoder-
 the edge invokes it with Lambda ``Invoke`` like the ``lambda`` executor does. Greedy tokens of
 concurrent streams equal the unsplit model's, also across a real cold start mid-stream (the
 instance stopped while idle, its caches gone): the new instance answers "holds no cache" and the
-engine rebuilds the stage from the tokens so far.
+engine rebuilds the stage from the tokens so far; and across a fail-over to its replica function
+when the function can no longer be invoked.
 """
 
 from __future__ import annotations
@@ -25,6 +26,7 @@ from runtime.errors import ServiceUnavailable
 pytestmark = pytest.mark.slow
 
 FUNCTION = "shardserve-dev-shard"
+REPLICA = "shardserve-dev-infer"  # the same handler and repository: it serves the stage too
 PROMPTS = ["def main(", "import os\nimport sys\n", "class Config:\n    def __init__(self"]
 IDLE_S = 2  # serverless offline stops an instance idle this long: the next call is cold
 
@@ -61,8 +63,9 @@ def lambda_split(tmp_path, arch: str = "llama"):
     (function / f"{arch}.stage_1" / "model.toml").write_text('task = "decoder-stage"\n')
     plan = root / arch / "2" / "plan.toml"
     head, sep, tail = plan.read_text().partition('name = "stage_1"')
-    plan.write_text(head + sep + tail.replace('placement = "local"',
-                                              f'placement = "lambda:{FUNCTION}"', 1))
+    plan.write_text(head + sep + tail.replace(
+        'placement = "local"', f'placement = "lambda:{FUNCTION}"\n'
+        f'options = {{replicas = ["lambda:{REPLICA}"]}}', 1))
     return root, function
 
 
@@ -110,11 +113,13 @@ def test_a_stage_in_a_lambda_function_survives_a_cold_start_mid_stream(tmp_path,
                 calls.append(len(rows))
                 if len(calls) == 6:  # idle past the limit: the instance (and caches) go
                     time.sleep(2 * IDLE_S + 1)
+                if len(calls) == 12:  # the function cannot be invoked any more: its replica
+                    stage.pool.function = "shardserve-dev-gone"
                 return decode(rows, carry)
 
             stage.decode = pausing
             assert concurrent_greedy(split, jobs) == alone
-            assert engine.rebuilds >= 1 and len(calls) > 6
+            assert engine.rebuilds >= 2 and len(calls) > 12 and stage.replica == 1
             assert max(n for _, n in chunks) == 8 and max(s for s, _ in chunks) >= 16
             for hop in (h for h in engine.hops if h.stage == 1 and h.phase == "decode"):
                 assert hop.nbytes == hop.rows * 64 * 4  # one hidden state per row

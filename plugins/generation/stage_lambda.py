@@ -14,21 +14,26 @@ caches from the tokens so far (correct, slower: docs/partitioning.md has the cos
 
 Options: ``[executors.lambda]`` of the server config (``endpoint_url``: serverless offline's
 ``--lambdaPort``, or none for AWS; ``region``; ``pool_size``), then the shard's ``options``
-in plan.toml (``timeout_s``, 30 by default: a cold start loads the stage first).
+in plan.toml (``timeout_s``, 30 by default: a cold start loads the stage first; ``replicas``:
+``lambda:FUNCTION[/model]`` placements to move to, in order, when the function cannot be
+invoked or answers 5xx; their caches start empty and are rebuilt from tokens).
 """
 
 from __future__ import annotations
 
 import json
+import logging
 
 import numpy as np
 
 from handlers.direct_invoke import make_event, read_answer
+from runtime.core import new_request_id
 from runtime.errors import ServiceUnavailable
 
 from .stage_client import RemoteStage
 
 LAMBDA_PAYLOAD_LIMIT = 6 * 1024 * 1024
+log = logging.getLogger("shardserve.generation")
 
 
 def _failure(message: str, timed_out: bool = False) -> Exception:
@@ -102,11 +107,27 @@ class LambdaStage(RemoteStage):
     chunk_bytes = 3 << 20
 
     def __init__(self, spec, function: str, remote_model: str, inputs: list, outputs: list,
-                 options: dict, chain=None):
+                 options: dict, chain=None, replicas: tuple[tuple[str, str], ...] = ()):
         super().__init__(spec, f"lambda://{function}", remote_model, inputs, outputs,
                          timeout_s=float(options.get("timeout_s", 30)), chain=chain)
         self.pool.close()  # the HTTP pool RemoteStage made: never used
+        self.options = options
         self.pool = LambdaInvoker(function, options, f"stage {spec.index} (lambda)")
+        self.replicas = list(replicas)  # (function, model) to fail over to, in order
+
+    def _fail_over(self) -> bool:
+        """Move to the next replica function (its caches start empty: the caller rebuilds
+        them)."""
+        if not self.replicas:
+            return False
+        self.pool.close()
+        self.replica += 1
+        function, self.remote = self.replicas.pop(0)
+        log.warning("stage %s: its function failed; now on replica %s", self.index,
+                    self.replica)
+        self.pool = LambdaInvoker(function, self.options, f"stage {self.index} (lambda)")
+        self.client = new_request_id() + new_request_id()
+        return True
 
     def prefill(self, seq: str, start: int, carry: np.ndarray) -> np.ndarray:
         step = max(1, self.chunk_bytes // max(1, carry[:, :1].nbytes))  # positions per call
@@ -137,6 +158,14 @@ def lambda_stage(settings, plan, shard, spec) -> LambdaStage:
     options = {**(options if isinstance(options, dict) else {}), **shard.options}
     names = section.get("transforms", []) if isinstance(section, dict) else []
     chain = TransformChain(names, settings.plugins, settings.server) if names else None
+    replicas = shard.options.get("replicas", [])
+    if not isinstance(replicas, list) or not all(
+            isinstance(r, str) and r.startswith("lambda:") and _split_placement(r)[0]
+            for r in replicas):
+        raise ModelLoadError(f"model {settings.model!r}: shard {shard.name!r} options.replicas "
+                             "must be a list of 'lambda:FUNCTION[/model]' placements")
+    remote = remote or f"{settings.model}.{shard.name}"
     inputs, outputs = plan_signature(settings.model, plan, spec)
-    return LambdaStage(spec, function, remote or f"{settings.model}.{shard.name}", inputs,
-                       outputs, options, chain=chain)
+    return LambdaStage(spec, function, remote, inputs, outputs, options, chain=chain,
+                       replicas=tuple((fn, model or remote) for fn, model in
+                                      map(_split_placement, replicas)))
