@@ -10,6 +10,7 @@ No framework sits between the socket and the route table: the app builds an
 from __future__ import annotations
 
 import os
+from collections import deque
 from collections.abc import Callable, Iterable
 from http import HTTPStatus
 from typing import Any
@@ -23,6 +24,23 @@ STATUS_LINES = {s.value: f"{s.value} {s.phrase}" for s in HTTPStatus}
 # environ key of a callable the gunicorn worker (handlers/gunicorn_workers.py) puts there: the
 # app calls it once the body is read, ending that request's read deadline.
 BODY_READ_CALLBACK = "shardserve.body_read"
+
+
+# Request ids for requests that bring none, 256 per os.urandom call: each call is a getrandom
+# syscall that releases the GIL, which other request threads then contend for. Emptied in a
+# forked child, so that no two workers hand out the same ids.
+_ids: deque[str] = deque()
+os.register_at_fork(after_in_child=_ids.clear)
+
+
+def _new_id() -> str:
+    """16 random hex digits, as :func:`runtime.core.new_request_id` makes them."""
+    try:
+        return _ids.pop()
+    except IndexError:
+        block = os.urandom(8 * 256).hex()
+        _ids.extend(block[i : i + 16] for i in range(16, len(block), 16))
+        return block[:16]
 
 
 def _headers(environ: dict) -> dict[str, str]:
@@ -86,7 +104,8 @@ def create_wsgi_app(runtime: Runtime) -> Callable[[dict, Callable], Iterable[byt
     def app(environ: dict, start_response: Callable) -> Iterable[bytes]:
         query = environ.get("QUERY_STRING")
         req = HttpRequest(environ["REQUEST_METHOD"], environ.get("PATH_INFO") or "/",
-                          _headers(environ), b"", _query(query) if query else {})
+                          _headers(environ), b"", _query(query) if query else {},
+                          None if "HTTP_X_REQUEST_ID" in environ else _new_id())
         try:
             req.body = _read_body(environ, limit)
         except ShardserveError as exc:  # answered without routing: dispatch says why
