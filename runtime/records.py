@@ -59,3 +59,6 @@ class FrozenRecord(Record):
 
     def __hash__(self) -> int:  # type: ignore[override]
         return hash(self._values())
+
+    def __reduce__(self) -> tuple:  # copy and pickle through __init__, not __setattr__
+        return type(self), self._values()
