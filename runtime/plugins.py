@@ -107,13 +107,17 @@ def entry_points(group: str = ENTRY_POINT_GROUP) -> list[EntryPoint]:
                 continue
             seen.add(key)
             info_dir = os.path.join(base or ".", entry)
+            path = os.path.join(info_dir, "entry_points.txt")
+            if not os.access(path, os.R_OK):  # most declare none: no exception raised per one
+                continue
             try:
-                with open(os.path.join(info_dir, "entry_points.txt"), encoding="utf-8") as fh:
-                    text = fh.read()
+                with open(path, "rb") as fh:
+                    raw = fh.read()
             except OSError:
                 continue
-            if header not in text:
+            if header.encode() not in raw:  # another program's entry points: not decoded
                 continue
+            text = raw.decode("utf-8")
             section = None
             for line in text.splitlines():
                 line = line.strip()
