@@ -16,8 +16,9 @@ every stage with one intra-op thread. In one run:
   stage from the tokens so far: tokens/s against warm, the cost per loss, and the rebuild alone
   (ms per sequence) against the sequence's cached length (prompt + generated).
 
-A real cold start costs the rebuild plus the container's start (above; on AWS it depends on the
-package, memory and SnapStart: docs/serverless.md). About a minute on 2 cores:
+A real cold start costs the lost cache plus the container's start (printed as a model from the
+measured parts; on AWS the start depends on the package, memory and SnapStart:
+docs/serverless.md). About a minute on 2 cores:
 
     flock /tmp/shardserve-bench.lock .venv/bin/python benchmarks/lm_split_lambda.py
 """
@@ -246,6 +247,11 @@ def main() -> None:
               f"(warm + loss cost / N: {1000 / model:4.0f})")
     print(f"  decode step: {normal:.2f} ms; with a lost cache {loss_step:.2f} ms (+{extra:.2f}: "
           f"the 503, the rebuild {rebuild:.2f} ms, the step again)")
+    start = ttft["cold"] - ttft["warm"]
+    print("  a real cold start every N tokens (modelled: warm + (loss cost + this machine's "
+          "cold start) / N): " + ", ".join(
+              f"N={every} {1000 / (warm + (extra + start) / every):.0f} tokens/s"
+              for every in lost))
     print("  rebuild of one sequence (stage 0 computes, stage 1 prefills in Lambda):")
     slope, intercept = statistics.linear_regression([c for c, _ in records],
                                                     [t for _, t in records])
