@@ -30,33 +30,16 @@ from handlers.direct_invoke import make_event, read_answer
 from runtime.core import new_request_id
 from runtime.errors import ServiceUnavailable
 
-from .stage_client import RemoteStage
+from .stage_client import RemoteStage, StageConnectionError, StageResponse, _Headers
 
 LAMBDA_PAYLOAD_LIMIT = 6 * 1024 * 1024
 log = logging.getLogger("shardserve.generation")
 
 
-def _failure(message: str, timed_out: bool = False) -> Exception:
-    """The transport error :class:`RemoteStage` answers with a 503 (or a 504 when
-    ``timed_out``) naming the stage, or fails over to a replica."""
-    from .stage_client import StageConnectionError
-
-    return StageConnectionError(message, timed_out=timed_out)
-
-
-class _Answer:
-    """What :class:`RemoteStage` reads of a urllib3 response (headers: any case)."""
-
-    def __init__(self, status: int, data: bytes, headers: dict):
-        from urllib3 import HTTPHeaderDict
-
-        self.status, self.data, self.headers = status, data, HTTPHeaderDict(headers)
-
-
 class LambdaInvoker:
-    """urllib3's ``urlopen`` as :class:`RemoteStage` calls it, over Lambda ``Invoke``:
-    transport failures are urllib3 errors, so the stage answers them as for HTTP (a 503 or
-    a 504 naming the stage, never a hang)."""
+    """:class:`~.stage_client.StageConnection`'s ``urlopen`` over Lambda ``Invoke``: transport
+    failures are its errors, so the stage answers them as for HTTP (a 503 or a 504 naming the
+    stage, or a fail-over; never a hang)."""
 
     def __init__(self, function: str, options: dict, what: str):
         import boto3
@@ -71,28 +54,28 @@ class LambdaInvoker:
                           max_pool_connections=int(options.get("pool_size", 2))))
 
     def urlopen(self, method: str, url: str, body: bytes = b"", headers: dict | None = None,
-                **_ignored) -> _Answer:
+                **_ignored) -> StageResponse:
         from botocore.exceptions import BotoCoreError, ClientError, ReadTimeoutError
 
         payload = json.dumps(make_event(method, url, headers or {}, body)).encode()
         if len(payload) > LAMBDA_PAYLOAD_LIMIT:
             raise ServiceUnavailable(f"{self.what}: the call exceeds Lambda's 6 MB payload "
-                                     "limit (a smaller [generation] prefill_chunk)")
+                                     "limit (fewer rows: [generation] max_batch)")
         try:
             reply = self.client.invoke(FunctionName=self.function,
                                        InvocationType="RequestResponse", Payload=payload)
             raw = reply["Payload"].read()
         except ReadTimeoutError:
-            raise _failure("invoke timed out", timed_out=True) from None
+            raise StageConnectionError("invoke timed out", timed_out=True) from None
         except (BotoCoreError, ClientError) as exc:
-            raise _failure(f"invoke failed ({type(exc).__name__})") from None
+            raise StageConnectionError(f"invoke failed ({type(exc).__name__})") from None
         if reply.get("FunctionError"):  # the handler never raises: its process died
-            return _Answer(502, b"", {})
+            return StageResponse(502, _Headers(), b"")
         try:
             status, data, answer_headers = read_answer(json.loads(raw))
         except (ValueError, KeyError, TypeError, AttributeError):
-            return _Answer(502, b"", {})
-        return _Answer(status, data, answer_headers)
+            return StageResponse(502, _Headers(), b"")
+        return StageResponse(status, _Headers(answer_headers), data)
 
     def close(self) -> None:
         self.client.close()
