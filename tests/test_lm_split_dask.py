@@ -1,6 +1,7 @@
 """A decoder stage in a Dask actor with a replica (issue #23): the worker process holding the
 actor is killed mid-stream; the stage moves to a fresh actor on another worker, its caches are
-rebuilt from the tokens so far, and every stream's greedy tokens equal the unsplit model's."""
+rebuilt from the tokens so far, and every stream's greedy tokens equal the unsplit model's; with
+no replica left, a dead worker ends the next stream with a 503 naming the stage."""
 
 from __future__ import annotations
 
@@ -14,6 +15,7 @@ from test_lm_split import _greedy
 from test_lm_split_lambda import PROMPTS, concurrent_greedy
 
 from runtime import Runtime
+from runtime.errors import ServiceUnavailable
 
 pytestmark = pytest.mark.slow
 
@@ -63,5 +65,11 @@ def test_a_killed_dask_worker_fails_over_to_an_actor_on_another(tmp_path):
             assert concurrent_greedy(split, jobs) == alone
             assert engine.rebuilds >= 1 and stage.replica == 1
             assert time.monotonic() - started < 30  # a dead worker is noticed at once
+            # no replica left: the replica's worker dies too, the next stream ends with a 503
+            os.kill(pids[second], signal.SIGKILL)
+            started = time.monotonic()
+            with pytest.raises(ServiceUnavailable, match=r"stage 1 \(dask\) is unavailable"):
+                _greedy(split, PROMPTS[0], 8)
+            assert time.monotonic() - started < 15
         finally:
             rt.close()
