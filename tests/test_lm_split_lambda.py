@@ -6,7 +6,8 @@ the edge invokes it with Lambda ``Invoke`` like the ``lambda`` executor does. Gr
 concurrent streams equal the unsplit model's, also across a real cold start mid-stream (the
 instance stopped while idle, its caches gone): the new instance answers "holds no cache" and the
 engine rebuilds the stage from the tokens so far; and across a fail-over to its replica function
-when the function can no longer be invoked.
+when the function can no longer be invoked. A private split's cloud stage in the function
+(``backend = "wire"``, AES-GCM) receives and returns hidden states only as ciphertext.
 """
 
 from __future__ import annotations
@@ -14,6 +15,7 @@ from __future__ import annotations
 import shutil
 import threading
 import time
+from pathlib import Path
 
 import pytest
 from generation_models import cached_export, repository_with
@@ -47,29 +49,115 @@ def concurrent_greedy(model, jobs: list[tuple[str, int]]) -> list[list[int] | No
     return [results.get(i) for i in range(len(jobs))]
 
 
-def lambda_split(tmp_path, arch: str = "llama"):
-    """``arch`` in 3 stages on the edge (version 2), and the function's repository holding its
-    middle stage as the ``decoder-stage`` model ``<arch>.stage_1``: (edge root, function root)."""
+KEY = "c" * 43 + "="  # base64 of 32 bytes: the tensor key of the edge and the function
+PRIVATE = "llama.private_1"  # the private split's cloud stage, in the same function
+WIRE = 'task = "decoder-stage"\nbackend = "wire"\n[wire]\ninner = "onnxruntime"\n'
+
+
+def lambda_split(root, function, partition: list[str], remote: str, toml: str,
+                 options: str = "") -> Path:
+    """Llama partitioned on the edge (version 2) with its stage 1 in the function as the
+    ``decoder-stage`` model ``remote`` (``toml`` its model.toml); the edge's root."""
     from handlers.cli import main
 
-    root = repository_with(tmp_path / "edge", {arch: cached_export(arch)[0]},
+    arch = "llama"
+    root = repository_with(root, {arch: cached_export(arch)[0]},
                            {arch: 'version_policy = "all"\n'})
-    assert main(["partition", arch, "--repository", str(root), "--strategy", "pipeline",
-                 "--shards", "3"]) == 0
-    function = tmp_path / "function"
-    (function / f"{arch}.stage_1" / "1").mkdir(parents=True)
-    shutil.copy(root / arch / "2" / "shard_1.onnx",
-                function / f"{arch}.stage_1" / "1" / "model.onnx")
-    (function / f"{arch}.stage_1" / "model.toml").write_text('task = "decoder-stage"\n')
+    assert main(["partition", arch, "--repository", str(root), *partition]) == 0
+    (function / remote / "1").mkdir(parents=True)
+    shutil.copy(root / arch / "2" / "shard_1.onnx", function / remote / "1" / "model.onnx")
+    (function / remote / "model.toml").write_text(toml)
     plan = root / arch / "2" / "plan.toml"
     head, sep, tail = plan.read_text().partition('name = "stage_1"')
     plan.write_text(head + sep + tail.replace(
-        'placement = "local"', f'placement = "lambda:{FUNCTION}"\n'
-        f'options = {{replicas = ["lambda:{REPLICA}"]}}', 1))
-    return root, function
+        'placement = "local"', f'placement = "lambda:{FUNCTION}/{remote}"{options}', 1))
+    return root
 
 
-def test_a_stage_in_a_lambda_function_survives_a_cold_start_mid_stream(tmp_path, monkeypatch):
+@pytest.fixture(scope="module")
+def offline(tmp_path_factory):
+    """serverless offline, its functions serving Llama's stage 1 of a 3-stage pipeline plan
+    (plain, with a replica function) and of a private edge-cloud plan (``backend = "wire"``,
+    AES-GCM with KEY): (service, pipeline edge root, private edge root)."""
+    work = tmp_path_factory.mktemp("lm-lambda")
+    function = work / "function"
+    pipeline = lambda_split(work / "pipeline", function,
+                            ["--strategy", "pipeline", "--shards", "3"], "llama.stage_1",
+                            'task = "decoder-stage"\n',
+                            f'\noptions = {{replicas = ["lambda:{REPLICA}"]}}')
+    private = lambda_split(work / "private", function,
+                           ["--strategy", "edge-cloud", "-o", "private=true", "-o", "cut=1"],
+                           PRIVATE, WIRE)
+    (work / "function.toml").write_text('[executors]\ntransforms = ["aes-gcm"]\n')
+    with pytest.MonkeyPatch.context() as env:  # the function's, not this process's
+        for var in ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY"):  # offline checks none
+            env.setenv(var, "offline")
+        env.setenv("SHARDSERVE_REPOSITORY", str(function))
+        env.setenv("SHARDSERVE_CONFIG", str(work / "function.toml"))
+        env.setenv("SHARDSERVE_TENSOR_KEY", KEY)
+        service = OfflineService(work / "offline.log", idle_s=IDLE_S)
+    yield service, pipeline, private
+    service.stop()
+
+
+def edge_runtime(service, root, **executors) -> Runtime:
+    endpoint = f"http://127.0.0.1:{service.lambda_port}"
+    return Runtime.from_config({
+        "repository": {"path": str(root), "load": "all"},
+        "executors": {"lambda": {"endpoint_url": endpoint, "timeout_s": 60}, **executors}
+    }).start()
+
+
+def test_a_private_split_with_its_cloud_stage_in_lambda_sends_only_ciphertext(offline,
+                                                                              monkeypatch):
+    """``edge-cloud -o private=true``: embedding, layer 0 and the head on the edge, layer 1 in
+    the function, the carried hidden states AES-GCM encrypted both ways: the unsplit tokens,
+    and every invoke carries the hidden state only as ciphertext, never the prompt."""
+    import json
+
+    import numpy as np
+
+    from handlers.codec import decode_request
+    from plugins.executors.base import decode_blob
+
+    service, _, root = offline
+    for var in ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY"):
+        monkeypatch.setenv(var, "offline")
+    monkeypatch.setenv("SHARDSERVE_TENSOR_KEY", KEY)
+    rt = edge_runtime(service, root, transforms=["aes-gcm"])
+    try:
+        whole, split = rt.get_model("llama", 1).backend, rt.get_model("llama", 2).backend
+        stages = [g.stages[1] for g in getattr(split.engine, "groups", [split.engine])]
+        assert all(type(s).__name__ == "LambdaStage" and s.chain for s in stages)
+        captured = []
+        for stage in stages:
+            def spy(method, url, body=b"", headers=None, urlopen=stage.pool.urlopen, **kw):
+                captured.append((body, int(headers["Inference-Header-Content-Length"])))
+                return urlopen(method, url, body=body, headers=headers, **kw)
+
+            stage.pool.urlopen = spy
+        for prompt in PROMPTS:
+            assert _greedy(split, prompt, 10) == _greedy(whole, prompt, 10), prompt
+    finally:
+        rt.close()
+    assert len(captured) > 10  # the V2 requests inside the invokes
+    stage = stages[0]
+    for body, header_length in captured:
+        header = json.loads(body[:header_length])
+        kinds = {t["name"]: t["datatype"] for t in header["inputs"]}
+        assert kinds[stage.spec.carry_in] == "BYTES" and kinds["start"] == "BYTES"
+        for prompt in PROMPTS:
+            assert prompt.encode() not in body
+        request = decode_request(body, header_length)
+        carried = next(t for t in request.inputs if t.name == stage.spec.carry_in)
+        hidden = decode_blob(carried.data.reshape(-1)[0], stage.chain,
+                             {"request_id": request.id, "shard": PRIVATE,
+                              "tensor": carried.name})
+        assert hidden.dtype == np.float32 and hidden.shape[-1] in (1, 64)  # 1: a release
+        assert hidden.tobytes() not in body
+
+
+def test_a_stage_in_a_lambda_function_survives_a_cold_start_mid_stream(offline, monkeypatch):
     from plugins.generation.stage_client import RemoteStage
     from plugins.generation.stage_lambda import LambdaStage
 
@@ -84,55 +172,46 @@ def test_a_stage_in_a_lambda_function_survives_a_cold_start_mid_stream(tmp_path,
 
     monkeypatch.setattr(RemoteStage, "prefill", counting)
     arch = "llama"
-    root, function = lambda_split(tmp_path, arch)
+    service, root, _ = offline
     for var in ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY"):  # offline checks none
         monkeypatch.setenv(var, "offline")
-    with monkeypatch.context() as env:  # the function's repository, not this runtime's
-        env.setenv("SHARDSERVE_REPOSITORY", str(function))
-        service = OfflineService(tmp_path / "offline.log", idle_s=IDLE_S)
+    rt = edge_runtime(service, root)
     try:
-        rt = Runtime.from_config({
-            "repository": {"path": str(root), "load": "all"},
-            "executors": {"lambda": {"endpoint_url": f"http://127.0.0.1:{service.lambda_port}",
-                                     "timeout_s": 60}}}).start()
-        try:
-            whole, split = rt.get_model(arch, 1).backend, rt.get_model(arch, 2).backend
-            engine = split.engine
-            stage = engine.stages[1]
-            assert type(stage).__name__ == "LambdaStage"
-            jobs = [(PROMPTS[i], n) for i, n in enumerate((14, 20, 10))]
-            alone = [_greedy(whole, p, n) for p, n in jobs]
+        whole, split = rt.get_model(arch, 1).backend, rt.get_model(arch, 2).backend
+        engine = split.engine
+        stage = engine.stages[1]
+        assert type(stage).__name__ == "LambdaStage"
+        jobs = [(PROMPTS[i], n) for i, n in enumerate((14, 20, 10))]
+        alone = [_greedy(whole, p, n) for p, n in jobs]
 
-            # warm: the function keeps the caches between invocations (no rebuild)
-            assert _greedy(split, *jobs[0]) == alone[0]
-            assert engine.rebuilds == 0
+        # warm: the function keeps the caches between invocations (no rebuild)
+        assert _greedy(split, *jobs[0]) == alone[0]
+        assert engine.rebuilds == 0
 
-            decode, calls = stage.decode, []
+        decode, calls = stage.decode, []
 
-            def pausing(rows, carry):
-                calls.append(len(rows))
-                if len(calls) == 6:  # idle past the limit: the instance (and caches) go
-                    time.sleep(2 * IDLE_S + 1)
-                if len(calls) == 12:  # the function cannot be invoked any more: its replica
-                    stage.pool.function = "shardserve-dev-gone"
-                return decode(rows, carry)
+        def pausing(rows, carry):
+            calls.append(len(rows))
+            if len(calls) == 6:  # idle past the limit: the instance (and caches) go
+                time.sleep(2 * IDLE_S + 1)
+            if len(calls) == 12:  # the function cannot be invoked any more: its replica
+                stage.pool.function = "shardserve-dev-gone"
+            return decode(rows, carry)
 
-            stage.decode = pausing
-            assert concurrent_greedy(split, jobs) == alone
-            assert engine.rebuilds >= 2 and len(calls) > 12 and stage.replica == 1
-            assert max(n for _, n in chunks) == 8 and max(s for s, _ in chunks) >= 16
-            for hop in (h for h in engine.hops if h.stage == 1 and h.phase == "decode"):
-                assert hop.nbytes == hop.rows * 64 * 4  # one hidden state per row
-            # Lambda unreachable: the next request fails promptly with a 503 naming the stage
-            service.stop()
-            started = time.monotonic()
-            with pytest.raises(ServiceUnavailable, match=r"stage 1 \(lambda\) is unavailable"):
-                _greedy(split, PROMPTS[0], 8)
-            assert time.monotonic() - started < 5
-        finally:
-            rt.close()
-    finally:
+        stage.decode = pausing
+        assert concurrent_greedy(split, jobs) == alone
+        assert engine.rebuilds >= 2 and len(calls) > 12 and stage.replica == 1
+        assert max(n for _, n in chunks) == 8 and max(s for s, _ in chunks) >= 16
+        for hop in (h for h in engine.hops if h.stage == 1 and h.phase == "decode"):
+            assert hop.nbytes == hop.rows * 64 * 4  # one hidden state per row
+        # Lambda unreachable: the next request fails promptly with a 503 naming the stage
         service.stop()
+        started = time.monotonic()
+        with pytest.raises(ServiceUnavailable, match=r"stage 1 \(lambda\) is unavailable"):
+            _greedy(split, PROMPTS[0], 8)
+        assert time.monotonic() - started < 5
+    finally:
+        rt.close()
 
 
 class _FakeLambda:
