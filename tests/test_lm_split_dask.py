@@ -22,7 +22,10 @@ pytestmark = pytest.mark.slow
 
 
 
-def test_a_killed_dask_worker_fails_over_to_an_actor_on_another(tmp_path):
+@pytest.mark.parametrize("replica", ["named", "any"])
+def test_a_killed_dask_worker_fails_over_to_an_actor_on_another(tmp_path, replica):
+    """The replica names the other worker (``dask:ADDRESS``), or lets the scheduler pick a
+    live one (``dask``)."""
     from distributed import Client, LocalCluster
 
     from handlers.cli import main
@@ -41,7 +44,8 @@ def test_a_killed_dask_worker_fails_over_to_an_actor_on_another(tmp_path):
         head, sep, tail = plan.read_text().partition('name = "stage_1"')
         plan.write_text(head + sep + tail.replace(
             'placement = "local"', f'placement = "dask:{first}"\n'
-            f'options = {{replicas = ["dask:{second}"], timeout_s = 5}}', 1))
+            f'options = {{replicas = ["{"dask:" + second if replica == "named" else "dask"}"], '
+            'timeout_s = 5}', 1))
         rt = Runtime.from_config({"repository": {"path": str(root), "load": "all"},
                                   "executors": {"dask": {"scheduler":
                                                          cluster.scheduler_address}}}).start()
@@ -65,8 +69,9 @@ def test_a_killed_dask_worker_fails_over_to_an_actor_on_another(tmp_path):
             assert concurrent_greedy(split, jobs) == alone
             assert engine.rebuilds >= 1 and stage.replica == 1
             assert time.monotonic() - started < 30  # a dead worker is noticed at once
-            # no replica left: the replica's worker dies too, the next stream ends with a 503
-            os.kill(pids[second], signal.SIGKILL)
+            # no replica left: the workers die too, the next stream ends with a 503
+            for pid in client.run(os.getpid).values():
+                os.kill(pid, signal.SIGKILL)
             started = time.monotonic()
             with pytest.raises(ServiceUnavailable, match=r"stage 1 \(dask\) is unavailable"):
                 _greedy(split, PROMPTS[0], 8)
