@@ -8,8 +8,8 @@ One greedy stream (batch 1) of the same prompt, in one run, interleaved round by
 * ``loopback split``: the second stage on another shardserve (``shardserve serve --workers 1``,
   gunicorn) on 127.0.0.1, called through the stage protocol (plugins/generation/stage_client.py);
 * ``RTT``: the round trip of a minimal request on the same kind of connection to the same
-  server: ``GET /v2/health/live`` on one keep-alive urllib3 connection, as the stage client
-  holds one (median of many).
+  server: ``GET /v2/health/live`` on one persistent keep-alive connection of the stage
+  client's own kind (``StageConnection``; median of 200).
 
 ms/token is the time between the first and the last token of the stream divided by the tokens
 in between (decode only, no prefill; EOS ignored, so every stream has ``--tokens``), best of
