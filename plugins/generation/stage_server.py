@@ -149,6 +149,8 @@ class StageBackend:
         """Evict least recently used other clients while over the cache budget."""
         with self._lock:
             total = sum(s.cache_bytes() for s, _ in self._clients.values())
+            if total <= self.cache_bytes:  # the usual case: nothing to sort or evict
+                return
             for key, (stage, _) in sorted(self._clients.items(), key=lambda kv: kv[1][1]):
                 if total <= self.cache_bytes:
                     break
