@@ -265,3 +265,79 @@ def test_lambda_stage_failures_are_503_or_504_naming_the_stage_not_the_function(
     with pytest.raises(ServiceUnavailable, match="6 MB payload limit"):
         stage.prefill("s0", 0, np.zeros((1, 30000, 64), np.float32))
     assert fake.payloads == []  # refused before invoking
+
+
+def test_a_lambda_stage_named_by_arn_or_alias_loads_and_never_shows_it():
+    """A function given as an ARN or with an alias (``lambda:fn:prod``) is no URL: the stage
+    loads, invokes it by that name, and its failures name ``stage 1 (lambda)`` only."""
+    import numpy as np
+    from botocore.exceptions import ClientError
+
+    from plugins.generation.split_loading import _Arg
+    from plugins.generation.stage_lambda import LambdaStage
+
+    class Spec:
+        index, carry_in, carry_out = 1, "hidden_in", "hidden_out"
+        past_names, present_names = [], []
+
+    for function in ("arn:aws:lambda:us-east-1:123456789012:function:secret-fn",
+                     "secret-fn:prod"):
+        stage = LambdaStage(Spec(), function, "m.stage_1",
+                            [_Arg("hidden_in", "tensor(float)", [-1, -1, 64])], [], {},
+                            replicas=(("arn:aws:lambda:us-east-1:123456789012:function:"
+                                       "replica-fn", "m.stage_1"),))
+        for _ in range(2):  # the function, then its replica
+            stage.pool.client = _FakeLambda(error=ClientError(
+                {"Error": {"Code": "TooManyRequestsException"}}, "Invoke"))
+            with pytest.raises(ServiceUnavailable) as info:
+                stage.decode(["s0"], np.zeros((1, 1, 64), np.float32))
+            message = str(info.value)
+            assert message.startswith("stage 1 (lambda) ") and "secret" not in message \
+                and "replica-fn" not in message and "123456789012" not in message
+        assert stage.replica == 1 and stage.pool.function.endswith("replica-fn")
+        stage.close()
+
+
+def test_lambda_prefill_chunks_keep_answers_under_the_payload_limit(monkeypatch):
+    """The first stage in a function gets token ids (8 bytes a position) and answers hidden
+    states (here 4,096 float32, 16 KiB a position): chunks are sized by the answer, learnt
+    from the first, so no answer is over ``chunk_bytes``; a Lambda answer over 6 MB is a 503
+    naming the stage, not a fail-over."""
+    import io
+    import json
+
+    import numpy as np
+
+    from plugins.generation.split_loading import _Arg
+    from plugins.generation.stage_client import RemoteStage
+    from plugins.generation.stage_lambda import LambdaStage
+
+    class Spec:
+        index, carry_in, carry_out = 0, "input_ids", "hidden"
+        past_names, present_names = [], []
+
+    width, calls = 4096, []
+
+    def answering(self, seq, start, carry):
+        calls.append((start, carry.shape[1]))
+        return np.full((1, carry.shape[1], width), start, np.float32)
+
+    monkeypatch.setattr(RemoteStage, "prefill", answering)
+    stage = LambdaStage(Spec(), "fn", "m.stage_0", [_Arg("input_ids", "tensor(int64)",
+                                                         [-1, -1])], [], {},
+                        replicas=(("replica", "m.stage_0"),))
+    out = stage.prefill("s0", 0, np.zeros((1, 1000), np.int64))
+    assert out.shape == (1, 1000, width)
+    assert [s for s, _ in calls] == [sum(n for _, n in calls[:i]) for i in range(len(calls))]
+    assert all(n * width * 4 <= stage.chunk_bytes for _, n in calls)
+    assert calls[1][1] == stage.chunk_bytes // (width * 4)  # learnt from the first answer
+    assert (out[0, :, 0] == np.repeat([s for s, _ in calls], [n for _, n in calls])).all()
+    monkeypatch.undo()
+    too_large = json.dumps({"errorType": "Function.ResponseSizeTooLarge",
+                            "errorMessage": "Response payload size exceeded"}).encode()
+    stage.pool.client = _FakeLambda({"FunctionError": "Unhandled",
+                                     "Payload": io.BytesIO(too_large)})
+    with pytest.raises(ServiceUnavailable, match=r"stage 0 \(lambda\): its answer exceeds"):
+        stage.decode(["s0"], np.zeros((1, 1), np.int64))
+    assert stage.replica == 0  # a replica would refuse it too
+    stage.close()

@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import json
 import logging
+import threading
 
 import numpy as np
 
@@ -34,6 +35,9 @@ from .stage_client import RemoteStage, StageConnectionError, StageResponse, _Hea
 
 LAMBDA_PAYLOAD_LIMIT = 6 * 1024 * 1024
 log = logging.getLogger("shardserve.generation")
+# boto3.client() on the default session is not thread-safe, and pipeline groups' scheduler
+# threads may fail over (build a client) at the same moment
+_CLIENTS = threading.Lock()
 
 
 class LambdaInvoker:
@@ -46,12 +50,13 @@ class LambdaInvoker:
         from botocore.config import Config
 
         self.function, self.what = function, what
-        self.client = boto3.client(
-            "lambda", endpoint_url=options.get("endpoint_url"),
-            region_name=options.get("region", "us-east-1"),
-            config=Config(retries={"max_attempts": 0}, connect_timeout=1,
-                          read_timeout=float(options.get("timeout_s", 30)),
-                          max_pool_connections=int(options.get("pool_size", 2))))
+        with _CLIENTS:
+            self.client = boto3.client(
+                "lambda", endpoint_url=options.get("endpoint_url"),
+                region_name=options.get("region", "us-east-1"),
+                config=Config(retries={"max_attempts": 0}, connect_timeout=1,
+                              read_timeout=float(options.get("timeout_s", 30)),
+                              max_pool_connections=int(options.get("pool_size", 2))))
 
     def urlopen(self, method: str, url: str, body: bytes = b"", headers: dict | None = None,
                 **_ignored) -> StageResponse:
@@ -70,6 +75,9 @@ class LambdaInvoker:
         except (BotoCoreError, ClientError) as exc:
             raise StageConnectionError(f"invoke failed ({type(exc).__name__})") from None
         if reply.get("FunctionError"):  # the handler never raises: its process died
+            if b"ResponseSizeTooLarge" in raw:  # Lambda refused the answer: so would a replica
+                raise ServiceUnavailable(f"{self.what}: its answer exceeds Lambda's 6 MB "
+                                         "payload limit (fewer rows: [generation] max_batch)")
             return StageResponse(502, _Headers(), b"")
         try:
             status, data, answer_headers = read_answer(json.loads(raw))
@@ -83,16 +91,23 @@ class LambdaInvoker:
 
 class LambdaStage(RemoteStage):
     """:class:`RemoteStage` whose calls are Lambda invocations of ``function``. A prefill
-    (a rebuild's too: a whole sequence at once) whose carried tensor is over ``chunk_bytes``
-    goes as consecutive chunks, so each call and answer stays under the 6 MB payload limit
-    after base64."""
+    (a rebuild's too: a whole sequence at once) whose carried tensor or answer is over
+    ``chunk_bytes`` goes as consecutive chunks (the answer's size per position is learnt from
+    the first one; before that, token ids in are taken to give a wide hidden state out), so
+    each call and answer stays under the 6 MB payload limit after base64."""
 
     chunk_bytes = 3 << 20
+    # an answer's bytes per position before one was seen, when token ids go in and a hidden
+    # state comes out: a 16,384-wide float32 one
+    first_out_position = 64 << 10
 
     def __init__(self, spec, function: str, remote_model: str, inputs: list, outputs: list,
                  options: dict, chain=None, replicas: tuple[tuple[str, str], ...] = ()):
-        super().__init__(spec, f"lambda://{function}", remote_model, inputs, outputs,
+        # the endpoint only names the scheme in messages: a function may be an ARN or carry a
+        # qualifier, which is no URL, and is never shown
+        super().__init__(spec, "lambda://stage", remote_model, inputs, outputs,
                          timeout_s=float(options.get("timeout_s", 30)), chain=chain)
+        self.out_position = None if spec.carry_out != "logits" else 0  # answer bytes/position
         self.pool.close()  # the HTTP pool RemoteStage made: never used
         self.options = options
         self.pool = LambdaInvoker(function, options, f"stage {spec.index} (lambda)")
@@ -113,12 +128,18 @@ class LambdaStage(RemoteStage):
         return True
 
     def prefill(self, seq: str, start: int, carry: np.ndarray) -> np.ndarray:
-        step = max(1, self.chunk_bytes // max(1, carry[:, :1].nbytes))  # positions per call
-        if carry.shape[1] <= step:
-            return super().prefill(seq, start, carry)
-        outs = [super(LambdaStage, self).prefill(seq, start + at, carry[:, at:at + step])
-                for at in range(0, carry.shape[1], step)]
-        if self.spec.carry_out == "logits":  # only the last position is sampled from
+        outs, at = [], 0
+        while not outs or at < carry.shape[1]:  # positions per call: by request or answer
+            out_position = self.out_position
+            if out_position is None:  # not seen yet: hidden in, the same out; ids in, wide
+                out_position = carry[:, :1].nbytes if carry.dtype.kind == "f" \
+                    else self.first_out_position
+            step = max(1, self.chunk_bytes // max(1, carry[:, :1].nbytes, out_position))
+            outs.append(super().prefill(seq, start + at, carry[:, at:at + step]))
+            if self.spec.carry_out != "logits":  # a logits answer is the last position only
+                self.out_position = outs[-1][:, :1].nbytes
+            at += step
+        if self.spec.carry_out == "logits" or len(outs) == 1:
             return outs[-1]
         return np.concatenate(outs, axis=1)
 
