@@ -117,7 +117,7 @@ def test_a_private_split_with_its_cloud_stage_in_lambda_sends_only_ciphertext(of
 
     import numpy as np
 
-    from handlers.codec import decode_request
+    from handlers.codec import decode_request, decode_response
     from plugins.executors.base import decode_blob
 
     service, _, root = offline
@@ -129,11 +129,13 @@ def test_a_private_split_with_its_cloud_stage_in_lambda_sends_only_ciphertext(of
         whole, split = rt.get_model("llama", 1).backend, rt.get_model("llama", 2).backend
         stages = [g.stages[1] for g in getattr(split.engine, "groups", [split.engine])]
         assert all(type(s).__name__ == "LambdaStage" and s.chain for s in stages)
-        captured = []
+        captured, answers = [], []
         for stage in stages:
             def spy(method, url, body=b"", headers=None, urlopen=stage.pool.urlopen, **kw):
                 captured.append((body, int(headers["Inference-Header-Content-Length"])))
-                return urlopen(method, url, body=body, headers=headers, **kw)
+                response = urlopen(method, url, body=body, headers=headers, **kw)
+                answers.append(response)
+                return response
 
             stage.pool.urlopen = spy
         for prompt in PROMPTS:
@@ -155,6 +157,17 @@ def test_a_private_split_with_its_cloud_stage_in_lambda_sends_only_ciphertext(of
                               "tensor": carried.name})
         assert hidden.dtype == np.float32 and hidden.shape[-1] in (1, 64)  # 1: a release
         assert hidden.tobytes() not in body
+    assert len(answers) == len(captured)
+    for (body, header_length), response in zip(captured, answers):  # back: ciphertext too
+        assert response.status == 200
+        length = response.headers.get("Inference-Header-Content-Length")
+        out = decode_response(response.data, int(length) if length else None).outputs
+        blob = np.asarray(out[stage.spec.carry_out]).reshape(-1)
+        assert blob.dtype == object and len(blob) == 1
+        request = decode_request(body, header_length)
+        hidden = decode_blob(blob[0], stage.chain, {"request_id": request.id, "shard": PRIVATE,
+                                                     "tensor": stage.spec.carry_out})
+        assert hidden.dtype == np.float32 and hidden.tobytes() not in response.data
 
 
 def test_a_stage_in_a_lambda_function_survives_a_cold_start_mid_stream(offline, monkeypatch):
