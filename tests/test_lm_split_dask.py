@@ -20,8 +20,6 @@ from runtime.errors import ServiceUnavailable
 pytestmark = pytest.mark.slow
 
 
-
-
 @pytest.mark.parametrize("replica", ["named", "any"])
 def test_a_killed_dask_worker_fails_over_to_an_actor_on_another(tmp_path, replica):
     """The replica names the other worker (``dask:ADDRESS``), or lets the scheduler pick a
@@ -54,6 +52,10 @@ def test_a_killed_dask_worker_fails_over_to_an_actor_on_another(tmp_path, replic
             engine = split.engine
             stage = engine.stages[1]
             assert type(stage).__name__ == "DaskStage"
+            # the file is read again on a fail-over, not held by every group's stage
+            assert all(not isinstance(cell.cell_contents, bytes)
+                       for g in getattr(engine, "groups", [engine])
+                       for cell in g.stages[1]._reload.__closure__ or ())
             jobs = [(PROMPTS[i], n) for i, n in enumerate((16, 12, 20))]
             alone = [_greedy(whole, p, n) for p, n in jobs]
             decode, calls = stage.decode, []

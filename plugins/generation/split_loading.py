@@ -190,7 +190,8 @@ def dask_stage(settings, plan, shard, spec):
     signature = _Signature(*plan_signature(settings.model, plan, spec))
     return DaskStage(spec, settings.read_bytes(shard.file), scheduler, worker, signature,
                      timeout_s=float(shard.options.get("timeout_s", 10.0)),
-                     replicas=tuple(r.partition(":")[2] or None for r in replicas))
+                     replicas=tuple(r.partition(":")[2] or None for r in replicas),
+                     reload=lambda: settings.read_bytes(shard.file))
 
 
 def plan_signature(model: str, plan, spec) -> tuple[list, list]:

@@ -61,7 +61,8 @@ class DaskStage:
     """The :class:`~.split_engine.LayerStage` API over a Dask actor."""
 
     def __init__(self, spec, model_bytes: bytes, scheduler: str, worker: str | None,
-                 signature, timeout_s: float = 10.0, replicas: tuple[str | None, ...] = ()):
+                 signature, timeout_s: float = 10.0, replicas: tuple[str | None, ...] = (),
+                 reload=None):
         from plugins.executors.dask_executor import _client
 
         self.replicas = list(replicas)  # workers to fail over to (None: any), in order
@@ -77,7 +78,9 @@ class DaskStage:
         self._fields = {k: getattr(spec, k) for k in ("index", "inputs", "outputs", "carry_in",
                                                        "carry_out", "past_names",
                                                        "present_names", "layers")}
-        self._bytes = model_bytes if replicas else None  # sent again on a fail-over
+        # a fail-over sends the file again: read anew (``reload``) rather than kept here for
+        # the stage's life (the scheduler need not hold every group's copy of the weights)
+        self._reload = (reload or (lambda: model_bytes)) if replicas else None
         try:
             self._start(model_bytes, worker)
         except Exception:
@@ -103,7 +106,7 @@ class DaskStage:
             worker = self.replicas.pop(0)
             self.replica += 1
             try:
-                self._start(self._bytes, worker, loose=True)
+                self._start(self._reload(), worker, loose=True)
             except Exception as exc:
                 log.warning("stage %s: replica %s (dask) could not start: %s", self.index,
                             self.replica, type(exc).__name__)
