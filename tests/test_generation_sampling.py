@@ -155,3 +155,36 @@ def test_unfiltered_draw_never_picks_a_masked_token():
         assert kernel(logits, 1.0, 0, 1.0, u) in (1, 1800, 2999)
     assert kernel(logits, 1.0, 0, 1.0, 0.0) == 1
     assert kernel(logits, 1.0, 0, 1.0, 1 - 2 ** -53) == 2999
+
+
+def test_float32_exp_is_within_its_stated_bound():
+    """The fast path's float32 exp, against exp in float64 of the same float32 argument: the
+    bound the draw's guard assumes (_EPS_EXP) with room to spare; NaN and -inf weigh 0."""
+    from plugins.generation.sampling_kernel import _EPS_EXP, _exp32_weights
+
+    t = np.concatenate([np.linspace(-86.9, 0.0, 400_001), [np.nan, -np.inf, -90.0]])
+    t = t.astype(np.float32)
+    w, tw = np.empty(t.size, np.float32), np.empty(t.size, np.float32)
+    _exp32_weights(t, np.float32(1.0), np.float32(0.0), 0, t.size, w, tw)
+    exact = np.exp(t[:-3].astype(np.float64))
+    assert np.max(np.abs(w[:-3] - exact) / exact) < _EPS_EXP / 2
+    assert not w[-3:].any() and not tw[-3:].any()
+    assert np.allclose(tw[:-3], -t[:-3] * w[:-3])
+
+
+@pytest.mark.parametrize("sd,temperature", [(3.0, 1.0), (6.0, 0.7), (1.0, 1.3)])
+def test_fast_unfiltered_draw_is_the_float64_draw(sd, temperature):
+    """The float32 pass decides only where its error bound allows: for every uniform number,
+    random ones and ones placed on the edges between tokens (where it must fall back to the
+    float64 pass), the token is the float64 draw's."""
+    from plugins.generation.sampling_kernel import _draw_unfiltered, _draw_unfiltered64
+
+    logits = (np.random.default_rng(4).standard_normal(49152) * sd).astype(np.float32)
+    x = logits.astype(np.float64) / temperature
+    cdf = np.cumsum(np.exp(x - x.max()))
+    heavy = np.argsort(-np.diff(cdf, prepend=0.0))[:100]
+    edges = np.concatenate([cdf[heavy] / cdf[-1] + d for d in (-1e-9, 0.0, 1e-9)])
+    us = np.concatenate([np.random.default_rng(5).random(1500), np.clip(edges, 0, 1 - 1e-16)])
+    for u in us:
+        assert _draw_unfiltered(logits, 1 / temperature, u) == _draw_unfiltered64(
+            logits, 1 / temperature, u), u
