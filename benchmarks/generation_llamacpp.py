@@ -232,6 +232,24 @@ def cpp_tools(path: Path, threads: list[int], prompt: int, tokens: int) -> dict:
     return out
 
 
+def http_streams(args, onnx: Path, g, figures: dict, threads_list: list[int]) -> dict:
+    """shardserve's aggregate tokens/s of 4 and 8 streams over HTTP per thread count: the
+    1-thread figures generation.py measured above, the other thread counts measured here
+    the same way (its Server and concurrent streams)."""
+    rates = {1: {s: figures[f"streams_{s}"]["http_tps"] for s in (4, 8)
+                 if f"streams_{s}" in figures}}
+    for threads in threads_list:
+        if len(rates.get(threads, {})) == 2:
+            continue
+        server = g.Server(g.shardserve_repo(onnx, threads))
+        try:
+            server.stream(g.prompt_ids(8, 0), 4)  # warm-up
+            rates[threads] = {s: server.concurrent(s, args.tokens) for s in (4, 8)}
+        finally:
+            server.stop()
+    return rates
+
+
 def llamacpp_figures(args, folder: Path, g, figures: dict) -> None:
     """llama.cpp against shardserve in the same run: batch-1 decode and time to first token at
     each thread count (the two engines alternating round by round, greedy tokens compared),
@@ -289,16 +307,18 @@ def llamacpp_figures(args, folder: Path, g, figures: dict) -> None:
               f"prompt) {their_ttft * 1e3:.0f} ms against {ours_ttft * 1e3:.0f} ms (shardserve "
               f"{ours_ttft / their_ttft:.2f}x); greedy tokens agreeing from the start "
               f"{agree[:len(decode_prompts)]} of {args.tokens} per prompt")
+    http = http_streams(args, onnx, g, figures, threads_list)
+    result["shardserve_http_tps"] = http
     for streams in (4, 8):
         prompts = [g.prompt_ids(8, 100 + s) for s in range(streams)]
-        http = figures.get(f"streams_{streams}", {}).get("http_tps")
         for threads in threads_list:
             run = run_job({"gguf": str(path), "threads": threads, "mode": "parallel",
                            "prompts": prompts, "tokens": args.tokens, "repeat": args.rounds})
             rate = run["count"] / run["seconds"]
             result[f"parallel_{streams}_t{threads}"] = rate
-            versus = f" (shardserve's {streams} HTTP streams, 1 thread, {http:.1f}: " \
-                     f"{http / rate:.2f}x)" if http else ""
+            ours = http.get(threads, {}).get(streams)
+            versus = f" (shardserve's {streams} HTTP streams at {threads} thread(s) " \
+                     f"{ours:.1f}: {ours / rate:.2f}x)" if ours else ""
             print(f"llama.cpp {streams} sequences decoded together in process, {threads} "
                   f"thread(s), best of {args.rounds}: {rate:.1f} tokens/s aggregate{versus}")
     tools = cpp_tools(path, threads_list, args.prompt, args.tokens)
