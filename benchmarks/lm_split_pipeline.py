@@ -153,6 +153,10 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--heads", type=int, default=8)
     p.add_argument("--kv-heads", type=int, default=4)
     p.add_argument("--vocab", type=int, default=8192)
+    p.add_argument("--model", choices=("llama", "stdlib_gpt"), default="llama",
+                   help="the random-weight Llama of the shape options, or the shipped "
+                        "examples/models/stdlib_gpt (a trained GPT-2, 4 x 128)")
+    p.add_argument("--cut", type=int, help="the boundary (default: balanced by weights)")
     p.add_argument("--streams", type=int, default=8)
     p.add_argument("--tokens", type=int, default=32, help="tokens per stream")
     p.add_argument("--prompt", type=int, default=16, help="prompt tokens per stream")
@@ -162,8 +166,16 @@ def main(argv: list[str] | None = None) -> int:
 
     from runtime import Runtime
 
-    onnx = builders.export(args) / "onnx"
-    edge, cloud = repositories(onnx, args.layers // 2)
+    if args.model == "stdlib_gpt":
+        onnx, args.layers, args.width, args.vocab = ROOT / "examples/models/stdlib_gpt/1", 4, \
+            128, 1024
+    else:
+        onnx = builders.export(args) / "onnx"
+    if args.cut is None:  # the LM head (vocabulary x width) goes with stage 1: balance weights
+        layer = 4 * args.width ** 2 + 3 * args.width * args.intermediate
+        args.cut = min(range(1, args.layers), key=lambda c: abs(
+            c * layer - (args.layers - c) * layer - args.vocab * args.width))
+    edge, cloud = repositories(onnx, args.cut)
     server = StageServer(cloud)
     try:
         place(edge, server.base)
@@ -188,8 +200,9 @@ def main(argv: list[str] | None = None) -> int:
     same = tokens["unsplit"] == tokens["split, sequential"] == tokens["split, pipelined"]
     best = {name: max(r) for name, r in rates.items()}
     base = best["unsplit"]
-    print(f"model: random-weight Llama, {args.layers} layers, width {args.width}, vocabulary "
-          f"{args.vocab}, fp32; cut after layer {args.layers // 2}; {args.streams} streams x "
+    what = "stdlib_gpt (trained GPT-2)" if args.model == "stdlib_gpt" else "random-weight Llama"
+    print(f"model: {what}, {args.layers} layers, width {args.width}, vocabulary "
+          f"{args.vocab}, fp32; stage 0 = layers 0-{args.cut - 1}; {args.streams} streams x "
           f"{args.tokens} tokens, prompts of {args.prompt}; best of {args.rounds} rounds")
     print(f"{'configuration':<22}{'tokens/s':>10}{'median':>9}{'vs unsplit':>12}")
     for name in CONFIGS:
