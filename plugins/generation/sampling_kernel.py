@@ -48,30 +48,26 @@ _EPS_T = 2.0 ** -23
 _F32 = np.float32
 
 
-@_intrinsic
-def _float64_from_bits(typingctx, bits):
-    """The float64 whose IEEE bits are the int64 ``bits`` (a bitcast, vectorisable)."""
-    if not isinstance(bits, _types.Integer):
-        return None
+def _from_bits(int_type, float_type, ir_type):
+    """An intrinsic: the float whose IEEE bits are the given integer (a bitcast, which LLVM
+    vectorises)."""
 
-    def codegen(context, builder, sig, args):
-        value = context.cast(builder, args[0], sig.args[0], _types.int64)
-        return builder.bitcast(value, ir.DoubleType())
+    @_intrinsic
+    def from_bits(typingctx, bits):
+        if not isinstance(bits, _types.Integer):
+            return None
 
-    return _types.float64(bits), codegen
+        def codegen(context, builder, sig, args):
+            value = context.cast(builder, args[0], sig.args[0], int_type)
+            return builder.bitcast(value, ir_type)
+
+        return float_type(bits), codegen
+
+    return from_bits
 
 
-@_intrinsic
-def _float32_from_bits(typingctx, bits):
-    """The float32 whose IEEE bits are the int32 ``bits``."""
-    if not isinstance(bits, _types.Integer):
-        return None
-
-    def codegen(context, builder, sig, args):
-        value = context.cast(builder, args[0], sig.args[0], _types.int32)
-        return builder.bitcast(value, ir.FloatType())
-
-    return _types.float32(bits), codegen
+_float64_from_bits = _from_bits(_types.int64, _types.float64, ir.DoubleType())
+_float32_from_bits = _from_bits(_types.int32, _types.float32, ir.FloatType())
 
 
 @_intrinsic
