@@ -33,7 +33,6 @@ import json
 import re
 import shutil
 import statistics
-import subprocess
 import sys
 import threading
 import time
@@ -42,40 +41,12 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path[:0] = [str(ROOT), str(ROOT / "benchmarks")]
 import generation as builders  # noqa: E402  (the benchmark model's builders)
+from lm_split_overhead import Server as StageServer  # noqa: E402  (serve --workers 1)
+from lm_split_overhead import generation_model  # noqa: E402
 
 WORK = ROOT / "build" / "bench-lm-split-pipeline"
 SHARDSERVE = Path(sys.executable).with_name("shardserve")
 CONFIGS = ("unsplit", "split, sequential", "split, pipelined")
-
-
-class StageServer:
-    """``shardserve serve --workers 1`` (gunicorn) on a free loopback port."""
-
-    def __init__(self, repository: Path):
-        self.proc = subprocess.Popen(
-            [str(SHARDSERVE), "--log-level", "warning", "serve", "--workers", "1",
-             "--repository", str(repository), "--host", "127.0.0.1", "--port", "0"],
-            cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
-        deadline = time.monotonic() + 120
-        while time.monotonic() < deadline:
-            found = re.search(r"ready on (http://[\d.]+:\d+)", self.proc.stdout.readline())
-            if found:
-                self.base = found.group(1)
-                threading.Thread(target=self.proc.stdout.read, daemon=True).start()
-                return
-            if self.proc.poll() is not None:
-                break
-        self.stop()
-        raise SystemExit("the stage server did not start")
-
-    def stop(self) -> None:
-        if self.proc.poll() is None:
-            self.proc.terminate()
-            try:
-                self.proc.wait(10)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait()
 
 
 def repositories(onnx: Path, cut: int) -> tuple[Path, Path]:
@@ -116,12 +87,6 @@ def place(edge: Path, base: str) -> None:
         head, sep, tail = plan.read_text().partition('name = "stage_1"')
         tail = re.sub(r'placement = "[^"]*"', f'placement = "{base}"', tail, count=1)
         plan.write_text((head + sep + tail).replace("[decoder]\n", f"[decoder]\n{groups}"))
-
-
-def generation_model(backend):
-    while "engine" not in vars(backend) and "backend" in vars(backend):  # serving wrappers
-        backend = backend.backend
-    return backend
 
 
 def streams(model, prompts: list[list[int]], tokens: int) -> tuple[float, list[list[int]]]:
