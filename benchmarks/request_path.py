@@ -146,7 +146,7 @@ def profile(args: argparse.Namespace) -> None:
             per_request_us(app, model, body, args.requests)
             profiler.disable()
             print(f"--- {model}: {args.requests} requests")
-            pstats.Stats(profiler, stream=sys.stdout).sort_stats("tottime").print_stats(25)
+            pstats.Stats(profiler, stream=sys.stdout).sort_stats(args.sort).print_stats(25)
 
 
 def export(rev: str, into: Path) -> Path:
@@ -175,6 +175,7 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=5, help="alternating rounds per process")
     parser.add_argument("--requests", type=int, default=2000, help="requests per round")
     parser.add_argument("--profile", action="store_true", help="cProfile shardserve's path")
+    parser.add_argument("--sort", default="tottime", help="--profile's order (tottime, cumulative)")
     parser.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
     parser.add_argument("--tree", help=argparse.SUPPRESS)
     args = parser.parse_args()

@@ -25,6 +25,7 @@ from __future__ import annotations
 import errno
 import json
 import logging
+import os
 import select
 import signal
 import socket
@@ -38,6 +39,8 @@ from gunicorn.http import errors as http_errors
 from gunicorn.http.body import LengthReader
 from gunicorn.workers import gthread
 from gunicorn.workers.sync import SyncWorker as GunicornSyncWorker
+
+from plugins.serving import turns
 
 from .routes import clip_names, request_id
 from .wsgi import BODY_READ_CALLBACK, STATUS_LINES
@@ -145,6 +148,7 @@ class EdgeWorker:
     """Mixed into gunicorn's worker classes; see the module docstring."""
 
     deadlines: ReadDeadlines
+    turn: turns.Turn | None = None  # gthread: one request thread at a time in Python
 
     def init_process(self) -> None:
         signal.signal(signal.SIGPIPE, signal.SIG_IGN)
@@ -158,19 +162,27 @@ class EdgeWorker:
 
     def load_wsgi(self) -> None:
         super().load_wsgi()  # type: ignore[misc]
-        app, deadlines = self.wsgi, self.deadlines  # type: ignore[has-type]
+        app, deadlines, turn = self.wsgi, self.deadlines, self.turn  # type: ignore[has-type]
+
+        def body_read() -> None:
+            deadlines.disarm()
+            if turn is not None:  # a connection's first request takes the turn only now
+                turn.take()
 
         def timed_app(environ: dict, start_response: Any) -> Any:
             deadlines.extend(READ_TIMEOUTS["body"])  # the headers are in: the body's turn
-            environ[BODY_READ_CALLBACK] = deadlines.disarm
+            environ[BODY_READ_CALLBACK] = body_read
             try:
                 result = app(environ, start_response)
             finally:
                 deadlines.disarm()
-            if type(result) is list and len(result) == 1 and send_whole(
-                    getattr(start_response, "__self__", None), result[0]):
-                return []  # sent: gunicorn's loop writes nothing more
-            return result
+            try:
+                if type(result) is list and len(result) == 1 and send_whole(
+                        getattr(start_response, "__self__", None), result[0]):
+                    return []  # sent: gunicorn's loop writes nothing more
+                return result
+            finally:
+                turns.give()  # gunicorn writes any other answer without it
 
         self.wsgi = timed_app
 
@@ -210,8 +222,12 @@ def send_whole(resp: Any, body: bytes) -> bool:
         resp.send_headers()  # gunicorn's own head (status, Date, Connection, headers)
     finally:
         resp.sock = sock
-    sent = sock.sendmsg((head.data, body))
-    if sent < len(head.data) + len(body):  # a short write: the rest as gunicorn would
+    try:  # what the socket buffer takes now; a client that reads slowly gets the rest below
+        sent = sock.sendmsg((head.data, body), (), socket.MSG_DONTWAIT)
+    except BlockingIOError:
+        sent = 0
+    if sent < len(head.data) + len(body):
+        turns.give()  # waiting on the client: without the worker's turn
         sock.sendall(memoryview(head.data + body)[sent:])
     resp.sent = len(body)
     return True
@@ -233,6 +249,11 @@ class ThreadEdgeWorker(EdgeWorker, gthread.ThreadWorker):
     _count_lock = threading.Lock()
     _busy = 0  # threads inside handle(), lingering ones included
     _queued = 0  # connections handed to the thread pool that no thread has taken yet
+
+    def init_process(self) -> None:
+        self.turn = turns.Turn()
+        turns.COMPUTE_KEEPS_TURN = self.cfg.workers >= len(os.sched_getaffinity(0))
+        super().init_process()
 
     def enqueue_req(self, conn: Any) -> None:
         with self._count_lock:  # before the submit: a free thread may take it at once
@@ -262,13 +283,19 @@ class ThreadEdgeWorker(EdgeWorker, gthread.ThreadWorker):
             if not conn.wait_for_data(gthread.DEFAULT_WORKER_DATA_TIMEOUT):
                 return gthread._DEFER
         self.deadlines.arm(conn.sock, READ_TIMEOUTS["header"])
+        unreader = getattr(conn.parser, "unreader", None)
+        if type(getattr(unreader, "sock", None)) is TurnSocket:  # reads give the turn up
+            self.turn.take()  # type: ignore[union-attr]
         try:
             return super().handle(conn)
         finally:
+            turns.give()
             self.deadlines.disarm()
             unreader = getattr(conn.parser, "unreader", None)
             if getattr(unreader, "mxchunk", HEAD_READ_BYTES) < HEAD_READ_BYTES:
                 unreader.mxchunk = HEAD_READ_BYTES
+            if type(getattr(unreader, "sock", None)) is socket.socket:  # not TLS
+                unreader.sock = TurnSocket(unreader.sock)
 
     def _keepalive_after(self, conn: Any, keepalive: bool) -> bool:
         """gunicorn drains an unread body after each keep-alive answer and again before
@@ -298,6 +325,22 @@ class ThreadEdgeWorker(EdgeWorker, gthread.ThreadWorker):
             return bool(poller.poll(KEEPALIVE_LINGER_S * 1000))
         except (OSError, ValueError):
             return False
+
+
+class TurnSocket:
+    """A keep-alive connection's socket as gunicorn's request reader sees it: a read holds
+    the worker's turn only while the bytes are already there (plugins/serving/turns.py)."""
+
+    __slots__ = ("sock",)
+
+    def __init__(self, sock: socket.socket):
+        self.sock = sock
+
+    def recv(self, size: int) -> bytes:
+        return turns.socket_recv(self.sock, size)
+
+    def __getattr__(self, name: str) -> Any:  # gettimeout, settimeout: the socket's own
+        return getattr(self.sock, name)
 
 
 def body_consumed(message: Any) -> bool:

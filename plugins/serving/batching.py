@@ -24,7 +24,9 @@ from typing import Any
 
 from runtime.errors import ModelLoadError
 
+from . import turns
 from .metrics import OFF, enabled, metrics
+from .turns import Outside
 
 # Every (model -> versions) loaded in this process: request metrics label only these, so a
 # client cannot grow the label set with made-up model names.
@@ -82,6 +84,8 @@ class ServedBackend:
         known_versions.setdefault(model, set()).add(self.version)
         self.max_rows, self.max_delay, self.instances = batching_settings(
             config, self.inputs, self.outputs)
+        # in-process CPU work: no client, no remote shard to wait for with the turn held
+        self._keeps_turn = getattr(backend, "platform", None) == "onnxruntime_onnx"
         labels = (model, self.version)
         if enabled():
             m = metrics()
@@ -123,9 +127,16 @@ class ServedBackend:
     # running ----------------------------------------------------------------
 
     def _execute(self, inputs: dict, outputs: list[str], rows: int) -> dict:
-        start = time.perf_counter()
-        result = self.backend.run(inputs, outputs)
-        self._compute.observe((time.perf_counter() - start) * 1e6)
+        if self._keeps_turn and turns.COMPUTE_KEEPS_TURN:  # a worker with a core at most
+            start = time.perf_counter()
+            result = self.backend.run(inputs, outputs)
+            took = time.perf_counter() - start
+        else:
+            with Outside():  # the worker's other request threads run meanwhile (.turns)
+                start = time.perf_counter()
+                result = self.backend.run(inputs, outputs)
+                took = time.perf_counter() - start
+        self._compute.observe(took * 1e6)
         self._batch.observe(rows)
         return result
 
@@ -152,7 +163,8 @@ class ServedBackend:
             finally:
                 self._hand_off()
         if not item.lead:
-            item.done.wait()
+            with Outside():
+                item.done.wait()
             if not item.lead:
                 return _outcome(item)
         self._lead(item)
@@ -160,7 +172,11 @@ class ServedBackend:
 
     def _lead(self, mine: _Pending) -> None:
         """Run one batch headed by ``mine``, then pass the slot on to a queued request."""
-        batch = self._take(mine)
+        if self.max_delay:  # it may wait for more requests: they need the turn to queue
+            with Outside():
+                batch = self._take(mine)
+        else:
+            batch = self._take(mine)
         try:
             self._run_batch(batch)
         except BaseException as exc:  # never leave a caller waiting

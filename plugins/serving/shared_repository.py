@@ -31,6 +31,7 @@ from plugins.atomic_files import write_atomically
 from runtime.errors import ServiceUnavailable
 
 from . import STATE_ENVIRONMENT as ENVIRONMENT
+from .turns import Outside
 
 ACTIONS = ("load", "unload")
 WATCH_INTERVAL_S = 0.25
@@ -147,14 +148,16 @@ class SharedRepositoryState:
                             self._pending[name] = self._pending.get(name, 0) + 1
                     self._applied = generation
         later = [item for item in todo if background and item[0] != model]
-        for item in todo:
-            if item not in later:
-                self._apply_one(apply, *item)
+        now = [item for item in todo if item not in later]
+        if now:
+            with Outside():  # a model load: the worker's other requests go on (.turns)
+                for item in now:
+                    self._apply_one(apply, *item)
         if later:
             threading.Thread(target=self._apply_all, args=(apply, later),
                              name="shardserve-repository-apply", daemon=True).start()
         if model is not None and self._pending.get(model):  # read unlocked: the usual case
-            with self._applying:  # a change another thread is applying to this model
+            with Outside(), self._applying:  # a change another thread is applying to it
                 self._applying.wait_for(lambda: not self._pending.get(model))
 
     def _apply_all(self, apply: Callable[[str, str], None], todo: list) -> None:

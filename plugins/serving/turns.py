@@ -1,0 +1,85 @@
+"""Request turns: one request thread at a time runs a gthread worker's Python code.
+
+A gthread worker's request threads share one GIL. Every syscall one of them makes (a recv, a
+send, a log write) releases it, and with other threads waiting the GIL then changes hands, so
+that a request on a 2-core machine cost 74 futex calls and as many thread switches (strace,
+the encoder at 8 connections). A thread that has the *turn* runs its request's Python work
+while the others wait for the turn itself, once, instead of for the GIL at every syscall.
+
+The turn is given up wherever the thread would wait: on a client (``socket_recv`` and the
+worker's response write), on a backend run (``Outside`` in plugins/serving/batching.py, so
+several executions per worker still overlap, as many as the model's ``instances``) and on
+another request's batch (unless ``COMPUTE_KEEPS_TURN``). Waiting for the turn is bounded by
+``WAIT_S``: a thread still
+waiting then goes on without it, so a holder blocked somewhere else (a security plugin
+calling out, a model load) delays others by that much at most and can never deadlock them.
+Outside a gthread worker no thread holds a turn and all of this does nothing. The worker side
+is in handlers/gunicorn_workers.py; docs/serving.md.
+"""
+
+from __future__ import annotations
+
+import socket
+import threading
+
+# Seconds a thread waits for the turn before it goes on without it. A turn is held for a
+# request's Python work (a few hundred µs), so it is normally free well before.
+WAIT_S = 0.005
+# Whether an in-process onnxruntime run keeps the turn (plugins/serving/batching.py). The
+# gthread worker sets it where the server has no more CPU cores than workers: runs overlapping
+# in one worker then gain no core, and each one's end waited for the GIL and then the turn
+# (283 µs of wall time per 72 µs run, against 97 µs when the run kept the turn).
+COMPUTE_KEEPS_TURN = False
+
+_held = threading.local()  # .turn: the Turn this thread holds, or None
+
+
+class Turn:
+    """One worker's turn: ``take`` it, ``give`` it back."""
+
+    __slots__ = ("_lock",)
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+
+    def take(self) -> bool:
+        """Take the turn (no-op when this thread holds it); False when ``WAIT_S`` passed first."""
+        if getattr(_held, "turn", None) is self:
+            return True
+        if not self._lock.acquire(timeout=WAIT_S):
+            return False
+        _held.turn = self
+        return True
+
+
+def give() -> Turn | None:
+    """Give back the turn this thread holds, if any; returns it (to take it again)."""
+    turn = getattr(_held, "turn", None)
+    if turn is not None:
+        _held.turn = None
+        turn._lock.release()
+    return turn
+
+
+class Outside:
+    """``with Outside():`` runs its block without this thread's turn, then takes it again."""
+
+    __slots__ = ("turn",)
+
+    def __enter__(self) -> None:
+        self.turn = give()
+
+    def __exit__(self, *exc: object) -> None:
+        if self.turn is not None:
+            self.turn.take()
+
+
+def socket_recv(sock: socket.socket, size: int) -> bytes:
+    """``sock.recv(size)`` that holds the turn only while the bytes are already there."""
+    if getattr(_held, "turn", None) is not None and sock.gettimeout() is None:
+        try:
+            return sock.recv(size, socket.MSG_DONTWAIT)
+        except BlockingIOError:
+            pass
+    with Outside():
+        return sock.recv(size)
