@@ -22,7 +22,10 @@ with the same prompts (token ids) and the same thread counts:
 onnxruntime-genai is a benchmark-only peer: ``--setup`` creates build/genai-venv and pip-installs
 ``onnxruntime-genai`` there (never into shardserve's environment); its side runs in that venv
 (benchmarks/generation_genai.py). torch, transformers and optimum (``shardserve[lm-dev]``) build
-the model only. Run it alone on the machine and report the load average:
+the model only. llama.cpp is a second peer (benchmarks/generation_llamacpp.py): ``--setup-llamacpp``
+builds it once from llama-cpp-python's vendored source into build/llama.cpp (about 15 minutes on
+2 cores) and converts the same weights to GGUF; without it that part is left out with a line.
+Run it alone on the machine and report the load average:
 
     flock /tmp/shardserve-bench.lock .venv/bin/python benchmarks/generation.py [--setup]
 
