@@ -16,6 +16,9 @@ package), never shardserve's environment; torch and transformers come from shard
 config as generation.export; checked tensor by tensor against the ONNX export's initializers)
 and converts it to GGUF F32 with llama.cpp's own convert_hf_to_gguf.py.
 
+``.venv/bin/python benchmarks/generation_llamacpp.py --setup`` does the build alone (run it
+outside /tmp/shardserve-bench.lock: it compiles for about 15 minutes on 2 cores).
+
 Run as a script inside build/llamacpp-venv it is the measuring side (like generation_genai.py):
 a JSON job on stdin, a JSON result on stdout, token ids in and out, so both engines see the
 same prompts whatever llama.cpp's tokenizer would make of text.
@@ -434,4 +437,7 @@ def serve_job() -> None:
 
 
 if __name__ == "__main__":
-    serve_job()
+    if sys.argv[1:] == ["--setup"]:  # the build alone, outside the benchmark lock
+        setup()
+    else:
+        serve_job()
