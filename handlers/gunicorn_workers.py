@@ -179,10 +179,13 @@ class EdgeWorker:
             try:
                 if type(result) is list and len(result) == 1 and send_whole(
                         getattr(start_response, "__self__", None), result[0]):
-                    return []  # sent: gunicorn's loop writes nothing more
-                return result
-            finally:
-                turns.give()  # gunicorn writes any other answer without it
+                    return []  # sent: gunicorn's loop writes nothing more (the turn is kept
+                    # through its bookkeeping; the worker gives it back after the request)
+            except BaseException:
+                turns.give()
+                raise
+            turns.give()  # gunicorn writes any other answer (a stream) without it
+            return result
 
         self.wsgi = timed_app
 
