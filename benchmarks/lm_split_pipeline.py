@@ -12,6 +12,10 @@ the first request to the last token, prefill included), in one run, rounds alter
 * ``split, pipelined``: the same two stages with 2 groups of streams (the default for such a
   plan): while stage 1 decodes group A, stage 0 runs group B.
 
+With ``--rtt 20ms [--bandwidth 100Mbps]`` the stage node is reached through the emulated link
+of benchmarks/registry_replan.py (``LinkProxy``): the edge-cloud case, where the sequential
+split waits one round trip per step and pipelining overlaps it with the other group's work.
+
 Greedy tokens are checked identical across the three. The target (issue #23): pipelined >=
 1.3x unsplit.
 
@@ -126,6 +130,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--tokens", type=int, default=32, help="tokens per stream")
     p.add_argument("--prompt", type=int, default=16, help="prompt tokens per stream")
     p.add_argument("--rounds", type=int, default=3)
+    p.add_argument("--rtt", help="put an emulated link (benchmarks/registry_replan.py's "
+                                 "LinkProxy) between the stages, e.g. 20ms")
+    p.add_argument("--bandwidth", default="100Mbps", help="the emulated link's (with --rtt)")
     p.add_argument("--json", type=Path, help="also write the figures here")
     args = p.parse_args(argv)
 
@@ -141,9 +148,13 @@ def main(argv: list[str] | None = None) -> int:
         args.cut = min(range(1, args.layers), key=lambda c: abs(
             c * layer - (args.layers - c) * layer - args.vocab * args.width))
     edge, cloud = repositories(onnx, args.cut)
-    server = StageServer(cloud)
+    server, proxy = StageServer(cloud), None
     try:
-        place(edge, server.base)
+        if args.rtt:
+            from registry_replan import LinkProxy
+
+            proxy = LinkProxy(int(server.base.rpartition(":")[2]), args.bandwidth, args.rtt)
+        place(edge, proxy.url if proxy else server.base)
         rt = Runtime.from_config({"repository": {"path": str(edge), "load": "all"}}).start()
         models = dict(zip(CONFIGS, (generation_model(rt.get_model("lm").backend),
                                     generation_model(rt.get_model("lm_split", 2).backend),
@@ -162,13 +173,17 @@ def main(argv: list[str] | None = None) -> int:
         rt.close()
     finally:
         server.stop()
+        if proxy:
+            proxy.stop()
     same = tokens["unsplit"] == tokens["split, sequential"] == tokens["split, pipelined"]
     best = {name: max(r) for name, r in rates.items()}
     base = best["unsplit"]
     what = "stdlib_gpt (trained GPT-2)" if args.model == "stdlib_gpt" else "random-weight Llama"
     print(f"model: {what}, {args.layers} layers, width {args.width}, vocabulary "
           f"{args.vocab}, fp32; stage 0 = layers 0-{args.cut - 1}; {args.streams} streams x "
-          f"{args.tokens} tokens, prompts of {args.prompt}; best of {args.rounds} rounds")
+          f"{args.tokens} tokens, prompts of {args.prompt}; best of {args.rounds} rounds"
+          + (f"; emulated link between the stages: {args.rtt} RTT, {args.bandwidth}"
+             if args.rtt else ""))
     print(f"{'configuration':<22}{'tokens/s':>10}{'median':>9}{'vs unsplit':>12}")
     for name in CONFIGS:
         print(f"{name:<22}{best[name]:>10.1f}{statistics.median(rates[name]):>9.1f}"

@@ -231,10 +231,12 @@ class SplitEngine(Engine):
 
     def _on(self, position: int, method, *args):
         """A stage call; in a pipelined engine it waits for that stage to be free, so each
-        stage works on one group at a time while the others move on."""
-        if self.pipeline is None:
+        stage works on one group at a time while the others move on (a stage that orders its
+        own calls has no lock: see :class:`~.split_pipeline.PipelinedEngine`)."""
+        lock = self.pipeline.locks[position] if self.pipeline is not None else None
+        if lock is None:
             return method(*args)
-        with self.pipeline.locks[position]:
+        with lock:
             return method(*args)
 
     def _through(self, carry: np.ndarray, phase: str, call, first: int = 0,

@@ -163,9 +163,11 @@ def remote_stage(model: str, plan, shard, spec, chain=None):
             isinstance(r, str) and r.startswith(("http://", "https://")) for r in replicas):
         raise ModelLoadError(f"model {model!r}: shard {shard.name!r} options.replicas must be "
                              "a list of http(s):// endpoints")
-    return RemoteStage(spec, endpoint, remote or f"{model}.{shard.name}", inputs, outputs,
-                       timeout_s=float(options.get("timeout_s", 10.0)), chain=chain,
-                       replicas=tuple(replicas))
+    stage = RemoteStage(spec, endpoint, remote or f"{model}.{shard.name}", inputs, outputs,
+                        timeout_s=float(options.get("timeout_s", 10.0)), chain=chain,
+                        replicas=tuple(replicas))
+    stage.orders_own_calls = True  # pipeline groups call it at once (split_pipeline.py)
+    return stage
 
 
 def dask_stage(settings, plan, shard, spec):
@@ -188,10 +190,12 @@ def dask_stage(settings, plan, shard, spec):
         raise ModelLoadError(f"model {settings.model!r}: shard {shard.name!r} options.replicas "
                              "must be a list of 'dask' or 'dask:WORKER' placements")
     signature = _Signature(*plan_signature(settings.model, plan, spec))
-    return DaskStage(spec, settings.read_bytes(shard.file), scheduler, worker, signature,
-                     timeout_s=float(shard.options.get("timeout_s", 10.0)),
-                     replicas=tuple(r.partition(":")[2] or None for r in replicas),
-                     reload=lambda: settings.read_bytes(shard.file))
+    stage = DaskStage(spec, settings.read_bytes(shard.file), scheduler, worker, signature,
+                      timeout_s=float(shard.options.get("timeout_s", 10.0)),
+                      replicas=tuple(r.partition(":")[2] or None for r in replicas),
+                      reload=lambda: settings.read_bytes(shard.file))
+    stage.orders_own_calls = True  # the actor runs its calls in turn on its worker
+    return stage
 
 
 def plan_signature(model: str, plan, spec) -> tuple[list, list]:

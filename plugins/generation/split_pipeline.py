@@ -8,7 +8,9 @@ its own client id on a remote stage node, its own Dask actor - so each group has
 and KV caches everywhere. A stage works on one group at a time (a lock per stage), and a group
 moves on to the next stage as soon as it is done with one: while stage 2 decodes group A,
 stage 1 runs group B. onnxruntime and HTTP calls release the GIL, so stages in different
-processes, or an in-process stage and a remote one, really run at once.
+processes, or an in-process stage and a remote one, really run at once. A remote stage (another
+shardserve, a Dask actor) takes no lock here: its node orders the calls, and while one group
+waits for the link another can be on its way.
 
 A new sequence joins the group with the fewest sequences (running, prefilling or waiting) and
 is admitted by that group between two of its steps; finished, cancelled and timed-out ones
@@ -40,7 +42,12 @@ class PipelinedEngine:
     def __init__(self, groups: list[list], graph: GraphInfo, limits: EngineLimits, name: str,
                  hop_records: int = 4096):
         self.graph, self.limits, self.name = graph, limits, name
-        self.locks = [threading.Lock() for _ in groups[0]]
+        # In-process stages (and Lambda functions: a second invocation at once would land on
+        # another instance, without the caches) serve one group at a time. A stage node or a
+        # Dask actor orders its own calls: a lock held across the network would serialise the
+        # link's round trips, the very latency the other groups' work should overlap.
+        self.locks = [None if getattr(stage, "orders_own_calls", False) else threading.Lock()
+                      for stage in groups[0]]
         self.hops: deque[Hop] = deque(maxlen=hop_records)
         self._lock = threading.Lock()
         self.groups = [SplitEngine(stages, graph, limits, name, pipeline=self)
