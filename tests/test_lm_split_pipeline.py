@@ -158,6 +158,8 @@ def test_a_plan_with_a_remote_stage_pipelines_by_default(tmp_path, lm_exports, a
         remotes = [g.stages[1] for g in engine.groups]
         assert {type(r).__name__ for r in remotes} == {"RemoteStage"}
         assert len({r.client for r in remotes}) == stages
+        # the in-process stages serve one group at a time; the node orders its own calls
+        assert engine.locks[1] is None and all(engine.locks[k] for k in range(stages) if k != 1)
         jobs = JOBS[:6]
         assert _streams(split, jobs) == [_greedy(whole, p, n) for p, n, _ in jobs]
         assert sum(1 for g in engine.groups if g.steps) >= 2
