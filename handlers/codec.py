@@ -51,6 +51,7 @@ _DATA_KEY = re.compile(rb'"data"\s*:\s*\[')
 _FLOATS = frozenset(("FP16", "FP32", "FP64", "BF16"))
 _NULL_SEARCH_MAX = 4096  # header bytes; see _frame
 _FAST_FLOATS = {"FP32": np.dtype(np.float32), "FP64": np.dtype(np.float64)}  # see _json_tensor
+_BOOL_LOOKUPS_MAX = 64  # zeros and ones looked at one by one; more: one type pass over all
 
 
 def parse_header_length(value: str | bytes | None) -> int | None:
@@ -393,12 +394,9 @@ def _json_tensor(data: Any, datatype: str, count: int, where: str, allow_null: b
     if not isinstance(data, list):
         raise BadRequest(f"{where}: data must be a list")
     fast = _FAST_FLOATS.get(datatype)
-    if fast is not None and len(data) == count and countOf(map(type, data), float) == count:
-        # the usual request: a flat list of JSON floats. One type pass and one conversion;
-        # anything else (ints, nesting, bools, null, overflow to inf) takes the strict path
-        with np.errstate(over="ignore"):
-            array = np.fromiter(data, fast, count)
-        if not np.isinf(array).any():
+    if fast is not None and len(data) == count:  # the usual request: a flat list of numbers
+        array = _flat_numbers(data, fast)
+        if array is not None:
             return array
     leaves, kinds = _flatten(data, where)
     if len(leaves) != count:
@@ -436,6 +434,30 @@ def _json_tensor(data: Any, datatype: str, count: int, where: str, allow_null: b
     if infinite.any() and not np.isinf(np.array(leaves, np.float64)[infinite]).all():
         raise BadRequest(f"{where}: value out of range for {datatype}")  # overflow, no literal
     return array
+
+
+def _flat_numbers(data: list, dtype: np.dtype) -> np.ndarray | None:
+    """A flat list of JSON numbers as ``dtype`` in one C pass (``array("d")`` takes only real
+    numbers: strings, null and nested lists raise), or None for the strict path to judge:
+    anything else, a boolean (read as 0 or 1, so only those values are looked at) or a value
+    that is infinite as ``dtype`` (an overflow, or a literal)."""
+    from array import array  # not at import: the cold path (Lambda) does without it
+
+    try:
+        wide = np.frombuffer(array("d", data), np.float64)
+    except (TypeError, OverflowError):
+        return None
+    with np.errstate(over="ignore"):
+        out = wide.astype(dtype)
+    if np.isinf(out).any():
+        return None
+    maybe = np.flatnonzero((wide == 0) | (wide == 1))
+    if len(maybe) > _BOOL_LOOKUPS_MAX:
+        if countOf(map(type, data), bool):
+            return None
+    elif any(type(data[i]) is bool for i in maybe.tolist()):
+        return None
+    return out
 
 
 def _flatten(data: list, where: str) -> tuple[list, set[type]]:

@@ -1183,3 +1183,30 @@ def test_large_flat_data_is_set_aside_and_decoded_exactly():
 def test_large_hostile_data_is_refused_before_it_is_parsed(body, status, message):
     error = error_from(decode_request, body)
     assert error.status == status and message in error.message
+
+
+@pytest.mark.parametrize("datatype", ["FP32", "FP64"])
+@pytest.mark.parametrize("data, expected", [
+    ([0.5, 2, -0.0, 1.0], [0.5, 2.0, -0.0, 1.0]),  # ints among floats are numbers too
+    ([0.0] * 100 + [1.0] * 100 + [0.25], [0.0] * 100 + [1.0] * 100 + [0.25]),
+    ([0.5, True], "must be numbers"),  # a boolean reads as 1 in one C pass: still refused
+    ([0.0] * 100 + [False], "must be numbers"),  # past the one-by-one lookups
+    ([0.5, "1.5"], "must be numbers"),
+    ([0.5, None], "must be numbers"),
+    ([0.5, 1e39], "out of range"),  # FP32 only: FP64 holds it
+    ([0.5, [1.0]], "ragged"),
+])
+def test_flat_json_numbers_fast_path_refuses_what_the_strict_path_refuses(datatype, data,
+                                                                          expected):
+    body = json.dumps({"inputs": [{"name": "x", "datatype": datatype, "shape": [len(data)],
+                                   "data": data}]}).encode()
+    if expected == "out of range" and datatype == "FP64":
+        expected = data
+    if isinstance(expected, str):
+        with pytest.raises(BadRequest, match=expected):
+            decode_request(body)
+        return
+    got = decode_request(body).inputs[0].data
+    assert got.dtype == np.dtype(datatype.lower().replace("fp", "float"))
+    np.testing.assert_array_equal(got, np.array(expected, got.dtype))
+    assert np.signbit(got[-2:]).tolist() == np.signbit(np.array(expected, got.dtype)[-2:]).tolist()
