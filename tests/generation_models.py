@@ -48,34 +48,38 @@ def train_tokenizer(out_dir: Path, vocab: int = VOCAB, files: list[str] | None =
     return path
 
 
-def hf_model(arch: str, vocab: int = VOCAB, seed: int = 0):
+def hf_model(arch: str, vocab: int = VOCAB, seed: int = 0, sizes: dict | None = None):
     """A random-weight ``transformers`` causal LM: ``gpt2`` (MHA, learned positions) or
-    ``llama`` (GQA, RoPE), two layers, width 64, initialisation scaled for clear margins."""
+    ``llama`` (GQA, RoPE), two layers, width 64, initialisation scaled for clear margins;
+    ``sizes`` overrides config fields (a larger model for benchmarks)."""
     import torch
     from transformers import GPT2Config, GPT2LMHeadModel, LlamaConfig, LlamaForCausalLM
 
     torch.manual_seed(seed)
     if arch == "gpt2":
-        cfg = GPT2Config(vocab_size=vocab, n_embd=64, n_layer=2, n_head=4, n_positions=256,
-                         initializer_range=0.2, bos_token_id=0, eos_token_id=0)
+        cfg = GPT2Config(**{"vocab_size": vocab, "n_embd": 64, "n_layer": 2, "n_head": 4,
+                            "n_positions": 256, "initializer_range": 0.2, "bos_token_id": 0,
+                            "eos_token_id": 0, **(sizes or {})})
         model = GPT2LMHeadModel(cfg)
     elif arch == "llama":
-        cfg = LlamaConfig(vocab_size=vocab, hidden_size=64, intermediate_size=128,
-                          num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
-                          max_position_embeddings=256, initializer_range=0.2,
-                          bos_token_id=0, eos_token_id=0, tie_word_embeddings=False)
+        cfg = LlamaConfig(**{"vocab_size": vocab, "hidden_size": 64, "intermediate_size": 128,
+                             "num_hidden_layers": 2, "num_attention_heads": 4,
+                             "num_key_value_heads": 2, "max_position_embeddings": 256,
+                             "initializer_range": 0.2, "bos_token_id": 0, "eos_token_id": 0,
+                             "tie_word_embeddings": False, **(sizes or {})})
         model = LlamaForCausalLM(cfg)
     else:
         raise ValueError(arch)
     return model.eval()
 
 
-def export_model(arch: str, work: Path) -> tuple[Path, object]:
-    """Export ``hf_model(arch)`` with optimum into ``work/<arch>/onnx`` (model.onnx, config.json,
-    generation_config.json, plus the tokenizer files); returns that folder and the torch model."""
+def export_model(arch: str, work: Path, sizes: dict | None = None) -> tuple[Path, object]:
+    """Export ``hf_model(arch, sizes=sizes)`` with optimum into ``work/<arch>/onnx``
+    (model.onnx, config.json, generation_config.json, plus the tokenizer files); returns that
+    folder and the torch model."""
     from optimum.exporters.onnx import main_export
 
-    model = hf_model(arch)
+    model = hf_model(arch, sizes=sizes)
     hf_dir, onnx_dir = work / arch / "hf", work / arch / "onnx"
     model.save_pretrained(hf_dir)
     main_export(str(hf_dir), output=str(onnx_dir), task="text-generation-with-past",

@@ -437,8 +437,9 @@ def test_private_split_sends_only_hidden_states(tmp_path, lm_exports, monkeypatc
 def test_planner_prices_prefill_and_decode_apart():
     """The LM edge-cloud planner's arithmetic, on given unit costs: a slow edge sends
     everything past the embedding to the cloud, a slow cloud keeps all layers on the edge,
-    the private split keeps the head home and returns hidden states; one row by hand."""
-    from plugins.generation.split_planner import FRAMING_BYTES, UnitCosts, plan_cut
+    the private split keeps the head home and returns hidden states; one row by hand, with
+    the per-call and per-step overheads."""
+    from plugins.generation.split_planner import FRAMING_DOWN, FRAMING_UP, UnitCosts, plan_cut
 
     costs = UnitCosts(prefill=[0.001, 0.04, 0.04, 0.04, 0.04, 0.01],
                       decode=[0.0001, 0.002, 0.002, 0.002, 0.002, 0.001], width=64, vocab=384)
@@ -448,12 +449,13 @@ def test_planner_prices_prefill_and_decode_apart():
     private = plan_cut(costs, edge_factor=10, cloud_factor=1, private=True, **fast_link)
     assert private["cut"] == 1 and [r["cut"] for r in private["candidates"]] == [1, 2, 3]
     plan = plan_cut(costs, edge_factor=4, cloud_factor=1, bandwidth_bps=8e6, rtt_s=0.02,
-                    prompt=10, output=5)
+                    prompt=10, output=5, call_s=0.003, step_s=0.0007)
     row = next(r for r in plan["candidates"] if r["cut"] == 2)
-    up, down = 64 * 4 + FRAMING_BYTES, 384 * 4 + FRAMING_BYTES  # bytes: 8e6 bps = 1 B/us
-    token = 4 * (0.0001 + 0.002 * 2) + (0.002 * 2 + 0.001) + 0.02 + (up + down) / 1e6
-    ttft = 4 * (0.001 + 0.04 * 2) + (0.04 * 2 + 0.01) + 0.02 + (10 * 64 * 4 + FRAMING_BYTES
-                                                               + down) / 1e6
+    up, down = 64 * 4 + FRAMING_UP, 384 * 4 + FRAMING_DOWN  # bytes: 8e6 bps = 1 B/us
+    token = (4 * (0.0001 + 0.002 * 2) + (0.002 * 2 + 0.001) + 0.02 + 0.003 + 0.0007
+             + (up + down) / 1e6)
+    ttft = (4 * (0.001 + 0.04 * 2) + (0.04 * 2 + 0.01) + 0.02 + 0.003 + 0.0007
+            + (10 * 64 * 4 + FRAMING_UP + down) / 1e6)
     assert row["token_s"] == pytest.approx(token) and row["ttft_s"] == pytest.approx(ttft)
     assert row["total_s"] == pytest.approx(ttft + 4 * token)
     assert plan["predicted"]["tokens_per_s"] == pytest.approx(
@@ -715,7 +717,9 @@ def test_plan_command_prints_the_decoder_cuts(tmp_path, lm_exports, capsys):
     assert main([*base, "--json", "-o", "private=true"]) == 0
     plan = json.loads(capsys.readouterr().out)
     assert [r["cut"] for r in plan["candidates"]] == [1]
-    assert plan["candidates"][0]["bytes_per_token"] == 2 * (WIDTH * 4 + 640)
+    from plugins.generation.split_planner import FRAMING_DOWN, FRAMING_UP
+
+    assert plan["candidates"][0]["bytes_per_token"] == 2 * WIDTH * 4 + FRAMING_UP + FRAMING_DOWN
     assert sorted(p.name for p in (root / "gpt2").iterdir()) == ["1"]
 
 

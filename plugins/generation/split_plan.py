@@ -13,8 +13,9 @@ keep their own KV cache. The tokenizer and config files are copied beside the sh
   ``cut`` the planner (:mod:`.split_planner`) picks it from measured unit costs,
   ``--edge-factor``, ``--cloud-factor``, ``--bandwidth``, ``--rtt``, ``-o prompt_tokens=``
   and ``-o output_tokens=``.
-- ``--strategy edge-cloud -o private=true [-o cut=k]``: the embedding, the first k layers and
-  the LM head on the edge, the rest in the cloud (three stages), so no token id crosses.
+- ``--strategy edge-cloud --private [-o cut=k]`` (or ``-o private=true``): the embedding, the
+  first k layers and the LM head on the edge, the rest in the cloud (three stages), so no
+  token id crosses.
 """
 
 from __future__ import annotations
@@ -68,6 +69,24 @@ def _int(options: dict, key: str) -> int | None:
         raise BadRequest(f"{key} must be an integer") from None
 
 
+def is_private(options: dict) -> bool:
+    """``--private`` / ``-o private=true``: a yes/no, anything else is a clear error."""
+    value = str(options.get("private", "")).strip().lower()
+    if value in ("1", "true", "yes", "on"):
+        return True
+    if value in ("", "0", "false", "no", "off"):
+        return False
+    raise BadRequest(f"private must be true or false, got {options['private']!r}")
+
+
+def _private_split(strategy: str, options: dict) -> bool:
+    private = is_private(options)
+    if private and strategy != "edge-cloud":
+        raise BadRequest("--private keeps the ends of a language model on the edge: it needs "
+                         "--strategy edge-cloud")
+    return private
+
+
 def partition_decoder(source: Path, strategy: str, options: dict,
                       target_version: int | None = None, verify: bool = True) -> Path:
     """Cut the export in ``source`` and publish the plan as a new version; returns its folder."""
@@ -83,6 +102,7 @@ def partition_decoder(source: Path, strategy: str, options: dict,
     if strategy not in STRATEGIES:
         raise BadRequest(f"a text-generation model is cut with --strategy "
                          f"{' or '.join(STRATEGIES)}")
+    private = _private_split(strategy, options)
     path = source / "model.onnx"
     proto = onnx.load(str(path))
     layers = len(DecoderGraph(proto).layers)
@@ -96,7 +116,7 @@ def partition_decoder(source: Path, strategy: str, options: dict,
         cut = _int(options, "cut")
         edge = str(options.get("edge_placement") or "local")
         cloud = str(options.get("cloud_placement") or "local")
-        if str(options.get("private", "")).lower() in ("1", "true", "yes", "on"):
+        if private:
             # The embedding, layers 0..cut-1 and the LM head stay on the edge: token ids and
             # text never leave it, only hidden states cross (both ways).
             if cut is None:
@@ -200,41 +220,40 @@ def kv_signature(path: Path) -> dict:
 def choose_cut(proto, options: dict, private: bool, report: dict) -> int:
     """The edge-cloud planner's cut (docs/partitioning.md), from unit costs measured here;
     ``report`` receives the prediction written to plan.toml."""
-    from plugins.partitioners.partition import option
-
-    from .split_planner import measure_units, plan_cut
-
-    prompt = int(option(options, "prompt_tokens", 64))
-    costs = measure_units(proto, prompt=prompt)
-    plan = plan_cut(costs, edge_factor=float(option(options, "edge_factor", 4.0)),
-                    cloud_factor=float(option(options, "cloud_factor", 1.0)),
-                    bandwidth_bps=float(option(options, "bandwidth", 10e6, "bps")),
-                    rtt_s=float(option(options, "rtt", 0.02, "s")), prompt=prompt,
-                    output=int(option(options, "output_tokens", 64)), private=private)
+    plan = plan_from_options(proto, options, private)
     report.update({"cut": plan["cut"], **plan["predicted"],
                    "edge_only_token_s": plan["edge_only"]["token_s"]})
     return plan["cut"]
+
+
+def plan_from_options(proto, options: dict, private: bool) -> dict:
+    """:func:`~.split_planner.plan_cut` over units measured here, priced with the command's
+    options (``--edge-factor``, ``--cloud-factor``, ``--bandwidth``, ``--rtt``,
+    ``-o prompt_tokens= output_tokens= call_overhead= step_overhead=``)."""
+    from plugins.partitioners.partition import option
+
+    from .split_planner import CALL_OVERHEAD_S, STEP_OVERHEAD_S, measure_units, plan_cut
+
+    prompt = int(option(options, "prompt_tokens", 64))
+    return plan_cut(measure_units(proto, prompt=prompt),
+                    edge_factor=float(option(options, "edge_factor", 4.0)),
+                    cloud_factor=float(option(options, "cloud_factor", 1.0)),
+                    bandwidth_bps=float(option(options, "bandwidth", 10e6, "bps")),
+                    rtt_s=float(option(options, "rtt", 0.02, "s")), prompt=prompt,
+                    output=int(option(options, "output_tokens", 64)), private=private,
+                    call_s=float(option(options, "call_overhead", CALL_OVERHEAD_S, "s")),
+                    step_s=float(option(options, "step_overhead", STEP_OVERHEAD_S, "s")))
 
 
 def plan_decoder(source: Path, strategy: str, options: dict) -> dict:
     """``shardserve plan LM -s edge-cloud``: the planner's candidate cuts, nothing written."""
     import onnx
 
-    from plugins.partitioners.partition import option
-
-    from .split_planner import measure_units, plan_cut
-
+    private = _private_split(strategy, options)
     if strategy != "edge-cloud":
         raise BadRequest("shardserve plan prices a language model's cuts with "
                          "--strategy edge-cloud")
-    prompt = int(option(options, "prompt_tokens", 64))
-    costs = measure_units(onnx.load(str(source / "model.onnx")), prompt=prompt)
-    private = str(options.get("private", "")).lower() in ("1", "true", "yes", "on")
-    return plan_cut(costs, edge_factor=float(option(options, "edge_factor", 4.0)),
-                    cloud_factor=float(option(options, "cloud_factor", 1.0)),
-                    bandwidth_bps=float(option(options, "bandwidth", 10e6, "bps")),
-                    rtt_s=float(option(options, "rtt", 0.02, "s")), prompt=prompt,
-                    output=int(option(options, "output_tokens", 64)), private=private)
+    return plan_from_options(onnx.load(str(source / "model.onnx")), options, private)
 
 
 def format_decoder_plan(plan: dict) -> str:

@@ -50,6 +50,10 @@ def _common(p: argparse.ArgumentParser) -> None:
         p.add_argument(flag, dest=f"opt_{key}", help=text)
     p.add_argument("--option", "-o", action="append", default=[], metavar="KEY=VALUE",
                    help="a strategy option (repeatable), for plugin strategies")
+    p.add_argument("--private", action="store_true",
+                   help="edge-cloud, language models: keep the embedding, the first layers "
+                        "and the LM head on the edge, so no token id leaves it "
+                        "(same as -o private=true)")
     p.add_argument("--links", metavar="registry:NODE,PEER",
                    help="bandwidth and RTT as NODE measured them to PEER (a node or a pool), "
                         "from the registry (docs/registry.md)")
@@ -81,12 +85,24 @@ def _options(args: argparse.Namespace) -> dict:
         if not sep or not key:
             raise BadRequest(f"--option expects KEY=VALUE, got {text!r}")
         options[key.replace("-", "_")] = value
+    if getattr(args, "private", False):
+        options["private"] = "true"
     if getattr(args, "links", None):
         if "bandwidth" in options or "rtt" in options:
             raise BadRequest("--links and --bandwidth/--rtt exclude each other")
         from plugins.registry.links import registry_link
 
         options["bandwidth"], options["rtt"] = registry_link(args.config, args.links)
+    return options
+
+
+def _not_private(options: dict) -> dict:
+    """The options of a model that is not a language model: a private split has no meaning."""
+    from plugins.generation.split_plan import is_private
+
+    if is_private(options):
+        raise BadRequest("--private splits a text-generation model (tokenizer.json beside its "
+                         "model.onnx) so that no token id leaves the edge; this model is not one")
     return options
 
 
@@ -127,7 +143,7 @@ def cmd_partition(args: argparse.Namespace) -> int:
                                    args.target_version, verify=not args.no_verify)
         print(f"wrote {args.model} version {target.name} (decoder split by layers)")
         return 0
-    options, rt = _options(args), _runtime(args)
+    options, rt = _not_private(_options(args)), _runtime(args)
     analysis = _analyse(args)
     part = plan_partition(analysis, args.strategy, options, runtime=rt)
     target = write_partition(analysis, args.strategy, options, part, _repository(args),
@@ -151,7 +167,7 @@ def cmd_plan(args: argparse.Namespace) -> int:
         plan = plan_decoder(source, args.strategy, _options(args))
         print(json.dumps(plan, indent=2) if args.json else format_decoder_plan(plan))
         return 0
-    options, rt = _options(args), _runtime(args)
+    options, rt = _not_private(_options(args)), _runtime(args)
     analysis = _analyse(args)
     part = plan_partition(analysis, args.strategy, options, runtime=rt)
     if args.json:
