@@ -30,12 +30,11 @@ import numpy as np
 
 from runtime.errors import BadRequest
 
-# A V2 stage call's framing (JSON header, ids), measured on the wire (docs/partitioning.md).
-FRAMING_UP = 640
-FRAMING_DOWN = 640
-# Measured on the 2-core development machine (docs/partitioning.md, lm_split_link.py):
-CALL_OVERHEAD_S = 0.0008  # one V2 stage call over loopback HTTP, both ends, no compute
-STEP_OVERHEAD_S = 0.0005  # the scheduler's per-step work besides running the stages
+# Measured on the 2-core development machine (benchmarks/lm_split_link.py, width 768, fp32):
+FRAMING_UP = 650  # a decode call's V2 JSON header, ids and request id besides the hidden state
+FRAMING_DOWN = 200  # its answer's header besides the logits or hidden state
+CALL_OVERHEAD_S = 0.0015  # one stage call over HTTP, both ends, at a 20 ms RTT, no compute
+STEP_OVERHEAD_S = 0.0002  # the scheduler's per-step work besides running the stages
 
 
 @dataclass
