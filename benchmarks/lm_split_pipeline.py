@@ -23,11 +23,13 @@ Model: a random-weight Llama built here with the benchmark builders of
 benchmarks/generation.py (optimum export, cached in build/bench-generation/): by default 12
 layers, width 512, 8 heads, 4 KV heads, MLP 1,376, vocabulary 8,192, fp32 (about 170 MB) - a
 decode step of realistic cost (tens of ms, weights far larger than the caches), unlike the
-2-layer test models whose steps are dominated by per-call overheads. ``--layers 2 --width 64
---intermediate 128 --heads 4 --kv-heads 2 --vocab 512`` checks the script in seconds. About 2
-to 3 minutes on 2 cores (the first run adds the export, about a minute):
+2-layer test models whose steps are dominated by per-call overheads; ``--model stdlib_gpt``
+runs the shipped trained GPT-2 (4 x 128) instead. ``--layers 2 --width 64 --intermediate 128
+--heads 4 --kv-heads 2 --vocab 512`` checks the script in seconds. About 30 s on 2 cores (the
+first run adds the export, about a minute):
 
-    flock /tmp/shardserve-bench.lock .venv/bin/python benchmarks/lm_split_pipeline.py
+    flock /tmp/shardserve-bench.lock .venv/bin/python benchmarks/lm_split_pipeline.py \
+        [--rtt 20ms] [--model stdlib_gpt]
 """
 
 from __future__ import annotations
