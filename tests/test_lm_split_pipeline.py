@@ -202,3 +202,40 @@ def test_pipeline_groups_is_read_from_the_plan(tmp_path, lm_exports):
             with pytest.raises(ShardserveError, match="pipeline_groups must be an integer"):
                 other.start()
                 other.get_model(arch, 2)
+
+
+@pytest.mark.slow
+def test_pipelined_streams_that_hang_up_or_time_out_leave_their_group(tmp_path, lm_exports):
+    """Pipelined in process: a client that hangs up after 3 tokens and a request past its
+    deadline leave their groups (cancelled, "deadline"); the other streams keep the unsplit
+    tokens, and afterwards no group holds a sequence and no stage a cache."""
+    arch = "llama"
+    whole = _runtime(tmp_path / "whole", lm_exports[arch], arch).get_model(arch).backend
+    model = _runtime(tmp_path / "split", lm_exports[arch], arch).get_model(arch).backend
+    engine = split_generation_model(model, [1], pipeline_groups=2)
+    request = model.parse({"max_tokens": 24, "temperature": 0}, PROMPTS[2],
+                          {"max_tokens", "temperature"})
+    ended: dict[str, object] = {}
+
+    def hang_up():
+        stream = model.generate(request)
+        ended["hung_up"] = [next(stream)["token"] for _ in range(3)]
+        stream.close()
+
+    def late():
+        ended["late"] = list(model.generate(request, deadline=time.monotonic()))[-1]
+
+    others = [threading.Thread(target=f) for f in (hang_up, late)]
+    for t in others:
+        t.start()
+    jobs = [(PROMPTS[i], n, 0.001 * i) for i, n in enumerate((12, 16, 8, 20))]
+    assert _streams(model, jobs) == [_greedy(whole, p, n) for p, n, _ in jobs]
+    for t in others:
+        t.join(30)
+    assert ended["hung_up"] == _greedy(whole, PROMPTS[2], 3)
+    assert ended["late"]["finish_reason"] == "deadline"
+    deadline = time.monotonic() + 5
+    while any(g._batch or g._prefilling for g in engine.groups) and time.monotonic() < deadline:
+        time.sleep(0.01)  # the hung-up sequence leaves at its group's next step
+    assert all(not s.rows and not s.prefilling and s.cache_bytes() == 0
+               for g in engine.groups for s in g.stages)
