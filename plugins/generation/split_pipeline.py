@@ -5,12 +5,12 @@ The running sequences form *groups* (by default as many as stages). Each group i
 :class:`~.split_engine.SplitEngine` with its own scheduler thread and its own instance of
 every stage - its own :class:`~.split_engine.LayerStage` over the shared session in process,
 its own client id on a remote stage node, its own Dask actor - so each group has its own batch
-and KV caches everywhere. A stage works on one group at a time (a lock per stage), and a group
-moves on to the next stage as soon as it is done with one: while stage 2 decodes group A,
-stage 1 runs group B. onnxruntime and HTTP calls release the GIL, so stages in different
-processes, or an in-process stage and a remote one, really run at once. A remote stage (another
-shardserve, a Dask actor) takes no lock here: its node orders the calls, and while one group
-waits for the link another can be on its way.
+and KV caches everywhere. An in-process stage works on one group at a time (a lock per
+stage), and a group moves on to the next stage as soon as it is done with one: while stage 2
+decodes group A, stage 1 runs group B. onnxruntime and HTTP calls release the GIL, so stages
+in different processes, or an in-process stage and a remote one, really run at once. A remote
+stage (another shardserve, a Dask actor) takes no lock here: its node orders the calls, and
+while one group waits for the link another can be on its way.
 
 A new sequence joins the group with the fewest sequences (running, prefilling or waiting) and
 is admitted by that group between two of its steps; finished, cancelled and timed-out ones
