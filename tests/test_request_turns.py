@@ -38,6 +38,36 @@ def test_one_holder_at_a_time_and_a_bounded_wait():
     assert in_thread(lambda: (turn.take(), turns.give())[0]) == [True]
 
 
+def test_a_waiter_keeps_waiting_while_the_turn_changes_hands():
+    """8 threads queued behind requests of a few ms each wait longer than WAIT_S in all; a
+    waiter gives up only when one holder kept the turn for WAIT_S."""
+    turn = turns.Turn()
+    hold = turns.WAIT_S * 0.6
+    got, order = [], []
+
+    def holder(i):
+        assert turn.take()
+        order.append(i)
+        time.sleep(hold)
+        turns.give()
+
+    first = threading.Thread(target=holder, args=(0,))
+    first.start()
+    time.sleep(hold / 3)
+    others = [threading.Thread(target=holder, args=(i,)) for i in range(1, 4)]
+    for t in others:
+        t.start()
+    time.sleep(hold / 3)
+    started = time.perf_counter()
+    got.append(turn.take())  # behind 4 holders: about 2.4 x WAIT_S
+    waited = time.perf_counter() - started
+    turns.give()
+    for t in (first, *others):
+        t.join(5)
+    assert got == [True] and sorted(order) == [0, 1, 2, 3]
+    assert waited < 1
+
+
 def test_outside_gives_the_turn_up_and_takes_it_back():
     turn = turns.Turn()
     turn.take()

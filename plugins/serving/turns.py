@@ -9,10 +9,10 @@ while the others wait for the turn itself, once, instead of for the GIL at every
 The turn is given up wherever the thread would wait: on a client (``socket_recv`` and the
 worker's response write), on a backend run (``Outside`` in plugins/serving/batching.py, so
 several executions per worker still overlap, as many as the model's ``instances``) and on
-another request's batch (unless ``COMPUTE_KEEPS_TURN``). Waiting for the turn is bounded by
-``WAIT_S``: a thread still
-waiting then goes on without it, so a holder blocked somewhere else (a security plugin
-calling out, a model load) delays others by that much at most and can never deadlock them.
+another request's batch (unless ``COMPUTE_KEEPS_TURN``). A thread waits for the turn as long
+as it changes hands; once one holder has kept it for ``WAIT_S`` the thread goes on without it,
+so a holder blocked somewhere else (a security plugin calling out) delays others by about that
+much and can never deadlock them.
 Outside a gthread worker no thread holds a turn and all of this does nothing. The worker side
 is in handlers/gunicorn_workers.py; docs/serving.md.
 """
@@ -22,8 +22,9 @@ from __future__ import annotations
 import socket
 import threading
 
-# Seconds a thread waits for the turn before it goes on without it. A turn is held for a
-# request's Python work (a few hundred µs), so it is normally free well before.
+# Seconds one holder may keep the turn before a waiting thread goes on without it. A turn is
+# held for a request's Python work (a few hundred µs); a thread waits as long as the turn keeps
+# changing hands (8 threads queued behind encoder requests can wait longer than this in all).
 WAIT_S = 0.005
 # Whether an in-process onnxruntime run keeps the turn (plugins/serving/batching.py). The
 # gthread worker sets it where the server has no more CPU cores than workers: runs overlapping
@@ -37,17 +38,22 @@ _held = threading.local()  # .turn: the Turn this thread holds, or None
 class Turn:
     """One worker's turn: ``take`` it, ``give`` it back."""
 
-    __slots__ = ("_lock",)
+    __slots__ = ("_lock", "given")
 
     def __init__(self) -> None:
         self._lock = threading.Lock()
+        self.given = 0  # times the turn was given back: whether it is moving
 
     def take(self) -> bool:
-        """Take the turn (no-op when this thread holds it); False when ``WAIT_S`` passed first."""
+        """Take the turn (no-op when this thread holds it); False when one holder kept it
+        for ``WAIT_S`` while this thread waited."""
         if getattr(_held, "turn", None) is self:
             return True
-        if not self._lock.acquire(timeout=WAIT_S):
-            return False
+        seen = self.given
+        while not self._lock.acquire(timeout=WAIT_S):
+            if self.given == seen:  # the same holder all along: go on without the turn
+                return False
+            seen = self.given
         _held.turn = self
         return True
 
@@ -57,6 +63,7 @@ def give() -> Turn | None:
     turn = getattr(_held, "turn", None)
     if turn is not None:
         _held.turn = None
+        turn.given += 1  # under the lock: one writer at a time
         turn._lock.release()
     return turn
 
