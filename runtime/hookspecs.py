@@ -196,7 +196,9 @@ def shardserve_audit(event: dict) -> None:
     """Record one finished request: ``event`` holds ``principal``, ``action``, ``model``,
     ``version`` (as the client asked), ``served_version`` (the version that ran, ``None`` when no
     model ran), ``hops`` (one dict per remote shard call: ``shard``, ``executor``, ``bytes_sent``,
-    ``bytes_received``, ``seconds``), ``outcome`` (HTTP status), ``latency_ms``, ``bytes_in``,
+    ``bytes_received``, ``seconds``; for a split language model, one per stage and phase:
+    ``stage``, ``phase``, ``calls``, ``positions``, ``bytes``, ``wire_sent``,
+    ``wire_received``, ``batch_rows``), ``outcome`` (HTTP status), ``latency_ms``, ``bytes_in``,
     ``bytes_out`` and ``request_id``. It never holds payloads, keys or tokens, and an
     implementation must not add them. Must not raise.
     """
