@@ -130,15 +130,27 @@ def timed(args: list[str], env: dict, cwd: Path = ROOT) -> tuple[float, float, f
     return answered, float(line), exited, cpu
 
 
+def compile_tree(tree: Path) -> None:
+    """Bytecode for the project's packages, as a package ships it. Called before every round:
+    in a shared working tree another engineer's edit makes a module's .pyc stale, and with
+    PYTHONDONTWRITEBYTECODE every later process would compile that module again, charging
+    this tree's handler (not the bare script, nor a frozen --previous checkout) for it."""
+    for name in ("runtime", "handlers", "plugins"):
+        compileall.compile_dir(str(tree / name), quiet=1)
+
+
 def compare(label: str, commands: dict[str, list[str]], env: dict, runs: int,
-            cwd: Path = ROOT, cwds: dict[str, Path] | None = None) -> dict:
+            cwd: Path = ROOT, cwds: dict[str, Path] | None = None,
+            trees: tuple[Path, ...] = ()) -> dict:
     """Interleaved fresh processes of each command (one of them "bare"); the medians of both
-    clocks and each command's ratio to the bare one."""
+    clocks and each command's ratio to the bare one. ``trees`` are recompiled each round."""
     where = {name: (cwds or {}).get(name, cwd) for name in commands}
     for name, args in commands.items():  # page cache warm-up for all
         timed(args, env, where[name])
     results: dict[str, list[tuple[float, ...]]] = {name: [] for name in commands}
     for _ in range(runs):
+        for tree in trees:
+            compile_tree(tree)
         for name, args in commands.items():
             results[name].append(timed(args, env, where[name]))
     out = {}
@@ -208,8 +220,7 @@ def main() -> None:
     args = parser.parse_args()
 
     print(f"load average {os.getloadavg()[0]:.1f} on {os.cpu_count()} CPUs")
-    for name in ("runtime", "handlers", "plugins"):  # as a package ships it
-        compileall.compile_dir(str(ROOT / name), quiet=1)
+    compile_tree(ROOT)
     event = json.dumps(infer_event(args.model))
     model_file = str(REPOSITORY / args.model / "1" / "model.onnx")
     env = {**os.environ, "SHARDSERVE_REPOSITORY": str(REPOSITORY),
@@ -218,15 +229,14 @@ def main() -> None:
     bootstrap = LAMBDA_BOOTSTRAP if args.bootstrap else ""
     commands = {"handler": [sys.executable, "-c", bootstrap + HANDLER, event],
                 "bare": [sys.executable, "-c", bootstrap + BARE, model_file]}
-    cwds = {}
+    cwds, trees = {}, [ROOT]
     if args.previous:  # another checkout's handler in the same interleaved runs
         previous = Path(args.previous).resolve()
-        for name in ("runtime", "handlers", "plugins"):
-            compileall.compile_dir(str(previous / name), quiet=1)
+        trees.append(previous)
         commands["previous"], cwds["previous"] = [sys.executable, "-c", bootstrap + HANDLER,
                                                   event], previous
     label = f"{args.model}{', after bootstrap imports' if bootstrap else ''}"
-    compare(f"source tree, {label}", commands, env, args.runs, cwds=cwds)
+    compare(f"source tree, {label}", commands, env, args.runs, cwds=cwds, trees=tuple(trees))
     if args.packaged:
         packaged(args.model, event, args.runs, args.runtime, bootstrap)
 
