@@ -52,6 +52,9 @@ _FLOATS = frozenset(("FP16", "FP32", "FP64", "BF16"))
 _NULL_SEARCH_MAX = 4096  # header bytes; see _frame
 _FAST_FLOATS = {"FP32": np.dtype(np.float32), "FP64": np.dtype(np.float64)}  # see _json_tensor
 _BOOL_LOOKUPS_MAX = 64  # zeros and ones looked at one by one; more: one type pass over all
+# Elements from which _flat_numbers' one C pass beats a type pass plus fromiter (its fixed
+# cost is a few numpy calls: 6.1 against 3.2 µs for 64 floats, 27 against 37 µs for 2,048)
+_ONE_PASS_MIN = 512
 
 
 def parse_header_length(value: str | bytes | None) -> int | None:
@@ -395,9 +398,15 @@ def _json_tensor(data: Any, datatype: str, count: int, where: str, allow_null: b
         raise BadRequest(f"{where}: data must be a list")
     fast = _FAST_FLOATS.get(datatype)
     if fast is not None and len(data) == count:  # the usual request: a flat list of numbers
-        array = _flat_numbers(data, fast)
-        if array is not None:
-            return array
+        if count >= _ONE_PASS_MIN:
+            array = _flat_numbers(data, fast)
+            if array is not None:
+                return array
+        elif countOf(map(type, data), float) == count:  # floats only: ints, bools, null,
+            with np.errstate(over="ignore"):  # nesting or an overflow take the strict path
+                array = np.fromiter(data, fast, count)
+            if not np.isinf(array).any():
+                return array
     leaves, kinds = _flatten(data, where)
     if len(leaves) != count:
         raise BadRequest(f"{where}: data has {len(leaves)} elements but the shape needs {count}")
