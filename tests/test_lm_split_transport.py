@@ -210,3 +210,131 @@ def test_the_decode_hop_payload_is_the_hidden_state_bytes():
     assert 0 <= framing(1, 4096) - framing(1, 64) <= 8
     assert 0 <= framing(3, 64) - framing(1, 64) <= 8
     assert framing(1, 64) <= FRAMING_MAX
+
+
+class _Scripted(_Server):
+    """Answers the n-th request (over all connections) with ``answers[n]``: bytes to send
+    (in pieces, ``pause`` s apart, when a list), or None to close without answering."""
+
+    def __init__(self, answers: list, pause: float = 0.0):
+        self.answers, self.pause = answers, pause
+        super().__init__(per_connection=len(answers))
+
+    def _one(self, conn: socket.socket) -> None:
+        with conn:
+            buffer = b""
+            while len(self.requests) < len(self.answers):
+                while b"\r\n\r\n" not in buffer:
+                    chunk = conn.recv(65536)
+                    if not chunk:
+                        return
+                    buffer += chunk
+                head, _, buffer = buffer.partition(b"\r\n\r\n")
+                length = int(head.lower().split(b"content-length:")[1].split(b"\r\n")[0])
+                while len(buffer) < length:
+                    buffer += conn.recv(65536)
+                buffer = buffer[length:]
+                answer = self.answers[len(self.requests)]
+                self.requests.append(head)
+                if answer is None:
+                    return  # read, maybe ran, and hung up before any byte of the answer
+                for piece in answer if isinstance(answer, list) else [answer]:
+                    try:
+                        conn.sendall(piece)
+                    except OSError:  # the client gave up
+                        return
+                    time.sleep(self.pause)
+
+
+OK = b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok"
+
+
+@pytest.mark.parametrize("retry", [True, False])
+def test_a_call_the_node_may_have_run_is_sent_again_only_when_it_may_run_twice(retry):
+    """A reused connection that the node closes after reading the request and before any byte
+    of the answer: a call that may run twice is sent once more on a fresh connection; one that
+    may not (a decode appends to the stage's cache) fails as StaleConnection, sent once."""
+    from plugins.generation.stage_client import StaleConnection
+
+    server = _Scripted([OK, None, OK, OK])
+    try:
+        conn = StageConnection(f"http://127.0.0.1:{server.port}", timeout_s=2)
+        assert conn.urlopen("POST", "/x", body=b"1").data == b"ok"
+        if retry:
+            assert conn.urlopen("POST", "/x", body=b"2", retry=True).data == b"ok"
+            assert len(server.requests) == 3 and server.accepted == 2
+        else:
+            with pytest.raises(StaleConnection):
+                conn.urlopen("POST", "/x", body=b"2", retry=False)
+            assert len(server.requests) == 2 and conn.sock is None
+            assert conn.urlopen("POST", "/x", body=b"3", retry=False).data == b"ok"
+    finally:
+        server.close()
+
+
+def test_a_remote_decode_on_a_dropped_connection_is_rebuilt_not_sent_again():
+    """RemoteStage: a decode whose connection dropped mid-call is an UnknownSequence (the
+    scheduler rebuilds the stage's caches from the tokens so far) under a fresh client id, and
+    the node saw it once."""
+    from types import SimpleNamespace
+
+    from plugins.generation.split_engine import UnknownSequence
+    from plugins.generation.stage_client import RemoteStage
+
+    server = _Scripted([b"HTTP/1.1 503 Busy\r\nContent-Length: 4\r\n\r\nbusy", None])
+    try:
+        spec = SimpleNamespace(index=1, past_names=[], present_names=[], carry_in="h",
+                               carry_out="logits")
+        hidden = SimpleNamespace(name="h", shape=[None, None, 4], type="tensor(float)")
+        stage = RemoteStage(spec, f"http://127.0.0.1:{server.port}", "m.stage_1", [hidden],
+                            [], timeout_s=2)
+        carry = np.zeros((1, 1, 4), np.float32)
+        with pytest.raises(Exception, match="stage 1 \\(http\\) is unavailable"):
+            stage.decode(["s0"], carry)  # opens the connection that is reused next
+        client = stage.client
+        with pytest.raises(UnknownSequence, match="dropped the connection"):
+            stage.decode(["s0"], carry)
+        assert len(server.requests) == 2 and stage.client != client
+    finally:
+        server.close()
+
+
+def test_answers_chunked_trickled_malformed_and_closing():
+    """A chunked answer (as a proxy may send) is read whole; a node that trickles its answer
+    is cut at timeout_s in all, not per read; a negative Content-Length is refused; an
+    HTTP/1.0 answer without keep-alive closes the connection; CR/LF in a header is refused
+    before anything is sent."""
+    chunked = [b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n3;x=1\r\nabc\r\n",
+               b"A\r\n0123456789\r\n0\r\nTrailer: t\r\n\r\n"]
+    server = _Scripted([chunked, OK])
+    try:
+        conn = StageConnection(f"http://127.0.0.1:{server.port}", timeout_s=2)
+        assert conn.urlopen("POST", "/x", body=b"1").data == b"abc0123456789"
+        assert conn.urlopen("POST", "/x", body=b"2").data == b"ok"  # framing kept in step
+        assert server.accepted == 1
+        with pytest.raises(ValueError):
+            conn.urlopen("POST", "/x", headers={"A": "b\r\nX-Evil: 1"})
+        assert len(server.requests) == 2
+    finally:
+        server.close()
+    trickle = [b"HTTP/1.1 200 OK\r\nContent-Length: 40\r\n\r\n"] + [b"x"] * 40
+    server = _Scripted([trickle], pause=0.05)
+    try:
+        conn = StageConnection(f"http://127.0.0.1:{server.port}", timeout_s=0.5)
+        started = time.monotonic()
+        with pytest.raises(StageConnectionError) as slow:
+            conn.urlopen("POST", "/x", body=b"1")
+        assert slow.value.timed_out and time.monotonic() - started < 1.2
+    finally:
+        server.close()
+    server = _Scripted([b"HTTP/1.1 200 OK\r\nContent-Length: -2\r\n\r\nok",
+                        b"HTTP/1.0 200 OK\r\nContent-Length: 2\r\n\r\nok", OK])
+    try:
+        conn = StageConnection(f"http://127.0.0.1:{server.port}", timeout_s=2)
+        with pytest.raises(StageConnectionError, match="malformed Content-Length"):
+            conn.urlopen("POST", "/x", body=b"1")
+        assert conn.urlopen("POST", "/x", body=b"2").data == b"ok" and conn.sock is None
+        assert conn.urlopen("POST", "/x", body=b"3").data == b"ok"
+        assert server.accepted == 3
+    finally:
+        server.close()

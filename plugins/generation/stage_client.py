@@ -21,6 +21,7 @@ import logging
 import select
 import socket
 import threading
+import time
 
 import numpy as np
 
@@ -55,8 +56,17 @@ class StageConnectionError(OSError):
         self.timed_out = timed_out
 
 
+class StaleConnection(StageConnectionError):
+    """A reused connection closed before any byte of the answer, on a call that may not be
+    sent again: the node may have run it (a decode appends to the stage's cache)."""
+
+
 class _Stale(Exception):
     """A reused connection was closed by the server before any byte of the answer."""
+
+
+_UNSAFE = ("\r", "\n", "\0")
+MAX_READ = 1 << 20  # bytes asked of one recv: a Content-Length reserves nothing up front
 
 
 class _Headers(dict):
@@ -77,9 +87,13 @@ class StageConnection:
     ``urlopen(method, path, body, headers)`` sends the request head and body in one
     ``sendall`` and reads the answer (``Content-Length`` framed, or until the server closes);
     the socket stays open for the next call. A connection the server closed while idle (its
-    keep-alive timeout) is noticed before use (readable while idle) and replaced; one closed
-    between the check and the send, before any answer byte, is retried once on a fresh
-    connection (the server never read that request). Not thread-safe: one caller at a time.
+    keep-alive timeout) is noticed before use (readable while idle) and replaced. One closed
+    between that check and the answer's first byte is sent again once on a fresh connection
+    only when ``retry`` says the call may run twice: the server may have read and run it, so a
+    decode (which appends to the stage's cache) gets :class:`StaleConnection` instead.
+    ``timeout_s`` bounds the whole answer, not each read, so a node that trickles bytes cannot
+    stretch a call. Answers are ``Content-Length`` framed, chunked, or read until the server
+    closes. Not thread-safe: one caller at a time.
     """
 
     def __init__(self, endpoint: str, connect_timeout_s: float = 1.0,
@@ -126,10 +140,13 @@ class StageConnection:
         return bool(poller.poll(0))
 
     def urlopen(self, method: str, url: str, body: bytes = b"", headers: dict | None = None,
-                **_ignored) -> StageResponse:
+                retry: bool = True, **_ignored) -> StageResponse:
         head = [f"{method} {url} HTTP/1.1\r\nHost: {self._host_header}\r\n"
                 f"Content-Length: {len(body)}\r\n"]
         head += [f"{name}: {value}\r\n" for name, value in (headers or {}).items()]
+        fields = [method, url, *(headers or {}), *map(str, (headers or {}).values())]
+        if any(c in field for field in fields for c in _UNSAFE):  # no header injection
+            raise ValueError("a request line or header holds CR, LF or NUL")
         head.append("\r\n")
         request = "".join(head).encode("latin-1") + body
         reused = self.sock is not None and not self._dropped()
@@ -142,6 +159,8 @@ class StageConnection:
             except _Stale:
                 if not reused:
                     raise StageConnectionError("the server closed the connection") from None
+                if not retry:
+                    raise StaleConnection("the server closed the connection") from None
                 self.close()
                 self._connect()
                 return self._exchange(request)
@@ -156,16 +175,29 @@ class StageConnection:
 
     def _exchange(self, request: bytes) -> StageResponse:
         sock, buffer = self.sock, self._buffer
+        deadline = time.monotonic() + self.timeout_s
         try:
             sock.sendall(request)
         except (BrokenPipeError, ConnectionResetError):
             raise _Stale() from None
+
+        reads = [0]
+
+        def more(size: int = 65536) -> bytes:
+            if reads[0]:  # the first read waits timeout_s as set; later ones what is left
+                left = deadline - time.monotonic()
+                if left <= 0:
+                    raise TimeoutError
+                sock.settimeout(left)
+            reads[0] += 1
+            return sock.recv(min(size, MAX_READ))
+
         while True:
             end = buffer.find(b"\r\n\r\n")
             if end >= 0:
                 break
             try:
-                chunk = sock.recv(65536)
+                chunk = more()
             except ConnectionResetError:
                 chunk = b""
             if not chunk:
@@ -175,40 +207,73 @@ class StageConnection:
             buffer += chunk
         lines = bytes(buffer[:end]).decode("latin-1").split("\r\n")
         try:
-            status = int(lines[0].split(" ", 2)[1])
+            version, status = lines[0].split(" ", 2)[:2]
+            status = int(status)
         except (IndexError, ValueError):
             raise StageConnectionError("malformed status line") from None
         headers = _Headers()
         for line in lines[1:]:
             name, _, value = line.partition(":")
             headers[name.strip().lower()] = value.strip()
-        start = end + 4
+        del buffer[:end + 4]
         length = headers.get("content-length")
-        if length is not None:
-            try:
-                need = start + int(length)
-            except ValueError:
-                raise StageConnectionError("malformed Content-Length") from None
+        if "chunked" in headers.get("transfer-encoding", "").lower():
+            data = self._chunked(buffer, more)
+        elif length is not None:
+            if not length.isdigit():
+                raise StageConnectionError("malformed Content-Length")
+            need = int(length)
             while len(buffer) < need:
-                chunk = sock.recv(max(65536, need - len(buffer)))
+                chunk = more(need - len(buffer))
                 if not chunk:
                     raise StageConnectionError("the answer ended early")
                 buffer += chunk
-            data = bytes(buffer[start:need])
+            data = bytes(buffer[:need])
             del buffer[:need]
-        elif "chunked" in headers.get("transfer-encoding", "").lower():
-            raise StageConnectionError("a chunked answer")  # the stage route never sends one
         else:  # until the server closes
-            while True:
-                chunk = sock.recv(65536)
-                if not chunk:
-                    break
+            while chunk := more():
                 buffer += chunk
-            data = bytes(buffer[start:])
+            data = bytes(buffer)
             headers["connection"] = "close"
-        if headers.get("connection", "").lower() == "close":
+        if headers.get("connection", "").lower() == "close" or (
+                version == "HTTP/1.0" and headers.get("connection", "").lower() != "keep-alive"):
             self.close()
+        elif reads[0] > 1:
+            sock.settimeout(self.timeout_s)
         return StageResponse(status, headers, data)
+
+    @staticmethod
+    def _chunked(buffer: bytearray, more) -> bytes:
+        """A ``Transfer-Encoding: chunked`` body from ``buffer`` on (a proxy may send one)."""
+        data = bytearray()
+        while True:
+            while (end := buffer.find(b"\r\n")) < 0:
+                if not (chunk := more()):
+                    raise StageConnectionError("the answer ended early")
+                buffer += chunk
+            size = bytes(buffer[:end]).split(b";", 1)[0].strip()
+            try:
+                n = int(size, 16)
+            except ValueError:
+                raise StageConnectionError("malformed chunk size") from None
+            if n < 0 or size.startswith((b"-", b"+")):
+                raise StageConnectionError("malformed chunk size")
+            del buffer[:end + 2]
+            if n == 0:  # the trailer, up to an empty line
+                while True:
+                    while (end := buffer.find(b"\r\n")) < 0:
+                        if not (chunk := more()):
+                            raise StageConnectionError("the answer ended early")
+                        buffer += chunk
+                    del buffer[:end + 2]
+                    if end == 0:
+                        return bytes(data)
+            while len(buffer) < n + 2:
+                if not (chunk := more(n + 2 - len(buffer))):
+                    raise StageConnectionError("the answer ended early")
+                buffer += chunk
+            data += buffer[:n]
+            del buffer[:n + 2]
 
     def close(self) -> None:
         if self.sock is not None:
@@ -264,7 +329,13 @@ class RemoteStage:
         body, headers = encode_request(inputs, outputs=[self.spec.carry_out], request_id=rid)
         try:
             response = self.pool.urlopen("POST", f"/v2/models/{self.remote}/infer", body=body,
-                                         headers=headers)
+                                         headers=headers, retry=op != "decode")
+        except StaleConnection:
+            # The node may have run this decode (its cache one position on) or not: neither
+            # sending it again nor going on is safe. A fresh client id starts empty caches there
+            # (the old ones expire) and the scheduler rebuilds them from the tokens so far.
+            self.client = new_request_id() + new_request_id()
+            raise UnknownSequence(f"{self._what()} dropped the connection mid-call") from None
         except StageConnectionError as exc:
             what = self._what()
             if self._fail_over():
