@@ -188,3 +188,49 @@ def test_fast_unfiltered_draw_is_the_float64_draw(sd, temperature):
     for u in us:
         assert _draw_unfiltered(logits, 1 / temperature, u) == _draw_unfiltered64(
             logits, 1 / temperature, u), u
+
+
+@pytest.mark.parametrize("offset,temperature", [(0.0, 1.0), (40.0, 0.25), (-300.0, 1e-3)])
+def test_float32_weights_within_the_guards_bound(offset, temperature):
+    """The float32 weights as the fast draw forms them, against the float64 pass's weights
+    for the same logits: each within _EPS_EXP + _EPS_T * |t| + _EPS_M * |max / T|, also for
+    large logits and tiny temperatures (where x / T - max / T, not fused into one FMA, would
+    carry |max / T| * 2**-24 of rounding that the guard did not count)."""
+    from plugins.generation.sampling_kernel import (
+        _EPS_EXP,
+        _EPS_M,
+        _EPS_T,
+        _exp32_weights,
+        _exp_weights,
+    )
+
+    rng = np.random.default_rng(9)
+    x = (rng.standard_normal(4096) * 3 + offset).astype(np.float32)
+    x[:400] = x.max() - rng.random(400).astype(np.float32) * 80 * temperature  # t in [-80, 0]
+    scale = 1 / temperature
+    w32, tw = np.empty(x.size, np.float32), np.empty(x.size, np.float32)
+    _exp32_weights(x, np.float32(scale), x.max(), 0, x.size, w32, tw)
+    m = float(x.max()) * scale
+    w64 = np.empty(x.size)
+    _exp_weights(x, scale, m, 0, x.size, w64)
+    t = (x.astype(np.float64) - float(x.max())) * scale
+    live = t > -86
+    assert live.sum() >= 400
+    err = np.abs(w32[live] / w64[live] - 1)
+    assert np.all(err <= _EPS_EXP + _EPS_T * np.abs(t[live]) + _EPS_M * abs(m))
+    assert np.all(tw >= 0)  # |t| * w: t <= 0 for every token
+
+
+def test_fast_draw_near_edges_with_large_logits():
+    """Uniform numbers placed at a few multiples of the guard's slack from the heaviest tokens'
+    edges, with logits around 40 and temperature 0.5: each draw is the float64 draw's."""
+    from plugins.generation.sampling_kernel import _draw_unfiltered, _draw_unfiltered64
+
+    logits = (np.random.default_rng(6).standard_normal(49152) * 2 + 40).astype(np.float32)
+    x = logits.astype(np.float64) / 0.5
+    cdf = np.cumsum(np.exp(x - x.max()))
+    heavy = np.argsort(-np.diff(cdf, prepend=0.0))[:60]
+    edges = np.concatenate([cdf[heavy] / cdf[-1] * (1 + d)
+                            for d in (-3e-6, -1e-6, -3e-7, 3e-7, 1e-6, 3e-6)])
+    for u in np.clip(edges, 0, 1 - 1e-16):
+        assert _draw_unfiltered(logits, 2.0, u) == _draw_unfiltered64(logits, 2.0, u), u

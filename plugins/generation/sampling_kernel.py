@@ -12,8 +12,8 @@ vector: a range reduction (``2**n * exp(r)``, ``|r| <= ln 2 / 2``, the power of 
 its exponent bits) and a degree-7 polynomial, in a loop LLVM vectorises (about 0.5 ns an entry,
 against about 10 ns for a scalar ``math.exp``). The block sums are float64, and the draw is
 *exactly* the float64 one's: the walk carries a bound on how far the float32 weights can have
-moved the cumulative mass (the polynomial's error, and float32 rounding of ``x / T - max``,
-which grows with ``|x / T - max|``), and when the drawn point lies closer than that to either
+moved the cumulative mass (the polynomial's error, and float32 rounding of ``(x - max) / T``,
+which grows with ``|x - max| / T``), and when the drawn point lies closer than that to either
 edge of the token it landed in (a few draws in a hundred at a 49,152-token vocabulary) it draws
 again from the same uniform number in float64 (:func:`_exp_weights`: 12th-degree, within 3e-16
 of ``numpy.exp``), so both paths pick the same token for the same number. The max and the sums
@@ -39,12 +39,15 @@ _LN2_LO = 1.90821492927058770002e-10
 _EXP_MIN = -708.0  # below, 2**n is subnormal: the weight is 0 (numpy's is < 3e-308)
 _BLOCK = 256  # entries per partial sum of the inverse-CDF walk
 _EXP32_MIN = np.float32(-87.0)  # below, 2**n leaves float32's normal range: the weight is 0
-# Bounds of the float32 weights' relative error against exp of the float64 x / T - max: the
-# polynomial and its range reduction (7.6e-8 measured over [-87, 0], tested), and 2**-23 per
-# unit of |x / T - max| (the float32 1/T and the rounded x / T - max, 2**-24 each; an error
-# common to every weight, as the max's own rounding, scales them all and leaves the draw alone).
+# Bounds of the float32 weights' relative error against the float64 pass's exp(x / T - max / T):
+# the polynomial and its range reduction (7.6e-8 measured over [-87, 0], tested); 3 * 2**-24 per
+# unit of |t| = |x - max| / T, t computed in float32 as (x - max) * (1/T): the subtraction, the
+# float32 1/T and the product, 2**-24 each. Formed so, t has no term in max / T, whatever LLVM
+# fuses (x * (1/T) - max / T would carry |max / T| * 2**-24 of the product's rounding unless fused
+# into one FMA). And 2**-51 per unit of |max / T|: the float64 pass's own x / T - max / T.
 _EPS_EXP = 2.5e-7
-_EPS_T = 2.0 ** -23
+_EPS_T = 3.0 * 2.0 ** -24 * (1.0 + 2.0 ** -20)
+_EPS_M = 2.0 ** -51
 _F32 = np.float32
 
 
@@ -167,11 +170,11 @@ def _draw_unfiltered64(x, scale, u):
 
 
 @jit(fastmath={"contract"})
-def _exp32_weights(x, scale, m, start, stop, w, tw):
-    """``w[i - start] = exp(t)`` in float32 with ``t = x[i] * scale - m`` (0 below
+def _exp32_weights(x, scale, xmax, start, stop, w, tw):
+    """``w[i - start] = exp(t)`` in float32 with ``t = (x[i] - xmax) * scale`` (0 below
     ``_EXP32_MIN`` and for NaN), and ``tw[i - start] = -t * w`` for the error bound."""
     for i in range(start, stop):
-        t = x[i] * scale - m
+        t = (x[i] - xmax) * scale
         n = np.floor(t * _F32(1.442695) + _F32(0.5))
         r = (t - n * _F32(0.693359375)) - n * _F32(-2.12194440e-4)  # ln 2, split
         p = _F32(1.9841270e-4)  # Taylor to r**7: 5e-9 at |r| = ln 2 / 2
@@ -203,7 +206,8 @@ def _draw_unfiltered(x, scale, u):
     """The draw of :func:`_draw_unfiltered64`, from float32 weights where they cannot have
     changed it (see the module doc), else from that function."""
     n = x.size
-    m = _F32(np.float64(_max(x)) * scale)
+    xmax = _max(x)
+    m = abs(np.float64(xmax) * scale)
     s = _F32(scale)
     blocks = (n + _BLOCK - 1) // _BLOCK
     sums = np.empty(blocks, dtype=np.float64)
@@ -215,7 +219,7 @@ def _draw_unfiltered(x, scale, u):
     for b in range(blocks):
         start = b * _BLOCK
         stop = min(n, start + _BLOCK)
-        _exp32_weights(x, s, m, start, stop, w, tw)
+        _exp32_weights(x, s, xmax, start, stop, w, tw)
         sums[b], spreads[b] = _sums32(w, tw, stop - start)
         total += sums[b]
         spread += spreads[b]
@@ -229,7 +233,7 @@ def _draw_unfiltered(x, scale, u):
             continue
         start = b * _BLOCK
         stop = min(n, start + _BLOCK)
-        _exp32_weights(x, s, m, start, stop, w, tw)
+        _exp32_weights(x, s, xmax, start, stop, w, tw)
         for i in range(stop - start):
             before = acc
             acc += w[i]
@@ -237,8 +241,8 @@ def _draw_unfiltered(x, scale, u):
             if acc > target:
                 # how far the float32 weights can have moved the token's edges and the
                 # target (the zeroed weights below _EXP32_MIN are < 2e-38 each)
-                slack = (_EPS_EXP * (acc + u * total) + _EPS_T * (acc_spread + u * spread)
-                         + n * 2e-38)
+                slack = ((_EPS_EXP + _EPS_M * m) * (acc + u * total)
+                         + _EPS_T * (acc_spread + u * spread) + n * 2e-38)
                 if target - before > slack and acc - target > slack:
                     return start + i
                 return _draw_unfiltered64(x, scale, u)
