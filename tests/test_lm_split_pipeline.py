@@ -239,3 +239,41 @@ def test_pipelined_streams_that_hang_up_or_time_out_leave_their_group(tmp_path, 
         time.sleep(0.01)  # the hung-up sequence leaves at its group's next step
     assert all(not s.rows and not s.prefilling and s.cache_bytes() == 0
                for g in engine.groups for s in g.stages)
+
+
+def test_admission_keeps_arrival_order_and_counts_what_another_group_just_took():
+    """The groups admit as one queue: a short request at one group's head waits behind an
+    older long one that another group holds until there is room, and a sequence a group has
+    just admitted (popped, not yet in its lists) counts against the shared KV budget."""
+    import numpy as np
+
+    from plugins.generation.engine import EngineLimits, GraphInfo, Sequence
+    from plugins.generation.sampling import SamplingParams
+    from plugins.generation.split_pipeline import PipelinedEngine
+
+    graph = GraphInfo(("input_ids", "position_ids"), ["k", "v"], ["pk", "pv"], True, 1, 1,
+                      np.float32)  # 8 bytes per token
+    limits = EngineLimits(max_context=64, kv_cache_bytes=20 * graph.bytes_per_token)
+    engine = PipelinedEngine([[object()], [object()]], graph, limits, "m")
+    a, b = engine.groups
+
+    def seq(final: int, ticket: int) -> Sequence:
+        s = Sequence([1] * 4, final - 4, SamplingParams(temperature=0), frozenset())
+        s.ticket = ticket
+        return s
+
+    running, long, short = seq(8, 0), seq(16, 1), seq(8, 2)
+    a._batch.append(running)
+    b._pending.append(long)
+    assert not engine.fits(b, long)  # 8 + 16 tokens: over 20
+    assert not engine.fits(a, short)  # 8 + 8 fits, but the older long one goes first
+    a._batch.remove(running)
+    assert engine.fits(b, long)
+    b._pending.popleft()  # b admitted it; its thread has not listed it yet
+    assert not engine.fits(a, short)  # 16 + 8: the long one's room is taken
+    b._prefilling.append(long)
+    assert not engine.fits(a, short)  # counted once, from b's lists
+    long.finish_reason = "length"
+    b._prefilling.remove(long)
+    assert engine.fits(a, short)
+    engine.close()

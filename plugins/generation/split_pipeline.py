@@ -13,8 +13,9 @@ stage (another shardserve, a Dask actor) takes no lock here: its node orders the
 while one group waits for the link another can be on its way.
 
 A new sequence joins the group with the fewest sequences (running, prefilling or waiting) and
-is admitted by that group between two of its steps; finished, cancelled and timed-out ones
-leave their group as before. Rows (``max_batch``), the KV-cache budget and the queue
+is admitted by that group between two of its steps, in arrival order over all groups (as one
+queue: a small request in one group never overtakes an older large one waiting for room in
+another); finished, cancelled and timed-out ones leave their group as before. Rows (``max_batch``), the KV-cache budget and the queue
 (``max_queue``) are counted over all groups, so pipelining serves the same load as one batch.
 Prefill, rebuilding a stage's caches from tokens, fail-over and deadlines are each group's
 own, unchanged.
@@ -22,6 +23,7 @@ own, unchanged.
 
 from __future__ import annotations
 
+import itertools
 import threading
 from collections import deque
 
@@ -49,7 +51,11 @@ class PipelinedEngine:
         self.locks = [None if getattr(stage, "orders_own_calls", False) else threading.Lock()
                       for stage in groups[0]]
         self.hops: deque[Hop] = deque(maxlen=hop_records)
-        self._lock = threading.Lock()
+        self._lock = threading.Lock()  # submit: the queue bound and the group chosen
+        # admission (fits): taken inside a group's _cond, never held while taking one
+        self._admit = threading.Lock()
+        self._approved: dict[int, Sequence] = {}  # group id -> admitted, maybe not listed yet
+        self._tickets = itertools.count()
         self.groups = [SplitEngine(stages, graph, limits, name, pipeline=self)
                        for stages in groups]
         self.stages = self.groups[0].stages
@@ -67,7 +73,7 @@ class PipelinedEngine:
                 raise TooManyRequests(f"model {self.name!r} is at capacity, retry later",
                                       headers={"Retry-After": "1"})
             group = min(self.groups, key=_load)
-            seq.group = group
+            seq.group, seq.ticket = group, next(self._tickets)
             group.submit(seq)
 
     def events(self, seq: Sequence):
@@ -84,17 +90,36 @@ class PipelinedEngine:
 
     def fits(self, group: SplitEngine, seq: Sequence) -> bool:
         """Whether ``group`` may admit ``seq``: rows and KV-cache bytes over all groups, each
-        group reserving its rows x its longest final length, as one batch does."""
-        rows = need = 0
-        for g in self.groups:
-            members = [*g._batch, *g._prefilling, *([seq] if g is group else [])]
-            rows += len(members)
-            if members:
-                need += len(members) * max(s.final_length for s in members)
-        own = len(group._batch) + len(group._prefilling) + 1
-        if rows > self.limits.max_batch or (own > 1 and not self.graph.has_position_ids):
-            return False
-        return need * self.graph.bytes_per_token <= self.limits.kv_cache_bytes
+        group reserving its rows x its longest final length, as one batch does. The oldest
+        waiting sequence of all groups goes first, and one check and its admission are atomic
+        over the groups (two groups admitting at once cannot both take the last room)."""
+        with self._admit:
+            self._approved.pop(id(group), None)  # this group listed it before asking again
+            for g in self.groups:
+                try:
+                    head = g._pending[0] if g is not group else None
+                except IndexError:  # emptied meanwhile
+                    head = None
+                if (head is not None and getattr(head, "ticket", 0) < getattr(seq, "ticket", 0)
+                        and (self.graph.has_position_ids or not (g._batch or g._prefilling))):
+                    return False  # older, and waiting for shared room (not its group's turn)
+            rows = need = 0
+            for g in self.groups:
+                members = [*g._batch, *g._prefilling, *([seq] if g is group else [])]
+                approved = self._approved.get(id(g))
+                if (approved is not None and approved.finish_reason is None
+                        and not any(m is approved for m in members)):
+                    members.append(approved)  # admitted by g, not in its lists yet
+                rows += len(members)
+                if members:
+                    need += len(members) * max(s.final_length for s in members)
+            own = len(group._batch) + len(group._prefilling) + 1
+            if rows > self.limits.max_batch or (own > 1 and not self.graph.has_position_ids):
+                return False
+            if need * self.graph.bytes_per_token > self.limits.kv_cache_bytes:
+                return False
+            self._approved[id(group)] = seq
+            return True
 
     def decoding(self) -> None:
         """A group starts a decode step: count the sequences decoding at once, all groups."""
