@@ -127,7 +127,8 @@ class ServedBackend:
     # running ----------------------------------------------------------------
 
     def _execute(self, inputs: dict, outputs: list[str], rows: int) -> dict:
-        if self._keeps_turn and turns.COMPUTE_KEEPS_TURN:  # a worker with a core at most
+        # no turn to give (not a gthread worker), or an in-process run where workers >= cores
+        if not turns.holding() or (self._keeps_turn and turns.COMPUTE_KEEPS_TURN):
             start = time.perf_counter()
             result = self.backend.run(inputs, outputs)
             took = time.perf_counter() - start

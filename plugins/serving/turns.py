@@ -68,6 +68,11 @@ def give() -> Turn | None:
     return turn
 
 
+def holding() -> bool:
+    """Whether this thread holds a turn (never outside a gthread worker)."""
+    return getattr(_held, "turn", None) is not None
+
+
 class Outside:
     """``with Outside():`` runs its block without this thread's turn, then takes it again."""
 
