@@ -15,10 +15,10 @@ while one group waits for the link another can be on its way.
 A new sequence joins the group with the fewest sequences (running, prefilling or waiting) and
 is admitted by that group between two of its steps, in arrival order over all groups (as one
 queue: a small request in one group never overtakes an older large one waiting for room in
-another); finished, cancelled and timed-out ones leave their group as before. Rows (``max_batch``), the KV-cache budget and the queue
-(``max_queue``) are counted over all groups, so pipelining serves the same load as one batch.
-Prefill, rebuilding a stage's caches from tokens, fail-over and deadlines are each group's
-own, unchanged.
+another); finished, cancelled and timed-out ones leave their group as before. Rows
+(``max_batch``), the KV-cache budget and the queue (``max_queue``) are counted over all groups,
+so pipelining serves the same load as one batch. Prefill, rebuilding a stage's caches from
+tokens, fail-over and deadlines are each group's own, unchanged.
 """
 
 from __future__ import annotations
