@@ -47,6 +47,7 @@ import hashlib
 import json
 import os
 import shutil
+import signal
 import statistics
 import sys
 import tempfile
@@ -150,6 +151,9 @@ class Deployment:
                 "--model-version", "1", "--target-version", str(version)]
         if main([*argv, *(["--private"] if private else [])]) != 0:
             raise SystemExit("partition failed")
+        # the CLI restores SIGPIPE's default for `| head`; this process also serves the proxy,
+        # which must survive a client hanging up (Python's own default: ignored)
+        signal.signal(signal.SIGPIPE, signal.SIG_IGN)
         (remote / "1").mkdir(parents=True)
         os.link(self.edge / MODEL / str(version) / "shard_1.onnx", remote / "1" / "model.onnx")
         (remote / "model.toml").write_text('task = "decoder-stage"\n' + ONE_THREAD)
@@ -248,19 +252,23 @@ def cloud_generate(proxy_url: str, prompt: str, tokens: int) -> float:
     """The unsplit model in the cloud, asked over the link: seconds for ``tokens`` tokens."""
     import urllib3
 
-    pool = cloud_generate.pools.setdefault(proxy_url, urllib3.connection_from_url(proxy_url))
+    # a fresh connection each time (the proxy's upstream one may have idled out; the emulated
+    # link charges each exchange, not connections)
+    pool = urllib3.connection_from_url(proxy_url)
     body = json.dumps({"text_input": prompt,
                        "parameters": {"max_tokens": tokens, "temperature": 0}}).encode()
     start = time.perf_counter()
     response = pool.urlopen("POST", f"/v2/models/{MODEL}/generate", body=body,
                             headers={"Content-Type": "application/json"})
     elapsed = time.perf_counter() - start
+    pool.close()
     if response.status != 200:
         raise SystemExit(f"the cloud answered {response.status}: {response.data[:200]!r}")
+    made = json.loads(response.data)["details"].get("completion_tokens")
+    if made != tokens:
+        raise SystemExit(f"the cloud made {made} tokens, not {tokens}: pick another prompt")
     return elapsed
 
-
-cloud_generate.pools = {}
 
 
 def measure_cloud(proxy_url: str, prompt: str, args) -> dict:
