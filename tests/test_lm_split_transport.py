@@ -338,3 +338,27 @@ def test_answers_chunked_trickled_malformed_and_closing():
         assert server.accepted == 3
     finally:
         server.close()
+
+
+def test_a_closed_remote_stage_opens_no_new_connection():
+    """Unloading closes a remote stage while its group's thread may be mid-step: the calls
+    that thread still makes fail at once (503) instead of opening a connection nobody closes."""
+    from types import SimpleNamespace
+
+    from plugins.generation.stage_client import RemoteStage
+    from runtime.errors import ServiceUnavailable
+
+    server = _Scripted([OK] * 3)
+    try:
+        spec = SimpleNamespace(index=1, past_names=[], present_names=[], carry_in="h",
+                               carry_out="logits")
+        hidden = SimpleNamespace(name="h", shape=[None, None, 4], type="tensor(float)")
+        stage = RemoteStage(spec, f"http://127.0.0.1:{server.port}", "m.stage_1", [hidden],
+                            [], timeout_s=2)
+        stage.close()
+        with pytest.raises(ServiceUnavailable, match="stage 1 \\(http\\) is closed"):
+            stage.decode(["s0"], np.zeros((1, 1, 4), np.float32))
+        stage.release(["s0"])  # housekeeping stays quiet
+        assert server.accepted == 0 and stage.pool.sock is None
+    finally:
+        server.close()

@@ -307,9 +307,12 @@ class RemoteStage:
         self.last_wire = (0, 0)  # bytes sent and received by the latest call
         self.chain = chain if chain else None  # [executors] transforms: wire blobs
         self.replica = 0  # which endpoint serves now: 0 the first, then its replicas in order
+        self.closed = False
 
     def _call(self, op: str, rows: list[str], carry: np.ndarray, start: int = 0) -> np.ndarray:
         with self._lock:
+            if self.closed:  # unloaded mid-step: no new connection that nobody closes
+                raise ServiceUnavailable(f"{self._what()} is closed")
             return self._call_locked(op, rows, carry, start)
 
     def _call_locked(self, op: str, rows: list[str], carry: np.ndarray, start: int
@@ -416,6 +419,7 @@ class RemoteStage:
 
     def close(self) -> None:
         with self._lock:
+            self.closed = True
             self.pool.close()
 
 
