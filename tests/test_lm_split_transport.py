@@ -362,3 +362,47 @@ def test_a_closed_remote_stage_opens_no_new_connection():
         assert server.accepted == 0 and stage.pool.sock is None
     finally:
         server.close()
+
+
+def _tls_server(tmp_path, answers: list):
+    """``_Scripted`` behind TLS with a fresh self-signed certificate for 127.0.0.1."""
+    import ssl
+    import subprocess
+
+    cert, key = tmp_path / "cert.pem", tmp_path / "key.pem"
+    subprocess.run(["openssl", "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "1",
+                    "-subj", "/CN=127.0.0.1", "-addext", "subjectAltName=IP:127.0.0.1",
+                    "-keyout", str(key), "-out", str(cert)], check=True, capture_output=True)
+    context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+    context.load_cert_chain(cert, key)
+    server = _Scripted(answers)
+    plain = server._one
+
+    def one(conn):
+        try:
+            conn = context.wrap_socket(conn, server_side=True)
+        except (OSError, ssl.SSLError):
+            return  # the client refused the certificate
+        plain(conn)
+
+    server._one = one
+    return server, cert
+
+
+@pytest.mark.skipif(shutil.which("openssl") is None, reason="needs the openssl command")
+def test_https_is_verified_against_the_trusted_cas(tmp_path, monkeypatch):
+    """https:// speaks TLS: a certificate the machine does not trust is refused at once as a
+    failed handshake (never sent in the clear, no hang); trusted (SSL_CERT_FILE), the same
+    node answers over one kept connection."""
+    server, cert = _tls_server(tmp_path, [OK, OK])
+    try:
+        conn = StageConnection(f"https://127.0.0.1:{server.port}", timeout_s=2)
+        with pytest.raises(StageConnectionError, match="TLS handshake failed"):
+            conn.urlopen("POST", "/x", body=b"1")
+        assert not server.requests
+        monkeypatch.setenv("SSL_CERT_FILE", str(cert))
+        conn = StageConnection(f"https://127.0.0.1:{server.port}", timeout_s=2)
+        assert [conn.urlopen("POST", "/x", body=b"%d" % i).data for i in range(2)] == [b"ok"] * 2
+        assert server.accepted == 2 and len(server.requests) == 2  # 1 refused + 1 kept
+    finally:
+        server.close()
