@@ -32,7 +32,9 @@ class SamplingParams:
 
     @property
     def greedy(self) -> bool:
-        return self.temperature == 0.0 or self.top_k == 1
+        # below 1e-200 (a JSON number may say 1e-310), logit / temperature can overflow float64
+        # and the draw would be garbage; it is the argmax there anyway, exact ties aside
+        return self.temperature < 1e-200 or self.top_k == 1
 
 
 def apply_repetition_penalty(logits: np.ndarray, seen: np.ndarray, penalty: float) -> None:

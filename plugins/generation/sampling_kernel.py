@@ -44,10 +44,9 @@ _EXP32_MIN = np.float32(-87.0)  # below, 2**n leaves float32's normal range: the
 # unit of |t| = |x - max| / T, t computed in float32 as (x - max) * (1/T): the subtraction, the
 # float32 1/T and the product, 2**-24 each. Formed so, t has no term in max / T, whatever LLVM
 # fuses (x * (1/T) - max / T would carry |max / T| * 2**-24 of the product's rounding unless fused
-# into one FMA). And 2**-51 per unit of |max / T|: the float64 pass's own x / T - max / T.
+# into one FMA). The float64 pass forms t the same way (2**-52 per unit of |t|, in the margin).
 _EPS_EXP = 2.5e-7
 _EPS_T = 3.0 * 2.0 ** -24 * (1.0 + 2.0 ** -20)
-_EPS_M = 2.0 ** -51
 _F32 = np.float32
 
 
@@ -98,11 +97,13 @@ def _max(x):
 
 
 @jit(fastmath={"contract"})  # fused multiply-adds; no reassociation (the split ln 2 needs order)
-def _exp_weights(x, scale, m, start, stop, w):
-    """``w[i - start] = exp(x[i] * scale - m)`` for ``start <= i < stop``, in float64 (0 below
-    ``_EXP_MIN`` and for NaN)."""
+def _exp_weights(x, scale, xmax, start, stop, w):
+    """``w[i - start] = exp((x[i] - xmax) * scale)`` for ``start <= i < stop``, in float64 (0
+    below ``_EXP_MIN`` and for NaN). Formed so, the max's own t is exactly 0: ``x * scale -
+    xmax * scale``, fused into an FMA, left it the product's rounding, |xmax * scale| * 2**-53,
+    which at a tiny temperature overflowed the weight."""
     for i in range(start, stop):
-        t = np.float64(x[i]) * scale - m
+        t = (np.float64(x[i]) - xmax) * scale
         n = math.floor(t * _LOG2E + 0.5)
         r = (t - n * _LN2_HI) - n * _LN2_LO
         p = 2.08767569878681e-09  # Taylor to r**12: 1.7e-16 at |r| = ln 2 / 2
@@ -131,14 +132,14 @@ def _sum(w, stop):
 
 
 @jit
-def _block_sums(x, scale, m, sums, w):
-    """``sums[b]``: the sum of ``exp(x[i] * scale - m)`` over block ``b`` of ``_BLOCK``
+def _block_sums(x, scale, xmax, sums, w):
+    """``sums[b]``: the sum of ``exp((x[i] - xmax) * scale)`` over block ``b`` of ``_BLOCK``
     entries, computed through ``w`` (one block long, so it stays in L1); returns the total."""
     total = 0.0
     for b in range(sums.size):
         start = b * _BLOCK
         stop = min(x.size, start + _BLOCK)
-        _exp_weights(x, scale, m, start, stop, w)
+        _exp_weights(x, scale, xmax, start, stop, w)
         sums[b] = _sum(w, stop - start)
         total += sums[b]
     return total
@@ -147,13 +148,13 @@ def _block_sums(x, scale, m, sums, w):
 @jit
 def _draw_unfiltered64(x, scale, u):
     """Inverse-CDF draw over the whole vocabulary in index order, the weights
-    ``exp(x * scale - max)`` in float64: the numpy path's ``searchsorted`` on its ``cumsum``.
+    ``exp((x - max) * scale)`` in float64: the numpy path's ``searchsorted`` on its ``cumsum``.
     Each weight is computed once, and those of the block the draw lands in once more."""
     n = x.size
-    m = np.float64(_max(x)) * scale
+    xmax = np.float64(_max(x))
     w = np.empty(_BLOCK, dtype=np.float64)
     sums = np.empty((n + _BLOCK - 1) // _BLOCK, dtype=np.float64)
-    target = u * _block_sums(x, scale, m, sums, w)
+    target = u * _block_sums(x, scale, xmax, sums, w)
     acc = 0.0
     for b in range(sums.size):
         if acc + sums[b] <= target:
@@ -161,7 +162,7 @@ def _draw_unfiltered64(x, scale, u):
             continue
         start = b * _BLOCK
         stop = min(n, start + _BLOCK)
-        _exp_weights(x, scale, m, start, stop, w)
+        _exp_weights(x, scale, xmax, start, stop, w)
         for i in range(stop - start):
             acc += w[i]
             if acc > target:
@@ -207,7 +208,6 @@ def _draw_unfiltered(x, scale, u):
     changed it (see the module doc), else from that function."""
     n = x.size
     xmax = _max(x)
-    m = abs(np.float64(xmax) * scale)
     s = _F32(scale)
     blocks = (n + _BLOCK - 1) // _BLOCK
     sums = np.empty(blocks, dtype=np.float64)
@@ -241,8 +241,8 @@ def _draw_unfiltered(x, scale, u):
             if acc > target:
                 # how far the float32 weights can have moved the token's edges and the
                 # target (the zeroed weights below _EXP32_MIN are < 2e-38 each)
-                slack = ((_EPS_EXP + _EPS_M * m) * (acc + u * total)
-                         + _EPS_T * (acc_spread + u * spread) + n * 2e-38)
+                slack = (_EPS_EXP * (acc + u * total) + _EPS_T * (acc_spread + u * spread)
+                         + n * 2e-38)
                 if target - before > slack and acc - target > slack:
                     return start + i
                 return _draw_unfiltered64(x, scale, u)
