@@ -129,21 +129,28 @@ class _Server:
             self.accepted += 1
             threading.Thread(target=self._one, args=(conn,), daemon=True).start()
 
+    @staticmethod
+    def _read(conn: socket.socket, buffer: bytes) -> tuple[bytes, bytes, bytes] | None:
+        """One request from ``conn``: (head, body, what follows), None when it closed."""
+        while b"\r\n\r\n" not in buffer:
+            chunk = conn.recv(65536)
+            if not chunk:
+                return None
+            buffer += chunk
+        head, _, buffer = buffer.partition(b"\r\n\r\n")
+        length = int(head.lower().split(b"content-length:")[1].split(b"\r\n")[0])
+        while len(buffer) < length:
+            buffer += conn.recv(65536)
+        return head, buffer[:length], buffer[length:]
+
     def _one(self, conn: socket.socket) -> None:
         with conn:
             buffer = b""
             for _ in range(self.per_connection):
-                while b"\r\n\r\n" not in buffer:
-                    chunk = conn.recv(65536)
-                    if not chunk:
-                        return
-                    buffer += chunk
-                head, _, buffer = buffer.partition(b"\r\n\r\n")
-                length = int(head.lower().split(b"content-length:")[1].split(b"\r\n")[0])
-                while len(buffer) < length:
-                    buffer += conn.recv(65536)
-                self.requests.append(head + b"\r\n\r\n" + buffer[:length])
-                buffer = buffer[length:]
+                if (request := self._read(conn, buffer)) is None:
+                    return
+                head, body, buffer = request
+                self.requests.append(head + b"\r\n\r\n" + body)
                 if not self.answer:
                     time.sleep(5)
                     return
@@ -224,16 +231,9 @@ class _Scripted(_Server):
         with conn:
             buffer = b""
             while len(self.requests) < len(self.answers):
-                while b"\r\n\r\n" not in buffer:
-                    chunk = conn.recv(65536)
-                    if not chunk:
-                        return
-                    buffer += chunk
-                head, _, buffer = buffer.partition(b"\r\n\r\n")
-                length = int(head.lower().split(b"content-length:")[1].split(b"\r\n")[0])
-                while len(buffer) < length:
-                    buffer += conn.recv(65536)
-                buffer = buffer[length:]
+                if (request := self._read(conn, buffer)) is None:
+                    return
+                head, _, buffer = request
                 answer = self.answers[len(self.requests)]
                 self.requests.append(head)
                 if answer is None:
