@@ -69,8 +69,8 @@ def filtered_distribution(logits: np.ndarray, temperature: float, top_k: int, to
 def sample_numpy(logits: np.ndarray, params: SamplingParams, u: float) -> int:
     if not 0 < params.top_k < logits.size and params.top_p >= 1.0:
         # no filter: the draw runs in vocabulary order, nothing to sort (as the kernel does)
-        x = logits.astype(np.float64) / params.temperature
-        cdf = np.cumsum(np.exp(x - x.max()))
+        x = logits.astype(np.float64)
+        cdf = np.cumsum(np.exp((x - x.max()) / params.temperature))  # the kernel's (x - max) / T
         return int(min(np.searchsorted(cdf, u * cdf[-1], side="right"), x.size - 1))
     order, p = filtered_distribution(logits, params.temperature, params.top_k, params.top_p)
     cdf = np.cumsum(p)
