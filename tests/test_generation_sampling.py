@@ -190,11 +190,12 @@ def test_fast_unfiltered_draw_is_the_float64_draw(sd, temperature):
             logits, 1 / temperature, u), u
 
 
-@pytest.mark.parametrize("offset,temperature", [(0.0, 1.0), (40.0, 0.25), (-300.0, 1e-3)])
+@pytest.mark.parametrize("offset,temperature", [(0.0, 1.0), (40.0, 0.3), (-300.0, 1e-3)])
 def test_float32_weights_within_the_guards_bound(offset, temperature):
     """The float32 weights as the fast draw forms them, against the float64 pass's weights
-    for the same logits: each within _EPS_EXP + _EPS_T * |t|, also for large logits and tiny temperatures (where x / T - max / T, not fused into one FMA, would
-    carry |max / T| * 2**-24 of rounding that the guard did not count)."""
+    for the same logits: each within _EPS_EXP + _EPS_T * |t|, also for large logits and tiny
+    temperatures (where x / T - max / T, not fused into one FMA, carried |max / T| * 2**-24 of
+    rounding that the guard did not count: 1e-5 relative at logits ~50, T 0.3)."""
     from plugins.generation.sampling_kernel import (
         _EPS_EXP,
         _EPS_T,
