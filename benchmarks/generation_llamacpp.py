@@ -26,6 +26,7 @@ same prompts whatever llama.cpp's tokenizer would make of text.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import shutil
@@ -38,6 +39,8 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 VERSION = "0.3.36"  # llama-cpp-python; its vendor/llama.cpp is the engine measured
+SDIST_SHA256 = "832db0699007f1be95a7e41ef12e88926b02ba836461e36a36372db2760c1a2e"
+CONVERTER_PACKAGES = ("sentencepiece==0.2.3", "diskcache==5.6.3")  # besides the vendored gguf
 SRC = ROOT / "build" / "llamacpp-src"
 SOURCE = SRC / f"llama_cpp_python-{VERSION}"
 LLAMA = SOURCE / "vendor" / "llama.cpp"
@@ -48,8 +51,15 @@ PYTHON = VENV / "bin" / "python"
 TARGETS = ("llama", "llama-bench", "llama-batched-bench")
 
 
+def _built() -> bool:
+    """build/llama.cpp holds this VERSION's build (a bumped VERSION is rebuilt, not mixed with
+    the new sdist's ctypes bindings)."""
+    done = BUILD / "done"
+    return done.exists() and done.read_text() == VERSION
+
+
 def ready() -> bool:
-    return (BUILD / "done").exists() and (VENV / "done").exists()
+    return _built() and (VENV / "done").exists() and (LLAMA / "convert_hf_to_gguf.py").exists()
 
 
 def _nice(cmd: list[str]) -> list[str]:
@@ -58,14 +68,25 @@ def _nice(cmd: list[str]) -> list[str]:
 
 def setup(python: str = sys.executable) -> None:
     """Download, build and set up once; cached in build/ (delete build/llama.cpp to redo)."""
+    missing = [tool for tool in ("cmake", "c++", "cc") if shutil.which(tool) is None]
+    if missing:
+        raise SystemExit(f"llama.cpp setup needs {', '.join(missing)} on PATH (Debian: apt-get "
+                         "install cmake build-essential)")
     if not (SOURCE / "vendor" / "llama.cpp" / "CMakeLists.txt").exists():
         SRC.mkdir(parents=True, exist_ok=True)
-        subprocess.run([python, "-m", "pip", "download", "--quiet", "--no-binary", ":all:",
-                        "--no-deps", "--dest", str(SRC), f"llama-cpp-python=={VERSION}"],
-                       check=True)
-        with tarfile.open(SRC / f"llama_cpp_python-{VERSION}.tar.gz") as tar:
+        sdist = SRC / f"llama_cpp_python-{VERSION}.tar.gz"
+        if not sdist.exists():
+            subprocess.run([python, "-m", "pip", "download", "--quiet", "--no-binary", ":all:",
+                            "--no-deps", "--dest", str(SRC), f"llama-cpp-python=={VERSION}"],
+                           check=True)
+        digest = hashlib.sha256(sdist.read_bytes()).hexdigest()
+        if digest != SDIST_SHA256:
+            raise SystemExit(f"{sdist} has sha256 {digest}, not the pinned {SDIST_SHA256}: "
+                             "delete it and rerun, or update SDIST_SHA256 with VERSION")
+        with tarfile.open(sdist) as tar:
             tar.extractall(SRC, filter="data")
-    if not (BUILD / "done").exists():
+    if not _built():
+        shutil.rmtree(BUILD, ignore_errors=True)  # another VERSION's build
         subprocess.run(_nice([
             "cmake", "-S", str(LLAMA), "-B", str(BUILD), "-DCMAKE_BUILD_TYPE=Release",
             "-DGGML_NATIVE=ON", "-DBUILD_SHARED_LIBS=ON", "-DGGML_CUDA=OFF", "-DGGML_METAL=OFF",
@@ -75,7 +96,7 @@ def setup(python: str = sys.executable) -> None:
         subprocess.run(_nice(["cmake", "--build", str(BUILD), "--config", "Release", "-j2",
                               "--target", *TARGETS]), check=True)
         (BUILD / "done").write_text(VERSION)
-    packages = [str(LLAMA / "gguf-py"), "sentencepiece", "diskcache"]
+    packages = [str(LLAMA / "gguf-py"), *CONVERTER_PACKAGES]
     if not (VENV / "done").exists() or (VENV / "done").read_text() != " ".join(packages):
         if not PYTHON.exists():
             subprocess.run([python, "-m", "venv", str(VENV)], check=True)
@@ -110,8 +131,6 @@ def _tokenizer_files(folder: Path, vocab: int) -> None:
 def _check_same_weights(model, onnx_path: Path) -> int:
     """Every tensor of the rebuilt checkpoint must be, bit for bit, an initializer of the ONNX
     export (MatMul weights are stored transposed there). Returns how many were checked."""
-    import hashlib
-
     import onnx
     from onnx import numpy_helper
 
@@ -150,7 +169,8 @@ def gguf(args, folder: Path, config) -> Path:
     _tokenizer_files(hf, args.vocab)
     done = subprocess.run(_nice([str(PYTHON), str(LLAMA / "convert_hf_to_gguf.py"), str(hf),
                                  "--outtype", "f32", "--outfile", str(out.with_suffix(".tmp"))]),
-                          capture_output=True, text=True)
+                          capture_output=True, text=True,  # local files only, no Hub look-up
+                          env={**os.environ, "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1"})
     if done.returncode != 0:
         raise RuntimeError(f"convert_hf_to_gguf.py failed: {done.stderr[-3000:]}")
     out.with_suffix(".tmp").rename(out)
