@@ -86,7 +86,8 @@ def setup(python: str = sys.executable) -> None:
         with tarfile.open(sdist) as tar:
             tar.extractall(SRC, filter="data")
     if not _built():
-        shutil.rmtree(BUILD, ignore_errors=True)  # another VERSION's build
+        if (BUILD / "done").exists():  # another VERSION's build (an interrupted one goes on)
+            shutil.rmtree(BUILD)
         subprocess.run(_nice([
             "cmake", "-S", str(LLAMA), "-B", str(BUILD), "-DCMAKE_BUILD_TYPE=Release",
             "-DGGML_NATIVE=ON", "-DBUILD_SHARED_LIBS=ON", "-DGGML_CUDA=OFF", "-DGGML_METAL=OFF",
