@@ -30,6 +30,18 @@ FRAMING_MAX = 1024  # per call: the V2 JSON header and the row ids around the hi
 _RUNTIMES: list = []
 
 
+@pytest.fixture(autouse=True)
+def _no_sigpipe():
+    """Writes to a peer that hung up raise EPIPE, as in every shardserve server process: an
+    in-process ``shardserve partition`` (handlers.cli.main) restores the default SIGPIPE, which
+    would kill the test run at the raw servers' first write to a client that gave up."""
+    import signal
+
+    before = signal.signal(signal.SIGPIPE, signal.SIG_IGN)
+    yield
+    signal.signal(signal.SIGPIPE, before)
+
+
 @pytest.fixture(scope="module")
 def llama():
     return cached_export("llama")[0]
