@@ -434,7 +434,8 @@ def _check_repository(args: argparse.Namespace) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    if hasattr(signal, "SIGPIPE"):  # `shardserve plugins | head` ends quietly
+    if argv is None and hasattr(signal, "SIGPIPE"):  # `shardserve plugins | head` ends quietly
+        # (only as the program: a caller's process, a test run, keeps its own disposition)
         signal.signal(signal.SIGPIPE, signal.SIG_DFL)
     from runtime import Runtime
 
