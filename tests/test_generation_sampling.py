@@ -96,7 +96,7 @@ def test_kernel_and_numpy_pick_the_same_token_for_each_draw(temperature, top_k, 
 
 @pytest.mark.parametrize("dtype", [np.float32, np.float64])
 def test_unfiltered_draw_leaves_the_callers_logits_alone(dtype):
-    """The unfiltered path writes its exps into its own float64 copy, never the caller's."""
+    """The unfiltered path writes its exps into its own buffers, never the caller's logits."""
     kernel = _numba_kernel()
     logits = np.random.default_rng(1).normal(0, 2, 1000).astype(dtype)
     before = logits.copy()
@@ -246,3 +246,15 @@ def test_tiny_temperatures_pick_the_best_token(temperature, top_k, top_p, use_nu
     for seed in range(5):
         token = sample(logits, params, np.random.default_rng(seed), use_numba=use_numba)
         assert token == int(np.argmax(logits))
+
+
+@pytest.mark.parametrize("top_k,top_p", [(0, 1.0), (20, 1.0), (0, 0.9)])
+def test_float16_logits_and_an_odd_vocabulary_agree_across_paths(top_k, top_p):
+    """float16 logits (a half-precision export) over 1,003 tokens (not a multiple of the
+    kernel's 256-entry blocks): the numba and numpy paths pick the same token per seed."""
+    logits = (np.random.default_rng(2).standard_normal(1003) * 3).astype(np.float16)
+    params = SamplingParams(0.8, top_k, top_p)
+    tokens = [sample(logits, params, np.random.default_rng(seed)) for seed in range(200)]
+    assert tokens == [sample(logits, params, np.random.default_rng(seed), use_numba=False)
+                      for seed in range(200)]
+    assert len(set(tokens)) > 10 and max(tokens) >= 768  # draws reach the partial block
