@@ -258,3 +258,15 @@ def test_float16_logits_and_an_odd_vocabulary_agree_across_paths(top_k, top_p):
     assert tokens == [sample(logits, params, np.random.default_rng(seed), use_numba=False)
                       for seed in range(200)]
     assert len(set(tokens)) > 10 and max(tokens) >= 768  # draws reach the partial block
+
+
+def test_integer_sampling_values_reuse_the_compiled_kernel():
+    """temperature 1 and top_p 1 given as JSON integers are served by the one compiled
+    signature (float32 logits, float, int, float, float), not a second compile."""
+    kernel = _numba_kernel()
+    logits = np.random.default_rng(8).standard_normal(500).astype(np.float32)
+    sample(logits, SamplingParams(0.7, 5, 0.9), np.random.default_rng(0))
+    before = len(kernel.signatures)
+    sample(logits, SamplingParams(1, 5, 1), np.random.default_rng(0))
+    sample(logits.astype(np.float16), SamplingParams(2, 0, 1), np.random.default_rng(0))
+    assert len(kernel.signatures) == before

@@ -109,5 +109,7 @@ def sample(logits: np.ndarray, params: SamplingParams, rng: np.random.Generator 
     kernel = _numba_kernel() if use_numba else None
     if kernel is None:
         return sample_numpy(logits, params, u)
-    return int(kernel(np.ascontiguousarray(logits, dtype=np.float32), params.temperature,
-                      params.top_k, params.top_p, u))
+    # one compiled signature whatever the request's JSON held (a temperature of 1, not 1.0,
+    # would otherwise compile the kernel again, seconds, in the middle of serving)
+    return int(kernel(np.ascontiguousarray(logits, dtype=np.float32), float(params.temperature),
+                      int(params.top_k), float(params.top_p), u))
