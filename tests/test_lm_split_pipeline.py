@@ -277,3 +277,55 @@ def test_admission_keeps_arrival_order_and_counts_what_another_group_just_took()
     b._prefilling.remove(long)
     assert engine.fits(a, short)
     engine.close()
+
+
+@pytest.mark.slow
+def test_a_failing_group_ends_its_own_streams_and_close_stops_every_thread(tmp_path,
+                                                                         lm_exports):
+    """One group's stage fails mid-generation: that group's streams end with the stage's error
+    while the other group's keep the unsplit tokens (no hang, no stage lock left held), the
+    failed group serves the next streams, and closing the engine ends every group's thread."""
+    from runtime.errors import ServiceUnavailable
+
+    arch = "llama"
+    whole = _runtime(tmp_path / "whole", lm_exports[arch], arch).get_model(arch).backend
+    model = _runtime(tmp_path / "split", lm_exports[arch], arch).get_model(arch).backend
+    engine = split_generation_model(model, [1], pipeline_groups=2)
+    stage = engine.groups[1].stages[1]
+    decode, calls = stage.decode, []
+
+    def failing(rows, carry):
+        calls.append(len(rows))
+        if len(calls) == 3:
+            raise ServiceUnavailable("stage 1 (local) failed")
+        return decode(rows, carry)
+
+    stage.decode = failing
+    jobs = [(PROMPTS[i], n, 0.0) for i, n in enumerate((14, 20, 10, 12))]
+    alone = [_greedy(whole, p, n) for p, n, _ in jobs]
+    outcome: dict[int, object] = {}
+
+    def client(i, prompt, n):
+        try:
+            outcome[i] = _greedy(model, prompt, n)
+        except ServiceUnavailable as exc:
+            outcome[i] = str(exc)
+
+    threads = [threading.Thread(target=client, args=(i, p, n)) for i, (p, n, _) in
+               enumerate(jobs)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(30)
+    assert not any(t.is_alive() for t in threads)
+    failed = [i for i in outcome if outcome[i] == "stage 1 (local) failed"]
+    assert failed and len(failed) < len(jobs)
+    assert all(outcome[i] == alone[i] for i in outcome if i not in failed)
+    assert not any(lock.locked() for lock in engine.locks if lock)
+    assert _streams(model, jobs) == alone  # both groups serve again
+    group_threads = [g._thread for g in engine.groups]
+    assert all(t is not None and t.is_alive() for t in group_threads)
+    engine.close()
+    for t in group_threads:
+        t.join(5)
+    assert not any(t.is_alive() for t in group_threads)
