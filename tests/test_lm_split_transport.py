@@ -418,3 +418,44 @@ def test_https_is_verified_against_the_trusted_cas(tmp_path, monkeypatch):
         assert server.accepted == 2 and len(server.requests) == 2  # 1 refused + 1 kept
     finally:
         server.close()
+
+
+@pytest.mark.slow
+def test_a_decode_the_node_ran_before_its_connection_dropped_is_rebuilt(tmp_path, llama,
+                                                                        monkeypatch):
+    """The node runs a decode (its cache moves one position on) and the connection drops
+    before the answer arrives: the call is not sent again (that would advance the cache
+    twice); the stage is rebuilt from the tokens so far and the stream keeps the unsplit
+    tokens."""
+    from test_lm_split import PROMPTS, _greedy
+    from test_lm_split_pipeline import _stage_server
+
+    from handlers.cli import main
+    from plugins.generation.stage_client import StaleConnection
+
+    arch = "llama"
+    root = repository_with(tmp_path / "edge", {arch: llama}, {arch: 'version_policy = "all"\n'})
+    assert main(["partition", arch, "--repository", str(root), "--strategy", "edge-cloud",
+                 "-o", "cut=1"]) == 0
+    real, decodes = StageConnection.urlopen, []
+
+    def dropping(self, method, url, body=b"", headers=None, retry=True, **kw):
+        response = real(self, method, url, body, headers, retry=retry)
+        if not retry:  # a decode
+            decodes.append(url)
+            if len(decodes) == 4:  # run by the node, its answer lost
+                self.close()
+                raise StaleConnection("the server closed the connection")
+        return response
+
+    monkeypatch.setattr(StageConnection, "urlopen", dropping)
+    server = _stage_server(tmp_path, root, arch, "stage_1")
+    try:
+        rt = Runtime.from_config({"repository": {"path": str(root), "load": "all"}}).start()
+        _RUNTIMES.append(rt)
+        whole, split = rt.get_model(arch, 1).backend, rt.get_model(arch, 2).backend
+        assert _greedy(split, PROMPTS[0], 12) == _greedy(whole, PROMPTS[0], 12)
+        assert split.engine.rebuilds == 1 and len(decodes) == 12
+    finally:
+        err = server.stop()
+    assert "Traceback" not in err
