@@ -68,6 +68,30 @@ def test_a_waiter_keeps_waiting_while_the_turn_changes_hands():
     assert waited < 1
 
 
+def test_the_wait_is_bounded_however_often_the_turn_changes_hands():
+    """The lock is not fair: others taking the turn in a row could starve one waiter. Here the
+    turn seems to change hands every 3 ms for 0.6 s; the waiter goes on after MAX_WAIT_S."""
+    turn = turns.Turn()
+    taken, stop = threading.Event(), threading.Event()
+
+    def busy():
+        assert turn.take()
+        taken.set()
+        while not stop.wait(turns.WAIT_S * 0.6):
+            turn.given += 1  # as if given back and taken again by another thread
+        turns.give()
+
+    thread = threading.Thread(target=busy)
+    thread.start()
+    taken.wait(5)
+    started = time.perf_counter()
+    got = turn.take()
+    waited = time.perf_counter() - started
+    stop.set()
+    thread.join(5)
+    assert got is False and turns.MAX_WAIT_S <= waited + turns.WAIT_S and waited < 0.4
+
+
 def test_outside_gives_the_turn_up_and_takes_it_back():
     turn = turns.Turn()
     turn.take()

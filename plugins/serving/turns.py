@@ -10,9 +10,9 @@ The turn is given up wherever the thread would wait: on a client (``socket_recv`
 worker's response write), on a backend run (``Outside`` in plugins/serving/batching.py, so
 several executions per worker still overlap, as many as the model's ``instances``) and on
 another request's batch (unless ``COMPUTE_KEEPS_TURN``). A thread waits for the turn as long
-as it changes hands; once one holder has kept it for ``WAIT_S`` the thread goes on without it,
-so a holder blocked somewhere else (a security plugin calling out) delays others by about that
-much and can never deadlock them.
+as it changes hands; once one holder has kept it for ``WAIT_S`` (or after ``MAX_WAIT_S`` in
+all) the thread goes on without it, so a holder blocked somewhere else (a security plugin
+calling out) delays others by about that much and can never deadlock them.
 Outside a gthread worker no thread holds a turn and all of this does nothing. The worker side
 is in handlers/gunicorn_workers.py; docs/serving.md.
 """
@@ -26,6 +26,10 @@ import threading
 # held for a request's Python work (a few hundred µs); a thread waits as long as the turn keeps
 # changing hands (8 threads queued behind encoder requests can wait longer than this in all).
 WAIT_S = 0.005
+# Longest wait in all, however often the turn changes hands: the lock is not fair (a thread
+# that gives the turn back and takes it again for its next request can win every time), so a
+# waiter could otherwise lose to the others for as long as they keep coming.
+MAX_WAIT_S = 0.05
 # Whether an in-process onnxruntime run keeps the turn (plugins/serving/batching.py). The
 # gthread worker sets it where the server has no more CPU cores than workers: runs overlapping
 # in one worker then gain no core, and each one's end waited for the GIL and then the turn
@@ -46,13 +50,14 @@ class Turn:
 
     def take(self) -> bool:
         """Take the turn (no-op when this thread holds it); False when one holder kept it
-        for ``WAIT_S`` while this thread waited."""
+        for ``WAIT_S`` while this thread waited, or after ``MAX_WAIT_S`` in all."""
         if getattr(_held, "turn", None) is self:
             return True
-        seen = self.given
+        seen, windows = self.given, int(MAX_WAIT_S / WAIT_S)
         while not self._lock.acquire(timeout=WAIT_S):
-            if self.given == seen:  # the same holder all along: go on without the turn
-                return False
+            windows -= 1
+            if self.given == seen or windows <= 0:  # one holder all along, or waited long
+                return False  # enough: go on without the turn
             seen = self.given
         _held.turn = self
         return True
