@@ -109,6 +109,10 @@ def test_bytes_per_hop_per_token_in_the_hops_and_the_access_log(tmp_path, llama,
     # the access log: the request's own share of each cut, by stage and phase
     for line in lines:
         assert "hops" not in line  # no remote *shard* calls: only the stage cuts
+        fields = {"stage", "phase", "calls", "positions", "bytes", "wire_sent",
+                  "wire_received", "batch_rows"}  # counts only: no payload, id or token
+        assert all(set(e) == fields for e in line["stage_hops"])
+        assert all(isinstance(e[k], int) for e in line["stage_hops"] for k in fields - {"phase"})
         by_phase = {(e["stage"], e["phase"]): e for e in line["stage_hops"]}
         assert set(by_phase) == {(1, "prefill"), (1, "decode")}
         step, first = by_phase[(1, "decode")], by_phase[(1, "prefill")]
