@@ -270,3 +270,26 @@ def test_integer_sampling_values_reuse_the_compiled_kernel():
     sample(logits, SamplingParams(1, 5, 1), np.random.default_rng(0))
     sample(logits.astype(np.float16), SamplingParams(2, 0, 1), np.random.default_rng(0))
     assert len(kernel.signatures) == before
+
+
+def test_numpy_path_partitions_as_a_full_stable_sort_would_order():
+    """The numpy path's top-k selection (a partition, then the k sorted) and its top-p
+    candidates (the best 64 or 256 when they hold the nucleus) give the tokens and
+    probabilities of a stable sort of the whole vocabulary, ties included (rounded logits)."""
+    from plugins.generation.sampling import _top_k_sorted, filtered_distribution
+
+    rng = np.random.default_rng(1)
+    for trial in range(60):
+        n = int(rng.integers(2, 3000))
+        x = np.round(rng.standard_normal(n) * 2, trial % 3).astype(np.float32)
+        k = int(rng.integers(1, n + 1))
+        assert (_top_k_sorted(x, k) == np.argsort(-x, kind="stable")[:k]).all()
+        for temperature, top_k, top_p in ((0.7, 0, 0.5), (1.3, 0, 0.95), (1.0, k, 0.9)):
+            order, p = filtered_distribution(x, temperature, top_k, top_p)
+            z = x.astype(np.float64) / temperature
+            ref = np.argsort(-z, kind="stable")[:top_k or n]
+            q = np.exp(z[ref] - z[ref[0]])
+            q /= q.sum()
+            keep = max(1, int(np.count_nonzero(np.cumsum(q) - q < top_p)))
+            assert order.tolist() == ref[:keep].tolist()
+            assert np.allclose(p, q[:keep] / q[:keep].sum(), rtol=1e-12, atol=0)

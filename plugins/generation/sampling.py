@@ -47,18 +47,44 @@ def apply_repetition_penalty(logits: np.ndarray, seen: np.ndarray, penalty: floa
     logits[ids] = np.where(values > 0, values / penalty, values * penalty)
 
 
+def _top_k_sorted(x: np.ndarray, k: int) -> np.ndarray:
+    """Indices of the k largest values, best first, ties lower index first: the first k of a
+    stable sort of ``-x``, from a partition (O(n)) instead of sorting the whole vocabulary."""
+    if k >= x.size:
+        return np.argsort(-x, kind="stable")
+    kth = x[np.argpartition(-x, k - 1)[k - 1]]  # the k-th largest value
+    above = np.flatnonzero(x > kth)
+    chosen = np.concatenate([above, np.flatnonzero(x == kth)[:k - above.size]])
+    return chosen[np.lexsort((chosen, -x[chosen]))]
+
+
 def filtered_distribution(logits: np.ndarray, temperature: float, top_k: int, top_p: float
                           ) -> tuple[np.ndarray, np.ndarray]:
     """Token ids sorted by probability (ties: lower id first) and their renormalised
     probabilities after temperature, top-k and top-p (the smallest prefix whose mass reaches
-    ``top_p``). The numpy path, and the reference the numba kernel is tested against."""
+    ``top_p``). The numpy path, and the reference the numba kernel is tested against. Like the
+    kernel, it sorts only the top k, and for top-p alone only as many of the best tokens (64,
+    256) as hold the nucleus, the whole vocabulary only when they do not."""
     x = logits.astype(np.float64) / temperature
-    order = np.argsort(-x, kind="stable")
-    if 0 < top_k < order.size:
-        order = order[:top_k]
-    z = x[order]
-    p = np.exp(z - z[0])
-    p /= p.sum()
+    if 0 < top_k < x.size:
+        order = _top_k_sorted(x, top_k)
+        p = np.exp(x[order] - x[order[0]])
+        p /= p.sum()
+    else:
+        m = x.max()
+        total = np.exp(x - m).sum()
+        order = None
+        k = 64
+        while top_p < 1.0 and k <= 256 and k < x.size // 4:
+            order = _top_k_sorted(x, k)
+            p = np.exp(x[order] - m)
+            if p.sum() >= top_p * total:
+                break
+            order, k = None, k * 4
+        if order is None:
+            order = np.argsort(-x, kind="stable")
+            p = np.exp(x[order] - m)
+        p /= total  # the candidates' share of the whole vocabulary's mass
     if top_p < 1.0:
         before = np.cumsum(p) - p  # mass strictly before each token
         keep = max(1, int(np.count_nonzero(before < top_p)))
