@@ -175,11 +175,11 @@ class StageConnection:
 
     def _exchange(self, request: bytes) -> StageResponse:
         sock, buffer = self.sock, self._buffer
-        deadline = time.monotonic() + self.timeout_s
         try:
             sock.sendall(request)
         except (BrokenPipeError, ConnectionResetError):
             raise _Stale() from None
+        deadline = time.monotonic() + self.timeout_s  # for the answer (a long send is not)
 
         reads = [0]
 
