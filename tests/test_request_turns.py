@@ -92,6 +92,40 @@ def test_the_wait_is_bounded_however_often_the_turn_changes_hands():
     assert got is False and turns.MAX_WAIT_S <= waited + turns.WAIT_S and waited < 0.4
 
 
+def test_a_generation_waits_for_its_tokens_without_the_turn():
+    """A generate request (streamed or not) waits on the engine's thread for its first token
+    and, not streamed, for every token: seconds during which the worker's other requests
+    must not wait for the turn."""
+    import queue
+
+    from plugins.generation.engine import Engine
+
+    seq = SimpleNamespace(events=queue.Queue(), finish_reason=None)
+    engine = SimpleNamespace(limits=SimpleNamespace(queue_timeout_s=5.0),
+                             withdraw=lambda seq: False)
+    turn, waits = turns.Turn(), []
+
+    def engine_thread():
+        for event in (("token", 1), ("token", 2), ("end", "length")):
+            time.sleep(turns.WAIT_S * 4)
+            started = time.perf_counter()  # another request takes the turn meanwhile
+            waits.append((turn.take(), time.perf_counter() - started))
+            turns.give()
+            seq.events.put(event)
+
+    thread = threading.Thread(target=engine_thread)
+    turn.take()
+    thread.start()
+    try:
+        got = list(Engine.events(engine, seq))
+    finally:
+        turns.give()
+        thread.join(5)
+    assert got == [("token", 1), ("token", 2), ("end", "length")]
+    assert [ok for ok, _ in waits] == [True] * 3
+    assert max(took for _, took in waits) < turns.WAIT_S
+
+
 def test_outside_gives_the_turn_up_and_takes_it_back():
     turn = turns.Turn()
     turn.take()

@@ -20,6 +20,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from plugins.serving.turns import Outside
 from runtime.errors import BadRequest, ServiceUnavailable, TooManyRequests
 
 from .kv_cache import BatchCache
@@ -179,18 +180,21 @@ class Engine:
             first = True
             while True:
                 if first:
-                    try:
-                        event = seq.events.get(timeout=self.limits.queue_timeout_s)
+                    try:  # the wait for admission and the first token: without the
+                        with Outside():  # gthread worker's request turn (.serving.turns)
+                            event = seq.events.get(timeout=self.limits.queue_timeout_s)
                     except queue.Empty:
                         if self._withdraw_waiting(seq):
                             raise TooManyRequests(
                                 f"model {self.name!r} is at capacity, retry later",
                                 headers={"Retry-After": str(max(1, int(
                                     self.limits.queue_timeout_s)))}) from None
-                        event = seq.events.get()
+                        with Outside():
+                            event = seq.events.get()
                     first = False
                 else:
-                    event = seq.events.get()
+                    with Outside():  # a non-streamed answer waits for every token here
+                        event = seq.events.get()
                 if event[0] == "error":
                     raise event[1]
                 yield event
