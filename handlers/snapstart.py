@@ -4,7 +4,8 @@ A SnapStart function is initialised once and its memory snapshotted; every new e
 environment resumes from that same memory. Whatever random state the process drew at init is
 then shared by all restored copies. What shardserve draws per message comes from the kernel
 (``os.urandom``/``secrets``: AES-GCM nonces of tensor and model encryption, HMAC nonces,
-request ids, uuid4), which the restored VM re-seeds, so those never repeat. What repeats
+request ids, uuid4), which the restored VM re-seeds, so those never repeat (the WSGI edge's
+pool of request ids drawn ahead, handlers/wsgi.py, is emptied by its own callback). What repeats
 without a hook is user-space RNG state captured in the snapshot: Python's ``random``,
 numpy's global generator (the sampler's fallback in plugins/generation), and any generator a
 plugin seeded at init. :func:`reseed` renews them all; plugins with their own state add theirs

@@ -19,6 +19,7 @@ from runtime import Runtime
 from runtime.errors import BadRequest, ShardserveError
 
 from .routes import HttpRequest, HttpResponse, body_too_large, dispatch
+from .snapstart import on_restore
 
 STATUS_LINES = {s.value: f"{s.value} {s.phrase}" for s in HTTPStatus}
 # environ key of a callable the gunicorn worker (handlers/gunicorn_workers.py) puts there: the
@@ -28,9 +29,11 @@ BODY_READ_CALLBACK = "shardserve.body_read"
 
 # Request ids for requests that bring none, 256 per os.urandom call: each call is a getrandom
 # syscall that releases the GIL, which other request threads then contend for. Emptied in a
-# forked child, so that no two workers hand out the same ids.
+# forked child and after a SnapStart restore, so that no two workers (nor two environments
+# restored from one snapshot) hand out the same ids.
 _ids: deque[str] = deque()
 os.register_at_fork(after_in_child=_ids.clear)
+on_restore(_ids.clear)
 
 
 def _new_id() -> str:

@@ -165,3 +165,15 @@ def test_request_ids_are_unique_and_not_shared_with_a_forked_child():
     size, child_id = json.loads(os.read(read, 1000))
     os.close(read)
     assert size == 0 and child_id not in left and child_id not in ids
+
+
+def test_request_ids_drawn_ahead_are_dropped_after_a_snapstart_restore():
+    """Environments restored from one snapshot share its memory, the pool included: the
+    after-restore hook (handlers/snapstart.py) empties it, so each draws its own ids."""
+    from handlers import snapstart
+
+    shardserve_wsgi._new_id()
+    left = set(shardserve_wsgi._ids)
+    assert left
+    snapstart.reseed()
+    assert not shardserve_wsgi._ids and shardserve_wsgi._new_id() not in left
