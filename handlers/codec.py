@@ -435,8 +435,10 @@ def _json_tensor(data: Any, datatype: str, count: int, where: str, allow_null: b
     if not kinds <= {int, float}:
         raise BadRequest(f"{where}: {datatype} data must be numbers")
     try:
-        with np.errstate(over="ignore"):
-            array = np.array(leaves, dtype=dtype)
+        with np.errstate(over="ignore"):  # ints by way of float64: numpy's own route for
+            # FP16/FP32, which ml_dtypes' bfloat16 refuses (TypeError) from 2**63 to 2**64
+            array = (np.array(leaves, np.float64).astype(dtype) if int in kinds
+                     and dtype != np.float64 else np.array(leaves, dtype=dtype))
     except OverflowError:  # a Python int beyond float64
         raise BadRequest(f"{where}: value out of range for {datatype}") from None
     infinite = np.isinf(array)

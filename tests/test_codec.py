@@ -1214,3 +1214,21 @@ def test_flat_json_numbers_fast_path_refuses_what_the_strict_path_refuses(dataty
     assert got.dtype == np.dtype(datatype.lower().replace("fp", "float"))
     np.testing.assert_array_equal(got, np.array(expected, got.dtype))
     assert np.signbit(got).tolist() == np.signbit(np.array(expected, got.dtype)).tolist()
+
+
+@pytest.mark.parametrize("datatype", ["FP16", "BF16", "FP32", "FP64"])
+def test_json_ints_in_float_tensors_decode_or_refuse_cleanly(datatype, caplog):
+    """Ints up to 2**64 read as their float64 value rounded to the datatype (bfloat16 refused
+    2**63..2**64 with a TypeError: a 400 with a stack trace in the log); past float64, 400."""
+    ints = [1, 2**53 + 1, 2**63, 2**64 - 1, -(2**63) - 1, 2**64]
+    limit = {"FP16": 65504}.get(datatype)
+    for value in ints:
+        body = json.dumps({"inputs": [{"name": "x", "datatype": datatype, "shape": [2],
+                                       "data": [0.5, value]}]}).encode()
+        if limit is not None and abs(value) > limit:
+            with pytest.raises(BadRequest, match="out of range"):
+                decode_request(body)
+            continue
+        got = decode_request(body).inputs[0].data
+        assert got[1] == np.array(float(value)).astype(got.dtype)
+    assert "Traceback" not in caplog.text and "unexpected error" not in caplog.text
