@@ -177,3 +177,62 @@ def test_request_ids_drawn_ahead_are_dropped_after_a_snapstart_restore():
     assert left
     snapstart.reseed()
     assert not shardserve_wsgi._ids and shardserve_wsgi._new_id() not in left
+
+
+def test_request_bodies_on_one_keepalive_connection_lose_or_misparse_nothing():
+    """A real gthread worker, one keep-alive connection: Expect: 100-continue, two requests
+    pipelined in one write (the 64 KiB read takes both), a chunked body, a body larger than
+    that read, then a client that sends half a body and hangs up; every answer in order, the
+    same values, the worker never restarted."""
+    import time
+
+    from conftest import EXAMPLES, ServerProcess
+    from test_gunicorn_keepalive import BODY, INFER, read_answer, request
+
+    rows = 64  # indented: about 90 KB of JSON, more than one 64 KiB read
+    big = json.dumps({"inputs": [{"name": "pixels", "datatype": "FP32", "shape": [rows, 64],
+                                  "data": [float(i % 17) for i in range(64)] * rows}]},
+                     indent=4).encode()
+    head = (f"POST {INFER} HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+            "X-Request-Id: {rid}\r\n{extra}\r\n")
+    proc = ServerProcess(["serve", "--repository", str(EXAMPLES), "--workers", "1",
+                          "--threads", "2"])
+    assert len(big) > gunicorn_workers.HEAD_READ_BYTES
+    try:
+        with socket.create_connection((proc.host, proc.port), timeout=10) as sock:
+            buf = bytearray()
+            sock.sendall(request("warm"))
+            _, _, expected = read_answer(sock, buf)
+            answer = json.loads(expected)["outputs"][0]["data"]
+            sock.sendall(head.format(rid="expect", extra=f"Expect: 100-continue\r\n"
+                                     f"Content-Length: {len(BODY)}\r\n").encode())
+            while b"\r\n\r\n" not in buf:
+                buf += sock.recv(65536)
+            assert bytes(buf).startswith(b"HTTP/1.1 100 Continue\r\n\r\n")
+            del buf[: len(b"HTTP/1.1 100 Continue\r\n\r\n")]
+            sock.sendall(BODY)
+            assert read_answer(sock, buf)[:2][0] == 200
+            sock.sendall(request("p1") + request("p2"))  # one segment, one read
+            chunked = b"".join(b"%x\r\n%s\r\n" % (len(part), part)
+                               for part in (BODY[:100], BODY[100:])) + b"0\r\n\r\n"
+            sock.sendall(head.format(rid="chunked",
+                                     extra="Transfer-Encoding: chunked\r\n").encode() + chunked)
+            sock.sendall(head.format(rid="big", extra=f"Content-Length: {len(big)}\r\n")
+                         .encode() + big + request("after"))
+            for rid in ("p1", "p2", "chunked", "big", "after"):
+                status, headers, body = read_answer(sock, buf)
+                assert (status, headers["x-request-id"]) == (200, rid), body[:200]
+                data = json.loads(body)["outputs"][0]["data"]
+                assert data == (answer * rows if rid == "big" else answer)
+        with socket.create_connection((proc.host, proc.port), timeout=10) as half:
+            whole = request("half")
+            half.sendall(whole[: len(whole) - 10])  # the body's end never comes
+        time.sleep(0.2)
+        with socket.create_connection((proc.host, proc.port), timeout=10) as sock:
+            buf = bytearray()
+            sock.sendall(request("later"))
+            assert read_answer(sock, buf)[0] == 200
+    finally:
+        log = proc.stop()
+    assert "was sent" not in log and "Traceback" not in log and "Booting worker" in log
+    assert log.count("Booting worker") == 1
