@@ -293,3 +293,19 @@ def test_numpy_path_partitions_as_a_full_stable_sort_would_order():
             keep = max(1, int(np.count_nonzero(np.cumsum(q) - q < top_p)))
             assert order.tolist() == ref[:keep].tolist()
             assert np.allclose(p, q[:keep] / q[:keep].sum(), rtol=1e-12, atol=0)
+
+
+def test_kernel_top_k_selection_matches_a_stable_sort_with_ties():
+    """The kernel's block-bounded top-k (only blocks whose max reaches the k-th largest block
+    max are scanned) chooses and orders as a stable sort does, ties by index, for sizes
+    below, at and above k blocks."""
+    from plugins.generation.sampling_kernel import _top_k_sorted
+
+    rng = np.random.default_rng(12)
+    for trial in range(80):
+        n = int(rng.integers(1, 20_000))
+        x = np.round(rng.standard_normal(n) * 2, trial % 3).astype(np.float32)
+        x[rng.integers(0, n, 3)] = -np.inf
+        for k in {1, 7, 64, 256, int(rng.integers(1, n + 1))}:
+            if k <= n:
+                assert _top_k_sorted(x, k).tolist() == np.argsort(-x, kind="stable")[:k].tolist()
