@@ -68,6 +68,26 @@ def test_a_waiter_keeps_waiting_while_the_turn_changes_hands():
     assert waited < 1
 
 
+def test_others_do_not_wait_again_for_a_holder_one_waiter_gave_up_on():
+    """A holder that keeps the turn for long (a lazy model load) costs the first waiter
+    WAIT_S; every later request goes on at once, until the turn moves again."""
+    turn = turns.Turn()
+    assert turn.take()
+    def timed_take():
+        started = time.perf_counter()
+        return turn.take(), time.perf_counter() - started
+
+    assert in_thread(turn.take) == [False]
+    [(got, took)] = in_thread(timed_take)
+    assert got is False and took < turns.WAIT_S / 2
+    turns.give()
+    assert in_thread(lambda: (turn.take(), turns.give())[0]) == [True]
+    assert turn.take()  # and a new holder found stuck is waited for once more
+    [(got, took)] = in_thread(timed_take)
+    assert got is False and took >= turns.WAIT_S
+    turns.give()
+
+
 def test_the_wait_is_bounded_however_often_the_turn_changes_hands():
     """The lock is not fair: others taking the turn in a row could starve one waiter. Here the
     turn seems to change hands every 3 ms for 0.6 s; the waiter goes on after MAX_WAIT_S."""

@@ -42,23 +42,34 @@ _held = threading.local()  # .turn: the Turn this thread holds, or None
 class Turn:
     """One worker's turn: ``take`` it, ``give`` it back."""
 
-    __slots__ = ("_lock", "given")
+    __slots__ = ("_lock", "given", "stuck")
 
     def __init__(self) -> None:
         self._lock = threading.Lock()
         self.given = 0  # times the turn was given back: whether it is moving
+        self.stuck = -1  # ``given`` while a holder a waiter gave up on still holds the turn
 
     def take(self) -> bool:
         """Take the turn (no-op when this thread holds it); False when one holder kept it
-        for ``WAIT_S`` while this thread waited, or after ``MAX_WAIT_S`` in all."""
+        for ``WAIT_S`` while this thread waited, or after ``MAX_WAIT_S`` in all. Once a
+        waiter has given up on a holder, others do not wait for that holder again: a request
+        that keeps the turn for seconds (a lazy model load, a blocked log write) costs each
+        other request nothing more than it would without turns."""
         if getattr(_held, "turn", None) is self:
             return True
         seen, windows = self.given, int(MAX_WAIT_S / WAIT_S)
-        while not self._lock.acquire(timeout=WAIT_S):
-            windows -= 1
-            if self.given == seen or windows <= 0:  # one holder all along, or waited long
-                return False  # enough: go on without the turn
-            seen = self.given
+        if seen == self.stuck:  # ``given`` moves before the lock is free: still that holder
+            if not self._lock.acquire(blocking=False):
+                return False
+        else:
+            while not self._lock.acquire(timeout=WAIT_S):
+                windows -= 1
+                if self.given == seen:  # one holder all along: go on without the turn
+                    self.stuck = seen
+                    return False
+                if windows <= 0:  # waited long enough in all
+                    return False
+                seen = self.given
         _held.turn = self
         return True
 
