@@ -65,25 +65,25 @@ def filtered_distribution(logits: np.ndarray, temperature: float, top_k: int, to
     ``top_p``). The numpy path, and the reference the numba kernel is tested against. Like the
     kernel, it sorts only the top k, and for top-p alone only as many of the best tokens (64,
     256) as hold the nucleus, the whole vocabulary only when they do not."""
-    x = logits.astype(np.float64) / temperature
+    x = logits.astype(np.float64)  # weights exp((x - max) / T), as the kernel's
     if 0 < top_k < x.size:
         order = _top_k_sorted(x, top_k)
-        p = np.exp(x[order] - x[order[0]])
+        p = np.exp((x[order] - x[order[0]]) / temperature)
         p /= p.sum()
     else:
         m = x.max()
-        total = np.exp(x - m).sum()
+        total = np.exp((x - m) / temperature).sum()
         order = None
         k = 64
         while top_p < 1.0 and k <= 256 and k < x.size // 4:
             order = _top_k_sorted(x, k)
-            p = np.exp(x[order] - m)
+            p = np.exp((x[order] - m) / temperature)
             if p.sum() >= top_p * total:
                 break
             order, k = None, k * 4
         if order is None:
             order = np.argsort(-x, kind="stable")
-            p = np.exp(x[order] - m)
+            p = np.exp((x[order] - m) / temperature)
         p /= total  # the candidates' share of the whole vocabulary's mass
     if top_p < 1.0:
         before = np.cumsum(p) - p  # mass strictly before each token

@@ -290,7 +290,7 @@ def _top_k_sorted(x, k):
 
 
 @jit
-def _nucleus_candidates(x, top_p, m, total):
+def _nucleus_candidates(x, scale, top_p, xmax, total):
     """The best tokens, sorted, enough of them to hold ``top_p`` of the mass: grow a top-k
     selection (64, 256, ...) until it does, instead of sorting the whole vocabulary."""
     k = 64
@@ -298,7 +298,7 @@ def _nucleus_candidates(x, top_p, m, total):
         order = _top_k_sorted(x, k)
         mass = 0.0
         for i in range(k):
-            mass += math.exp(x[order[i]] - m)
+            mass += math.exp((np.float64(x[order[i]]) - xmax) * scale)
         if mass >= top_p * total:
             return order
         k *= 4
@@ -310,25 +310,25 @@ def sample_filtered(logits, temperature, top_k, top_p, u):
     if top_k <= 0 or top_k >= logits.size:
         if top_p >= 1.0:  # no filter: draw in vocabulary order, nothing to sort
             return _draw_unfiltered(logits, 1.0 / temperature, u)
+    # weights exp((x - max) / T): the selections run on the logits themselves, since dividing
+    # by T > 0 keeps their order and their ties (float32 values stay distinct in float64)
+    scale = 1.0 / temperature
     if 0 < top_k < logits.size:
-        # select on the logits themselves: dividing by T > 0 keeps their order and their ties
-        # (float32 values stay distinct in float64), and only the k chosen are divided
         order = _top_k_sorted(logits, top_k)
-        m = np.float64(logits[order[0]]) / temperature
-        p = np.empty(order.size, dtype=np.float64)
-        total = 0.0
-        for i in range(order.size):
-            p[i] = math.exp(np.float64(logits[order[i]]) / temperature - m)
-            total += p[i]
+        xmax = np.float64(logits[order[0]])
+        total = -1.0  # the kept tokens' own sum, below
     else:
-        x = logits.astype(np.float64) / temperature
-        m = _max(x)  # vectorised (x.max() is a scalar loop: 22 against 3 us at 49,152)
-        total = _block_sums(x, 1.0, m, np.empty((x.size + _BLOCK - 1) // _BLOCK),
+        xmax = np.float64(_max(logits))
+        total = _block_sums(logits, scale, xmax, np.empty((logits.size + _BLOCK - 1) // _BLOCK),
                             np.empty(_BLOCK))
-        order = _nucleus_candidates(x, top_p, m, total)
-        p = np.empty(order.size, dtype=np.float64)
-        for i in range(order.size):
-            p[i] = math.exp(x[order[i]] - m)
+        order = _nucleus_candidates(logits, scale, top_p, xmax, total)
+    p = np.empty(order.size, dtype=np.float64)
+    kept = 0.0
+    for i in range(order.size):
+        p[i] = math.exp((np.float64(logits[order[i]]) - xmax) * scale)
+        kept += p[i]
+    if total < 0.0:
+        total = kept
     keep = order.size
     if top_p < 1.0:
         before = 0.0
