@@ -526,3 +526,32 @@ def test_threads_and_threading_layer_from_model_toml(tmp_path):
     x = np.random.default_rng(0).standard_normal((4, 3, 32, 32)).astype(np.float32)
     logits = reference_outputs("cnn_skip", {"image": x})["logits"]
     assert result["indices"] == np.argsort(-logits, -1, kind="stable")[:, :3].tolist()
+
+
+@pytest.mark.slow  # compiles the sampling kernel into a fresh cache in a subprocess
+def test_warmup_compiles_the_sampling_kernel_of_a_language_model(tmp_path):
+    """A text-generation model has no numba graph, but its sampling kernel is numba: warmup
+    compiles it, so a container with a read-only cache does not compile it (seconds) on its
+    first sampled token."""
+    repo = tmp_path / "repo"
+    shutil.copytree(EXAMPLES / "stdlib_gpt", repo / "lm")
+    cache = tmp_path / "cache"
+    env = {**os.environ, "NUMBA_CACHE_DIR": str(cache)}
+    out = subprocess.run([str(SHARDSERVE), "warmup", "--repository", str(repo)],
+                         env=env, capture_output=True, text=True, timeout=300, check=True).stdout
+    assert "warmed 1 model(s): lm" in out
+    assert any("sampling_kernel" in p.name for p in cache.rglob("*.nbi"))
+    code = textwrap.dedent("""
+        import json
+        import numpy as np
+        from plugins.generation import sampling
+        params = sampling.SamplingParams(0.8, 0, 1.0)
+        token = sampling.sample(np.arange(64, dtype=np.float32), params, np.random.default_rng(1))
+        k = sampling._numba_kernel()
+        hits, misses = k.stats.cache_hits.values(), k.stats.cache_misses.values()
+        print(json.dumps([token, sum(hits), sum(misses)]))
+    """)
+    out = subprocess.run([sys.executable, "-c", code], env=env, cwd=ROOT, capture_output=True,
+                         text=True, timeout=120, check=True).stdout
+    token, hits, misses = json.loads(out.strip().splitlines()[-1])
+    assert 0 <= token < 64 and hits == 1 and misses == 0

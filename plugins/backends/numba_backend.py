@@ -306,6 +306,23 @@ def _uses_numba(rt: Any, name: str) -> bool:
     return False
 
 
+def _generates(rt: Any, name: str) -> bool:
+    """A text-generation model (or a split of one): its sampling kernel is numba too."""
+    if rt.repository.config(name).raw.get("task") == "text-generation":
+        return True
+    return any((rt.repository.version_dir(name, v) / "tokenizer.json").is_file()
+               for v in rt.repository.versions(name))
+
+
+def _compile_sampling() -> None:
+    """One sampled token compiles the one signature serving uses (float32 logits)."""
+    import numpy as np
+
+    from plugins.generation.sampling import SamplingParams, sample
+
+    sample(np.zeros(64, np.float32), SamplingParams(1.0, 40, 0.9), np.random.default_rng(0))
+
+
 def cmd_warmup(args: Any) -> int:
     """Load every model that uses numba so its kernels land in the on-disk cache."""
     from pathlib import Path
@@ -322,6 +339,9 @@ def cmd_warmup(args: Any) -> int:
         try:
             if _uses_numba(rt, name):
                 rt.load(name)
+                warmed.append(name)
+            elif _generates(rt, name):  # sampling compiles on the first sampled token otherwise
+                _compile_sampling()
                 warmed.append(name)
         except ShardserveError as exc:
             failed.append(name)
