@@ -265,7 +265,8 @@ def test_a_served_stage_bounds_its_caches_and_refuses_bad_calls(tmp_path, lm_exp
     step = rt.infer("tail", _stage_request(hidden[:, :1], "decode", ["b"], client="c0"))
     assert step.outputs["logits"].shape == (1, 1, 384)
     bad = [(_stage_request(hidden[:, :1], "explode", ["a"]), "stage_op"),
-           (_stage_request(hidden[:, :1], "decode", ["a", "b"]), "one row per sequence"),
+           (_stage_request(np.concatenate([hidden[:, :1]] * 2), "decode", ["a"]),
+            "one row per sequence"),
            (_stage_request(hidden, "prefill", ["x" * 200]), "1 to 128"),
            (_stage_request(hidden, "prefill", ["a"], start=-1), "start >= 0"),
            (_stage_request(hidden[:, :, :32], "prefill", ["w"]), "shape")]

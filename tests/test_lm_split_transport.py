@@ -70,6 +70,20 @@ def test_bytes_per_hop_per_token_in_the_hops_and_the_access_log(tmp_path, llama,
         connect(self)
 
     monkeypatch.setattr(StageConnection, "_connect", counted)
+    from plugins.generation import split_engine
+    from plugins.generation.split_engine import UnknownSequence
+    from plugins.generation.stage_client import RemoteStage
+
+    calls = []  # every call at the stage node: (op, rows, sequences released first)
+    call_locked = RemoteStage._call_locked
+
+    def spy(self, op, rows, carry, start, release=()):
+        calls.append((op, list(rows), list(release)))
+        return call_locked(self, op, rows, carry, start, release)
+
+    monkeypatch.setattr(RemoteStage, "_call_locked", spy)
+    # a finished stream waits for the next call this long before a release of its own
+    monkeypatch.setattr(split_engine, "RELEASE_DELAY_S", 1.0)
     server = ServerProcess(["serve", "--workers", "1", "--repository", str(tmp_path / "cloud")])
     try:
         plan = root / arch / "2" / "plan.toml"
@@ -89,6 +103,18 @@ def test_bytes_per_hop_per_token_in_the_hops_and_the_access_log(tmp_path, llama,
                                                     "generate", {}, body))
             assert response.status == 200, response.body
             lines += [r.fields for r in caplog.records if r.name == "shardserve.access"]
+        # the first stream's release rode on the second one's prefill: no round trip of its
+        # own between them; the last one's went by itself once the stage was idle
+        deadline = time.monotonic() + 10
+        while len(calls) < 29 and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert calls == [("prefill", ["s0"], []), *[("decode", ["s0"], [])] * 13,
+                         ("prefill", ["s1"], ["s0"]), *[("decode", ["s1"], [])] * 13,
+                         ("release", ["s1"], [])]
+        stage = engine.stages[1]
+        for seq in ("s0", "s1"):  # the node holds neither cache any more
+            with pytest.raises(UnknownSequence):
+                stage.decode([seq], np.zeros((1, 1, WIDTH), np.float32))
     finally:
         err = server.stop()
     assert "Traceback" not in err
@@ -107,7 +133,7 @@ def test_bytes_per_hop_per_token_in_the_hops_and_the_access_log(tmp_path, llama,
     assert len(framing) == 1 and 0 < framing.pop() <= FRAMING_MAX
     assert {(h.tokens, h.nbytes) for h in prefill} == {(prompt, prompt * WIDTH * 4)}
     # the access log: the request's own share of each cut, by stage and phase
-    for line in lines:
+    for line, sent in zip(lines, prefill):
         assert "hops" not in line  # no remote *shard* calls: only the stage cuts
         fields = {"stage", "phase", "calls", "positions", "bytes", "wire_sent",
                   "wire_received", "batch_rows"}  # counts only: no payload, id or token
@@ -121,7 +147,7 @@ def test_bytes_per_hop_per_token_in_the_hops_and_the_access_log(tmp_path, llama,
         assert step["wire_sent"] == sum(h.wire_sent for h in decode) // 2
         assert step["wire_received"] == sum(h.wire_received for h in decode) // 2
         assert first["positions"] == prompt and first["bytes"] == prompt * WIDTH * 4
-        assert first["wire_sent"] == prefill[0].wire_sent
+        assert first["wire_sent"] == sent.wire_sent
 
 
 class _Server:
@@ -463,3 +489,52 @@ def test_a_decode_the_node_ran_before_its_connection_dropped_is_rebuilt(tmp_path
     finally:
         err = server.stop()
     assert "Traceback" not in err
+
+
+def test_releases_ride_on_the_next_call_and_a_node_from_before_gets_them_alone():
+    """``release_later``: finished sequences go with the next prefill or decode (their ids
+    after the rows), not in a call of their own; a node from before answers 400 to that, and
+    the call is sent again without them (once: from then on ``release_waiting`` sends them)."""
+    from types import SimpleNamespace
+
+    from handlers.codec import decode_request
+    from plugins.generation.stage_client import RemoteStage, StageResponse, _Headers
+
+    class Node:
+        def __init__(self, old: bool):
+            self.old, self.seen = old, []
+
+        def urlopen(self, method, url, body=b"", headers=None, **_):
+            length = headers.get("Inference-Header-Content-Length")
+            request = decode_request(body, int(length) if length else None)
+            tensors = {t.name: t.data for t in request.inputs}
+            ids = [i.decode() for i in tensors["sequence_ids"].reshape(-1)]
+            op = tensors["stage_op"].reshape(-1)[0].decode()
+            self.seen.append((op, ids))
+            if self.old and len(ids) != tensors["h"].shape[0]:
+                return StageResponse(400, _Headers(), b'{"error": "the carried tensor must '
+                                     b'have one row per sequence id"}')
+            out = {"outputs": [{"name": "h", "datatype": "FP32", "shape": [len(ids), 1, 2],
+                                "data": [0.0] * (2 * len(ids))}]}
+            return StageResponse(200, _Headers(), json_dumps(out))
+
+        def close(self):
+            pass
+
+    spec = SimpleNamespace(index=1, past_names=[], present_names=[], carry_in="h",
+                           carry_out="h")
+    for old in (False, True):
+        stage = RemoteStage(spec, "http://127.0.0.1:9", "tail", [], [])
+        stage.pool = node = Node(old)
+        carry = np.zeros((1, 1, 2), np.float32)
+        stage.release_later(["a", "b"])
+        stage.decode(["c"], carry)
+        stage.release_later(["c"])
+        stage.prefill("d", 0, carry)
+        stage.release_waiting()  # nothing left: no call
+        if not old:
+            assert node.seen == [("decode", ["c", "a", "b"]), ("prefill", ["d", "c"])]
+        else:
+            assert node.seen == [("decode", ["c", "a", "b"]), ("decode", ["c"]),
+                                 ("prefill", ["d"]), ("release", ["a", "b", "c"])]
+            assert stage.carries_release is False

@@ -12,6 +12,15 @@ The stage protocol is three calls, ``prefill(seq, start, carry)``, ``decode(rows
 reconciles its batch with ``rows`` on every decode (rows that left are dropped, prefilled
 sequences named at the end join), and a sequence it does not know is a clear error the
 caller can answer by rebuilding the cache from the tokens so far.
+
+Releasing costs an in-process stage nothing, so it is done at once; a stage elsewhere would
+cost the scheduler a round trip per finished stream, before the next request's prefill and
+every other stream's next step. There the finished sequences wait: a stage with
+``release_later(seqs)`` (a remote node, a Lambda function) keeps them and sends them with its
+next ``prefill`` or ``decode`` (one round trip for both), and ``release_waiting()`` sends what
+is left; a stage without it (a Dask actor) gets ``release`` calls. Whatever is still waiting
+``RELEASE_DELAY_S`` after a stream finished (the stages went idle) is released by a timer
+thread, off the scheduler's path. Sequence ids are never reused: a late release is harmless.
 """
 
 from __future__ import annotations
@@ -31,6 +40,8 @@ from .kv_cache import BatchCache
 from .stage_hops import tally
 
 log = logging.getLogger("shardserve.generation")
+
+RELEASE_DELAY_S = 0.02  # a stage elsewhere: finished sequences wait this long for a call
 
 
 class UnknownSequence(ServiceUnavailable):
@@ -222,6 +233,10 @@ class SplitEngine(Engine):
         self.rebuilds = 0  # times the stages' caches were rebuilt from tokens
         self._failed_stage = 0
         self._failed_carry: np.ndarray | None = None
+        # finished sequences not released yet, per stage (stages elsewhere only)
+        self._releases: list[list[str]] = [[] for _ in stages]
+        self._release_lock = threading.Lock()
+        self._release_timer: threading.Timer | None = None
 
     def _id(self, seq) -> str:
         key = self._ids.get(seq)
@@ -329,13 +344,49 @@ class SplitEngine(Engine):
         gone = [s for s in self._ids if s not in live and s.finish_reason is not None]
         if gone:
             keys = [self._ids.pop(s) for s in gone]
-            for position, stage in enumerate(self.stages):  # in turn, like its other calls
-                self._on(position, _guarded, stage, "release", keys)
+            later = False
+            for position, stage in enumerate(self.stages):
+                if isinstance(stage, LayerStage):  # in process: no round trip, at once
+                    self._on(position, _guarded, stage, "release", keys)
+                    continue
+                later = True  # on the stage's next call, or by the timer (module docstring)
+                if hasattr(stage, "release_later"):
+                    stage.release_later(keys)
+                else:
+                    with self._release_lock:
+                        self._releases[position] = self._releases[position] + keys
+            if later:
+                self._release_soon()
             if self.pipeline is not None:
                 self.pipeline.freed(self)
 
+    def _release_soon(self) -> None:
+        with self._release_lock:
+            if self._release_timer is not None or self._closed:
+                return
+            timer = self._release_timer = threading.Timer(RELEASE_DELAY_S,
+                                                          self._release_waiting)
+        timer.daemon = True
+        timer.start()
+
+    def _release_waiting(self) -> None:
+        """The timer: release what no call has taken (off the scheduler thread)."""
+        with self._release_lock:
+            self._release_timer = None
+            waiting, self._releases = self._releases, [[] for _ in self.stages]
+        for position, (stage, keys) in enumerate(zip(self.stages, waiting)):
+            if keys:
+                self._on(position, _guarded, stage, "release", keys)
+            elif hasattr(stage, "release_waiting"):
+                self._on(position, _guarded, stage, "release_waiting")
+
     def close(self) -> None:
         super().close()
+        with self._release_lock:
+            timer, self._release_timer = self._release_timer, None
+        if timer is not None:
+            timer.cancel()
+        self._release_waiting()  # nodes that outlive this engine keep no finished caches
         for stage in self.stages:  # pools, Dask clients
             close = getattr(stage, "close", None)
             if close is not None:
@@ -346,6 +397,8 @@ class SplitEngine(Engine):
             error, self._stage_error = self._stage_error, None
         super()._fail_all(error)
         self._ids.clear()
+        with self._release_lock:  # reset forgets them anyway
+            self._releases = [[] for _ in self.stages]
         for stage in self.stages:
             _guarded(stage, "reset")
 

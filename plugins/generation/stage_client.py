@@ -69,6 +69,10 @@ _UNSAFE = ("\r", "\n", "\0")
 MAX_READ = 1 << 20  # bytes asked of one recv: a Content-Length reserves nothing up front
 
 
+class _Refused(Exception):
+    """A node from before releases rode on calls refused one (400): nothing ran."""
+
+
 class _Headers(dict):
     """Response headers by lower-case name; ``get`` takes any case."""
 
@@ -285,7 +289,15 @@ class StageConnection:
 
 
 class RemoteStage:
-    """The :class:`~.split_engine.LayerStage` API, over HTTP."""
+    """The :class:`~.split_engine.LayerStage` API, over HTTP.
+
+    ``release_later(seqs)`` keeps finished sequences for the next ``prefill`` or ``decode``,
+    which names them after its rows in ``sequence_ids`` (the node forgets them first): a
+    finished stream costs no round trip of its own; ``release_waiting()`` sends what no call
+    took. A node from before that answers 400; the call goes again without them, once, and from
+    then on they are released by calls of their own (``carries_release`` false)."""
+
+    carries_release = True
 
     def __init__(self, spec, endpoint: str, remote_model: str, inputs: list, outputs: list,
                  timeout_s: float = 10.0, connect_timeout_s: float = 1.0, chain=None,
@@ -308,18 +320,32 @@ class RemoteStage:
         self.chain = chain if chain else None  # [executors] transforms: wire blobs
         self.replica = 0  # which endpoint serves now: 0 the first, then its replicas in order
         self.closed = False
+        self._waiting: list[str] = []  # finished sequences for the next call to release
 
     def _call(self, op: str, rows: list[str], carry: np.ndarray, start: int = 0) -> np.ndarray:
         with self._lock:
             if self.closed:  # unloaded mid-step: no new connection that nobody closes
                 raise ServiceUnavailable(f"{self._what()} is closed")
-            return self._call_locked(op, rows, carry, start)
+            release = []
+            if self._waiting and self.carries_release and op in ("prefill", "decode"):
+                release, self._waiting = self._waiting, []
+            try:
+                return self._call_locked(op, rows, carry, start, release)
+            except _Refused:  # a node from before would not take them: nothing ran
+                self.carries_release = False  # from now on the timer's release calls
+                self._waiting = release + self._waiting
+                return self._call_locked(op, rows, carry, start)
+            except ShardserveError:
+                # maybe not applied (a release is idempotent); a fresh client forgets them
+                self._waiting = release + self._waiting
+                raise
 
-    def _call_locked(self, op: str, rows: list[str], carry: np.ndarray, start: int
-                     ) -> np.ndarray:
+    def _call_locked(self, op: str, rows: list[str], carry: np.ndarray, start: int,
+                     release=()) -> np.ndarray:
+        ids = [*rows, *release] if release else rows
         inputs = {self.spec.carry_in: carry,
                   "stage_op": np.array([op.encode()], dtype=object),
-                  "sequence_ids": np.array([r.encode() for r in rows], dtype=object),
+                  "sequence_ids": np.array([r.encode() for r in ids], dtype=object),
                   "start": np.array([start], np.int64),
                   "client": np.array([self.client.encode()], dtype=object)}
         rid = new_request_id()
@@ -356,6 +382,8 @@ class RemoteStage:
                     raise StageLost(f"{what} failed; now on replica {self.replica}")
                 raise ServiceUnavailable(f"{what} is unavailable: it answered "
                                          f"{response.status}")
+            if release and response.status == 400 and b"one row per sequence" in response.data:
+                raise _Refused()
             raise ShardserveError(f"{what} answered {response.status}", status=502)
         length = response.headers.get("Inference-Header-Content-Length")
         out = decode_response(response.data, int(length) if length else None).outputs
@@ -400,19 +428,37 @@ class RemoteStage:
 
     def release(self, seqs: list[str]) -> None:
         if seqs:
-            if self._carry is not None:  # token ids: int64 or int32, as the export declares
-                carry = np.zeros((len(seqs), 1), np.int32 if self._carry.type == "tensor(int32)"
-                                 else np.int64)
-            else:
-                carry = np.zeros((len(seqs), 1, 1), self.dtype)
-            try:
-                self._call("release", seqs, carry)
-            except ShardserveError:
-                pass  # the remote forgets it anyway (TTL)
+            with self._lock:
+                if not self.closed:
+                    self._release_locked(seqs)
+
+    def release_later(self, seqs: list[str]) -> None:
+        """Forget ``seqs`` on the next call (no round trip of their own)."""
+        with self._lock:
+            self._waiting = self._waiting + list(seqs)
+
+    def release_waiting(self) -> None:
+        """Send the releases no call took (the stage went idle)."""
+        with self._lock:
+            seqs, self._waiting = self._waiting, []
+            if seqs and not self.closed:
+                self._release_locked(seqs)
+
+    def _release_locked(self, seqs) -> None:
+        if self._carry is not None:  # token ids: int64 or int32, as the export declares
+            carry = np.zeros((len(seqs), 1), np.int32 if self._carry.type == "tensor(int32)"
+                             else np.int64)
+        else:
+            carry = np.zeros((len(seqs), 1, 1), self.dtype)
+        try:
+            self._call_locked("release", list(seqs), carry, 0)
+        except ShardserveError:
+            pass  # the remote forgets it anyway (TTL)
 
     def reset(self) -> None:
         # a fresh batch: the old one expires remotely
         self.client = new_request_id() + new_request_id()
+        self._waiting = []
 
     def cache_bytes(self) -> int:
         return 0  # held remotely

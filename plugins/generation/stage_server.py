@@ -8,7 +8,9 @@ authorisation, limits and audit apply. A call carries the stage protocol as tens
 - the carried tensor (the stage's first input: ``input_ids`` or a hidden state),
 - ``stage_op`` (BYTES [1]): ``prefill``, ``decode``, ``release`` or ``compute`` (a rebuild
   passing through: the positions from scratch, nothing stored),
-- ``sequence_ids`` (BYTES [rows]): the sequence of each row,
+- ``sequence_ids`` (BYTES [rows + k]): the sequence of each row; on a ``prefill`` or
+  ``decode``, ids after the rows are sequences to release first (a finished stream rides on
+  the next call instead of a round trip of its own),
 - ``start`` (INT64 [1]): the first prompt position of a prefill chunk,
 - ``client`` (BYTES [1]): the calling scheduler, so two callers never share a batch.
 
@@ -200,6 +202,10 @@ class StageBackend:
             if stage is not None:
                 stage.release(rows)
             return {self.spec.carry_out: carry}
+        if op in ("prefill", "decode") and carry.ndim >= 2 and 0 < carry.shape[0] < len(rows):
+            rows, release = rows[:carry.shape[0]], rows[carry.shape[0]:]
+            if stage is not None:
+                stage.release(release)
         if carry.ndim < 2 or carry.shape[0] != len(rows) or carry.shape[1] < 1:
             raise BadRequest("the carried tensor must have one row per sequence id")
         if carry.ndim != len(self.carry_dims) or any(
