@@ -8,6 +8,7 @@ and imported only by :meth:`PluginManager.load_plugins`, so importing ``runtime`
 from __future__ import annotations
 
 import importlib
+import json
 import logging
 import os
 import re
@@ -28,6 +29,7 @@ if TYPE_CHECKING:
 log = logging.getLogger("shardserve.plugins")
 
 ENTRY_POINT_GROUP = hookspecs.PROJECT_NAME
+PACKAGED_ENTRY_POINTS = os.path.join(os.path.dirname(__file__), "entry_points.json")
 _HOOK_PREFIX = hookspecs.PROJECT_NAME + "_"
 _IMPL_MARKER = hookspecs.PROJECT_NAME + "_impl"  # where pluggy's HookimplMarker puts its options
 
@@ -87,14 +89,19 @@ def _dist_field(info_dir: str, field: str, default: str) -> str:
     return default
 
 
-def entry_points(group: str = ENTRY_POINT_GROUP) -> list[EntryPoint]:
+def entry_points(group: str = ENTRY_POINT_GROUP, paths: list[str] | None = None,
+                 ) -> list[EntryPoint]:
     """The ``group`` entry points of every distribution on ``sys.path`` (the first of a name
     wins), read from ``*.dist-info/entry_points.txt``: importing ``importlib.metadata`` alone
-    would cost a cold start more than all of this."""
+    would cost a cold start more than all of this. A package lists its own in
+    ``runtime/entry_points.json`` (``shardserve package``): a function reads that, no scan."""
+    if paths is None and group == ENTRY_POINT_GROUP and os.path.exists(PACKAGED_ENTRY_POINTS):
+        with open(PACKAGED_ENTRY_POINTS, "rb") as fh:
+            return [EntryPoint(*row) for row in json.loads(fh.read())]
     found: list[EntryPoint] = []
     seen: set[str] = set()
     header = f"[{group}]"
-    for base in sys.path:
+    for base in sys.path if paths is None else paths:
         try:
             entries = sorted(e.name for e in os.scandir(base or ".")
                              if e.name.endswith((".dist-info", ".egg-info")))
@@ -141,9 +148,12 @@ class PluginManager(pluggy.PluginManager):
 
     def __init__(self, disable: Iterable[str] = (), allow: Iterable[str] | None = None,
                  plugins: Iterable[Any] = (), allow_disable: Iterable[str] = (),
-                 security_on: bool = False):
+                 security_on: bool = False, lazy: bool = True):
+        from plugins import LazyHookRelay  # the built-ins' package: imported by now or soon
         super().__init__(hookspecs.PROJECT_NAME)
+        self.hook = LazyHookRelay(self._register_module)  # type: ignore[misc]
         self.add_hookspecs(hookspecs)
+        self.lazy = lazy  # plugins.LAZY_HOOKS' built-ins wait for their hooks' first use
         env_allow = _names(os.environ.get("SHARDSERVE_LOAD_PLUGINS"))
         self.allow = set(allow) if allow is not None else (env_allow or None)
         self.disable = set(disable) | _names(os.environ.get("SHARDSERVE_DISABLE_PLUGINS"))
@@ -182,7 +192,28 @@ class PluginManager(pluggy.PluginManager):
 
     def register(self, plugin: Any, name: str | None = None) -> str | None:
         self._registries.clear()  # a new plugin may register more things
-        return super().register(plugin, name)
+        name = super().register(plugin, name)
+        self.hook.order.setdefault(name, len(self.hook.order))  # see LazyHookRelay.load
+        return name
+
+    def _register_module(self, module_name: str) -> None:
+        self.register(importlib.import_module(module_name), module_name)
+
+    def get_plugin(self, name: str) -> Any | None:
+        self.hook.load(name)  # a deferred one is registered when asked for by name
+        return super().get_plugin(name)
+
+    def list_name_plugin(self) -> list[tuple[str, Any]]:
+        self.hook.load_all()  # listing (`shardserve plugins`) shows every plugin
+        return super().list_name_plugin()
+
+    def get_plugins(self) -> set[Any]:
+        self.hook.load_all()
+        return super().get_plugins()
+
+    def unregister(self, plugin: Any = None, name: str | None = None) -> Any | None:
+        self.hook.load_all()  # pluggy finds a plugin's hooks among the ones in place
+        return super().unregister(plugin, name)
 
     def registry(self, kind: str, check: Callable[[Any], bool] | None = None) -> Registry:
         """What ``shardserve_register_<kind>s`` collects (``"backend"``, ``"kernel"``...),
@@ -213,9 +244,15 @@ class PluginManager(pluggy.PluginManager):
         if self._loaded:
             return self
         self._loaded = True
+        from plugins import LAZY_HOOKS
+        deferred = []
         for module_name in DEFAULT_PLUGINS:
             if self.wanted(module_name) and self.get_plugin(module_name) is None:
-                self.register(importlib.import_module(module_name), module_name)
+                if self.lazy and module_name in LAZY_HOOKS:  # its place kept for its hooks
+                    deferred.append(module_name)
+                    self.hook.order[module_name] = len(self.hook.order)
+                else:
+                    self._register_module(module_name)
         for ep in entry_points():
             if not self.wanted(ep.name) or self.get_plugin(ep.name) is not None:
                 continue
@@ -226,6 +263,8 @@ class PluginManager(pluggy.PluginManager):
                                   f"{type(exc).__name__}") from exc
             self.register(plugin, ep.name)
             self.distributions[ep.name] = (ep.distribution, ep.version)
+        for module_name in deferred:  # after the rest: registering looks hooks up
+            self.hook.defer(module_name, LAZY_HOOKS[module_name])
         try:
             self.check_pending()
         except pluggy.PluginValidationError as exc:  # e.g. a typo'd hook name marked @hookimpl

@@ -24,6 +24,7 @@ from pathlib import Path
 
 from runtime.config import toml_module
 from runtime.errors import ConfigError
+from runtime.plugins import PACKAGED_ENTRY_POINTS, entry_points
 from runtime.repository import CONFIG_FILE, PARSED_CONFIG_FILE
 
 log = logging.getLogger("shardserve.packaging")
@@ -202,6 +203,18 @@ def copy_project(project: Path, stage: Path) -> None:
     ignore = shutil.ignore_patterns("__pycache__", "*.pyc")
     for name in PROJECT_PACKAGES:
         shutil.copytree(project / name, stage / name, ignore=ignore)
+
+
+def write_entry_points(stage: Path) -> int:
+    """Record the ``shardserve`` entry points of the distributions the package ships in
+    ``runtime/entry_points.json``: the function reads that list at each cold start instead
+    of scanning every directory on ``sys.path`` (its own, and Lambda's, which hold no
+    plugin of this package). Returns how many there are."""
+    found = entry_points(paths=[str(stage)])
+    rows = [[ep.name, ep.value, ep.distribution, ep.version] for ep in found]
+    target = stage / "runtime" / Path(PACKAGED_ENTRY_POINTS).name
+    target.write_text(json.dumps(rows), encoding="utf-8")
+    return len(rows)
 
 
 def copy_models(repository: Path, models: list[str], stage: Path, inside: str) -> None:

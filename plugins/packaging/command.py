@@ -29,6 +29,7 @@ from .build import (
     install_dependencies,
     measure,
     trim,
+    write_entry_points,
     write_zip,
 )
 from .container import render_dockerfile
@@ -107,6 +108,7 @@ def package_function(function: str, models: list[str] | None, repository: Path, 
         install_dependencies(requirements, stage, version, architecture)
         trim(stage)  # the wheels only: a model may well be called "tests"
         copy_project(PROJECT, stage)
+        write_entry_points(stage)
         copy_models(repository, needs.models, stage, at)
         if not compile_bytecode(stage, version):
             print(f"{function}: no python{version} here to compile bytecode: the function "
