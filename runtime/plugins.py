@@ -92,19 +92,19 @@ def _dist_field(info_dir: str, field: str, default: str) -> str:
 def entry_points(group: str = ENTRY_POINT_GROUP, paths: list[str] | None = None,
                  ) -> list[EntryPoint]:
     """The ``group`` entry points of every distribution on ``sys.path`` (the first of a name
-    wins), read from ``*.dist-info/entry_points.txt``: importing ``importlib.metadata`` alone
-    would cost a cold start more than all of this. A package lists its own in
+    wins; not the standard library's directory), from ``*.dist-info/entry_points.txt``:
+    ``importlib.metadata`` alone would cost a cold start more. A package lists its own in
     ``runtime/entry_points.json`` (``shardserve package``): a function reads that, no scan."""
     if paths is None and group == ENTRY_POINT_GROUP and os.path.exists(PACKAGED_ENTRY_POINTS):
         with open(PACKAGED_ENTRY_POINTS, "rb") as fh:
             return [EntryPoint(*row) for row in json.loads(fh.read())]
     found: list[EntryPoint] = []
     seen: set[str] = set()
-    header = f"[{group}]"
-    for base in sys.path if paths is None else paths:
-        try:
-            entries = sorted(e.name for e in os.scandir(base or ".")
-                             if e.name.endswith((".dist-info", ".egg-info")))
+    header, stdlib = f"[{group}]", os.path.dirname(os.__file__)  # it holds no distribution
+    for base in dict.fromkeys(map(os.path.abspath, sys.path if paths is None else paths)):
+        try:  # ("" and the current directory once)
+            entries = sorted(n for n in os.listdir(base) if n.endswith((".dist-info", ".egg-info"))
+                             ) if base != stdlib else ()
         except OSError:
             continue
         for entry in entries:
@@ -113,8 +113,8 @@ def entry_points(group: str = ENTRY_POINT_GROUP, paths: list[str] | None = None,
             if key in seen:
                 continue
             seen.add(key)
-            info_dir = os.path.join(base or ".", entry)
-            path = os.path.join(info_dir, "entry_points.txt")
+            info_dir = f"{base}/{entry}"
+            path = info_dir + "/entry_points.txt"
             if not os.access(path, os.R_OK):  # most declare none: no exception raised per one
                 continue
             try:
