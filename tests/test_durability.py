@@ -181,7 +181,9 @@ def test_rotate_killed_20_times_then_rerun_completes_and_old_key_is_not_needed(t
     old, new = secrets.token_bytes(32), secrets.token_bytes(32)
     old_file, new_file = _key_file(tmp_path / "old.key", old), _key_file(tmp_path / "new.key", new)
     repo = tmp_path / "models"
-    names = _many_models(repo, 40)
+    # a rotation re-wraps one small data key per model (fast): enough models that the work,
+    # not the interpreter's start, spans most of a run, so kills land mid-rotation
+    names = _many_models(repo, 160)
     for name in names:
         enc.encrypt_file(repo / name / "1" / "model.onnx", old, chunk_size=64)
     args = ["rotate", str(repo), "--old-key-file", str(old_file), "--new-key-file", str(new_file)]
