@@ -100,7 +100,11 @@ def test_split_greedy_equals_unsplit_under_continuous_batching(tmp_path, lm_expo
         assert hop.tokens == 1 and hop.nbytes == hop.rows * WIDTH * 4
     prefill = [h for h in engine.hops if h.phase == "prefill"]
     assert all(h.nbytes == h.tokens * WIDTH * 4 for h in prefill)
-    # every finished sequence's cache is gone from every stage
+    # every finished sequence's cache is gone from every stage (released after its last event)
+    deadline = time.monotonic() + 5
+    while not all(not s.rows and not s.prefilling and s.cache_bytes() == 0
+                  for s in engine.stages) and time.monotonic() < deadline:
+        time.sleep(0.01)
     assert all(not s.rows and not s.prefilling and s.cache_bytes() == 0 for s in engine.stages)
 
 

@@ -28,6 +28,19 @@ def lm_exports():
     return {arch: cached_export(arch)[0] for arch in ("gpt2", "llama")}
 
 
+def _drained(engine, wait_s: float = 5.0) -> bool:
+    """Whether every stage of every group holds no row, prefill or cache byte, within
+    ``wait_s``: a group releases a finished sequence after its last event is out."""
+    deadline = time.monotonic() + wait_s
+    while True:
+        if all(not s.rows and not s.prefilling and s.cache_bytes() == 0
+               for g in engine.groups for s in g.stages):
+            return True
+        if time.monotonic() > deadline:
+            return False
+        time.sleep(0.01)
+
+
 def _streams(model, jobs) -> list:
     """Each job's greedy tokens, the streams running concurrently from their start delays."""
     results: dict[int, list[int]] = {}
@@ -88,8 +101,7 @@ def test_pipelined_streams_generate_the_unsplit_tokens(tmp_path, lm_exports, arc
     assert all(g.steps for g in engine.groups)
     assert max(g.max_rows_seen for g in engine.groups) >= 2  # batches inside a group
     assert _overlapping(spans)
-    assert all(not s.rows and not s.prefilling and s.cache_bytes() == 0
-               for g in engine.groups for s in g.stages)
+    assert _drained(engine)
 
 
 @pytest.mark.slow
@@ -237,8 +249,7 @@ def test_pipelined_streams_that_hang_up_or_time_out_leave_their_group(tmp_path, 
     deadline = time.monotonic() + 5
     while any(g._batch or g._prefilling for g in engine.groups) and time.monotonic() < deadline:
         time.sleep(0.01)  # the hung-up sequence leaves at its group's next step
-    assert all(not s.rows and not s.prefilling and s.cache_bytes() == 0
-               for g in engine.groups for s in g.stages)
+    assert _drained(engine)
 
 
 def test_admission_keeps_arrival_order_and_counts_what_another_group_just_took():

@@ -91,6 +91,11 @@ class LayerStage:
             dtype = ORT_FLOAT.get(first.type, np.float32)
             self.kv_shape = (first.shape[1], first.shape[3])
         self.dtype = dtype
+        # per step: which optional inputs the graph takes, which of them as int32
+        self._takes_mask = "attention_mask" in self.inputs
+        self._takes_positions = "position_ids" in self.inputs
+        self._int32 = [name for name in ("input_ids", "attention_mask", "position_ids")
+                       if name in self.inputs and self.inputs[name].type == "tensor(int32)"]
         self.cache = BatchCache(self.past_names, dtype)
         self.rows: list[str] = []
         self.lengths: list[int] = []  # cached positions per row (the next position id)
@@ -99,12 +104,12 @@ class LayerStage:
 
     def _feed(self, carry: np.ndarray, mask: np.ndarray, positions: np.ndarray) -> dict:
         feed = {self.spec.carry_in: carry}
-        if "attention_mask" in self.inputs:
+        if self._takes_mask:
             feed["attention_mask"] = mask
-        if "position_ids" in self.inputs:
+        if self._takes_positions:
             feed["position_ids"] = positions
-        for name in ("input_ids", "attention_mask", "position_ids"):
-            if name in feed and self.inputs[name].type == "tensor(int32)":
+        for name in self._int32:
+            if name in feed:
                 feed[name] = feed[name].astype(np.int32)
         return feed
 
@@ -134,14 +139,17 @@ class LayerStage:
     def decode(self, rows: list[str], carry: np.ndarray) -> np.ndarray:
         """One decode step of the running batch, rows in ``rows`` order."""
         with self.lock:
-            self._reconcile(rows)
+            if rows != self.rows:  # the usual step: the same batch as the last one
+                self._reconcile(rows)
             cache = self.cache
             positions = np.asarray(self.lengths, np.int64)[:, None]
             if self.past_names:
                 mask = np.concatenate([cache.mask, np.ones((len(rows), 1), np.int64)], axis=1)
-            else:  # no layers, no cache: the mask a cache would have (right-aligned)
-                width = int(positions.max()) + 1
+            elif self._takes_mask:  # no layers, no cache: the mask a cache would have
+                width = int(positions.max()) + 1  # (right-aligned)
                 mask = (np.arange(width)[None] >= width - positions - 1).astype(np.int64)
+            else:
+                mask = None
             feed = self._feed(carry, mask, positions)
             cache.feed(feed)
             out = self.session.run(self.outputs, feed)
