@@ -17,7 +17,9 @@ in between (decode only, no prefill; EOS ignored, so every stream has ``--tokens
 Overhead = loopback split - unsplit; the target (issue #23) is overhead <= RTT + 10 % of the
 local step (the unsplit ms/token). Also printed: one batch-1 decode call of stage 1 on the
 remote node against the same stage in process (median of 100: what a hop costs beyond its
-compute), and the bytes a decode hop puts on the wire (request and answer).
+compute), where a loopback step's time goes (one more stream with each stage's decode timed:
+stage 0 in process, the call of stage 1 as the engine makes it, the rest of the engine), and
+the bytes a decode hop puts on the wire (request and answer).
 
 Models: a random-weight Llama built with tests/generation_models.py's builder (default 8
 layers, width 512, 8 heads, 4 KV heads, MLP 1536, the test tokenizer's 384-token
@@ -173,6 +175,32 @@ def stage_call_ms(stage, width: int, count: int = 100) -> float:
     return statistics.median(times)
 
 
+def where_the_time_goes(model, tokens: int) -> dict:
+    """One more loopback stream with each stage's decode timed (median per token): stage 0 in
+    process, the call of stage 1 as the engine makes it, and the rest of the step (sampling,
+    handing the token to the request's thread, the hop records)."""
+    engine = generation_model(model).engine
+    stages = getattr(engine, "groups", [engine])[0].stages
+    spent: list[list[float]] = [[] for _ in stages]
+    for i, stage in enumerate(stages):
+        def timed(rows, carry, decode=stage.decode, i=i):
+            started = time.perf_counter()
+            try:
+                return decode(rows, carry)
+            finally:
+                spent[i].append((time.perf_counter() - started) * 1000)
+
+        stage.decode = timed
+    try:
+        step = per_token_ms(model, tokens)
+    finally:
+        for stage in stages:
+            del stage.decode
+    calls = [statistics.median(t) for t in spent]
+    return {"step": round(step, 3), "stage_0": round(calls[0], 3),
+            "stage_1_call": round(calls[1], 3), "rest": round(step - sum(calls), 3)}
+
+
 def llama_export(layers: int, width: int) -> Path:
     """A random-weight Llama (tests/generation_models.py's builder: GQA, RoPE, the test
     tokenizer's 384-token vocabulary), exported once into build/bench-lm-split/."""
@@ -227,6 +255,7 @@ def measure(name: str, source: Path, cut: int, tokens: int, rounds: int,
             runs["loopback"].append(per_token_ms(remote, tokens))
             runs["rtt"].append(rtt_ms(server.base, 200))
         engine = remote.engine
+        parts = where_the_time_goes(remote, tokens)
         hop = next(h for h in reversed(engine.hops) if h.phase == "decode")
         width = hop.nbytes // 4 // hop.rows
         calls = {"remote": [], "local": []}
@@ -247,6 +276,7 @@ def measure(name: str, source: Path, cut: int, tokens: int, rounds: int,
                 "overhead_over_rtt": round(overhead / best["rtt"], 2),
                 "loopback_over_unsplit": round(best["loopback"] / best["unsplit"], 2),
                 "stage_call_ms": {k: round(min(v), 3) for k, v in calls.items()},
+                "loopback_parts_ms": parts,
                 "decode_hop": {"hidden_bytes": hop.nbytes, "request_bytes": hop.wire_sent,
                                "answer_bytes": hop.wire_received},
                 "all_runs_ms": {k: [round(x, 3) for x in v] for k, v in runs.items()}}
@@ -308,6 +338,10 @@ def report(results: list[dict]) -> None:
         print(f"  one decode call of stage 1: {call['remote']:.3f} ms remote, {call['local']:.3f}"
               f" ms in process: {call['remote'] - call['local']:.3f} ms = RTT + "
               f"{call['remote'] - call['local'] - r['rtt_ms']:.3f} ms")
+        parts = r["loopback_parts_ms"]
+        print(f"  a loopback step, {parts['step']:.3f} ms: stage 0 in process "
+              f"{parts['stage_0']:.3f}, the call of stage 1 {parts['stage_1_call']:.3f}, the "
+              f"rest of the engine {parts['rest']:.3f}")
         hop = r["decode_hop"]
         print(f"  decode hop: {hop['hidden_bytes']} B hidden state, request {hop['request_bytes']}"
               f" B, answer {hop['answer_bytes']} B")
