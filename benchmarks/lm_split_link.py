@@ -193,8 +193,9 @@ def stream(model, prompt: str, tokens: int) -> tuple[float, float, int]:
 
 def measure_split(model, prompt: str, args) -> dict:
     """Median TTFT and s/token of ``--repeats`` streams, one at a time. Between two streams
-    the scheduler releases the finished sequence on the remote stage (one more round trip,
-    on the scheduler's thread): each stream starts after that, on an idle edge."""
+    the finished sequence's release reaches the remote stage (on the next call, or from a
+    timer after 20 ms idle, off the scheduler's thread): each stream starts after that, on an
+    idle edge."""
     runs = []
     for i in range(args.repeats + 1):  # the first warms connections and the remote client
         time.sleep(2 * args.rtt_s + 0.05)
