@@ -30,8 +30,11 @@ it imports a handler (``awslambdaric/bootstrap.py``: importlib, json, logging, o
 traceback), so neither side is charged for modules every Python Lambda has loaded anyway.
 The issue's figure is the plain one.
 
+``--stages`` first times the handler's cold path by stage (main-thread CPU of its import,
+the runtime build and the first answer), for the --previous tree too.
+
     python benchmarks/coldstart.py [--runs 15] [--model digits_mlp] [--packaged [--runtime R]]
-                                   [--previous TREE] [--bootstrap]
+                                   [--previous TREE] [--bootstrap] [--stages]
 """
 
 from __future__ import annotations
@@ -91,6 +94,37 @@ from handlers.lambda_handler import handler
 handler(json.loads(sys.argv[1]), None)
 print(json.dumps(sorted(m for m in {HEAVY!r} if m in sys.modules)))
 """
+
+# --stages: main-thread CPU (time.thread_time: not OpenBLAS's worker, which spins beside it)
+STAGES = """
+import json, sys, time
+import numpy, onnxruntime
+clock = time.thread_time
+t0 = clock()
+import handlers.lambda_handler as lh
+t1 = clock()
+lh.get_runtime()
+t2 = clock()
+assert lh.handler(json.loads(sys.argv[1]), None)["statusCode"] == 200
+print(json.dumps([t1 - t0, t2 - t1, clock() - t2]))
+"""
+
+
+def stages(event: str, env: dict, runs: int, trees: dict[str, Path]) -> None:
+    """The handler's cold path by stage, per tree, in interleaved fresh processes: its import
+    after numpy and onnxruntime, building the runtime (plugins), the first answer."""
+    rows: dict[str, list[list[float]]] = {name: [] for name in trees}
+    for _ in range(runs):
+        for name, tree in trees.items():
+            compile_tree(tree)
+            out = subprocess.run([sys.executable, "-c", STAGES, event], env=env, cwd=tree,
+                                 check=True, capture_output=True, text=True).stdout
+            rows[name].append(json.loads(out.splitlines()[-1]))
+    print(f"main-thread CPU by stage, median of {runs} interleaved fresh processes:")
+    for name, got in rows.items():
+        import_s, build, answer = (statistics.median(r[i] for r in got) * 1e3 for i in range(3))
+        print(f"  {name:<8}  import {import_s:5.2f} ms  runtime {build:5.2f} ms  "
+              f"first answer {answer:5.2f} ms")
 
 
 def infer_event(model: str) -> dict:
@@ -214,6 +248,9 @@ def main() -> None:
     parser.add_argument("--no-warm", action="store_true", help="skip the warm comparison")
     parser.add_argument("--bootstrap", action="store_true",
                         help="both scripts first import what Lambda's bootstrap has imported")
+    parser.add_argument("--stages", action="store_true",
+                        help="first, main-thread CPU of the handler's import, runtime build "
+                             "and first answer (and the --previous tree's)")
     parser.add_argument("--previous", metavar="TREE",
                         help="also time the handler of another checkout of the project (e.g. "
                              "`git worktree add /tmp/prev HEAD~3`) in the same interleaved runs")
@@ -236,6 +273,9 @@ def main() -> None:
         commands["previous"], cwds["previous"] = [sys.executable, "-c", bootstrap + HANDLER,
                                                   event], previous
     label = f"{args.model}{', after bootstrap imports' if bootstrap else ''}"
+    if args.stages:
+        stages(event, env, args.runs, {"handler": ROOT, **({"previous": cwds["previous"]}
+                                                           if args.previous else {})})
     compare(f"source tree, {label}", commands, env, args.runs, cwds=cwds, trees=tuple(trees))
     if args.packaged:
         packaged(args.model, event, args.runs, args.runtime, bootstrap)
