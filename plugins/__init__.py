@@ -13,14 +13,18 @@ from collections.abc import Callable
 
 import pluggy
 
-_COMMANDS = "shardserve_register_commands"
+
+def _registers(*kinds: str) -> frozenset[str]:
+    """``shardserve_register_<kind>`` hooks: what a plugin is deferred for only collects."""
+    return frozenset(f"shardserve_register_{kind}" for kind in kinds)
+
 
 LAZY_HOOKS: dict[str, frozenset[str]] = {
-    "plugins.kernels": frozenset({"shardserve_register_kernels"}),
-    "plugins.partitioners": frozenset({_COMMANDS, "shardserve_register_partitioners"}),
-    "plugins.optimizers": frozenset({_COMMANDS, "shardserve_register_optimizers"}),
-    "plugins.packaging": frozenset({_COMMANDS}),
-    "plugins.security.tensor_encryption": frozenset({"shardserve_register_tensor_transforms"}),
+    "plugins.kernels": _registers("kernels"),
+    "plugins.partitioners": _registers("commands", "partitioners"),
+    "plugins.optimizers": _registers("commands", "optimizers"),
+    "plugins.packaging": _registers("commands"),
+    "plugins.security.tensor_encryption": _registers("tensor_transforms"),
 }
 
 
