@@ -9,6 +9,9 @@ entry against the hooks its module really implements.
 
 from __future__ import annotations
 
+import os
+import threading
+import weakref
 from collections.abc import Callable
 
 import pluggy
@@ -30,43 +33,81 @@ LAZY_HOOKS: dict[str, frozenset[str]] = {
 
 class LazyHookRelay(pluggy.HookRelay):
     """``pm.hook`` with the hooks of deferred plugins held back: the first look-up of a held
-    hook puts it back and registers (through ``register``) every deferred plugin that
-    implements it. Hooks no deferred plugin implements are plain attributes, as in pluggy, so
-    a warm call pays nothing."""
+    hook registers (through ``register``) every deferred plugin that implements it (and those
+    sharing a hook with one), then puts the hook in place. Hooks no deferred plugin implements
+    are plain attributes, as in pluggy, so a warm call pays nothing.
 
-    __slots__ = ("held", "pending", "register", "order")
+    Thread safe: registering happens under ``lock``, and a held hook is put in place only once
+    all its plugins are registered and ordered, so a thread that looks it up meanwhile waits
+    rather than calling it without them (an ``aes-gcm`` transform missing from a registry).
+    A fork waits for a registration under way (the child gets a fresh lock)."""
+
+    __slots__ = ("held", "pending", "register", "order", "lock", "loading", "__weakref__")
 
     def __init__(self, register: Callable[[str], object]):
         self.order: dict[str, int] = {}  # plugin name -> its place in the registration order
         self.held: dict[str, pluggy.HookCaller] = {}
         self.pending: dict[str, frozenset[str]] = {}
         self.register = register
+        self.lock = threading.RLock()
+        self.loading = 0  # > 0: this thread is registering (pluggy looks the hooks up)
+        _RELAYS.add(self)
 
     def defer(self, module_name: str, hooks: frozenset[str]) -> None:
         """Hold ``module_name`` back until one of its ``hooks`` is looked up (call it once
         every plugin registered at once is: registering one looks its hooks up)."""
-        self.pending[module_name] = hooks
-        for name in hooks:
-            if name in self.__dict__:
-                self.held[name] = self.__dict__.pop(name)
+        with self.lock:
+            self.pending[module_name] = hooks
+            for name in hooks:
+                if name in self.__dict__:
+                    self.held[name] = self.__dict__.pop(name)
 
     def __getattr__(self, name: str) -> pluggy.HookCaller:
-        caller = self.held.pop(name, None)
+        if name in self.held:
+            with self.lock:
+                caller = self.__dict__.get(name)  # put in place by another thread meanwhile
+                if caller is not None:
+                    return caller
+                caller = self.held[name]
+                if not self.loading:  # (while loading: pluggy's register, not put in place)
+                    self._load({name})
+                return caller
+        caller = self.__dict__.get(name)  # put in place (then no longer held) meanwhile
         if caller is None:
             raise AttributeError(name)
-        setattr(self, name, caller)
-        for module_name in [m for m, hooks in self.pending.items() if name in hooks]:
-            self.load(module_name)
         return caller
 
+    def _load(self, names: set[str]) -> None:
+        """Register every pending plugin implementing one of ``names`` (and, in turn, of their
+        other hooks), then put those hooks in place in an eager registration's call order.
+        Call it holding ``lock``. A plugin that fails to register stays pending: its hooks
+        stay held and the next look-up fails the same way (never called without it)."""
+        todo = set(names)
+        while True:
+            modules = [m for m, hooks in self.pending.items() if hooks & todo]
+            if not modules:
+                break
+            for module_name in modules:
+                hooks = self.pending[module_name]
+                todo |= hooks
+                self.loading += 1
+                try:
+                    self.register(module_name)
+                finally:
+                    self.loading -= 1
+                del self.pending[module_name]
+        for name in todo:
+            caller = self.held.get(name)
+            if caller is not None:
+                caller._hookimpls.sort(key=self._place)
+                self.__dict__[name] = caller  # in place before no longer held (__getattr__)
+                del self.held[name]
+
     def load(self, module_name: str) -> None:
-        hooks = self.pending.pop(module_name, None)
-        if hooks is not None:
-            for name in hooks:  # back in place before pluggy's register looks them up
-                getattr(self, name)
-            self.register(module_name)
-            for name in hooks:  # called in the order an eager registration gives
-                self.__dict__[name]._hookimpls.sort(key=self._place)
+        with self.lock:
+            hooks = self.pending.get(module_name)
+            if hooks is not None:
+                self._load(set(hooks))
 
     def _place(self, impl: pluggy.HookImpl) -> tuple[bool, int, int]:
         """pluggy's order: wrappers after the rest; in each, trylast ones first (the latest
@@ -76,5 +117,28 @@ class LazyHookRelay(pluggy.HookRelay):
         return bool(impl.hookwrapper or impl.wrapper), tier, -place if tier == 0 else place
 
     def load_all(self) -> None:
-        for module_name in list(self.pending):
-            self.load(module_name)
+        with self.lock:
+            if self.pending:
+                self._load(set().union(*self.pending.values()))
+
+
+_RELAYS: weakref.WeakSet[LazyHookRelay] = weakref.WeakSet()
+
+
+def _lock_relays() -> None:
+    for relay in list(_RELAYS):
+        relay.lock.acquire()
+
+
+def _unlock_relays() -> None:
+    for relay in list(_RELAYS):
+        relay.lock.release()
+
+
+def _fresh_locks() -> None:
+    for relay in list(_RELAYS):
+        relay.lock = threading.RLock()
+
+
+os.register_at_fork(before=_lock_relays, after_in_parent=_unlock_relays,
+                    after_in_child=_fresh_locks)

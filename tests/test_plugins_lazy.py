@@ -110,3 +110,62 @@ def test_a_package_lists_its_entry_points_and_the_function_reads_them(tmp_path, 
     found = rp.entry_points()
     assert [(ep.name, ep.value, ep.distribution, ep.version) for ep in found] == [
         ("acme", "acme_plugin.hooks", "acme-plugin", "1.2")]
+
+
+def test_only_registry_hooks_are_deferred():
+    # an authenticate/authorize/audit/model-bytes hook must never wait for a first look-up
+    assert all(h.startswith("shardserve_register_") for h in set().union(*LAZY_HOOKS.values()))
+    assert {n for n in LAZY_HOOKS if n.startswith("plugins.security.")} == {
+        "plugins.security.tensor_encryption"}
+
+
+def test_a_second_thread_waits_for_a_registration_under_way():
+    import threading
+    import time
+
+    pm = PluginManager().load_plugins()
+    relay, inside = pm.hook, threading.Event()
+    register = relay.register
+
+    def slow(module_name):  # the first thread is half way through registering
+        inside.set()
+        time.sleep(0.2)
+        register(module_name)
+
+    relay.register = slow
+    found, errors = {}, []
+
+    def look(key):
+        try:
+            found[key] = pm.registry("tensor transform").names()
+        except Exception as exc:  # pragma: no cover - what the old relay raised or missed
+            errors.append(exc)
+
+    first = threading.Thread(target=look, args=("first",))
+    first.start()
+    assert inside.wait(5)
+    look("second")  # the hook is not in place yet: this waits for the registration
+    first.join(5)
+    assert not errors
+    assert "aes-gcm" in found["first"] and found["second"] == found["first"]
+    assert "aes-gcm" in pm.registry("tensor transform").names()  # and so does the cached one
+    assert "plugins.security.tensor_encryption" not in pm.hook.pending
+
+
+def test_a_plugin_that_fails_to_register_stays_pending():
+    import pytest
+
+    pm = PluginManager().load_plugins()
+    register, calls = pm.hook.register, []
+
+    def failing(module_name):
+        calls.append(module_name)
+        if len(calls) == 1:
+            raise ImportError("no module")
+        register(module_name)
+
+    pm.hook.register = failing
+    with pytest.raises(ImportError):
+        pm.registry("tensor transform")
+    assert "plugins.security.tensor_encryption" in pm.hook.pending  # not called without it
+    assert "aes-gcm" in pm.registry("tensor transform").names()
