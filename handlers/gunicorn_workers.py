@@ -254,7 +254,7 @@ class ThreadEdgeWorker(EdgeWorker, gthread.ThreadWorker):
     _queued = 0  # connections handed to the thread pool that no thread has taken yet
 
     def init_process(self) -> None:
-        self.turn = turns.Turn()
+        self.turn = turns.Turn() if turns.enabled() else None
         turns.COMPUTE_KEEPS_TURN = self.cfg.workers >= len(os.sched_getaffinity(0))
         super().init_process()
 
@@ -287,8 +287,8 @@ class ThreadEdgeWorker(EdgeWorker, gthread.ThreadWorker):
                 return gthread._DEFER
         self.deadlines.arm(conn.sock, READ_TIMEOUTS["header"])
         unreader = getattr(conn.parser, "unreader", None)
-        if type(getattr(unreader, "sock", None)) is TurnSocket:  # reads give the turn up
-            self.turn.take()  # type: ignore[union-attr]
+        if self.turn is not None and type(getattr(unreader, "sock", None)) is TurnSocket:
+            self.turn.take()  # reads give the turn up
         try:
             return super().handle(conn)
         finally:
@@ -297,8 +297,8 @@ class ThreadEdgeWorker(EdgeWorker, gthread.ThreadWorker):
             unreader = getattr(conn.parser, "unreader", None)
             if getattr(unreader, "mxchunk", HEAD_READ_BYTES) < HEAD_READ_BYTES:
                 unreader.mxchunk = HEAD_READ_BYTES
-            if type(getattr(unreader, "sock", None)) is socket.socket:  # not TLS
-                unreader.sock = TurnSocket(unreader.sock)
+            if self.turn is not None and type(getattr(unreader, "sock", None)) is socket.socket:
+                unreader.sock = TurnSocket(unreader.sock)  # not TLS
 
     def _keepalive_after(self, conn: Any, keepalive: bool) -> bool:
         """gunicorn drains an unread body after each keep-alive answer and again before

@@ -237,7 +237,7 @@ def test_backend_runs_and_batch_waits_hold_no_turn():
 @pytest.fixture(scope="module")
 def server():
     proc = ServerProcess(["serve", "--repository", str(EXAMPLES), "--workers", "1",
-                          "--threads", "4"])
+                          "--threads", "4"], env={"SHARDSERVE_REQUEST_TURNS": "1"})
     yield proc
     proc.stop()
 
