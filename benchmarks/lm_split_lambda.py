@@ -46,7 +46,7 @@ PROMPT = "import os\nimport sys\n\n\ndef main(argv):\n    parser = "
 def build(work: Path) -> tuple[Path, Path]:
     """The edge repository (1: whole, 2: the 3-stage plan with stage 1 in Lambda, 3: the same
     plan all in process) and the function's repository (``<model>.stage_1``)."""
-    from generation_models import repository_with
+    from generation_models import repository_with, stage_node
 
     from handlers.cli import main
 
@@ -57,11 +57,8 @@ def build(work: Path) -> tuple[Path, Path]:
              "--shards", "3"]) != 0:
         raise SystemExit("partition failed")
     shutil.copytree(edge / NAME / "2", edge / NAME / "3")
-    function = work / "function" / f"{NAME}.stage_1"
-    (function / "1").mkdir(parents=True)
-    shutil.copy(edge / NAME / "2" / "shard_1.onnx", function / "1" / "model.onnx")
-    (function / "model.toml").write_text('task = "decoder-stage"\n[onnxruntime]\n'
-                                         'intra_op_threads = 1\n')
+    stage_node(work / "function", edge / NAME / "2", NAME,
+               toml="[onnxruntime]\nintra_op_threads = 1\n")
     plan = edge / NAME / "2" / "plan.toml"
     head, sep, tail = plan.read_text().partition('name = "stage_1"')
     plan.write_text(head + sep + tail.replace('placement = "local"',

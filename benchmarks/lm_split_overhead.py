@@ -92,7 +92,7 @@ class Server:
 def build(work: Path, name: str, source: Path, cut: int) -> tuple[Path, Path]:
     """An edge repository with ``name`` version 1 (whole) and 2 (the edge-cloud plan), and a
     cloud repository serving the plan's stage 1 as a ``decoder-stage`` model."""
-    from generation_models import repository_with
+    from generation_models import repository_with, stage_node
 
     from handlers.cli import main
 
@@ -103,11 +103,8 @@ def build(work: Path, name: str, source: Path, cut: int) -> tuple[Path, Path]:
                      "-o", f"cut={cut}"])
     if code != 0:
         raise SystemExit("partition failed")
-    remote = work / "cloud" / f"{name}.stage_1"
-    (remote / "1").mkdir(parents=True)
-    shutil.copy(edge / name / "2" / "shard_1.onnx", remote / "1" / "model.onnx")
-    (remote / "model.toml").write_text('task = "decoder-stage"\n[onnxruntime]\n'
-                                       'intra_op_threads = 1\n')
+    stage_node(work / "cloud", edge / name / "2", name,
+               toml="[onnxruntime]\nintra_op_threads = 1\n")
     return edge, work / "cloud"
 
 

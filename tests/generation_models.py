@@ -103,6 +103,17 @@ def repository_with(root: Path, models: dict[str, Path], toml: dict[str, str] | 
     return root
 
 
+def stage_node(root: Path, plan_dir: Path, name: str, stage: int = 1, toml: str = "") -> Path:
+    """Serve shard ``stage`` of the decoder plan in ``plan_dir`` from the repository ``root``
+    as the ``decoder-stage`` model ``<name>.stage_<stage>`` (what a remote placement calls);
+    ``toml`` is appended to its model.toml."""
+    node = root / f"{name}.stage_{stage}"
+    (node / "1").mkdir(parents=True)
+    shutil.copy(plan_dir / f"shard_{stage}.onnx", node / "1" / "model.onnx")
+    (node / "model.toml").write_text('task = "decoder-stage"\n' + toml)
+    return node
+
+
 _exports: dict[str, tuple[Path, object]] = {}
 _work: list[Path] = []
 

@@ -14,7 +14,7 @@ import time
 import numpy as np
 import onnx
 import pytest
-from generation_models import cached_export, repository_with
+from generation_models import cached_export, repository_with, stage_node
 
 from plugins.generation.split import DecoderGraph, split_decoder
 from plugins.generation.split_engine import split_generation_model
@@ -156,7 +156,6 @@ def test_a_stage_on_a_second_shardserve_over_loopback_http(tmp_path, lm_exports)
     shardserve process as a ``decoder-stage`` model and keeps its KV cache there. Greedy
     tokens of concurrent streams equal the unsplit model's; each decode hop carries exactly
     rows x width x 4 bytes of hidden state plus a small framing."""
-    import shutil
 
     from conftest import ServerProcess
 
@@ -168,10 +167,7 @@ def test_a_stage_on_a_second_shardserve_over_loopback_http(tmp_path, lm_exports)
                            {arch: 'version_policy = "all"\n'})
     assert main(["partition", arch, "--repository", str(root), "--strategy", "edge-cloud",
                  "-o", "cut=1"]) == 0
-    remote = tmp_path / "cloud" / f"{arch}.stage_1"
-    (remote / "1").mkdir(parents=True)
-    shutil.copy(root / arch / "2" / "shard_1.onnx", remote / "1" / "model.onnx")
-    (remote / "model.toml").write_text('task = "decoder-stage"\n')
+    stage_node(tmp_path / "cloud", root / arch / "2", arch)
     server = ServerProcess(["serve", "--dev", "--repository", str(tmp_path / "cloud")])
     try:
         plan = root / arch / "2" / "plan.toml"
@@ -572,7 +568,6 @@ def test_a_killed_cloud_node_fails_over_to_its_replica_with_the_same_tokens(tmp_
     """The cloud stage has a replica: its node is killed in the middle of the streams; the
     sequences move to the replica, whose caches are rebuilt from the tokens, and every
     stream's tokens equal the unsplit model's."""
-    import shutil
 
     from conftest import ServerProcess
 
@@ -583,10 +578,7 @@ def test_a_killed_cloud_node_fails_over_to_its_replica_with_the_same_tokens(tmp_
                            {arch: 'version_policy = "all"\n'})
     assert main(["partition", arch, "--repository", str(root), "--strategy", "edge-cloud",
                  "-o", "cut=1"]) == 0
-    remote = tmp_path / "cloud" / f"{arch}.stage_1"
-    (remote / "1").mkdir(parents=True)
-    shutil.copy(root / arch / "2" / "shard_1.onnx", remote / "1" / "model.onnx")
-    (remote / "model.toml").write_text('task = "decoder-stage"\n')
+    stage_node(tmp_path / "cloud", root / arch / "2", arch)
     first = ServerProcess(["serve", "--dev", "--repository", str(tmp_path / "cloud")])
     second = ServerProcess(["serve", "--dev", "--repository", str(tmp_path / "cloud")])
     try:

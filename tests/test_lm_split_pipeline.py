@@ -5,12 +5,11 @@ decodes group A, stage 1 runs group B. Greedy tokens stay the unsplit model's.
 
 from __future__ import annotations
 
-import shutil
 import threading
 import time
 
 import pytest
-from generation_models import cached_export, repository_with
+from generation_models import cached_export, repository_with, stage_node
 from test_lm_split import _RUNTIMES, PROMPTS, _greedy, _runtime
 
 from plugins.generation.split_engine import split_generation_model
@@ -132,11 +131,7 @@ def _stage_server(tmp_path, root, arch, stage: str, toml: str = ""):
     there in plan.toml; returns the server."""
     from conftest import ServerProcess
 
-    remote = tmp_path / "cloud" / f"{arch}.{stage}"
-    (remote / "1").mkdir(parents=True)
-    number = stage.rpartition("_")[2]
-    shutil.copy(root / arch / "2" / f"shard_{number}.onnx", remote / "1" / "model.onnx")
-    (remote / "model.toml").write_text('task = "decoder-stage"\n' + toml)
+    stage_node(tmp_path / "cloud", root / arch / "2", arch, int(stage.rpartition("_")[2]), toml)
     server = ServerProcess(["serve", "--dev", "--repository", str(tmp_path / "cloud")])
     plan = root / arch / "2" / "plan.toml"
     head, sep, tail = plan.read_text().partition(f'name = "{stage}"')

@@ -17,7 +17,7 @@ import time
 
 import numpy as np
 import pytest
-from generation_models import cached_export, repository_with
+from generation_models import cached_export, repository_with, stage_node
 
 from handlers.routes import HttpRequest, dispatch
 from plugins.generation.stage_client import StageConnection, StageConnectionError
@@ -58,10 +58,7 @@ def test_bytes_per_hop_per_token_in_the_hops_and_the_access_log(tmp_path, llama,
     root = repository_with(tmp_path / "edge", {arch: llama}, {arch: 'version_policy = "all"\n'})
     assert main(["partition", arch, "--repository", str(root), "--strategy", "edge-cloud",
                  "-o", "cut=1"]) == 0
-    remote = tmp_path / "cloud" / f"{arch}.stage_1"
-    (remote / "1").mkdir(parents=True)
-    shutil.copy(root / arch / "2" / "shard_1.onnx", remote / "1" / "model.onnx")
-    (remote / "model.toml").write_text('task = "decoder-stage"\n')
+    stage_node(tmp_path / "cloud", root / arch / "2", arch)
     connects = []
     connect = StageConnection._connect
 
