@@ -487,6 +487,19 @@ def test_edge_cloud_without_a_cut_is_planned_from_measured_units(tmp_path, lm_ex
 
 
 @pytest.mark.slow
+def _forget_at(stage, *at: int) -> None:
+    """Make ``stage`` lose every cache just before its decode calls number ``at`` (from 1)."""
+    decode, calls = stage.decode, []
+
+    def forgetful(rows, carry):
+        calls.append(len(rows))
+        if len(calls) in at:
+            stage.reset()
+        return decode(rows, carry)
+
+    stage.decode = forgetful
+
+
 def test_a_stage_that_forgets_its_caches_is_rebuilt_from_tokens(tmp_path, lm_exports):
     """A stage that loses every cache mid-generation (a cold serverless function, a
     restarted node) is rebuilt from the tokens so far; the streams go on with the same
@@ -495,16 +508,7 @@ def test_a_stage_that_forgets_its_caches_is_rebuilt_from_tokens(tmp_path, lm_exp
     whole = _runtime(tmp_path / "whole", lm_exports[arch], arch).get_model(arch).backend
     model = _runtime(tmp_path / "split", lm_exports[arch], arch).get_model(arch).backend
     engine = split_generation_model(model, [1, 2])
-    stage = engine.stages[1]
-    decode, calls = stage.decode, []
-
-    def forgetful(rows, carry):
-        calls.append(len(rows))
-        if len(calls) in (4, 9):
-            stage.reset()
-        return decode(rows, carry)
-
-    stage.decode = forgetful
+    _forget_at(engine.stages[1], 4, 9)
     jobs = [(PROMPTS[i], n) for i, n in enumerate((14, 20, 10))]
     results: dict[int, list[int]] = {}
 

@@ -10,7 +10,7 @@ import time
 
 import pytest
 from generation_models import cached_export, repository_with, stage_node
-from test_lm_split import _RUNTIMES, PROMPTS, _greedy, _runtime
+from test_lm_split import _RUNTIMES, PROMPTS, _forget_at, _greedy, _runtime
 
 from plugins.generation.split_engine import split_generation_model
 from runtime import Runtime
@@ -111,16 +111,7 @@ def test_a_pipelined_group_whose_stage_forgets_is_rebuilt(tmp_path, lm_exports):
     whole = _runtime(tmp_path / "whole", lm_exports[arch], arch).get_model(arch).backend
     model = _runtime(tmp_path / "split", lm_exports[arch], arch).get_model(arch).backend
     engine = split_generation_model(model, [1, 2], pipeline_groups=2)
-    stage = engine.groups[1].stages[1]
-    decode, calls = stage.decode, []
-
-    def forgetful(rows, carry):
-        calls.append(len(rows))
-        if len(calls) in (3, 7):
-            stage.reset()
-        return decode(rows, carry)
-
-    stage.decode = forgetful
+    _forget_at(engine.groups[1].stages[1], 3, 7)
     jobs = [(PROMPTS[i], n, 0.0) for i, n in enumerate((14, 20, 10, 12))]
     assert _streams(model, jobs) == [_greedy(whole, p, n) for p, n, _ in jobs]
     assert engine.groups[1].rebuilds == 2 and engine.groups[0].rebuilds == 0
