@@ -45,7 +45,9 @@ from conftest import example_inputs  # noqa: E402
 from executor_support import ShardServer, free_port  # noqa: E402
 
 from plugins.executors.base import EmulatedLink  # noqa: E402
-from runtime.repository import tomllib  # noqa: E402
+from runtime.config import toml_module  # noqa: E402
+
+tomllib = toml_module()
 
 MODEL = "cnn_skip"
 

@@ -16,7 +16,6 @@ raw little-endian row-major bytes, or per BYTES element a 4-byte little-endian l
 
 from __future__ import annotations
 
-import logging
 import math
 import os
 import re
@@ -33,11 +32,12 @@ from runtime.dtypes import _WIRE, DATATYPES, label, to_datatype, wire_dtype
 from runtime.errors import BadRequest, PayloadTooLarge, ShardserveError
 from runtime.jsonio import float_data, json_dumps, json_loads
 from runtime.messages import InferInput, InferRequest, InferResponse, RequestedOutput
+from runtime.records import LazyLogger
 
 __all__ = ["decode_request", "decode_response", "encode_request", "encode_response",
            "parse_header_length"]
 
-_log = logging.getLogger(__name__)
+_log = LazyLogger(__name__)
 
 _U32 = struct.Struct("<I")
 _MAX_DIMS = 32  # numpy 1.x's limit; no real model comes near it

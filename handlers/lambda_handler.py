@@ -15,7 +15,6 @@ an opaque 502 (API Gateway).
 
 from __future__ import annotations
 
-import logging
 import math
 import os
 import time
@@ -24,11 +23,11 @@ from urllib.parse import parse_qsl, unquote
 
 from runtime import Runtime
 from runtime.errors import BadRequest, PayloadTooLarge, ShardserveError
+from runtime.records import LazyLogger
 
-from .direct_invoke import is_direct_invoke
 from .routes import HttpRequest, HttpResponse, dispatch, error_response, request_id
 
-log = logging.getLogger("shardserve.lambda")
+log = LazyLogger("shardserve.lambda")
 
 # A synchronous invocation's request and response payloads are capped at 6 MB.
 LAMBDA_PAYLOAD_LIMIT = 6 * 1024 * 1024
@@ -104,7 +103,7 @@ def to_http_request(event: Any) -> tuple[HttpRequest, str]:
     elif "httpMethod" in event:
         kind, method, path = "1.0", event.get("httpMethod"), event.get("path")
         query = _query(event.get("queryStringParameters"))
-    elif is_direct_invoke(event):
+    elif _is_direct_invoke(event):
         kind, method, path = "direct", event.get("method", "POST"), event.get("path")
         query = _query(event.get("query"))
     else:
@@ -114,6 +113,12 @@ def to_http_request(event: Any) -> tuple[HttpRequest, str]:
     request = HttpRequest(method=method.upper(), path=path, headers=_headers(event.get("headers")),
                           body=_body(event), query=query)
     return request, kind
+
+
+def _is_direct_invoke(event: dict) -> bool:
+    from .direct_invoke import is_direct_invoke  # here: an API Gateway event never needs it
+
+    return is_direct_invoke(event)
 
 
 def _is_text(response: HttpResponse) -> bool:

@@ -7,7 +7,6 @@ status code or rule lives anywhere else.
 
 from __future__ import annotations
 
-import logging
 import re
 import time
 from collections.abc import Callable, Iterable
@@ -24,12 +23,9 @@ from runtime.errors import (
     ShardserveError,
 )
 from runtime.jsonio import json_dumps, json_loads
-from runtime.records import Record
+from runtime.records import LazyLogger, Record
 
-from .classification import apply_classification, requested_classes
-from .model_configuration import model_config as triton_model_config
-
-log = logging.getLogger("shardserve.http")
+log = LazyLogger("shardserve.http")
 
 JSON = {"Content-Type": "application/json"}
 SERVER_NAME = "shardserve"
@@ -154,6 +150,8 @@ def model_ready(rt: Runtime, req: HttpRequest, model: str, version: str | None =
 
 
 def model_config(rt: Runtime, req: HttpRequest, model: str, version: str | None = None):
+    from .model_configuration import model_config as triton_model_config  # not a cold start's
+
     return json_response(triton_model_config(rt, model, version))
 
 
@@ -165,9 +163,15 @@ def infer(rt: Runtime, req: HttpRequest, model: str, version: str | None = None)
             max_elements=rt.config.max_tensor_elements or None,
             specs=loaded.input_specs, batched=loaded.batched,
         )
-        classes = requested_classes(request)  # Triton's classification extension
+        classes = None
+        if request.outputs:  # Triton's classification extension (imported once asked for)
+            from .classification import requested_classes
+
+            classes = requested_classes(request)
         response = rt.run(loaded, request, req.principal, req.deadline)
     if classes:
+        from .classification import apply_classification
+
         apply_classification(response, classes)
     body, headers = encode_response(response, request)
     return HttpResponse(200, body, headers)

@@ -12,8 +12,10 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+from runtime.config import toml_module
 from runtime.errors import ModelLoadError
-from runtime.repository import tomllib
+
+tomllib = toml_module()
 
 PLAN_FILE = "plan.toml"
 PLAN_FORMAT = 1

@@ -5,7 +5,6 @@ manager, the model repository and the loaded models, and knows nothing of HTTP (
 
 from __future__ import annotations
 
-import logging
 import os
 import threading
 import time
@@ -28,10 +27,10 @@ from .errors import (
 )
 from .messages import InferRequest, InferResponse
 from .plugins import PluginManager, Registry, call_chain
-from .records import FrozenRecord, Record
+from .records import FrozenRecord, LazyLogger, Record
 from .repository import ModelConfig, ModelRepository, validate_model_name, validate_version
 
-log = logging.getLogger("shardserve.runtime")
+log = LazyLogger("shardserve.runtime")
 
 UNLOADED = "unloaded"
 

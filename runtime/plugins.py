@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import importlib
 import json
-import logging
 import os
 import re
 import sys
@@ -21,12 +20,12 @@ import pluggy
 
 from . import hookspecs
 from .errors import ConfigError
-from .records import FrozenRecord
+from .records import FrozenRecord, LazyLogger
 
 if TYPE_CHECKING:
     from .config import Config
 
-log = logging.getLogger("shardserve.plugins")
+log = LazyLogger("shardserve.plugins")
 
 ENTRY_POINT_GROUP = hookspecs.PROJECT_NAME
 PACKAGED_ENTRY_POINTS = os.path.join(os.path.dirname(__file__), "entry_points.json")
@@ -35,32 +34,20 @@ _IMPL_MARKER = hookspecs.PROJECT_NAME + "_impl"  # where pluggy's HookimplMarker
 
 # Security modules: tryfirst; transform_model_bytes runs in reverse order of
 # this list (signature check, then decryption, then untrusted-model checks).
-SECURITY_PLUGINS: tuple[str, ...] = tuple(
-    f"plugins.security.{name}"
-    for name in ("settings", "untrusted_models", "model_encryption", "model_signing",
-                 "apikeys", "hmac_signing", "jwt_bearer", "authorization", "limits", "audit",
-                 "tensor_encryption")
-)
+SECURITY_PLUGINS: tuple[str, ...] = tuple(f"plugins.security.{name}" for name in (
+    "settings", "untrusted_models", "model_encryption", "model_signing", "apikeys",
+    "hmac_signing", "jwt_bearer", "authorization", "limits", "audit", "tensor_encryption"))
 
 DEFAULT_PLUGINS: tuple[str, ...] = (
-    "plugins.backends.onnxruntime",
-    "plugins.backends.plan",
-    "plugins.backends.numba_backend",
-    "plugins.kernels",
-    "plugins.serving",
-    "plugins.partitioners",
-    "plugins.optimizers",
-    "plugins.executors",
-    "plugins.registry",
-    "plugins.generation",
-    "plugins.packaging",
+    "plugins.backends.onnxruntime", "plugins.backends.plan", "plugins.backends.numba_backend",
+    "plugins.kernels", "plugins.serving", "plugins.partitioners", "plugins.optimizers",
+    "plugins.executors", "plugins.registry", "plugins.generation", "plugins.packaging",
     *SECURITY_PLUGINS,
 )
 
 
 class EntryPoint(FrozenRecord):
-    """One ``[shardserve]`` entry point (``value``: "module" or "module:attribute") and the
-    distribution that declares it."""
+    """One ``[shardserve]`` entry point ("module" or "module:attribute") and its distribution."""
 
     __slots__ = ("name", "value", "distribution", "version")
 

@@ -1,9 +1,10 @@
-"""Plain data classes for the cold path: ``@dataclass`` builds each class's methods with
-``exec`` (a quarter to one millisecond a class, a dozen of them on every Lambda cold start).
-Subclasses write their own ``__init__``; equality, repr and ``replace`` come from ``_fields``."""
+"""Plain classes for the cold path: ``@dataclass`` execs each class's methods (a quarter to one
+millisecond a class); subclasses write their ``__init__``, equality, repr and ``replace`` come
+from ``_fields``. :class:`LazyLogger`: importing ``logging`` costs a cold start 3 ms."""
 
 from __future__ import annotations
 
+import sys
 from typing import Any
 
 
@@ -35,8 +36,7 @@ class Record:
         return f"{type(self).__name__}({fields})"
 
     def replace(self, **changes: Any) -> Any:
-        """A new instance with ``changes`` applied, built by ``__init__`` like
-        ``dataclasses.replace``."""
+        """A new instance with ``changes`` applied, built by ``__init__`` (dataclasses')."""
         unknown = set(changes).difference(self._fields)
         if unknown:
             raise TypeError(f"{type(self).__name__} has no field(s) {sorted(unknown)}")
@@ -51,8 +51,7 @@ class FrozenRecord(Record):
     __slots__ = ()
 
     def __setattr__(self, name: str, value: Any) -> None:
-        raise AttributeError(f"cannot assign to field {name!r} of a frozen "
-                             f"{type(self).__name__}")
+        raise AttributeError(f"cannot assign to field {name!r} of a frozen {type(self).__name__}")
 
     def __delattr__(self, name: str) -> None:
         raise AttributeError(f"cannot delete field {name!r} of a frozen {type(self).__name__}")
@@ -62,3 +61,26 @@ class FrozenRecord(Record):
 
     def __reduce__(self) -> tuple:  # copy and pickle through __init__, not __setattr__
         return type(self), self._values()
+
+
+class LazyLogger:
+    """``logging.getLogger(name)`` that imports logging only once a record could be written:
+    until then nobody can have configured it, so its defaults hold (DEBUG and INFO dropped, the
+    rest to its last-resort stderr handler). Then each method is the logger's own, kept."""
+
+    def __init__(self, name: str):
+        self.name = name
+
+    def __getattr__(self, attr: str) -> Any:
+        if "logging" not in sys.modules and attr in _BELOW_WARNING:
+            return _BELOW_WARNING[attr]
+        import logging
+
+        value = getattr(logging.getLogger(self.name), attr)
+        if callable(value):  # a bound method: the logger reads its settings at each call
+            self.__dict__[attr] = value
+        return value
+
+
+_BELOW_WARNING = {"debug": lambda *a, **k: None, "info": lambda *a, **k: None,
+                  "isEnabledFor": lambda level: level >= 30}  # 30: logging.WARNING

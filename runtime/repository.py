@@ -24,13 +24,6 @@ MAX_VERSIONS = 64  # versions served at once: each holds its own session
 BACKEND_SECTIONS = ("onnxruntime", "numba", "plan")  # model.toml tables read by backends
 
 
-def __getattr__(name: str) -> Any:
-    """``from runtime.repository import tomllib`` still works; it is imported on first use."""
-    if name == "tomllib":
-        return toml_module()
-    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
-
-
 def validate_model_name(name: str) -> str:
     """Return ``name`` if it is a safe model name, else raise 400."""
     if not isinstance(name, str) or not MODEL_NAME.fullmatch(name) or name in (".", ".."):

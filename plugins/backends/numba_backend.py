@@ -17,7 +17,6 @@ warm = true                    # compile at load (default)
 
 from __future__ import annotations
 
-import logging
 import time
 from typing import Any
 
@@ -25,8 +24,9 @@ import numpy as np
 
 from runtime import BackendSettings, TensorSpec, hookimpl
 from runtime.errors import BadRequest, ModelLoadError, ShardserveError
+from runtime.records import LazyLogger
 
-log = logging.getLogger("shardserve.backends.numba")
+log = LazyLogger("shardserve.backends.numba")
 
 KNOWN_OPTIONS = {"threads", "threading_layer", "warm"}
 _DTYPES = {"FP32": np.float32, "FP64": np.float64, "INT32": np.int32, "INT64": np.int64,

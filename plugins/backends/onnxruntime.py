@@ -14,13 +14,13 @@ execution_providers = ["CPUExecutionProvider"]
 
 from __future__ import annotations
 
-import logging
 import re
 
 from runtime import BackendSettings, TensorSpec, hookimpl
 from runtime.errors import BadRequest, ModelLoadError
+from runtime.records import LazyLogger
 
-log = logging.getLogger("shardserve.backends.onnxruntime")
+log = LazyLogger("shardserve.backends.onnxruntime")
 
 # onnxruntime's type strings -> V2 datatypes
 ORT_TYPES = {
@@ -34,9 +34,10 @@ BFLOAT16 = 16  # onnx.TensorProto.BFLOAT16, for OrtValues built from raw 16-bit 
 OPTIMIZATION_LEVELS = ("disable", "basic", "extended", "all")
 MAX_THREADS = 256  # per session; more only costs memory and minutes of start-up
 # Anything that looks like a file path in onnxruntime's message: absolute, ./, ../, ~/, C:\,
-# or a token with two or more separators.
-PATH_LIKE = re.compile(r"(?<![\w.])(?:[A-Za-z]:[\\/]|\.{1,2}[\\/]|~[\\/]?|[\\/])[^\s'\"()]+"
-                       r"|[^\s'\"()]*[\\/][^\s'\"()]*[\\/][^\s'\"()]*")
+# or a token with two or more separators. Compiled by the first load error (a third of a
+# millisecond that a cold start would pay for nothing); re caches it.
+PATH_LIKE = (r"(?<![\w.])(?:[A-Za-z]:[\\/]|\.{1,2}[\\/]|~[\\/]?|[\\/])[^\s'\"()]+"
+             r"|[^\s'\"()]*[\\/][^\s'\"()]*[\\/][^\s'\"()]*")
 KNOWN_OPTIONS = {"intra_op_threads", "inter_op_threads", "execution_mode",
                  "graph_optimization_level", "execution_providers"}
 
@@ -45,7 +46,7 @@ def load_error_reason(exc: BaseException) -> str:
     """onnxruntime's own reason (the operator it lacks, the bad node), paths removed."""
     text = " ".join(str(exc).split())
     text = re.sub(r"^\[ONNXRuntimeError\] : \d+ : ", "", text)
-    text = PATH_LIKE.sub("<path>", text)
+    text = re.sub(PATH_LIKE, "<path>", text)
     if len(text) > 400:
         text = text[:400] + "..."
     return text or type(exc).__name__

@@ -14,17 +14,17 @@ where a shard runs: each shard's placement names the executor that runs it
 from __future__ import annotations
 
 import copy
-import logging
 from typing import TYPE_CHECKING
 
 from runtime import BackendSettings, TensorSpec, hookimpl
 from runtime.core import close_backend
 from runtime.errors import ModelLoadError
+from runtime.records import LazyLogger
 
 if TYPE_CHECKING:  # the plan parser loads with the first plan, not at cold start
     from plugins.shard_plan import Shard, ShardPlan
 
-log = logging.getLogger("shardserve.backends.plan")
+log = LazyLogger("shardserve.backends.plan")
 
 
 class PlanBackend:

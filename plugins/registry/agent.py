@@ -58,7 +58,9 @@ def _digest(path: Path) -> str:
 
 def _plan_shards(plan: Path) -> list[dict]:
     """``{name, sha256}`` of each shard file a plan version names (remote ones have none)."""
-    from runtime.repository import tomllib
+    from runtime.config import toml_module
+
+    tomllib = toml_module()
 
     try:
         shards = tomllib.loads(plan.read_text()).get("shards", [])

@@ -71,7 +71,9 @@ class Replanner:
 
 def deployed_plan(repository: Path, model: str) -> tuple[int, dict]:
     """(source version, [options]) of the newest edge-cloud plan version of ``model``."""
-    from runtime.repository import tomllib
+    from runtime.config import toml_module
+
+    tomllib = toml_module()
 
     versions = sorted((int(p.name) for p in (repository / model).iterdir()
                        if p.is_dir() and p.name.isdigit()), reverse=True) \

@@ -10,7 +10,6 @@ takes effect without a restart. ``shardserve keys create`` prints a key once.
 from __future__ import annotations
 
 import json
-import logging
 import os
 import threading
 import time
@@ -19,16 +18,16 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from plugins.atomic_files import remove_stale, temp_prefix, write_atomically
 from runtime import hookimpl
 from runtime.errors import ConfigError, ServiceUnavailable, Unauthorized
+from runtime.records import LazyLogger
 
 from .settings import ALL_ACTIONS, DEFAULT_ACTIONS, SecuritySettings, settings
 
 if TYPE_CHECKING:
     import argparse
 
-log = logging.getLogger("shardserve.security")
+log = LazyLogger("shardserve.security")
 PREFIX = "ssk"
 _DUMMY = {"salt": "00" * 16, "hash": "00" * 32}
 
@@ -93,6 +92,8 @@ class KeyStore:
         """Load -> modify -> save under an exclusive lock; the caller edits the dict."""
         import fcntl
 
+        from plugins.atomic_files import remove_stale, temp_prefix  # only a change needs it
+
         self.path.parent.mkdir(parents=True, exist_ok=True)
         fd = os.open(self.path.with_name(self.path.name + ".lock"), os.O_RDWR | os.O_CREAT,
                      0o600)
@@ -108,6 +109,8 @@ class KeyStore:
             os.close(fd)  # releases the lock
 
     def save(self, keys: dict) -> None:
+        from plugins.atomic_files import write_atomically
+
         self.path.parent.mkdir(parents=True, exist_ok=True)
         text = json.dumps({"version": 1, "keys": keys}, indent=2, sort_keys=True)
         write_atomically(self.path, text, mode=0o600)

@@ -10,7 +10,6 @@ the lines go to the ``shardserve.audit`` logger.
 from __future__ import annotations
 
 import json
-import logging
 import os
 import threading
 import time
@@ -18,10 +17,11 @@ from typing import Any
 
 from runtime import hookimpl
 from runtime.errors import ConfigError
+from runtime.records import LazyLogger
 
 from .settings import settings
 
-log = logging.getLogger("shardserve.audit")
+log = LazyLogger("shardserve.audit")
 FIELDS = ("principal", "action", "model", "version", "outcome", "latency_ms", "bytes_in",
           "bytes_out")
 

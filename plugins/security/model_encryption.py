@@ -24,7 +24,6 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, BinaryIO
 
-from plugins.atomic_files import atomic_file, remove_stale, temp_prefix, write_atomically
 from runtime import hookimpl
 from runtime.errors import ConfigError, ModelLoadError
 
@@ -194,6 +193,8 @@ def encrypt_file(path: Path, master: bytes, chunk_size: int = DEFAULT_CHUNK) -> 
     The sidecar lands before the ciphertext: a kill in between leaves the plaintext with
     an unused sidecar, which a rerun replaces.
     """
+    from plugins.atomic_files import atomic_file, write_atomically  # (not a cold start's)
+
     if is_encrypted(path):
         raise ConfigError(f"{path.name} is already encrypted")
     data_key = os.urandom(32)
@@ -205,6 +206,8 @@ def encrypt_file(path: Path, master: bytes, chunk_size: int = DEFAULT_CHUNK) -> 
 
 def rotate_file(dek_path: Path, old: bytes, new: bytes) -> None:
     """Rewrap one data key from ``old`` to ``new`` master key; data is untouched."""
+    from plugins.atomic_files import write_atomically
+
     filename = dek_path.name[:-len(".dek")]
     data_key = unwrap_key(old, json.loads(dek_path.read_text()), filename)
     write_atomically(dek_path, json.dumps(wrap_key(new, data_key, filename)), mode=0o600)
@@ -240,6 +243,8 @@ def shardserve_transform_model_bytes(model: str, version: str, filename: str, da
 def _targets(model_dir: Path, pattern: str) -> list[Path]:
     """Files to work on, outside hidden (staging) directories, after sweeping the temp
     files a killed run left beside them."""
+    from plugins.atomic_files import remove_stale, temp_prefix
+
     found = []
     for path in sorted(model_dir.rglob(pattern)):
         if any(part.startswith(".") for part in path.relative_to(model_dir).parts):
@@ -305,6 +310,8 @@ def cmd_rotate(args: argparse.Namespace) -> int:
         return 1
     if pending:
         print(f"resuming the interrupted rotation to master key {target['to']}")
+    from plugins.atomic_files import remove_stale, temp_prefix, write_atomically
+
     remove_stale(model_dir, temp_prefix(journal.name), ".tmp")
     write_atomically(journal, json.dumps(target), mode=0o600)
     failed: set[Path] = set()

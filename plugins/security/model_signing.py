@@ -23,7 +23,6 @@ import threading
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from plugins.atomic_files import write_atomically
 from runtime import hookimpl
 from runtime.errors import ConfigError, ModelLoadError
 
@@ -152,6 +151,8 @@ def sign_directory(root: Path, private_key: Any) -> Path:
             "signatures": [{"sig": base64.b64encode(signature).decode(), "keyid": ""}],
         },
     }
+    from plugins.atomic_files import write_atomically  # (not a cold start's)
+
     target = root / SIGNATURE_FILE
     write_atomically(target, json.dumps(bundle, indent=2).encode())
     return target

@@ -7,7 +7,6 @@ Relative file paths resolve against the current directory.
 
 from __future__ import annotations
 
-import logging
 import os
 import threading
 import time
@@ -17,8 +16,9 @@ from typing import Any
 from runtime import hookimpl
 from runtime.core import RequestLimits  # the core checks them (shardserve_request_limits)
 from runtime.errors import ConfigError
+from runtime.records import LazyLogger
 
-log = logging.getLogger("shardserve.security")
+log = LazyLogger("shardserve.security")
 
 DEFAULT_ACTIONS = frozenset({"server_metadata", "metadata", "infer", "generate"})
 ALL_ACTIONS = frozenset({"server_metadata", "metadata", "infer", "generate", "repository_index",

@@ -19,7 +19,6 @@ logged (then left to onnxruntime) when it is off.
 
 from __future__ import annotations
 
-import logging
 import os
 from collections.abc import Iterator
 from pathlib import Path, PurePosixPath, PureWindowsPath
@@ -27,10 +26,11 @@ from typing import Any
 
 from runtime import hookimpl
 from runtime.errors import ModelLoadError
+from runtime.records import LazyLogger
 
 from .settings import settings
 
-log = logging.getLogger("shardserve.security.models")
+log = LazyLogger("shardserve.security.models")
 
 STANDARD_DOMAINS = frozenset({"", "ai.onnx", "ai.onnx.ml", "ai.onnx.preview.training",
                               "com.microsoft"})

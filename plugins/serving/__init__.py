@@ -8,18 +8,18 @@ request (the ``shardserve_audit`` event dispatch emits) into metrics and one JSO
 
 from __future__ import annotations
 
-import logging
 import os
 import time
 from typing import Any
 
 from runtime import hookimpl
+from runtime.records import LazyLogger
 
 from .batching import ServedBackend, batching_settings, known_versions
 from .logs import log_request
 from .metrics import configure, enabled, metrics
 
-log = logging.getLogger("shardserve.serving")
+log = LazyLogger("shardserve.serving")
 # the state directory `shardserve serve` gives its workers (.shared_repository)
 STATE_ENVIRONMENT = "SHARDSERVE_REPOSITORY_STATE"
 

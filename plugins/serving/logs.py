@@ -8,15 +8,17 @@ records keep their message; stack traces are never written.
 
 from __future__ import annotations
 
-import logging
 import os
 import sys
+import threading
 import time
 from typing import Any
 
 import orjson
 
-access_log = logging.getLogger("shardserve.access")
+from runtime.records import LazyLogger
+
+access_log = LazyLogger("shardserve.access")
 
 QUIET_ACTIONS = frozenset(("health", "metrics"))  # probes and scrapes: DEBUG, not INFO
 
@@ -33,22 +35,35 @@ def timestamp(created: float) -> str:
     return f"{_stamp_cache[1]}.{int((created - seconds) * 1000):03d}Z"
 
 
-class JsonFormatter(logging.Formatter):
-    """``{"time", "level", "logger", "message", ...fields}`` per line, via orjson."""
+def __getattr__(name: str) -> Any:
+    """``JsonFormatter`` (a ``logging.Formatter``) is built on first use: a Lambda's cold start
+    does not import logging (:class:`runtime.records.LazyLogger`)."""
+    if name != "JsonFormatter":
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    import logging
 
-    def format(self, record: logging.LogRecord) -> str:
-        doc: dict[str, Any] = {
-            "time": timestamp(record.created),
-            "level": record.levelname,
-            "logger": record.name,
-            "message": record.getMessage(),
-        }
-        fields = getattr(record, "fields", None)
-        if fields:
-            doc.update(fields)
-        if record.exc_info:  # the type only: tracebacks may hold paths and values
-            doc["error"] = record.exc_info[0].__name__ if record.exc_info[0] else "error"
-        return orjson.dumps(doc, default=str).decode()
+    class JsonFormatter(logging.Formatter):
+        """``{"time", "level", "logger", "message", ...fields}`` per line, via orjson."""
+
+        def format(self, record: logging.LogRecord) -> str:
+            doc: dict[str, Any] = {
+                "time": timestamp(record.created),
+                "level": record.levelname,
+                "logger": record.name,
+                "message": record.getMessage(),
+            }
+            fields = getattr(record, "fields", None)
+            if fields:
+                doc.update(fields)
+            if record.exc_info:  # the type only: tracebacks may hold paths and values
+                doc["error"] = record.exc_info[0].__name__ if record.exc_info[0] else "error"
+            return orjson.dumps(doc, default=str).decode()
+
+    with _formatter_lock:  # one class, also when two threads ask at once
+        return globals().setdefault("JsonFormatter", JsonFormatter)
+
+
+_formatter_lock = threading.Lock()
 
 
 # Where request lines go once configure_json_logging ran (the serve command): written with one
@@ -58,8 +73,10 @@ _access_fd: int | None = None
 
 def configure_json_logging(level: str) -> None:
     """Route every log record through one JSON handler on stderr at ``level``."""
+    import logging
+
     handler = logging.StreamHandler(sys.stderr)
-    handler.setFormatter(JsonFormatter())
+    handler.setFormatter(__getattr__("JsonFormatter")())
     root = logging.getLogger()
     for old in list(root.handlers):
         root.removeHandler(old)
@@ -69,11 +86,12 @@ def configure_json_logging(level: str) -> None:
     _access_fd = sys.stderr.fileno()
 
 
-_LEVEL_NAMES = {logging.DEBUG: "DEBUG", logging.INFO: "INFO"}
+_DEBUG, _INFO = 10, 20  # logging.DEBUG and logging.INFO
+_LEVEL_NAMES = {_DEBUG: "DEBUG", _INFO: "INFO"}
 
 
 def log_request(event: dict, model: str, version: str, hops: list | None = None) -> None:
-    level = logging.DEBUG if event.get("action") in QUIET_ACTIONS else logging.INFO
+    level = _DEBUG if event.get("action") in QUIET_ACTIONS else _INFO
     if not access_log.isEnabledFor(level):
         return
     if _access_fd is None:
