@@ -299,6 +299,42 @@ def test_cold_start_imports_only_what_the_first_answer_needs():
     assert json.loads(out.stdout) == []
 
 
+GC_STATES = """
+import gc, json, sys
+gc.disable() if sys.argv[1] == "off" else None
+states = []
+class Probe:  # the collector's state while the handler imports (runtime.core), then in calls
+    def find_spec(self, name, path=None, target=None):
+        states.append(gc.isenabled()) if name == "runtime.core" else None
+sys.meta_path.insert(0, Probe())
+from handlers.lambda_handler import handler
+states.append((gc.isenabled(), gc.get_freeze_count() > 0))
+event = {"version": "2.0", "rawPath": "/v2/health/live", "rawQueryString": "",
+         "requestContext": {"http": {"method": "GET"}}}
+import handlers.lambda_handler as h
+real = h._handle
+h._handle = lambda e, c: (states.append(gc.isenabled()), real(e, c))[1]
+assert handler(event, None)["statusCode"] == 200
+assert handler(event, None)["statusCode"] == 200
+states.append(gc.isenabled())
+print(json.dumps(states))
+"""
+
+
+def test_the_collector_pauses_during_the_cold_start_only():
+    """The cyclic collector is off while the handler module imports and during the process's
+    first invocation, and as it was before afterwards (what the cold start built frozen)."""
+    import subprocess
+    import sys
+
+    env = {**os.environ, "SHARDSERVE_REPOSITORY": str(EXAMPLES)}
+    out = {kind: json.loads(subprocess.run([sys.executable, "-c", GC_STATES, kind], cwd=ROOT,
+                                           env=env, capture_output=True, text=True,
+                                           check=True).stdout) for kind in ("on", "off")}
+    assert out["on"] == [False, [True, True], False, True, True]  # 1st call paused, 2nd not
+    assert out["off"] == [False, [False, True], False, False, False]  # the embedder's choice
+
+
 DATACLASSES_BUILT = COLD_PATH[:COLD_PATH.index("print(")] + """
 built = sorted(f"{name}.{value.__name__}" for name, module in list(sys.modules.items())
                if name.split(".")[0] in ("runtime", "handlers", "plugins")
