@@ -213,6 +213,9 @@ def _serve_gunicorn(args: argparse.Namespace) -> int:
         # workers fork from here and keep these (docs/serving.md, "Slow clients")
         gunicorn_workers.READ_TIMEOUTS.update(header=args.header_timeout,
                                               body=args.body_timeout)
+        if args.pin_workers not in ("auto", "on", "off"):  # SHARDSERVE_PIN_WORKERS
+            raise SystemExit("--pin-workers expects auto, on or off")
+        gunicorn_workers.PIN_WORKERS = args.pin_workers
         if args.max_requests:
             options["max_requests"] = args.max_requests
             options["max_requests_jitter"] = max(1, args.max_requests // 10)
@@ -372,6 +375,11 @@ def build_parser() -> argparse.ArgumentParser:
                    "batching can merge them (default); sync: one request at a time")
     p.add_argument("--threads", type=int, default=8,
                    help="threads per gthread worker (default 8)")
+    p.add_argument("--pin-workers", choices=("auto", "on", "off"),
+                   default=os.environ.get("SHARDSERVE_PIN_WORKERS") or "auto",
+                   help="pin each worker to its own CPU cores: auto (default) when there are "
+                   "at least as many workers as cores, on: also when fewer (each an equal "
+                   "share), off: never")
     p.add_argument("--max-requests", type=int, default=0,
                    help="restart a worker after this many requests (0 = never)")
     p.add_argument("--header-timeout", type=_seconds, default=5.0,

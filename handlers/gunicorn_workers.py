@@ -51,6 +51,9 @@ log = logging.getLogger("shardserve.server")
 # the fork, and the workers inherit them.
 READ_TIMEOUTS = {"header": 5.0, "body": 60.0}
 
+# --pin-workers (auto, on, off): set by the serve command in the master before the fork
+PIN_WORKERS = "auto"
+
 # Seconds a gthread handler thread waits for the next request on its keep-alive connection
 # before handing the connection back to the poller. It starts waiting only while no other
 # connection is queued and another thread is free; a connection queued during the wait waits
@@ -144,6 +147,25 @@ def write_json_error(client: Any, status: int, message: str) -> None:
     util.write_nonblock(client, head.encode("latin-1") + body)
 
 
+def pin_cores(mode: str, workers: int, usable: set[int], live: list) -> set[int] | None:
+    """The CPU cores a new worker is pinned to, or None to leave it unpinned.
+
+    ``mode`` is ``--pin-workers``: ``auto`` pins only when there are at least as many workers
+    as usable cores (one core each, round robin), ``on`` also when there are fewer (each worker
+    a disjoint, equal slice of the cores), ``off`` never. ``live`` holds the live workers'
+    pins; the new worker takes the slice with the fewest of them (a restarted worker takes
+    the one its predecessor left). A worker that keeps to one core keeps its model weights in
+    that core's cache, instead of the scheduler moving two workers' request threads across
+    both cores (docs/serving.md, "Worker pinning")."""
+    cores = sorted(usable)
+    if mode == "off" or len(cores) < 2 or workers < 1 or (mode == "auto" and workers < len(cores)):
+        return None
+    width = max(1, len(cores) // workers)
+    slices = [set(cores[i:i + width]) for i in range(0, width * (len(cores) // width), width)]
+    taken = [sum(1 for pinned in live if pinned == part) for part in slices]
+    return slices[taken.index(min(taken))]
+
+
 class EdgeWorker:
     """Mixed into gunicorn's worker classes; see the module docstring."""
 
@@ -152,6 +174,9 @@ class EdgeWorker:
 
     def init_process(self) -> None:
         signal.signal(signal.SIGPIPE, signal.SIG_IGN)
+        cores = getattr(self, "shardserve_cores", None)  # the master's pick (pin_cores)
+        if cores:  # before any thread starts: they all inherit it
+            os.sched_setaffinity(0, cores)
         self.deadlines = ReadDeadlines()
         self.deadlines.start()
         super().init_process()  # type: ignore[misc]  # runs the worker's loop

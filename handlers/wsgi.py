@@ -161,6 +161,7 @@ def gunicorn_application(source: Any, overrides: dict, options: dict,
             self.cfg.set("logger_class", "handlers.gunicorn_workers.Logger")
             self.cfg.set("when_ready", _when_ready)
             self.cfg.set("child_exit", _child_exit)
+            self.cfg.set("pre_fork", _pre_fork)
 
         def load(self) -> Callable:
             return create_wsgi_app(Runtime.from_config(source, overrides=overrides))
@@ -168,6 +169,13 @@ def gunicorn_application(source: Any, overrides: dict, options: dict,
     def _when_ready(arbiter: Any) -> None:
         host, port = arbiter.LISTENERS[0].sock.getsockname()[:2]
         on_ready(host, port)
+
+    def _pre_fork(arbiter: Any, worker: Any) -> None:  # in the master: pick the cores
+        from .gunicorn_workers import PIN_WORKERS, pin_cores
+
+        live = [getattr(w, "shardserve_cores", None) for w in arbiter.WORKERS.values()]
+        worker.shardserve_cores = pin_cores(PIN_WORKERS, arbiter.num_workers,
+                                            os.sched_getaffinity(0), live)
 
     def _child_exit(arbiter: Any, worker: Any) -> None:
         mark_process_dead(worker.pid)

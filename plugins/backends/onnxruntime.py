@@ -4,7 +4,7 @@ Options come from the model's ``[onnxruntime]`` section in model.toml:
 
 ```toml
 [onnxruntime]
-intra_op_threads = 1              # 0 = onnxruntime's default
+intra_op_threads = 1              # 0 = onnxruntime's default (a pinned worker: its cores)
 inter_op_threads = 1
 execution_mode = "sequential"     # or "parallel"
 graph_optimization_level = "all"  # "disable", "basic", "extended", "all"
@@ -60,6 +60,15 @@ def _spec(arg) -> TensorSpec:
     return TensorSpec(arg.name, datatype, shape)
 
 
+def _pinned_cores() -> int:
+    """The cores this process may run on when it is pinned to fewer than the machine has (a
+    pinned gunicorn worker, ``taskset``), else 0 (onnxruntime's default)."""
+    import os
+
+    usable = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else 0
+    return usable if 0 < usable < (os.cpu_count() or 0) else 0
+
+
 def session_options(model: str, options: dict):
     """onnxruntime SessionOptions from a model's ``[onnxruntime]`` section."""
     import onnxruntime as ort
@@ -74,6 +83,8 @@ def session_options(model: str, options: dict):
         if not isinstance(value, int) or isinstance(value, bool) or not 0 <= value <= MAX_THREADS:
             raise ModelLoadError(f"model {model!r}: {key} must be an integer from 0 to "
                                  f"{MAX_THREADS}")
+        if value == 0 and attr == "intra_op_num_threads":
+            value = _pinned_cores()  # onnxruntime's default counts cores it may not use
         setattr(opts, attr, value)
     level = options.get("graph_optimization_level", "all")
     if level not in OPTIMIZATION_LEVELS:
