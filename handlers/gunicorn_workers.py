@@ -176,7 +176,10 @@ class EdgeWorker:
         signal.signal(signal.SIGPIPE, signal.SIG_IGN)
         cores = getattr(self, "shardserve_cores", None)  # the master's pick (pin_cores)
         if cores:  # before any thread starts: they all inherit it
-            os.sched_setaffinity(0, cores)
+            try:
+                os.sched_setaffinity(0, cores)
+            except OSError as exc:  # the cores changed since the master looked: unpinned
+                log.warning("worker not pinned to cores %s: %s", sorted(cores), exc.strerror)
         self.deadlines = ReadDeadlines()
         self.deadlines.start()
         super().init_process()  # type: ignore[misc]  # runs the worker's loop
