@@ -23,7 +23,8 @@ Then the warm per-invocation cost of the handler against a raw
 ``InferenceSession.run`` in one process, and the modules the cold path imports.
 
 ``--previous TREE`` adds another checkout's handler to the same interleaved runs, so a
-change is measured against the code before it on the same machine at the same load.
+change is measured against the code before it on the same machine at the same load (with
+``--packaged``, that checkout's own package too).
 
 ``--bootstrap`` starts both scripts with what AWS's runtime interface client imports before
 it imports a handler (``awslambdaric/bootstrap.py``: importlib, json, logging, os, sys, time,
@@ -202,9 +203,10 @@ def compare(label: str, commands: dict[str, list[str]], env: dict, runs: int,
 
 
 def packaged(model: str, event: str, runs: int, runtime: str | None = None,
-             bootstrap: str = "") -> None:
+             bootstrap: str = "", previous: Path | None = None) -> None:
     """The same comparison for the function's zip, run by the bare interpreter (of the
-    runtime's Python: another one than this, e.g. python3.12, must be installed here)."""
+    runtime's Python: another one than this, e.g. python3.12, must be installed here);
+    ``previous``: that checkout's zip too, built by its own ``shardserve package``."""
     local = f"{sys.version_info[0]}.{sys.version_info[1]}"
     version = runtime.removeprefix("python") if runtime else local
     base: str | Path | None = Path(sys.base_prefix) / "bin" / f"python{version}"
@@ -215,26 +217,36 @@ def packaged(model: str, event: str, runs: int, runtime: str | None = None,
         if base is None:
             sys.exit(f"no python{version} here to run its package (SHARDSERVE_LAMBDA_PYTHON)")
     with tempfile.TemporaryDirectory(prefix="coldstart-") as temp:
-        out = Path(temp) / "out"
-        glibc = platform.libc_ver()[1] or "2.28"  # run here: this machine's glibc
-        subprocess.run([sys.executable, "-m", "handlers.cli", "package", f"infer={model}",
-                        "--repository", str(REPOSITORY), "--out", str(out),
-                        "--runtime", f"python{version}"],
-                       check=True, cwd=ROOT, stdout=subprocess.DEVNULL,
-                       env={**os.environ, "SHARDSERVE_LAMBDA_GLIBC": glibc})
-        root = Path(temp) / "task"
-        with zipfile.ZipFile(out / "infer.zip") as zf:
-            zf.extractall(root)
-            size = sum(i.file_size for i in zf.infolist())
-        print(f"package: {size / 2**20:.1f} MiB unzipped, run by {Path(base).name} -I -S")
-        prefix = f"import sys; sys.path.insert(0, {str(root)!r})\n" + bootstrap
+        roots = {}
+        for name, tree in (("handler", ROOT), ("previous", previous)):
+            if tree is None:
+                continue
+            out, roots[name] = Path(temp) / f"out-{name}", Path(temp) / f"task-{name}"
+            glibc = platform.libc_ver()[1] or "2.28"  # run here: this machine's glibc
+            subprocess.run([sys.executable, "-m", "handlers.cli", "package", f"infer={model}",
+                            "--repository", str(tree / REPOSITORY.relative_to(ROOT)),
+                            "--out", str(out), "--runtime", f"python{version}"],
+                           check=True, cwd=tree, stdout=subprocess.DEVNULL,
+                           env={**os.environ, "SHARDSERVE_LAMBDA_GLIBC": glibc})
+            with zipfile.ZipFile(out / "infer.zip") as zf:
+                zf.extractall(roots[name])
+                size = sum(i.file_size for i in zf.infolist())
+            print(f"{name} package: {size / 2**20:.1f} MiB unzipped, run by {Path(base).name} "
+                  "-I -S")
         env = {"SHARDSERVE_REPOSITORY": "examples/models", "SHARDSERVE_LOG_LEVEL": "WARNING",
                "PATH": "/usr/bin:/bin"}
+        root = roots["handler"]
         packaged_model = str(root / "examples" / "models" / model / "1" / "model.onnx")
+        commands = {name: [str(base), "-I", "-S", "-c", _on_path(where) + bootstrap + HANDLER,
+                           event] for name, where in roots.items()}
+        commands["bare"] = [str(base), "-I", "-S", "-c", _on_path(root) + bootstrap + BARE,
+                            packaged_model]
         compare(f"packaged, {model}{', after bootstrap imports' if bootstrap else ''}",
-                {"handler": [str(base), "-I", "-S", "-c", prefix + HANDLER, event],
-                 "bare": [str(base), "-I", "-S", "-c", prefix + BARE, packaged_model]},
-                env, runs, cwd=root)
+                commands, env, runs, cwd=root, cwds=roots)
+
+
+def _on_path(root: Path) -> str:
+    return f"import sys; sys.path.insert(0, {str(root)!r})\n"
 
 
 def main() -> None:
@@ -278,7 +290,8 @@ def main() -> None:
                                                            if args.previous else {})})
     compare(f"source tree, {label}", commands, env, args.runs, cwds=cwds, trees=tuple(trees))
     if args.packaged:
-        packaged(args.model, event, args.runs, args.runtime, bootstrap)
+        packaged(args.model, event, args.runs, args.runtime, bootstrap,
+                 Path(args.previous).resolve() if args.previous else None)
 
     imported = subprocess.run([sys.executable, "-c", IMPORTS, event], env=env, check=True,
                               cwd=ROOT, capture_output=True, text=True).stdout.strip()
