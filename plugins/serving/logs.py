@@ -59,6 +59,7 @@ def __getattr__(name: str) -> Any:
                 doc["error"] = record.exc_info[0].__name__ if record.exc_info[0] else "error"
             return orjson.dumps(doc, default=str).decode()
 
+    JsonFormatter.__qualname__ = "JsonFormatter"  # as if defined at the module's top level
     with _formatter_lock:  # one class, also when two threads ask at once
         return globals().setdefault("JsonFormatter", JsonFormatter)
 
