@@ -10,6 +10,7 @@ from plugins.generation.sampling import (
     SamplingParams,
     _numba_kernel,
     apply_repetition_penalty,
+    filtered_distribution,
     sample,
     sample_numpy,
 )
@@ -309,3 +310,83 @@ def test_kernel_top_k_selection_matches_a_stable_sort_with_ties():
         for k in {1, 7, 64, 256, int(rng.integers(1, n + 1))}:
             if k <= n:
                 assert _top_k_sorted(x, k).tolist() == np.argsort(-x, kind="stable")[:k].tolist()
+
+
+@pytest.mark.parametrize("offset,temperature", [(0.0, 1.0), (40.0, 0.3), (-300.0, 1e-3)])
+def test_nucleus_histogram_weights_within_each_buckets_bound(offset, temperature):
+    """The top-p fast path's float32 weights, against the float64 pass's for the same logits:
+    each within its bucket's bound (_bucket_error, which the nucleus's total and edges rely
+    on), and each token in the bucket that its t = (x - max) / T, computed as the candidates'
+    test computes it, puts it in."""
+    from plugins.generation.sampling_kernel import (
+        _KEY_SCALE,
+        _KEYS,
+        _bucket_error,
+        _exp32_keyed,
+        _exp_weights,
+    )
+
+    rng = np.random.default_rng(10)
+    x = (rng.standard_normal(4096) * 3 + offset).astype(np.float32)
+    x[:400] = x.max() - rng.random(400).astype(np.float32) * 90 * temperature  # t in [-90, 0]
+    x[400:410] = [np.nan, -np.inf] * 5
+    xmax = np.nanmax(x)
+    s = np.float32(1 / temperature)
+    w32, key = np.empty(x.size, np.float32), np.empty(x.size, np.int32)
+    _exp32_keyed(x, s, xmax, w32, key)
+    w64 = np.empty(x.size)
+    _exp_weights(x, 1 / temperature, float(xmax), 0, x.size, w64)
+    live = w32 > 0  # the rest (t <= -87, NaN, -inf) weigh under 2e-38 in float64 too
+    assert live.sum() >= 350 and (key[400:410] == _KEYS - 1).all() and not w32[400:410].any()
+    bounds = np.array([_bucket_error(int(b)) for b in key])
+    assert np.all(np.abs(w32[live] - w64[live]) <= bounds[live] * w64[live])
+    assert np.all(np.nan_to_num(w64[~live]) < 2e-38) and (~live).sum() >= 20
+    t = (x - xmax) * s
+    for b in np.unique(key[key < _KEYS - 1]):
+        inside = t > np.float32(-(b + 1) / _KEY_SCALE)
+        assert np.array_equal(inside, key <= b)
+
+
+@pytest.mark.parametrize("sd,temperature,top_p", [(3.0, 0.8, 0.9), (3.0, 1.0, 0.9),
+                                                   (6.0, 0.7, 0.5), (2.0, 1.0, 0.95)])
+def test_fast_nucleus_draw_is_the_float64_draw(sd, temperature, top_p):
+    """The float32 top-p path decides where its error bound allows (here: for most logits) and
+    then draws the float64 path's token, for random uniform numbers and ones placed on the
+    edges between the nucleus's tokens (exactly on them too: both weigh the kept tokens
+    alike), and the numpy path's off the edges."""
+    from plugins.generation.sampling_kernel import _draw_nucleus, _sample_filtered64
+
+    decided = 0
+    for seed in range(4):
+        logits = (np.random.default_rng(seed).standard_normal(49152) * sd).astype(np.float32)
+        params = SamplingParams(temperature, 0, top_p)
+        order, p = filtered_distribution(logits, temperature, 0, top_p)
+        edges = np.cumsum(p)[:25]
+        off = np.clip(np.concatenate([edges - 1e-10, edges + 1e-10]), 0, 1 - 1e-16)
+        us = np.concatenate([np.random.default_rng(seed).random(20), off, edges[edges < 1]])
+        fast = [_draw_nucleus(logits, 1 / temperature, top_p, u) for u in us]
+        decided += min(fast) >= 0
+        for i, (u, token) in enumerate(zip(us, fast)):
+            if token >= 0:
+                assert token == _sample_filtered64(logits, temperature, 0, top_p, u), u
+                if i < 20 + off.size:
+                    assert token == sample_numpy(logits, params, u), u
+    assert decided >= 3
+
+
+def test_nucleus_edge_on_a_token_defers_to_the_float64_path():
+    """top_p set to the float64 share of the best tokens, so the nucleus's edge lies on a
+    token's: the float32 path cannot tell which side and leaves it to the float64 path, and
+    the kernel draws the numpy path's token."""
+    from plugins.generation.sampling_kernel import _draw_nucleus
+
+    logits = (np.random.default_rng(3).standard_normal(49152) * 3).astype(np.float32)
+    x = logits.astype(np.float64)
+    w = np.sort(np.exp((x - x.max()) / 0.8))[::-1]
+    kernel = _numba_kernel()
+    for k in (1, 20, 100):
+        top_p = float(w[:k].sum() / w.sum())
+        assert _draw_nucleus(logits, 1 / 0.8, top_p, 0.5) == -1
+        for u in np.linspace(0.0, 0.999, 15):
+            assert kernel(logits, 0.8, 0, top_p, u) == sample_numpy(
+                logits, SamplingParams(0.8, 0, top_p), u)

@@ -62,9 +62,10 @@ def filtered_distribution(logits: np.ndarray, temperature: float, top_k: int, to
                           ) -> tuple[np.ndarray, np.ndarray]:
     """Token ids sorted by probability (ties: lower id first) and their renormalised
     probabilities after temperature, top-k and top-p (the smallest prefix whose mass reaches
-    ``top_p``). The numpy path, and the reference the numba kernel is tested against. Like the
-    kernel, it sorts only the top k, and for top-p alone only as many of the best tokens (64,
-    256) as hold the nucleus, the whole vocabulary only when they do not."""
+    ``top_p``). The numpy path, and the reference the numba kernel is tested against. It sorts
+    only the top k, and for top-p alone only as many of the best tokens (64, 256) as hold the
+    nucleus, the whole vocabulary only when they do not (the kernel finds the nucleus's
+    candidates with a histogram of the mass instead)."""
     x = logits.astype(np.float64)  # weights exp((x - max) / T), as the kernel's
     if 0 < top_k < x.size:
         order = _top_k_sorted(x, top_k)

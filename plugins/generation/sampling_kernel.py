@@ -3,8 +3,19 @@ first sampled token, and the kernel compiles then (cached on disk).
 
 Same algorithm as :func:`plugins.generation.sampling.filtered_distribution` followed by an
 inverse-CDF draw: with top-k it selects the k best tokens with a bounded insertion pass over the
-vocabulary instead of sorting all of it, which is where numpy spends its time; with top-p alone
-it grows such a selection until it holds the nucleus.
+vocabulary instead of sorting all of it, which is where numpy spends its time.
+
+With top-p alone the work is the nucleus's total, one exponential per token, and finding the
+best tokens that hold ``top_p`` of it. :func:`_draw_nucleus` does both in one vectorised pass of
+float32 exponentials (below) that also gives each token a bucket by ``t = (x - max) / T``, 1/16
+wide; a scalar loop sums the weights per bucket (AVX2 has no scatter to vectorise it). The
+fewest buckets from the top whose mass reaches ``top_p`` of the total, whatever the float32
+error, hold the candidates (``t`` above a bound, so the best tokens, ties together); only they
+are sorted and weighed in float64. The total it compares against is their float64 mass plus the
+other buckets' float32 mass, whose error bound is a few 1e-7 of the total; where the nucleus's
+edge lies within that of a token's edge (0 to 2 logits vectors in a hundred, measured), or the
+candidates cannot be shown to hold the nucleus, the float64 path (:func:`_sample_filtered64`)
+decides, so the token is the float64 path's for every uniform number.
 
 With no filter (temperature only) the work is one exponential per vocabulary entry, so what
 counts is how fast one is. :func:`_exp32_weights` computes them in float32, 16 to an AVX-512
@@ -49,6 +60,12 @@ _EXP32_MIN = np.float32(-87.0)  # below, 2**n leaves float32's normal range: the
 _EPS_EXP = 2.5e-7
 _EPS_T = 3.0 * 2.0 ** -24 * (1.0 + 2.0 ** -20)
 _F32 = np.float32
+# The nucleus's mass histogram: bucket b holds the tokens with b <= -t * _KEY_SCALE < b + 1, the
+# last bucket everything from t <= -(_KEYS - 1) / _KEY_SCALE down (and NaN).
+_KEYS = 1024
+_KEY_SCALE = 16.0
+_CHUNK = 2048  # entries per vectorised call: its buffers (16 KB) and the histogram fit L1
+_SLACK = 1e-10  # float64 rounding of the sums and of the float64 weights, relative, with room
 
 
 def _from_bits(int_type, float_type, ir_type):
@@ -193,6 +210,29 @@ def _exp32_weights(x, scale, xmax, start, stop, w, tw):
         tw[i - start] = -t * v if inside else _F32(0.0)
 
 
+@jit(fastmath={"contract"})
+def _exp32_keyed(x, scale, xmax, w, key):
+    """:func:`_exp32_weights`' ``w`` (without ``tw``), and each token's histogram bucket
+    ``key = min(-t * _KEY_SCALE, _KEYS - 1)`` (the last bucket for NaN): one vectorised loop
+    over all of ``x`` (a slice: indexing from a start offset made it a third slower)."""
+    for i in range(x.size):
+        t = (x[i] - xmax) * scale
+        n = np.floor(t * _F32(1.442695) + _F32(0.5))
+        r = (t - n * _F32(0.693359375)) - n * _F32(-2.12194440e-4)
+        p = _F32(1.9841270e-4)
+        p = p * r + _F32(1.3888889e-3)
+        p = p * r + _F32(8.3333333e-3)
+        p = p * r + _F32(4.1666667e-2)
+        p = p * r + _F32(1.6666667e-1)
+        p = p * r + _F32(0.5)
+        p = p * r + _F32(1.0)
+        p = p * r + _F32(1.0)
+        v = p * _float32_from_bits((np.int32(n) + np.int32(127)) << np.int32(23))
+        w[i] = v if t > _EXP32_MIN else _F32(0.0)
+        k = t * _F32(-_KEY_SCALE)
+        key[i] = np.int32(k if k < _F32(_KEYS - 1) else _F32(_KEYS - 1))
+
+
 @jit(fastmath={"reassoc", "contract"})
 def _sums32(w, tw, stop):
     s = 0.0
@@ -306,10 +346,154 @@ def _nucleus_candidates(x, scale, top_p, xmax, total):
 
 
 @jit
+def _block_maxima(x, tops):
+    """``tops[b]``: the max of block ``b`` of ``_SUB`` entries (vectorised); returns the max."""
+    size = x.size
+    for b in range(tops.size):
+        tops[b] = _max(x[b * _SUB:min(size, (b + 1) * _SUB)])
+    return _max(tops)
+
+
+@jit
+def _mass_histogram(x, scale, xmax, hist):
+    """``hist[b]``: the float32 weights of bucket ``b``'s tokens, summed in float64."""
+    w = np.empty(_CHUNK, dtype=np.float32)
+    key = np.empty(_CHUNK, dtype=np.int32)
+    hist[:] = 0.0
+    for start in range(0, x.size, _CHUNK):
+        stop = min(x.size, start + _CHUNK)
+        _exp32_keyed(x[start:stop], scale, xmax, w, key)
+        for j in range(stop - start):  # scalar: AVX2 has no scatter
+            hist[key[j]] += np.float64(w[j])
+
+
+@jit
+def _bucket_error(b):
+    """A bound of the float32 weights' relative error in bucket ``b``, as
+    :func:`_draw_unfiltered`'s guard counts it: |t| < (b + 1) / _KEY_SCALE, in the last
+    bucket |t| < 87 (the weights below are 0)."""
+    t = (b + 1) / _KEY_SCALE if b < _KEYS - 1 else 87.0
+    return (_EPS_EXP + _EPS_T * t) * (1.0 + 1e-4)
+
+
+@jit
+def _collect_above(x, scale, xmax, bound, tops, out):
+    """The indices of the tokens with ``(x - xmax) * scale > bound`` into ``out``, in index
+    order, as many as fit; returns how many there are. Only the blocks of ``_SUB`` whose max
+    (``tops``) passes are read."""
+    count = 0
+    for blk in range(tops.size):
+        if not (tops[blk] - xmax) * scale > bound:
+            continue
+        for i in range(blk * _SUB, min(x.size, (blk + 1) * _SUB)):
+            if (x[i] - xmax) * scale > bound:
+                if count < out.size:
+                    out[count] = i
+                count += 1
+    return count
+
+
+@jit
+def _draw_nucleus(x, scale, top_p, u):
+    """The top-p draw of :func:`_sample_filtered64` (the float64 path) from float32 weights,
+    or -1 where their error could change it.
+
+    One vectorised pass computes every float32 weight and adds it to a histogram by
+    ``t = (x - max) / T`` in buckets of 1/16; the fewest buckets from the top that hold
+    ``top_p`` of the mass, whatever the float32 error, give the candidates (the tokens with
+    ``t`` above a bound, so the best ones), which alone are sorted and weighed in float64.
+    The total is their float64 mass plus the other buckets' float32 mass, whose error bound
+    (:func:`_bucket_error`) is then a small share of the total; where the nucleus's edge lies
+    within that bound of a token's, the float64 path decides instead."""
+    n = x.size
+    s = _F32(scale)
+    tops = np.empty((n + _SUB - 1) // _SUB, dtype=x.dtype)
+    xmax = _block_maxima(x, tops)
+    if not (np.abs(xmax) < np.inf and s >= _F32(1.2e-38) and s < np.inf):
+        return -1  # no float32 weights to speak of: the float64 path
+    hist = np.empty(_KEYS, dtype=np.float64)
+    _mass_histogram(x, s, xmax, hist)
+    total = 0.0
+    err = n * 2e-38  # the weights zeroed below -87
+    for b in range(_KEYS):
+        total += hist[b]
+        err += _bucket_error(b) * hist[b]
+    if not total > 0.0:
+        return -1
+    need = top_p * (total + err) * (1.0 + _SLACK)
+    cum = 0.0
+    cum_err = 0.0
+    last = -1
+    for b in range(_KEYS - 1):
+        cum += hist[b]
+        cum_err += _bucket_error(b) * hist[b]
+        if (cum - cum_err) * (1.0 - _SLACK) >= need:
+            last = b
+            break
+    if last < 0:
+        return -1  # the nucleus reaches into the last bucket (t <= -64): the float64 path
+    rest = 0.0
+    rest_err = n * 2e-38
+    for b in range(last + 1, _KEYS):
+        rest += hist[b]
+        rest_err += _bucket_error(b) * hist[b]
+    # the candidates, in index order: the tokens of buckets 0..last, t > -(last + 1) / 16
+    # (-t * 16 is exact, so this is the histogram's own partition)
+    bound = _F32(-(last + 1) / _KEY_SCALE)
+    cand = np.empty(min(n, 4096), dtype=np.int32)
+    count = _collect_above(x, s, xmax, bound, tops, cand)
+    if count > cand.size:
+        cand = np.empty(count, dtype=np.int32)
+        _collect_above(x, s, xmax, bound, tops, cand)
+    # sorted best first, ties lower index first (a stable sort of the index-ordered tokens)
+    order = np.argsort(-x[cand[:count]], kind="mergesort")
+    xm = np.float64(xmax)
+    p = np.empty(count, dtype=np.float64)
+    kept = 0.0
+    for i in range(count):
+        p[i] = math.exp((np.float64(x[cand[order[i]]]) - xm) * scale)
+        kept += p[i]
+    lo = (kept + rest - rest_err) * (1.0 - _SLACK)
+    hi = (kept + rest + rest_err) * (1.0 + _SLACK)
+    if kept < top_p * hi:
+        return -1
+    before = 0.0
+    keep = 0
+    for i in range(count):  # the float64 path's rule: stop once before / total >= top_p
+        if before >= top_p * hi:
+            break
+        if before >= top_p * lo:
+            return -1  # the nucleus's edge within the error bound of this token's
+        before += p[i]
+        keep += 1
+    if keep == 0:
+        keep = 1
+    mass = 0.0
+    for i in range(keep):
+        mass += p[i]
+    target = u * mass
+    acc = 0.0
+    for i in range(keep):
+        acc += p[i]
+        if acc > target:
+            return cand[order[i]]
+    return cand[order[keep - 1]]
+
+
+@jit
 def sample_filtered(logits, temperature, top_k, top_p, u):
     if top_k <= 0 or top_k >= logits.size:
         if top_p >= 1.0:  # no filter: draw in vocabulary order, nothing to sort
             return _draw_unfiltered(logits, 1.0 / temperature, u)
+        token = _draw_nucleus(logits, 1.0 / temperature, top_p, u)
+        if token >= 0:
+            return token
+    return _sample_filtered64(logits, temperature, top_k, top_p, u)
+
+
+@jit
+def _sample_filtered64(logits, temperature, top_k, top_p, u):
+    """Top-k and top-p in float64; top-p alone where :func:`_draw_nucleus` cannot decide."""
     # weights exp((x - max) / T): the selections run on the logits themselves, since dividing
     # by T > 0 keeps their order and their ties (float32 values stay distinct in float64)
     scale = 1.0 / temperature
