@@ -133,7 +133,7 @@ def test_unfiltered_draws_across_blocks_follow_the_reference():
 def test_vectorised_exp_matches_numpy():
     """The kernel's own exp: within 1e-15 relative of numpy's down to -708, then 0; a NaN
     or -inf logit weighs 0."""
-    from plugins.generation.sampling_kernel import _exp_weights
+    from plugins.generation.sampling_exp import _exp_weights
 
     t = np.concatenate([np.linspace(-750.0, 0.0, 100_001), [np.nan, -np.inf]])
     w = np.empty(t.size)
@@ -161,7 +161,7 @@ def test_unfiltered_draw_never_picks_a_masked_token():
 def test_float32_exp_is_within_its_stated_bound():
     """The fast path's float32 exp, against exp in float64 of the same float32 argument: the
     bound the draw's guard assumes (_EPS_EXP) with room to spare; NaN and -inf weigh 0."""
-    from plugins.generation.sampling_kernel import _EPS_EXP, _exp32_weights
+    from plugins.generation.sampling_exp import _EPS_EXP, _exp32_weights
 
     t = np.concatenate([np.linspace(-86.9, 0.0, 400_001), [np.nan, -np.inf, -90.0]])
     t = t.astype(np.float32)
@@ -197,7 +197,7 @@ def test_float32_weights_within_the_guards_bound(offset, temperature):
     for the same logits: each within _EPS_EXP + _EPS_T * |t|, also for large logits and tiny
     temperatures (where x / T - max / T, not fused into one FMA, carried |max / T| * 2**-24 of
     rounding that the guard did not count: 1e-5 relative at logits ~50, T 0.3)."""
-    from plugins.generation.sampling_kernel import (
+    from plugins.generation.sampling_exp import (
         _EPS_EXP,
         _EPS_T,
         _exp32_weights,
@@ -318,13 +318,8 @@ def test_nucleus_histogram_weights_within_each_buckets_bound(offset, temperature
     each within its bucket's bound (_bucket_error, which the nucleus's total and edges rely
     on), and each token in the bucket that its t = (x - max) / T, computed as the candidates'
     test computes it, puts it in."""
-    from plugins.generation.sampling_kernel import (
-        _KEY_SCALE,
-        _KEYS,
-        _bucket_error,
-        _exp32_keyed,
-        _exp_weights,
-    )
+    from plugins.generation.sampling_exp import _KEY_SCALE, _KEYS, _exp32_keyed, _exp_weights
+    from plugins.generation.sampling_kernel import _bucket_error
 
     rng = np.random.default_rng(10)
     x = (rng.standard_normal(4096) * 3 + offset).astype(np.float32)

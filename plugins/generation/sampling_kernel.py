@@ -7,28 +7,29 @@ vocabulary instead of sorting all of it, which is where numpy spends its time.
 
 With top-p alone the work is the nucleus's total, one exponential per token, and finding the
 best tokens that hold ``top_p`` of it. :func:`_draw_nucleus` does both in one vectorised pass of
-float32 exponentials (below) that also gives each token a bucket by ``t = (x - max) / T``, 1/16
-wide; a scalar loop sums the weights per bucket (AVX2 has no scatter to vectorise it). The
-fewest buckets from the top whose mass reaches ``top_p`` of the total, whatever the float32
-error, hold the candidates (``t`` above a bound, so the best tokens, ties together); only they
-are sorted and weighed in float64. The total it compares against is their float64 mass plus the
-other buckets' float32 mass, whose error bound is a few 1e-7 of the total; where the nucleus's
-edge lies within that of a token's edge (0 to 2 logits vectors in a hundred, measured), or the
-candidates cannot be shown to hold the nucleus, the float64 path (:func:`_sample_filtered64`)
-decides, so the token is the float64 path's for every uniform number.
+float32 exponentials (:func:`~.sampling_exp._exp32_keyed`) that also gives each token a bucket
+by ``t = (x - max) / T``, 1/16 wide; a scalar loop sums the weights per bucket (AVX2 has no
+scatter to vectorise it). The fewest buckets from the top whose mass reaches ``top_p`` of the
+total, whatever the float32 error, hold the candidates (``t`` above a bound, so the best tokens,
+ties together); only they are sorted and weighed in float64. The total it compares against is
+their float64 mass plus the other buckets' float32 mass, whose error bound is a few 1e-7 of the
+total; where the nucleus's edge lies within that of a token's edge (0 to 2 logits vectors in a
+hundred, measured), or the candidates cannot be shown to hold the nucleus, the float64 path
+(:func:`_sample_filtered64`) decides, so the token is the float64 path's for every uniform
+number.
 
 With no filter (temperature only) the work is one exponential per vocabulary entry, so what
-counts is how fast one is. :func:`_exp32_weights` computes them in float32, 16 to an AVX-512
-vector: a range reduction (``2**n * exp(r)``, ``|r| <= ln 2 / 2``, the power of two built from
-its exponent bits) and a degree-7 polynomial, in a loop LLVM vectorises (about 0.5 ns an entry,
-against about 10 ns for a scalar ``math.exp``). The block sums are float64, and the draw is
-*exactly* the float64 one's: the walk carries a bound on how far the float32 weights can have
-moved the cumulative mass (the polynomial's error, and float32 rounding of ``(x - max) / T``,
-which grows with ``|x - max| / T``), and when the drawn point lies closer than that to either
-edge of the token it landed in (a few draws in a hundred at a 49,152-token vocabulary) it draws
-again from the same uniform number in float64 (:func:`_exp_weights`: 12th-degree, within 3e-16
-of ``numpy.exp``), so both paths pick the same token for the same number. The max and the sums
-are vectorised reductions too, and the walk skips whole blocks by their sums.
+counts is how fast one is: :func:`_draw_unfiltered` computes them in float32
+(:func:`~.sampling_exp._exp32_weights`, 16 to an AVX-512 vector, about 0.5 ns an entry against
+about 10 ns for a scalar ``math.exp``). The block sums are float64, and the draw is *exactly* the
+float64 one's: the walk carries a bound on how far the float32 weights can have moved the
+cumulative mass (the polynomial's error, and float32 rounding of ``(x - max) / T``, which grows
+with ``|x - max| / T``), and when the drawn point lies closer than that to either edge of the
+token it landed in (a few draws in a hundred at a 49,152-token vocabulary) it draws again from the
+same uniform number in float64 (:func:`~.sampling_exp._exp_weights`: within 3e-16 of
+``numpy.exp``), so both paths pick the same token for the same number. The max and the sums are
+vectorised reductions too, and the walk skips whole blocks by their sums. The exponentials, their
+error bounds and the reductions are in :mod:`.sampling_exp`.
 """
 
 from __future__ import annotations
@@ -36,117 +37,27 @@ from __future__ import annotations
 import math
 
 import numpy as np
-from llvmlite import ir
 
-from plugins.kernels.numba_env import jit, numba_module
+from plugins.kernels.numba_env import jit
 
-_numba = numba_module()
-_types = _numba.core.types
-_intrinsic = _numba.extending.intrinsic
+from .sampling_exp import (
+    _EPS_EXP,
+    _EPS_T,
+    _F32,
+    _KEY_SCALE,
+    _KEYS,
+    _exp32_keyed,
+    _exp32_weights,
+    _exp_weights,
+    _max,
+    _sum,
+    _sums32,
+)
 
-_LOG2E = 1.4426950408889634
-_LN2_HI = 6.93147180369123816490e-01  # ln 2 in two parts: n * _LN2_HI is exact for |n| < 2**11
-_LN2_LO = 1.90821492927058770002e-10
-_EXP_MIN = -708.0  # below, 2**n is subnormal: the weight is 0 (numpy's is < 3e-308)
 _BLOCK = 256  # entries per partial sum of the inverse-CDF walk
 _SUB = 64  # entries per block max of the top-k selection
-_EXP32_MIN = np.float32(-87.0)  # below, 2**n leaves float32's normal range: the weight is 0
-# Bounds of the float32 weights' relative error against the float64 pass's exp(x / T - max / T):
-# the polynomial and its range reduction (7.6e-8 measured over [-87, 0], tested); 3 * 2**-24 per
-# unit of |t| = |x - max| / T, t computed in float32 as (x - max) * (1/T): the subtraction, the
-# float32 1/T and the product, 2**-24 each. Formed so, t has no term in max / T, whatever LLVM
-# fuses (x * (1/T) - max / T would carry |max / T| * 2**-24 of the product's rounding unless fused
-# into one FMA). The float64 pass forms t the same way (2**-52 per unit of |t|, in the margin).
-_EPS_EXP = 2.5e-7
-_EPS_T = 3.0 * 2.0 ** -24 * (1.0 + 2.0 ** -20)
-_F32 = np.float32
-# The nucleus's mass histogram: bucket b holds the tokens with b <= -t * _KEY_SCALE < b + 1, the
-# last bucket everything from t <= -(_KEYS - 1) / _KEY_SCALE down (and NaN).
-_KEYS = 1024
-_KEY_SCALE = 16.0
 _CHUNK = 2048  # entries per vectorised call: its buffers (16 KB) and the histogram fit L1
 _SLACK = 1e-10  # float64 rounding of the sums and of the float64 weights, relative, with room
-
-
-def _from_bits(int_type, float_type, ir_type):
-    """An intrinsic: the float whose IEEE bits are the given integer (a bitcast, which LLVM
-    vectorises)."""
-
-    @_intrinsic
-    def from_bits(typingctx, bits):
-        if not isinstance(bits, _types.Integer):
-            return None
-
-        def codegen(context, builder, sig, args):
-            value = context.cast(builder, args[0], sig.args[0], int_type)
-            return builder.bitcast(value, ir_type)
-
-        return float_type(bits), codegen
-
-    return from_bits
-
-
-_float64_from_bits = _from_bits(_types.int64, _types.float64, ir.DoubleType())
-_float32_from_bits = _from_bits(_types.int32, _types.float32, ir.FloatType())
-
-
-@_intrinsic
-def _maxnum(typingctx, a, b):
-    """LLVM's ``maxnum`` (the larger, ignoring a NaN): unlike a compare-and-select, LLVM
-    vectorises a reduction over it without fast-math."""
-    if not (isinstance(a, _types.Float) and a == b):
-        return None
-
-    def codegen(context, builder, sig, args):
-        kind = args[0].type
-        fn = builder.module.declare_intrinsic("llvm.maxnum", [kind],
-                                              ir.FunctionType(kind, [kind, kind]))
-        return builder.call(fn, args)
-
-    return a(a, b), codegen
-
-
-@jit
-def _max(x):
-    m = x[0]
-    for i in range(x.size):
-        m = _maxnum(m, x[i])
-    return m
-
-
-@jit(fastmath={"contract"})  # fused multiply-adds; no reassociation (the split ln 2 needs order)
-def _exp_weights(x, scale, xmax, start, stop, w):
-    """``w[i - start] = exp((x[i] - xmax) * scale)`` for ``start <= i < stop``, in float64 (0
-    below ``_EXP_MIN`` and for NaN). Formed so, the max's own t is exactly 0: ``x * scale -
-    xmax * scale``, fused into an FMA, left it the product's rounding, |xmax * scale| * 2**-53,
-    which at a tiny temperature overflowed the weight."""
-    for i in range(start, stop):
-        t = (np.float64(x[i]) - xmax) * scale
-        n = math.floor(t * _LOG2E + 0.5)
-        r = (t - n * _LN2_HI) - n * _LN2_LO
-        p = 2.08767569878681e-09  # Taylor to r**12: 1.7e-16 at |r| = ln 2 / 2
-        p = p * r + 2.505210838544172e-08
-        p = p * r + 2.755731922398589e-07
-        p = p * r + 2.7557319223985893e-06
-        p = p * r + 2.48015873015873e-05
-        p = p * r + 0.0001984126984126984
-        p = p * r + 0.001388888888888889
-        p = p * r + 0.008333333333333333
-        p = p * r + 0.041666666666666664
-        p = p * r + 0.16666666666666666
-        p = p * r + 0.5
-        p = p * r + 1.0
-        p = p * r + 1.0
-        v = p * _float64_from_bits((np.int64(n) + 1023) << 52)
-        w[i - start] = v if t > _EXP_MIN else 0.0
-
-
-@jit(fastmath={"reassoc", "contract"})  # a vectorised (reordered) sum
-def _sum(w, stop):
-    s = 0.0
-    for i in range(stop):
-        s += w[i]
-    return s
 
 
 @jit
@@ -186,61 +97,6 @@ def _draw_unfiltered64(x, scale, u):
             if acc > target:
                 return start + i
     return n - 1
-
-
-@jit(fastmath={"contract"})
-def _exp32_weights(x, scale, xmax, start, stop, w, tw):
-    """``w[i - start] = exp(t)`` in float32 with ``t = (x[i] - xmax) * scale`` (0 below
-    ``_EXP32_MIN`` and for NaN), and ``tw[i - start] = -t * w`` for the error bound."""
-    for i in range(start, stop):
-        t = (x[i] - xmax) * scale
-        n = np.floor(t * _F32(1.442695) + _F32(0.5))
-        r = (t - n * _F32(0.693359375)) - n * _F32(-2.12194440e-4)  # ln 2, split
-        p = _F32(1.9841270e-4)  # Taylor to r**7: 5e-9 at |r| = ln 2 / 2
-        p = p * r + _F32(1.3888889e-3)
-        p = p * r + _F32(8.3333333e-3)
-        p = p * r + _F32(4.1666667e-2)
-        p = p * r + _F32(1.6666667e-1)
-        p = p * r + _F32(0.5)
-        p = p * r + _F32(1.0)
-        p = p * r + _F32(1.0)
-        v = p * _float32_from_bits((np.int32(n) + np.int32(127)) << np.int32(23))
-        inside = t > _EXP32_MIN
-        w[i - start] = v if inside else _F32(0.0)
-        tw[i - start] = -t * v if inside else _F32(0.0)
-
-
-@jit(fastmath={"contract"})
-def _exp32_keyed(x, scale, xmax, w, key):
-    """:func:`_exp32_weights`' ``w`` (without ``tw``), and each token's histogram bucket
-    ``key = min(-t * _KEY_SCALE, _KEYS - 1)`` (the last bucket for NaN): one vectorised loop
-    over all of ``x`` (a slice: indexing from a start offset made it a third slower)."""
-    for i in range(x.size):
-        t = (x[i] - xmax) * scale
-        n = np.floor(t * _F32(1.442695) + _F32(0.5))
-        r = (t - n * _F32(0.693359375)) - n * _F32(-2.12194440e-4)
-        p = _F32(1.9841270e-4)
-        p = p * r + _F32(1.3888889e-3)
-        p = p * r + _F32(8.3333333e-3)
-        p = p * r + _F32(4.1666667e-2)
-        p = p * r + _F32(1.6666667e-1)
-        p = p * r + _F32(0.5)
-        p = p * r + _F32(1.0)
-        p = p * r + _F32(1.0)
-        v = p * _float32_from_bits((np.int32(n) + np.int32(127)) << np.int32(23))
-        w[i] = v if t > _EXP32_MIN else _F32(0.0)
-        k = t * _F32(-_KEY_SCALE)
-        key[i] = np.int32(k if k < _F32(_KEYS - 1) else _F32(_KEYS - 1))
-
-
-@jit(fastmath={"reassoc", "contract"})
-def _sums32(w, tw, stop):
-    s = 0.0
-    q = _F32(0.0)
-    for i in range(stop):
-        s += np.float64(w[i])
-        q += tw[i]
-    return s, np.float64(q)
 
 
 @jit
