@@ -5,14 +5,19 @@ hooks it implements: the plugin manager registers one the first time any of thos
 looked up (``pm.hook.<name>``, a registry, a command line), so a cold start imports none of
 them. Listing the plugins (``shardserve plugins``) registers them all. A test checks every
 entry against the hooks its module really implements.
+
+A packaged function loads only the plugins its models and config use (``packaged_plugins``,
+written by ``shardserve package``; docs/serverless.md).
 """
 
 from __future__ import annotations
 
+import json
 import os
 import threading
 import weakref
 from collections.abc import Callable
+from typing import Any
 
 import pluggy
 
@@ -29,6 +34,31 @@ LAZY_HOOKS: dict[str, frozenset[str]] = {
     "plugins.packaging": _registers("commands"),
     "plugins.security.tensor_encryption": _registers("tensor_transforms"),
 }
+
+# Written by `shardserve package` (plugins/packaging/selection.py): never in a source tree.
+PACKAGED_PLUGINS = os.path.join(os.path.dirname(__file__), "packaged.json")
+
+
+def packaged_plugins(config: Any) -> set[str] | None:
+    """A packaged function's allow-list: the plugins its models and config use, as
+    ``shardserve package`` recorded them; None (every plugin) outside a package, when
+    ``SHARDSERVE_LOAD_PLUGINS`` is set (it wins), or when ``config`` serves another repository
+    than the package's own (a layer, EFS: models the build never saw). A left-out plugin
+    whose config section ``config`` has (``[registry]``, ``[executors]``) is loaded after
+    all; with ``[security] enabled`` the plugin manager loads every security plugin."""
+    if os.environ.get("SHARDSERVE_LOAD_PLUGINS") or not os.path.exists(PACKAGED_PLUGINS):
+        return None
+    with open(PACKAGED_PLUGINS, "rb") as fh:
+        record = json.loads(fh.read())
+    root = os.path.dirname(os.path.dirname(PACKAGED_PLUGINS))
+    if os.path.normpath(os.path.join(root, record["repository"])) != os.path.normpath(
+            os.path.abspath(config.repository)):
+        return None
+    load = set(record["load"])
+    for name, sections in record["sections"].items():
+        if any(section in config.sections for section in sections):
+            load.add(name)
+    return load
 
 
 class LazyHookRelay(pluggy.HookRelay):

@@ -434,8 +434,9 @@ class Runtime:
         path = directory or self.repository.version_dir(cfg.name, version)
         name = self.pm.hook.shardserve_select_backend(config=cfg, path=path) or cfg.backend
         if name not in self.backends:
-            raise ModelLoadError(f"model {cfg.name!r}: unknown backend {name!r} "
-                                 f"(available: {', '.join(self.backends.names())})")
+            off = "" if self.pm.allow is None else "; plugins off the allow-list are not loaded"
+            raise ModelLoadError(f"model {cfg.name!r}: unknown backend {name!r} (available: "
+                                 f"{', '.join(self.backends.names())}){off}")
         settings = BackendSettings(
             model=cfg.name, version=version, path=path, config=cfg,
             options=cfg.backend_options(), server=self.config, backends=self.backends,

@@ -1,9 +1,8 @@
 """The plugin manager: ``DEFAULT_PLUGINS`` and ``shardserve`` entry points, registered alike
 and imported only by :meth:`PluginManager.load_plugins`, so importing ``runtime`` stays cheap.
-
-``SHARDSERVE_LOAD_PLUGINS`` is a comma-separated allow-list; ``[plugins] disable`` or
-``SHARDSERVE_DISABLE_PLUGINS`` switch plugins off; ``SHARDSERVE_TRACE_PLUGINS=1`` logs hook calls.
-"""
+``SHARDSERVE_LOAD_PLUGINS`` is a comma-separated allow-list (else a package's own list);
+``[plugins] disable`` or ``SHARDSERVE_DISABLE_PLUGINS`` switch plugins off;
+``SHARDSERVE_TRACE_PLUGINS=1`` logs hook calls."""
 
 from __future__ import annotations
 
@@ -158,11 +157,11 @@ class PluginManager(pluggy.PluginManager):
     def for_config(cls, config: Config, plugins: Iterable[Any] = ()) -> PluginManager:
         """The manager a server config asks for. Once ``[security] enabled``, security plugins
         load whatever the allow-list says; they go off only if ``allow_disable`` names them."""
-        security = config.section("security")
-        names = security.get("allow_disable", [])
-        return cls(config.disable_plugins, plugins=plugins,
+        from plugins import packaged_plugins  # a package's own allow-list, if it is one
+        names = config.section("security").get("allow_disable", [])
+        return cls(config.disable_plugins, plugins=plugins, allow=packaged_plugins(config),
                    allow_disable=names if isinstance(names, list) else [],
-                   security_on=security.get("enabled") is True)
+                   security_on=config.section("security").get("enabled") is True)
 
     def parse_hookimpl_opts(self, plugin: Any, name: str) -> Any:
         """pluggy's answer, except that a plugin module's attribute that is neither named

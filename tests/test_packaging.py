@@ -39,13 +39,14 @@ RUN_PACKAGE = r"""
 import base64, json, sys
 root = sys.argv[1]
 sys.path.insert(0, root)
-from handlers.lambda_handler import handler
+from handlers.lambda_handler import get_runtime, handler
 answers = []
 for event in json.load(sys.stdin):
     answers.append(handler(event, None))
 outside = sorted({m.split(".")[0] for m, mod in list(sys.modules.items())
                   if getattr(mod, "__file__", None) and "site-packages" in mod.__file__})
-print(json.dumps({"answers": answers, "outside": outside, "path": sys.path}))
+plugins = [name for name, _ in get_runtime().pm.list_name_plugin()]
+print(json.dumps({"answers": answers, "outside": outside, "path": sys.path, "plugins": plugins}))
 """
 
 
@@ -146,6 +147,14 @@ def test_packaged_handler_runs_alone_and_answers_as_the_dev_server(packaged, tmp
     assert done.returncode == 0, done.stderr[-3000:]
     result = json.loads(done.stdout)
     assert result["outside"] == []  # nothing from any site-packages
+    # only the plugins its models use (all four examples: the language model's generation
+    # plugin and the executors it uses, none of plans, numba, registry, security off)
+    from plugins.packaging.selection import function_plugins
+
+    listed = json.loads((tmp_path / "plugins" / "packaged.json").read_text())
+    assert listed["load"] == list(function_plugins(EXAMPLES, list(ALL_EXAMPLES)))
+    assert sorted(result["plugins"]) == sorted(listed["load"])
+    assert "plugins.registry" in listed["left_out"] and "plugins.generation" in listed["load"]
     assert not [p for p in result["path"] if "site-packages" in p or ".venv" in p]
     for answer, want in zip(result["answers"], wanted):
         assert answer["statusCode"] == 200, answer

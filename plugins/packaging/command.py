@@ -2,11 +2,13 @@
 
     shardserve package [FUNCTION[=MODEL,...] ...] [--runtime python3.12]
                        [--architecture x86_64] [--out build/lambda] [--repository DIR]
+                       [--all-plugins]
 
 Each function gets ``<out>/<function>.zip`` (code, its models, its platform wheels) whose
 unzipped size is printed against Lambda's 250 MB; a package over it is refused with its
 biggest contributors named. A function that needs numba, or that is over the limit, gets
-``<out>/<function>.Dockerfile`` instead (docs/serverless.md).
+``<out>/<function>.Dockerfile`` instead (docs/serverless.md). A zip loads only the plugins
+its models and config use (``plugins/packaged.json``; ``--all-plugins``: every one).
 """
 
 from __future__ import annotations
@@ -19,6 +21,7 @@ from pathlib import Path
 from typing import Any
 
 from runtime.errors import ConfigError
+from runtime.plugins import DEFAULT_PLUGINS, entry_points
 
 from .build import (
     LAMBDA_UNZIPPED_LIMIT,
@@ -34,6 +37,7 @@ from .build import (
 )
 from .container import render_dockerfile
 from .needs import function_needs
+from .selection import function_plugins, write_plugin_list
 
 DEFAULT_RUNTIME = "python3.12"  # the AWS runtime for new functions: serverless.yml says the same
 PROJECT = Path(__file__).resolve().parents[2]
@@ -90,7 +94,8 @@ def report(function: str, contents: Contents, zip_path: Path | None) -> None:
 
 
 def package_function(function: str, models: list[str] | None, repository: Path, runtime: str,
-                     architecture: str, out: Path, extra: list[str], config: Any = None) -> int:
+                     architecture: str, out: Path, extra: list[str], config: Any = None,
+                     all_plugins: bool = False) -> int:
     version = python_version(runtime)
     needs = function_needs(repository, models, config)
     requirements = needs.requirements() + [e for e in extra if e not in needs.requirements()]
@@ -110,6 +115,12 @@ def package_function(function: str, models: list[str] | None, repository: Path, 
         copy_project(PROJECT, stage)
         write_entry_points(stage)
         copy_models(repository, needs.models, stage, at)
+        chosen = None if all_plugins else function_plugins(repository, needs.models, config)
+        shipped = [ep.name for ep in entry_points(paths=[str(stage)])]
+        left_out = write_plugin_list(stage, at, chosen, shipped)
+        print(f"{function}: loads {len(DEFAULT_PLUGINS) - len(left_out)} of the "
+              f"{len(DEFAULT_PLUGINS)} built-in plugins"
+              + (f" (left out, unused: {', '.join(left_out)})" if left_out else ""))
         if not compile_bytecode(stage, version):
             print(f"{function}: no python{version} here to compile bytecode: the function "
                   "will compile its modules at each cold start (build where it is installed)")
@@ -140,7 +151,7 @@ def cmd_package(args: argparse.Namespace) -> int:
     for spec in args.functions or ["infer"]:
         name, models = parse_function(spec)
         status |= package_function(name, models, repository, args.runtime, args.architecture,
-                                   out, args.extra, config)
+                                   out, args.extra, config, args.all_plugins)
     return status
 
 
@@ -158,4 +169,6 @@ def add_commands(subparsers: Any) -> None:
     p.add_argument("--out", default="build/lambda", help="output directory")
     p.add_argument("--extra", action="append", default=[], metavar="DIST",
                    help="another distribution to ship (e.g. PyJWT for JWT authentication)")
+    p.add_argument("--all-plugins", action="store_true",
+                   help="load every built-in plugin, not only those the models and config use")
     p.set_defaults(func=cmd_package)
