@@ -368,3 +368,30 @@ def test_a_plugin_registers_an_optimizer_and_duplicates_raise(tmp_path):
 
     with pytest.raises(ConfigError, match="optimizer 'graph' registered twice"):
         optimizer_registry(PluginManager(plugins=(Twice,)))
+
+
+def test_reduce_range_follows_the_cpu_unless_set(registry, monkeypatch):
+    """auto: 7-bit weights on x86 without VNNI (saturating vpmaddubsw), 8-bit elsewhere; a
+    TOML boolean or true/false text sets it either way."""
+    import platform
+
+    from plugins.optimizers import quantize
+
+    flags = {"avx2 fma sse4_2": True, "avx2 avx512f avx512_vnni": False, "avx2 avx_vnni": False}
+    real_open = open
+    for line, expected in flags.items():
+        monkeypatch.setattr(platform, "machine", lambda: "x86_64")
+        monkeypatch.setattr("builtins.open", lambda path, *a, _l=line, **k: __import__(
+            "io").StringIO(f"processor\t: 0\nflags\t\t: {_l}\n") if path == "/proc/cpuinfo"
+            else real_open(path, *a, **k))
+        assert quantize._reduce_range("auto") is expected
+    monkeypatch.setattr(platform, "machine", lambda: "aarch64")
+    assert quantize._reduce_range("auto") is False
+    assert quantize._reduce_range("true") is True and quantize._reduce_range("false") is False
+    for name in ("quantize_static", "quantize_dynamic"):
+        assert parse_step(registry, {"name": name, "reduce_range": True}).options[
+            "reduce_range"] == "true"
+        assert parse_step(registry, f"{name}:reduce_range=false").options[
+            "reduce_range"] == "false"
+        with pytest.raises(BadRequest, match="reduce_range.*auto, true, false"):
+            parse_step(registry, f"{name}:reduce_range=sometimes")

@@ -242,9 +242,28 @@ def test_model_zoo_cnns_partition_and_quantise(tmp_path, monkeypatch, model):
     source = onnx.load(str(tmp_path / model / "1" / "model.onnx"))
     data = next(i.name for i in source.graph.input
                 if i.name not in {t.name for t in source.graph.initializer})
-    ops = _lower_and_compare(source, {data: np.random.default_rng(5).standard_normal(
+    ops = _lower_and_compare(_logits(source), {data: np.random.default_rng(5).standard_normal(
         (1, 3, 224, 224)).astype(np.float32)})
     assert "Conv" in ops
+
+
+def _logits(model):
+    """``model`` answering the input of its final Softmax instead of the probabilities. These
+    models' constant weights make every logit the same (squeezenet's at about 7e9), so float
+    summation order alone (onnxruntime's against the kernels', which differs between AVX2 and
+    AVX-512 machines) decides the softmax of two correct implementations; the logits agree to
+    about 1e-6 of their size."""
+    from onnx import shape_inference
+
+    last = model.graph.node[-1]
+    if last.op_type != "Softmax":
+        return model
+    inferred = shape_inference.infer_shapes(model)
+    logits = next(v for v in inferred.graph.value_info if v.name == last.input[0])
+    del inferred.graph.node[-1]
+    del inferred.graph.output[:]
+    inferred.graph.output.append(logits)
+    return inferred
 
 
 @pytest.fixture(scope="module")
@@ -314,7 +333,8 @@ def _lower_and_compare(model, feed: dict) -> list[str]:
     got = graph.run(feed, names)
     for name, want in zip(names, sess.run(names, feed)):
         assert got[name].shape == want.shape
-        np.testing.assert_allclose(got[name], want, rtol=1e-4, atol=1e-4)
+        scale = float(np.max(np.abs(want), initial=1.0))  # the logits of a deep CNN grow large
+        np.testing.assert_allclose(got[name], want, rtol=1e-4, atol=1e-4 * scale)
     return graph.ops()
 
 

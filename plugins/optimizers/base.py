@@ -49,6 +49,8 @@ class Option:
                 if isinstance(value, bool):
                     raise ValueError
                 parsed = float(value)
+            elif isinstance(value, bool):  # a TOML true/false for a text option (auto|true|false)
+                parsed = "true" if value else "false"
             else:
                 parsed = str(value)
         except (TypeError, ValueError):

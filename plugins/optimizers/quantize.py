@@ -28,6 +28,27 @@ def _quant_type(name: str) -> Any:
     return QuantType.QInt8 if name == "int8" else QuantType.QUInt8
 
 
+REDUCE_RANGE = ("auto", "true", "false")
+
+
+def _reduce_range(setting: str) -> bool:
+    """``reduce_range``: 7-bit weights. ``auto`` turns it on for x86 CPUs without VNNI, whose
+    8-bit multiply-adds (``vpmaddubsw``) saturate their 16-bit pair sums with full-range
+    weights: on such an AVX2 machine a static int8 CNN lost about 1 % of cosine to it."""
+    if setting != "auto":
+        return setting == "true"
+    import platform
+
+    if platform.machine().lower() not in ("x86_64", "amd64", "i686", "x86"):
+        return False
+    try:
+        with open("/proc/cpuinfo", encoding="ascii", errors="replace") as fh:
+            flags = next((line for line in fh if line.startswith("flags")), "").split()
+    except OSError:  # not Linux: cannot tell, keep onnxruntime's default
+        return False
+    return bool(flags) and not {"avx512_vnni", "avx_vnni", "amx_int8"} & set(flags)
+
+
 def _preprocessed(source: str, work: str, enabled: bool, calibration: Calibration) -> str:
     """Run ``quant_pre_process`` (symbolic shape inference, optimisation) where it helps.
 
@@ -110,7 +131,8 @@ class DynamicQuantizer(Optimizer):
     options = (
         Option("weight_type", str, "int8", "weight integer type", choices=INT_TYPES),
         Option("per_channel", bool, False, "one scale per output channel"),
-        Option("reduce_range", bool, False, "7-bit weights (older x86 without VNNI)"),
+        Option("reduce_range", str, "auto", "7-bit weights (auto: on x86 without VNNI)",
+               choices=REDUCE_RANGE),
         Option("preprocess", bool, True, "run quant_pre_process first"),
     )
     default_tolerance = Tolerance(min_cosine=0.99, min_top1=0.9)
@@ -127,7 +149,7 @@ class DynamicQuantizer(Optimizer):
                     source, target,
                     weight_type=_quant_type(options["weight_type"]),
                     per_channel=options["per_channel"],
-                    reduce_range=options["reduce_range"],
+                    reduce_range=_reduce_range(options["reduce_range"]),
                 )
             except Exception as exc:
                 raise BadRequest(f"dynamic quantisation failed: {type(exc).__name__}") from None
@@ -166,6 +188,8 @@ class StaticQuantizer(Optimizer):
         Option("weight_type", str, "int8", "weight integer type", choices=INT_TYPES),
         Option("per_channel", bool, True, "one weight scale per output channel"),
         Option("method", str, "minmax", "calibration method", choices=CALIBRATION_METHODS),
+        Option("reduce_range", str, "auto", "7-bit weights (auto: on x86 without VNNI)",
+               choices=REDUCE_RANGE),
         Option("preprocess", bool, True, "run quant_pre_process first"),
     )
     default_tolerance = Tolerance(min_cosine=0.98, min_top1=0.8)
@@ -197,6 +221,7 @@ class StaticQuantizer(Optimizer):
                     activation_type=_quant_type(options["activation_type"]),
                     weight_type=_quant_type(options["weight_type"]),
                     per_channel=options["per_channel"],
+                    reduce_range=_reduce_range(options["reduce_range"]),
                     calibrate_method=method,
                     extra_options={"CalibTensorRangeSymmetric": False},
                 )
