@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import os
 import subprocess
+import sys
 import time
 from pathlib import Path
 
@@ -222,11 +223,14 @@ def test_shardserve_bench_errors_are_clear(example_server):
         assert out.returncode != 0 and message in out.stderr, out.stderr
 
 
-def test_shard_runs_are_timed_and_their_bytes_counted():
+def test_shard_runs_are_timed_and_their_bytes_counted(monkeypatch):
     """A partitioned backend's ``run_shard`` seam is observed per shard."""
     from types import SimpleNamespace
 
     from plugins.serving.metrics import metrics
+
+    # metrics are on per process: a Lambda handler test before this one switched them off
+    monkeypatch.setattr(sys.modules["plugins.serving.metrics"], "_enabled", True)
     from runtime import TensorSpec
     from runtime.repository import parse_model_config
 
