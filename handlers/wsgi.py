@@ -173,6 +173,8 @@ def gunicorn_application(source: Any, overrides: dict, options: dict,
     def _pre_fork(arbiter: Any, worker: Any) -> None:  # in the master: pick the cores
         from .gunicorn_workers import PIN_WORKERS, pin_cores
 
+        if not hasattr(os, "sched_getaffinity"):  # not Linux: no pinning
+            return
         live = [getattr(w, "shardserve_cores", None) for w in arbiter.WORKERS.values()]
         worker.shardserve_cores = pin_cores(PIN_WORKERS, arbiter.num_workers,
                                             os.sched_getaffinity(0), live)

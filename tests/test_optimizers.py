@@ -393,5 +393,7 @@ def test_reduce_range_follows_the_cpu_unless_set(registry, monkeypatch):
             "reduce_range"] == "true"
         assert parse_step(registry, f"{name}:reduce_range=false").options[
             "reduce_range"] == "false"
+        assert parse_step(registry, f"{name}:reduce_range=yes").options[
+            "reduce_range"] == "true"  # what the boolean option took before
         with pytest.raises(BadRequest, match="reduce_range.*auto, true, false"):
             parse_step(registry, f"{name}:reduce_range=sometimes")

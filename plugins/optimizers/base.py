@@ -49,8 +49,9 @@ class Option:
                 if isinstance(value, bool):
                     raise ValueError
                 parsed = float(value)
-            elif isinstance(value, bool):  # a TOML true/false for a text option (auto|true|false)
-                parsed = "true" if value else "false"
+            elif isinstance(value, bool) or ("true" in self.choices and str(value).lower() in
+                                             TRUE_WORDS | FALSE_WORDS):  # auto|true|false
+                parsed = "true" if value is True or str(value).lower() in TRUE_WORDS else "false"
             else:
                 parsed = str(value)
         except (TypeError, ValueError):
