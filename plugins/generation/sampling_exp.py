@@ -126,23 +126,29 @@ def _sum(w, stop):
     return s
 
 
+@jit(inline="always", fastmath={"contract"})
+def _exp32(t):
+    """``exp(t)`` in float32 for ``t > _EXP32_MIN``, inlined into the vectorised loops."""
+    n = np.floor(t * _F32(1.442695) + _F32(0.5))
+    r = (t - n * _F32(0.693359375)) - n * _F32(-2.12194440e-4)  # ln 2, split
+    p = _F32(1.9841270e-4)  # Taylor to r**7: 5e-9 at |r| = ln 2 / 2
+    p = p * r + _F32(1.3888889e-3)
+    p = p * r + _F32(8.3333333e-3)
+    p = p * r + _F32(4.1666667e-2)
+    p = p * r + _F32(1.6666667e-1)
+    p = p * r + _F32(0.5)
+    p = p * r + _F32(1.0)
+    p = p * r + _F32(1.0)
+    return p * _float32_from_bits((np.int32(n) + np.int32(127)) << np.int32(23))
+
+
 @jit(fastmath={"contract"})
 def _exp32_weights(x, scale, xmax, start, stop, w, tw):
     """``w[i - start] = exp(t)`` in float32 with ``t = (x[i] - xmax) * scale`` (0 below
     ``_EXP32_MIN`` and for NaN), and ``tw[i - start] = -t * w`` for the error bound."""
     for i in range(start, stop):
         t = (x[i] - xmax) * scale
-        n = np.floor(t * _F32(1.442695) + _F32(0.5))
-        r = (t - n * _F32(0.693359375)) - n * _F32(-2.12194440e-4)  # ln 2, split
-        p = _F32(1.9841270e-4)  # Taylor to r**7: 5e-9 at |r| = ln 2 / 2
-        p = p * r + _F32(1.3888889e-3)
-        p = p * r + _F32(8.3333333e-3)
-        p = p * r + _F32(4.1666667e-2)
-        p = p * r + _F32(1.6666667e-1)
-        p = p * r + _F32(0.5)
-        p = p * r + _F32(1.0)
-        p = p * r + _F32(1.0)
-        v = p * _float32_from_bits((np.int32(n) + np.int32(127)) << np.int32(23))
+        v = _exp32(t)
         inside = t > _EXP32_MIN
         w[i - start] = v if inside else _F32(0.0)
         tw[i - start] = -t * v if inside else _F32(0.0)
@@ -155,17 +161,7 @@ def _exp32_keyed(x, scale, xmax, w, key):
     over all of ``x`` (a slice: indexing from a start offset made it a third slower)."""
     for i in range(x.size):
         t = (x[i] - xmax) * scale
-        n = np.floor(t * _F32(1.442695) + _F32(0.5))
-        r = (t - n * _F32(0.693359375)) - n * _F32(-2.12194440e-4)
-        p = _F32(1.9841270e-4)
-        p = p * r + _F32(1.3888889e-3)
-        p = p * r + _F32(8.3333333e-3)
-        p = p * r + _F32(4.1666667e-2)
-        p = p * r + _F32(1.6666667e-1)
-        p = p * r + _F32(0.5)
-        p = p * r + _F32(1.0)
-        p = p * r + _F32(1.0)
-        v = p * _float32_from_bits((np.int32(n) + np.int32(127)) << np.int32(23))
+        v = _exp32(t)
         w[i] = v if t > _EXP32_MIN else _F32(0.0)
         k = t * _F32(-_KEY_SCALE)
         key[i] = np.int32(k if k < _F32(_KEYS - 1) else _F32(_KEYS - 1))

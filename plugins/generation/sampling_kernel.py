@@ -324,16 +324,7 @@ def _draw_nucleus(x, scale, top_p, u):
         keep += 1
     if keep == 0:
         keep = 1
-    mass = 0.0
-    for i in range(keep):
-        mass += p[i]
-    target = u * mass
-    acc = 0.0
-    for i in range(keep):
-        acc += p[i]
-        if acc > target:
-            return cand[order[i]]
-    return cand[order[keep - 1]]
+    return cand[order[_draw(p, keep, u)]]
 
 
 @jit
@@ -380,6 +371,13 @@ def _sample_filtered64(logits, temperature, top_k, top_p, u):
             keep += 1
         if keep == 0:
             keep = 1
+    return order[_draw(p, keep, u)]
+
+
+@jit
+def _draw(p, keep, u):
+    """The index ``i < keep`` whose cumulative weight first exceeds ``u`` of the first
+    ``keep`` weights' sum (the last when rounding leaves none)."""
     mass = 0.0
     for i in range(keep):
         mass += p[i]
@@ -388,5 +386,5 @@ def _sample_filtered64(logits, temperature, top_k, top_p, u):
     for i in range(keep):
         acc += p[i]
         if acc > target:
-            return order[i]
-    return order[keep - 1]
+            return i
+    return keep - 1
