@@ -315,18 +315,11 @@ def test_a_remote_decode_on_a_dropped_connection_is_rebuilt_not_sent_again():
     """RemoteStage: a decode whose connection dropped mid-call is an UnknownSequence (the
     scheduler rebuilds the stage's caches from the tokens so far) under a fresh client id, and
     the node saw it once."""
-    from types import SimpleNamespace
-
     from plugins.generation.split_engine import UnknownSequence
-    from plugins.generation.stage_client import RemoteStage
 
     server = _Scripted([b"HTTP/1.1 503 Busy\r\nContent-Length: 4\r\n\r\nbusy", None])
     try:
-        spec = SimpleNamespace(index=1, past_names=[], present_names=[], carry_in="h",
-                               carry_out="logits")
-        hidden = SimpleNamespace(name="h", shape=[None, None, 4], type="tensor(float)")
-        stage = RemoteStage(spec, f"http://127.0.0.1:{server.port}", "m.stage_1", [hidden],
-                            [], timeout_s=2)
+        stage = _scripted_stage(server)
         carry = np.zeros((1, 1, 4), np.float32)
         with pytest.raises(Exception, match="stage 1 \\(http\\) is unavailable"):
             stage.decode(["s0"], carry)  # opens the connection that is reused next
@@ -382,18 +375,11 @@ def test_answers_chunked_trickled_malformed_and_closing():
 def test_a_closed_remote_stage_opens_no_new_connection():
     """Unloading closes a remote stage while its group's thread may be mid-step: the calls
     that thread still makes fail at once (503) instead of opening a connection nobody closes."""
-    from types import SimpleNamespace
-
-    from plugins.generation.stage_client import RemoteStage
     from runtime.errors import ServiceUnavailable
 
     server = _Scripted([OK] * 3)
     try:
-        spec = SimpleNamespace(index=1, past_names=[], present_names=[], carry_in="h",
-                               carry_out="logits")
-        hidden = SimpleNamespace(name="h", shape=[None, None, 4], type="tensor(float)")
-        stage = RemoteStage(spec, f"http://127.0.0.1:{server.port}", "m.stage_1", [hidden],
-                            [], timeout_s=2)
+        stage = _scripted_stage(server)
         stage.close()
         with pytest.raises(ServiceUnavailable, match="stage 1 \\(http\\) is closed"):
             stage.decode(["s0"], np.zeros((1, 1, 4), np.float32))
@@ -401,6 +387,19 @@ def test_a_closed_remote_stage_opens_no_new_connection():
         assert server.accepted == 0 and stage.pool.sock is None
     finally:
         server.close()
+
+
+def _scripted_stage(server: _Scripted):
+    """A RemoteStage 1 (hidden width 4 in, logits out) talking to ``server``."""
+    from types import SimpleNamespace
+
+    from plugins.generation.stage_client import RemoteStage
+
+    spec = SimpleNamespace(index=1, past_names=[], present_names=[], carry_in="h",
+                           carry_out="logits")
+    hidden = SimpleNamespace(name="h", shape=[None, None, 4], type="tensor(float)")
+    return RemoteStage(spec, f"http://127.0.0.1:{server.port}", "m.stage_1", [hidden], [],
+                       timeout_s=2)
 
 
 def _tls_server(tmp_path, answers: list):
