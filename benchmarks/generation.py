@@ -111,13 +111,14 @@ def link_tree(source: Path, target: Path) -> None:
                 shutil.copy(path, target / path.name)
 
 
-def shardserve_repo(onnx: Path, threads: int) -> Path:
+def shardserve_repo(onnx: Path, threads: int, rewrite: bool = True) -> Path:
     repo = WORK / f"repo-t{threads}"
     shutil.rmtree(repo, ignore_errors=True)
     link_tree(onnx, repo / "lm" / "1")
     (repo / "lm" / "model.toml").write_text(
         f"[onnxruntime]\nintra_op_threads = {threads}\n"
-        "[generation]\nmax_batch = 16\nmax_tokens_cap = 1024\nmax_context = 2048\n")
+        "[generation]\nmax_batch = 16\nmax_tokens_cap = 1024\nmax_context = 2048\n"
+        f"attention_rewrite = {str(rewrite).lower()}\n")
     return repo
 
 
@@ -420,6 +421,9 @@ def main() -> None:
                         "build/llama.cpp first (a long compile on 2 cores; cached)")
     p.add_argument("--no-llamacpp", action="store_true", help="leave llama.cpp out")
     p.add_argument("--json", type=Path, help="also write the figures here")
+    p.add_argument("--no-attention-rewrite", action="store_true",
+                   help="shardserve loads the graph as exported ([generation] "
+                   "attention_rewrite = false), not with GQA reading the un-repeated KV cache")
     p.add_argument("--only", type=lambda v: set(v.split(",")), default=set(FIGURES),
                    help=f"run only these figures, comma-separated, of {','.join(FIGURES)} "
                         "(streaming alone takes about a minute, sampling seconds)")
@@ -459,7 +463,8 @@ def main() -> None:
 
     runtimes = {}
     for threads in [int(t) for t in args.threads.split(",")] if "decode" in args.only else [1]:
-        rt = Runtime.from_config({"repository": {"path": str(shardserve_repo(onnx, threads))},
+        rt = Runtime.from_config({"repository": {"path": str(shardserve_repo(
+            onnx, threads, not args.no_attention_rewrite))},
                                   "metrics": {"enabled": False}}).start()
         model = rt.get_model("lm").backend
         runtimes[threads] = (rt, model)

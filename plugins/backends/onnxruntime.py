@@ -145,6 +145,12 @@ class OnnxRuntimeBackend:
         )
         providers = execution_providers(s.model, s.options)
         data = s.read_bytes(s.config.filename)
+        # A decoder's first nodes read its past keys (nodes precede the weights in the file):
+        # its grouped-query attention may be loaded without the repeat_kv copies.
+        if data.find(b"past_key_values.", 0, 1 << 22) >= 0:
+            from plugins.generation.graph_rewrite import for_session
+
+            data = for_session(s, data)
         try:
             self.session = ort.InferenceSession(data, sess_options=opts, providers=providers)
         except Exception as exc:  # onnxruntime raises its own types, messages may hold paths

@@ -18,6 +18,7 @@ max_batch = 16              # sequences decoded together
 max_queue = 64              # waiting requests before an immediate 429
 queue_timeout_s = 10        # waiting longer than this answers 429 with Retry-After
 prefill_chunk = 256         # prompt tokens run between two decode steps (chunked prefill)
+attention_rewrite = true    # load the graph with GQA attention reading the un-repeated KV cache
 ```
 """
 
@@ -143,9 +144,12 @@ class GenerationModel:
         options = s.config.raw.get("generation", {})
         if not isinstance(options, dict):
             raise ModelLoadError(f"model {s.model!r}: [generation] must be a table")
-        unknown = set(options) - set(SETTINGS)
+        unknown = set(options) - set(SETTINGS) - {"attention_rewrite"}
         if unknown:
             raise ModelLoadError(f"model {s.model!r}: unknown [generation] keys {sorted(unknown)}")
+        if not isinstance(options.get("attention_rewrite", True), bool):
+            raise ModelLoadError(f"model {s.model!r}: [generation] attention_rewrite must be "
+                                 "true or false")
         for key, kind in SETTINGS.items():
             value = options.get(key)
             if value is not None and (isinstance(value, bool) or not isinstance(value, int | float)
