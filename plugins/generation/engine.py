@@ -379,14 +379,14 @@ class Engine:
         g, batch, cache = self.graph, self._batch, self._cache
         rows = len(batch)
         self.max_rows_seen = max(self.max_rows_seen, rows)
+        mask = np.concatenate([cache.mask, np.ones((rows, 1), np.int64)], axis=1)
         feed = {"input_ids": np.asarray([[s.next_token] for s in batch], dtype=np.int64),
-                "attention_mask": np.concatenate([cache.mask, np.ones((rows, 1), np.int64)],
-                                                 axis=1)}
+                "attention_mask": mask}  # int64: _run may give the graph an int32 copy
         if g.has_position_ids:
             feed["position_ids"] = np.asarray([[s.cached] for s in batch], dtype=np.int64)
         cache.feed(feed)
         logits, presents = self._run(feed)
-        cache.step(presents)
+        cache.step(presents, mask)
         self.steps += 1
         for seq, row in zip(batch, logits[:, -1]):
             if seq.finish_reason is None:

@@ -154,7 +154,7 @@ class LayerStage:
             cache.feed(feed)
             out = self.session.run(self.outputs, feed)
             if self.past_names:
-                cache.step(out[1:])
+                cache.step(out[1:], mask)
             self.lengths = [n + 1 for n in self.lengths]
             return out[0]
 
