@@ -24,6 +24,7 @@ from collections.abc import Iterator
 from pathlib import Path, PurePosixPath, PureWindowsPath
 from typing import Any
 
+from plugins.protobuf_wire import field_spans
 from runtime import hookimpl
 from runtime.errors import ModelLoadError
 from runtime.records import LazyLogger
@@ -48,38 +49,9 @@ class ProtobufError(ModelFileError):
 # protobuf wire format -------------------------------------------------------
 
 
-def _varint(buf: memoryview, pos: int) -> tuple[int, int]:
-    result = shift = 0
-    while True:
-        if pos >= len(buf) or shift > 63:
-            raise ProtobufError("model file is not a valid ONNX protobuf")
-        byte = buf[pos]
-        pos += 1
-        result |= (byte & 0x7F) << shift
-        if not byte & 0x80:
-            return result, pos
-        shift += 7
-
-
 def fields(buf: memoryview) -> Iterator[tuple[int, int, Any]]:
     """(field number, wire type, value): ints for varints, memoryviews otherwise."""
-    pos = 0
-    while pos < len(buf):
-        key, pos = _varint(buf, pos)
-        number, wire = key >> 3, key & 7
-        if wire == 0:
-            value, pos = _varint(buf, pos)
-        elif wire == 1:
-            value, pos = buf[pos:pos + 8], pos + 8
-        elif wire == 2:
-            length, pos = _varint(buf, pos)
-            value, pos = buf[pos:pos + length], pos + length
-        elif wire == 5:
-            value, pos = buf[pos:pos + 4], pos + 4
-        else:
-            raise ProtobufError("model file is not a valid ONNX protobuf")
-        if pos > len(buf) or number == 0:
-            raise ProtobufError("model file is not a valid ONNX protobuf")
+    for number, wire, value, _, _ in field_spans(buf, ProtobufError):
         yield number, wire, value
 
 
