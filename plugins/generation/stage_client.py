@@ -206,13 +206,13 @@ class StageConnection:
             raise _Stale() from None
         deadline = time.monotonic() + self.timeout_s  # for the answer (a long send is not)
         sent = time.perf_counter() if self.spin_s and not buffer else 0.0
-        if sent:
-            self._wait_briefly(sent)
+        # no answer yet after the wait: the first read too waits only what is left of timeout_s
+        waited = sent and not self._wait_briefly(sent)
 
         reads = [0]
 
         def more(size: int = 65536) -> bytes:
-            if reads[0]:  # the first read waits timeout_s as set; later ones what is left
+            if reads[0] or waited:  # the first read waits timeout_s as set; later ones what is left
                 left = deadline - time.monotonic()
                 if left <= 0:
                     raise TimeoutError
@@ -269,23 +269,25 @@ class StageConnection:
         if headers.get("connection", "").lower() == "close" or (
                 version == "HTTP/1.0" and headers.get("connection", "").lower() != "keep-alive"):
             self.close()
-        elif reads[0] > 1:
+        elif reads[0] > 1 or waited:
             sock.settimeout(self.timeout_s)
         return StageResponse(status, headers, data)
 
-    def _wait_briefly(self, sent: float) -> None:
+    def _wait_briefly(self, sent: float) -> bool:
         """Sleep until ``spin_s`` / 2 before the latest answer's time, then poll for the answer
-        for at most ``spin_s`` (SPIN_S); the recv that follows blocks for whatever is left."""
+        for at most ``spin_s`` (SPIN_S); whether it came (else the recv that follows blocks)."""
         sleep = sent + self._expect - self.spin_s / 2 - time.perf_counter()
         if sleep > 0:
             try:  # select: microseconds (poll would round to milliseconds)
                 if select.select((self.sock,), (), (), sleep)[0]:
-                    return
+                    return True
             except ValueError:  # a descriptor select cannot take (>= FD_SETSIZE)
-                return
+                return False
         poll, now, until = self._poller.poll, time.perf_counter, time.perf_counter() + self.spin_s
-        while not poll(0) and now() < until:
-            pass
+        while not poll(0):
+            if now() >= until:
+                return False
+        return True
 
     @staticmethod
     def _chunked(buffer: bytearray, more) -> bytes:
