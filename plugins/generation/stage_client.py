@@ -18,7 +18,6 @@ scheduler that pipelines uses one instance per group, each with its own client i
 from __future__ import annotations
 
 import logging
-import os
 import select
 import socket
 import threading
@@ -68,23 +67,6 @@ class _Stale(Exception):
 
 _UNSAFE = ("\r", "\n", "\0")
 MAX_READ = 1 << 20  # bytes asked of one recv: a Content-Length reserves nothing up front
-# Seconds the caller polls its socket for an answer before it blocks in recv. A thread blocked
-# in recv gives up its core, and the answer's arrival then has to wake it: on this VM a
-# loopback ping-pong takes 72 us back to back, 124 us after an idle gap and 27 us when the
-# receiver polls. So the caller sleeps (select) through the part of the wait in which the
-# latest answer did not come, to SPIN_S / 2 before that answer's time, and then polls for at
-# most SPIN_S: the wake-up falls in the wait instead of after the answer. Each call polls at
-# most SPIN_S, and not at all with one core (it would take the core the server needs). An
-# answer outside the window costs what a blocking recv costs. docs/partitioning.md.
-SPIN_S = 0.0003
-
-
-def _spin_s() -> float:
-    try:
-        cores = len(os.sched_getaffinity(0))
-    except (AttributeError, OSError):  # not Linux
-        cores = os.cpu_count() or 1
-    return SPIN_S if cores > 1 else 0.0
 
 
 class _Refused(Exception):
@@ -131,9 +113,6 @@ class StageConnection:
         self._host_header = host if url.port is None else f"{host}:{self.port}"
         self.sock: socket.socket | None = None
         self._buffer = bytearray()
-        self.spin_s = _spin_s()  # 0: block at once (SPIN_S)
-        self._expect = 0.0  # seconds from the latest request to its answer's first byte
-        self._poller: select.poll | None = None
 
     def _connect(self) -> None:
         try:
@@ -154,15 +133,15 @@ class StageConnection:
                 raise StageConnectionError("TLS handshake failed") from None
         sock.settimeout(self.timeout_s)
         self.sock, self._buffer = sock, bytearray()
-        self._poller = select.poll()
-        self._poller.register(sock, select.POLLIN)
 
     def _dropped(self) -> bool:
         """Whether the idle connection became readable (the server closed it)."""
         pending = getattr(self.sock, "pending", None)
         if pending is not None and pending():
             return True
-        return bool(self._poller.poll(0))
+        poller = select.poll()
+        poller.register(self.sock, select.POLLIN)
+        return bool(poller.poll(0))
 
     def urlopen(self, method: str, url: str, body: bytes = b"", headers: dict | None = None,
                 retry: bool = True, **_ignored) -> StageResponse:
@@ -205,23 +184,17 @@ class StageConnection:
         except (BrokenPipeError, ConnectionResetError):
             raise _Stale() from None
         deadline = time.monotonic() + self.timeout_s  # for the answer (a long send is not)
-        sent = time.perf_counter() if self.spin_s and not buffer else 0.0
-        # no answer yet after the wait: the first read too waits only what is left of timeout_s
-        waited = sent and not self._wait_briefly(sent)
 
         reads = [0]
 
         def more(size: int = 65536) -> bytes:
-            if reads[0] or waited:  # the first read waits timeout_s as set; later ones what is left
+            if reads[0]:  # the first read waits timeout_s as set; later ones what is left
                 left = deadline - time.monotonic()
                 if left <= 0:
                     raise TimeoutError
                 sock.settimeout(left)
             reads[0] += 1
-            data = sock.recv(min(size, MAX_READ))
-            if sent and reads[0] == 1:  # when the next call's poll starts
-                self._expect = time.perf_counter() - sent
-            return data
+            return sock.recv(min(size, MAX_READ))
 
         while True:
             end = buffer.find(b"\r\n\r\n")
@@ -269,25 +242,9 @@ class StageConnection:
         if headers.get("connection", "").lower() == "close" or (
                 version == "HTTP/1.0" and headers.get("connection", "").lower() != "keep-alive"):
             self.close()
-        elif reads[0] > 1 or waited:
+        elif reads[0] > 1:
             sock.settimeout(self.timeout_s)
         return StageResponse(status, headers, data)
-
-    def _wait_briefly(self, sent: float) -> bool:
-        """Sleep until ``spin_s`` / 2 before the latest answer's time, then poll for the answer
-        for at most ``spin_s`` (SPIN_S); whether it came (else the recv that follows blocks)."""
-        sleep = sent + self._expect - self.spin_s / 2 - time.perf_counter()
-        if sleep > 0:
-            try:  # select: microseconds (poll would round to milliseconds)
-                if select.select((self.sock,), (), (), sleep)[0]:
-                    return True
-            except ValueError:  # a descriptor select cannot take (>= FD_SETSIZE)
-                return False
-        poll, now, until = self._poller.poll, time.perf_counter, time.perf_counter() + self.spin_s
-        while not poll(0):
-            if now() >= until:
-                return False
-        return True
 
     @staticmethod
     def _chunked(buffer: bytearray, more) -> bytes:
