@@ -161,3 +161,40 @@ def test_attention_rewrite_takes_only_true_or_false(tmp_path, llama):
     rt = Runtime.from_config({"repository": {"path": str(root)}}).start()
     assert rt.models()[0]["state"] == "UNAVAILABLE"
     assert "attention_rewrite must be true or false" in rt.models()[0]["reason"]
+
+
+@pytest.mark.slow
+def test_a_split_plans_stages_are_rewritten_like_the_whole_model(tmp_path, llama, caplog):
+    """``partition --strategy edge-cloud`` of the Llama: both stages in process load with the
+    rewrite (each holds one layer: 2 K/V paths), as a ``decoder-stage`` version on another node
+    does, and the split generates the whole model's greedy tokens."""
+    from generation_models import stage_node
+
+    from handlers.cli import main
+
+    root = repository_with(tmp_path / "edge", {"llama": llama[0]},
+                           {"llama": 'version_policy = "all"\n'})
+    assert main(["partition", "llama", "--repository", str(root), "--strategy", "edge-cloud",
+                 "-o", "cut=1"]) == 0
+    with caplog.at_level(logging.INFO, logger="shardserve.generation"):
+        rt = Runtime.from_config({"repository": {"path": str(root), "load": "all"}}).start()
+    for shard in ("shard_0.onnx", "shard_1.onnx"):
+        assert f"version 2 {shard}: attention reads the un-repeated KV cache (2 repeat_kv" \
+            in caplog.text
+    whole, split = rt.get_model("llama", 1).backend, rt.get_model("llama", 2).backend
+    for prompt in PROMPTS:
+        tokens = []
+        for model in (whole, split):
+            request = model.parse({"max_tokens": 16, "temperature": 0}, prompt,
+                                  {"max_tokens", "temperature"})
+            tokens.append([e["token"] for e in model.generate(request)
+                           if e.get("token") is not None])
+        assert tokens[0] == tokens[1], prompt
+    rt.close()
+    caplog.clear()
+    stage_node(tmp_path / "cloud", root / "llama" / "2", "llama")
+    with caplog.at_level(logging.INFO, logger="shardserve.generation"):
+        node = Runtime.from_config({"repository": {"path": str(tmp_path / "cloud")}}).start()
+    assert "model llama.stage_1 version 1: attention reads the un-repeated KV cache " \
+        "(2 repeat_kv copies removed)" in caplog.text
+    node.close()

@@ -219,20 +219,23 @@ def rewrite_model_bytes(data: bytes) -> tuple[bytes, int]:
         return data, 0
 
 
-def for_session(settings, data: bytes) -> bytes:
-    """The bytes the onnxruntime backend should load for a model version whose nodes name
-    ``past_key_values``: rewritten unless model.toml says another task or turns it off."""
+def for_session(settings, data: bytes, filename: str | None = None) -> bytes:
+    """The bytes to load for ``filename`` (default: the version's model file) of a model version
+    whose nodes name ``past_key_values``: a whole decoder or one of its stages (a
+    ``decoder-stage`` version, or a stage of a split plan), rewritten unless model.toml says
+    another task or turns it off."""
     raw = settings.config.raw
     options = raw.get("generation")
-    if raw.get("task") not in (None, "text-generation") or (
+    if raw.get("task") not in (None, "text-generation", "decoder-stage") or (
             isinstance(options, dict) and options.get("attention_rewrite") is False):
         return data
-    if not settings.config.filename.endswith(".onnx"):
+    if not (filename or settings.config.filename).endswith(".onnx"):
         return data
     new, count = rewrite_model_bytes(data)
     if count:
-        log.info("model %s version %s: attention reads the un-repeated KV cache (%d repeat_kv "
-                 "copies removed)", settings.model, settings.version, count)
+        log.info("model %s version %s%s: attention reads the un-repeated KV cache (%d repeat_kv "
+                 "copies removed)", settings.model, settings.version,
+                 f" {filename}" if filename else "", count)
     return new
 
 

@@ -104,11 +104,19 @@ def _stage_group(settings, plan, sessions: dict) -> list[LayerStage]:
                                  "'dask[:worker]' or 'lambda:function')")
         if shard.file not in sessions:  # model.toml's [onnxruntime] (threads) applies
             sessions[shard.file] = ort.InferenceSession(
-                settings.read_bytes(shard.file),
+                _stage_bytes(settings, shard.file),
                 session_options(settings.model, settings.config.raw.get("onnxruntime", {})),
                 providers=["CPUExecutionProvider"])
         stages.append(LayerStage(spec, sessions[shard.file]))
     return stages
+
+
+def _stage_bytes(settings, filename: str) -> bytes:
+    """A stage's model bytes as its session should load them (the attention rewrite the whole
+    model gets: docs/generation.md)."""
+    from .graph_rewrite import for_session
+
+    return for_session(settings, settings.read_bytes(filename), filename)
 
 
 class _Arg:
@@ -190,10 +198,10 @@ def dask_stage(settings, plan, shard, spec):
         raise ModelLoadError(f"model {settings.model!r}: shard {shard.name!r} options.replicas "
                              "must be a list of 'dask' or 'dask:WORKER' placements")
     signature = _Signature(*plan_signature(settings.model, plan, spec))
-    stage = DaskStage(spec, settings.read_bytes(shard.file), scheduler, worker, signature,
+    stage = DaskStage(spec, _stage_bytes(settings, shard.file), scheduler, worker, signature,
                       timeout_s=float(shard.options.get("timeout_s", 10.0)),
                       replicas=tuple(r.partition(":")[2] or None for r in replicas),
-                      reload=lambda: settings.read_bytes(shard.file))
+                      reload=lambda: _stage_bytes(settings, shard.file))
     stage.orders_own_calls = True  # the actor runs its calls in turn on its worker
     return stage
 
