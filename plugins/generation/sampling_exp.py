@@ -96,9 +96,11 @@ def _exp_weights(x, scale, xmax, start, stop, w):
     """``w[i - start] = exp((x[i] - xmax) * scale)`` for ``start <= i < stop``, in float64 (0
     below ``_EXP_MIN`` and for NaN). Formed so, the max's own t is exactly 0: ``x * scale -
     xmax * scale``, fused into an FMA, left it the product's rounding, |xmax * scale| * 2**-53,
-    which at a tiny temperature overflowed the weight."""
-    for i in range(start, stop):
-        t = (np.float64(x[i]) - xmax) * scale
+    which at a tiny temperature overflowed the weight. The loop runs over a slice from 0 (see
+    :func:`_exp32_weights`)."""
+    xs = x[start:stop]
+    for i in range(xs.size):
+        t = (np.float64(xs[i]) - xmax) * scale
         n = math.floor(t * _LOG2E + 0.5)
         r = (t - n * _LN2_HI) - n * _LN2_LO
         p = 2.08767569878681e-09  # Taylor to r**12: 1.7e-16 at |r| = ln 2 / 2
@@ -115,7 +117,7 @@ def _exp_weights(x, scale, xmax, start, stop, w):
         p = p * r + 1.0
         p = p * r + 1.0
         v = p * _float64_from_bits((np.int64(n) + 1023) << 52)
-        w[i - start] = v if t > _EXP_MIN else 0.0
+        w[i] = v if t > _EXP_MIN else 0.0
 
 
 @jit(fastmath={"reassoc", "contract"})  # a vectorised (reordered) sum
@@ -145,13 +147,19 @@ def _exp32(t):
 @jit(fastmath={"contract"})
 def _exp32_weights(x, scale, xmax, start, stop, w, tw):
     """``w[i - start] = exp(t)`` in float32 with ``t = (x[i] - xmax) * scale`` (0 below
-    ``_EXP32_MIN`` and for NaN), and ``tw[i - start] = -t * w`` for the error bound."""
-    for i in range(start, stop):
-        t = (x[i] - xmax) * scale
+    ``_EXP32_MIN`` and for NaN), and ``tw[i - start] = -t * w`` for the error bound.
+
+    The loop runs over a slice from 0: indexed ``x[i]`` from ``start``, numba's wrap-around of a
+    possibly negative index made LLVM load ``x`` with gathers, which took twice as long (the
+    192 blocks of 256 of a 49,152-entry vocabulary with their sums: 44 us against 20 us on a
+    2-core AVX-512 EPYC)."""
+    xs = x[start:stop]
+    for i in range(xs.size):
+        t = (xs[i] - xmax) * scale
         v = _exp32(t)
         inside = t > _EXP32_MIN
-        w[i - start] = v if inside else _F32(0.0)
-        tw[i - start] = -t * v if inside else _F32(0.0)
+        w[i] = v if inside else _F32(0.0)
+        tw[i] = -t * v if inside else _F32(0.0)
 
 
 @jit(fastmath={"contract"})
