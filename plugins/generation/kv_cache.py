@@ -39,12 +39,10 @@ class BatchCache:
         for name, array in zip(self.names, self.arrays):
             feed[name] = array
 
-    def step(self, presents: list[np.ndarray], mask: np.ndarray | None = None) -> None:
-        """Adopt a decode step's outputs: one more valid column for every row. ``mask``: the
-        step's own attention mask (this mask and a column of ones), built already."""
-        self.arrays = presents
-        self.mask = np.concatenate([self.mask, np.ones((self.rows, 1), np.int64)], axis=1) \
-            if mask is None else mask
+    def step(self, presents: list[np.ndarray], mask: np.ndarray) -> None:
+        """Adopt a decode step's outputs and its attention mask (this mask and a column of
+        ones, as the step was fed): one more valid column for every row."""
+        self.arrays, self.mask = presents, mask
 
     def join(self, presents: list[np.ndarray], lengths: list[int] | None = None) -> None:
         """Append prefilled sequences: ``presents`` of one row per sequence, right-aligned,
